@@ -10,6 +10,9 @@ defmodule MaculaQuic.Native do
     @external_resource file
   end
 
+  # Builds the library from source or installs a verified precompiled one (see
+  # MaculaQuic.Native.Loader); a new checksum file must recompile this module.
+  @external_resource Path.expand("../../checksum-Elixir.MaculaQuic.Native.exs", __DIR__)
   @lib_path MaculaQuic.Native.Loader.prepare!(
               otp_app: :macula_quic,
               project_dir: Path.expand("../..", __DIR__)
@@ -17,21 +20,76 @@ defmodule MaculaQuic.Native do
 
   @on_load :__load_nif__
 
+  # A failed load is logged (file and reason) and still returns :ok, on purpose: the module
+  # stays loaded and every call raises :nif_not_loaded right after that log line. Returning
+  # the error would unload the module, and callers would get a misleading
+  # UndefinedFunctionError ("module MaculaQuic.Native is not available") instead.
   @doc false
   def __load_nif__ do
-    path = :filename.join(:code.priv_dir(:macula_quic), @lib_path)
+    case :code.priv_dir(:macula_quic) do
+      {:error, reason} ->
+        nif_load_failed(@lib_path, {:no_priv_dir, reason})
 
-    case :erlang.load_nif(path, 0) do
-      :ok ->
-        :ok
+      priv ->
+        path = :filename.join(priv, @lib_path)
 
-      {:error, {reason, text}} ->
-        :logger.error(~c"macula_quic: could not load NIF library ~s: ~p ~s", [path, reason, text])
-        :ok
+        case :erlang.load_nif(path, 0) do
+          :ok -> :ok
+          {:error, reason} -> nif_load_failed(path, reason)
+        end
     end
+  end
+
+  defp nif_load_failed(path, reason) do
+    ext = if match?({:win32, _}, :os.type()), do: ".dll", else: ".so"
+
+    :logger.error(
+      ~c"macula_quic: could not load the NIF library ~ts~ts: ~tp. Every MaculaQuic call will " ++
+        ~c"raise :nif_not_loaded. Recompile macula_quic (MACULA_QUIC_BUILD=1 builds it from source).",
+      [path, ext, reason]
+    )
+
+    :ok
   end
 
   defp nif_error, do: :erlang.nif_error(:nif_not_loaded)
 
+  # Handles of any kind, diagnostics
   def ping, do: nif_error()
+  def controlling_process(_handle, _pid), do: nif_error()
+  def handle_kind(_term), do: nif_error()
+  def handle_owner(_handle), do: nif_error()
+  def counters, do: nif_error()
+  def debug_panic, do: nif_error()
+
+  # Listeners
+  def listen(_addr, _port, _opts), do: nif_error()
+  def listener_accept(_listener, _tag), do: nif_error()
+  def listener_cancel_accept(_listener), do: nif_error()
+  def listener_close(_listener), do: nif_error()
+  def listener_sockname(_listener), do: nif_error()
+
+  # Connections
+  def connect(_host, _port, _opts, _tag, _timeout_ms), do: nif_error()
+  def conn_close(_conn, _code), do: nif_error()
+  def conn_shutdown(_conn, _flags, _code), do: nif_error()
+  def conn_peername(_conn), do: nif_error()
+  def conn_sockname(_conn), do: nif_error()
+  def conn_stats(_conn), do: nif_error()
+  def conn_info(_conn), do: nif_error()
+  def open_stream(_conn, _opts, _tag), do: nif_error()
+  def conn_accept_stream(_conn, _opts, _tag), do: nif_error()
+  def conn_cancel_accept(_conn, _id), do: nif_error()
+
+  # Streams
+  def stream_send(_stream, _binary, _tag, _fin), do: nif_error()
+  def stream_shutdown(_stream, _flags, _code), do: nif_error()
+  def stream_close(_stream), do: nif_error()
+  def stream_set_active(_stream, _active), do: nif_error()
+  def stream_get_active(_stream), do: nif_error()
+  def stream_recv(_stream, _length, _tag), do: nif_error()
+  def stream_cancel_recv(_stream), do: nif_error()
+  def stream_handoff(_stream, _pid), do: nif_error()
+  def stream_conn(_stream), do: nif_error()
+  def stream_info(_stream), do: nif_error()
 end

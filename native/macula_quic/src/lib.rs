@@ -1,9 +1,39 @@
-//! macula_quic: Quinn bound to the BEAM through Rustler.
-rustler::atoms! { ok }
+//! macula_quic: Quinn (QUIC) bound to the BEAM through Rustler.
+//!
+//! One file per concept:
+//! - `runtime`: the one tokio runtime all network work runs on.
+//! - `messages`: sending terms to Erlang processes from runtime threads; request replies.
+//! - `owner`: the process that owns a handle, and the monitor that follows it.
+//! - `address`, `options`, `tls`: decoding what callers pass in.
+//! - `endpoint`: UDP sockets (exact binds, the bound-address registry, shared client endpoints).
+//! - `listener`, `connection`, `stream`: the three handle kinds, one resource each.
+//! - `error`: mapping Quinn/rustls/io errors to atoms callers can match on.
+//! - `counters`: live-object counters the test suite uses to prove nothing leaks.
 
-#[rustler::nif]
-fn ping() -> rustler::Atom {
-    ok()
+mod address;
+mod atoms;
+mod connection;
+mod counters;
+mod endpoint;
+mod error;
+mod handle;
+mod listener;
+mod messages;
+mod options;
+mod owner;
+mod runtime;
+mod stream;
+mod tls;
+mod util;
+
+use rustler::{Env, Term};
+
+/// Load data is the runtime's worker-thread count (an integer), or anything else for the default.
+fn on_load(_env: Env, info: Term) -> bool {
+    if let Ok(n) = info.decode::<usize>() {
+        runtime::configure(n);
+    }
+    true
 }
 
-rustler::init!("Elixir.MaculaQuic.Native");
+rustler::init!("Elixir.MaculaQuic.Native", load = on_load);

@@ -1,0 +1,25 @@
+%% Flag values for macula_quic, named as in quicer's quicer.hrl so quicer code compiles unchanged.
+
+%% Stream shutdown (macula_quic:async_shutdown_stream/3)
+-define(QUIC_STREAM_SHUTDOWN_FLAG_NONE, 0).
+-define(QUIC_STREAM_SHUTDOWN_FLAG_GRACEFUL, 1).
+-define(QUIC_STREAM_SHUTDOWN_FLAG_ABORT_SEND, 2).
+-define(QUIC_STREAM_SHUTDOWN_FLAG_ABORT_RECEIVE, 4).
+-define(QUIC_STREAM_SHUTDOWN_FLAG_ABORT, 6).
+-define(QUIC_STREAM_SHUTDOWN_FLAG_IMMEDIATE, 8).
+
+%% Connection shutdown (macula_quic:async_shutdown_connection/3)
+-define(QUIC_CONNECTION_SHUTDOWN_FLAG_NONE, 0).
+-define(QUIC_CONNECTION_SHUTDOWN_FLAG_SILENT, 1).
+
+%% Stream open (open_flag option)
+-define(QUIC_STREAM_OPEN_FLAG_NONE, 0).
+-define(QUIC_STREAM_OPEN_FLAG_UNIDIRECTIONAL, 1).
+
+%% Send (macula_quic:send/3)
+-define(QUIC_SEND_FLAG_NONE, 0).
+-define(QUIC_SEND_FLAG_FIN, 4).
+
+%% Receive flags in {quic, Data, Stream, Flags}
+-define(QUIC_RECEIVE_FLAG_NONE, 0).
+-define(QUIC_RECEIVE_FLAG_FIN, 2).

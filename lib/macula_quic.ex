@@ -1,0 +1,857 @@
+defmodule MaculaQuic do
+  @moduledoc """
+  QUIC for Elixir and Erlang, powered by [Quinn](https://github.com/quinn-rs/quinn).
+
+  Listeners bind exactly the address you give them, connections and streams are owned by
+  processes, and stream data arrives as messages (or through `recv/3`) with back-pressure that
+  reaches the peer through QUIC flow control. The same API is available to Erlang as
+  `:macula_quic`, speaking quicer's message protocol.
+
+  ## A round trip
+
+      {:ok, listener} = MaculaQuic.listen({"127.0.0.1", 0}, alpn: ["echo"])
+      {:ok, {_ip, port}} = MaculaQuic.sockname(listener)
+      :ok = MaculaQuic.async_accept(listener)
+
+      {:ok, conn} = MaculaQuic.connect("127.0.0.1", port, [alpn: ["echo"], verify: :none], 5_000)
+      {:ok, stream} = MaculaQuic.open_stream(conn)
+      :ok = MaculaQuic.send(stream, "ping")
+
+      # on the listener's side (here, the same process):
+      receive do
+        {:quic, :new_conn, server_conn, _info} -> MaculaQuic.async_accept_stream(server_conn)
+      end
+      receive do
+        {:quic, :new_stream, server_stream, _props} -> server_stream
+      end
+
+  A peer only learns of a new stream when the opener sends its first bytes (QUIC and Quinn
+  work that way), so `new_stream` arrives after the client's first `send/2`.
+
+  ## Handles and owners
+
+  Listeners, connections and streams are handles (references). Each has one **owner**: the
+  process that created or accepted it. Messages about a handle go to its owner, and when the
+  owner exits the handle is shut down (a connection is closed with application error code 0, a
+  stream is reset and stopped with code 0, a listener stops accepting). Change the owner with
+  `controlling_process/2`, or `handoff_stream/3` for a stream with messages already queued.
+
+  Like a `:gen_tcp` socket, an open handle belongs to its owner: it is not closed just because
+  every reference to it was dropped. Once it is closed (by `close/1`, the peer, a timeout or its
+  owner exiting), nothing native refers to it and garbage collection frees all of its memory.
+
+  ## Messages to the owner
+
+  Stream owner:
+
+    * `{:quic, data, stream, flags}` — received bytes (a binary). `flags` is an integer; bit
+      `2` (FIN) is set on the chunk that ends the stream. Chunks are coalesced up to 64 KiB,
+      they do not follow the peer's write boundaries. (quicer sends a map here; this library
+      keeps the original macula_quic's integer.)
+    * `{:quic, :peer_send_shutdown, stream, :undefined}` — the peer finished its side (after
+      the last data message).
+    * `{:quic, :peer_send_aborted, stream, error_code}` — the peer reset its sending side.
+    * `{:quic, :peer_receive_aborted, stream, error_code}` — the peer stopped reading
+      (STOP_SENDING); further sends fail.
+    * `{:quic, :passive, stream, :undefined}` — an `{active, N}` budget ran out; the stream is
+      now passive.
+    * `{:quic, :stream_closed, stream, props}` — both directions are done. `props` is a map
+      with `:is_conn_shutdown`, `:is_app_closing`, `:is_shutdown_by_app`,
+      `:is_closed_remotely`, `:error` and `:status`.
+
+  Connection owner:
+
+    * `{:quic, :new_stream, stream, %{conn: conn, flags: flags, is_orphan: boolean}}` — sent to
+      the process that called `async_accept_stream/2`. `flags` is `1` for a unidirectional
+      stream, else `0`.
+    * `{:quic, :shutdown, conn, error_code}` — the peer closed the connection with an
+      application error code.
+    * `{:quic, :transport_shutdown, conn, %{status: atom, error: code}}` — the connection ended
+      for a transport reason: `:connection_idle` (idle timeout), `:transport_error`,
+      `:tls_error`, `:reset`, ...
+    * `{:quic, :closed, conn, %{is_handshake_completed: true, is_peer_acked: boolean,
+      is_app_closing: boolean}}` — always the last message about a connection.
+      `close_connection/1` consumes it when the owner closes.
+
+  Listener owner and acceptors:
+
+    * `{:quic, :new_conn, conn, info}` — sent to the process that called `async_accept/2`,
+      which becomes the connection's owner. The handshake has already completed. `info` has
+      `:remote_addr` and `:local_addr` (`"ip:port"` strings, as in quicer), `:server_name` (the
+      SNI the client sent, or `:undefined`), `:alpns` (the negotiated protocol) and `:version`.
+    * `{:quic, :listener_stopped, listener}` — a 3-tuple, as quicer sends it, when the
+      listener was closed by a process other than its owner.
+
+  ## Options
+
+  `listen/2,3` and `connect/4` take a keyword list (or proplist, or map):
+
+    * `:alpn` — list of protocol names (strings). **Required.**
+    * `:certfile` and `:keyfile` (PEM files), or `:cert` and `:key` (DER binaries). A listener
+      given neither uses a freshly generated self-signed certificate — for development only.
+      On a client they are the certificate presented for mutual TLS.
+    * `:verify` — `:none` or `:verify_peer` (also `:verify_none`, `:peer`). A client with
+      `:verify_peer` checks the server against `:cacertfile`; a listener with `:verify_peer`
+      requires client certificates signed by `:cacertfile`. A client that gives neither option
+      does not verify (quicer's default); a client that gives only `:cacertfile` verifies.
+    * `:cacertfile` — PEM file of trusted CA certificates.
+    * `:server_name` — (connect) the SNI and the name the certificate must match; defaults to
+      the host.
+    * `:local_address` — (connect) the source address, an IP or `{ip, port}`.
+    * `:idle_timeout_ms` (0 disables), `:keep_alive_interval_ms`, `:handshake_idle_timeout_ms`,
+      `:peer_bidi_stream_count`, `:peer_unidi_stream_count`, `:stream_recv_window` (bytes per
+      stream), `:conn_recv_window` (bytes per connection), `:send_window`.
+    * `:backlog` — (listen) connections that may wait for an acceptor (default 1024).
+
+  Unknown names and ill-typed values give `{:error, {:bad_option, name}}`; a missing `:alpn`
+  gives `{:error, {:missing_option, :alpn}}`. quicer's spellings `stream_recv_window_default`
+  and `conn_flow_control_window` are accepted too.
+
+  Stream options (`open_stream/2`, `async_accept_stream/2`, `accept_stream/3`): `:active`
+  (`true | false | :once | integer`, default `true`) and `:unidirectional` (or quicer's
+  `open_flag: 1`).
+  """
+
+  alias MaculaQuic.Native
+  alias MaculaQuic.Options
+
+  @typedoc "A listener handle."
+  @type listener :: reference()
+  @typedoc "A connection handle."
+  @type connection :: reference()
+  @typedoc "A stream handle."
+  @type stream :: reference()
+  @typedoc "Any handle."
+  @type handle :: listener() | connection() | stream()
+  @typedoc "An IP address: a tuple, or a string (binary or charlist) such as `\"::1\"`."
+  @type address :: :inet.ip_address() | String.t() | charlist()
+  @typedoc "A host to connect to: an address or a DNS name."
+  @type host :: address() | String.t()
+  @typedoc "Options, as a keyword list, proplist or map."
+  @type options :: keyword() | [atom() | {atom(), term()}] | map()
+  @typedoc "An `:inet`-style receive mode."
+  @type active :: boolean() | :once | integer()
+  @typedoc "An address as this library reports it: the IP as a string, and the port."
+  @type sockaddr :: {String.t(), :inet.port_number()}
+  @typedoc "Why a call failed."
+  @type reason :: atom() | {atom(), term()}
+
+  # Largest piece handed to the NIF in one call: copying it takes well under a millisecond, so
+  # no call holds a scheduler for long, however large the caller's binary.
+  @piece 1_048_576
+  # How long close_connection/1 waits for the `closed` message it consumes.
+  @close_wait 5_000
+
+  ## Flags
+
+  @doc """
+  Stream shutdown flag: finish the sending side gracefully (FIN after queued data). Value `1`.
+
+      iex> MaculaQuic.stream_shutdown_graceful()
+      1
+  """
+  @spec stream_shutdown_graceful() :: 1
+  def stream_shutdown_graceful, do: 1
+
+  @doc """
+  Stream shutdown flag: reset the sending side (RESET_STREAM with the error code). Value `2`.
+
+      iex> MaculaQuic.stream_shutdown_abort_send()
+      2
+  """
+  @spec stream_shutdown_abort_send() :: 2
+  def stream_shutdown_abort_send, do: 2
+
+  @doc """
+  Stream shutdown flag: stop the receiving side (STOP_SENDING with the error code). Value `4`.
+
+      iex> MaculaQuic.stream_shutdown_abort_receive()
+      4
+  """
+  @spec stream_shutdown_abort_receive() :: 4
+  def stream_shutdown_abort_receive, do: 4
+
+  @doc """
+  Stream shutdown flag: abort both directions. Value `6`.
+
+      iex> MaculaQuic.stream_shutdown_abort()
+      6
+  """
+  @spec stream_shutdown_abort() :: 6
+  def stream_shutdown_abort, do: 6
+
+  @doc """
+  Stream shutdown flag, combined with an abort flag: abort immediately. Value `8`. Quinn always
+  aborts immediately, so this adds nothing but is accepted for quicer compatibility.
+
+      iex> MaculaQuic.stream_shutdown_immediate()
+      8
+  """
+  @spec stream_shutdown_immediate() :: 8
+  def stream_shutdown_immediate, do: 8
+
+  @doc """
+  Connection shutdown flag: close normally, telling the peer. Value `0`.
+
+      iex> MaculaQuic.connection_shutdown_none()
+      0
+  """
+  @spec connection_shutdown_none() :: 0
+  def connection_shutdown_none, do: 0
+
+  @doc """
+  Connection shutdown flag: quicer's silent close. Value `1`. Quinn always tells the peer, so
+  this behaves as `connection_shutdown_none/0`.
+
+      iex> MaculaQuic.connection_shutdown_silent()
+      1
+  """
+  @spec connection_shutdown_silent() :: 1
+  def connection_shutdown_silent, do: 1
+
+  @doc """
+  The FIN bit in the `flags` of a data message: set on the chunk that ends the stream.
+
+      iex> MaculaQuic.recv_flag_fin()
+      2
+  """
+  @spec recv_flag_fin() :: 2
+  def recv_flag_fin, do: 2
+
+  ## Listeners
+
+  @doc """
+  Starts a listener on `port` (all addresses) or on `{address, port}` (exactly that address).
+
+  `port_or_address` may also be an `"ip:port"` string (`"127.0.0.1:4433"`, `"[::1]:4433"`).
+  A bare port binds the dual-stack wildcard `::` (or `0.0.0.0` where IPv6 is unavailable).
+  Port `0` picks a free port; `sockname/1` tells which. See the moduledoc for options.
+
+      iex> {:ok, listener} = MaculaQuic.listen({"127.0.0.1", 0}, alpn: ["demo"])
+      iex> {:ok, {"127.0.0.1", port}} = MaculaQuic.sockname(listener)
+      iex> port > 0
+      true
+      iex> MaculaQuic.close_listener(listener)
+      :ok
+  """
+  @spec listen(:inet.port_number() | {address(), :inet.port_number()} | String.t(), options()) ::
+          {:ok, listener()} | {:error, reason()}
+  def listen(port_or_address, opts)
+
+  def listen(port, opts) when is_integer(port) do
+    case listen({0, 0, 0, 0, 0, 0, 0, 0}, port, opts) do
+      {:error, :eaddrnotavail} -> listen({0, 0, 0, 0}, port, opts)
+      other -> other
+    end
+  end
+
+  def listen({address, port}, opts), do: listen(address, port, opts)
+
+  def listen(address, opts) when is_binary(address) or is_list(address) do
+    case split_host_port(to_string(address)) do
+      {:ok, host, port} -> listen(host, port, opts)
+      :error -> {:error, :bad_address}
+    end
+  end
+
+  def listen(_other, _opts), do: {:error, :bad_address}
+
+  @doc """
+  Starts a listener bound to exactly `address` and `port`.
+
+  Two listeners on the same port but different addresses coexist, and each only sees
+  connections sent to its own address — also next to a wildcard listener on that port. A
+  second listener on an address and port already in use fails with `{:error, :eaddrinuse}`.
+  A specific IPv6 address is v6-only; `"::"` is dual-stack.
+
+      iex> {:ok, a} = MaculaQuic.listen("127.0.0.1", 0, alpn: ["demo"])
+      iex> {:ok, {_, port}} = MaculaQuic.sockname(a)
+      iex> {:ok, b} = MaculaQuic.listen("127.0.0.2", port, alpn: ["demo"])
+      iex> MaculaQuic.listen("127.0.0.1", port, alpn: ["demo"])
+      {:error, :eaddrinuse}
+      iex> Enum.each([a, b], &MaculaQuic.close_listener/1)
+      :ok
+  """
+  @spec listen(address(), :inet.port_number(), options()) ::
+          {:ok, listener()} | {:error, reason()}
+  def listen(address, port, opts) do
+    with {:ok, map} <- Options.to_map(opts) do
+      Native.listen(charlist_to_binary(address), port, map)
+    end
+  end
+
+  @doc """
+  Asks for the next incoming connection. Returns `:ok` at once; the caller later receives
+  `{:quic, :new_conn, conn, info}` and becomes the connection's owner.
+
+  One call delivers one connection, as in quicer: call it again for the next. Connections that
+  arrive while nobody is waiting are queued (up to the listener's `:backlog`), not lost. `opts`
+  is accepted for quicer compatibility and must be a list or map.
+
+      {:ok, listener} = MaculaQuic.listen({"127.0.0.1", 4433}, alpn: ["demo"])
+      :ok = MaculaQuic.async_accept(listener)
+      receive do
+        {:quic, :new_conn, conn, %{remote_addr: peer}} -> {conn, peer}
+      end
+  """
+  @spec async_accept(listener(), options()) :: :ok | {:error, reason()}
+  def async_accept(listener, opts \\ []) do
+    with {:ok, _} <- Options.to_map(opts) do
+      native(:listener, listener, fn -> Native.listener_accept(listener, nil) end)
+    end
+  end
+
+  @doc """
+  Waits up to `timeout` for the next incoming connection and returns it, owned by the caller.
+
+      {:ok, conn} = MaculaQuic.accept(listener, [], 5_000)
+  """
+  @spec accept(listener(), options(), timeout()) :: {:ok, connection()} | {:error, reason()}
+  def accept(listener, opts \\ [], timeout \\ :infinity) do
+    ref = make_ref()
+
+    with {:ok, _} <- Options.to_map(opts),
+         :ok <- native(:listener, listener, fn -> Native.listener_accept(listener, ref) end) do
+      receive do
+        {^ref, result} -> result
+      after
+        timeout ->
+          case Native.listener_cancel_accept(listener) do
+            :cancelled -> {:error, :timeout}
+            :delivered -> receive(do: ({^ref, result} -> result))
+          end
+      end
+    end
+  end
+
+  @doc """
+  Completes the server side of a handshake. Connections are delivered by `async_accept/2`
+  with their handshake already complete, so this returns `:ok` at once; it exists so quicer
+  code (`accept`, then `handshake`) runs unchanged.
+
+      {:quic, :new_conn, conn, _info} = receive(do: (msg -> msg))
+      :ok = MaculaQuic.handshake(conn)
+  """
+  @spec handshake(connection(), timeout()) :: :ok | {:error, reason()}
+  def handshake(conn, _timeout \\ 5_000) do
+    native(:connection, conn, fn -> Native.conn_info(conn) end)
+    :ok
+  end
+
+  @doc """
+  Closes a listener: it stops accepting, and connections it had queued but not delivered are
+  closed. Connections already delivered keep running; the UDP port stays bound for them, so a
+  new listener on the same address gets `{:error, :eaddrinuse}` until they have all ended.
+
+      :ok = MaculaQuic.close_listener(listener)
+  """
+  @spec close_listener(listener()) :: :ok
+  def close_listener(listener) do
+    owner? = owner?(listener)
+    :ok = native(:listener, listener, fn -> Native.listener_close(listener) end)
+
+    # The owner closing its own listener does not need to hear about it.
+    if owner? do
+      receive do
+        {:quic, :listener_stopped, ^listener} -> :ok
+      after
+        0 -> :ok
+      end
+    end
+
+    :ok
+  end
+
+  ## Connections
+
+  @doc """
+  Connects to `host:port` and returns the connection once the handshake has completed, owned
+  by the caller.
+
+  `host` is an IP tuple, an IPv4/IPv6 literal or a DNS name (string or charlist). `timeout`
+  (milliseconds) covers name resolution and the handshake: past it, `{:error, :timeout}`.
+  Other errors: `{:error, {:tls_alert, alert}}` (e.g. `:unknown_ca`,
+  `:no_application_protocol` for an ALPN mismatch, `:certificate_required`),
+  `{:error, {:shutdown, code}}`, `{:error, :bad_address}`, `{:error, :nxdomain}`,
+  `{:error, {:bad_option, name}}`.
+
+      {:ok, conn} = MaculaQuic.connect("127.0.0.1", 4433, [alpn: ["demo"], verify: :none], 5_000)
+      {:ok, conn} = MaculaQuic.connect({0, 0, 0, 0, 0, 0, 0, 1}, 4433,
+                      [alpn: ["demo"], cacertfile: "ca.pem", server_name: "localhost"], 5_000)
+  """
+  @spec connect(host(), :inet.port_number(), options(), timeout()) ::
+          {:ok, connection()} | {:error, reason()}
+  def connect(host, port, opts, timeout \\ 5_000) do
+    ref = make_ref()
+    timeout_ms = if timeout == :infinity, do: 4_294_967_295, else: timeout
+
+    with {:ok, map} <- Options.to_map(opts),
+         :ok <- check_timeout(timeout_ms),
+         :ok <- Native.connect(charlist_to_binary(host), port, map, ref, timeout_ms) do
+      # The native side enforces the timeout and always answers.
+      receive do
+        {^ref, result} -> result
+      end
+    end
+  end
+
+  @doc """
+  Closes a connection (application error code 0) and, when the caller is its owner, waits for
+  and consumes the `{:quic, :closed, conn, _}` message. Streams on it end too.
+
+      :ok = MaculaQuic.close_connection(conn)
+  """
+  @spec close_connection(connection()) :: :ok
+  def close_connection(conn) do
+    owner? = owner?(conn)
+
+    case native(:connection, conn, fn -> Native.conn_close(conn, 0) end) do
+      :ok when owner? ->
+        receive do
+          {:quic, :closed, ^conn, _} -> :ok
+        after
+          @close_wait -> :ok
+        end
+
+      _ ->
+        :ok
+    end
+  end
+
+  @doc """
+  Shuts a connection down with `flags` (`connection_shutdown_none/0` or
+  `connection_shutdown_silent/0`) and an application `error_code` the peer receives as
+  `{:quic, :shutdown, conn, error_code}`. Returns at once; the owner later gets
+  `{:quic, :closed, conn, _}`.
+
+      :ok = MaculaQuic.async_shutdown_connection(conn, MaculaQuic.connection_shutdown_none(), 42)
+  """
+  @spec async_shutdown_connection(connection(), 0 | 1, non_neg_integer()) ::
+          :ok | {:error, reason()}
+  def async_shutdown_connection(conn, flags, error_code)
+      when is_integer(flags) and is_integer(error_code) do
+    native(:connection, conn, fn -> Native.conn_shutdown(conn, flags, error_code) end)
+  end
+
+  @doc """
+  The remote address of a connection (or of a stream's connection), as `{"ip", port}`.
+
+      {:ok, {"127.0.0.1", port}} = MaculaQuic.peername(conn)
+  """
+  @spec peername(connection() | stream()) :: {:ok, sockaddr()} | {:error, reason()}
+  def peername(handle) do
+    case Native.handle_kind(handle) do
+      :connection -> Native.conn_peername(handle)
+      :stream -> Native.conn_peername(Native.stream_conn(handle))
+      _ -> bad_handle!("a connection or stream", handle)
+    end
+  end
+
+  @doc """
+  The local address of a listener, connection or stream, as `{"ip", port}`.
+
+      iex> {:ok, l} = MaculaQuic.listen("::1", 0, alpn: ["demo"])
+      iex> {:ok, {"::1", _port}} = MaculaQuic.sockname(l)
+      iex> MaculaQuic.close_listener(l)
+      :ok
+  """
+  @spec sockname(handle()) :: {:ok, sockaddr()} | {:error, reason()}
+  def sockname(handle) do
+    case Native.handle_kind(handle) do
+      :listener -> Native.listener_sockname(handle)
+      :connection -> Native.conn_sockname(handle)
+      :stream -> Native.conn_sockname(Native.stream_conn(handle))
+      _ -> bad_handle!("a listener, connection or stream", handle)
+    end
+  end
+
+  @stat_names ~w(recv_cnt recv_oct send_cnt send_oct send_pend udp_tx_ios udp_rx_ios rtt_us
+                 min_rtt_us cwnd congestion_events lost_packets lost_bytes sent_packets mtu
+                 stream_frames_tx stream_frames_rx)a
+
+  @doc """
+  Connection counters from Quinn, by name, in the order asked.
+
+  Names: `:recv_cnt`/`:send_cnt` (UDP datagrams), `:recv_oct`/`:send_oct` (UDP bytes),
+  `:send_pend` (always 0: Quinn does not expose unacknowledged bytes), `:udp_tx_ios`,
+  `:udp_rx_ios` (system calls; fewer than datagrams means segmentation offload),
+  `:rtt_us`, `:min_rtt_us`, `:cwnd`, `:congestion_events`, `:lost_packets`, `:lost_bytes`,
+  `:sent_packets`, `:mtu`, `:stream_frames_tx`, `:stream_frames_rx`. A stream handle reports its
+  connection's counters. An unknown name gives `{:error, {:bad_stat, name}}`.
+
+      {:ok, [send_oct: sent, recv_oct: received]} = MaculaQuic.getstat(conn, [:send_oct, :recv_oct])
+  """
+  @spec getstat(connection() | stream(), [atom()]) ::
+          {:ok, [{atom(), non_neg_integer()}]} | {:error, reason()}
+  def getstat(handle, names) when is_list(names) do
+    case Enum.find(names, &(&1 not in @stat_names)) do
+      nil ->
+        conn =
+          if Native.handle_kind(handle) == :stream, do: Native.stream_conn(handle), else: handle
+
+        stats = native(:connection, conn, fn -> Native.conn_stats(conn) end)
+        {:ok, Enum.map(names, &{&1, Map.fetch!(stats, &1)})}
+
+      bad ->
+        {:error, {:bad_stat, bad}}
+    end
+  end
+
+  def getstat(_handle, names), do: {:error, {:bad_stat, names}}
+
+  ## Streams
+
+  @doc """
+  Opens a stream on `conn`, owned by the caller. Bidirectional unless `unidirectional: true`;
+  `active` sets the receive mode (default `true`). Waits while the peer's stream limit is
+  reached. The peer sees the stream when the first bytes arrive.
+
+      {:ok, stream} = MaculaQuic.open_stream(conn)
+      {:ok, stream} = MaculaQuic.open_stream(conn, active: :once)
+      {:ok, uni} = MaculaQuic.open_stream(conn, unidirectional: true)
+  """
+  @spec open_stream(connection(), options()) :: {:ok, stream()} | {:error, reason()}
+  def open_stream(conn, opts \\ []) do
+    ref = make_ref()
+
+    with {:ok, map} <- Options.to_map(opts) do
+      case native(:connection, conn, fn -> Native.open_stream(conn, map, ref) end) do
+        :wait -> receive(do: ({^ref, result} -> result))
+        other -> other
+      end
+    end
+  end
+
+  @doc """
+  Asks for the next stream the peer opens. Returns `:ok` at once; the caller later receives
+  `{:quic, :new_stream, stream, %{conn: conn, flags: flags, is_orphan: false}}` and owns the
+  stream. One call, one stream. `opts` may set `:active` for the new stream.
+
+  Streams the peer opens while nobody is accepting wait inside Quinn and count against the
+  peer's stream limit (`:peer_bidi_stream_count`), so a process that stops accepting makes
+  the peer stop opening.
+
+      :ok = MaculaQuic.async_accept_stream(conn, active: :once)
+  """
+  @spec async_accept_stream(connection(), options()) :: :ok | {:error, reason()}
+  def async_accept_stream(conn, opts \\ []) do
+    with {:ok, map} <- Options.to_map(opts),
+         {:ok, _id} <-
+           native(:connection, conn, fn -> Native.conn_accept_stream(conn, map, nil) end) do
+      :ok
+    end
+  end
+
+  @doc """
+  Waits up to `timeout` for the next stream the peer opens, and returns it owned by the caller.
+  `{:error, :timeout}` if none arrives in time (the request is withdrawn: a later stream is not
+  lost, it waits for the next accept); `{:error, :closed}` (or why the connection ended) if
+  the connection ends.
+
+      {:ok, stream} = MaculaQuic.accept_stream(conn, [active: false], 5_000)
+  """
+  @spec accept_stream(connection(), options(), timeout()) :: {:ok, stream()} | {:error, reason()}
+  def accept_stream(conn, opts \\ [], timeout \\ :infinity) do
+    ref = make_ref()
+
+    with {:ok, map} <- Options.to_map(opts),
+         {:ok, id} <-
+           native(:connection, conn, fn -> Native.conn_accept_stream(conn, map, ref) end) do
+      receive do
+        {^ref, result} -> closed_reason(result)
+      after
+        timeout ->
+          case Native.conn_cancel_accept(conn, id) do
+            :cancelled -> {:error, :timeout}
+            :delivered -> receive(do: ({^ref, result} -> closed_reason(result)))
+          end
+      end
+    end
+  end
+
+  defp closed_reason({:error, :closed}), do: {:error, :closed}
+  defp closed_reason(other), do: other
+
+  @doc """
+  Sends `data` on a stream. Returns `:ok` once Quinn has taken all of it into its send buffer
+  — waiting, when the peer is slow, for flow-control credit. Only the calling process waits:
+  no scheduler is blocked. Errors: `{:error, :closed}`, `{:error, {:peer_receive_aborted,
+  code}}`, or why the connection ended.
+
+      :ok = MaculaQuic.send(stream, ["hello", ?\\s, "world"])
+  """
+  @spec send(stream(), iodata()) :: :ok | {:error, reason()}
+  def send(stream, data), do: send_pieces(stream, iodata!(data), false)
+
+  @doc """
+  Like `send/2`, with quicer's send flags: `4` (FIN) finishes the stream after this data.
+  Other bits are accepted and ignored.
+
+      :ok = MaculaQuic.send(stream, "last words", 4)
+  """
+  @spec send(stream(), iodata(), non_neg_integer()) :: :ok | {:error, reason()}
+  def send(stream, data, flags) when is_integer(flags) and flags >= 0,
+    do: send_pieces(stream, iodata!(data), Bitwise.band(flags, 4) != 0)
+
+  defp send_pieces(stream, bin, fin) when byte_size(bin) <= @piece,
+    do: send_piece(stream, bin, fin)
+
+  defp send_pieces(stream, <<piece::binary-size(@piece), rest::binary>>, fin) do
+    with :ok <- send_piece(stream, piece, false), do: send_pieces(stream, rest, fin)
+  end
+
+  defp send_piece(stream, bin, fin) do
+    ref = make_ref()
+
+    case native(:stream, stream, fn -> Native.stream_send(stream, bin, ref, fin) end) do
+      :ok -> receive(do: ({^ref, result} -> result))
+      error -> error
+    end
+  end
+
+  @doc """
+  Queues `data` for sending and returns at once. Data queued this way is bounded (16 MiB per
+  stream): past that, `{:error, :send_queue_full}` — use `send/2` to wait for the peer instead.
+  Order with other sends on the stream is kept.
+
+      :ok = MaculaQuic.async_send(stream, "fire and forget")
+  """
+  @spec async_send(stream(), iodata()) :: :ok | {:error, reason()}
+  def async_send(stream, data), do: async_pieces(stream, iodata!(data))
+
+  defp async_pieces(stream, bin) when byte_size(bin) <= @piece,
+    do: native(:stream, stream, fn -> Native.stream_send(stream, bin, nil, false) end)
+
+  defp async_pieces(stream, <<piece::binary-size(@piece), rest::binary>>) do
+    with :ok <- async_pieces(stream, piece), do: async_pieces(stream, rest)
+  end
+
+  @doc """
+  Receives from a passive stream (`active: false`).
+
+  `length` 0 returns whatever is buffered, or the next chunk to arrive. `length` > 0 returns
+  exactly that many bytes, or fewer if the stream ends first. Errors: `{:error, :einval}` on
+  an active stream, `{:error, :peer_send_shutdown}` once the stream has ended and everything
+  was read, `{:error, {:peer_send_aborted, code}}`, `{:error, :closed}`,
+  `{:error, :timeout}`. Only the calling process waits.
+
+      {:ok, stream} = MaculaQuic.accept_stream(conn, [active: false], 5_000)
+      {:ok, <<len::32>>} = MaculaQuic.recv(stream, 4, 5_000)
+      {:ok, body} = MaculaQuic.recv(stream, len, 5_000)
+  """
+  @spec recv(stream(), non_neg_integer(), timeout()) :: {:ok, binary()} | {:error, reason()}
+  def recv(stream, length, timeout \\ :infinity)
+
+  def recv(stream, length, timeout) when is_integer(length) and length >= 0 do
+    ref = make_ref()
+
+    case native(:stream, stream, fn -> Native.stream_recv(stream, length, ref) end) do
+      :wait ->
+        receive do
+          {^ref, result} -> result
+        after
+          timeout ->
+            case Native.stream_cancel_recv(stream) do
+              :cancelled -> {:error, :timeout}
+              :delivered -> receive(do: ({^ref, result} -> result))
+            end
+        end
+
+      other ->
+        other
+    end
+  end
+
+  def recv(_stream, length, _timeout),
+    do:
+      raise(
+        ArgumentError,
+        "recv/3 expects a non-negative integer length, got: #{inspect(length)}"
+      )
+
+  @doc """
+  Sets a stream option. Only `:active` exists: `true`, `false`, `:once` or an integer `N`,
+  with `:inet` semantics — `:once` delivers one data message then turns passive; `N` adds to
+  the message budget (negative values subtract) and when it reaches zero the owner gets
+  `{:quic, :passive, stream, :undefined}`; `false` is passive (use `recv/3`). Data read but not
+  yet delivered is delivered first when the stream turns active, in order.
+
+      :ok = MaculaQuic.setopt(stream, :active, 10)
+  """
+  @spec setopt(stream(), :active, active()) :: :ok | {:error, reason()}
+  def setopt(stream, :active, value),
+    do: native(:stream, stream, fn -> Native.stream_set_active(stream, value) end)
+
+  def setopt(_stream, name, _value), do: {:error, {:bad_option, name}}
+
+  @doc """
+  Reads a stream option: `:active` gives the current mode (`true | false | :once | N`).
+
+      {:ok, :once} = MaculaQuic.getopt(stream, :active)
+  """
+  @spec getopt(stream(), :active) :: {:ok, active()} | {:error, reason()}
+  def getopt(stream, :active),
+    do: {:ok, native(:stream, stream, fn -> Native.stream_get_active(stream) end)}
+
+  def getopt(_stream, name), do: {:error, {:bad_option, name}}
+
+  @doc """
+  Closes a stream: the sending side finishes after queued data, the receiving side stops
+  (the peer's further data is refused), and the owner receives nothing more about it.
+
+      :ok = MaculaQuic.close_stream(stream)
+  """
+  @spec close_stream(stream()) :: :ok
+  def close_stream(stream), do: native(:stream, stream, fn -> Native.stream_close(stream) end)
+
+  @doc """
+  Shuts down one or both directions of a stream with quicer's `flags`:
+  `stream_shutdown_graceful/0` (FIN after queued data; `error_code` unused),
+  `stream_shutdown_abort_send/0`, `stream_shutdown_abort_receive/0`,
+  `stream_shutdown_abort/0`, optionally with `stream_shutdown_immediate/0`. The peer sees
+  `error_code` as `{:quic, :peer_send_aborted, s, code}` or `{:quic, :peer_receive_aborted, s,
+  code}`. Returns at once. Invalid flag combinations give `{:error, :badarg}`.
+
+      :ok = MaculaQuic.async_shutdown_stream(stream, MaculaQuic.stream_shutdown_abort(), 7)
+  """
+  @spec async_shutdown_stream(stream(), non_neg_integer(), non_neg_integer()) ::
+          :ok | {:error, reason()}
+  def async_shutdown_stream(stream, flags, error_code)
+      when is_integer(flags) and flags >= 0 and is_integer(error_code) and error_code >= 0 do
+    native(:stream, stream, fn -> Native.stream_shutdown(stream, flags, error_code) end)
+  end
+
+  def async_shutdown_stream(_stream, _flags, _error_code), do: {:error, :badarg}
+
+  @doc """
+  Gives a stream to `new_owner`, forwarding the stream's messages already queued in the
+  caller's mailbox to it, in order, before any new one — nothing is lost or reordered. Only the
+  owner may call it. `opts` may set the stream's `:active` mode for the new owner (default: the
+  mode it had).
+
+      :ok = MaculaQuic.handoff_stream(stream, worker_pid, active: :once)
+  """
+  @spec handoff_stream(stream(), pid(), options()) :: :ok | {:error, reason()}
+  def handoff_stream(stream, new_owner, opts \\ []) when is_pid(new_owner) do
+    with {:ok, map} <- Options.to_map(opts),
+         {:ok, previous} <-
+           native(:stream, stream, fn -> Native.stream_handoff(stream, new_owner) end) do
+      forward_queued(stream, new_owner)
+      Native.stream_set_active(stream, Map.get(map, :active, previous))
+    end
+  end
+
+  defp forward_queued(stream, pid) do
+    receive do
+      {:quic, _, ^stream, _} = msg ->
+        Kernel.send(pid, msg)
+        forward_queued(stream, pid)
+    after
+      0 -> :ok
+    end
+  end
+
+  ## Any handle
+
+  @doc """
+  Makes `pid` the owner of `handle` (listener, connection or stream): it receives the
+  handle's messages from now on, and the handle is shut down when it exits. Only the current
+  owner may call it (`{:error, :not_owner}`); messages already queued stay with the caller
+  (see `handoff_stream/3`).
+
+      :ok = MaculaQuic.controlling_process(conn, worker_pid)
+  """
+  @spec controlling_process(handle(), pid()) :: :ok | {:error, reason()}
+  def controlling_process(handle, pid) when is_pid(pid) do
+    native(nil, handle, fn -> Native.controlling_process(handle, pid) end)
+  end
+
+  @doc """
+  Closes any handle: `close_stream/1`, `close_connection/1` or `close_listener/1`.
+
+      :ok = MaculaQuic.close(conn)
+  """
+  @spec close(handle()) :: :ok
+  def close(handle) do
+    case Native.handle_kind(handle) do
+      :stream -> close_stream(handle)
+      :connection -> close_connection(handle)
+      :listener -> close_listener(handle)
+      _ -> bad_handle!("a listener, connection or stream", handle)
+    end
+  end
+
+  @doc """
+  Live native objects: listeners, connections and streams not yet freed, runtime tasks, shared
+  client endpoints, registered listener addresses and runtime worker threads. For monitoring
+  and leak tests.
+
+      iex> %{listeners: n} = MaculaQuic.native_counts()
+      iex> is_integer(n)
+      true
+  """
+  @spec native_counts() :: %{atom() => non_neg_integer()}
+  def native_counts, do: Native.counters()
+
+  ## Helpers
+
+  defp iodata!(data) when is_binary(data), do: data
+
+  defp iodata!(data) when is_list(data) do
+    IO.iodata_to_binary(data)
+  rescue
+    ArgumentError -> raise ArgumentError, "expected iodata, got: #{inspect(data, limit: 10)}"
+  end
+
+  defp iodata!(data),
+    do: raise(ArgumentError, "expected iodata, got: #{inspect(data, limit: 10)}")
+
+  defp charlist_to_binary(value) when is_list(value) do
+    List.to_string(value)
+  rescue
+    _ -> value
+  end
+
+  defp charlist_to_binary(value), do: value
+
+  defp check_timeout(ms) when is_integer(ms) and ms >= 0, do: :ok
+  defp check_timeout(_), do: {:error, :badarg}
+
+  defp split_host_port(string) do
+    case Regex.run(~r/^\[?(.+?)\]?:(\d+)$/, string) do
+      [_, host, port] -> {:ok, host, String.to_integer(port)}
+      _ -> :error
+    end
+  end
+
+  defp owner?(handle) do
+    Native.handle_owner(handle) == self()
+  rescue
+    ArgumentError -> false
+  end
+
+  # Runs a NIF call; a wrong kind of handle becomes an ArgumentError that says what was
+  # expected and what was given.
+  defp native(kind, handle, fun) do
+    fun.()
+  rescue
+    e in ArgumentError ->
+      actual = Native.handle_kind(handle)
+
+      if kind != nil and actual != kind do
+        bad_handle!("a #{kind}", handle)
+      else
+        reraise e, __STACKTRACE__
+      end
+  end
+
+  defp bad_handle!(expected, handle) do
+    actual =
+      case Native.handle_kind(handle) do
+        nil -> "not a macula_quic handle"
+        kind -> "a #{kind}"
+      end
+
+    raise ArgumentError, "expected #{expected} handle, got: #{inspect(handle)} (#{actual})"
+  end
+end

@@ -1,0 +1,526 @@
+//! Connections: one resource per QUIC connection, outgoing (`connect`) or accepted.
+//!
+//! A watcher task follows each connection until it ends and then tells the owner how:
+//! `{quic, shutdown, C, AppErrorCode}` when the peer closed it, `{quic, transport_shutdown, C,
+//! %{status, error}}` for an idle timeout or a transport error, and always `{quic, closed, C,
+//! Props}` last. The watcher holds the resource while the connection is open; once it ends,
+//! nothing native holds it and garbage collection frees it.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rustler::{Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
+use tokio::task::AbortHandle;
+
+use crate::address::{self, Host};
+use crate::atoms;
+use crate::counters::{self, Live};
+use crate::endpoint;
+use crate::error::{self, Reason};
+use crate::messages::{self, Reply};
+use crate::options::{self, Active};
+use crate::owner::Owner;
+use crate::runtime;
+use crate::stream::StreamRes;
+use crate::tls;
+use crate::util::lock;
+
+/// Default time a handshake may take when the caller sets no timeout of its own.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct State {
+    owner: Owner,
+    /// Pending stream accepts by id, so `accept_stream/3` can withdraw one on timeout.
+    accepts: HashMap<u64, AbortHandle>,
+    next_accept: u64,
+    /// Set by `close/1`: the closing caller consumes the `closed` message itself.
+    closed_by_app: bool,
+}
+
+pub struct ConnRes {
+    pub conn: quinn::Connection,
+    /// The local UDP port (the endpoint's), for `sockname`.
+    pub local_port: u16,
+    pub local_bound: SocketAddr,
+    state: Mutex<State>,
+    _live: Live,
+}
+
+#[rustler::resource_impl]
+impl Resource for ConnRes {
+    const IMPLEMENTS_DOWN: bool = true;
+
+    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, mon: Monitor) {
+        // The owner exited: close with code 0 so the peer learns at once, instead of waiting
+        // for the idle timeout. The watcher then ends and the resource can be freed.
+        if lock(&self.state).owner.is_monitor(&mon) {
+            self.conn.close(quinn::VarInt::from_u32(0), b"owner exited");
+        }
+    }
+}
+
+impl ConnRes {
+    /// Wraps an established connection, monitors `owner` and starts the watcher. Returns
+    /// `None` (leaving the connection untouched) when the owner is already dead.
+    pub fn start(env: Option<Env>, conn: quinn::Connection, local_bound: SocketAddr, owner: LocalPid) -> Option<ResourceArc<ConnRes>> {
+        let res = ResourceArc::new(ConnRes {
+            conn,
+            local_port: local_bound.port(),
+            local_bound,
+            state: Mutex::new(State {
+                owner: Owner::unmonitored(owner),
+                accepts: HashMap::new(),
+                next_accept: 1,
+                closed_by_app: false,
+            }),
+            _live: Live::new(&counters::CONNECTIONS),
+        });
+        let owner = Owner::monitor(&res, env, owner)?;
+        lock(&res.state).owner = owner;
+        runtime::spawn(watch(res.clone()));
+        Some(res)
+    }
+
+    pub fn owner_pid(&self) -> LocalPid {
+        lock(&self.state).owner.pid
+    }
+
+    /// The local address as the peer sees it: the path's local IP where Quinn knows it,
+    /// else the endpoint's bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        match self.conn.local_ip() {
+            Some(ip) => SocketAddr::new(ip, self.local_port),
+            None => self.local_bound,
+        }
+    }
+}
+
+/// Follows the connection to its end and reports it to the owner.
+async fn watch(res: ResourceArc<ConnRes>) {
+    let _task = Live::new(&counters::TASKS);
+    let why = res.conn.closed().await;
+    // Pending stream accepts end by themselves (Quinn fails them) and answer their callers.
+    let (owner, by_app) = {
+        let st = lock(&res.state);
+        (st.owner.pid, st.closed_by_app)
+    };
+    let local = matches!(why, quinn::ConnectionError::LocallyClosed);
+    if !local {
+        let r = res.clone();
+        let why = why.clone();
+        messages::send(&owner, move |e| match &why {
+            quinn::ConnectionError::ApplicationClosed(frame) => {
+                (atoms::quic(), atoms::shutdown(), r, frame.error_code.into_inner()).encode(e)
+            }
+            other => {
+                let (status, code) = transport_status(other);
+                let props = Term::map_from_pairs(e, &[(atoms::status().encode(e), status.encode(e)), (atoms::error().encode(e), code.encode(e))])
+                    .unwrap_or_else(|_| atoms::undefined().encode(e));
+                (atoms::quic(), atoms::transport_shutdown(), r, props).encode(e)
+            }
+        });
+    }
+    let r = res.clone();
+    let handshake_done = true;
+    messages::send(&owner, move |e| {
+        let props = Term::map_from_pairs(
+            e,
+            &[
+                (atoms::is_handshake_completed().encode(e), handshake_done.encode(e)),
+                (atoms::is_peer_acked().encode(e), (!local).encode(e)),
+                (atoms::is_app_closing().encode(e), (local || by_app).encode(e)),
+            ],
+        )
+        .unwrap_or_else(|_| atoms::undefined().encode(e));
+        (atoms::quic(), atoms::closed(), r, props).encode(e)
+    });
+    lock(&res.state).owner.release(&res, None);
+}
+
+/// quicer's `transport_shutdown` status atom and error code for why a connection ended.
+fn transport_status(why: &quinn::ConnectionError) -> (rustler::Atom, u64) {
+    use quinn::ConnectionError::*;
+    match why {
+        TimedOut => (atoms::connection_idle(), 0),
+        TransportError(e) => (status_atom(u64::from(e.code)), u64::from(e.code)),
+        ConnectionClosed(f) => (status_atom(u64::from(f.error_code)), u64::from(f.error_code)),
+        Reset => (atoms::reset(), 0),
+        VersionMismatch => (atoms::version_mismatch(), 0),
+        CidsExhausted => (atoms::cids_exhausted(), 0),
+        ApplicationClosed(f) => (atoms::shutdown(), f.error_code.into_inner()),
+        LocallyClosed => (atoms::closed(), 0),
+    }
+}
+
+fn status_atom(code: u64) -> rustler::Atom {
+    if (0x100..0x200).contains(&code) {
+        atoms::tls_error()
+    } else {
+        atoms::transport_error()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NIFs
+
+fn err<'a>(env: Env<'a>, reason: impl Encoder) -> Term<'a> {
+    (atoms::error(), reason).encode(env)
+}
+
+/// `connect(Host, Port, Opts, Tag, TimeoutMs)`: starts a connection and returns `:ok`; the
+/// caller later receives `{Tag, {:ok, Conn} | {:error, Reason}}`. Bad arguments are answered at
+/// once with `{:error, Reason}`. The timeout covers resolution and the handshake.
+#[rustler::nif]
+fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag: Term<'a>, timeout_ms: u64) -> Term<'a> {
+    let Some(host) = address::decode_host(host) else { return err(env, atoms::bad_address()) };
+    let Some(port) = address::decode_port(port) else { return err(env, atoms::bad_address()) };
+    if port == 0 {
+        return err(env, atoms::bad_address());
+    }
+    let opts = match options::decode_connect(opts) {
+        Ok(o) => o,
+        Err(r) => return err(env, r),
+    };
+    let config = match tls::client_config(&opts.tls, &opts.transport) {
+        Ok(c) => c,
+        Err(r) => return err(env, r),
+    };
+    let reply = Reply::new(env.pid(), tag);
+    let owner = env.pid();
+    let timeout = Duration::from_millis(timeout_ms.clamp(1, u32::MAX as u64));
+    let timeout = opts.handshake_timeout.map_or(timeout, |h| h.min(timeout));
+    runtime::spawn(async move {
+        let _task = Live::new(&counters::TASKS);
+        let result = tokio::time::timeout(timeout, dial(host, port, opts, config)).await;
+        match result {
+            Ok(Ok((conn, bound))) => match ConnRes::start(None, conn.clone(), bound, owner) {
+                Some(res) => {
+                    if !reply.send(move |e| (atoms::ok(), res).encode(e)) {
+                        // The caller is gone; the monitor's down callback closes the connection.
+                    }
+                }
+                None => conn.close(quinn::VarInt::from_u32(0), b"owner exited"),
+            },
+            Ok(Err(reason)) => {
+                reply.error(reason);
+            }
+            Err(_) => {
+                reply.error(atoms::timeout());
+            }
+        }
+    });
+    atoms::ok().encode(env)
+}
+
+async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::ClientConfig) -> Result<(quinn::Connection, SocketAddr), Reason> {
+    let want_v4 = opts.local_address.map(|(ip, _)| ip.is_ipv4());
+    let (remote, default_name) = match &host {
+        Host::Ip(ip) => (SocketAddr::new(*ip, port), ip.to_string()),
+        Host::Name(name) => {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), port))
+                .await
+                .map_err(|_| Reason::Atom(atoms::nxdomain()))?
+                .collect();
+            let pick = addrs
+                .iter()
+                .find(|a| want_v4.is_none_or(|v4| a.is_ipv4() == v4))
+                .or(addrs.first())
+                .copied()
+                .ok_or(Reason::Atom(atoms::nxdomain()))?;
+            (pick, name.clone())
+        }
+    };
+    let endpoint = endpoint::client_endpoint(&remote, opts.local_address)?;
+    let bound = endpoint.local_addr().map_err(|e| error::io(&e))?;
+    let server_name = opts.server_name.unwrap_or(default_name);
+    let connecting = endpoint
+        .connect_with(config, remote, &server_name)
+        .map_err(|e| error::connect(&e))?;
+    let conn = connecting.await.map_err(|e| error::connection(&e))?;
+    Ok((conn, bound))
+}
+
+/// `conn_close(Conn, Code)`: closes the connection with an application error code. Returns
+/// `:ok` when this call closed it (the owner will receive `{quic, closed, Conn, _}`, which the
+/// Elixir layer consumes when the owner closes), `:closed` when it had already ended.
+#[rustler::nif]
+fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64) -> Term<'a> {
+    let Ok(code) = quinn::VarInt::from_u64(code) else { return err(env, atoms::badarg()) };
+    if c.conn.close_reason().is_some() {
+        return atoms::closed().encode(env);
+    }
+    lock(&c.state).closed_by_app = true;
+    c.conn.close(code, b"");
+    atoms::ok().encode(env)
+}
+
+/// `conn_shutdown(Conn, Flags, Code)`: quicer's connection shutdown. SILENT (1) closes without
+/// telling the peer, which we cannot do with Quinn; it is accepted and behaves as NONE (0).
+#[rustler::nif]
+fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u64) -> Term<'a> {
+    if flags > 1 {
+        return err(env, atoms::badarg());
+    }
+    let Ok(code) = quinn::VarInt::from_u64(code) else { return err(env, atoms::badarg()) };
+    lock(&c.state).closed_by_app = true;
+    c.conn.close(code, b"");
+    atoms::ok().encode(env)
+}
+
+/// `conn_peername(Conn)`: `{:ok, {"ip", port}}`.
+#[rustler::nif]
+fn conn_peername<'a>(env: Env<'a>, c: ResourceArc<ConnRes>) -> Term<'a> {
+    (atoms::ok(), address::encode_addr(env, &c.conn.remote_address())).encode(env)
+}
+
+/// `conn_sockname(Conn)`: `{:ok, {"ip", port}}`.
+#[rustler::nif]
+fn conn_sockname<'a>(env: Env<'a>, c: ResourceArc<ConnRes>) -> Term<'a> {
+    (atoms::ok(), address::encode_addr(env, &c.local_addr())).encode(env)
+}
+
+/// `conn_stats(Conn)`: every counter Quinn keeps, as a map of atoms to integers.
+#[rustler::nif]
+fn conn_stats<'a>(env: Env<'a>, c: ResourceArc<ConnRes>) -> NifResult<Term<'a>> {
+    rustler::atoms! {
+        recv_cnt, recv_oct, send_cnt, send_oct, send_pend, udp_tx_ios, udp_rx_ios, rtt_us, min_rtt_us,
+        cwnd, congestion_events, lost_packets, lost_bytes, sent_packets, mtu, stream_frames_tx,
+        stream_frames_rx,
+    }
+    let s = c.conn.stats();
+    let pairs: [(rustler::Atom, u64); 17] = [
+        (recv_cnt(), s.udp_rx.datagrams),
+        (recv_oct(), s.udp_rx.bytes),
+        (send_cnt(), s.udp_tx.datagrams),
+        (send_oct(), s.udp_tx.bytes),
+        // Bytes our writers have not yet handed to Quinn (async_send queues); Quinn itself does
+        // not expose its unacknowledged bytes.
+        (send_pend(), 0),
+        (udp_tx_ios(), s.udp_tx.ios),
+        (udp_rx_ios(), s.udp_rx.ios),
+        (rtt_us(), s.path.rtt.as_micros() as u64),
+        (min_rtt_us(), s.path.min_rtt.as_micros() as u64),
+        (cwnd(), s.path.cwnd),
+        (congestion_events(), s.path.congestion_events),
+        (lost_packets(), s.path.lost_packets),
+        (lost_bytes(), s.path.lost_bytes),
+        (sent_packets(), s.path.sent_packets),
+        (mtu(), s.path.current_mtu as u64),
+        (stream_frames_tx(), s.frame_tx.stream),
+        (stream_frames_rx(), s.frame_rx.stream),
+    ];
+    let terms: Vec<(Term, Term)> = pairs.iter().map(|(k, v)| (k.encode(env), v.encode(env))).collect();
+    Term::map_from_pairs(env, &terms).map_err(|_| rustler::Error::BadArg)
+}
+
+/// `conn_info(Conn)`: the negotiated ALPN, server name, side and addresses.
+#[rustler::nif]
+fn conn_info<'a>(env: Env<'a>, c: ResourceArc<ConnRes>) -> NifResult<Term<'a>> {
+    Ok(handshake_info(env, &c.conn, &c.local_addr()))
+}
+
+/// The props of `new_conn` (quicer's keys): version, addresses as "ip:port" strings, the
+/// server name the client asked for, and the negotiated ALPN.
+pub fn handshake_info<'a>(env: Env<'a>, conn: &quinn::Connection, local: &SocketAddr) -> Term<'a> {
+    let hd = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok());
+    let alpn = hd.as_ref().and_then(|h| h.protocol.clone());
+    let name = hd.as_ref().and_then(|h| h.server_name.clone());
+    let alpn_term = match alpn {
+        Some(p) => {
+            let mut b = rustler::NewBinary::new(env, p.len());
+            b.as_mut_slice().copy_from_slice(&p);
+            rustler::Binary::from(b).to_term(env)
+        }
+        None => atoms::undefined().encode(env),
+    };
+    let name_term = match name {
+        Some(n) => n.encode(env),
+        None => atoms::undefined().encode(env),
+    };
+    let pairs = [
+        (atoms::version().encode(env), 1u32.encode(env)),
+        (atoms::local_addr().encode(env), address::encode_addr_string(env, local)),
+        (atoms::remote_addr().encode(env), address::encode_addr_string(env, &conn.remote_address())),
+        (atoms::server_name().encode(env), name_term),
+        (atoms::alpns().encode(env), alpn_term),
+    ];
+    Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::undefined().encode(env))
+}
+
+/// `open_stream(Conn, Opts, Tag)`: opens a stream owned by the caller. Answers `{:ok, Stream}`
+/// at once when the peer's stream limit allows; otherwise `:wait`, and `{Tag, Result}` once a
+/// stream can be opened.
+#[rustler::nif]
+fn open_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>, tag: Term<'a>) -> Term<'a> {
+    rustler::atoms! { wait }
+    let opts = match options::decode_stream(opts) {
+        Ok(o) => o,
+        Err(r) => return err(env, r),
+    };
+    if let Some(reason) = c.conn.close_reason() {
+        return err(env, error::connection(&reason));
+    }
+    let owner = env.pid();
+    // Fast path: Quinn opens a stream synchronously when credit is available; poll once.
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let ready = if opts.unidirectional {
+        let mut fut = std::pin::pin!(c.conn.open_uni());
+        match std::future::Future::poll(fut.as_mut(), &mut cx) {
+            std::task::Poll::Ready(r) => Some(r.map(|s| (Some(s), None))),
+            std::task::Poll::Pending => None,
+        }
+    } else {
+        let mut fut = std::pin::pin!(c.conn.open_bi());
+        match std::future::Future::poll(fut.as_mut(), &mut cx) {
+            std::task::Poll::Ready(r) => Some(r.map(|(s, r)| (Some(s), Some(r)))),
+            std::task::Poll::Pending => None,
+        }
+    };
+    match ready {
+        Some(Ok((send, recv))) => match StreamRes::start(Some(env), c.clone(), send, recv, owner, opts.active) {
+            Some(s) => (atoms::ok(), s).encode(env),
+            None => err(env, atoms::closed()),
+        },
+        Some(Err(e)) => err(env, error::connection(&e)),
+        None => {
+            let reply = Reply::new(owner, tag);
+            runtime::spawn(async move {
+                let opened = if opts.unidirectional {
+                    c.conn.open_uni().await.map(|s| (Some(s), None))
+                } else {
+                    c.conn.open_bi().await.map(|(s, r)| (Some(s), Some(r)))
+                };
+                match opened {
+                    Ok((send, recv)) => match StreamRes::start(None, c.clone(), send, recv, owner, opts.active) {
+                        Some(s) => {
+                            reply.send(move |e| (atoms::ok(), s).encode(e));
+                        }
+                        None => {}
+                    },
+                    Err(e) => {
+                        reply.error(error::connection(&e));
+                    }
+                }
+            });
+            wait().encode(env)
+        }
+    }
+}
+
+/// `conn_accept_stream(Conn, Opts, Tag | nil)`: the next stream the peer opens goes to the
+/// caller, as `{quic, new_stream, Stream, Props}` (no tag) or `{Tag, {:ok, Stream}}`.
+/// Returns `{:ok, AcceptId}`; `conn_cancel_accept/2` withdraws it.
+///
+/// Streams the peer opens while nobody accepts wait inside Quinn, which counts them against
+/// the peer's stream limit: an application that stops accepting stops the peer opening more.
+#[rustler::nif]
+fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>, tag: Term<'a>) -> Term<'a> {
+    let opts = match options::decode_stream(opts) {
+        Ok(o) => o,
+        Err(r) => return err(env, r),
+    };
+    if let Some(reason) = c.conn.close_reason() {
+        return err(env, error::connection(&reason));
+    }
+    let caller = env.pid();
+    let reply = if tag.is_atom() { None } else { Some(Reply::new(caller, tag)) };
+    let mut st = lock(&c.state);
+    let id = st.next_accept;
+    st.next_accept += 1;
+    let task_conn = c.clone();
+    let handle = runtime::spawn(async move {
+        let accepted = tokio::select! {
+            r = task_conn.conn.accept_bi() => r.map(|(s, r)| (Some(s), r, 0u32)),
+            r = task_conn.conn.accept_uni() => r.map(|r| (None, r, 1u32)),
+        };
+        let withdrawn = lock(&task_conn.state).accepts.remove(&id).is_none();
+        match accepted {
+            Ok((send, recv, flags)) => hand_over(task_conn, send, recv, flags, caller, opts.active, reply, withdrawn),
+            Err(e) => {
+                if let Some(r) = reply {
+                    r.error(error::connection(&e));
+                }
+            }
+        }
+    });
+    st.accepts.insert(id, handle.abort_handle());
+    (atoms::ok(), id).encode(env)
+}
+
+/// Gives an accepted stream to the process that asked for it. If that process is gone, or it
+/// withdrew its accept as the stream arrived, the stream goes to the connection's owner as an
+/// orphan in passive mode (quicer's rule), so no stream is silently lost.
+#[allow(clippy::too_many_arguments)]
+fn hand_over(
+    c: ResourceArc<ConnRes>,
+    send: Option<quinn::SendStream>,
+    recv: quinn::RecvStream,
+    flags: u32,
+    caller: LocalPid,
+    active: Active,
+    reply: Option<Reply>,
+    withdrawn: bool,
+) {
+    if !withdrawn {
+        if let Some(s) = StreamRes::start(None, c.clone(), send, Some(recv), caller, active) {
+            let conn = c.clone();
+            match reply {
+                Some(r) => {
+                    r.send(move |e| (atoms::ok(), s).encode(e));
+                }
+                None => {
+                    messages::send(&caller, move |e| new_stream_msg(e, s, conn, flags, false));
+                }
+            }
+        }
+        // A dead caller's stream was aborted by StreamRes::start.
+        return;
+    }
+    let owner = c.owner_pid();
+    if let Some(s) = StreamRes::start(None, c.clone(), send, Some(recv), owner, Active::Off) {
+        let conn = c.clone();
+        messages::send(&owner, move |e| new_stream_msg(e, s, conn, flags, true));
+    }
+}
+
+fn new_stream_msg<'a>(e: Env<'a>, s: ResourceArc<StreamRes>, conn: ResourceArc<ConnRes>, flags: u32, orphan: bool) -> Term<'a> {
+    let props = Term::map_from_pairs(
+        e,
+        &[
+            (atoms::conn().encode(e), conn.encode(e)),
+            (atoms::flags().encode(e), flags.encode(e)),
+            (atoms::is_orphan().encode(e), orphan.encode(e)),
+        ],
+    )
+    .unwrap_or_else(|_| atoms::undefined().encode(e));
+    (atoms::quic(), atoms::new_stream(), s, props).encode(e)
+}
+
+/// `conn_cancel_accept(Conn, AcceptId)`: `:cancelled` when the accept was withdrawn before a
+/// stream arrived, `:delivered` when its stream was already sent.
+#[rustler::nif]
+fn conn_cancel_accept<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, id: u64) -> Term<'a> {
+    match lock(&c.state).accepts.remove(&id) {
+        Some(h) => {
+            h.abort();
+            atoms::cancelled().encode(env)
+        }
+        None => atoms::delivered().encode(env),
+    }
+}
+
+pub fn controlling_process<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, pid: LocalPid) -> Term<'a> {
+    let mut st = lock(&c.state);
+    if st.owner.pid != env.pid() {
+        return err(env, atoms::not_owner());
+    }
+    if st.owner.transfer(c, Some(env), pid) {
+        atoms::ok().encode(env)
+    } else {
+        err(env, atoms::closed())
+    }
+}

@@ -1,0 +1,83 @@
+//! NIFs that take any kind of handle, and the library's diagnostics.
+use rustler::{Encoder, Env, LocalPid, NifResult, ResourceArc, Term};
+
+use crate::atoms;
+use crate::connection::{self, ConnRes};
+use crate::counters;
+use crate::endpoint;
+use crate::listener::{self, ListenerRes};
+use crate::runtime;
+use crate::stream::{self, StreamRes};
+
+/// `ping()`: `:ok` when the library is loaded.
+#[rustler::nif]
+fn ping() -> rustler::Atom {
+    atoms::ok()
+}
+
+/// `controlling_process(Handle, Pid)`: only the current owner may give a handle away.
+#[rustler::nif]
+fn controlling_process<'a>(env: Env<'a>, handle: Term<'a>, pid: LocalPid) -> NifResult<Term<'a>> {
+    if let Ok(s) = handle.decode::<ResourceArc<StreamRes>>() {
+        return Ok(stream::controlling_process(env, &s, pid));
+    }
+    if let Ok(c) = handle.decode::<ResourceArc<ConnRes>>() {
+        return Ok(connection::controlling_process(env, &c, pid));
+    }
+    if let Ok(l) = handle.decode::<ResourceArc<ListenerRes>>() {
+        return Ok(listener::controlling_process(env, &l, pid));
+    }
+    Err(rustler::Error::BadArg)
+}
+
+/// `handle_owner(Handle)`: the owning process.
+#[rustler::nif]
+fn handle_owner<'a>(handle: Term<'a>) -> NifResult<LocalPid> {
+    if let Ok(s) = handle.decode::<ResourceArc<StreamRes>>() {
+        return Ok(s.owner_pid());
+    }
+    if let Ok(c) = handle.decode::<ResourceArc<ConnRes>>() {
+        return Ok(c.owner_pid());
+    }
+    if let Ok(l) = handle.decode::<ResourceArc<ListenerRes>>() {
+        return Ok(l.owner_pid());
+    }
+    Err(rustler::Error::BadArg)
+}
+
+/// `handle_kind(Term)`: `:listener | :connection | :stream | nil`.
+#[rustler::nif]
+fn handle_kind<'a>(env: Env<'a>, handle: Term<'a>) -> Term<'a> {
+    rustler::atoms! { listener, connection, stream }
+    if handle.decode::<ResourceArc<StreamRes>>().is_ok() {
+        stream().encode(env)
+    } else if handle.decode::<ResourceArc<ConnRes>>().is_ok() {
+        connection().encode(env)
+    } else if handle.decode::<ResourceArc<ListenerRes>>().is_ok() {
+        listener().encode(env)
+    } else {
+        atoms::nil().encode(env)
+    }
+}
+
+/// `counters()`: live native objects, for leak tests and observability.
+#[rustler::nif]
+fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {
+    let pairs = [
+        (atoms::listeners().encode(env), counters::get(&counters::LISTENERS).encode(env)),
+        (atoms::connections().encode(env), counters::get(&counters::CONNECTIONS).encode(env)),
+        (atoms::streams().encode(env), counters::get(&counters::STREAMS).encode(env)),
+        (atoms::tasks().encode(env), counters::get(&counters::TASKS).encode(env)),
+        (atoms::client_endpoints().encode(env), endpoint::client_endpoint_count().encode(env)),
+        (atoms::bound_addresses().encode(env), endpoint::registered_count().encode(env)),
+        (atoms::runtime_workers().encode(env), runtime::worker_count().encode(env)),
+    ];
+    Term::map_from_pairs(env, &pairs).map_err(|_| rustler::Error::BadArg)
+}
+
+/// `debug_panic()`: panics on purpose, so tests can prove a panic in Rust is an Erlang error
+/// and not a crashed VM.
+#[rustler::nif]
+fn debug_panic() -> rustler::Atom {
+    panic!("macula_quic: deliberate panic (debug_panic/0)")
+}

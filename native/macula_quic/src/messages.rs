@@ -1,0 +1,67 @@
+//! Sending terms to Erlang processes from runtime threads, and replying to requests.
+//!
+//! A NIF that starts async work takes a reply tag from the caller (a fresh reference) and
+//! returns at once; the task later sends `{Tag, Result}`. The caller waits in a `receive`,
+//! which blocks the calling process, never a scheduler.
+use std::cell::RefCell;
+
+use rustler::env::SavedTerm;
+use rustler::{Encoder, Env, LocalPid, OwnedEnv, Term};
+
+thread_local! {
+    // One reusable environment per runtime thread: `send_and_clear` empties it after each
+    // message, so messages cost no allocation of an environment of their own.
+    static SEND_ENV: RefCell<OwnedEnv> = RefCell::new(OwnedEnv::new());
+}
+
+/// Sends the term `build` makes to `pid`. Must run on a runtime thread (never a BEAM scheduler).
+/// Returns false when the process no longer exists.
+pub fn send<F>(pid: &LocalPid, build: F) -> bool
+where
+    F: for<'a> FnOnce(Env<'a>) -> Term<'a>,
+{
+    SEND_ENV.with(|env| {
+        let mut env = env.borrow_mut();
+        env.send_and_clear(pid, |e| build(e)).is_ok()
+    })
+}
+
+/// Someone waiting for the answer to a request: a process and the tag it will match on.
+pub struct Reply {
+    pid: LocalPid,
+    env: OwnedEnv,
+    tag: SavedTerm,
+}
+
+impl Reply {
+    /// Captures the caller and its tag. Called inside the NIF that starts the request.
+    pub fn new(pid: LocalPid, tag: Term) -> Reply {
+        let env = OwnedEnv::new();
+        let tag = env.save(tag);
+        Reply { pid, env, tag }
+    }
+
+    /// Sends `{Tag, Result}`. Must run on a runtime thread.
+    pub fn send<F>(mut self, build: F) -> bool
+    where
+        F: for<'a> FnOnce(Env<'a>) -> Term<'a>,
+    {
+        let tag = self.tag;
+        self.env
+            .send_and_clear(&self.pid, move |e| {
+                let t = tag.load(e);
+                (t, build(e)).encode(e)
+            })
+            .is_ok()
+    }
+
+    /// Sends `{Tag, :ok}`.
+    pub fn ok(self) -> bool {
+        self.send(|e| crate::atoms::ok().encode(e))
+    }
+
+    /// Sends `{Tag, {:error, Reason}}`.
+    pub fn error<R: Encoder + Send + 'static>(self, reason: R) -> bool {
+        self.send(move |e| (crate::atoms::error(), reason).encode(e))
+    }
+}

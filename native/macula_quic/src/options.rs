@@ -1,0 +1,301 @@
+//! Decoding the options callers pass to listen/connect/open_stream.
+//!
+//! The Elixir layer turns proplists into maps; here every key is checked against the names the
+//! call accepts and every value against its type, so a wrong option is always
+//! `{:error, {:bad_option, name}}` and never a crash or a silently ignored typo.
+use std::net::IpAddr;
+use std::time::Duration;
+
+use rustler::types::map::MapIterator;
+use rustler::{Atom, Term};
+
+use crate::address::{decode_ip, decode_port, decode_string};
+use crate::atoms;
+use crate::error::{bad_option, Reason};
+
+/// How a stream delivers received data (`:inet`-style `active`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Active {
+    /// Passive: data waits for `recv`.
+    Off,
+    /// Every chunk becomes a message.
+    On,
+    /// One message, then passive (no `passive` message).
+    Once,
+    /// N more messages, then `{quic, passive, S, undefined}` and passive.
+    Count(i32),
+}
+
+pub const ACTIVE_MAX: i64 = i16::MAX as i64;
+
+/// Peer verification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verify {
+    None,
+    Peer,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Transport {
+    pub idle_timeout_ms: Option<u64>,
+    pub keep_alive_interval_ms: Option<u64>,
+    pub peer_bidi_stream_count: Option<u64>,
+    pub peer_unidi_stream_count: Option<u64>,
+    pub stream_recv_window: Option<u64>,
+    pub conn_recv_window: Option<u64>,
+    pub send_window: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Tls {
+    pub alpn: Vec<Vec<u8>>,
+    pub certfile: Option<String>,
+    pub keyfile: Option<String>,
+    pub cert: Option<Vec<u8>>,
+    pub key: Option<Vec<u8>>,
+    pub cacertfile: Option<String>,
+    pub verify: Option<Verify>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Listen {
+    pub tls: Tls,
+    pub transport: Transport,
+    pub handshake_timeout: Option<Duration>,
+    pub backlog: Option<usize>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Connect {
+    pub tls: Tls,
+    pub transport: Transport,
+    pub server_name: Option<String>,
+    pub local_address: Option<(IpAddr, u16)>,
+    pub handshake_timeout: Option<Duration>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Stream {
+    pub active: Active,
+    pub unidirectional: bool,
+}
+
+impl Default for Stream {
+    fn default() -> Self {
+        Stream { active: Active::On, unidirectional: false }
+    }
+}
+
+/// Iterates a map's entries as (option name, value); a non-map or a non-atom key is a badarg.
+fn entries<'a>(map: Term<'a>) -> Result<Vec<(String, Term<'a>)>, Reason> {
+    let iter = MapIterator::new(map).ok_or(Reason::Atom(atoms::badarg()))?;
+    let mut out = Vec::new();
+    for (k, v) in iter {
+        let name = k.atom_to_string().map_err(|_| Reason::Atom(atoms::badarg()))?;
+        out.push((name, v));
+    }
+    Ok(out)
+}
+
+fn uint(name: &str, v: Term, max: u64) -> Result<u64, Reason> {
+    match v.decode::<u64>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(bad_option(name)),
+    }
+}
+
+fn string(name: &str, v: Term) -> Result<String, Reason> {
+    decode_string(v).ok_or_else(|| bad_option(name))
+}
+
+fn binary(name: &str, v: Term) -> Result<Vec<u8>, Reason> {
+    v.decode::<rustler::Binary>()
+        .map(|b| b.as_slice().to_vec())
+        .map_err(|_| bad_option(name))
+}
+
+fn alpn(v: Term) -> Result<Vec<Vec<u8>>, Reason> {
+    let items: Vec<Term> = v.decode().map_err(|_| bad_option("alpn"))?;
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let s = decode_string(item).ok_or_else(|| bad_option("alpn"))?;
+        // ALPN protocol ids are 1..=255 bytes (RFC 7301).
+        if s.is_empty() || s.len() > 255 {
+            return Err(bad_option("alpn"));
+        }
+        out.push(s.into_bytes());
+    }
+    if out.is_empty() {
+        return Err(bad_option("alpn"));
+    }
+    Ok(out)
+}
+
+fn verify(v: Term) -> Result<Verify, Reason> {
+    rustler::atoms! { none, verify_none, verify_peer, peer }
+    let a: Atom = v.decode().map_err(|_| bad_option("verify"))?;
+    if a == none() || a == verify_none() {
+        Ok(Verify::None)
+    } else if a == verify_peer() || a == peer() {
+        Ok(Verify::Peer)
+    } else {
+        Err(bad_option("verify"))
+    }
+}
+
+/// Decodes an `active` value: `true | false | :once | integer` (integers in -32767..=32767).
+pub fn decode_active(v: Term) -> Option<ActiveSetting> {
+    if let Ok(b) = v.decode::<bool>() {
+        return Some(ActiveSetting::Set(if b { Active::On } else { Active::Off }));
+    }
+    if let Ok(a) = v.decode::<Atom>() {
+        return (a == atoms::once()).then_some(ActiveSetting::Set(Active::Once));
+    }
+    match v.decode::<i64>() {
+        Ok(n) if n.abs() <= ACTIVE_MAX => Some(ActiveSetting::Add(n as i32)),
+        _ => None,
+    }
+}
+
+/// An `active` option as given: a mode, or an integer to add to the counter (`:inet` semantics).
+#[derive(Clone, Copy, Debug)]
+pub enum ActiveSetting {
+    Set(Active),
+    Add(i32),
+}
+
+impl ActiveSetting {
+    /// Applies this setting to the current mode. `Err` when the counter would exceed
+    /// `ACTIVE_MAX`.
+    pub fn apply(self, current: Active) -> Result<Active, ()> {
+        match self {
+            ActiveSetting::Set(m) => Ok(m),
+            ActiveSetting::Add(n) => {
+                let base = match current {
+                    Active::Count(c) => c as i64,
+                    _ => 0,
+                };
+                let total = base + n as i64;
+                if total > ACTIVE_MAX {
+                    Err(())
+                } else if total <= 0 {
+                    Ok(Active::Off)
+                } else {
+                    Ok(Active::Count(total as i32))
+                }
+            }
+        }
+    }
+}
+
+/// Transport and TLS options shared by listen and connect. Returns false when `name` is not one.
+fn common(name: &str, v: Term, tls: &mut Tls, t: &mut Transport) -> Result<bool, Reason> {
+    const MAX_VARINT: u64 = (1 << 62) - 1;
+    match name {
+        "alpn" => tls.alpn = alpn(v)?,
+        "certfile" | "cert_file" => tls.certfile = Some(string(name, v)?),
+        "keyfile" | "key_file" => tls.keyfile = Some(string(name, v)?),
+        "cert" => tls.cert = Some(binary(name, v)?),
+        "key" => tls.key = Some(binary(name, v)?),
+        "cacertfile" => tls.cacertfile = Some(string(name, v)?),
+        "verify" => tls.verify = Some(verify(v)?),
+        // Quinn encodes the idle timeout as a QUIC varint of milliseconds.
+        "idle_timeout_ms" => t.idle_timeout_ms = Some(uint(name, v, MAX_VARINT)?),
+        "keep_alive_interval_ms" => t.keep_alive_interval_ms = Some(uint(name, v, u32::MAX as u64)?),
+        "peer_bidi_stream_count" => t.peer_bidi_stream_count = Some(uint(name, v, 1 << 60)?),
+        "peer_unidi_stream_count" => t.peer_unidi_stream_count = Some(uint(name, v, 1 << 60)?),
+        "stream_recv_window" | "stream_recv_window_default" => {
+            t.stream_recv_window = Some(uint(name, v, MAX_VARINT)?)
+        }
+        "conn_recv_window" | "conn_flow_control_window" => {
+            t.conn_recv_window = Some(uint(name, v, MAX_VARINT)?)
+        }
+        "send_window" => t.send_window = Some(uint(name, v, MAX_VARINT)?),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+fn handshake_timeout(name: &str, v: Term) -> Result<Duration, Reason> {
+    Ok(Duration::from_millis(uint(name, v, u32::MAX as u64)?))
+}
+
+pub fn decode_listen(map: Term) -> Result<Listen, Reason> {
+    let mut o = Listen::default();
+    for (name, v) in entries(map)? {
+        if common(&name, v, &mut o.tls, &mut o.transport)? {
+            continue;
+        }
+        match name.as_str() {
+            "handshake_idle_timeout_ms" => o.handshake_timeout = Some(handshake_timeout(&name, v)?),
+            "backlog" => o.backlog = Some(uint(&name, v, 1 << 20)?.max(1) as usize),
+            _ => return Err(bad_option(&name)),
+        }
+    }
+    if o.tls.alpn.is_empty() {
+        return Err(Reason::Tagged(atoms::missing_option(), alpn_atom()));
+    }
+    Ok(o)
+}
+
+pub fn decode_connect(map: Term) -> Result<Connect, Reason> {
+    let mut o = Connect::default();
+    for (name, v) in entries(map)? {
+        if common(&name, v, &mut o.tls, &mut o.transport)? {
+            continue;
+        }
+        match name.as_str() {
+            "handshake_idle_timeout_ms" => o.handshake_timeout = Some(handshake_timeout(&name, v)?),
+            "server_name" | "sni" => o.server_name = Some(string(&name, v)?),
+            "local_address" => o.local_address = Some(local_address(v)?),
+            _ => return Err(bad_option(&name)),
+        }
+    }
+    if o.tls.alpn.is_empty() {
+        return Err(Reason::Tagged(atoms::missing_option(), alpn_atom()));
+    }
+    Ok(o)
+}
+
+fn alpn_atom() -> Atom {
+    rustler::atoms! { alpn }
+    alpn()
+}
+
+/// `local_address`: an IP (tuple or string), or `{ip, port}`.
+fn local_address(v: Term) -> Result<(IpAddr, u16), Reason> {
+    if let Some(ip) = decode_ip(v) {
+        return Ok((ip, 0));
+    }
+    if let Ok((ip, port)) = v.decode::<(Term, Term)>() {
+        if let (Some(ip), Some(port)) = (decode_ip(ip), decode_port(port)) {
+            return Ok((ip, port));
+        }
+    }
+    Err(bad_option("local_address"))
+}
+
+pub fn decode_stream(map: Term) -> Result<Stream, Reason> {
+    let mut o = Stream::default();
+    for (name, v) in entries(map)? {
+        match name.as_str() {
+            "active" => {
+                let setting = decode_active(v).ok_or_else(|| bad_option("active"))?;
+                o.active = setting.apply(Active::Off).map_err(|_| bad_option("active"))?;
+            }
+            "unidirectional" => o.unidirectional = v.decode::<bool>().map_err(|_| bad_option(&name))?,
+            // quicer's open flag: QUIC_STREAM_OPEN_FLAG_UNIDIRECTIONAL = 1.
+            "open_flag" => {
+                let f = uint(&name, v, u32::MAX as u64)?;
+                o.unidirectional = f & 1 == 1;
+            }
+            // quicer's start flags and event masks have no Quinn counterpart: a stream starts on
+            // its first write. Accepted so quicer code runs unchanged.
+            "start_flag" | "quic_event_mask" => {
+                uint(&name, v, u32::MAX as u64)?;
+            }
+            _ => return Err(bad_option(&name)),
+        }
+    }
+    Ok(o)
+}

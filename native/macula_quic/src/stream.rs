@@ -1,0 +1,854 @@
+//! Streams: one resource per QUIC stream, with a reader task and a writer task.
+//!
+//! Receiving is driven by demand. The reader task reads from Quinn only while the owner wants
+//! data (active mode with budget left, or a pending passive `recv`); otherwise Quinn's receive
+//! buffer fills, the stream's flow-control window closes, and the peer's sends stall. Nothing
+//! grows without bound: at most one coalesced read (`MAX_CHUNK` bytes, or the length a pending
+//! `recv` asked for) waits in our buffer.
+//!
+//! Every message about the stream is sent while holding the stream's state lock, so changing
+//! the owner is atomic with respect to deliveries: a message goes either to the old owner
+//! (before the change) or to the new one (after it).
+//!
+//! Sending goes through an ordered queue to the writer task, which hands data to Quinn with
+//! `write_chunk` (waiting for flow-control credit). Blocking `send` waits for its reply; the
+//! queue of fire-and-forget `async_send` data is bounded by `ASYNC_QUEUE_LIMIT` bytes.
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::task::Poll;
+
+use bytes::Bytes;
+use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NewBinary, NifResult, Resource, ResourceArc, Term};
+use tokio::sync::{mpsc, Notify};
+
+use crate::atoms;
+use crate::connection::ConnRes;
+use crate::counters::{self, Live};
+use crate::error::{self, Reason};
+use crate::messages::{self, Reply};
+use crate::options::{self, Active, ActiveSetting};
+use crate::owner::Owner;
+use crate::runtime;
+use crate::util::lock;
+
+/// Largest data message we build from coalesced reads. Large messages amortise the per-message
+/// cost (about a microsecond each) over tens of KiB instead of one 1200-byte packet.
+pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// Bytes of `async_send` data that may wait in a stream's queue before `async_send` refuses
+/// more with `{:error, :send_queue_full}`. Blocking `send` is bounded by its caller waiting.
+pub const ASYNC_QUEUE_LIMIT: usize = 16 * 1024 * 1024;
+
+/// quicer's receive flag for the chunk that ends the stream.
+const RECV_FLAG_FIN: u32 = 2;
+
+/// How the receive side ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RecvEnd {
+    /// The peer finished the stream (FIN).
+    Fin,
+    /// The peer reset the stream with an application error code.
+    Reset(u64),
+    /// We stopped reading (close, abort, owner exit).
+    Stopped,
+    /// The connection ended.
+    Lost,
+}
+
+/// A passive `recv` waiting for data.
+struct RecvRequest {
+    reply: Reply,
+    len: usize,
+}
+
+struct State {
+    owner: Owner,
+    active: Active,
+    /// Data read from Quinn and not yet delivered, in order.
+    buf: VecDeque<Bytes>,
+    buffered: usize,
+    recv_end: Option<RecvEnd>,
+    /// The end was reported to the owner (message or `recv` result).
+    end_reported: bool,
+    recv_request: Option<RecvRequest>,
+    /// A request to stop reading, with the code to send (STOP_SENDING).
+    stop_recv: Option<u64>,
+    /// A request to reset the send side, with the code to send (RESET_STREAM).
+    reset_send: Option<u64>,
+    /// After `close/1`: the owner hears nothing more about this stream.
+    silenced: bool,
+    recv_done: bool,
+    send_done: bool,
+    closed_sent: bool,
+    conn_lost: bool,
+    peer_reset_code: Option<u64>,
+}
+
+pub struct StreamRes {
+    pub conn: ResourceArc<ConnRes>,
+    pub id: u64,
+    pub bidi: bool,
+    /// True when this side opened the stream.
+    pub local: bool,
+    state: Mutex<State>,
+    wake_reader: Notify,
+    wake_writer: Notify,
+    writer: Option<mpsc::UnboundedSender<SendCmd>>,
+    queued: AtomicUsize,
+    _live: Live,
+}
+
+enum SendCmd {
+    Data { bytes: Bytes, reply: Option<Reply>, fin: bool },
+    Finish { reply: Option<Reply> },
+}
+
+#[rustler::resource_impl]
+impl Resource for StreamRes {
+    const IMPLEMENTS_DOWN: bool = true;
+
+    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, mon: Monitor) {
+        // The owner exited: abort both directions (code 0) so the peer is not left waiting, and
+        // let the tasks end, which frees the stream.
+        let mut st = lock(&self.state);
+        if !st.owner.is_monitor(&mon) {
+            return;
+        }
+        st.silenced = true;
+        st.stop_recv.get_or_insert(0);
+        st.reset_send.get_or_insert(0);
+        drop(st);
+        self.wake_reader.notify_one();
+        self.wake_writer.notify_one();
+    }
+}
+
+impl StreamRes {
+    /// Creates a stream resource owned by `owner`, and starts its tasks. Returns `None` when the
+    /// owner is already dead (the stream is then aborted).
+    pub fn start(
+        env: Option<Env>,
+        conn: ResourceArc<ConnRes>,
+        send: Option<quinn::SendStream>,
+        recv: Option<quinn::RecvStream>,
+        owner: LocalPid,
+        active: Active,
+    ) -> Option<ResourceArc<StreamRes>> {
+        let (id, local) = match (&send, &recv) {
+            (Some(s), _) => (s.id(), s.id().initiator() == conn.conn.side()),
+            (None, Some(r)) => (r.id(), r.id().initiator() == conn.conn.side()),
+            (None, None) => return None,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let res = ResourceArc::new(StreamRes {
+            conn,
+            id: id.index() * 4 + stream_id_low_bits(id),
+            bidi: send.is_some() && recv.is_some(),
+            local,
+            state: Mutex::new(State {
+                owner: Owner::unmonitored(owner),
+                active,
+                buf: VecDeque::new(),
+                buffered: 0,
+                recv_end: None,
+                end_reported: recv.is_none(),
+                recv_request: None,
+                stop_recv: None,
+                reset_send: None,
+                silenced: false,
+                recv_done: recv.is_none(),
+                send_done: send.is_none(),
+                closed_sent: false,
+                conn_lost: false,
+                peer_reset_code: None,
+            }),
+            wake_reader: Notify::new(),
+            wake_writer: Notify::new(),
+            writer: send.as_ref().map(|_| tx),
+            queued: AtomicUsize::new(0),
+            _live: Live::new(&counters::STREAMS),
+        });
+        let monitored = Owner::monitor(&res, env, owner);
+        let alive = monitored.is_some();
+        {
+            let mut st = lock(&res.state);
+            match monitored {
+                Some(o) => st.owner = o,
+                None => {
+                    st.silenced = true;
+                    st.stop_recv = Some(0);
+                    st.reset_send = Some(0);
+                }
+            }
+        }
+        if let Some(recv) = recv {
+            runtime::spawn(recv_loop(res.clone(), recv));
+        }
+        if let Some(send) = send {
+            runtime::spawn(send_loop(res.clone(), send, rx));
+        }
+        alive.then_some(res)
+    }
+
+}
+
+impl StreamRes {
+    pub fn owner_pid(&self) -> LocalPid {
+        lock(&self.state).owner.pid
+    }
+}
+
+/// The stream id as QUIC numbers it (low two bits: initiator and direction).
+fn stream_id_low_bits(id: quinn::StreamId) -> u64 {
+    let initiator = match id.initiator() {
+        quinn::Side::Client => 0,
+        quinn::Side::Server => 1,
+    };
+    let dir = match id.dir() {
+        quinn::Dir::Bi => 0,
+        quinn::Dir::Uni => 2,
+    };
+    initiator | dir
+}
+
+// ---------------------------------------------------------------------------------------------
+// Receiving
+
+/// What one read from Quinn produced.
+enum ReadOutcome {
+    /// Data (possibly empty), and whether the stream ended right after it.
+    Data(Vec<Bytes>, bool),
+    Reset(u64),
+    Lost,
+}
+
+/// Reads whatever is available now, up to `max` bytes, waiting only if nothing is.
+///
+/// Quinn hands out data in packet-sized chunks; this gathers every chunk that is already
+/// available into one batch (without copying), and also notices a FIN that arrived with them, so
+/// the last data message can carry the FIN flag.
+async fn read_available(recv: &mut quinn::RecvStream, max: usize) -> ReadOutcome {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    poll_fn(|cx| loop {
+        let want = max.saturating_sub(total).max(1);
+        let step = {
+            let fut = pin!(recv.read_chunk(want, true));
+            fut.poll(cx)
+        };
+        match step {
+            Poll::Ready(Ok(Some(chunk))) => {
+                total += chunk.bytes.len();
+                chunks.push(chunk.bytes);
+                if total >= max {
+                    return Poll::Ready(ReadOutcome::Data(std::mem::take(&mut chunks), false));
+                }
+            }
+            Poll::Ready(Ok(None)) => return Poll::Ready(ReadOutcome::Data(std::mem::take(&mut chunks), true)),
+            // Data read before an error is still delivered; the error shows on the next read.
+            Poll::Ready(Err(_)) if !chunks.is_empty() => {
+                return Poll::Ready(ReadOutcome::Data(std::mem::take(&mut chunks), false))
+            }
+            Poll::Ready(Err(quinn::ReadError::Reset(code))) => return Poll::Ready(ReadOutcome::Reset(code.into_inner())),
+            Poll::Ready(Err(_)) => return Poll::Ready(ReadOutcome::Lost),
+            Poll::Pending if !chunks.is_empty() => {
+                return Poll::Ready(ReadOutcome::Data(std::mem::take(&mut chunks), false))
+            }
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await
+}
+
+async fn recv_loop(res: ResourceArc<StreamRes>, mut recv: quinn::RecvStream) {
+    let _task = Live::new(&counters::TASKS);
+    loop {
+        let want = {
+            let mut st = lock(&res.state);
+            if let Some(code) = st.stop_recv.take() {
+                let _ = recv.stop(code.try_into().unwrap_or(quinn::VarInt::from_u32(0)));
+                if st.recv_end.is_none() {
+                    st.recv_end = Some(RecvEnd::Stopped);
+                }
+                // Whatever was buffered is discarded: the owner asked for no more.
+                st.buf.clear();
+                st.buffered = 0;
+                finish_recv(&res, &mut st);
+                break;
+            }
+            deliver(&res, &mut st);
+            if st.recv_done {
+                break;
+            }
+            wanted_bytes(&st)
+        };
+        let notified = res.wake_reader.notified();
+        let Some(limit) = want else {
+            notified.await;
+            continue;
+        };
+        tokio::select! {
+            outcome = read_available(&mut recv, limit) => {
+                let mut st = lock(&res.state);
+                match outcome {
+                    ReadOutcome::Data(chunks, fin) => {
+                        for c in chunks {
+                            st.buffered += c.len();
+                            st.buf.push_back(c);
+                        }
+                        if fin {
+                            st.recv_end = Some(RecvEnd::Fin);
+                        }
+                    }
+                    ReadOutcome::Reset(code) => {
+                        st.recv_end = Some(RecvEnd::Reset(code));
+                        st.peer_reset_code = Some(code);
+                    }
+                    ReadOutcome::Lost => {
+                        st.recv_end = Some(RecvEnd::Lost);
+                        st.conn_lost = true;
+                    }
+                }
+            }
+            _ = notified => {}
+        }
+    }
+    // Nobody may be left waiting in `recv` once the reader is gone.
+    let pending = lock(&res.state).recv_request.take();
+    if let Some(req) = pending {
+        let reason = end_reason(&lock(&res.state));
+        req.reply.error(reason);
+    }
+}
+
+/// How many more bytes the reader should fetch now, or `None` when nobody wants data.
+fn wanted_bytes(st: &State) -> Option<usize> {
+    if st.recv_end.is_some() {
+        return None;
+    }
+    let target = match (&st.active, &st.recv_request) {
+        (Active::Off, None) => return None,
+        (Active::Off, Some(req)) if req.len == 0 => MAX_CHUNK,
+        (Active::Off, Some(req)) => req.len,
+        _ => MAX_CHUNK,
+    };
+    if st.active != Active::Off && st.buffered > 0 {
+        // Deliverable already; `deliver` runs again before the next read.
+        return None;
+    }
+    if st.recv_request.as_ref().is_some_and(|r| r.len == 0) && st.buffered > 0 {
+        return None;
+    }
+    (st.buffered < target).then(|| target - st.buffered)
+}
+
+/// Takes up to `max` bytes of whole chunks from the buffer (splitting the last one only when
+/// `exact` asks for exactly `max` bytes).
+fn take(st: &mut State, max: usize, exact: bool) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut n = 0;
+    while let Some(front) = st.buf.front_mut() {
+        let room = max - n;
+        if room == 0 {
+            break;
+        }
+        if front.len() <= room {
+            n += front.len();
+            out.push(st.buf.pop_front().unwrap_or_default());
+        } else if exact || out.is_empty() {
+            out.push(front.split_to(room));
+            n += room;
+        } else {
+            break;
+        }
+    }
+    st.buffered -= n;
+    out
+}
+
+fn to_binary<'a>(env: Env<'a>, chunks: &[Bytes]) -> Term<'a> {
+    let len = chunks.iter().map(Bytes::len).sum();
+    let mut bin = NewBinary::new(env, len);
+    let dst = bin.as_mut_slice();
+    let mut at = 0;
+    for c in chunks {
+        dst[at..at + c.len()].copy_from_slice(c);
+        at += c.len();
+    }
+    Binary::from(bin).to_term(env)
+}
+
+fn ended(st: &State) -> bool {
+    st.buf.is_empty() && st.recv_end.is_some()
+}
+
+/// Delivers buffered data and the end of the stream, as far as the owner's demand allows.
+/// Called by the reader task with the state lock held.
+fn deliver(res: &ResourceArc<StreamRes>, st: &mut State) {
+    loop {
+        if st.silenced {
+            return;
+        }
+        if !st.buf.is_empty() && st.active != Active::Off {
+            let chunks = take(st, MAX_CHUNK, false);
+            let flags = if ended(st) && st.recv_end == Some(RecvEnd::Fin) { RECV_FLAG_FIN } else { 0 };
+            let pid = st.owner.pid;
+            let r = res.clone();
+            messages::send(&pid, move |e| (atoms::quic(), to_binary(e, &chunks), r, flags).encode(e));
+            st.active = match st.active {
+                Active::Once => Active::Off,
+                Active::Count(1) => {
+                    let r = res.clone();
+                    messages::send(&pid, move |e| (atoms::quic(), atoms::passive(), r, atoms::undefined()).encode(e));
+                    Active::Off
+                }
+                Active::Count(n) => Active::Count(n - 1),
+                other => other,
+            };
+            continue;
+        }
+        if let Some(req) = st.recv_request.take() {
+            if !st.buf.is_empty() && (req.len == 0 || st.buffered >= req.len || st.recv_end.is_some()) {
+                let limit = if req.len == 0 { MAX_CHUNK } else { req.len };
+                let chunks = take(st, limit, req.len != 0);
+                req.reply.send(move |e| (atoms::ok(), to_binary(e, &chunks)).encode(e));
+                continue;
+            }
+            if ended(st) {
+                let reason = end_reason(st);
+                req.reply.send(move |e| (atoms::error(), reason).encode(e));
+                st.end_reported = true;
+                finish_recv(res, st);
+                continue;
+            }
+            st.recv_request = Some(req);
+            return;
+        }
+        if ended(st) && !st.end_reported && st.active != Active::Off {
+            let pid = st.owner.pid;
+            let r = res.clone();
+            match st.recv_end {
+                Some(RecvEnd::Fin) => {
+                    messages::send(&pid, move |e| (atoms::quic(), atoms::peer_send_shutdown(), r, atoms::undefined()).encode(e));
+                }
+                Some(RecvEnd::Reset(code)) => {
+                    messages::send(&pid, move |e| (atoms::quic(), atoms::peer_send_aborted(), r, code).encode(e));
+                }
+                _ => {}
+            }
+            st.end_reported = true;
+            finish_recv(res, st);
+        }
+        return;
+    }
+}
+
+/// The `recv` error for a drained, ended stream.
+fn end_reason(st: &State) -> Reason {
+    match st.recv_end {
+        Some(RecvEnd::Fin) => atoms::peer_send_shutdown().into(),
+        Some(RecvEnd::Reset(code)) => Reason::Code(atoms::peer_send_aborted(), code),
+        _ => atoms::closed().into(),
+    }
+}
+
+fn finish_recv(res: &ResourceArc<StreamRes>, st: &mut State) {
+    st.recv_done = true;
+    maybe_closed(res, st);
+}
+
+fn finish_send(res: &ResourceArc<StreamRes>, st: &mut State) {
+    st.send_done = true;
+    maybe_closed(res, st);
+}
+
+/// Sends `stream_closed` once both directions are done, and stops following the owner.
+fn maybe_closed(res: &ResourceArc<StreamRes>, st: &mut State) {
+    if !(st.recv_done && st.send_done) || st.closed_sent {
+        return;
+    }
+    st.closed_sent = true;
+    if !st.silenced {
+        let pid = st.owner.pid;
+        let r = res.clone();
+        let conn_lost = st.conn_lost;
+        let remote = st.peer_reset_code.is_some() || st.recv_end == Some(RecvEnd::Fin);
+        let code = st.peer_reset_code.unwrap_or(0);
+        messages::send(&pid, move |e| {
+            let props = rustler::Term::map_from_pairs(
+                e,
+                &[
+                    (atoms::is_conn_shutdown().encode(e), conn_lost.encode(e)),
+                    (atoms::is_app_closing().encode(e), (!remote).encode(e)),
+                    (atoms::is_shutdown_by_app().encode(e), true.encode(e)),
+                    (atoms::is_closed_remotely().encode(e), remote.encode(e)),
+                    (atoms::error().encode(e), code.encode(e)),
+                    (atoms::status().encode(e), if conn_lost { atoms::closed() } else { atoms::ok() }.encode(e)),
+                ],
+            )
+            .unwrap_or_else(|_| atoms::undefined().encode(e));
+            (atoms::quic(), atoms::stream_closed(), r, props).encode(e)
+        });
+    }
+    st.owner.release(res, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sending
+
+async fn send_loop(res: ResourceArc<StreamRes>, mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<SendCmd>) {
+    let _task = Live::new(&counters::TASKS);
+    let mut stopped = Box::pin(send.stopped());
+    let failure: Reason = loop {
+        if let Some(code) = lock(&res.state).reset_send.take() {
+            let _ = send.reset(quinn::VarInt::from_u64(code).unwrap_or(quinn::VarInt::from_u32(0)));
+            break atoms::closed().into();
+        }
+        let notified = res.wake_writer.notified();
+        tokio::select! {
+            biased;
+            _ = notified => continue,
+            peer = &mut stopped => {
+                break stopped_reason(&res, peer);
+            }
+            cmd = rx.recv() => match cmd {
+                None => break atoms::closed().into(),
+                Some(SendCmd::Data { bytes, reply, fin }) => {
+                    let len = bytes.len();
+                    let written = tokio::select! {
+                        biased;
+                        _ = res.wake_writer.notified() => None,
+                        w = send.write_chunk(bytes) => Some(w),
+                    };
+                    if reply.is_none() {
+                        res.queued.fetch_sub(len, Ordering::Relaxed);
+                    }
+                    match written {
+                        Some(Ok(())) => {
+                            if fin {
+                                let _ = send.finish();
+                            }
+                            if let Some(r) = reply { r.ok(); }
+                            if fin {
+                                break atoms::closed().into();
+                            }
+                        }
+                        Some(Err(e)) => {
+                            let reason = write_reason(&res, &e);
+                            if let Some(r) = reply { r.error(reason.clone()); }
+                            break reason;
+                        }
+                        None => {
+                            // Interrupted by a reset request; the loop head performs it.
+                            if let Some(r) = reply { r.error(atoms::closed()); }
+                            if lock(&res.state).reset_send.is_none() {
+                                break atoms::closed().into();
+                            }
+                        }
+                    }
+                }
+                Some(SendCmd::Finish { reply }) => {
+                    let _ = send.finish();
+                    if let Some(r) = reply { r.ok(); }
+                    break atoms::closed().into();
+                }
+            }
+        }
+    };
+    // Whatever is still queued can no longer be sent: fail it, so no caller waits forever.
+    rx.close();
+    while let Ok(cmd) = rx.try_recv() {
+        match cmd {
+            SendCmd::Data { reply: Some(r), .. } | SendCmd::Finish { reply: Some(r) } => {
+                r.error(failure.clone());
+            }
+            SendCmd::Data { bytes, reply: None, .. } => {
+                res.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+    let mut st = lock(&res.state);
+    finish_send(&res, &mut st);
+}
+
+/// The peer stopped the stream (STOP_SENDING) or the connection ended while we could send.
+fn stopped_reason(res: &ResourceArc<StreamRes>, peer: Result<Option<quinn::VarInt>, quinn::StoppedError>) -> Reason {
+    match peer {
+        Ok(Some(code)) => {
+            let code = code.into_inner();
+            notify_receive_aborted(res, code);
+            Reason::Code(atoms::peer_receive_aborted(), code)
+        }
+        Ok(None) => atoms::closed().into(),
+        Err(_) => {
+            lock(&res.state).conn_lost = true;
+            atoms::closed().into()
+        }
+    }
+}
+
+fn notify_receive_aborted(res: &ResourceArc<StreamRes>, code: u64) {
+    let st = lock(&res.state);
+    if st.silenced {
+        return;
+    }
+    let pid = st.owner.pid;
+    let r = res.clone();
+    messages::send(&pid, move |e| (atoms::quic(), atoms::peer_receive_aborted(), r, code).encode(e));
+}
+
+fn write_reason(res: &ResourceArc<StreamRes>, e: &quinn::WriteError) -> Reason {
+    match e {
+        quinn::WriteError::Stopped(code) => {
+            let code = code.into_inner();
+            notify_receive_aborted(res, code);
+            Reason::Code(atoms::peer_receive_aborted(), code)
+        }
+        quinn::WriteError::ConnectionLost(ce) => {
+            lock(&res.state).conn_lost = true;
+            error::connection(ce)
+        }
+        _ => atoms::closed().into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NIFs
+
+fn err<'a>(env: Env<'a>, reason: impl Encoder) -> Term<'a> {
+    (atoms::error(), reason).encode(env)
+}
+
+/// `stream_send(Stream, Binary, Tag | nil, Fin)`: queues data for the writer. With a tag, the
+/// caller is answered `{Tag, :ok | {:error, Reason}}` once Quinn has taken the data; without,
+/// returns at once (`{:error, :send_queue_full}` past the async queue limit).
+#[rustler::nif]
+fn stream_send<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>, tag: Term<'a>, fin: bool) -> Term<'a> {
+    let Some(tx) = &s.writer else {
+        return err(env, atoms::einval());
+    };
+    let reply = if tag.is_atom() { None } else { Some(Reply::new(env.pid(), tag)) };
+    let len = data.len();
+    if reply.is_none() {
+        let queued = s.queued.fetch_add(len, Ordering::Relaxed);
+        if queued > 0 && queued + len > ASYNC_QUEUE_LIMIT {
+            s.queued.fetch_sub(len, Ordering::Relaxed);
+            return err(env, atoms::send_queue_full());
+        }
+    }
+    let bytes = Bytes::copy_from_slice(data.as_slice());
+    match tx.send(SendCmd::Data { bytes, reply, fin }) {
+        Ok(()) => atoms::ok().encode(env),
+        Err(_) => {
+            if tag.is_atom() {
+                s.queued.fetch_sub(len, Ordering::Relaxed);
+            }
+            err(env, atoms::closed())
+        }
+    }
+}
+
+/// `stream_shutdown(Stream, Flags, Code)` with quicer's flags: GRACEFUL=1 (FIN after queued
+/// data), ABORT_SEND=2 (RESET_STREAM), ABORT_RECEIVE=4 (STOP_SENDING), ABORT=6, IMMEDIATE=8.
+#[rustler::nif]
+fn stream_shutdown<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, flags: u32, code: u64) -> Term<'a> {
+    const GRACEFUL: u32 = 1;
+    const ABORT_SEND: u32 = 2;
+    const ABORT_RECEIVE: u32 = 4;
+    const IMMEDIATE: u32 = 8;
+    let abort = flags & (ABORT_SEND | ABORT_RECEIVE);
+    let valid = flags & !(GRACEFUL | ABORT_SEND | ABORT_RECEIVE | IMMEDIATE) == 0
+        && (flags & (GRACEFUL | ABORT_SEND | ABORT_RECEIVE)) != 0
+        && !(flags & GRACEFUL != 0 && abort != 0)
+        && !(flags & IMMEDIATE != 0 && abort == 0);
+    if !valid || quinn::VarInt::from_u64(code).is_err() {
+        return err(env, atoms::badarg());
+    }
+    if flags & GRACEFUL != 0 {
+        return match &s.writer {
+            Some(tx) => match tx.send(SendCmd::Finish { reply: None }) {
+                Ok(()) => atoms::ok().encode(env),
+                Err(_) => err(env, atoms::closed()),
+            },
+            None => err(env, atoms::einval()),
+        };
+    }
+    let mut st = lock(&s.state);
+    if flags & ABORT_SEND != 0 && s.writer.is_some() && !st.send_done {
+        st.reset_send = Some(code);
+        s.wake_writer.notify_one();
+    }
+    if flags & ABORT_RECEIVE != 0 && !st.recv_done {
+        st.stop_recv = Some(code);
+        s.wake_reader.notify_one();
+    }
+    atoms::ok().encode(env)
+}
+
+/// `stream_close(Stream)`: FIN after queued data, stop receiving, and no more messages to the
+/// owner about this stream.
+#[rustler::nif]
+fn stream_close<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
+    if let Some(tx) = &s.writer {
+        let _ = tx.send(SendCmd::Finish { reply: None });
+    }
+    let mut st = lock(&s.state);
+    st.silenced = true;
+    if !st.recv_done {
+        st.stop_recv.get_or_insert(0);
+        s.wake_reader.notify_one();
+    }
+    atoms::ok().encode(env)
+}
+
+/// `stream_setopt_active(Stream, Active)`.
+#[rustler::nif]
+fn stream_set_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>) -> Term<'a> {
+    let Some(setting) = options::decode_active(value) else {
+        return err(env, error::bad_option("active"));
+    };
+    let mut st = lock(&s.state);
+    let Ok(mode) = setting.apply(st.active) else {
+        return err(env, error::bad_option("active"));
+    };
+    // `{active, N}` that brings the counter to zero or below turns the stream passive and, as
+    // in `:inet`, says so.
+    let to_passive_by_count = matches!(setting, ActiveSetting::Add(_)) && mode == Active::Off && st.active != Active::Off;
+    st.active = mode;
+    if st.active != Active::Off && st.recv_request.is_some() {
+        // A pending passive recv cannot coexist with active delivery: it fails with einval.
+        if let Some(req) = st.recv_request.take() {
+            drop(st);
+            runtime::spawn(async move {
+                req.reply.error(atoms::einval());
+            });
+            s.wake_reader.notify_one();
+            return atoms::ok().encode(env);
+        }
+    }
+    drop(st);
+    if to_passive_by_count {
+        let _ = env.send(&env.pid(), (atoms::quic(), atoms::passive(), s.clone(), atoms::undefined()));
+    }
+    s.wake_reader.notify_one();
+    atoms::ok().encode(env)
+}
+
+/// `stream_get_active(Stream)`: `true | false | :once | N`.
+#[rustler::nif]
+fn stream_get_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
+    encode_active(env, lock(&s.state).active)
+}
+
+fn encode_active(env: Env, a: Active) -> Term {
+    match a {
+        Active::On => true.encode(env),
+        Active::Off => false.encode(env),
+        Active::Once => atoms::once().encode(env),
+        Active::Count(n) => n.encode(env),
+    }
+}
+
+/// `stream_recv(Stream, Length, Tag)`: passive receive. Answers at once with `{:ok, Bin}` or
+/// `{:error, Reason}` when it can, else `:wait` and later `{Tag, Result}`.
+#[rustler::nif]
+fn stream_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<'a>) -> Term<'a> {
+    rustler::atoms! { wait, ealready }
+    let Ok(len) = usize::try_from(len) else { return err(env, atoms::badarg()) };
+    if len > (1 << 31) {
+        return err(env, atoms::badarg());
+    }
+    let mut st = lock(&s.state);
+    if st.active != Active::Off {
+        return err(env, atoms::einval());
+    }
+    if st.recv_request.is_some() {
+        return err(env, ealready());
+    }
+    if !st.buf.is_empty() && (len == 0 || st.buffered >= len || st.recv_end.is_some()) {
+        let limit = if len == 0 { MAX_CHUNK } else { len };
+        let chunks = take(&mut st, limit, len != 0);
+        let bin = to_binary(env, &chunks);
+        let wake = st.buffered == 0;
+        drop(st);
+        if wake {
+            s.wake_reader.notify_one();
+        }
+        return (atoms::ok(), bin).encode(env);
+    }
+    if st.recv_done || (st.end_reported && st.buf.is_empty()) {
+        return err(env, end_reason(&st));
+    }
+    st.recv_request = Some(RecvRequest { reply: Reply::new(env.pid(), tag), len });
+    drop(st);
+    s.wake_reader.notify_one();
+    wait().encode(env)
+}
+
+/// `stream_cancel_recv(Stream)`: `:cancelled` if a pending recv was withdrawn, `:delivered` if
+/// its answer was already sent.
+#[rustler::nif]
+fn stream_cancel_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
+    let mut st = lock(&s.state);
+    match st.recv_request.take() {
+        Some(_) => atoms::cancelled().encode(env),
+        None => atoms::delivered().encode(env),
+    }
+}
+
+/// `stream_handoff(Stream, NewOwner)`: makes `NewOwner` the owner and pauses delivery (passive),
+/// returning the previous mode so the caller can forward queued messages and then restore it.
+#[rustler::nif]
+fn stream_handoff<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, pid: LocalPid) -> Term<'a> {
+    let mut st = lock(&s.state);
+    if st.owner.pid != env.pid() {
+        return err(env, atoms::not_owner());
+    }
+    if !st.owner.transfer(&s, Some(env), pid) {
+        return err(env, atoms::closed());
+    }
+    let previous = st.active;
+    st.active = Active::Off;
+    (atoms::ok(), encode_active(env, previous)).encode(env)
+}
+
+pub fn controlling_process<'a>(env: Env<'a>, s: &ResourceArc<StreamRes>, pid: LocalPid) -> Term<'a> {
+    let mut st = lock(&s.state);
+    if st.owner.pid != env.pid() {
+        return err(env, atoms::not_owner());
+    }
+    if st.owner.transfer(s, Some(env), pid) {
+        atoms::ok().encode(env)
+    } else {
+        err(env, atoms::closed())
+    }
+}
+
+/// `stream_conn(Stream)`: the connection the stream belongs to.
+#[rustler::nif]
+fn stream_conn(s: ResourceArc<StreamRes>) -> ResourceArc<ConnRes> {
+    s.conn.clone()
+}
+
+/// `stream_info(Stream)`: `%{stream_id: Id, ...}` for diagnostics and tests.
+#[rustler::nif]
+fn stream_info<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> NifResult<Term<'a>> {
+    rustler::atoms! { bidirectional, local, active, buffered, queued, owner }
+    let st = lock(&s.state);
+    let pairs = [
+        (atoms::stream_id().encode(env), s.id.encode(env)),
+        (bidirectional().encode(env), s.bidi.encode(env)),
+        (local().encode(env), s.local.encode(env)),
+        (active().encode(env), encode_active(env, st.active)),
+        (buffered().encode(env), st.buffered.encode(env)),
+        (queued().encode(env), s.queued.load(Ordering::Relaxed).encode(env)),
+        (owner().encode(env), st.owner.pid.encode(env)),
+        (atoms::closed().encode(env), st.closed_sent.encode(env)),
+    ];
+    Term::map_from_pairs(env, &pairs).map_err(|_| rustler::Error::BadArg)
+}
+

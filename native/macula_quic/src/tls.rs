@@ -1,0 +1,217 @@
+//! TLS for QUIC: rustls configurations built from caller options.
+//!
+//! QUIC requires TLS 1.3; the ring provider is used throughout (it cross-compiles to every
+//! target we ship without cmake or clang).
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::error::{bad_option, Reason};
+use crate::options::{Tls, Transport, Verify};
+
+rustler::atoms! { certfile, keyfile, cacertfile, cert, key, enoent, eacces, malformed, no_key, cert_key_mismatch }
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads a PEM file; errors are `{:certfile | :keyfile | :cacertfile, :enoent | :eacces | :malformed}`.
+fn read_pem(path: &str, which: rustler::Atom) -> Result<Vec<u8>, Reason> {
+    std::fs::read(path).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::NotFound => enoent(),
+            std::io::ErrorKind::PermissionDenied => eacces(),
+            _ => malformed(),
+        };
+        Reason::Tagged(which, why)
+    })
+}
+
+fn certs_from_pem(pem: &[u8], which: rustler::Atom) -> Result<Vec<CertificateDer<'static>>, Reason> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+    match certs {
+        Ok(c) if !c.is_empty() => Ok(c),
+        _ => Err(Reason::Tagged(which, malformed())),
+    }
+}
+
+/// The certificate chain and key from options, if the caller gave any.
+fn chain_and_key(tls: &Tls) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, Reason> {
+    let chain = match (&tls.certfile, &tls.cert) {
+        (Some(path), _) => Some(certs_from_pem(&read_pem(path, certfile())?, certfile())?),
+        (None, Some(der)) => Some(vec![CertificateDer::from(der.clone())]),
+        (None, None) => None,
+    };
+    let key = match (&tls.keyfile, &tls.key) {
+        (Some(path), _) => {
+            let pem = read_pem(path, keyfile())?;
+            Some(PrivateKeyDer::from_pem_slice(&pem).map_err(|_| Reason::Tagged(keyfile(), malformed()))?)
+        }
+        (None, Some(der)) => Some(
+            PrivateKeyDer::try_from(der.clone()).map_err(|_| Reason::Tagged(key(), malformed()))?,
+        ),
+        (None, None) => None,
+    };
+    match (chain, key) {
+        (Some(c), Some(k)) => Ok(Some((c, k))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(Reason::Tagged(keyfile(), no_key())),
+        (None, Some(_)) => Err(bad_option("certfile")),
+    }
+}
+
+fn roots(tls: &Tls) -> Result<Option<RootCertStore>, Reason> {
+    let Some(path) = &tls.cacertfile else { return Ok(None) };
+    let mut store = RootCertStore::empty();
+    for c in certs_from_pem(&read_pem(path, cacertfile())?, cacertfile())? {
+        store.add(c).map_err(|_| Reason::Tagged(cacertfile(), malformed()))?;
+    }
+    Ok(Some(store))
+}
+
+/// A self-signed certificate for a listener given none. For development only: clients must
+/// use `verify: :none` (or trust this exact certificate) to connect.
+fn self_signed() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Reason> {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let ck = rcgen::generate_simple_self_signed(names).map_err(|_| Reason::Atom(crate::atoms::tls_error()))?;
+    let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(|_| Reason::Atom(crate::atoms::tls_error()))?;
+    Ok((vec![ck.cert.der().clone()], key))
+}
+
+pub fn transport_config(t: &Transport) -> Result<quinn::TransportConfig, Reason> {
+    use quinn::VarInt;
+    let var = |name: &str, v: u64| VarInt::from_u64(v).map_err(|_| bad_option(name));
+    let mut c = quinn::TransportConfig::default();
+    if let Some(ms) = t.idle_timeout_ms {
+        // 0 means "no idle timeout", as in quicer.
+        let timeout = if ms == 0 { None } else { Some(var("idle_timeout_ms", ms)?.into()) };
+        c.max_idle_timeout(timeout);
+    }
+    if let Some(ms) = t.keep_alive_interval_ms {
+        c.keep_alive_interval(if ms == 0 { None } else { Some(Duration::from_millis(ms)) });
+    }
+    if let Some(n) = t.peer_bidi_stream_count {
+        c.max_concurrent_bidi_streams(var("peer_bidi_stream_count", n)?);
+    }
+    if let Some(n) = t.peer_unidi_stream_count {
+        c.max_concurrent_uni_streams(var("peer_unidi_stream_count", n)?);
+    }
+    if let Some(n) = t.stream_recv_window {
+        c.stream_receive_window(var("stream_recv_window", n)?);
+    }
+    if let Some(n) = t.conn_recv_window {
+        c.receive_window(var("conn_recv_window", n)?);
+    }
+    if let Some(n) = t.send_window {
+        c.send_window(n);
+    }
+    Ok(c)
+}
+
+/// The Quinn server configuration for a listener.
+pub fn server_config(tls: &Tls, transport: &Transport) -> Result<quinn::ServerConfig, Reason> {
+    let (chain, key) = match chain_and_key(tls)? {
+        Some(ck) => ck,
+        None => self_signed()?,
+    };
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|_| Reason::Atom(crate::atoms::tls_error()))?;
+    let builder = match tls.verify {
+        Some(Verify::Peer) => {
+            // Requiring client certificates needs a CA to check them against.
+            let roots = roots(tls)?.ok_or_else(|| bad_option("cacertfile"))?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|_| bad_option("cacertfile"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder
+        .with_single_cert(chain, key)
+        .map_err(|_| Reason::Tagged(certfile(), cert_key_mismatch()))?;
+    cfg.alpn_protocols = tls.alpn.clone();
+    let quic = QuicServerConfig::try_from(cfg).map_err(|_| Reason::Atom(crate::atoms::tls_error()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(Arc::new(transport_config(transport)?));
+    Ok(server)
+}
+
+/// The Quinn client configuration for one connect.
+///
+/// Verification: `verify: :verify_peer` checks the server against `cacertfile` (required, as
+/// there is no system store to fall back on); `verify: :none` accepts any certificate (still
+/// checking the handshake signature). Without `verify`, a given `cacertfile` means verify_peer,
+/// and no `cacertfile` means none — quicer's default.
+pub fn client_config(tls: &Tls, transport: &Transport) -> Result<quinn::ClientConfig, Reason> {
+    let roots = roots(tls)?;
+    let verify = tls.verify.unwrap_or(if roots.is_some() { Verify::Peer } else { Verify::None });
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|_| Reason::Atom(crate::atoms::tls_error()))?;
+    let builder = match verify {
+        Verify::Peer => builder.with_root_certificates(roots.ok_or_else(|| bad_option("cacertfile"))?),
+        Verify::None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider().signature_verification_algorithms))),
+    };
+    let mut cfg = match chain_and_key(tls)? {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|_| Reason::Tagged(certfile(), cert_key_mismatch()))?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = tls.alpn.clone();
+    let quic = QuicClientConfig::try_from(cfg).map_err(|_| Reason::Atom(crate::atoms::tls_error()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    client.transport_config(Arc::new(transport_config(transport)?));
+    Ok(client)
+}
+
+/// `verify: :none` on a client: any server certificate is accepted, but the handshake
+/// signatures are still checked, so the connection is at least bound to the key presented.
+#[derive(Debug)]
+struct AcceptAnyServer(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
