@@ -340,15 +340,22 @@ defmodule MaculaQuic do
 
   @doc """
   Closes a listener: it stops accepting, and connections it had queued but not delivered are
-  closed. Connections already delivered keep running; the UDP port stays bound for them, so a
-  new listener on the same address gets `{:error, :eaddrinuse}` until they have all ended.
+  closed. Connections already delivered keep running, like accepted TCP sockets when their
+  listen socket closes; the UDP port stays bound for them, so a new listener on the same
+  address gets `{:error, :eaddrinuse}` until they have all ended. With no such connections the
+  address is free again when this returns.
 
       :ok = MaculaQuic.close_listener(listener)
   """
   @spec close_listener(listener()) :: :ok
   def close_listener(listener) do
     owner? = owner?(listener)
-    :ok = native(:listener, listener, fn -> Native.listener_close(listener) end)
+    ref = make_ref()
+
+    case native(:listener, listener, fn -> Native.listener_close(listener, ref) end) do
+      :wait -> receive(do: ({^ref, :ok} -> :ok))
+      :ok -> :ok
+    end
 
     # The owner closing its own listener does not need to hear about it.
     if owner? do

@@ -66,7 +66,7 @@ defmodule MaculaQuic.Native do
   def listen(_addr, _port, _opts), do: nif_error()
   def listener_accept(_listener, _tag), do: nif_error()
   def listener_cancel_accept(_listener), do: nif_error()
-  def listener_close(_listener), do: nif_error()
+  def listener_close(_listener, _tag), do: nif_error()
   def listener_sockname(_listener), do: nif_error()
 
   # Connections

@@ -72,7 +72,8 @@ pub fn decode_host(term: Term) -> Option<Host> {
 
 /// A port: an integer in 0..=65535.
 pub fn decode_port(term: Term) -> Option<u16> {
-    term.decode::<u16>().ok()
+    // Decode wide and check the range: a narrow decode would wrap 70000 to a valid port.
+    term.decode::<i64>().ok().and_then(|p| u16::try_from(p).ok())
 }
 
 /// Encodes a socket address as `{"ip", port}` (the IP as a binary string).

@@ -232,7 +232,12 @@ async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::Clie
         }
     };
     let endpoint = endpoint::client_endpoint(&remote, opts.local_address)?;
-    let bound = endpoint.local_addr().map_err(|e| error::io(&e))?;
+    let mut bound = endpoint.local_addr().map_err(|e| error::io(&e))?;
+    if bound.ip().is_unspecified() {
+        if let Some(ip) = endpoint::route_source(&remote) {
+            bound.set_ip(ip);
+        }
+    }
     let server_name = opts.server_name.unwrap_or(default_name);
     let connecting = endpoint
         .connect_with(config, remote, &server_name)

@@ -11,9 +11,14 @@
 //! every later connect, so a burst of connects never creates a burst of sockets and drivers.
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::io::IoSliceMut;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 
+use quinn::{AsyncUdpSocket, Runtime, UdpPoller};
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::oneshot;
 
 use crate::error::{self, Reason};
 use crate::runtime;
@@ -24,13 +29,84 @@ fn registry() -> &'static Mutex<HashSet<SocketAddr>> {
     R.get_or_init(|| Mutex::new(HashSet::new()))
 }
 
-/// An address held by a listener; dropping it frees the address for a new listener.
+/// An address held by a listener; dropping it frees the address for a new listener and tells
+/// whoever waits on `released`.
 #[derive(Debug)]
-pub struct Registration(SocketAddr);
+pub struct Registration {
+    addr: SocketAddr,
+    released: Option<oneshot::Sender<()>>,
+}
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        lock(registry()).remove(&self.0);
+        lock(registry()).remove(&self.addr);
+        if let Some(tx) = self.released.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A listener's UDP socket as Quinn sees it, carrying the address registration.
+///
+/// Quinn shares the socket between the endpoint driver and every connection on it, and closes
+/// it when the last of them lets go — possibly long after the listener was closed, if accepted
+/// connections live on. Because the registration lives inside the socket, the address is
+/// released exactly when the socket is really closed: never while a socket still holds it
+/// (which, with SO_REUSEADDR, would let a new listener share the address and steal packets),
+/// and never later than necessary.
+#[derive(Debug)]
+struct RegisteredSocket {
+    // Field order matters: the socket closes before the registration is released.
+    inner: Arc<dyn AsyncUdpSocket>,
+    _registration: Registration,
+}
+
+#[derive(Debug)]
+struct RegisteredPoller {
+    inner: Pin<Box<dyn UdpPoller>>,
+    // Keeps the registered socket (and so the registration) alive as long as the poller.
+    _socket: Arc<RegisteredSocket>,
+}
+
+impl UdpPoller for RegisteredPoller {
+    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<std::io::Result<()>> {
+        self.get_mut().inner.as_mut().poll_writable(cx)
+    }
+}
+
+impl AsyncUdpSocket for RegisteredSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        let inner = self.inner.clone().create_io_poller();
+        Box::pin(RegisteredPoller { inner, _socket: self })
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
     }
 }
 
@@ -61,8 +137,31 @@ fn new_socket(addr: &SocketAddr) -> std::io::Result<Socket> {
     Ok(s)
 }
 
-/// Binds a listener socket to exactly `addr` and registers it.
-pub fn bind_listener(addr: SocketAddr) -> Result<(UdpSocket, Registration), Reason> {
+/// A listener's endpoint, and a receiver that fires when its socket is closed and its
+/// address free again.
+pub struct ListenerEndpoint {
+    pub endpoint: quinn::Endpoint,
+    pub local: SocketAddr,
+    pub released: oneshot::Receiver<()>,
+}
+
+/// Binds exactly `addr`, registers it, and wraps the socket in a Quinn server endpoint.
+pub fn listener_endpoint(addr: SocketAddr, server: quinn::ServerConfig) -> Result<ListenerEndpoint, Reason> {
+    let (socket, local) = bind_listener(addr)?;
+    let (tx, released) = oneshot::channel();
+    let registration = Registration { addr: local, released: Some(tx) };
+    let _guard = runtime::get().enter();
+    let tokio_runtime = Arc::new(quinn::TokioRuntime);
+    let inner = tokio_runtime.wrap_udp_socket(socket).map_err(|e| error::io(&e))?;
+    let socket = Arc::new(RegisteredSocket { inner, _registration: registration });
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), Some(server), socket, tokio_runtime)
+        .map_err(|e| error::io(&e))?;
+    Ok(ListenerEndpoint { endpoint, local, released })
+}
+
+/// Binds a listener socket to exactly `addr` and records the address in the registry. The
+/// caller must hand the address to a `Registration` (which removes it again).
+fn bind_listener(addr: SocketAddr) -> Result<(UdpSocket, SocketAddr), Reason> {
     let mut reg = lock(registry());
     if overlapping(&addr).iter().any(|a| a.port() != 0 && reg.contains(a)) {
         return Err(crate::atoms::eaddrinuse().into());
@@ -86,7 +185,7 @@ pub fn bind_listener(addr: SocketAddr) -> Result<(UdpSocket, Registration), Reas
         return Err(crate::atoms::eaddrinuse().into());
     }
     reg.insert(local);
-    Ok((sock.into(), Registration(local)))
+    Ok((sock.into(), local))
 }
 
 /// Wraps a bound socket in a Quinn endpoint. Must run inside the runtime context.
@@ -125,4 +224,18 @@ pub fn client_endpoint(remote: &SocketAddr, local: Option<(IpAddr, u16)>) -> Res
 
 pub fn client_endpoint_count() -> usize {
     lock(client_endpoints()).len()
+}
+
+/// The source address the kernel would use to reach `remote` from a wildcard-bound socket (a
+/// route lookup: connecting a UDP socket sends nothing). Lets `sockname` report the real local
+/// IP of a connection made from a shared `0.0.0.0`/`::` client endpoint.
+pub fn route_source(remote: &SocketAddr) -> Option<IpAddr> {
+    let any: SocketAddr = if remote.is_ipv4() {
+        SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0)
+    } else {
+        SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0)
+    };
+    let probe = UdpSocket::bind(any).ok()?;
+    probe.connect(remote).ok()?;
+    probe.local_addr().ok().map(|a| a.ip())
 }

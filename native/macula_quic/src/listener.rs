@@ -11,20 +11,21 @@
 //! Closing a listener stops accepting and closes queued (never delivered) connections;
 //! connections already delivered keep running, like accepted TCP sockets when a listen socket
 //! closes. The UDP socket stays open for them and the address stays registered (a new listener
-//! on it gets `:eaddrinuse`) until the last of them ends.
+//! on it gets `:eaddrinuse`) until the last of them ends; with none, the address is free again
+//! when `close_listener` returns.
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustler::{Encoder, Env, LocalPid, Monitor, Resource, ResourceArc, Term};
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use crate::address;
 use crate::atoms;
 use crate::connection::{self, ConnRes};
 use crate::counters::{self, Live};
-use crate::endpoint::{self, Registration};
+use crate::endpoint;
 use crate::error::Reason;
 use crate::messages::{self, Reply};
 use crate::options;
@@ -50,13 +51,16 @@ struct State {
 
 /// What the listener's tasks share. Freed when the resource is gone and the tasks have ended.
 struct Shared {
-    endpoint: quinn::Endpoint,
+    /// Taken (and dropped) on close, so that Quinn can close the socket once no connection
+    /// uses it any more.
+    endpoint: Mutex<Option<quinn::Endpoint>>,
     local: SocketAddr,
     backlog: usize,
     handshake_timeout: Duration,
     state: Mutex<State>,
     stop: Notify,
-    registration: Mutex<Option<Registration>>,
+    /// Fires when the socket is closed and the address released (see `endpoint`).
+    released: Mutex<Option<oneshot::Receiver<()>>>,
     _live: Live,
 }
 
@@ -88,36 +92,41 @@ impl Drop for ListenerRes {
     }
 }
 
-/// Stops accepting. Idempotent.
-fn close(shared: &Arc<Shared>) {
+/// Stops accepting. Idempotent. Returns whether accepted connections still use the socket
+/// (then the address stays bound until they end).
+fn close(shared: &Arc<Shared>) -> bool {
     let queued: Vec<quinn::Connection> = {
         let mut st = lock(&shared.state);
         if st.closed {
-            return;
+            return true;
         }
         st.closed = true;
         st.waiters.clear();
         st.ready.drain(..).collect()
     };
-    shared.endpoint.set_server_config(None);
-    for c in queued {
+    for c in &queued {
         c.close(quinn::VarInt::from_u32(0), b"listener closed");
     }
     shared.stop.notify_waiters();
     shared.stop.notify_one();
-    // Keep the address registered while accepted connections still use the socket.
-    let sh = shared.clone();
-    runtime::spawn(async move {
-        sh.endpoint.wait_idle().await;
-        lock(&sh.registration).take();
-    });
+    match lock(&shared.endpoint).take() {
+        Some(ep) => {
+            ep.set_server_config(None);
+            let live = ep.open_connections() > queued.len();
+            // Dropping our handle (and the accept task dropping its clone) lets Quinn close the
+            // socket once the last connection on it is gone.
+            drop(ep);
+            live
+        }
+        None => true,
+    }
 }
 
-async fn accept_loop(shared: Arc<Shared>) {
+async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     let _task = Live::new(&counters::TASKS);
     loop {
         let incoming = tokio::select! {
-            i = shared.endpoint.accept() => i,
+            i = endpoint.accept() => i,
             _ = shared.stop.notified() => None,
         };
         let Some(incoming) = incoming else { break };
@@ -201,17 +210,17 @@ fn listen<'a>(env: Env<'a>, addr: Term<'a>, port: Term<'a>, opts: Term<'a>) -> T
 
 fn start(env: Env, addr: SocketAddr, opts: options::Listen) -> Result<ResourceArc<ListenerRes>, Reason> {
     let server = tls::server_config(&opts.tls, &opts.transport)?;
-    let (socket, registration) = endpoint::bind_listener(addr)?;
-    let local = socket.local_addr().map_err(|e| crate::error::io(&e))?;
-    let endpoint = endpoint::endpoint(socket, Some(server))?;
+    let bound = endpoint::listener_endpoint(addr, server)?;
+    let local = bound.local;
+    let accept_endpoint = bound.endpoint.clone();
     let shared = Arc::new(Shared {
-        endpoint,
+        endpoint: Mutex::new(Some(bound.endpoint)),
         local,
         backlog: opts.backlog.unwrap_or(DEFAULT_BACKLOG),
         handshake_timeout: opts.handshake_timeout.unwrap_or(connection::DEFAULT_HANDSHAKE_TIMEOUT),
         state: Mutex::new(State { waiters: VecDeque::new(), ready: VecDeque::new(), handshaking: 0, closed: false }),
         stop: Notify::new(),
-        registration: Mutex::new(Some(registration)),
+        released: Mutex::new(Some(bound.released)),
         _live: Live::new(&counters::LISTENERS),
     });
     let res = ResourceArc::new(ListenerRes { shared: shared.clone(), owner: Mutex::new(Owner::unmonitored(env.pid())) });
@@ -219,7 +228,7 @@ fn start(env: Env, addr: SocketAddr, opts: options::Listen) -> Result<ResourceAr
         Some(o) => *lock(&res.owner) = o,
         None => return Err(atoms::closed().into()),
     }
-    runtime::spawn(accept_loop(shared));
+    runtime::spawn(accept_loop(shared, accept_endpoint));
     Ok(res)
 }
 
@@ -263,17 +272,34 @@ fn listener_cancel_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>) -> Term
     }
 }
 
-/// `listener_close(Listener)`: stops accepting (see the module doc for what happens to
-/// connections) and sends the owner `{quic, listener_stopped, Listener}`.
+/// `listener_close(Listener, Tag)`: stops accepting (see the module doc for what happens to
+/// connections) and sends the owner `{quic, listener_stopped, Listener}`. Returns `:wait` when
+/// the address is about to be released — the caller then receives `{Tag, :ok}` once it is —
+/// or `:ok` when accepted connections keep it bound (or it was already closed).
 #[rustler::nif]
-fn listener_close<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>) -> Term<'a> {
+fn listener_close<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>) -> Term<'a> {
+    rustler::atoms! { wait }
     let was_open = !lock(&l.shared.state).closed;
-    close(&l.shared);
-    if was_open {
-        let owner = lock(&l.owner).pid;
-        let _ = env.send(&owner, (atoms::quic(), atoms::listener_stopped(), l.clone()));
+    let live = close(&l.shared);
+    if !was_open {
+        return atoms::ok().encode(env);
     }
-    atoms::ok().encode(env)
+    let owner = lock(&l.owner).pid;
+    let _ = env.send(&owner, (atoms::quic(), atoms::listener_stopped(), l.clone()));
+    let released = lock(&l.shared.released).take();
+    match released {
+        Some(rx) if !live => {
+            let reply = Reply::new(env.pid(), tag);
+            runtime::spawn(async move {
+                // Quinn closes the socket as soon as its driver notices it is unused; bounded so
+                // a caller never waits on a socket that is, unexpectedly, still in use.
+                let _ = tokio::time::timeout(Duration::from_secs(2), rx).await;
+                reply.ok();
+            });
+            wait().encode(env)
+        }
+        _ => atoms::ok().encode(env),
+    }
 }
 
 /// `listener_sockname(Listener)`: `{:ok, {"ip", port}}`.

@@ -85,6 +85,8 @@ struct State {
     closed_sent: bool,
     conn_lost: bool,
     peer_reset_code: Option<u64>,
+    /// Why the send side ended, for sends attempted after it did.
+    send_error: Option<Reason>,
 }
 
 pub struct StreamRes {
@@ -164,6 +166,7 @@ impl StreamRes {
                 closed_sent: false,
                 conn_lost: false,
                 peer_reset_code: None,
+                send_error: None,
             }),
             wake_reader: Notify::new(),
             wake_writer: Notify::new(),
@@ -558,6 +561,8 @@ async fn send_loop(res: ResourceArc<StreamRes>, mut send: quinn::SendStream, mut
             }
         }
     };
+    // Record why before closing the queue, so a send that finds the queue closed reports it.
+    lock(&res.state).send_error = Some(failure.clone());
     // Whatever is still queued can no longer be sent: fail it, so no caller waits forever.
     rx.close();
     while let Ok(cmd) = rx.try_recv() {
@@ -647,7 +652,8 @@ fn stream_send<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>, ta
             if tag.is_atom() {
                 s.queued.fetch_sub(len, Ordering::Relaxed);
             }
-            err(env, atoms::closed())
+            let reason = lock(&s.state).send_error.clone().unwrap_or_else(|| atoms::closed().into());
+            err(env, reason)
         }
     }
 }

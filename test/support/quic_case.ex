@@ -1,0 +1,107 @@
+defmodule MaculaQuic.Test.Quic do
+  @moduledoc false
+  # Helpers for tests over real loopback sockets. Every wait is bounded; nothing sleeps.
+  import ExUnit.Assertions
+
+  @alpn ["test"]
+  @wait 5_000
+
+  def alpn, do: @alpn
+
+  @doc false
+  def listen!(addr \\ "127.0.0.1", opts \\ []) do
+    {:ok, l} = MaculaQuic.listen(addr, 0, Keyword.merge([alpn: @alpn], opts))
+    {:ok, {_, port}} = MaculaQuic.sockname(l)
+    {l, port}
+  end
+
+  @doc "A connected pair in this process: {client_conn, server_conn, listener, port}."
+  def pair!(opts \\ []) do
+    addr = Keyword.get(opts, :addr, "127.0.0.1")
+    {l, port} = listen!(addr, Keyword.get(opts, :listen, []))
+    :ok = MaculaQuic.async_accept(l)
+
+    {:ok, c} =
+      MaculaQuic.connect(
+        addr,
+        port,
+        Keyword.merge([alpn: @alpn, verify: :none], Keyword.get(opts, :connect, [])),
+        @wait
+      )
+
+    sc =
+      receive do
+        {:quic, :new_conn, sc, _} -> sc
+      after
+        @wait -> flunk("no new_conn")
+      end
+
+    {c, sc, l, port}
+  end
+
+  @doc "A client stream and the server's end of it (the client writes `first` so the server sees it)."
+  def stream_pair!(c, sc, opts \\ []) do
+    :ok = MaculaQuic.async_accept_stream(sc, Keyword.get(opts, :server, []))
+    {:ok, s} = MaculaQuic.open_stream(c, Keyword.get(opts, :client, []))
+    first = Keyword.get(opts, :first, "hello")
+    :ok = MaculaQuic.send(s, first)
+
+    receive do
+      {:quic, :new_stream, ss, _} -> {s, ss}
+    after
+      @wait -> flunk("no new_stream")
+    end
+  end
+
+  defmacro receive_msg!(pattern, timeout \\ @wait) do
+    quote do
+      receive do
+        unquote(pattern) = msg -> msg
+      after
+        unquote(timeout) ->
+          flunk(
+            "no message matching #{unquote(Macro.to_string(pattern))} within #{unquote(timeout)} ms; mailbox: #{inspect(Process.info(self(), :messages))}"
+          )
+      end
+    end
+  end
+
+  @doc "Collects `{:quic, data, stream, _}` messages for `stream` until `n` bytes arrived."
+  def collect!(stream, n, acc \\ [], got \\ 0)
+  def collect!(_stream, n, acc, got) when got >= n, do: IO.iodata_to_binary(Enum.reverse(acc))
+
+  def collect!(stream, n, acc, got) do
+    receive do
+      {:quic, data, ^stream, _flags} when is_binary(data) ->
+        collect!(stream, n, [data | acc], got + byte_size(data))
+    after
+      @wait -> flunk("only #{got} of #{n} bytes arrived")
+    end
+  end
+
+  @doc "Waits until the native side reports `counts` (a map subset), or fails after `timeout`."
+  def await_counts!(expected, timeout \\ 5_000) do
+    deadline = System.monotonic_time(:millisecond) + timeout
+    await_counts(expected, deadline)
+  end
+
+  defp await_counts(expected, deadline) do
+    :erlang.garbage_collect()
+    counts = MaculaQuic.native_counts()
+
+    cond do
+      Enum.all?(expected, fn {k, v} -> counts[k] <= v end) ->
+        counts
+
+      System.monotonic_time(:millisecond) > deadline ->
+        flunk("native counts #{inspect(counts)} did not fall to #{inspect(expected)}")
+
+      true ->
+        # Native teardown happens on runtime threads; poll (bounded) rather than guess a delay.
+        receive do
+        after
+          20 -> await_counts(expected, deadline)
+        end
+    end
+  end
+end
