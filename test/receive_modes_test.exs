@@ -1,0 +1,362 @@
+defmodule MaculaQuic.ReceiveModesTest do
+  use ExUnit.Case, async: true
+  import MaculaQuic.Test.Quic
+
+  @moduletag :receive_modes
+
+  defp streams!(server_opts, client_opts \\ []) do
+    {c, sc, _l, _} = pair!()
+    {s, ss} = stream_pair!(c, sc, server: server_opts, client: client_opts, first: "a")
+    {c, sc, s, ss}
+  end
+
+  describe "active modes" do
+    test ":once delivers one message, then the stream is passive without a passive message" do
+      {_c, _sc, s, ss} = streams!(active: :once)
+      assert_receive {:quic, "a", ^ss, 0}, 5_000
+      assert {:ok, false} = MaculaQuic.getopt(ss, :active)
+      :ok = MaculaQuic.send(s, "b")
+      refute_receive {:quic, _, ^ss, _}, 100
+      :ok = MaculaQuic.setopt(ss, :active, :once)
+      assert_receive {:quic, "b", ^ss, 0}, 5_000
+      refute_received {:quic, :passive, ^ss, _}
+    end
+
+    test "{active, N} counts down, says passive at zero, re-arms and accepts negative adjustments" do
+      {_c, _sc, s, ss} = streams!(active: 2)
+      assert_receive {:quic, "a", ^ss, 0}, 5_000
+      assert {:ok, 1} = MaculaQuic.getopt(ss, :active)
+      :ok = MaculaQuic.send(s, "b")
+      assert_receive {:quic, "b", ^ss, 0}, 5_000
+      assert_receive {:quic, :passive, ^ss, :undefined}, 5_000
+      assert {:ok, false} = MaculaQuic.getopt(ss, :active)
+
+      # Adjust with nothing pending, so no delivery races the counter.
+      :ok = MaculaQuic.setopt(ss, :active, 5)
+      :ok = MaculaQuic.setopt(ss, :active, 3)
+      assert {:ok, 8} = MaculaQuic.getopt(ss, :active)
+      :ok = MaculaQuic.setopt(ss, :active, -3)
+      assert {:ok, 5} = MaculaQuic.getopt(ss, :active)
+      :ok = MaculaQuic.send(s, "c")
+      assert_receive {:quic, "c", ^ss, 0}, 5_000
+      assert {:ok, 4} = MaculaQuic.getopt(ss, :active)
+      # Subtracting past zero turns the stream passive and says so.
+      :ok = MaculaQuic.setopt(ss, :active, -10)
+      assert {:ok, false} = MaculaQuic.getopt(ss, :active)
+      assert_receive {:quic, :passive, ^ss, :undefined}, 5_000
+      assert {:error, {:bad_option, :active}} = MaculaQuic.setopt(ss, :active, 40_000)
+      assert {:error, {:bad_option, :active}} = MaculaQuic.setopt(ss, :active, :sometimes)
+
+      assert {:error, {:bad_option, :active}} =
+               MaculaQuic.open_stream(elem(streams!([]), 0), active: :maybe)
+    end
+
+    test "true delivers everything; false holds it for recv" do
+      {_c, _sc, s, ss} = streams!(active: false)
+      :ok = MaculaQuic.send(s, "bc")
+      refute_receive {:quic, _, ^ss, _}, 100
+      assert {:ok, "abc"} = MaculaQuic.recv(ss, 3, 5_000)
+      :ok = MaculaQuic.setopt(ss, :active, true)
+      :ok = MaculaQuic.send(s, "d")
+      assert_receive {:quic, "d", ^ss, 0}, 5_000
+      assert {:error, :einval} = MaculaQuic.recv(ss, 0, 100)
+    end
+  end
+
+  describe "recv/3" do
+    test "length 0, 1, exact, and larger than one chunk" do
+      {_c, _sc, s, ss} = streams!(active: false)
+      assert {:ok, "a"} = MaculaQuic.recv(ss, 0, 5_000)
+      :ok = MaculaQuic.send(s, "0123456789")
+      assert {:ok, "0"} = MaculaQuic.recv(ss, 1, 5_000)
+      assert {:ok, "1234"} = MaculaQuic.recv(ss, 4, 5_000)
+      assert {:ok, "56789"} = MaculaQuic.recv(ss, 0, 5_000)
+
+      big = :crypto.strong_rand_bytes(300_000)
+      :ok = MaculaQuic.send(s, big)
+      assert {:ok, ^big} = MaculaQuic.recv(ss, 300_000, 5_000)
+    end
+
+    test "timeouts, then the data is still there" do
+      {_c, _sc, s, ss} = streams!(active: false)
+      assert {:ok, "a"} = MaculaQuic.recv(ss, 1, 5_000)
+      assert {:error, :timeout} = MaculaQuic.recv(ss, 0, 50)
+      assert {:error, :timeout} = MaculaQuic.recv(ss, 5, 50)
+      :ok = MaculaQuic.send(s, "xyz")
+      assert {:error, :timeout} = MaculaQuic.recv(ss, 5, 100)
+      :ok = MaculaQuic.send(s, "uv")
+      assert {:ok, "xyzuv"} = MaculaQuic.recv(ss, 5, 5_000)
+    end
+
+    test "end of stream: short read, then peer_send_shutdown" do
+      {_c, _sc, s, ss} = streams!(active: false)
+      :ok = MaculaQuic.send(s, "bc", 4)
+      assert {:ok, "abc"} = MaculaQuic.recv(ss, 10, 5_000)
+      assert {:error, :peer_send_shutdown} = MaculaQuic.recv(ss, 0, 5_000)
+      assert {:error, :peer_send_shutdown} = MaculaQuic.recv(ss, 1, 5_000)
+    end
+
+    test "a reset stream" do
+      {_c, _sc, s, ss} = streams!(active: false)
+      assert {:ok, "a"} = MaculaQuic.recv(ss, 1, 5_000)
+      :ok = MaculaQuic.async_shutdown_stream(s, MaculaQuic.stream_shutdown_abort_send(), 9)
+      assert {:error, {:peer_send_aborted, 9}} = MaculaQuic.recv(ss, 0, 5_000)
+    end
+
+    test "a blocked recv answers when the connection closes" do
+      {c, _sc, _s, ss} = streams!(active: false)
+      assert {:ok, "a"} = MaculaQuic.recv(ss, 1, 5_000)
+      parent = self()
+      reader = spawn_link(fn -> send(parent, {:recv, MaculaQuic.recv(ss, 1, 10_000)}) end)
+      assert wait_until(fn -> Process.info(reader, :status) == {:status, :waiting} end)
+      :ok = MaculaQuic.close_connection(c)
+      assert_receive {:recv, {:error, reason}}, 5_000
+      assert reason in [:closed, {:shutdown, 0}]
+    end
+  end
+
+  describe "switching modes" do
+    test "passive -> active after a partial recv delivers the rest, in order" do
+      {_c, _sc, s, ss} = streams!(active: false)
+      :ok = MaculaQuic.send(s, "bcdefghij")
+      assert {:ok, "a"} = MaculaQuic.recv(ss, 1, 5_000)
+      :ok = MaculaQuic.setopt(ss, :active, 3)
+      assert collect!(ss, 9) == "bcdefghij"
+    end
+
+    @tag timeout: 120_000
+    test "switching repeatedly mid-transfer loses and duplicates nothing" do
+      {_c, _sc, s, ss} = streams!(active: false)
+      payload = :crypto.strong_rand_bytes(8 * 1_048_576)
+      sender = Task.async(fn -> MaculaQuic.send(s, payload, 4) end)
+      got = switch_read(ss, [], 0, 0)
+      assert Task.await(sender, 60_000) == :ok
+      assert got == "a" <> payload
+    end
+  end
+
+  describe "back-pressure" do
+    @tag timeout: 300_000
+    test "a slow :once receiver slows the sender; mailbox, memory and in-flight bytes stay bounded while 1 GiB moves" do
+      total = 1024 * 1_048_576
+      piece = :binary.copy(:crypto.strong_rand_bytes(1024), 1024)
+      {_c, _sc, s, ss} = streams!(active: :once)
+      parent = self()
+      sent = :atomics.new(1, [])
+      received = :atomics.new(1, [])
+
+      receiver =
+        spawn_link(fn ->
+          receive do: (:go -> :ok)
+          send(parent, {:received, slow_receive(ss, received, :crypto.hash_init(:sha256), 0)})
+        end)
+
+      # The first byte ("a") is part of the stream; hand the stream (and that message) over.
+      :ok = MaculaQuic.handoff_stream(ss, receiver)
+      send(receiver, :go)
+
+      writer =
+        Task.async(fn ->
+          hash = :crypto.hash_update(:crypto.hash_init(:sha256), "a")
+
+          hash =
+            Enum.reduce(1..div(total, byte_size(piece)), hash, fn _, h ->
+              :ok = MaculaQuic.send(s, piece)
+              :atomics.add(sent, 1, byte_size(piece))
+              :crypto.hash_update(h, piece)
+            end)
+
+          :ok = MaculaQuic.send(s, "", 4)
+          :crypto.hash_final(hash)
+        end)
+
+      base_mem = :erlang.memory(:total)
+      samples = sample_until_done(receiver, sent, received, [])
+      expected = Task.await(writer, 300_000)
+      assert_receive {:received, {n, hash}}, 60_000
+      assert n == total + 1
+      assert hash == expected
+
+      max_queue = samples |> Enum.map(& &1.queue) |> Enum.max()
+      max_in_flight = samples |> Enum.map(& &1.in_flight) |> Enum.max()
+      max_mem = samples |> Enum.map(& &1.mem) |> Enum.max()
+
+      IO.puts(
+        "\n  1 GiB at :once: #{length(samples)} samples, max mailbox #{max_queue}, max in flight #{div(max_in_flight, 1024)} KiB, max VM memory +#{div(max_mem - base_mem, 1_048_576)} MiB"
+      )
+
+      # One message at a time (plus, at most, the passive/closing notices).
+      assert max_queue <= 3
+      # Bounded by Quinn's send buffer + stream window + one coalesced read + one 1 MiB piece:
+      # nowhere near the 1 GiB moved.
+      assert max_in_flight <= 32 * 1_048_576
+      assert max_mem - base_mem <= 256 * 1_048_576
+    end
+
+    @tag timeout: 120_000
+    test "8 streams pushing data do not starve a timer process" do
+      {c, sc, _l, _} = pair!()
+      parent = self()
+
+      pairs =
+        for i <- 1..8 do
+          {s, ss} = stream_pair!(c, sc, first: "#{i}")
+          drain = spawn_link(fn -> drain_loop(ss) end)
+          :ok = MaculaQuic.handoff_stream(ss, drain)
+          s
+        end
+
+      ticker = spawn_link(fn -> tick_loop(parent, [], System.monotonic_time(:microsecond)) end)
+      chunk = :crypto.strong_rand_bytes(256 * 1024)
+
+      senders =
+        for s <- pairs do
+          Task.async(fn -> for(_ <- 1..256, do: :ok = MaculaQuic.send(s, chunk)) end)
+        end
+
+      Enum.each(senders, &Task.await(&1, 120_000))
+      send(ticker, :stop)
+      assert_receive {:ticks, lateness}, 5_000
+      sorted = Enum.sort(lateness)
+      p50 = Enum.at(sorted, div(length(sorted), 2))
+      p95 = Enum.at(sorted, div(length(sorted) * 95, 100))
+      max = List.last(sorted)
+
+      IO.puts(
+        "\n  timer lateness over #{length(sorted)} ticks while 8 streams moved 512 MiB: p50 #{p50} us, p95 #{p95} us, max #{max} us"
+      )
+
+      assert length(sorted) > 10
+      # A blocked scheduler would show as lateness of the whole transfer (seconds); single
+      # outliers come from the OS sharing 2 cores with tokio's threads.
+      assert p50 < 5_000
+      assert p95 < 30_000
+      assert max < 250_000
+    end
+  end
+
+  ## helpers
+
+  defp switch_read(ss, acc, got, round) do
+    mode = rem(round, 4)
+
+    result =
+      case mode do
+        0 -> MaculaQuic.recv(ss, 0, 5_000)
+        1 -> MaculaQuic.recv(ss, 1000, 5_000)
+        2 -> active_once(ss)
+        3 -> active_n(ss, 3)
+      end
+
+    case result do
+      {:ok, data} -> switch_read(ss, [data | acc], got + byte_size(data), round + 1)
+      {:fin, data} -> IO.iodata_to_binary(Enum.reverse([data | acc]))
+      {:error, :peer_send_shutdown} -> IO.iodata_to_binary(Enum.reverse(acc))
+    end
+  end
+
+  defp active_once(ss) do
+    :ok = MaculaQuic.setopt(ss, :active, :once)
+
+    receive do
+      {:quic, data, ^ss, 2} when is_binary(data) -> {:fin, data}
+      {:quic, data, ^ss, _} when is_binary(data) -> {:ok, data}
+      {:quic, :peer_send_shutdown, ^ss, _} -> {:error, :peer_send_shutdown}
+    after
+      5_000 -> flunk("no data in :once mode")
+    end
+  end
+
+  defp active_n(ss, n) do
+    :ok = MaculaQuic.setopt(ss, :active, n)
+    take_n(ss, n, [])
+  end
+
+  defp take_n(ss, 0, acc) do
+    assert_receive {:quic, :passive, ^ss, :undefined}, 5_000
+    {:ok, IO.iodata_to_binary(Enum.reverse(acc))}
+  end
+
+  defp take_n(ss, n, acc) do
+    receive do
+      {:quic, data, ^ss, 2} when is_binary(data) ->
+        # The stream ended inside our budget; switch back to passive for the caller.
+        :ok = MaculaQuic.setopt(ss, :active, false)
+        {:fin, IO.iodata_to_binary(Enum.reverse([data | acc]))}
+
+      {:quic, data, ^ss, _} when is_binary(data) ->
+        take_n(ss, n - 1, [data | acc])
+    after
+      5_000 -> flunk("no data in {active, N} mode")
+    end
+  end
+
+  # A deliberately slow consumer: re-arms :once after each message and sleeps now and then, so
+  # the sender must wait for it.
+  defp slow_receive(ss, counter, hash, n) do
+    receive do
+      {:quic, data, ^ss, flags} when is_binary(data) ->
+        :atomics.add(counter, 1, byte_size(data))
+        hash = :crypto.hash_update(hash, data)
+        if rem(n, 64) == 0 and n < 64 * 64, do: Process.sleep(5)
+
+        if Bitwise.band(flags, 2) != 0 do
+          {n_bytes(counter), :crypto.hash_final(hash)}
+        else
+          :ok = MaculaQuic.setopt(ss, :active, :once)
+          slow_receive(ss, counter, hash, n + 1)
+        end
+
+      {:quic, :peer_send_shutdown, ^ss, _} ->
+        {n_bytes(counter), :crypto.hash_final(hash)}
+    after
+      30_000 -> exit(:stalled)
+    end
+  end
+
+  defp n_bytes(counter), do: :atomics.get(counter, 1)
+
+  defp sample_until_done(receiver, sent, received, acc) do
+    case Process.info(receiver, :message_queue_len) do
+      nil ->
+        acc
+
+      {:message_queue_len, q} ->
+        sample = %{
+          queue: q,
+          in_flight: :atomics.get(sent, 1) - :atomics.get(received, 1),
+          mem: :erlang.memory(:total)
+        }
+
+        receive do
+        after
+          50 -> sample_until_done(receiver, sent, received, [sample | acc])
+        end
+    end
+  end
+
+  defp drain_loop(ss) do
+    receive do
+      {:quic, _, ^ss, _} -> drain_loop(ss)
+    end
+  end
+
+  defp tick_loop(parent, acc, expected) do
+    receive do
+      :stop -> send(parent, {:ticks, acc})
+    after
+      10 ->
+        now = System.monotonic_time(:microsecond)
+        lateness = max(now - (expected + 10_000), 0)
+        tick_loop(parent, [lateness | acc], now)
+    end
+  end
+
+  defp wait_until(fun, tries \\ 250) do
+    cond do
+      fun.() -> true
+      tries == 0 -> false
+      true -> receive(after: (10 -> wait_until(fun, tries - 1)))
+    end
+  end
+end
