@@ -1,0 +1,196 @@
+defmodule MaculaQuic.Native.Download do
+  @moduledoc false
+  # HTTP(S) GET of release artifacts with OTP's :httpc (no Hex dependencies allowed).
+  # Internal to the loader and `mix macula_quic.checksum`.
+  #
+  # - TLS: the peer is verified against the OS trust store (`:public_key.cacerts_get/0`,
+  #   OTP 25+), or the PEM file in HEX_CACERTS_PATH when set, with an HTTPS hostname check.
+  # - Proxies: HTTP_PROXY/http_proxy and HTTPS_PROXY/https_proxy (with user:password), and
+  #   NO_PROXY/no_proxy. Loopback is never proxied.
+  # - A dedicated :httpc profile, so proxy settings never leak into the host's default profile.
+  # - Bounded retries with linear backoff on network errors and 5xx; other statuses (404)
+  #   fail at once.
+
+  @profile :macula_quic_loader
+  @default_max_retries 3
+  @default_retry_delay_ms 1_000
+  @loopback ["localhost", "127.0.0.1", "::1"]
+
+  @type error ::
+          {:http_status, String.t(), non_neg_integer()}
+          | {:http_failed, String.t(), term()}
+
+  @type option ::
+          {:max_retries, non_neg_integer()}
+          | {:retry_delay_ms, non_neg_integer()}
+          | {:env, %{optional(String.t()) => String.t()}}
+
+  @doc """
+  Fetches `url` and returns its body. Options: `:max_retries` (default 3),
+  `:retry_delay_ms` (backoff unit, default 1000; attempt n waits n units) and `:env`
+  (where proxy variables and HEX_CACERTS_PATH are read, default `System.get_env/0`).
+  """
+  @spec get(String.t(), [option()]) :: {:ok, binary()} | {:error, error()}
+  def get(url, opts \\ []) do
+    env = Keyword.get_lazy(opts, :env, &System.get_env/0)
+    max_retries = Keyword.get(opts, :max_retries, @default_max_retries)
+    delay = Keyword.get(opts, :retry_delay_ms, @default_retry_delay_ms)
+
+    with :ok <- start_client(env) do
+      attempt(url, env, 0, max_retries, delay)
+    end
+  end
+
+  defp attempt(url, env, count, max_retries, delay) do
+    case request(url, env) do
+      {:ok, body} ->
+        {:ok, body}
+
+      {:error, reason} = error ->
+        if count < max_retries and retryable?(reason) do
+          Process.sleep((count + 1) * delay)
+          attempt(url, env, count + 1, max_retries, delay)
+        else
+          error
+        end
+    end
+  end
+
+  defp retryable?({:http_status, _url, status}), do: status >= 500
+  defp retryable?({:http_failed, _url, _reason}), do: true
+
+  defp request(url, env) do
+    http_options =
+      [ssl: ssl_options(url, env), connect_timeout: 15_000, timeout: 120_000] ++
+        proxy_auth(env)
+
+    options = [body_format: :binary]
+
+    case :httpc.request(:get, {String.to_charlist(url), []}, http_options, options, @profile) do
+      {:ok, {{_, 200, _}, _headers, body}} -> {:ok, body}
+      {:ok, {{_, status, _}, _headers, _body}} -> {:error, {:http_status, url, status}}
+      {:error, reason} -> {:error, {:http_failed, url, reason}}
+    end
+  end
+
+  defp start_client(env) do
+    with {:ok, _} <- Application.ensure_all_started(:inets),
+         {:ok, _} <- Application.ensure_all_started(:ssl),
+         :ok <- start_profile() do
+      :httpc.set_options(proxy_options(env), @profile)
+    else
+      {:error, reason} -> {:error, {:http_failed, "(client start)", reason}}
+    end
+  end
+
+  # A fresh profile for every `get/2`: proxy settings cannot be unset on a running :httpc
+  # profile, and each call must see exactly the proxies of its own `env`.
+  defp start_profile do
+    _ = :inets.stop(:httpc, @profile)
+
+    case :inets.start(:httpc, profile: @profile) do
+      {:ok, _pid} -> :ok
+      {:error, reason} -> {:error, reason}
+    end
+  end
+
+  defp ssl_options(url, env) do
+    if String.starts_with?(url, "https:") do
+      [
+        verify: :verify_peer,
+        depth: 4,
+        customize_hostname_check: [
+          match_fun: :public_key.pkix_verify_hostname_match_fun(:https)
+        ]
+      ] ++ ca_options(env)
+    else
+      []
+    end
+  end
+
+  defp ca_options(env) do
+    case Map.get(env, "HEX_CACERTS_PATH") do
+      path when is_binary(path) and path != "" -> [cacertfile: String.to_charlist(path)]
+      _ -> [cacerts: :public_key.cacerts_get()]
+    end
+  end
+
+  @doc """
+  The :httpc profile options for the proxies named in `env` (HTTP_PROXY, HTTPS_PROXY,
+  NO_PROXY, upper or lower case).
+  """
+  @spec proxy_options(%{optional(String.t()) => String.t()}) :: keyword()
+  def proxy_options(env) do
+    no_proxy = no_proxy_hosts(env)
+
+    [
+      proxy: proxy(first_env(env, ["HTTP_PROXY", "http_proxy"]), no_proxy),
+      https_proxy: proxy(first_env(env, ["HTTPS_PROXY", "https_proxy"]), no_proxy)
+    ]
+    |> Enum.reject(fn {_key, value} -> is_nil(value) end)
+  end
+
+  defp proxy(nil, _no_proxy), do: nil
+
+  defp proxy(url, no_proxy) do
+    case URI.parse(url) do
+      %URI{host: host, port: port} when is_binary(host) and host != "" ->
+        {{String.to_charlist(host), port || 80}, no_proxy}
+
+      _ ->
+        nil
+    end
+  end
+
+  @doc """
+  The per-request :httpc option with the proxy credentials from the proxy URLs in `env`
+  (`http://user:password@host:port`). :httpc takes one for both proxies; the HTTPS proxy's
+  wins, as downloads are HTTPS.
+  """
+  @spec proxy_auth(%{optional(String.t()) => String.t()}) :: keyword()
+  def proxy_auth(env) do
+    [["HTTP_PROXY", "http_proxy"], ["HTTPS_PROXY", "https_proxy"]]
+    |> Enum.map(&first_env(env, &1))
+    |> Enum.reject(&is_nil/1)
+    |> Enum.map(&URI.parse(&1).userinfo)
+    |> Enum.reject(&is_nil/1)
+    |> List.last()
+    |> case do
+      nil -> []
+      userinfo -> [proxy_auth: userinfo_pair(userinfo)]
+    end
+  end
+
+  defp userinfo_pair(userinfo) do
+    case String.split(userinfo, ":", parts: 2) do
+      [user, password] -> {decode(user), decode(password)}
+      [user] -> {decode(user), ~c""}
+    end
+  end
+
+  defp decode(part), do: part |> URI.decode() |> String.to_charlist()
+
+  defp no_proxy_hosts(env) do
+    (first_env(env, ["NO_PROXY", "no_proxy"]) || "")
+    |> String.split(",", trim: true)
+    |> Enum.map(&String.trim/1)
+    |> Enum.reject(&(&1 == ""))
+    |> Enum.map(&no_proxy_pattern/1)
+    |> Kernel.++(@loopback)
+    |> Enum.uniq()
+    |> Enum.map(&String.to_charlist/1)
+  end
+
+  # NO_PROXY's ".example.com" means the domain and its subdomains; :httpc wants "*.example.com".
+  defp no_proxy_pattern("." <> domain), do: "*." <> domain
+  defp no_proxy_pattern(host), do: host
+
+  defp first_env(env, names) do
+    Enum.find_value(names, fn name ->
+      case Map.get(env, name) do
+        value when is_binary(value) and value != "" -> value
+        _ -> nil
+      end
+    end)
+  end
+end

@@ -1,0 +1,96 @@
+defmodule MaculaQuic.Native.DownloadTest do
+  # Real sockets: a local HTTP server and a local HTTPS server with a throw-away CA.
+  use ExUnit.Case, async: false
+
+  alias MaculaQuic.LoaderHttpServer
+  alias MaculaQuic.Native.Download
+
+  @moduletag :tmp_dir
+  @moduletag :loader_network
+
+  setup %{tmp_dir: dir} do
+    File.write!(Path.join(dir, "file.bin"), "payload")
+    :ok
+  end
+
+  test "plain HTTP GET; 404 is not retried", %{tmp_dir: dir} do
+    server = LoaderHttpServer.start!(dir)
+    on_exit(fn -> LoaderHttpServer.stop(server) end)
+
+    assert Download.get(server.base_url <> "/file.bin", env: %{}) == {:ok, "payload"}
+
+    # A 404 with a long backoff would take minutes if it were retried.
+    assert Download.get(server.base_url <> "/nope", env: %{}, retry_delay_ms: 600_000) ==
+             {:error, {:http_status, server.base_url <> "/nope", 404}}
+  end
+
+  describe "HTTPS" do
+    setup %{tmp_dir: dir} do
+      pki = LoaderHttpServer.test_pki()
+      server = LoaderHttpServer.start_tls!(dir, pki.server_options)
+      on_exit(fn -> LoaderHttpServer.stop(server) end)
+      ca_file = Path.join(dir, "ca.pem")
+      File.write!(ca_file, pki.ca_pem)
+      %{server: server, ca_file: ca_file}
+    end
+
+    test "a server whose CA is not trusted is refused", %{server: server} do
+      url = server.base_url <> "/file.bin"
+      assert {:error, {:http_failed, ^url, reason}} = Download.get(url, env: %{}, max_retries: 0)
+      assert inspect(reason) =~ "unknown_ca"
+    end
+
+    test "a trusted CA (HEX_CACERTS_PATH) is accepted", %{server: server, ca_file: ca_file} do
+      env = %{"HEX_CACERTS_PATH" => ca_file}
+      assert Download.get(server.base_url <> "/file.bin", env: env) == {:ok, "payload"}
+    end
+
+    test "the host name is checked", %{server: server, ca_file: ca_file} do
+      url = "https://127.0.0.1:#{server.port}/file.bin"
+      env = %{"HEX_CACERTS_PATH" => ca_file}
+      assert {:error, {:http_failed, ^url, reason}} = Download.get(url, env: env, max_retries: 0)
+      assert inspect(reason) =~ "hostname_check_failed"
+    end
+  end
+
+  describe "proxy_options/1" do
+    test "none by default" do
+      assert Download.proxy_options(%{}) == []
+    end
+
+    test "HTTP(S)_PROXY with credentials and NO_PROXY; loopback is never proxied" do
+      env = %{
+        "HTTPS_PROXY" => "http://user:p%40ss@proxy.corp:3128",
+        "http_proxy" => "http://plain.corp",
+        "NO_PROXY" => "internal.corp, .example.com"
+      }
+
+      no_proxy = [~c"internal.corp", ~c"*.example.com", ~c"localhost", ~c"127.0.0.1", ~c"::1"]
+
+      assert Download.proxy_options(env) == [
+               proxy: {{~c"plain.corp", 80}, no_proxy},
+               https_proxy: {{~c"proxy.corp", 3128}, no_proxy}
+             ]
+
+      assert Download.proxy_auth(env) == [proxy_auth: {~c"user", ~c"p@ss"}]
+      assert Download.proxy_auth(%{}) == []
+    end
+
+    test ":httpc accepts them" do
+      {:ok, _} = :inets.start(:httpc, profile: :macula_quic_proxy_test)
+      on_exit(fn -> :inets.stop(:httpc, :macula_quic_proxy_test) end)
+
+      opts = Download.proxy_options(%{"HTTPS_PROXY" => "http://u:p@proxy:8080"})
+      assert :ok = :httpc.set_options(opts, :macula_quic_proxy_test)
+    end
+
+    test "requests to loopback bypass a configured proxy", %{tmp_dir: dir} do
+      server = LoaderHttpServer.start!(dir)
+      on_exit(fn -> LoaderHttpServer.stop(server) end)
+
+      # The proxy port is closed: the request only succeeds if the proxy is bypassed.
+      env = %{"HTTP_PROXY" => "http://user:secret@127.0.0.2:1"}
+      assert Download.get(server.base_url <> "/file.bin", env: env) == {:ok, "payload"}
+    end
+  end
+end

@@ -1,0 +1,124 @@
+defmodule MaculaQuic.Native.LoaderTest do
+  # Not async: the loader reports through Mix.shell(), which these tests redirect.
+  use ExUnit.Case, async: false
+
+  alias MaculaQuic.Native.{Loader, SourceBuild}
+
+  @moduletag :tmp_dir
+
+  setup do
+    shell = Mix.shell()
+    Mix.shell(Mix.Shell.Process)
+    on_exit(fn -> Mix.shell(shell) end)
+  end
+
+  describe "build_from_source?/3" do
+    test "a -dev pre-release always builds" do
+      assert Loader.build_from_source?(%{}, false, "0.1.0-dev")
+      assert Loader.build_from_source?(%{}, false, "1.2.0-dev.3")
+    end
+
+    test "a release downloads unless told otherwise" do
+      refute Loader.build_from_source?(%{}, false, "0.1.0")
+      refute Loader.build_from_source?(%{}, false, "0.1.0-rc.1")
+      refute Loader.build_from_source?(%{"MACULA_QUIC_BUILD" => "0"}, false, "0.1.0")
+      assert Loader.build_from_source?(%{"MACULA_QUIC_BUILD" => "1"}, false, "0.1.0")
+      assert Loader.build_from_source?(%{"MACULA_QUIC_BUILD" => "true"}, false, "0.1.0")
+      assert Loader.build_from_source?(%{}, true, "0.1.0")
+    end
+  end
+
+  test "cache dir and base URL come from the environment, with defaults" do
+    assert Loader.cache_dir(%{"MACULA_QUIC_CACHE_DIR" => "/srv/cache"}) == "/srv/cache"
+
+    assert Loader.cache_dir(%{}) ==
+             List.to_string(:filename.basedir(:user_cache, ~c"macula_quic"))
+
+    assert Loader.base_url(%{"MACULA_QUIC_BASE_URL" => "http://mirror/v1"}, "1.0.0") ==
+             "http://mirror/v1"
+
+    assert Loader.base_url(%{}, "1.0.0") ==
+             "https://github.com/macula-io/macula_quic/releases/download/v1.0.0"
+  end
+
+  describe "source builds" do
+    test "a -dev version builds from source, and a missing cargo says what to do", ctx do
+      opts = source_opts(ctx, version: "0.1.0-dev", env: %{})
+      assert {:error, {:cargo_missing, _}} = Loader.prepare(opts)
+
+      error = assert_raise Mix.Error, fn -> Loader.prepare!(opts) end
+      assert error.message =~ "Install Rust"
+      assert error.message =~ "released"
+      assert Path.wildcard(Path.join(ctx.tmp_dir, "priv/**")) == []
+    end
+
+    test "MACULA_QUIC_BUILD=1 forces a source build of a release version", ctx do
+      opts = source_opts(ctx, version: "0.1.0", env: %{"MACULA_QUIC_BUILD" => "1"})
+      assert {:error, {:cargo_missing, _}} = Loader.prepare(opts)
+      assert_received {:mix_shell, :info, ["Building the macula_quic NIF from source" <> _]}
+    end
+
+    test "the build_from_source option forces it too", ctx do
+      opts = source_opts(ctx, version: "0.1.0", env: %{}, build_from_source: true)
+      assert {:error, {:cargo_missing, _}} = Loader.prepare(opts)
+    end
+
+    test "cargo arguments pin the target dir and pass features" do
+      request = %{crate_dir: "/p/native/macula_quic", native_dir: "/x", features: ["a", "b"]}
+
+      assert SourceBuild.cargo_args(request) == [
+               "build",
+               "--release",
+               "--manifest-path",
+               "/p/native/macula_quic/Cargo.toml",
+               "--target-dir",
+               "/p/native/macula_quic/target",
+               "--features",
+               "a,b"
+             ]
+
+      assert "--features" not in SourceBuild.cargo_args(%{request | features: []})
+    end
+
+    test "library names per OS; always placed as libmacula_quic.<so|dll>" do
+      assert SourceBuild.library_names({:unix, :linux}) ==
+               {"libmacula_quic.so", "libmacula_quic.so"}
+
+      assert SourceBuild.library_names({:unix, :darwin}) ==
+               {"libmacula_quic.dylib", "libmacula_quic.so"}
+
+      assert SourceBuild.library_names({:win32, :nt}) == {"macula_quic.dll", "libmacula_quic.dll"}
+      assert SourceBuild.lib_path() == "native/libmacula_quic"
+    end
+
+    test "this build's library is where the source build put it" do
+      path =
+        Path.join(List.to_string(:code.priv_dir(:macula_quic)), SourceBuild.lib_path() <> ".so")
+
+      assert File.regular?(path)
+    end
+  end
+
+  test "an unsupported platform is an error that suggests building from source", ctx do
+    opts =
+      source_opts(ctx,
+        version: "0.1.0",
+        env: %{"TARGET_ARCH" => "sparc64", "TARGET_OS" => "linux", "TARGET_ABI" => "gnu"}
+      )
+
+    assert {:error, {:unsupported_target, "sparc64-" <> _, _}} = Loader.prepare(opts)
+    message = assert_raise(Mix.Error, fn -> Loader.prepare!(opts) end).message
+    assert message =~ "no precompiled NIF for target sparc64"
+    assert message =~ "MACULA_QUIC_BUILD=1"
+  end
+
+  defp source_opts(%{tmp_dir: dir}, opts) do
+    [
+      otp_app: :macula_quic,
+      project_dir: dir,
+      priv_dir: Path.join(dir, "priv"),
+      cache_dir: Path.join(dir, "cache"),
+      cargo: "macula-quic-no-such-cargo"
+    ] ++ opts
+  end
+end
