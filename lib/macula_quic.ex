@@ -311,6 +311,7 @@ defmodule MaculaQuic do
     ref = make_ref()
 
     with {:ok, _} <- Options.to_map(opts),
+         # A queued connection comes back at once; otherwise the reply comes as {ref, result}.
          :ok <- native(:listener, listener, fn -> Native.listener_accept(listener, ref) end) do
       receive do
         {^ref, result} -> result

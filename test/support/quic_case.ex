@@ -86,7 +86,9 @@ defmodule MaculaQuic.Test.Quic do
   end
 
   defp await_counts(expected, deadline) do
-    :erlang.garbage_collect()
+    # A handle stays alive while any process still holds a reference, garbage included: collect
+    # every process so only live references count.
+    for pid <- Process.list(), do: :erlang.garbage_collect(pid)
     counts = MaculaQuic.native_counts()
 
     cond do

@@ -63,7 +63,16 @@ impl Resource for ConnRes {
 impl ConnRes {
     /// Wraps an established connection, monitors `owner` and starts the watcher. Returns
     /// `None` (leaving the connection untouched) when the owner is already dead.
-    pub fn start(env: Option<Env>, conn: quinn::Connection, local_bound: SocketAddr, owner: LocalPid) -> Option<ResourceArc<ConnRes>> {
+    ///
+    /// `announce` runs (for a live owner) before the watcher starts, so a message it sends
+    /// (`new_conn`) reaches the owner before the connection's `shutdown`/`closed` messages.
+    pub fn start(
+        env: Option<Env>,
+        conn: quinn::Connection,
+        local_bound: SocketAddr,
+        owner: LocalPid,
+        announce: impl FnOnce(&ResourceArc<ConnRes>),
+    ) -> Option<ResourceArc<ConnRes>> {
         let res = ResourceArc::new(ConnRes {
             conn,
             local_port: local_bound.port(),
@@ -78,6 +87,7 @@ impl ConnRes {
         });
         let owner = Owner::monitor(&res, env, owner)?;
         lock(&res.state).owner = owner;
+        announce(&res);
         runtime::spawn(watch(res.clone()));
         Some(res)
     }
@@ -194,7 +204,7 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
         let _task = Live::new(&counters::TASKS);
         let result = tokio::time::timeout(timeout, dial(host, port, opts, config)).await;
         match result {
-            Ok(Ok((conn, bound))) => match ConnRes::start(None, conn.clone(), bound, owner) {
+            Ok(Ok((conn, bound))) => match ConnRes::start(None, conn.clone(), bound, owner, |_| {}) {
                 Some(res) => {
                     if !reply.send(move |e| (atoms::ok(), res).encode(e)) {
                         // The caller is gone; the monitor's down callback closes the connection.
@@ -386,7 +396,7 @@ fn open_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>, tag: T
         }
     };
     match ready {
-        Some(Ok((send, recv))) => match StreamRes::start(Some(env), c.clone(), send, recv, owner, opts.active) {
+        Some(Ok((send, recv))) => match StreamRes::start(Some(env), c.clone(), send, recv, owner, opts.active, |_| {}) {
             Some(s) => (atoms::ok(), s).encode(env),
             None => err(env, atoms::closed()),
         },
@@ -400,7 +410,7 @@ fn open_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>, tag: T
                     c.conn.open_bi().await.map(|(s, r)| (Some(s), Some(r)))
                 };
                 match opened {
-                    Ok((send, recv)) => match StreamRes::start(None, c.clone(), send, recv, owner, opts.active) {
+                    Ok((send, recv)) => match StreamRes::start(None, c.clone(), send, recv, owner, opts.active, |_| {}) {
                         Some(s) => {
                             reply.send(move |e| (atoms::ok(), s).encode(e));
                         }
@@ -471,8 +481,11 @@ fn hand_over(
     withdrawn: bool,
 ) {
     if !withdrawn {
-        if let Some(s) = StreamRes::start(None, c.clone(), send, Some(recv), caller, active) {
-            let conn = c.clone();
+        // Announced before the stream's tasks start, so new_stream precedes its first data.
+        // A dead caller's stream is aborted by StreamRes::start.
+        let conn = c.clone();
+        StreamRes::start(None, c, send, Some(recv), caller, active, move |s| {
+            let s = s.clone();
             match reply {
                 Some(r) => {
                     r.send(move |e| (atoms::ok(), s).encode(e));
@@ -481,15 +494,15 @@ fn hand_over(
                     messages::send(&caller, move |e| new_stream_msg(e, s, conn, flags, false));
                 }
             }
-        }
-        // A dead caller's stream was aborted by StreamRes::start.
+        });
         return;
     }
     let owner = c.owner_pid();
-    if let Some(s) = StreamRes::start(None, c.clone(), send, Some(recv), owner, Active::Off) {
-        let conn = c.clone();
+    let conn = c.clone();
+    StreamRes::start(None, c, send, Some(recv), owner, Active::Off, move |s| {
+        let s = s.clone();
         messages::send(&owner, move |e| new_stream_msg(e, s, conn, flags, true));
-    }
+    });
 }
 
 fn new_stream_msg<'a>(e: Env<'a>, s: ResourceArc<StreamRes>, conn: ResourceArc<ConnRes>, flags: u32, orphan: bool) -> Term<'a> {

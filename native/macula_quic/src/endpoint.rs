@@ -48,40 +48,68 @@ impl Drop for Registration {
 
 /// A listener's UDP socket as Quinn sees it, carrying the address registration.
 ///
-/// Quinn shares the socket between the endpoint driver and every connection on it, and closes
-/// it when the last of them lets go — possibly long after the listener was closed, if accepted
-/// connections live on. Because the registration lives inside the socket, the address is
-/// released exactly when the socket is really closed: never while a socket still holds it
-/// (which, with SO_REUSEADDR, would let a new listener share the address and steal packets),
-/// and never later than necessary.
+/// Quinn shares the socket between the endpoint driver and every connection on it, and would
+/// close it only when the last of them lets go: a connection keeps its socket for as long as
+/// any handle to it exists, even long after it closed. So the listener retires the socket
+/// itself (see `ListenerSocket::retire`) once it is closed and its last accepted connection has
+/// ended: the OS socket closes, then the registration is released. The address is never
+/// released while a socket still holds it (which, with SO_REUSEADDR, would let a new listener
+/// share it and steal packets), and never later than necessary.
 #[derive(Debug)]
 struct RegisteredSocket {
-    // Field order matters: the socket closes before the registration is released.
-    inner: Arc<dyn AsyncUdpSocket>,
-    _registration: Registration,
+    inner: Mutex<Option<Arc<dyn AsyncUdpSocket>>>,
+    registration: Mutex<Option<Registration>>,
+    local: SocketAddr,
+    max_transmit_segments: usize,
+    max_receive_segments: usize,
+    may_fragment: bool,
 }
 
+impl RegisteredSocket {
+    fn inner(&self) -> Option<Arc<dyn AsyncUdpSocket>> {
+        lock(&self.inner).clone()
+    }
+}
+
+/// Waits for the socket to be writable. It holds the OS socket only while a wait is pending
+/// (a full send buffer), so that a retired socket really closes even though every connection
+/// keeps a poller.
 #[derive(Debug)]
 struct RegisteredPoller {
-    inner: Pin<Box<dyn UdpPoller>>,
-    // Keeps the registered socket (and so the registration) alive as long as the poller.
-    _socket: Arc<RegisteredSocket>,
+    socket: Arc<RegisteredSocket>,
+    pending: Option<Pin<Box<dyn UdpPoller>>>,
 }
 
 impl UdpPoller for RegisteredPoller {
     fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<std::io::Result<()>> {
-        self.get_mut().inner.as_mut().poll_writable(cx)
+        let this = self.get_mut();
+        if this.pending.is_none() {
+            match this.socket.inner() {
+                Some(inner) => this.pending = Some(inner.create_io_poller()),
+                // Retired: sends are discarded, so it is always "writable".
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let Some(pending) = this.pending.as_mut() else { return Poll::Ready(Ok(())) };
+        let ready = pending.as_mut().poll_writable(cx);
+        if ready.is_ready() {
+            this.pending = None;
+        }
+        ready
     }
 }
 
 impl AsyncUdpSocket for RegisteredSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        let inner = self.inner.clone().create_io_poller();
-        Box::pin(RegisteredPoller { inner, _socket: self })
+        Box::pin(RegisteredPoller { socket: self, pending: None })
     }
 
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
-        self.inner.try_send(transmit)
+        match self.inner() {
+            Some(inner) => inner.try_send(transmit),
+            // Retired: what is left to send belongs to connections that have ended.
+            None => Ok(()),
+        }
     }
 
     fn poll_recv(
@@ -90,23 +118,50 @@ impl AsyncUdpSocket for RegisteredSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> Poll<std::io::Result<usize>> {
-        self.inner.poll_recv(cx, bufs, meta)
+        match self.inner() {
+            Some(inner) => inner.poll_recv(cx, bufs, meta),
+            // Retired: nothing will ever arrive.
+            None => Poll::Pending,
+        }
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.inner.local_addr()
+        Ok(self.local)
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
+        self.max_transmit_segments
     }
 
     fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
+        self.max_receive_segments
     }
 
     fn may_fragment(&self) -> bool {
-        self.inner.may_fragment()
+        self.may_fragment
+    }
+}
+
+/// The listener's handle on its socket, to retire it.
+#[derive(Clone, Debug)]
+pub struct ListenerSocket(Arc<RegisteredSocket>);
+
+impl ListenerSocket {
+    /// Closes the OS socket (Quinn's tasks may still hold the wrapper: from now on it discards
+    /// sends and receives nothing), then releases the address. Idempotent.
+    pub fn retire(&self) {
+        let inner = lock(&self.0.inner).take();
+        drop(inner);
+        let registration = lock(&self.0.registration).take();
+        drop(registration);
+    }
+}
+
+impl Drop for RegisteredSocket {
+    fn drop(&mut self) {
+        // Socket first, registration second, whichever way the wrapper goes.
+        lock(&self.inner).take();
+        lock(&self.registration).take();
     }
 }
 
@@ -126,9 +181,17 @@ pub fn registered_count() -> usize {
     lock(registry()).len()
 }
 
+/// Socket buffer sizes asked of the kernel (which caps them at net.core.rmem_max/wmem_max).
+/// The defaults (~208 KiB) overflow when a shared socket takes a burst of handshakes or a
+/// fast stream: every datagram lost there costs a retransmission timeout.
+const SOCKET_BUFFER: usize = 2 * 1024 * 1024;
+
 fn new_socket(addr: &SocketAddr) -> std::io::Result<Socket> {
     let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
     let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer only costs performance.
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     if addr.is_ipv6() {
         // A specific IPv6 address is v6-only; `::` is dual-stack (IPv4 peers appear as
         // ::ffff:a.b.c.d), as the original library's users rely on.
@@ -137,10 +200,11 @@ fn new_socket(addr: &SocketAddr) -> std::io::Result<Socket> {
     Ok(s)
 }
 
-/// A listener's endpoint, and a receiver that fires when its socket is closed and its
-/// address free again.
+/// A listener's endpoint, its socket, and a receiver that fires when the socket is closed and
+/// its address free again.
 pub struct ListenerEndpoint {
     pub endpoint: quinn::Endpoint,
+    pub socket: ListenerSocket,
     pub local: SocketAddr,
     pub released: oneshot::Receiver<()>,
 }
@@ -153,10 +217,18 @@ pub fn listener_endpoint(addr: SocketAddr, server: quinn::ServerConfig) -> Resul
     let _guard = runtime::get().enter();
     let tokio_runtime = Arc::new(quinn::TokioRuntime);
     let inner = tokio_runtime.wrap_udp_socket(socket).map_err(|e| error::io(&e))?;
-    let socket = Arc::new(RegisteredSocket { inner, _registration: registration });
-    let endpoint = quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), Some(server), socket, tokio_runtime)
-        .map_err(|e| error::io(&e))?;
-    Ok(ListenerEndpoint { endpoint, local, released })
+    let socket = Arc::new(RegisteredSocket {
+        max_transmit_segments: inner.max_transmit_segments(),
+        max_receive_segments: inner.max_receive_segments(),
+        may_fragment: inner.may_fragment(),
+        inner: Mutex::new(Some(inner)),
+        registration: Mutex::new(Some(registration)),
+        local,
+    });
+    let endpoint =
+        quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), Some(server), socket.clone(), tokio_runtime)
+            .map_err(|e| error::io(&e))?;
+    Ok(ListenerEndpoint { endpoint, socket: ListenerSocket(socket), local, released })
 }
 
 /// Binds a listener socket to exactly `addr` and records the address in the registry. The

@@ -8,18 +8,19 @@
 //! The tasks hold the shared state, not the resource, so a listener whose handle is garbage
 //! collected shuts down by itself.
 //!
-//! Closing a listener stops accepting and closes queued (never delivered) connections;
-//! connections already delivered keep running, like accepted TCP sockets when a listen socket
-//! closes. The UDP socket stays open for them and the address stays registered (a new listener
-//! on it gets `:eaddrinuse`) until the last of them ends; with none, the address is free again
-//! when `close_listener` returns.
+//! Closing a listener stops accepting, aborts handshakes in progress and closes queued (never
+//! delivered) connections; connections already delivered keep running, like accepted TCP
+//! sockets when a listen socket closes. The UDP socket stays open for them and the address
+//! stays registered (a new listener on it gets `:eaddrinuse`) until the last of them has
+//! closed (handles to it may live on); with none, the address is free again when
+//! `close_listener` returns.
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustler::{Encoder, Env, LocalPid, Monitor, Resource, ResourceArc, Term};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch};
 
 use crate::address;
 use crate::atoms;
@@ -46,19 +47,24 @@ struct State {
     waiters: VecDeque<Waiter>,
     ready: VecDeque<quinn::Connection>,
     handshaking: usize,
+    /// Delivered connections not yet closed: they keep the socket open after `close`.
+    delivered_live: usize,
     closed: bool,
+    /// The socket is being (or has been) retired.
+    retiring: bool,
 }
 
 /// What the listener's tasks share. Freed when the resource is gone and the tasks have ended.
 struct Shared {
-    /// Taken (and dropped) on close, so that Quinn can close the socket once no connection
-    /// uses it any more.
+    /// Taken when the socket is retired.
     endpoint: Mutex<Option<quinn::Endpoint>>,
+    socket: endpoint::ListenerSocket,
     local: SocketAddr,
     backlog: usize,
     handshake_timeout: Duration,
     state: Mutex<State>,
-    stop: Notify,
+    /// Tells the accept task and handshakes in progress that the listener is closed.
+    stop: watch::Sender<bool>,
     /// Fires when the socket is closed and the address released (see `endpoint`).
     released: Mutex<Option<oneshot::Receiver<()>>>,
     _live: Live,
@@ -92,48 +98,76 @@ impl Drop for ListenerRes {
     }
 }
 
+/// How long a retiring socket waits for closing connections to send their CONNECTION_CLOSE
+/// and drain (three probe timeouts, ~100 ms on loopback) before it closes anyway.
+const RETIRE_GRACE: Duration = Duration::from_secs(1);
+
 /// Stops accepting. Idempotent. Returns whether accepted connections still use the socket
-/// (then the address stays bound until they end).
+/// (then the address stays bound until they close).
 fn close(shared: &Arc<Shared>) -> bool {
-    let queued: Vec<quinn::Connection> = {
+    let (queued, live) = {
         let mut st = lock(&shared.state);
         if st.closed {
             return true;
         }
         st.closed = true;
         st.waiters.clear();
-        st.ready.drain(..).collect()
+        (st.ready.drain(..).collect::<Vec<_>>(), st.delivered_live > 0)
     };
     for c in &queued {
         c.close(quinn::VarInt::from_u32(0), b"listener closed");
     }
-    shared.stop.notify_waiters();
-    shared.stop.notify_one();
-    match lock(&shared.endpoint).take() {
-        Some(ep) => {
-            ep.set_server_config(None);
-            let live = ep.open_connections() > queued.len();
-            // Dropping our handle (and the accept task dropping its clone) lets Quinn close the
-            // socket once the last connection on it is gone.
-            drop(ep);
-            live
-        }
-        None => true,
+    shared.stop.send_replace(true);
+    if let Some(ep) = lock(&shared.endpoint).as_ref() {
+        ep.set_server_config(None);
     }
+    maybe_retire(shared);
+    live
+}
+
+/// Retires the socket once the listener is closed and no delivered connection is open.
+fn maybe_retire(shared: &Arc<Shared>) {
+    {
+        let mut st = lock(&shared.state);
+        if !st.closed || st.delivered_live > 0 || st.retiring {
+            return;
+        }
+        st.retiring = true;
+    }
+    let endpoint = lock(&shared.endpoint).take();
+    let socket = shared.socket.clone();
+    runtime::spawn(async move {
+        if let Some(ep) = endpoint {
+            let _ = tokio::time::timeout(RETIRE_GRACE, ep.wait_idle()).await;
+        }
+        socket.retire();
+    });
+}
+
+/// Counts a delivered connection until it closes.
+fn track_delivered(shared: &Arc<Shared>, st: &mut State, conn: quinn::Connection) {
+    st.delivered_live += 1;
+    let shared = shared.clone();
+    runtime::spawn(async move {
+        conn.closed().await;
+        lock(&shared.state).delivered_live -= 1;
+        maybe_retire(&shared);
+    });
 }
 
 async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     let _task = Live::new(&counters::TASKS);
+    let mut stop = shared.stop.subscribe();
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
-            _ = shared.stop.notified() => None,
+            _ = stop.wait_for(|closed| *closed) => None,
         };
         let Some(incoming) = incoming else { break };
         {
             let mut st = lock(&shared.state);
             if st.closed {
-                incoming.refuse();
+                        incoming.refuse();
                 break;
             }
             if st.ready.len() + st.handshaking >= shared.backlog {
@@ -149,8 +183,13 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
 
 async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let _task = Live::new(&counters::TASKS);
+    let mut stop = shared.stop.subscribe();
     let result = match incoming.accept() {
-        Ok(connecting) => tokio::time::timeout(shared.handshake_timeout, connecting).await.ok().and_then(Result::ok),
+        Ok(connecting) => tokio::select! {
+            r = tokio::time::timeout(shared.handshake_timeout, connecting) => r.ok().and_then(Result::ok),
+            // Dropping the handshake closes the connection.
+            _ = stop.wait_for(|closed| *closed) => None,
+        },
         Err(_) => None,
     };
     let mut st = lock(&shared.state);
@@ -161,8 +200,9 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming) {
         return;
     }
     while let Some(w) = st.waiters.pop_front() {
-        if let Some(res) = ConnRes::start(None, conn.clone(), shared.local, w.pid) {
-            deliver(res, w);
+        let Waiter { pid, reply } = w;
+        if ConnRes::start(None, conn.clone(), shared.local, pid, |res| deliver(res, pid, reply)).is_some() {
+            track_delivered(&shared, &mut st, conn);
             return;
         }
         // That waiter exited while waiting; try the next.
@@ -170,20 +210,24 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming) {
     st.ready.push_back(conn);
 }
 
-/// Sends `{quic, new_conn, Conn, Info}` (or `{Tag, {:ok, Conn}}`) to the new owner.
-fn deliver(res: ResourceArc<ConnRes>, w: Waiter) {
-    let local = res.local_addr();
-    match w.reply {
+/// Sends `{quic, new_conn, Conn, Info}` (or `{Tag, {:ok, Conn}}`) to the new owner. Runs on a
+/// runtime thread.
+fn deliver(res: &ResourceArc<ConnRes>, pid: LocalPid, reply: Option<Reply>) {
+    let res = res.clone();
+    match reply {
         Some(r) => {
             r.send(move |e| (atoms::ok(), res).encode(e));
         }
         None => {
-            messages::send(&w.pid, move |e| {
-                let info = connection::handshake_info(e, &res.conn, &local);
-                (atoms::quic(), atoms::new_conn(), res, info).encode(e)
-            });
+            messages::send(&pid, move |e| new_conn_msg(e, res));
         }
     }
+}
+
+fn new_conn_msg(e: Env, res: ResourceArc<ConnRes>) -> Term {
+    let local = res.local_addr();
+    let info = connection::handshake_info(e, &res.conn, &local);
+    (atoms::quic(), atoms::new_conn(), res, info).encode(e)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -215,11 +259,19 @@ fn start(env: Env, addr: SocketAddr, opts: options::Listen) -> Result<ResourceAr
     let accept_endpoint = bound.endpoint.clone();
     let shared = Arc::new(Shared {
         endpoint: Mutex::new(Some(bound.endpoint)),
+        socket: bound.socket,
         local,
         backlog: opts.backlog.unwrap_or(DEFAULT_BACKLOG),
         handshake_timeout: opts.handshake_timeout.unwrap_or(connection::DEFAULT_HANDSHAKE_TIMEOUT),
-        state: Mutex::new(State { waiters: VecDeque::new(), ready: VecDeque::new(), handshaking: 0, closed: false }),
-        stop: Notify::new(),
+        state: Mutex::new(State {
+            waiters: VecDeque::new(),
+            ready: VecDeque::new(),
+            handshaking: 0,
+            delivered_live: 0,
+            closed: false,
+            retiring: false,
+        }),
+        stop: watch::channel(false).0,
         released: Mutex::new(Some(bound.released)),
         _live: Live::new(&counters::LISTENERS),
     });
@@ -233,27 +285,37 @@ fn start(env: Env, addr: SocketAddr, opts: options::Listen) -> Result<ResourceAr
 }
 
 /// `listener_accept(Listener, Tag | nil)`: the next connection goes to the caller.
+///
+/// With a connection already queued it is handed over here, without a trip through the
+/// runtime (a busy runtime would otherwise slow every accept down): `{:ok, Conn}` is returned
+/// to a blocking caller (`Tag` a reference), `new_conn` is sent to an `async_accept` caller
+/// and `:ok` returned. Otherwise the caller waits in line and `:ok` is returned.
 #[rustler::nif]
 fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>) -> Term<'a> {
     let caller = env.pid();
+    let blocking = !tag.is_atom();
     let mut st = lock(&l.shared.state);
     if st.closed {
         return err(env, atoms::closed());
     }
-    let reply = if tag.is_atom() { None } else { Some(Reply::new(caller, tag)) };
-    let waiter = Waiter { pid: caller, reply };
     if let Some(conn) = st.ready.pop_front() {
+        let mut reply = atoms::ok().encode(env);
         // The caller is alive (it is calling), so the monitor is set.
-        return match ConnRes::start(Some(env), conn, l.shared.local, caller) {
-            Some(res) => {
-                // Messages to processes are sent from runtime threads; hand the delivery to one.
-                runtime::spawn(async move { deliver(res, waiter) });
-                atoms::ok().encode(env)
+        let started = ConnRes::start(Some(env), conn.clone(), l.shared.local, caller, |res| {
+            if blocking {
+                reply = (atoms::ok(), res.clone()).encode(env);
+            } else {
+                let _ = env.send(&caller, new_conn_msg(env, res.clone()));
             }
-            None => err(env, atoms::closed()),
-        };
+        });
+        if started.is_none() {
+            return err(env, atoms::closed());
+        }
+        track_delivered(&l.shared, &mut st, conn);
+        return reply;
     }
-    st.waiters.push_back(waiter);
+    let reply = if blocking { Some(Reply::new(caller, tag)) } else { None };
+    st.waiters.push_back(Waiter { pid: caller, reply });
     atoms::ok().encode(env)
 }
 

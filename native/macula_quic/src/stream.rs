@@ -131,6 +131,10 @@ impl Resource for StreamRes {
 impl StreamRes {
     /// Creates a stream resource owned by `owner`, and starts its tasks. Returns `None` when the
     /// owner is already dead (the stream is then aborted).
+    ///
+    /// `announce` runs (for a live owner) before the tasks start: a message it sends, such as
+    /// `new_stream`, is then queued before any data message of the stream. Messages sent from
+    /// different threads are not otherwise ordered, and the receive task may run on another.
     pub fn start(
         env: Option<Env>,
         conn: ResourceArc<ConnRes>,
@@ -138,6 +142,7 @@ impl StreamRes {
         recv: Option<quinn::RecvStream>,
         owner: LocalPid,
         active: Active,
+        announce: impl FnOnce(&ResourceArc<StreamRes>),
     ) -> Option<ResourceArc<StreamRes>> {
         let (id, local) = match (&send, &recv) {
             (Some(s), _) => (s.id(), s.id().initiator() == conn.conn.side()),
@@ -186,6 +191,9 @@ impl StreamRes {
                     st.reset_send = Some(0);
                 }
             }
+        }
+        if alive {
+            announce(&res);
         }
         if let Some(recv) = recv {
             runtime::spawn(recv_loop(res.clone(), recv));
