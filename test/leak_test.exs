@@ -1,0 +1,150 @@
+defmodule MaculaQuic.LeakTest do
+  # Not async: it reads the library's global live-object counters, so nothing else may run.
+  use ExUnit.Case, async: false
+  import MaculaQuic.Test.Quic
+
+  @moduletag :leak
+  @connections 5_000
+  @batch 50
+
+  @tag timeout: 600_000
+  test "5,000 connections with streams, owners killed mid-transfer: nothing native is left, memory returns" do
+    # Whatever earlier tests left must be gone before we measure.
+    await_counts!(%{listeners: 0, connections: 0, streams: 0}, 30_000)
+    {l, port} = listen!()
+    server = spawn_link(fn -> acceptor(l) end)
+    :ok = MaculaQuic.controlling_process(l, server)
+
+    # Warm up (runtime threads, client endpoint, allocator pools), then take the baseline.
+    run_batch(port, 0..(@batch - 1))
+    await_counts!(%{connections: 0, streams: 0}, 30_000)
+    base = memory()
+
+    rounds = String.to_integer(System.get_env("LEAK_ROUNDS", "1"))
+
+    for round <- 1..rounds do
+      for first <- 0..(@connections - 1)//@batch do
+        run_batch(port, first..(first + @batch - 1))
+      end
+
+      if rounds > 1 do
+        await_counts!(%{connections: 0, streams: 0}, 60_000)
+        m = memory()
+        IO.puts("\n  round #{round}: VM #{mib(m.vm)} MiB, RSS #{mib(m.rss)} MiB")
+      end
+    end
+
+    counts = await_counts!(%{connections: 0, streams: 0}, 60_000)
+    Process.unlink(server)
+    Process.exit(server, :kill)
+    counts = Map.merge(counts, await_counts!(%{listeners: 0, connections: 0, streams: 0, tasks: 0, bound_addresses: 0}, 30_000))
+    after_run = memory()
+
+    IO.puts(
+      "\n  #{@connections} connections: VM #{mib(base.vm)} -> #{mib(after_run.vm)} MiB, " <>
+        "RSS #{mib(base.rss)} -> #{mib(after_run.rss)} MiB, counts #{inspect(counts)}"
+    )
+
+    assert counts.connections == 0 and counts.streams == 0 and counts.listeners == 0
+    assert counts.tasks == 0 and counts.bound_addresses == 0
+    # Memory returns to its starting level, within allocator slack.
+    assert after_run.vm - base.vm < 32 * 1_048_576
+    assert after_run.rss - base.rss < 96 * 1_048_576
+  end
+
+  # One batch of clients, concurrently. A third close properly, a third are killed while
+  # sending, a third exit without closing anything.
+  defp run_batch(port, range) do
+    parent = self()
+
+    pids =
+      for i <- range do
+        spawn(fn -> client(parent, port, rem(i, 3)) end)
+      end
+
+    Enum.each(pids, fn pid ->
+      receive do
+        {:sending, ^pid} -> Process.exit(pid, :kill)
+        {:done, ^pid} -> :ok
+      after
+        30_000 -> flunk("client #{inspect(pid)} hung")
+      end
+    end)
+  end
+
+  defp client(parent, port, kind) do
+    {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn()], 10_000)
+    {:ok, s} = MaculaQuic.open_stream(c)
+    :ok = MaculaQuic.send(s, :binary.copy("x", 16_384))
+
+    case kind do
+      0 ->
+        :ok = MaculaQuic.close_stream(s)
+        :ok = MaculaQuic.close_connection(c)
+        send(parent, {:done, self()})
+
+      1 ->
+        send(parent, {:sending, self()})
+        send_forever(s)
+
+      2 ->
+        send(parent, {:done, self()})
+    end
+  end
+
+  defp send_forever(s) do
+    _ = MaculaQuic.send(s, :binary.copy("y", 65_536))
+    send_forever(s)
+  end
+
+  # Accepts every connection and gives it to a handler that drains its streams and exits when
+  # the connection ends.
+  defp acceptor(l) do
+    case MaculaQuic.accept(l, [], :infinity) do
+      {:ok, c} ->
+        handler = spawn(fn -> handler(c) end)
+        :ok = MaculaQuic.controlling_process(c, handler)
+        send(handler, :go)
+        # A connection that ends before it is handed over reports to us; a message not read
+        # keeps its handle alive, so read them.
+        flush()
+        acceptor(l)
+    end
+  end
+
+  defp flush do
+    receive do
+      {:quic, _, _, _} -> flush()
+    after
+      0 -> :ok
+    end
+  end
+
+  defp handler(c) do
+    receive do: (:go -> :ok)
+
+    # A client that exits at once may have closed the connection already.
+    case MaculaQuic.async_accept_stream(c) do
+      :ok -> handle(c)
+      {:error, _} -> :ok
+    end
+  end
+
+  defp handle(c) do
+    receive do
+      {:quic, :closed, ^c, _} -> :ok
+      {:quic, :new_stream, _s, _} -> handle(c)
+      {:quic, _, _, _} -> handle(c)
+    after
+      30_000 -> :ok
+    end
+  end
+
+  defp memory do
+    for pid <- Process.list(), do: :erlang.garbage_collect(pid)
+    [rss_kb] = Regex.run(~r/VmRSS:\s+(\d+)/, File.read!("/proc/self/status"), capture: :all_but_first)
+    %{vm: :erlang.memory(:total), rss: String.to_integer(rss_kb) * 1024}
+  end
+
+  defp mib(bytes), do: div(bytes, 1_048_576)
+end
