@@ -1,0 +1,255 @@
+defmodule Bench.Macula do
+  @moduledoc false
+  # The workloads through macula_quic: both ends in this VM, each side in its own processes.
+  import Bench.Util, only: [now_us: 0, mib: 0]
+
+  @alpn ["bench"]
+
+  def listen(cert, extra \\ []) do
+    {:ok, l} =
+      MaculaQuic.listen(
+        {"127.0.0.1", 0},
+        [alpn: @alpn, certfile: cert.certfile, keyfile: cert.keyfile] ++ extra
+      )
+
+    {:ok, {_, port}} = MaculaQuic.sockname(l)
+    {l, port}
+  end
+
+  def connect(port, extra \\ []) do
+    {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: @alpn, verify: :none] ++ extra, 5_000)
+    c
+  end
+
+  # A listener and one connection; the caller owns both ends of the connection.
+  defp pair(cert) do
+    {l, port} = listen(cert)
+    :ok = MaculaQuic.async_accept(l)
+    c = connect(port)
+    sc = receive(do: ({:quic, :new_conn, sc, _} -> sc))
+    {l, c, sc}
+  end
+
+  defp teardown(l, c, sc) do
+    MaculaQuic.close_connection(c)
+    MaculaQuic.close_connection(sc)
+    MaculaQuic.close_listener(l)
+    Bench.Util.flush()
+  end
+
+  # Sends `total` bytes in `chunk`-byte pieces on a fresh stream, then FIN. Stays alive (the
+  # stream's owner) until told to stop, so the stream is not reset by its owner exiting.
+  defp sender(c, total, chunk, parent) do
+    spawn_link(fn ->
+      {:ok, s} = MaculaQuic.open_stream(c)
+      piece = :binary.copy(<<7>>, chunk)
+      full = div(total, chunk)
+      Enum.each(1..full//1, fn _ -> :ok = MaculaQuic.send(s, piece) end)
+      rest = total - full * chunk
+      if rest > 0, do: :ok = MaculaQuic.send(s, binary_part(piece, 0, rest))
+      :ok = MaculaQuic.async_shutdown_stream(s, MaculaQuic.stream_shutdown_graceful(), 0)
+      send(parent, {:sent, self()})
+      receive(do: (:stop -> :ok))
+    end)
+  end
+
+  # Accepts one stream in `mode` and counts its bytes to the end; tells `parent` when done.
+  defp receiver(sc, mode, parent) do
+    spawn_link(fn ->
+      active = if mode == :active, do: true, else: false
+      :ok = MaculaQuic.async_accept_stream(sc, active: active)
+      ss = receive(do: ({:quic, :new_stream, ss, _} -> ss))
+
+      {n, msgs} =
+        case mode do
+          :active -> count_active(ss, 0, 0)
+          :passive -> count_passive(ss, 0, 0)
+        end
+
+      send(parent, {:received, self(), n, msgs, now_us()})
+      receive(do: (:stop -> :ok))
+    end)
+  end
+
+  defp count_active(ss, n, m) do
+    receive do
+      {:quic, d, ^ss, flags} when is_binary(d) ->
+        if Bitwise.band(flags, 2) != 0,
+          do: {n + byte_size(d), m + 1},
+          else: count_active(ss, n + byte_size(d), m + 1)
+
+      {:quic, :peer_send_shutdown, ^ss, _} ->
+        {n, m}
+    end
+  end
+
+  defp count_passive(ss, n, m) do
+    case MaculaQuic.recv(ss, 0) do
+      {:ok, d} -> count_passive(ss, n + byte_size(d), m + 1)
+      {:error, :peer_send_shutdown} -> {n, m}
+    end
+  end
+
+  @doc "Workload 1: `total` bytes over one stream; `mode` is :active or :passive."
+  def bulk(cert, total, mode) do
+    {l, c, sc} = pair(cert)
+    me = self()
+    r = receiver(sc, mode, me)
+    {:ok, before} = MaculaQuic.getstat(c, [:udp_tx_ios, :send_cnt])
+    t0 = now_us()
+    s = sender(c, total, mib(), me)
+    {n, msgs, t1} = receive(do: ({:received, ^r, n, m, t1} -> {n, m, t1}))
+    {:ok, aft} = MaculaQuic.getstat(c, [:udp_tx_ios, :send_cnt])
+    receive(do: ({:sent, ^s} -> :ok))
+    if n != total, do: raise("bulk: received #{n} of #{total} bytes")
+    ios = aft[:udp_tx_ios] - before[:udp_tx_ios]
+    dgrams = aft[:send_cnt] - before[:send_cnt]
+    for p <- [s, r], do: send(p, :stop)
+    teardown(l, c, sc)
+    us = t1 - t0
+
+    %{
+      bytes: n,
+      seconds: us / 1.0e6,
+      mib_s: Bench.Util.mib_s(n, us),
+      messages: msgs,
+      bytes_per_message: div(n, max(msgs, 1)),
+      udp_tx_ios: ios,
+      udp_tx_datagrams: dgrams,
+      ios_per_datagram: ios / max(dgrams, 1)
+    }
+  end
+
+  @doc """
+  Workload 2: `size`-byte echo round trips on one stream for `seconds`. `how` is :send (the
+  blocking `send/2` on both sides) or :async_send (`async_send/2`, which returns at once).
+  Both ends receive in active mode.
+  """
+  def echo(cert, size, seconds, how) do
+    {l, c, sc} = pair(cert)
+    me = self()
+    tx = if how == :send, do: &MaculaQuic.send/2, else: &MaculaQuic.async_send/2
+
+    server =
+      spawn_link(fn ->
+        :ok = MaculaQuic.async_accept_stream(sc, active: true)
+        ss = receive(do: ({:quic, :new_stream, ss, _} -> ss))
+        echo_loop(ss, tx)
+      end)
+
+    {:ok, s} = MaculaQuic.open_stream(c, active: true)
+    msg = :binary.copy(<<1>>, size)
+    for _ <- 1..100, do: round_trip(s, msg, size, tx)
+    t0 = now_us()
+    deadline = t0 + round(seconds * 1.0e6)
+    lat = echo_client(s, msg, size, tx, deadline, [])
+    us = now_us() - t0
+    send(server, :stop)
+    _ = me
+    teardown(l, c, sc)
+    Bench.Util.latency_stats(lat, us)
+  end
+
+  defp echo_client(s, msg, size, tx, deadline, acc) do
+    t = System.monotonic_time(:nanosecond)
+
+    if div(t, 1000) >= deadline do
+      acc
+    else
+      round_trip(s, msg, size, tx)
+      echo_client(s, msg, size, tx, deadline, [System.monotonic_time(:nanosecond) - t | acc])
+    end
+  end
+
+  defp round_trip(s, msg, size, tx) do
+    :ok = tx.(s, msg)
+    await_bytes(s, size)
+  end
+
+  defp await_bytes(_s, left) when left <= 0, do: :ok
+
+  defp await_bytes(s, left) do
+    receive do
+      {:quic, d, ^s, _} when is_binary(d) -> await_bytes(s, left - byte_size(d))
+    end
+  end
+
+  defp echo_loop(ss, tx) do
+    receive do
+      {:quic, d, ^ss, _} when is_binary(d) ->
+        :ok = tx.(ss, d)
+        echo_loop(ss, tx)
+
+      :stop ->
+        :ok
+
+      _ ->
+        echo_loop(ss, tx)
+    end
+  end
+
+  @doc "Workload 3: `streams` concurrent streams of `per` bytes each on one connection."
+  def fanout(cert, streams, per) do
+    {l, c, sc} = pair(cert)
+    me = self()
+    receivers = for _ <- 1..streams, do: receiver(sc, :active, me)
+    t0 = now_us()
+    senders = for _ <- 1..streams, do: sender(c, per, min(per, mib()), me)
+
+    {total, t1} =
+      Enum.reduce(receivers, {0, t0}, fn r, {acc, t} ->
+        receive(do: ({:received, ^r, n, _m, t1} -> {acc + n, max(t, t1)}))
+      end)
+
+    for s <- senders, do: receive(do: ({:sent, ^s} -> :ok))
+    if total != streams * per, do: raise("fanout: received #{total} of #{streams * per} bytes")
+    for p <- senders ++ receivers, do: send(p, :stop)
+    teardown(l, c, sc)
+    us = t1 - t0
+    %{streams: streams, bytes: total, seconds: us / 1.0e6, mib_s: Bench.Util.mib_s(total, us)}
+  end
+
+  @doc "Workload 4: connect + close_connection, `conc` at a time, for `seconds`."
+  def handshake(cert, conc, seconds) do
+    {l, port} = listen(cert)
+    acceptor = spawn_link(fn -> accept_loop(l) end)
+    # Warm-up.
+    for _ <- 1..20, do: :ok = MaculaQuic.close_connection(connect(port))
+    me = self()
+    t0 = now_us()
+    deadline = t0 + round(seconds * 1.0e6)
+
+    workers =
+      for _ <- 1..conc do
+        spawn_link(fn -> send(me, {:count, self(), hs_loop(port, deadline, 0)}) end)
+      end
+
+    n = Enum.reduce(workers, 0, fn w, acc -> receive(do: ({:count, ^w, k} -> acc + k)) end)
+    us = now_us() - t0
+    send(acceptor, :stop)
+    MaculaQuic.close_listener(l)
+    %{concurrency: conc, handshakes: n, seconds: us / 1.0e6, hs_s: n / (us / 1.0e6)}
+  end
+
+  defp hs_loop(port, deadline, n) do
+    if now_us() >= deadline do
+      n
+    else
+      :ok = MaculaQuic.close_connection(connect(port))
+      hs_loop(port, deadline, n + 1)
+    end
+  end
+
+  defp accept_loop(l) do
+    :ok = MaculaQuic.async_accept(l)
+    accept_wait(l)
+  end
+
+  defp accept_wait(l) do
+    receive do
+      {:quic, :new_conn, _c, _} -> accept_loop(l)
+      :stop -> :ok
+      _other -> accept_wait(l)
+    end
+  end
+end

@@ -1,0 +1,278 @@
+defmodule Bench.Util do
+  @moduledoc false
+  # Shared helpers for the benchmark suite: sizes, timing, statistics, RSS, JSON, certificates,
+  # machine description, progress lines.
+
+  @mib 1_048_576
+
+  def mib, do: @mib
+
+  @doc "BENCH_SCALE (default 1.0): multiplies sizes and counts; durations shrink below 1.0."
+  def scale do
+    case System.get_env("BENCH_SCALE") do
+      nil -> 1.0
+      s -> elem(Float.parse(s), 0)
+    end
+  end
+
+  def repeat do
+    case System.get_env("BENCH_REPEAT") do
+      nil -> if scale() < 1.0, do: 1, else: 3
+      s -> max(1, String.to_integer(s))
+    end
+  end
+
+  @doc "A byte count scaled by BENCH_SCALE, rounded to whole `unit`s, at least one unit."
+  def scaled_bytes(full, unit), do: max(unit, round(full * scale() / unit) * unit)
+
+  def scaled_count(full, min), do: max(min, round(full * scale()))
+
+  @doc "A duration in seconds: `full` at scale >= 1, shorter (not below 0.3 s) for quick runs."
+  def seconds(full), do: max(0.3, full * min(1.0, scale()))
+
+  def now_us, do: System.monotonic_time(:microsecond)
+
+  def mib_s(bytes, us), do: bytes / @mib / (us / 1.0e6)
+
+  def percentile([], _p), do: 0
+  def percentile(sorted_tuple, p) when is_tuple(sorted_tuple) do
+    n = tuple_size(sorted_tuple)
+    i = min(n - 1, round(p / 100 * (n - 1)))
+    elem(sorted_tuple, i)
+  end
+
+  def latency_stats(lat_ns_list, us) do
+    sorted = lat_ns_list |> Enum.sort() |> List.to_tuple()
+    n = tuple_size(sorted)
+
+    %{
+      round_trips: n,
+      seconds: us / 1.0e6,
+      rt_s: n / (us / 1.0e6),
+      p50_us: percentile(sorted, 50) / 1000,
+      p99_us: percentile(sorted, 99) / 1000
+    }
+  end
+
+  def median(values) do
+    sorted = Enum.sort(values)
+    n = length(sorted)
+
+    if rem(n, 2) == 1,
+      do: Enum.at(sorted, div(n, 2)),
+      else: (Enum.at(sorted, div(n, 2) - 1) + Enum.at(sorted, div(n, 2))) / 2
+  end
+
+  @doc "Resident set size of this OS process (VM + native), bytes, from /proc/self/status."
+  def rss_bytes do
+    case File.read("/proc/self/status") do
+      {:ok, s} ->
+        case Regex.run(~r/VmRSS:\s+(\d+)\s+kB/, s) do
+          [_, kb] -> String.to_integer(kb) * 1024
+          _ -> 0
+        end
+
+      _ ->
+        0
+    end
+  end
+
+  def progress(msg) do
+    t = :io_lib.format("~8.1f", [(System.monotonic_time(:millisecond) - start_ms()) / 1000])
+    IO.puts(:stderr, "[bench #{t}s] #{msg}")
+  end
+
+  defp start_ms do
+    case :persistent_term.get({__MODULE__, :start}, nil) do
+      nil ->
+        t = System.monotonic_time(:millisecond)
+        :persistent_term.put({__MODULE__, :start}, t)
+        t
+
+      t ->
+        t
+    end
+  end
+
+  def fmt(x) when is_float(x) and x >= 100, do: :erlang.float_to_binary(x, decimals: 0)
+  def fmt(x) when is_float(x) and x >= 10, do: :erlang.float_to_binary(x, decimals: 1)
+  def fmt(x) when is_float(x), do: :erlang.float_to_binary(x, decimals: 2)
+  def fmt(x) when is_integer(x), do: Integer.to_string(x)
+  def fmt(nil), do: "–"
+  def fmt(x), do: to_string(x)
+
+  ## Certificates
+
+  @doc """
+  A self-signed ECDSA P-256 certificate for "localhost"/127.0.0.1 (PEM files in `dir`), used by
+  every implementation: macula_quic (certfile/keyfile), the Quinn baseline and OTP :ssl.
+  """
+  def make_cert(dir) do
+    File.mkdir_p!(dir)
+    cert = Path.join(dir, "cert.pem")
+    key = Path.join(dir, "key.pem")
+
+    openssl? =
+      System.find_executable("openssl") != nil and
+        match?(
+          {_, 0},
+          System.cmd(
+            "openssl",
+            ~w(req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30
+               -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1
+               -keyout #{key} -out #{cert}),
+            stderr_to_stdout: true
+          )
+        )
+
+    unless openssl? do
+      # :public_key fallback: a self-signed P-256 root certificate.
+      %{cert: der, key: ec_key} =
+        :public_key.pkix_test_root_cert(~c"localhost", [{:key, {:namedCurve, :secp256r1}}])
+
+      File.write!(cert, :public_key.pem_encode([{:Certificate, der, :not_encrypted}]))
+      key_der = :public_key.der_encode(:ECPrivateKey, ec_key)
+      File.write!(key, :public_key.pem_encode([{:ECPrivateKey, key_der, :not_encrypted}]))
+    end
+
+    %{certfile: cert, keyfile: key, via: if(openssl?, do: "openssl", else: "public_key")}
+  end
+
+  ## Machine
+
+  def machine do
+    cpu =
+      case File.read("/proc/cpuinfo") do
+        {:ok, s} ->
+          case Regex.run(~r/model name\s*:\s*(.+)/, s) do
+            [_, m] -> String.trim(m)
+            _ -> "unknown"
+          end
+
+        _ ->
+          "unknown"
+      end
+
+    rustc =
+      case System.find_executable("rustc") && System.cmd("rustc", ["--version"]) do
+        {v, 0} -> String.trim(v)
+        _ -> "unknown"
+      end
+
+    kernel =
+      case File.read("/proc/sys/kernel/osrelease") do
+        {:ok, s} -> String.trim(s)
+        _ -> "unknown"
+      end
+
+    quinn =
+      case File.read(Path.expand("../../native/macula_quic/Cargo.lock", __DIR__)) do
+        {:ok, s} ->
+          case Regex.run(~r/name = "quinn"\nversion = "([^"]+)"/, s) do
+            [_, v] -> v
+            _ -> "unknown"
+          end
+
+        _ ->
+          "unknown"
+      end
+
+    mem_kb =
+      case File.read("/proc/meminfo") do
+        {:ok, s} -> with [_, kb] <- Regex.run(~r/MemTotal:\s+(\d+)/, s), do: String.to_integer(kb)
+        _ -> 0
+      end
+
+    %{
+      nproc: :erlang.system_info(:logical_processors_available) |> nproc(),
+      cpu_model: cpu,
+      mem_total_gib: Float.round(mem_kb / 1_048_576, 1),
+      kernel: kernel,
+      otp: to_string(:erlang.system_info(:otp_release)),
+      erts: to_string(:erlang.system_info(:version)),
+      elixir: System.version(),
+      rustc: rustc,
+      quinn: quinn,
+      schedulers: :erlang.system_info(:schedulers_online)
+    }
+  end
+
+  defp nproc(:unknown), do: :erlang.system_info(:logical_processors)
+  defp nproc(n), do: n
+
+  ## JSON (OTP 25 has no :json; this encodes maps, lists, strings, numbers, atoms)
+
+  def json(term), do: IO.iodata_to_binary(enc(term, 0))
+
+  defp enc(nil, _), do: "null"
+  defp enc(true, _), do: "true"
+  defp enc(false, _), do: "false"
+  defp enc(a, i) when is_atom(a), do: enc(Atom.to_string(a), i)
+  defp enc(n, _) when is_integer(n), do: Integer.to_string(n)
+  defp enc(f, _) when is_float(f), do: :erlang.float_to_binary(f, [:short])
+
+  defp enc(s, _) when is_binary(s) do
+    escaped =
+      s
+      |> String.replace("\\", "\\\\")
+      |> String.replace("\"", "\\\"")
+      |> String.replace("\n", "\\n")
+
+    [?", escaped, ?"]
+  end
+
+  defp enc(m, i) when is_map(m) do
+    pad = String.duplicate("  ", i + 1)
+
+    items =
+      m
+      |> Enum.sort_by(fn {k, _} -> to_string(k) end)
+      |> Enum.map(fn {k, v} -> [pad, enc(to_string(k), i), ": ", enc(v, i + 1)] end)
+      |> Enum.intersperse(",\n")
+
+    if items == [],
+      do: "{}",
+      else: ["{\n", items, "\n", String.duplicate("  ", i), "}"]
+  end
+
+  defp enc(l, i) when is_list(l) do
+    if Enum.all?(l, &(not is_map(&1) and not is_list(&1))) do
+      ["[", Enum.intersperse(Enum.map(l, &enc(&1, i)), ", "), "]"]
+    else
+      pad = String.duplicate("  ", i + 1)
+
+      [
+        "[\n",
+        Enum.intersperse(Enum.map(l, &[pad, enc(&1, i + 1)]), ",\n"),
+        "\n",
+        String.duplicate("  ", i),
+        "]"
+      ]
+    end
+  end
+
+  @doc "Decodes one flat JSON object line (numbers and strings only), as the baseline prints."
+  def parse_flat_json(line) do
+    Regex.scan(~r/"(\w+)":\s*("([^"]*)"|-?[0-9.eE+-]+)/, line)
+    |> Map.new(fn
+      [_, k, _, s] when s != "" -> {String.to_atom(k), s}
+      [_, k, v | _] -> {String.to_atom(k), num(v)}
+    end)
+  end
+
+  defp num(v) do
+    case Integer.parse(v) do
+      {i, ""} -> i
+      _ -> elem(Float.parse(v), 0)
+    end
+  end
+
+  @doc "Drops every message in the mailbox (between runs)."
+  def flush do
+    receive do
+      _ -> flush()
+    after
+      0 -> :ok
+    end
+  end
+end

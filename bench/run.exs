@@ -1,0 +1,291 @@
+# The benchmark suite: macula_quic side by side with raw Quinn (native/macula_quic/examples/
+# quinn_baseline.rs), OTP :ssl (TLS 1.3 over TCP) and :gen_tcp, on loopback, in one run.
+# Run it with bin/bench (which builds what it needs); see bench/README.md.
+#
+#   BENCH_SCALE   sizes/counts multiplier (default 1.0: 1 GiB bulk, 100 x 10 MiB fan-out,
+#                 10,000 idle connections, 2 s timed runs); e.g. 0.05 for a quick run
+#   BENCH_REPEAT  runs per measurement, the median is reported (default 3; 1 when scale < 1)
+#   BENCH_ONLY    comma-separated subset of bulk,echo,fanout,handshake,memory
+#   BENCH_QUINN   path of the quinn_baseline binary (set by bin/bench)
+#   BENCH_OUT     output directory (default bench/results)
+Code.require_file("lib/util.ex", __DIR__)
+Code.require_file("lib/macula.ex", __DIR__)
+Code.require_file("lib/tcp.ex", __DIR__)
+
+defmodule Bench.Run do
+  import Bench.Util
+
+  @workloads ~w(bulk echo fanout handshake memory)
+
+  def main do
+    progress("starting (scale #{scale()}, repeat #{repeat()})")
+    {:ok, _} = Application.ensure_all_started(:ssl)
+    out = System.get_env("BENCH_OUT") || Path.expand("results", __DIR__)
+    File.mkdir_p!(out)
+    cert = make_cert(Path.join(System.tmp_dir!(), "macula_quic_bench_#{System.os_time()}"))
+    quinn = System.get_env("BENCH_QUINN") || default_quinn()
+    only = (System.get_env("BENCH_ONLY") || Enum.join(@workloads, ",")) |> String.split(",")
+    machine = machine()
+    progress("machine: #{machine.nproc} cpus, #{machine.cpu_model}; OTP #{machine.otp}, Elixir #{machine.elixir}, #{machine.rustc}")
+    t0 = System.monotonic_time(:millisecond)
+    ctx = %{cert: cert, quinn: quinn}
+
+    rows =
+      Enum.flat_map(@workloads, fn w ->
+        if w in only, do: apply(__MODULE__, String.to_atom(w), [ctx]), else: []
+      end)
+
+    elapsed = (System.monotonic_time(:millisecond) - t0) / 1000
+
+    report = %{
+      machine: machine,
+      scale: scale(),
+      repeat: repeat(),
+      cert: "ECDSA P-256 self-signed (#{cert.via}), TLS 1.3 only, client verify none",
+      elapsed_seconds: elapsed,
+      date: DateTime.utc_now() |> DateTime.truncate(:second) |> DateTime.to_iso8601(),
+      results: rows
+    }
+
+    File.write!(Path.join(out, "latest.json"), json(report) <> "\n")
+    md = markdown(report)
+    File.write!(Path.join(out, "latest.md"), md)
+    progress("done in #{fmt(elapsed)} s; wrote #{Path.join(out, "latest.json")} and latest.md")
+    IO.puts("\n" <> md)
+  end
+
+  defp default_quinn,
+    do: Path.expand("../native/macula_quic/target/release/examples/quinn_baseline", __DIR__)
+
+  ## Running and summarising
+
+  # Runs each implementation's function `repeat()` times, interleaved (a, b, c, a, b, c, ...),
+  # and keeps the run with the median `key` for each.
+  defp measure(label, key, impls) do
+    runs =
+      for i <- 1..repeat(), {name, fun} <- impls, reduce: %{} do
+        acc ->
+          r = fun.()
+          progress("#{label} #{name} [#{i}/#{repeat()}]: #{key}=#{fmt(r[key] * 1.0)}#{extra(r)}")
+          Map.update(acc, name, [r], &[r | &1])
+      end
+
+    Map.new(runs, fn {name, rs} ->
+      sorted = Enum.sort_by(rs, & &1[key])
+      med = Enum.at(sorted, div(length(sorted) - 1, 2))
+      {name, Map.put(med, :all_runs, Enum.map(rs, & &1[key]) |> Enum.reverse())}
+    end)
+  end
+
+  defp extra(%{ios_per_datagram: x}), do: " ios/dgram=#{fmt(x * 1.0)}"
+  defp extra(%{p50_us: p50, p99_us: p99}), do: " p50=#{fmt(p50 * 1.0)}us p99=#{fmt(p99 * 1.0)}us"
+  defp extra(_), do: ""
+
+  defp quinn(ctx, workload, args) do
+    argv = [workload, "cert=#{ctx.cert.certfile}", "key=#{ctx.cert.keyfile}"] ++ Enum.map(args, fn {k, v} -> "#{k}=#{v}" end)
+
+    case System.cmd(ctx.quinn, argv, stderr_to_stdout: true) do
+      {out, 0} ->
+        out
+        |> String.split("\n")
+        |> Enum.filter(&String.starts_with?(&1, "{"))
+        |> List.last()
+        |> parse_flat_json()
+
+      {out, status} ->
+        raise "quinn_baseline #{workload} failed (#{status}): #{out}"
+    end
+  end
+
+  defp row(workload, variant, unit, key, res, target) do
+    get = fn name -> res[name] && res[name][key] end
+    m = get.("macula")
+    ratio = fn other -> if m && get.(other), do: m / get.(other), else: nil end
+
+    %{
+      workload: workload,
+      variant: variant,
+      unit: unit,
+      metric: key,
+      macula: m,
+      quinn: get.("quinn"),
+      ssl: get.("ssl"),
+      gen_tcp: get.("gen_tcp"),
+      macula_vs_quinn: ratio.("quinn"),
+      macula_vs_ssl: ratio.("ssl"),
+      target: target,
+      details: res
+    }
+  end
+
+  ## Workloads
+
+  def bulk(ctx) do
+    total = scaled_bytes(1024 * mib(), mib())
+    progress("bulk: #{div(total, mib())} MiB over one stream")
+
+    # Quinn baseline runs once per repeat as a separate process, like everything else here.
+    for mode <- [:active, :passive] do
+      impls =
+        [{"macula", fn -> Bench.Macula.bulk(ctx.cert, total, mode) end}] ++
+          if(mode == :active, do: [{"quinn", fn -> quinn(ctx, "bulk", bytes: total) end}], else: []) ++
+          [
+            {"ssl", fn -> Bench.Tcp.bulk(:ssl, ctx.cert, total, mode) end},
+            {"gen_tcp", fn -> Bench.Tcp.bulk(:gen_tcp, ctx.cert, total, mode) end}
+          ]
+
+      res = measure("bulk #{mode}", :mib_s, impls)
+      res = if mode == :passive, do: res, else: res
+      r = row("bulk", "#{div(total, mib())} MiB, #{mode}", "MiB/s", :mib_s, res, "≥0.9× quinn, ≥1.0× ssl")
+
+      Map.merge(r, %{
+        macula_ios_per_datagram: res["macula"][:ios_per_datagram],
+        quinn_ios_per_datagram: res["quinn"] && res["quinn"][:ios_per_datagram]
+      })
+    end
+    |> then(fn [active, passive] ->
+      # The raw-Quinn reader is the same for both receive modes: compare passive with it too.
+      passive = %{passive | quinn: active.quinn, macula_vs_quinn: passive.macula && active.quinn && passive.macula / active.quinn, quinn_ios_per_datagram: active.quinn_ios_per_datagram}
+      [active, passive]
+    end)
+  end
+
+  def echo(ctx) do
+    secs = seconds(2.0)
+
+    for size <- [64, 4096] do
+      progress("echo: #{size}-byte round trips on one stream, #{fmt(secs)} s per run")
+
+      impls = [
+        {"macula", fn -> Bench.Macula.echo(ctx.cert, size, secs, :async_send) end},
+        {"macula_send", fn -> Bench.Macula.echo(ctx.cert, size, secs, :send) end},
+        {"quinn", fn -> quinn(ctx, "echo", size: size, seconds: secs) end},
+        {"ssl", fn -> Bench.Tcp.echo(:ssl, ctx.cert, size, secs) end},
+        {"gen_tcp", fn -> Bench.Tcp.echo(:gen_tcp, ctx.cert, size, secs) end}
+      ]
+
+      res = measure("echo #{size}B", :rt_s, impls)
+      target = if size == 64, do: "≥0.8× quinn", else: nil
+      r = row("echo", "#{size} B", "round trips/s", :rt_s, res, target)
+
+      lat = fn name -> res[name] && {res[name][:p50_us], res[name][:p99_us]} end
+
+      [
+        r,
+        Map.merge(
+          row("echo", "#{size} B, send/2", "round trips/s", :rt_s, %{res | "macula" => res["macula_send"]}, nil),
+          %{details: %{}}
+        )
+      ]
+      |> Enum.map(&Map.put(&1, :latency_us, Map.new(["macula", "macula_send", "quinn", "ssl", "gen_tcp"], fn n -> {n, lat.(n) && Tuple.to_list(lat.(n))} end)))
+    end
+    |> List.flatten()
+  end
+
+  def fanout(ctx) do
+    streams = 100
+    per = scaled_bytes(10 * mib(), 65_536)
+    progress("fan-out: #{streams} streams x #{fmt(per / mib())} MiB on one connection")
+
+    res =
+      measure("fanout", :mib_s, [
+        {"macula", fn -> Bench.Macula.fanout(ctx.cert, streams, per) end},
+        {"quinn", fn -> quinn(ctx, "fanout", streams: streams, bytes: per) end}
+      ])
+
+    [row("fanout", "#{streams} × #{fmt(per / mib())} MiB", "MiB/s", :mib_s, res, nil)]
+  end
+
+  def handshake(ctx) do
+    secs = seconds(2.0)
+
+    for conc <- [1, 16] do
+      progress("handshakes: connect+close, #{conc} at a time, #{fmt(secs)} s per run")
+
+      res =
+        measure("handshake x#{conc}", :hs_s, [
+          {"macula", fn -> Bench.Macula.handshake(ctx.cert, conc, secs) end},
+          {"quinn", fn -> quinn(ctx, "handshake", concurrency: conc, seconds: secs) end},
+          {"ssl", fn -> Bench.Tcp.handshake(:ssl, ctx.cert, conc, secs) end},
+          {"gen_tcp", fn -> Bench.Tcp.handshake(:gen_tcp, ctx.cert, conc, secs) end}
+        ])
+
+      row("handshake", if(conc == 1, do: "sequential", else: "#{conc} concurrent"), "handshakes/s", :hs_s, res, "≥0.9× quinn")
+    end
+  end
+
+  def memory(ctx) do
+    n = scaled_count(10_000, 100)
+    progress("idle memory: #{n} connections (both ends in one OS process), fresh process each")
+    script = Path.expand("memory.exs", __DIR__)
+    ebin = :code.lib_dir(:macula_quic, :ebin) |> to_string()
+
+    macula = fn ->
+      {out, 0} =
+        System.cmd(System.find_executable("elixir"), ["-pa", ebin, script, ctx.cert.certfile, ctx.cert.keyfile, "#{n}"],
+          stderr_to_stdout: true
+        )
+
+      out |> String.split("\n") |> Enum.filter(&String.starts_with?(&1, "{")) |> List.last() |> parse_flat_json()
+    end
+
+    res =
+      measure("memory", :bytes_per_conn, [
+        {"macula", macula},
+        {"quinn", fn -> quinn(ctx, "memory", conns: n, idle_timeout_ms: 120_000) end}
+      ])
+
+    [row("memory", "#{n} idle connections", "bytes/conn (both ends)", :bytes_per_conn, res, nil)]
+  end
+
+  ## Report
+
+  def markdown(r) do
+    m = r.machine
+
+    head = """
+    ## macula_quic benchmarks (#{r.date})
+
+    Machine: #{m.nproc} CPUs (#{m.cpu_model}), #{m.mem_total_gib} GiB, Linux #{m.kernel}; OTP #{m.otp} (erts #{m.erts}), Elixir #{m.elixir}, #{m.rustc}, Quinn #{m.quinn}.
+    Loopback, both ends in one OS process per implementation; BENCH_SCALE=#{r.scale}, median of #{r.repeat}; #{r.cert}. Suite time #{fmt(r.elapsed_seconds)} s.
+
+    | workload | unit | macula_quic | raw Quinn | :ssl | :gen_tcp | macula/Quinn | macula/ssl | target |
+    |---|---|---:|---:|---:|---:|---:|---:|---|
+    """
+
+    lines =
+      Enum.map(r.results, fn x ->
+        "| #{x.workload}: #{x.variant} | #{x.unit} | #{fmt(x.macula)} | #{fmt(x.quinn)} | #{fmt(x.ssl)} | #{fmt(x.gen_tcp)} | #{ratio(x.macula_vs_quinn)} | #{ratio(x.macula_vs_ssl)} | #{x.target || ""} |"
+      end)
+
+    ios =
+      r.results
+      |> Enum.filter(&(&1.workload == "bulk"))
+      |> Enum.map(fn x ->
+        "- bulk #{x.variant}: udp_tx ios/datagrams macula #{fmt(x.macula_ios_per_datagram)}, Quinn #{fmt(x.quinn_ios_per_datagram)} (below 1: GSO batches several datagrams per sendmsg)"
+      end)
+
+    lat =
+      r.results
+      |> Enum.filter(&Map.has_key?(&1, :latency_us))
+      |> Enum.uniq_by(& &1.variant |> String.split(",") |> hd())
+      |> Enum.map(fn x ->
+        parts =
+          for {n, v} <- Enum.sort(x.latency_us), v != nil, do: "#{n} #{fmt(Enum.at(v, 0) * 1.0)}/#{fmt(Enum.at(v, 1) * 1.0)}"
+
+        "- echo #{x.variant |> String.split(",") |> hd()} latency p50/p99 µs: " <> Enum.join(parts, ", ")
+      end)
+
+    head <>
+      Enum.join(lines, "\n") <>
+      "\n\n" <>
+      Enum.join(ios ++ lat, "\n") <>
+      "\n\nmacula echo uses `async_send/2` on both ends; the \"send/2\" row uses the blocking `send/2`. " <>
+      "Memory is resident memory (VM + native, VmRSS) per connection with both ends in the process.\n"
+  end
+
+  defp ratio(nil), do: "–"
+  defp ratio(x), do: :erlang.float_to_binary(x * 1.0, decimals: 2) <> "×"
+end
+
+Bench.Run.main()
