@@ -33,10 +33,32 @@ defmodule MaculaQuic.Native do
       priv ->
         path = :filename.join(priv, @lib_path)
 
-        case :erlang.load_nif(path, 0) do
+        case :erlang.load_nif(path, runtime_workers()) do
           :ok -> :ok
           {:error, reason} -> nif_load_failed(path, reason)
         end
+    end
+  end
+
+  # The tokio runtime's worker-thread count, passed to the NIF as load data: the application
+  # env `config :macula_quic, runtime_workers: n` (1..64), else 0 ("size for the host": one
+  # per core, at most 4). Read with :application (not Application) because on_load may run
+  # before Elixir's own application env helpers are usable.
+  defp runtime_workers do
+    case :application.get_env(:macula_quic, :runtime_workers) do
+      {:ok, n} when is_integer(n) and n >= 1 and n <= 64 ->
+        n
+
+      {:ok, other} ->
+        :logger.warning(
+          ~c"macula_quic: ignoring runtime_workers ~tp (expected an integer 1..64); sizing for the host",
+          [other]
+        )
+
+        0
+
+      :undefined ->
+        0
     end
   end
 
