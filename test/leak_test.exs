@@ -37,7 +37,16 @@ defmodule MaculaQuic.LeakTest do
     counts = await_counts!(%{connections: 0, streams: 0}, 60_000)
     Process.unlink(server)
     Process.exit(server, :kill)
-    counts = Map.merge(counts, await_counts!(%{listeners: 0, connections: 0, streams: 0, tasks: 0, bound_addresses: 0}, 30_000))
+
+    counts =
+      Map.merge(
+        counts,
+        await_counts!(
+          %{listeners: 0, connections: 0, streams: 0, tasks: 0, bound_addresses: 0},
+          30_000
+        )
+      )
+
     after_run = memory()
 
     IO.puts(
@@ -142,7 +151,10 @@ defmodule MaculaQuic.LeakTest do
 
   defp memory do
     for pid <- Process.list(), do: :erlang.garbage_collect(pid)
-    [rss_kb] = Regex.run(~r/VmRSS:\s+(\d+)/, File.read!("/proc/self/status"), capture: :all_but_first)
+
+    [rss_kb] =
+      Regex.run(~r/VmRSS:\s+(\d+)/, File.read!("/proc/self/status"), capture: :all_but_first)
+
     %{vm: :erlang.memory(:total), rss: String.to_integer(rss_kb) * 1024}
   end
 
