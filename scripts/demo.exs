@@ -39,6 +39,10 @@ defmodule Demo do
     {port, listeners} = start_listeners(identities)
     say("listening on port #{port}: " <> Enum.map_join(identities, ", ", &elem(&1, 1)))
 
+    # One throwaway round first, so the first row does not pay for warming up (code loading,
+    # runtime threads, allocator pools).
+    _ = client_round("identity-a", "127.0.0.1", port, n_streams, n_messages)
+
     rows =
       for {name, ip} <- identities do
         say(
