@@ -1,0 +1,204 @@
+defmodule MaculaQuic.ErlangFaceTest do
+  # The Erlang module :macula_quic is the same API as MaculaQuic: every scenario below runs
+  # through both, with Erlang-style arguments (charlists, proplists, tuples) for :macula_quic.
+  use ExUnit.Case, async: true
+
+  alias MaculaQuic.Test.Certs
+
+  @wait 5_000
+
+  setup_all do
+    dir =
+      Path.join(
+        System.tmp_dir!(),
+        "macula_quic_erlang_face_#{System.unique_integer([:positive])}"
+      )
+
+    on_exit(fn -> File.rm_rf!(dir) end)
+    {:ok, certs: Certs.generate!(dir)}
+  end
+
+  test ":macula_quic exports every public function of MaculaQuic, and nothing else" do
+    public = fn mod ->
+      mod.module_info(:exports)
+      |> Enum.reject(fn {name, _} -> name in [:module_info, :__info__] end)
+      |> MapSet.new()
+    end
+
+    assert public.(:macula_quic) == public.(MaculaQuic)
+  end
+
+  for mod <- [MaculaQuic, :macula_quic] do
+    describe "#{inspect(mod)}" do
+      @mod mod
+
+      test "IPv4 and IPv6: accept, echo 1 MiB byte-exact, peername/sockname, getstat grows" do
+        m = @mod
+
+        for ip <- [~c"127.0.0.1", ~c"::1"] do
+          {:ok, l} = m.listen(ip, 0, [{:alpn, [~c"t"]}])
+          {:ok, {lip, port}} = m.sockname(l)
+          assert lip == List.to_string(ip)
+          :ok = m.async_accept(l, [])
+          {:ok, c} = m.connect(ip, port, [{:alpn, [~c"t"]}, {:verify, :none}], @wait)
+          assert_receive {:quic, :new_conn, sc, %{alpns: "t"}}, @wait
+          :ok = m.handshake(sc)
+          {:ok, {peer_ip, _}} = m.peername(sc)
+          assert peer_ip == List.to_string(ip)
+
+          {:ok, [send_oct: before]} = m.getstat(c, [:send_oct])
+          :ok = m.async_accept_stream(sc, [{:active, true}])
+          {:ok, s} = m.open_stream(c, [{:active, false}])
+          data = :crypto.strong_rand_bytes(1_048_576)
+          :ok = m.send(s, data, 4)
+          assert_receive {:quic, :new_stream, ss, %{conn: ^sc, flags: 0}}, @wait
+          echo_until_fin(m, ss)
+          assert {:ok, ^data} = m.recv(s, byte_size(data), @wait)
+          assert {:error, :peer_send_shutdown} = m.recv(s, 0, @wait)
+          {:ok, [send_oct: after_echo]} = m.getstat(c, [:send_oct])
+          assert after_echo - before > byte_size(data)
+
+          :ok = m.close_connection(c)
+          :ok = m.close_listener(l)
+        end
+      end
+
+      test "error codes reach the peer: stream abort and connection shutdown" do
+        m = @mod
+        {c, sc, l} = pair(m)
+        :ok = m.async_accept_stream(sc, [])
+        {:ok, s} = m.open_stream(c, [])
+        :ok = m.send(s, "x")
+        assert_receive {:quic, :new_stream, ss, _}, @wait
+        # ABORT = RESET_STREAM and STOP_SENDING, both with the code: the peer sees both.
+        :ok = m.async_shutdown_stream(s, m.stream_shutdown_abort(), 77)
+        assert_receive {:quic, :peer_send_aborted, ^ss, 77}, @wait
+        assert_receive {:quic, :peer_receive_aborted, ^ss, 77}, @wait
+
+        :ok = m.async_shutdown_connection(c, m.connection_shutdown_none(), 99)
+        assert_receive {:quic, :shutdown, ^sc, 99}, @wait
+        assert_receive {:quic, :closed, ^sc, _}, @wait
+        :ok = m.close(l)
+      end
+
+      test "ownership: controlling_process (owner only) and handoff_stream without loss" do
+        m = @mod
+        {c, sc, l} = pair(m)
+        test = self()
+        other = spawn(fn -> receive(do: (:never -> :ok)) end)
+        assert {:error, :not_owner} = run_in(other, fn -> m.controlling_process(c, other) end)
+
+        :ok = m.async_accept_stream(sc, [{:active, true}])
+        {:ok, s} = m.open_stream(c, [])
+        for i <- 1..20, do: :ok = m.send(s, "#{i};")
+        :ok = m.send(s, "", 4)
+        assert_receive {:quic, :new_stream, ss, _}, @wait
+
+        heir =
+          spawn(fn ->
+            receive do
+              :go -> send(test, {:heir_got, collect(m, ss, [])})
+            end
+          end)
+
+        :ok = m.handoff_stream(ss, heir, [])
+        send(heir, :go)
+        assert_receive {:heir_got, got}, @wait
+        assert got == Enum.map_join(1..20, &"#{&1};")
+
+        :ok = m.close(c)
+        :ok = m.close(l)
+      end
+
+      test "mutual TLS: verify_peer listener accepts its CA's client, refuses others", %{
+        certs: certs
+      } do
+        m = @mod
+
+        {:ok, l} =
+          m.listen({~c"127.0.0.1", 0}, [
+            {:alpn, [~c"t"]},
+            {:certfile, to_charlist(certs.cert)},
+            {:keyfile, to_charlist(certs.key)},
+            {:verify, :verify_peer},
+            {:cacertfile, to_charlist(certs.client_ca)}
+          ])
+
+        {:ok, {_, port}} = m.sockname(l)
+        :ok = m.async_accept(l)
+
+        base = [
+          {:alpn, [~c"t"]},
+          {:cacertfile, to_charlist(certs.ca)},
+          {:server_name, ~c"localhost"}
+        ]
+
+        good = [
+          {:certfile, to_charlist(certs.client_cert)},
+          {:keyfile, to_charlist(certs.client_key)}
+        ]
+
+        assert {:ok, c} = m.connect(~c"127.0.0.1", port, base ++ good, @wait)
+        assert_receive {:quic, :new_conn, _sc, _}, @wait
+
+        bad = [
+          {:certfile, to_charlist(certs.other_cert)},
+          {:keyfile, to_charlist(certs.other_key)}
+        ]
+
+        case m.connect(~c"127.0.0.1", port, base ++ bad, @wait) do
+          {:error, _} ->
+            :ok
+
+          {:ok, c2} ->
+            # TLS 1.3: the client may finish before the server rejects its certificate.
+            assert_receive {:quic, :transport_shutdown, ^c2, %{status: _}}, @wait
+        end
+
+        refute_receive {:quic, :new_conn, _, _}, 200
+        :ok = m.close(c)
+        :ok = m.close(l)
+      end
+    end
+  end
+
+  defp pair(m) do
+    {:ok, l} = m.listen({~c"127.0.0.1", 0}, [{:alpn, [~c"t"]}])
+    {:ok, {_, port}} = m.sockname(l)
+    :ok = m.async_accept(l)
+    {:ok, c} = m.connect(~c"127.0.0.1", port, [{:alpn, [~c"t"]}, {:verify, :none}], @wait)
+    assert_receive {:quic, :new_conn, sc, _}, @wait
+    {c, sc, l}
+  end
+
+  defp echo_until_fin(m, ss) do
+    receive do
+      {:quic, data, ^ss, flags} when is_binary(data) ->
+        :ok = m.send(ss, data)
+        if Bitwise.band(flags, 2) == 2, do: :ok = m.send(ss, "", 4), else: echo_until_fin(m, ss)
+
+      {:quic, :peer_send_shutdown, ^ss, _} ->
+        :ok = m.send(ss, "", 4)
+    after
+      @wait -> flunk("echo stalled")
+    end
+  end
+
+  defp collect(m, ss, acc) do
+    receive do
+      {:quic, data, ^ss, _} when is_binary(data) -> collect(m, ss, [acc, data])
+      {:quic, :peer_send_shutdown, ^ss, _} -> IO.iodata_to_binary(acc)
+    after
+      @wait -> {:stalled, IO.iodata_to_binary(acc)}
+    end
+  end
+
+  defp run_in(pid, fun) do
+    # controlling_process checks the *caller*: run it in a process that is not the owner.
+    parent = self()
+    _ = pid
+    spawn(fn -> send(parent, {:ran, fun.()}) end)
+    assert_receive {:ran, result}, @wait
+    result
+  end
+end
