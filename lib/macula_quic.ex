@@ -340,11 +340,13 @@ defmodule MaculaQuic do
   end
 
   @doc """
-  Closes a listener: it stops accepting, and connections it had queued but not delivered are
-  closed. Connections already delivered keep running, like accepted TCP sockets when their
-  listen socket closes; the UDP port stays bound for them, so a new listener on the same
-  address gets `{:error, :eaddrinuse}` until they have all ended. With no such connections the
-  address is free again when this returns.
+  Closes a listener: it stops accepting, handshakes in progress are aborted, and connections
+  it had queued but not delivered are closed. Connections already delivered keep running, like
+  accepted TCP sockets when their listen socket closes; the UDP port stays bound for them, so
+  a new listener on the same address gets `{:error, :eaddrinuse}` (and new connections to the
+  address go unanswered) until they have all closed — handles to closed connections may live
+  on, they do not hold the port. With no such connections the address is free again when this
+  returns (it waits, up to a second, for closing connections to send their close frames).
 
       :ok = MaculaQuic.close_listener(listener)
   """
