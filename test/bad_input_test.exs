@@ -123,6 +123,14 @@ defmodule MaculaQuic.BadInputTest do
       {:connect, [String.duplicate("a", 300), port, ca, 1_000], bad_address},
       {:connect, [big, port, ca, 1_000], bad_address},
       {:connect, [:localhost, port, ca, 1_000], bad_address},
+      # Improper lists: rustler's list decoding panics on them, ours must not.
+      {:connect, [[?1 | <<255>>], port, ca, 1_000], bad_address},
+      {:connect, [[773_597 | :tail], port, ca, 1_000], bad_address},
+      {:listen, [[?1, ?2 | ?7], 0, a], bad_address},
+      {:connect, ["127.0.0.1", port, [alpn: ["test" | "more"], verify: :none], 1_000],
+       {:error, {:bad_option, :alpn}}},
+      {:listen, ["127.0.0.1", 0, [alpn: alpn(), certfile: [?/ | :x], keyfile: "k"]],
+       {:error, {:bad_option, :certfile}}},
       {:connect, ["no-such-host.invalid", port, ca, 5_000], {:error, :nxdomain}},
       # --- options
       {:listen, ["127.0.0.1", 0, []], {:error, {:missing_option, :alpn}}},
@@ -521,7 +529,7 @@ defmodule MaculaQuic.BadInputTest do
 
   ## Randomized
 
-  @random_calls String.to_integer(System.get_env("BAD_INPUT_CALLS", "3000"))
+  @random_calls String.to_integer(System.get_env("BAD_INPUT_CALLS", "10000"))
   # Functions documented to wait (for a peer, a connection, data, a socket release): a call
   # still running after @block_wait ms is killed, which is itself a fault the library must
   # survive. Any other function must return promptly; one that does not is a hang, a failure.

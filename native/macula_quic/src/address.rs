@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use rustler::types::tuple::get_tuple;
-use rustler::{Binary, Encoder, Env, ListIterator, Term};
+use rustler::{Binary, Encoder, Env, Term};
 
 /// What a host argument names: an IP, or a name to resolve.
 #[derive(Clone, Debug)]
@@ -29,12 +29,8 @@ pub fn decode_string(term: Term) -> Option<String> {
         return std::str::from_utf8(bin.as_slice()).ok().map(str::to_owned);
     }
     if term.is_list() {
-        let iter: ListIterator = term.decode().ok()?;
         let mut out = String::new();
-        for (n, item) in iter.enumerate() {
-            if n >= MAX_STRING {
-                return None;
-            }
+        for item in crate::util::list_items(term, MAX_STRING)? {
             out.push(char::from_u32(item.decode::<u32>().ok()?)?);
         }
         return Some(out);

@@ -123,12 +123,9 @@ fn binary(name: &str, v: Term) -> Result<Vec<u8>, Reason> {
 }
 
 fn alpn(v: Term) -> Result<Vec<Vec<u8>>, Reason> {
-    let items: rustler::ListIterator = v.decode().map_err(|_| bad_option("alpn"))?;
-    let mut out = Vec::new();
-    for (n, item) in items.enumerate() {
-        if n >= MAX_ALPN {
-            return Err(bad_option("alpn"));
-        }
+    let items = crate::util::list_items(v, MAX_ALPN).ok_or_else(|| bad_option("alpn"))?;
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
         let s = decode_string(item).ok_or_else(|| bad_option("alpn"))?;
         // ALPN protocol ids are 1..=255 bytes (RFC 7301).
         if s.is_empty() || s.len() > 255 {
