@@ -644,7 +644,11 @@ fn stopped_reason(res: &ResourceArc<StreamRes>, peer: Result<Option<quinn::VarIn
         Ok(None) => atoms::closed().into(),
         Err(_) => {
             lock(&res.state).conn_lost = true;
-            atoms::closed().into()
+            // Why the connection ended, as a write that failed on it would report it.
+            match res.conn.conn.close_reason() {
+                Some(why) => error::connection(&why),
+                None => atoms::closed().into(),
+            }
         }
     }
 }
