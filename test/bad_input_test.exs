@@ -464,12 +464,30 @@ defmodule MaculaQuic.BadInputTest do
     assert {:error, :ealready} = MaculaQuic.recv(ss, 0, 0)
     Process.exit(helper, :kill)
     await_dead(helper)
+    # The data arrives for the dead helper's request: it is kept for the next recv, not lost.
     :ok = MaculaQuic.send(s, "next")
+    await_buffered!(ss, 4)
     assert {:ok, "next"} = MaculaQuic.recv(ss, 4, 5_000)
+    # And a waiting recv left by a killed process does not block the next one.
+    helper = spawn(fn -> send(parent, MaculaQuic.recv(ss, 0, :infinity)) end)
+    wait_until_waiting!(helper)
+    Process.exit(helper, :kill)
+    await_dead(helper)
+    assert {:error, :timeout} = MaculaQuic.recv(ss, 0, 50)
+    :ok = MaculaQuic.send(s, "last")
+    assert {:ok, "last"} = MaculaQuic.recv(ss, 4, 5_000)
     # A passive stream keeps its end for the next recv, like a passive :gen_tcp socket: it is
     # closed by its owner.
     Enum.each([s, ss, c, l], &MaculaQuic.close/1)
     await_clean!(%{listeners: 0, connections: 0, streams: 0, tasks: 0}, 10_000)
+  end
+
+  defp await_buffered!(stream, n, tries \\ 500) do
+    case MaculaQuic.Native.stream_info(stream) do
+      %{buffered: ^n} -> :ok
+      _ when tries > 0 -> receive(after: (10 -> await_buffered!(stream, n, tries - 1)))
+      info -> flunk("#{n} bytes never buffered: #{inspect(info)}")
+    end
   end
 
   defp wait_until_waiting!(pid, tries \\ 500) do
