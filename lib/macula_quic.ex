@@ -110,6 +110,24 @@ defmodule MaculaQuic do
   Stream options (`open_stream/2`, `async_accept_stream/2`, `accept_stream/3`): `:active`
   (`true | false | :once | integer`, default `true`) and `:unidirectional` (or quicer's
   `open_flag: 1`).
+  ## Bad input
+
+  Nothing a caller passes crashes the VM, blocks a scheduler or leaves native state behind.
+
+    * A handle argument that is not a handle of the kind the function takes (or no handle at
+      all) raises `ArgumentError` naming what was expected and what was given. The handle is
+      checked before anything else is reported.
+    * So do arguments of the wrong type where the function's doc says so: data that is not
+      iodata, a `recv/3` length or `send/3` flags that are not non-negative integers, a new
+      owner that is not a local pid.
+    * Everything else is `{:error, reason}`: `:bad_address`, `{:bad_option, name}`,
+      `{:missing_option, :alpn}`, `{:certfile | :keyfile | :cacertfile, why}`, `{:key, why}`,
+      `{:bad_stat, name}`, and `:badarg` for a timeout or an integer out of range.
+    * A closed handle is not bad input: calls on it return `{:error, :closed}` (or why it
+      ended), and closing it again is `:ok`.
+    * Input is bounded before it is read: strings (addresses, names, paths) up to 4096
+      bytes, DER certificates and keys up to 1 MiB, PEM files up to 1 MiB (and only regular
+      files: a FIFO or a device gives `{:certfile, :einval}`), ALPN lists up to 256 names.
   """
 
   alias MaculaQuic.Native
@@ -139,6 +157,8 @@ defmodule MaculaQuic do
   # Largest piece handed to the NIF in one call: copying it takes well under a millisecond, so
   # no call holds a scheduler for long, however large the caller's binary.
   @piece 1_048_576
+  # Application error codes are QUIC variable-length integers.
+  @max_varint 4_611_686_018_427_387_903
   # How long close_connection/1 waits for the `closed` message it consumes.
   @close_wait 5_000
 
@@ -248,7 +268,7 @@ defmodule MaculaQuic do
   def listen({address, port}, opts), do: listen(address, port, opts)
 
   def listen(address, opts) when is_binary(address) or is_list(address) do
-    case split_host_port(to_string(address)) do
+    case split_host_port(charlist_to_binary(address)) do
       {:ok, host, port} -> listen(host, port, opts)
       :error -> {:error, :bad_address}
     end
@@ -296,13 +316,20 @@ defmodule MaculaQuic do
   """
   @spec async_accept(listener(), options()) :: :ok | {:error, reason()}
   def async_accept(listener, opts \\ []) do
-    with {:ok, _} <- Options.to_map(opts) do
-      native(:listener, listener, fn -> Native.listener_accept(listener, nil) end)
-    end
+    result =
+      with {:ok, _} <- Options.to_map(opts) do
+        native(:listener, listener, fn -> Native.listener_accept(listener, nil) end)
+      end
+
+    checked(result, :listener, listener)
   end
 
   @doc """
   Waits up to `timeout` for the next incoming connection and returns it, owned by the caller.
+
+  `{:error, :timeout}` if none arrives in time; `{:error, :closed}` if the listener is (or
+  gets) closed meanwhile. A `timeout` that is neither `:infinity` nor a non-negative integer
+  gives `{:error, :badarg}` (larger than `receive` allows is treated as about 49 days).
 
       {:ok, conn} = MaculaQuic.accept(listener, [], 5_000)
   """
@@ -310,19 +337,23 @@ defmodule MaculaQuic do
   def accept(listener, opts \\ [], timeout \\ :infinity) do
     ref = make_ref()
 
-    with {:ok, _} <- Options.to_map(opts),
-         # A queued connection comes back at once; otherwise the reply comes as {ref, result}.
-         :ok <- native(:listener, listener, fn -> Native.listener_accept(listener, ref) end) do
-      receive do
-        {^ref, result} -> result
-      after
-        timeout ->
-          case Native.listener_cancel_accept(listener) do
-            :cancelled -> {:error, :timeout}
-            :delivered -> receive(do: ({^ref, result} -> result))
-          end
+    result =
+      with {:ok, timeout} <- timeout_value(timeout),
+           {:ok, _} <- Options.to_map(opts),
+           # A queued connection comes back at once; otherwise the reply comes as {ref, result}.
+           :ok <- native(:listener, listener, fn -> Native.listener_accept(listener, ref) end) do
+        receive do
+          {^ref, result} -> result
+        after
+          timeout ->
+            case Native.listener_cancel_accept(listener) do
+              :cancelled -> {:error, :timeout}
+              :delivered -> receive(do: ({^ref, result} -> result))
+            end
+        end
       end
-    end
+
+    checked(result, :listener, listener)
   end
 
   @doc """
@@ -383,7 +414,8 @@ defmodule MaculaQuic do
   Other errors: `{:error, {:tls_alert, alert}}` (e.g. `:unknown_ca`,
   `:no_application_protocol` for an ALPN mismatch, `:certificate_required`),
   `{:error, {:shutdown, code}}`, `{:error, :bad_address}`, `{:error, :nxdomain}`,
-  `{:error, {:bad_option, name}}`.
+  `{:error, {:bad_option, name}}`, and `{:error, :badarg}` for a `timeout` that is neither
+  `:infinity` nor a non-negative integer.
 
       {:ok, conn} = MaculaQuic.connect("127.0.0.1", 4433, [alpn: ["demo"], verify: :none], 5_000)
       {:ok, conn} = MaculaQuic.connect({0, 0, 0, 0, 0, 0, 0, 1}, 4433,
@@ -393,11 +425,10 @@ defmodule MaculaQuic do
           {:ok, connection()} | {:error, reason()}
   def connect(host, port, opts, timeout \\ 5_000) do
     ref = make_ref()
-    timeout_ms = if timeout == :infinity, do: 4_294_967_295, else: timeout
 
     with {:ok, map} <- Options.to_map(opts),
-         :ok <- check_timeout(timeout_ms),
-         :ok <- Native.connect(charlist_to_binary(host), port, map, ref, timeout_ms) do
+         {:ok, timeout_ms} <- timeout_value(timeout),
+         :ok <- Native.connect(charlist_to_binary(host), port, map, ref, native_ms(timeout_ms)) do
       # The native side enforces the timeout and always answers.
       receive do
         {^ref, result} -> result
@@ -432,15 +463,21 @@ defmodule MaculaQuic do
   Shuts a connection down with `flags` (`connection_shutdown_none/0` or
   `connection_shutdown_silent/0`) and an application `error_code` the peer receives as
   `{:quic, :shutdown, conn, error_code}`. Returns at once; the owner later gets
-  `{:quic, :closed, conn, _}`.
+  `{:quic, :closed, conn, _}`. Flags other than 0 or 1, and an `error_code` that is not an
+  integer in `0..2^62-1` (a QUIC varint), give `{:error, :badarg}`.
 
       :ok = MaculaQuic.async_shutdown_connection(conn, MaculaQuic.connection_shutdown_none(), 42)
   """
   @spec async_shutdown_connection(connection(), 0 | 1, non_neg_integer()) ::
           :ok | {:error, reason()}
   def async_shutdown_connection(conn, flags, error_code)
-      when is_integer(flags) and is_integer(error_code) do
+      when flags in [0, 1] and is_integer(error_code) and error_code in 0..@max_varint do
     native(:connection, conn, fn -> Native.conn_shutdown(conn, flags, error_code) end)
+  end
+
+  def async_shutdown_connection(conn, _flags, _error_code) do
+    check_handle!(:connection, conn)
+    {:error, :badarg}
   end
 
   @doc """
@@ -487,14 +524,16 @@ defmodule MaculaQuic do
   `:udp_rx_ios` (system calls; fewer than datagrams means segmentation offload),
   `:rtt_us`, `:min_rtt_us`, `:cwnd`, `:congestion_events`, `:lost_packets`, `:lost_bytes`,
   `:sent_packets`, `:mtu`, `:stream_frames_tx`, `:stream_frames_rx`. A stream handle reports its
-  connection's counters. An unknown name gives `{:error, {:bad_stat, name}}`.
+  connection's counters. An unknown name (or `names` not a proper list) gives
+  `{:error, {:bad_stat, name}}`; a handle that is not a connection or stream raises
+  `ArgumentError`.
 
       {:ok, [send_oct: sent, recv_oct: received]} = MaculaQuic.getstat(conn, [:send_oct, :recv_oct])
   """
   @spec getstat(connection() | stream(), [atom()]) ::
           {:ok, [{atom(), non_neg_integer()}]} | {:error, reason()}
   def getstat(handle, names) when is_list(names) do
-    case Enum.find(names, &(&1 not in @stat_names)) do
+    case find_bad_stat(names) do
       nil ->
         conn =
           if Native.handle_kind(handle) == :stream, do: Native.stream_conn(handle), else: handle
@@ -508,6 +547,12 @@ defmodule MaculaQuic do
   end
 
   def getstat(_handle, names), do: {:error, {:bad_stat, names}}
+
+  # The first name that is not a statistic (an improper tail counts as one), or nil.
+  defp find_bad_stat([]), do: nil
+  defp find_bad_stat([name | rest]) when name in @stat_names, do: find_bad_stat(rest)
+  defp find_bad_stat([name | _]), do: name
+  defp find_bad_stat(tail), do: tail
 
   ## Streams
 
@@ -524,12 +569,15 @@ defmodule MaculaQuic do
   def open_stream(conn, opts \\ []) do
     ref = make_ref()
 
-    with {:ok, map} <- Options.to_map(opts) do
-      case native(:connection, conn, fn -> Native.open_stream(conn, map, ref) end) do
-        :wait -> receive(do: ({^ref, result} -> result))
-        other -> other
+    result =
+      with {:ok, map} <- Options.to_map(opts) do
+        case native(:connection, conn, fn -> Native.open_stream(conn, map, ref) end) do
+          :wait -> receive(do: ({^ref, result} -> result))
+          other -> other
+        end
       end
-    end
+
+    checked(result, :connection, conn)
   end
 
   @doc """
@@ -545,18 +593,22 @@ defmodule MaculaQuic do
   """
   @spec async_accept_stream(connection(), options()) :: :ok | {:error, reason()}
   def async_accept_stream(conn, opts \\ []) do
-    with {:ok, map} <- Options.to_map(opts),
-         {:ok, _id} <-
-           native(:connection, conn, fn -> Native.conn_accept_stream(conn, map, nil) end) do
-      :ok
-    end
+    result =
+      with {:ok, map} <- Options.to_map(opts),
+           {:ok, _id} <-
+             native(:connection, conn, fn -> Native.conn_accept_stream(conn, map, nil) end) do
+        :ok
+      end
+
+    checked(result, :connection, conn)
   end
 
   @doc """
   Waits up to `timeout` for the next stream the peer opens, and returns it owned by the caller.
   `{:error, :timeout}` if none arrives in time (the request is withdrawn: a later stream is not
   lost, it waits for the next accept); `{:error, :closed}` (or why the connection ended) if
-  the connection ends.
+  the connection ends. A `timeout` that is neither `:infinity` nor a non-negative integer
+  gives `{:error, :badarg}`.
 
       {:ok, stream} = MaculaQuic.accept_stream(conn, [active: false], 5_000)
   """
@@ -564,19 +616,23 @@ defmodule MaculaQuic do
   def accept_stream(conn, opts \\ [], timeout \\ :infinity) do
     ref = make_ref()
 
-    with {:ok, map} <- Options.to_map(opts),
-         {:ok, id} <-
-           native(:connection, conn, fn -> Native.conn_accept_stream(conn, map, ref) end) do
-      receive do
-        {^ref, result} -> closed_reason(result)
-      after
-        timeout ->
-          case Native.conn_cancel_accept(conn, id) do
-            :cancelled -> {:error, :timeout}
-            :delivered -> receive(do: ({^ref, result} -> closed_reason(result)))
-          end
+    result =
+      with {:ok, timeout} <- timeout_value(timeout),
+           {:ok, map} <- Options.to_map(opts),
+           {:ok, id} <-
+             native(:connection, conn, fn -> Native.conn_accept_stream(conn, map, ref) end) do
+        receive do
+          {^ref, result} -> closed_reason(result)
+        after
+          timeout ->
+            case Native.conn_cancel_accept(conn, id) do
+              :cancelled -> {:error, :timeout}
+              :delivered -> receive(do: ({^ref, result} -> closed_reason(result)))
+            end
+        end
       end
-    end
+
+    checked(result, :connection, conn)
   end
 
   defp closed_reason({:error, :closed}), do: {:error, :closed}
@@ -586,7 +642,8 @@ defmodule MaculaQuic do
   Sends `data` on a stream. Returns `:ok` once Quinn has taken all of it into its send buffer
   — waiting, when the peer is slow, for flow-control credit. Only the calling process waits:
   no scheduler is blocked. Errors: `{:error, :closed}`, `{:error, {:peer_receive_aborted,
-  code}}`, or why the connection ended.
+  code}}`, `{:error, :einval}` on the receiving end of a unidirectional stream, or why the
+  connection ended. `data` that is not iodata raises `ArgumentError`.
 
       :ok = MaculaQuic.send(stream, ["hello", ?\\s, "world"])
   """
@@ -595,13 +652,21 @@ defmodule MaculaQuic do
 
   @doc """
   Like `send/2`, with quicer's send flags: `4` (FIN) finishes the stream after this data.
-  Other bits are accepted and ignored.
+  Other bits are accepted and ignored. Flags that are not a non-negative integer raise
+  `ArgumentError`, as does `data` that is not iodata.
 
       :ok = MaculaQuic.send(stream, "last words", 4)
   """
   @spec send(stream(), iodata(), non_neg_integer()) :: :ok | {:error, reason()}
   def send(stream, data, flags) when is_integer(flags) and flags >= 0,
     do: send_pieces(stream, iodata!(data), Bitwise.band(flags, 4) != 0)
+
+  def send(_stream, _data, flags),
+    do:
+      raise(
+        ArgumentError,
+        "send/3 expects non-negative integer flags, got: #{inspect(flags, limit: 10)}"
+      )
 
   defp send_pieces(stream, bin, fin) when byte_size(bin) <= @piece,
     do: send_piece(stream, bin, fin)
@@ -643,7 +708,10 @@ defmodule MaculaQuic do
   exactly that many bytes, or fewer if the stream ends first. Errors: `{:error, :einval}` on
   an active stream, `{:error, :peer_send_shutdown}` once the stream has ended and everything
   was read, `{:error, {:peer_send_aborted, code}}`, `{:error, :closed}`,
-  `{:error, :timeout}`. Only the calling process waits.
+  `{:error, :timeout}`, `{:error, :ealready}` when another `recv` on the stream is waiting,
+  `{:error, :badarg}` for a `length` over 2 GiB or a `timeout` that is neither `:infinity`
+  nor a non-negative integer. A `length` that is not a non-negative integer raises
+  `ArgumentError`. Only the calling process waits.
 
       {:ok, stream} = MaculaQuic.accept_stream(conn, [active: false], 5_000)
       {:ok, <<len::32>>} = MaculaQuic.recv(stream, 4, 5_000)
@@ -655,6 +723,27 @@ defmodule MaculaQuic do
   def recv(stream, length, timeout) when is_integer(length) and length >= 0 do
     ref = make_ref()
 
+    result =
+      with {:ok, timeout} <- timeout_value(timeout),
+           :ok <- check_recv_length(length) do
+        recv_native(stream, length, timeout, ref)
+      end
+
+    checked(result, :stream, stream)
+  end
+
+  def recv(_stream, length, _timeout),
+    do:
+      raise(
+        ArgumentError,
+        "recv/3 expects a non-negative integer length, got: #{inspect(length, limit: 10)}"
+      )
+
+  # One recv returns at most 2 GiB.
+  defp check_recv_length(length) when length <= 2_147_483_648, do: :ok
+  defp check_recv_length(_), do: {:error, :badarg}
+
+  defp recv_native(stream, length, timeout, ref) do
     case native(:stream, stream, fn -> Native.stream_recv(stream, length, ref) end) do
       :wait ->
         receive do
@@ -672,13 +761,6 @@ defmodule MaculaQuic do
     end
   end
 
-  def recv(_stream, length, _timeout),
-    do:
-      raise(
-        ArgumentError,
-        "recv/3 expects a non-negative integer length, got: #{inspect(length)}"
-      )
-
   @doc """
   Sets a stream option. Only `:active` exists: `true`, `false`, `:once` or an integer `N`,
   with `:inet` semantics — `:once` delivers one data message then turns passive; `N` adds to
@@ -692,7 +774,7 @@ defmodule MaculaQuic do
   def setopt(stream, :active, value),
     do: native(:stream, stream, fn -> Native.stream_set_active(stream, value) end)
 
-  def setopt(_stream, name, _value), do: {:error, {:bad_option, name}}
+  def setopt(stream, name, _value), do: checked({:error, {:bad_option, name}}, :stream, stream)
 
   @doc """
   Reads a stream option: `:active` gives the current mode (`true | false | :once | N`).
@@ -703,7 +785,7 @@ defmodule MaculaQuic do
   def getopt(stream, :active),
     do: {:ok, native(:stream, stream, fn -> Native.stream_get_active(stream) end)}
 
-  def getopt(_stream, name), do: {:error, {:bad_option, name}}
+  def getopt(stream, name), do: checked({:error, {:bad_option, name}}, :stream, stream)
 
   @doc """
   Closes a stream: the sending side finishes after queued data, the receiving side stops
@@ -720,34 +802,63 @@ defmodule MaculaQuic do
   `stream_shutdown_abort_send/0`, `stream_shutdown_abort_receive/0`,
   `stream_shutdown_abort/0`, optionally with `stream_shutdown_immediate/0`. The peer sees
   `error_code` as `{:quic, :peer_send_aborted, s, code}` or `{:quic, :peer_receive_aborted, s,
-  code}`. Returns at once. Invalid flag combinations give `{:error, :badarg}`.
+  code}`. Returns at once. Invalid flag combinations, and an `error_code` that is not an
+  integer in `0..2^62-1` (a QUIC varint), give `{:error, :badarg}`; a handle that is not a
+  stream raises `ArgumentError`.
 
       :ok = MaculaQuic.async_shutdown_stream(stream, MaculaQuic.stream_shutdown_abort(), 7)
   """
   @spec async_shutdown_stream(stream(), non_neg_integer(), non_neg_integer()) ::
           :ok | {:error, reason()}
   def async_shutdown_stream(stream, flags, error_code)
-      when is_integer(flags) and flags >= 0 and is_integer(error_code) and error_code >= 0 do
+      when flags in 0..15 and is_integer(error_code) and error_code in 0..@max_varint do
     native(:stream, stream, fn -> Native.stream_shutdown(stream, flags, error_code) end)
   end
 
-  def async_shutdown_stream(_stream, _flags, _error_code), do: {:error, :badarg}
+  def async_shutdown_stream(stream, _flags, _error_code) do
+    check_handle!(:stream, stream)
+    {:error, :badarg}
+  end
 
   @doc """
   Gives a stream to `new_owner`, forwarding the stream's messages already queued in the
   caller's mailbox to it, in order, before any new one — nothing is lost or reordered. Only the
-  owner may call it. `opts` may set the stream's `:active` mode for the new owner (default: the
-  mode it had).
+  owner may call it (`{:error, :not_owner}`). `opts` may set the stream's `:active` mode for the
+  new owner (default: the mode it had); any other option, or an invalid mode, gives
+  `{:error, {:bad_option, name}}` and changes nothing. A `new_owner` that has already exited
+  gives `{:error, :closed}`; one that is not a local pid raises `ArgumentError`.
 
       :ok = MaculaQuic.handoff_stream(stream, worker_pid, active: :once)
   """
   @spec handoff_stream(stream(), pid(), options()) :: :ok | {:error, reason()}
-  def handoff_stream(stream, new_owner, opts \\ []) when is_pid(new_owner) do
-    with {:ok, map} <- Options.to_map(opts),
-         {:ok, previous} <-
-           native(:stream, stream, fn -> Native.stream_handoff(stream, new_owner) end) do
-      forward_queued(stream, new_owner)
-      Native.stream_set_active(stream, Map.get(map, :active, previous))
+  def handoff_stream(stream, new_owner, opts \\ []) do
+    local_pid!(new_owner)
+
+    result =
+      with {:ok, map} <- Options.to_map(opts),
+           :ok <- check_handoff_opts(map),
+           {:ok, previous} <-
+             native(:stream, stream, fn -> Native.stream_handoff(stream, new_owner) end) do
+        forward_queued(stream, new_owner)
+        Native.stream_set_active(stream, Map.get(map, :active, previous))
+      end
+
+    checked(result, :stream, stream)
+  end
+
+  # Checked before ownership moves, so a bad option changes nothing.
+  defp check_handoff_opts(map) do
+    case Enum.find(Map.keys(map), &(&1 != :active)) do
+      nil ->
+        case map do
+          %{active: a} when is_boolean(a) or a == :once -> :ok
+          %{active: n} when is_integer(n) and n in -32_767..32_767 -> :ok
+          %{active: _} -> {:error, {:bad_option, :active}}
+          _ -> :ok
+        end
+
+      name ->
+        {:error, {:bad_option, name}}
     end
   end
 
@@ -767,12 +878,14 @@ defmodule MaculaQuic do
   Makes `pid` the owner of `handle` (listener, connection or stream): it receives the
   handle's messages from now on, and the handle is shut down when it exits. Only the current
   owner may call it (`{:error, :not_owner}`); messages already queued stay with the caller
-  (see `handoff_stream/3`).
+  (see `handoff_stream/3`). A `pid` that has already exited gives `{:error, :closed}`; one
+  that is not a local pid, or a `handle` that is not one, raises `ArgumentError`.
 
       :ok = MaculaQuic.controlling_process(conn, worker_pid)
   """
   @spec controlling_process(handle(), pid()) :: :ok | {:error, reason()}
-  def controlling_process(handle, pid) when is_pid(pid) do
+  def controlling_process(handle, pid) do
+    local_pid!(pid)
     native(nil, handle, fn -> Native.controlling_process(handle, pid) end)
   end
 
@@ -824,15 +937,25 @@ defmodule MaculaQuic do
 
   defp charlist_to_binary(value), do: value
 
-  defp check_timeout(ms) when is_integer(ms) and ms >= 0, do: :ok
-  defp check_timeout(_), do: {:error, :badarg}
+  # The largest timeout `receive ... after` takes (about 49 days); longer ones are clamped to it.
+  @max_timeout 4_294_967_295
 
-  defp split_host_port(string) do
-    case Regex.run(~r/^\[?(.+?)\]?:(\d+)$/, string) do
+  defp timeout_value(:infinity), do: {:ok, :infinity}
+  defp timeout_value(ms) when is_integer(ms) and ms >= 0, do: {:ok, min(ms, @max_timeout)}
+  defp timeout_value(_), do: {:error, :badarg}
+
+  defp native_ms(:infinity), do: @max_timeout
+  defp native_ms(ms), do: ms
+
+  # At most 100 bytes: no address with a port is longer, and a huge string is not scanned.
+  defp split_host_port(string) when is_binary(string) and byte_size(string) <= 100 do
+    case Regex.run(~r/^\[?(.+?)\]?:(\d{1,5})$/, string) do
       [_, host, port] -> {:ok, host, String.to_integer(port)}
       _ -> :error
     end
   end
+
+  defp split_host_port(_), do: :error
 
   defp owner?(handle) do
     Native.handle_owner(handle) == self()
@@ -846,13 +969,38 @@ defmodule MaculaQuic do
     fun.()
   rescue
     e in ArgumentError ->
-      actual = Native.handle_kind(handle)
+      case Native.handle_kind(handle) do
+        nil ->
+          bad_handle!(if(kind, do: "a #{kind}", else: "a listener, connection or stream"), handle)
 
-      if kind != nil and actual != kind do
-        bad_handle!("a #{kind}", handle)
-      else
-        reraise e, __STACKTRACE__
+        actual when kind != nil and actual != kind ->
+          bad_handle!("a #{kind}", handle)
+
+        _ ->
+          reraise e, __STACKTRACE__
       end
+  end
+
+  # Every function taking a handle checks it before anything else it reports: an error result
+  # (bad options, a bad timeout) for a call whose handle is not one of `kind` becomes the
+  # ArgumentError for the handle. Costs nothing on success.
+  defp checked({:error, _} = error, kind, handle) do
+    check_handle!(kind, handle)
+    error
+  end
+
+  defp checked(other, _kind, _handle), do: other
+
+  defp local_pid!(pid) when is_pid(pid) and node(pid) == node(), do: :ok
+
+  defp local_pid!(other),
+    do: raise(ArgumentError, "expected a local pid, got: #{inspect(other, limit: 10)}")
+
+  # For calls that answer {:error, :badarg} for bad numbers: the handle is still checked first,
+  # so a wrong handle is always an ArgumentError, whatever else is wrong.
+  defp check_handle!(kind, handle) do
+    if Native.handle_kind(handle) != kind, do: bad_handle!("a #{kind}", handle)
+    :ok
   end
 
   defp bad_handle!(expected, handle) do
@@ -862,6 +1010,7 @@ defmodule MaculaQuic do
         kind -> "a #{kind}"
       end
 
-    raise ArgumentError, "expected #{expected} handle, got: #{inspect(handle)} (#{actual})"
+    raise ArgumentError,
+          "expected #{expected} handle, got: #{inspect(handle, limit: 10)} (#{actual})"
   end
 end

@@ -15,7 +15,9 @@ defmodule MaculaQuic.Native do
   @external_resource Path.expand("../../checksum-Elixir.MaculaQuic.Native.exs", __DIR__)
   @lib_path MaculaQuic.Native.Loader.prepare!(
               otp_app: :macula_quic,
-              project_dir: Path.expand("../..", __DIR__)
+              project_dir: Path.expand("../..", __DIR__),
+              # The test suite's hooks (deliberate panics) exist only in test builds.
+              cargo_features: if(Mix.env() == :test, do: ["test_hooks"], else: [])
             )
 
   @on_load :__load_nif__
@@ -82,7 +84,11 @@ defmodule MaculaQuic.Native do
   def handle_kind(_term), do: nif_error()
   def handle_owner(_handle), do: nif_error()
   def counters, do: nif_error()
+  # Test builds only (crate feature test_hooks): deliberate panics in a NIF, a runtime task and
+  # a stream's reader task.
   def debug_panic, do: nif_error()
+  def debug_panic_task(_tag), do: nif_error()
+  def debug_panic_reader(_stream), do: nif_error()
 
   # Listeners
   def listen(_addr, _port, _opts), do: nif_error()

@@ -14,16 +14,34 @@ pub enum Host {
     Name(String),
 }
 
-/// Decodes a string (binary or charlist) into a Rust `String`, if it is one.
+/// Longest string any argument or option may be (a file path; names and literals are far
+/// shorter). Longer input is rejected before it is copied or scanned, so a huge binary or
+/// charlist never costs the calling scheduler more than this much work.
+pub const MAX_STRING: usize = 4096;
+
+/// Decodes a string (binary or charlist) of at most `MAX_STRING` bytes/characters into a Rust
+/// `String`, if it is one.
 pub fn decode_string(term: Term) -> Option<String> {
     if let Ok(bin) = term.decode::<Binary>() {
+        if bin.len() > MAX_STRING {
+            return None;
+        }
         return std::str::from_utf8(bin.as_slice()).ok().map(str::to_owned);
     }
     if term.is_list() {
-        let chars: Vec<u32> = term.decode().ok()?;
-        return chars.into_iter().map(char::from_u32).collect();
+        let mut out = String::new();
+        for item in crate::util::list_items(term, MAX_STRING)? {
+            out.push(char::from_u32(item.decode::<u32>().ok()?)?);
+        }
+        return Some(out);
     }
     None
+}
+
+/// An integer of exactly type `T`. Rustler's decoders for `u8`/`u16` truncate a wider value
+/// (256 would become 0), so narrow integers are decoded wide and range-checked.
+fn exact<T: TryFrom<i64>>(term: Term) -> Option<T> {
+    term.decode::<i64>().ok().and_then(|n| T::try_from(n).ok())
 }
 
 fn decode_ip_tuple(term: Term) -> Option<IpAddr> {
@@ -32,14 +50,14 @@ fn decode_ip_tuple(term: Term) -> Option<IpAddr> {
         4 => {
             let mut o = [0u8; 4];
             for (i, p) in parts.iter().enumerate() {
-                o[i] = p.decode::<u8>().ok()?;
+                o[i] = exact::<u8>(*p)?;
             }
             Some(IpAddr::V4(Ipv4Addr::from(o)))
         }
         8 => {
             let mut s = [0u16; 8];
             for (i, p) in parts.iter().enumerate() {
-                s[i] = p.decode::<u16>().ok()?;
+                s[i] = exact::<u16>(*p)?;
             }
             Some(IpAddr::V6(Ipv6Addr::from(s)))
         }

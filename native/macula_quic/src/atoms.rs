@@ -11,7 +11,7 @@ rustler::atoms! {
     bad_option, missing_option, bad_address, nxdomain, send_queue_full, stream_limit_reached,
     tls_alert, transport_error, version_mismatch, reset, cids_exhausted, connection_refused,
     connection_idle, not_found, cancelled, delivered, tls_error, bad_certificate, unreachable,
-    invalid_config, io_error, accept_queue_full,
+    invalid_config, io_error, accept_queue_full, internal_error,
     // active modes
     once,
     // map keys

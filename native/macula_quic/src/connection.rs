@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rustler::{Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
-use tokio::task::AbortHandle;
+use tokio::sync::oneshot;
 
 use crate::address::{self, Host};
 use crate::atoms;
@@ -32,7 +32,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 struct State {
     owner: Owner,
     /// Pending stream accepts by id, so `accept_stream/3` can withdraw one on timeout.
-    accepts: HashMap<u64, AbortHandle>,
+    /// Each entry cancels its accept task (which then withdraws its reply unanswered).
+    accepts: HashMap<u64, oneshot::Sender<()>>,
     next_accept: u64,
     /// Set by `close/1`: the closing caller consumes the `closed` message itself.
     closed_by_app: bool,
@@ -447,22 +448,36 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
     let id = st.next_accept;
     st.next_accept += 1;
     let task_conn = c.clone();
-    let handle = runtime::spawn(async move {
+    let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+    runtime::spawn(async move {
         let accepted = tokio::select! {
             r = task_conn.conn.accept_bi() => r.map(|(s, r)| (Some(s), r, 0u32)),
             r = task_conn.conn.accept_uni() => r.map(|r| (None, r, 1u32)),
+            // Withdrawn by `conn_cancel_accept` before a stream came (a stream Quinn already
+            // had stays queued for the next accept). A dropped sender (the connection's state
+            // gone) is no withdrawal: then the accepts above fail by themselves.
+            Ok(()) = cancel_rx => {
+                if let Some(r) = reply {
+                    r.withdraw();
+                }
+                return;
+            }
         };
         let withdrawn = lock(&task_conn.state).accepts.remove(&id).is_none();
         match accepted {
             Ok((send, recv, flags)) => hand_over(task_conn, send, recv, flags, caller, opts.active, reply, withdrawn),
             Err(e) => {
                 if let Some(r) = reply {
-                    r.error(error::connection(&e));
+                    if withdrawn {
+                        r.withdraw();
+                    } else {
+                        r.error(error::connection(&e));
+                    }
                 }
             }
         }
     });
-    st.accepts.insert(id, handle.abort_handle());
+    st.accepts.insert(id, cancel_tx);
     (atoms::ok(), id).encode(env)
 }
 
@@ -497,6 +512,9 @@ fn hand_over(
         });
         return;
     }
+    if let Some(r) = reply {
+        r.withdraw();
+    }
     let owner = c.owner_pid();
     let conn = c.clone();
     StreamRes::start(None, c, send, Some(recv), owner, Active::Off, move |s| {
@@ -523,8 +541,8 @@ fn new_stream_msg<'a>(e: Env<'a>, s: ResourceArc<StreamRes>, conn: ResourceArc<C
 #[rustler::nif]
 fn conn_cancel_accept<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, id: u64) -> Term<'a> {
     match lock(&c.state).accepts.remove(&id) {
-        Some(h) => {
-            h.abort();
+        Some(cancel) => {
+            let _ = cancel.send(());
             atoms::cancelled().encode(env)
         }
         None => atoms::delivered().encode(env),

@@ -75,9 +75,25 @@ fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {
     Term::map_from_pairs(env, &pairs).map_err(|_| rustler::Error::BadArg)
 }
 
-/// `debug_panic()`: panics on purpose, so tests can prove a panic in Rust is an Erlang error
-/// and not a crashed VM.
+/// `debug_panic()` (test builds only): panics on purpose, so tests can prove a panic in Rust
+/// is an Erlang error and not a crashed VM.
+#[cfg(feature = "test_hooks")]
 #[rustler::nif]
 fn debug_panic() -> rustler::Atom {
     panic!("macula_quic: deliberate panic (debug_panic/0)")
+}
+
+/// `debug_panic_task(Tag)` (test builds only): starts a runtime task that holds a request
+/// from the caller and panics. The caller must still be answered:
+/// `{Tag, {:error, :internal_error}}`.
+#[cfg(feature = "test_hooks")]
+#[rustler::nif]
+fn debug_panic_task<'a>(env: Env<'a>, tag: Term<'a>) -> rustler::Atom {
+    let reply = crate::messages::Reply::new(env.pid(), tag);
+    runtime::spawn(async move {
+        let _held = reply;
+        tokio::task::yield_now().await;
+        panic!("macula_quic: deliberate panic in a runtime task (debug_panic_task/1)");
+    });
+    atoms::ok()
 }

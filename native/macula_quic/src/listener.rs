@@ -111,6 +111,8 @@ fn close(shared: &Arc<Shared>) -> bool {
             return true;
         }
         st.closed = true;
+        // Blocking `accept` callers are answered `{:error, :closed}` (their `Reply` does so as
+        // it is dropped); `async_accept` callers get nothing, the owner `listener_stopped`.
         st.waiters.clear();
         (st.ready.drain(..).collect::<Vec<_>>(), st.delivered_live > 0)
     };
@@ -327,7 +329,9 @@ fn listener_cancel_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>) -> Term
     let mut st = lock(&l.shared.state);
     match st.waiters.iter().rposition(|w| w.pid == caller) {
         Some(i) => {
-            st.waiters.remove(i);
+            if let Some(Waiter { reply: Some(r), .. }) = st.waiters.remove(i) {
+                r.withdraw();
+            }
             atoms::cancelled().encode(env)
         }
         None => atoms::delivered().encode(env),

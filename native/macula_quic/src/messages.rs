@@ -27,22 +27,24 @@ where
 }
 
 /// Someone waiting for the answer to a request: a process and the tag it will match on.
+///
+/// Every request is answered exactly once. A `Reply` dropped without an answer (the object it
+/// waited on went away, or the task holding it panicked) answers by itself with
+/// `{:error, :closed}` — `{:error, :internal_error}` when a panic dropped it — so no caller waits
+/// forever. A caller that withdraws its request (a timeout) uses `withdraw`, which answers
+/// nothing.
 pub struct Reply {
+    inner: Option<Pending>,
+}
+
+struct Pending {
     pid: LocalPid,
     env: OwnedEnv,
     tag: SavedTerm,
 }
 
-impl Reply {
-    /// Captures the caller and its tag. Called inside the NIF that starts the request.
-    pub fn new(pid: LocalPid, tag: Term) -> Reply {
-        let env = OwnedEnv::new();
-        let tag = env.save(tag);
-        Reply { pid, env, tag }
-    }
-
-    /// Sends `{Tag, Result}`. Must run on a runtime thread.
-    pub fn send<F>(mut self, build: F) -> bool
+impl Pending {
+    fn send<F>(mut self, build: F) -> bool
     where
         F: for<'a> FnOnce(Env<'a>) -> Term<'a>,
     {
@@ -54,6 +56,26 @@ impl Reply {
             })
             .is_ok()
     }
+}
+
+impl Reply {
+    /// Captures the caller and its tag. Called inside the NIF that starts the request.
+    pub fn new(pid: LocalPid, tag: Term) -> Reply {
+        let env = OwnedEnv::new();
+        let tag = env.save(tag);
+        Reply { inner: Some(Pending { pid, env, tag }) }
+    }
+
+    /// Sends `{Tag, Result}`. Must run on a runtime thread.
+    pub fn send<F>(mut self, build: F) -> bool
+    where
+        F: for<'a> FnOnce(Env<'a>) -> Term<'a>,
+    {
+        match self.inner.take() {
+            Some(p) => p.send(build),
+            None => false,
+        }
+    }
 
     /// Sends `{Tag, :ok}`.
     pub fn ok(self) -> bool {
@@ -63,5 +85,34 @@ impl Reply {
     /// Sends `{Tag, {:error, Reason}}`.
     pub fn error<R: Encoder + Send + 'static>(self, reason: R) -> bool {
         self.send(move |e| (crate::atoms::error(), reason).encode(e))
+    }
+
+    /// The process waiting, while the request is unanswered.
+    pub fn pid(&self) -> Option<LocalPid> {
+        self.inner.as_ref().map(|p| p.pid)
+    }
+
+    /// Forgets the request without answering: its caller withdrew it and waits no more.
+    pub fn withdraw(mut self) {
+        self.inner.take();
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        let Some(pending) = self.inner.take() else { return };
+        let reason = if std::thread::panicking() || crate::runtime::in_panic_cleanup() {
+            crate::atoms::internal_error()
+        } else {
+            crate::atoms::closed()
+        };
+        if rustler::thread::is_scheduler_thread() {
+            // A scheduler thread cannot send from an owned environment: answer from the runtime.
+            crate::runtime::spawn(async move {
+                pending.send(move |e| (crate::atoms::error(), reason).encode(e));
+            });
+        } else {
+            pending.send(move |e| (crate::atoms::error(), reason).encode(e));
+        }
     }
 }

@@ -86,16 +86,23 @@ impl Default for Stream {
     }
 }
 
-/// Iterates a map's entries as (option name, value); a non-map or a non-atom key is a badarg.
-fn entries<'a>(map: Term<'a>) -> Result<Vec<(String, Term<'a>)>, Reason> {
+/// Calls `f` with each (option name, value) of a map, stopping at the first error; a non-map
+/// or a non-atom key is a badarg. Entries are visited lazily, so a huge map of junk costs no
+/// more than reaching its first unknown name.
+fn each_entry<'a>(map: Term<'a>, mut f: impl FnMut(&str, Term<'a>) -> Result<(), Reason>) -> Result<(), Reason> {
     let iter = MapIterator::new(map).ok_or(Reason::Atom(atoms::badarg()))?;
-    let mut out = Vec::new();
     for (k, v) in iter {
         let name = k.atom_to_string().map_err(|_| Reason::Atom(atoms::badarg()))?;
-        out.push((name, v));
+        f(&name, v)?;
     }
-    Ok(out)
+    Ok(())
 }
+
+/// Largest DER certificate or key accepted in `:cert`/`:key` (real ones are a few KiB).
+const MAX_DER: usize = 1024 * 1024;
+
+/// Most ALPN protocol names accepted (the TLS extension holds at most 64 KiB of them).
+const MAX_ALPN: usize = 256;
 
 fn uint(name: &str, v: Term, max: u64) -> Result<u64, Reason> {
     match v.decode::<u64>() {
@@ -109,13 +116,14 @@ fn string(name: &str, v: Term) -> Result<String, Reason> {
 }
 
 fn binary(name: &str, v: Term) -> Result<Vec<u8>, Reason> {
-    v.decode::<rustler::Binary>()
-        .map(|b| b.as_slice().to_vec())
-        .map_err(|_| bad_option(name))
+    match v.decode::<rustler::Binary>() {
+        Ok(b) if b.len() <= MAX_DER => Ok(b.as_slice().to_vec()),
+        _ => Err(bad_option(name)),
+    }
 }
 
 fn alpn(v: Term) -> Result<Vec<Vec<u8>>, Reason> {
-    let items: Vec<Term> = v.decode().map_err(|_| bad_option("alpn"))?;
+    let items = crate::util::list_items(v, MAX_ALPN).ok_or_else(|| bad_option("alpn"))?;
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         let s = decode_string(item).ok_or_else(|| bad_option("alpn"))?;
@@ -222,16 +230,17 @@ fn handshake_timeout(name: &str, v: Term) -> Result<Duration, Reason> {
 
 pub fn decode_listen(map: Term) -> Result<Listen, Reason> {
     let mut o = Listen::default();
-    for (name, v) in entries(map)? {
-        if common(&name, v, &mut o.tls, &mut o.transport)? {
-            continue;
+    each_entry(map, |name, v| {
+        if common(name, v, &mut o.tls, &mut o.transport)? {
+            return Ok(());
         }
-        match name.as_str() {
-            "handshake_idle_timeout_ms" => o.handshake_timeout = Some(handshake_timeout(&name, v)?),
-            "backlog" => o.backlog = Some(uint(&name, v, 1 << 20)?.max(1) as usize),
-            _ => return Err(bad_option(&name)),
+        match name {
+            "handshake_idle_timeout_ms" => o.handshake_timeout = Some(handshake_timeout(name, v)?),
+            "backlog" => o.backlog = Some(uint(name, v, 1 << 20)?.max(1) as usize),
+            _ => return Err(bad_option(name)),
         }
-    }
+        Ok(())
+    })?;
     if o.tls.alpn.is_empty() {
         return Err(Reason::Tagged(atoms::missing_option(), alpn_atom()));
     }
@@ -240,17 +249,18 @@ pub fn decode_listen(map: Term) -> Result<Listen, Reason> {
 
 pub fn decode_connect(map: Term) -> Result<Connect, Reason> {
     let mut o = Connect::default();
-    for (name, v) in entries(map)? {
-        if common(&name, v, &mut o.tls, &mut o.transport)? {
-            continue;
+    each_entry(map, |name, v| {
+        if common(name, v, &mut o.tls, &mut o.transport)? {
+            return Ok(());
         }
-        match name.as_str() {
-            "handshake_idle_timeout_ms" => o.handshake_timeout = Some(handshake_timeout(&name, v)?),
-            "server_name" | "sni" => o.server_name = Some(string(&name, v)?),
+        match name {
+            "handshake_idle_timeout_ms" => o.handshake_timeout = Some(handshake_timeout(name, v)?),
+            "server_name" | "sni" => o.server_name = Some(string(name, v)?),
             "local_address" => o.local_address = Some(local_address(v)?),
-            _ => return Err(bad_option(&name)),
+            _ => return Err(bad_option(name)),
         }
-    }
+        Ok(())
+    })?;
     if o.tls.alpn.is_empty() {
         return Err(Reason::Tagged(atoms::missing_option(), alpn_atom()));
     }
@@ -277,25 +287,26 @@ fn local_address(v: Term) -> Result<(IpAddr, u16), Reason> {
 
 pub fn decode_stream(map: Term) -> Result<Stream, Reason> {
     let mut o = Stream::default();
-    for (name, v) in entries(map)? {
-        match name.as_str() {
+    each_entry(map, |name, v| {
+        match name {
             "active" => {
                 let setting = decode_active(v).ok_or_else(|| bad_option("active"))?;
                 o.active = setting.apply(Active::Off).map_err(|_| bad_option("active"))?;
             }
-            "unidirectional" => o.unidirectional = v.decode::<bool>().map_err(|_| bad_option(&name))?,
+            "unidirectional" => o.unidirectional = v.decode::<bool>().map_err(|_| bad_option(name))?,
             // quicer's open flag: QUIC_STREAM_OPEN_FLAG_UNIDIRECTIONAL = 1.
             "open_flag" => {
-                let f = uint(&name, v, u32::MAX as u64)?;
+                let f = uint(name, v, u32::MAX as u64)?;
                 o.unidirectional = f & 1 == 1;
             }
             // quicer's start flags and event masks have no Quinn counterpart: a stream starts on
             // its first write. Accepted so quicer code runs unchanged.
             "start_flag" | "quic_event_mask" => {
-                uint(&name, v, u32::MAX as u64)?;
+                uint(name, v, u32::MAX as u64)?;
             }
-            _ => return Err(bad_option(&name)),
+            _ => return Err(bad_option(name)),
         }
-    }
+        Ok(())
+    })?;
     Ok(o)
 }

@@ -43,12 +43,55 @@ pub fn get() -> &'static Runtime {
 }
 
 /// Spawns a task on the runtime.
-pub fn spawn<F>(fut: F) -> tokio::task::JoinHandle<F::Output>
+///
+/// A panic in the task is caught here (as tokio would) but the task's state is then dropped
+/// with `in_panic_cleanup()` true, so whatever it held can tell a crash from an ordinary end:
+/// a pending `Reply` answers `{:error, :internal_error}`, a stream's reader fails its pending
+/// `recv`. The task then ends with `None`.
+pub fn spawn<F>(fut: F) -> tokio::task::JoinHandle<Option<F::Output>>
 where
     F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    get().spawn(fut)
+    get().spawn(Guarded { inner: Some(Box::pin(fut)) })
+}
+
+thread_local! {
+    static PANIC_CLEANUP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True while a panicked task's state is being dropped (on this thread).
+pub fn in_panic_cleanup() -> bool {
+    PANIC_CLEANUP.with(|c| c.get())
+}
+
+struct Guarded<F: std::future::Future> {
+    inner: Option<std::pin::Pin<Box<F>>>,
+}
+
+impl<F: std::future::Future> std::future::Future for Guarded<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        use std::panic::{catch_unwind, AssertUnwindSafe};
+        use std::task::Poll;
+        let Some(fut) = self.inner.as_mut() else { return Poll::Ready(None) };
+        match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(out)) => {
+                self.inner = None;
+                Poll::Ready(Some(out))
+            }
+            Err(_) => {
+                let state = self.inner.take();
+                PANIC_CLEANUP.with(|c| c.set(true));
+                // A destructor that panics as well must not take the worker thread down.
+                let _ = catch_unwind(AssertUnwindSafe(move || drop(state)));
+                PANIC_CLEANUP.with(|c| c.set(false));
+                Poll::Ready(None)
+            }
+        }
+    }
 }
 
 /// Worker threads in use (0 before the runtime starts).

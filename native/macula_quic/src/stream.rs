@@ -87,6 +87,9 @@ struct State {
     peer_reset_code: Option<u64>,
     /// Why the send side ended, for sends attempted after it did.
     send_error: Option<Reason>,
+    /// Test hook: the reader panics when it next wakes.
+    #[cfg(feature = "test_hooks")]
+    debug_panic: bool,
 }
 
 pub struct StreamRes {
@@ -172,6 +175,8 @@ impl StreamRes {
                 conn_lost: false,
                 peer_reset_code: None,
                 send_error: None,
+                #[cfg(feature = "test_hooks")]
+                debug_panic: false,
             }),
             wake_reader: Notify::new(),
             wake_writer: Notify::new(),
@@ -274,11 +279,48 @@ async fn read_available(recv: &mut quinn::RecvStream, max: usize) -> ReadOutcome
     .await
 }
 
+/// Ends the receive side when the reader task ends, however it ends: nobody may be left
+/// waiting in `recv` once the reader is gone, and no later `recv` may wait for it. After a
+/// panic (a bug) the stream's receive side is closed and a pending `recv` gets
+/// `{:error, :internal_error}`.
+struct ReaderExit(ResourceArc<StreamRes>);
+
+impl Drop for ReaderExit {
+    fn drop(&mut self) {
+        let res = &self.0;
+        let mut st = lock(&res.state);
+        let pending = st.recv_request.take();
+        if !st.recv_done {
+            // Only a panic gets here: every normal exit finishes the receive side first.
+            st.recv_end.get_or_insert(RecvEnd::Stopped);
+            st.buf.clear();
+            st.buffered = 0;
+            st.end_reported = true;
+            finish_recv(res, &mut st);
+        }
+        let reason = end_reason(&st);
+        drop(st);
+        if let Some(req) = pending {
+            if std::thread::panicking() || runtime::in_panic_cleanup() {
+                // Dropped unanswered, it answers `{:error, :internal_error}`.
+                drop(req);
+            } else {
+                req.reply.error(reason);
+            }
+        }
+    }
+}
+
 async fn recv_loop(res: ResourceArc<StreamRes>, mut recv: quinn::RecvStream) {
     let _task = Live::new(&counters::TASKS);
+    let _exit = ReaderExit(res.clone());
     loop {
         let want = {
             let mut st = lock(&res.state);
+            #[cfg(feature = "test_hooks")]
+            if st.debug_panic {
+                panic!("macula_quic: deliberate panic in a stream reader (debug_panic_reader/1)");
+            }
             if let Some(code) = st.stop_recv.take() {
                 let _ = recv.stop(code.try_into().unwrap_or(quinn::VarInt::from_u32(0)));
                 if st.recv_end.is_none() {
@@ -327,12 +369,7 @@ async fn recv_loop(res: ResourceArc<StreamRes>, mut recv: quinn::RecvStream) {
             _ = notified => {}
         }
     }
-    // Nobody may be left waiting in `recv` once the reader is gone.
-    let pending = lock(&res.state).recv_request.take();
-    if let Some(req) = pending {
-        let reason = end_reason(&lock(&res.state));
-        req.reply.error(reason);
-    }
+    // `_exit` answers a pending `recv` as it drops.
 }
 
 /// How many more bytes the reader should fetch now, or `None` when nobody wants data.
@@ -425,7 +462,15 @@ fn deliver(res: &ResourceArc<StreamRes>, st: &mut State) {
             if !st.buf.is_empty() && (req.len == 0 || st.buffered >= req.len || st.recv_end.is_some()) {
                 let limit = if req.len == 0 { MAX_CHUNK } else { req.len };
                 let chunks = take(st, limit, req.len != 0);
-                req.reply.send(move |e| (atoms::ok(), to_binary(e, &chunks)).encode(e));
+                let kept = chunks.clone();
+                if !req.reply.send(move |e| (atoms::ok(), to_binary(e, &chunks)).encode(e)) {
+                    // The caller exited while it waited: the data stays, in order, for the
+                    // next `recv` (sharing the bytes, not copying them).
+                    st.buffered += kept.iter().map(Bytes::len).sum::<usize>();
+                    for c in kept.into_iter().rev() {
+                        st.buf.push_front(c);
+                    }
+                }
                 continue;
             }
             if ended(st) {
@@ -599,7 +644,11 @@ fn stopped_reason(res: &ResourceArc<StreamRes>, peer: Result<Option<quinn::VarIn
         Ok(None) => atoms::closed().into(),
         Err(_) => {
             lock(&res.state).conn_lost = true;
-            atoms::closed().into()
+            // Why the connection ended, as a write that failed on it would report it.
+            match res.conn.conn.close_reason() {
+                Some(why) => error::connection(&why),
+                None => atoms::closed().into(),
+            }
         }
     }
 }
@@ -780,8 +829,17 @@ fn stream_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<
     if st.active != Active::Off {
         return err(env, atoms::einval());
     }
-    if st.recv_request.is_some() {
-        return err(env, ealready());
+    if let Some(req) = &st.recv_request {
+        // A waiting `recv` whose caller has since exited (killed while waiting) must not
+        // block the stream's next `recv` forever: it is dropped, unanswered.
+        match req.reply.pid() {
+            Some(pid) if env.is_process_alive(pid) => return err(env, ealready()),
+            _ => {
+                if let Some(stale) = st.recv_request.take() {
+                    stale.reply.withdraw();
+                }
+            }
+        }
     }
     if !st.buf.is_empty() && (len == 0 || st.buffered >= len || st.recv_end.is_some()) {
         let limit = if len == 0 { MAX_CHUNK } else { len };
@@ -809,7 +867,10 @@ fn stream_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<
 fn stream_cancel_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
     let mut st = lock(&s.state);
     match st.recv_request.take() {
-        Some(_) => atoms::cancelled().encode(env),
+        Some(req) => {
+            req.reply.withdraw();
+            atoms::cancelled().encode(env)
+        }
         None => atoms::delivered().encode(env),
     }
 }
@@ -866,3 +927,14 @@ fn stream_info<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> NifResult<Term<'a
     Term::map_from_pairs(env, &pairs).map_err(|_| rustler::Error::BadArg)
 }
 
+
+/// `debug_panic_reader(Stream)` (test builds only): makes the stream's reader task panic, so
+/// tests can prove a panic on a runtime thread fails the stream's callers instead of leaving
+/// them waiting.
+#[cfg(feature = "test_hooks")]
+#[rustler::nif]
+fn debug_panic_reader(s: ResourceArc<StreamRes>) -> rustler::Atom {
+    lock(&s.state).debug_panic = true;
+    s.wake_reader.notify_one();
+    atoms::ok()
+}

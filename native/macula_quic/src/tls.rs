@@ -16,22 +16,57 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use crate::error::{bad_option, Reason};
 use crate::options::{Tls, Transport, Verify};
 
-rustler::atoms! { certfile, keyfile, cacertfile, cert, key, enoent, eacces, malformed, no_key, cert_key_mismatch }
+rustler::atoms! {
+    certfile, keyfile, cacertfile, cert, key, enoent, eacces, eisdir, einval, too_large, malformed, no_key,
+    cert_key_mismatch,
+}
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Reads a PEM file; errors are `{:certfile | :keyfile | :cacertfile, :enoent | :eacces | :malformed}`.
+/// Largest PEM file we read. Real certificate chains and keys are a few KiB; the limit keeps
+/// a wrong path (a log file, `/dev/zero`) from stalling the calling scheduler or exhausting
+/// memory.
+const MAX_PEM_FILE: u64 = 1024 * 1024;
+
+/// Reads a PEM file. Errors are `{:certfile | :keyfile | :cacertfile, why}` with `why` one of
+/// `:enoent`, `:eacces`, `:eisdir` (a directory), `:einval` (not a regular file: a device,
+/// FIFO or socket, which could block or never end), `:too_large` (over 1 MiB) or
+/// `:malformed` (unreadable otherwise, or no PEM inside).
+///
+/// The file is checked before it is opened: opening a FIFO would block the scheduler until a
+/// writer appeared, and reading a device such as `/dev/zero` would never end.
 fn read_pem(path: &str, which: rustler::Atom) -> Result<Vec<u8>, Reason> {
-    std::fs::read(path).map_err(|e| {
-        let why = match e.kind() {
-            std::io::ErrorKind::NotFound => enoent(),
-            std::io::ErrorKind::PermissionDenied => eacces(),
-            _ => malformed(),
-        };
-        Reason::Tagged(which, why)
-    })
+    use std::io::Read;
+    let io_reason = |e: &std::io::Error| match e.kind() {
+        std::io::ErrorKind::NotFound => enoent(),
+        std::io::ErrorKind::PermissionDenied => eacces(),
+        _ => malformed(),
+    };
+    if path.is_empty() || path.contains('\0') {
+        return Err(Reason::Tagged(which, enoent()));
+    }
+    let meta = std::fs::metadata(path).map_err(|e| Reason::Tagged(which, io_reason(&e)))?;
+    if meta.is_dir() {
+        return Err(Reason::Tagged(which, eisdir()));
+    }
+    if !meta.is_file() {
+        return Err(Reason::Tagged(which, einval()));
+    }
+    if meta.len() > MAX_PEM_FILE {
+        return Err(Reason::Tagged(which, too_large()));
+    }
+    let file = std::fs::File::open(path).map_err(|e| Reason::Tagged(which, io_reason(&e)))?;
+    let mut out = Vec::new();
+    // Bounded again while reading: the file may have grown since it was checked.
+    file.take(MAX_PEM_FILE + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| Reason::Tagged(which, io_reason(&e)))?;
+    if out.len() as u64 > MAX_PEM_FILE {
+        return Err(Reason::Tagged(which, too_large()));
+    }
+    Ok(out)
 }
 
 fn certs_from_pem(pem: &[u8], which: rustler::Atom) -> Result<Vec<CertificateDer<'static>>, Reason> {
