@@ -1,10 +1,11 @@
 //! Streams: one resource per QUIC stream, with a reader task and a writer task.
 //!
-//! Receiving is driven by demand. The reader task reads from Quinn only while the owner wants
-//! data (active mode with budget left, or a pending passive `recv`); otherwise Quinn's receive
-//! buffer fills, the stream's flow-control window closes, and the peer's sends stall. Nothing
-//! grows without bound: at most one coalesced read (`MAX_CHUNK` bytes, or the length a pending
-//! `recv` asked for) waits in our buffer.
+//! Receiving is driven by demand. The reader task reads from Quinn only while our buffer is
+//! below one coalesced read (`MAX_CHUNK` bytes, or the length a pending `recv` asked for), and
+//! in active mode only once what it holds was delivered; when the owner does not take data,
+//! Quinn's receive buffer fills, the stream's flow-control window closes, and the peer's sends
+//! stall. Nothing grows without bound. (A passive stream keeps one chunk read ahead so `recv`
+//! can answer from the buffer within the NIF call.)
 //!
 //! Every message about the stream is sent while holding the stream's state lock, so changing
 //! the owner is atomic with respect to deliveries: a message goes either to the old owner
@@ -350,15 +351,17 @@ async fn recv_loop(res: ResourceArc<StreamRes>, mut recv: quinn::RecvStream) {
     }
 }
 
-/// How many more bytes the reader should fetch now, or `None` when nobody wants data.
+/// How many more bytes the reader should fetch now, or `None` when it should wait.
+///
+/// A passive stream reads ahead one chunk even without a pending `recv`, so that `recv`
+/// usually finds data already buffered and answers within the NIF call, instead of waking the
+/// reader and waiting for its reply. The same bound holds as in active mode: one `MAX_CHUNK`.
 fn wanted_bytes(st: &State) -> Option<usize> {
     if st.recv_end.is_some() {
         return None;
     }
     let target = match (&st.active, &st.recv_request) {
-        (Active::Off, None) => return None,
-        (Active::Off, Some(req)) if req.len == 0 => MAX_CHUNK,
-        (Active::Off, Some(req)) => req.len,
+        (Active::Off, Some(req)) if req.len > 0 => req.len,
         _ => MAX_CHUNK,
     };
     if st.active != Active::Off && st.buffered > 0 {
@@ -877,7 +880,8 @@ fn stream_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<
         let limit = if len == 0 { MAX_CHUNK } else { len };
         let chunks = take(&mut st, limit, len != 0);
         let bin = to_binary(env, &chunks);
-        let wake = st.buffered == 0;
+        // There is room again: let the reader fetch the next chunk while the caller handles this.
+        let wake = st.buffered < MAX_CHUNK && st.recv_end.is_none();
         drop(st);
         if wake {
             s.wake_reader.notify_one();
