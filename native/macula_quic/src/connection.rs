@@ -6,8 +6,8 @@
 //! Props}` last. The watcher holds the resource while the connection is open; once it ends,
 //! nothing native holds it and garbage collection frees it.
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use rustler::{Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
@@ -42,7 +42,11 @@ pub struct ConnRes {
     pub conn: quinn::Connection,
     /// The local UDP port (the endpoint's), for `sockname`.
     pub local_port: u16,
+    /// The endpoint's bound address; its IP may be the wildcard (a shared client endpoint).
     pub local_bound: SocketAddr,
+    /// The source IP the kernel routes to the peer from a wildcard-bound endpoint, looked up
+    /// the first time `local_addr` needs it (not on every connect: few callers ask).
+    routed_ip: OnceLock<Option<IpAddr>>,
     state: Mutex<State>,
     _live: Live,
 }
@@ -77,6 +81,7 @@ impl ConnRes {
             conn,
             local_port: local_bound.port(),
             local_bound,
+            routed_ip: OnceLock::new(),
             state: Mutex::new(State {
                 owner: Owner::unmonitored(owner),
                 accepts: HashMap::new(),
@@ -101,6 +106,10 @@ impl ConnRes {
     pub fn local_addr(&self) -> SocketAddr {
         match self.conn.local_ip() {
             Some(ip) => SocketAddr::new(ip, self.local_port),
+            None if self.local_bound.ip().is_unspecified() => {
+                let routed = self.routed_ip.get_or_init(|| endpoint::route_source(&self.conn.remote_address()));
+                routed.map_or(self.local_bound, |ip| SocketAddr::new(ip, self.local_port))
+            }
             None => self.local_bound,
         }
     }
@@ -192,7 +201,7 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
-    let config = match tls::client_config(&opts.tls, &opts.transport) {
+    let config = match tls::client_config_cached(&opts.tls, &opts.transport) {
         Ok(c) => c,
         Err(r) => return err(env, r),
     };
@@ -242,12 +251,7 @@ async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::Clie
         }
     };
     let endpoint = endpoint::client_endpoint(&remote, opts.local_address)?;
-    let mut bound = endpoint.local_addr().map_err(|e| error::io(&e))?;
-    if bound.ip().is_unspecified() {
-        if let Some(ip) = endpoint::route_source(&remote) {
-            bound.set_ip(ip);
-        }
-    }
+    let bound = endpoint.local_addr().map_err(|e| error::io(&e))?;
     let server_name = opts.server_name.unwrap_or(default_name);
     let connecting = endpoint
         .connect_with(config, remote, &server_name)
