@@ -36,6 +36,8 @@ struct State {
     next_accept: u64,
     /// Set by `close/1`: the closing caller consumes the `closed` message itself.
     closed_by_app: bool,
+    /// The `closed` message was sent (by `conn_close` or the watcher): nothing follows it.
+    closed_sent: bool,
 }
 
 pub struct ConnRes {
@@ -87,6 +89,7 @@ impl ConnRes {
                 accepts: HashMap::new(),
                 next_accept: 1,
                 closed_by_app: false,
+                closed_sent: false,
             }),
             _live: Live::new(&counters::CONNECTIONS),
         });
@@ -121,7 +124,12 @@ async fn watch(res: ResourceArc<ConnRes>) {
     let why = res.conn.closed().await;
     // Pending stream accepts end by themselves (Quinn fails them) and answer their callers.
     let (owner, by_app) = {
-        let st = lock(&res.state);
+        let mut st = lock(&res.state);
+        if st.closed_sent {
+            // `conn_close` already told the owner.
+            return;
+        }
+        st.closed_sent = true;
         (st.owner.pid, st.closed_by_app)
     };
     let local = matches!(why, quinn::ConnectionError::LocallyClosed);
@@ -141,20 +149,23 @@ async fn watch(res: ResourceArc<ConnRes>) {
         });
     }
     let r = res.clone();
-    let handshake_done = true;
-    messages::send(&owner, move |e| {
-        let props = Term::map_from_pairs(
-            e,
-            &[
-                (atoms::is_handshake_completed().encode(e), handshake_done.encode(e)),
-                (atoms::is_peer_acked().encode(e), (!local).encode(e)),
-                (atoms::is_app_closing().encode(e), (local || by_app).encode(e)),
-            ],
-        )
-        .unwrap_or_else(|_| atoms::undefined().encode(e));
-        (atoms::quic(), atoms::closed(), r, props).encode(e)
-    });
+    messages::send(&owner, move |e| closed_msg(e, r, local, local || by_app));
     lock(&res.state).owner.release(&res, None);
+}
+
+/// `{quic, closed, C, Props}`: always the last message about a connection.
+fn closed_msg(e: Env, r: ResourceArc<ConnRes>, local: bool, app_closing: bool) -> Term {
+    let handshake_done = true;
+    let props = Term::map_from_pairs(
+        e,
+        &[
+            (atoms::is_handshake_completed().encode(e), handshake_done.encode(e)),
+            (atoms::is_peer_acked().encode(e), (!local).encode(e)),
+            (atoms::is_app_closing().encode(e), app_closing.encode(e)),
+        ],
+    )
+    .unwrap_or_else(|_| atoms::undefined().encode(e));
+    (atoms::quic(), atoms::closed(), r, props).encode(e)
 }
 
 /// quicer's `transport_shutdown` status atom and error code for why a connection ended.
@@ -266,11 +277,20 @@ async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::Clie
 #[rustler::nif]
 fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64) -> Term<'a> {
     let Ok(code) = quinn::VarInt::from_u64(code) else { return err(env, atoms::badarg()) };
+    let mut st = lock(&c.state);
     if c.conn.close_reason().is_some() {
         return atoms::closed().encode(env);
     }
-    lock(&c.state).closed_by_app = true;
+    st.closed_by_app = true;
     c.conn.close(code, b"");
+    // When this call is what closed it (not a peer close racing it), nothing else is left to
+    // report: send `closed` from here, saving the closing caller (who waits for it) a round
+    // trip through the watcher task. The flag keeps the watcher from sending anything after.
+    if matches!(c.conn.close_reason(), Some(quinn::ConnectionError::LocallyClosed)) && !st.closed_sent {
+        st.closed_sent = true;
+        let _ = env.send(&st.owner.pid, closed_msg(env, c.clone(), true, true));
+        st.owner.release(&c, Some(env));
+    }
     atoms::ok().encode(env)
 }
 
