@@ -112,6 +112,8 @@ pub struct StreamRes {
     state: Mutex<State>,
     wake_reader: Notify,
     wake_writer: Notify,
+    /// Quinn's receive side, `None` for a send-only stream; taken when the reader ends.
+    recv_stream: Option<Mutex<Option<quinn::RecvStream>>>,
     /// `None` for a receive-only stream.
     send: Option<Mutex<SendSide>>,
     _live: Live,
@@ -166,6 +168,7 @@ impl StreamRes {
         };
         let bidi = send.is_some() && recv.is_some();
         let has_send = send.is_some();
+        let has_recv = recv.is_some();
         let res = ResourceArc::new(StreamRes {
             conn,
             id: id.index() * 4 + stream_id_low_bits(id),
@@ -177,12 +180,12 @@ impl StreamRes {
                 buf: VecDeque::new(),
                 buffered: 0,
                 recv_end: None,
-                end_reported: recv.is_none(),
+                end_reported: !has_recv,
                 recv_request: None,
                 stop_recv: None,
                 reset_send: None,
                 silenced: false,
-                recv_done: recv.is_none(),
+                recv_done: !has_recv,
                 send_done: send.is_none(),
                 closed_sent: false,
                 conn_lost: false,
@@ -190,6 +193,7 @@ impl StreamRes {
             }),
             wake_reader: Notify::new(),
             wake_writer: Notify::new(),
+            recv_stream: recv.map(|r| Mutex::new(Some(r))),
             send: send.map(|stream| {
                 Mutex::new(SendSide { stream: Some(stream), queue: VecDeque::new(), queued: 0, ended: None })
             }),
@@ -211,8 +215,8 @@ impl StreamRes {
         if alive {
             announce(&res);
         }
-        if let Some(recv) = recv {
-            runtime::spawn(recv_loop(res.clone(), recv));
+        if has_recv {
+            runtime::spawn(recv_loop(res.clone()));
         }
         if has_send {
             runtime::spawn(send_loop(res.clone()));
@@ -252,51 +256,84 @@ enum ReadOutcome {
     Lost,
 }
 
-/// Reads whatever is available now, up to `max` bytes, waiting only if nothing is.
+/// Takes whatever Quinn has available now, up to `max` bytes; pending only if nothing is.
 ///
 /// Quinn hands out data in packet-sized chunks; this gathers every chunk that is already
 /// available into one batch (without copying), and also notices a FIN that arrived with them, so
-/// the last data message can carry the FIN flag.
-async fn read_available(recv: &mut quinn::RecvStream, max: usize) -> ReadOutcome {
+/// the last data message can carry the FIN flag. On `Pending`, Quinn keeps `cx`'s waker.
+fn poll_available(recv: &mut quinn::RecvStream, max: usize, cx: &mut Context) -> Poll<ReadOutcome> {
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut total = 0usize;
-    poll_fn(|cx| loop {
+    loop {
         let want = max.saturating_sub(total).max(1);
-        let step = {
-            let fut = pin!(recv.read_chunk(want, true));
-            fut.poll(cx)
-        };
+        let step = pin!(recv.read_chunk(want, true)).poll(cx);
         match step {
             Poll::Ready(Ok(Some(chunk))) => {
                 total += chunk.bytes.len();
                 chunks.push(chunk.bytes);
                 if total >= max {
-                    return Poll::Ready(ReadOutcome::Data(std::mem::take(&mut chunks), false));
+                    return Poll::Ready(ReadOutcome::Data(chunks, false));
                 }
             }
-            Poll::Ready(Ok(None)) => return Poll::Ready(ReadOutcome::Data(std::mem::take(&mut chunks), true)),
+            Poll::Ready(Ok(None)) => return Poll::Ready(ReadOutcome::Data(chunks, true)),
             // Data read before an error is still delivered; the error shows on the next read.
-            Poll::Ready(Err(_)) if !chunks.is_empty() => {
-                return Poll::Ready(ReadOutcome::Data(std::mem::take(&mut chunks), false))
-            }
+            Poll::Ready(Err(_)) if !chunks.is_empty() => return Poll::Ready(ReadOutcome::Data(chunks, false)),
             Poll::Ready(Err(quinn::ReadError::Reset(code))) => return Poll::Ready(ReadOutcome::Reset(code.into_inner())),
             Poll::Ready(Err(_)) => return Poll::Ready(ReadOutcome::Lost),
-            Poll::Pending if !chunks.is_empty() => {
-                return Poll::Ready(ReadOutcome::Data(std::mem::take(&mut chunks), false))
-            }
+            Poll::Pending if !chunks.is_empty() => return Poll::Ready(ReadOutcome::Data(chunks, false)),
             Poll::Pending => return Poll::Pending,
         }
-    })
-    .await
+    }
 }
 
-async fn recv_loop(res: ResourceArc<StreamRes>, mut recv: quinn::RecvStream) {
+/// Records what a read produced.
+fn absorb(st: &mut State, outcome: ReadOutcome) {
+    match outcome {
+        ReadOutcome::Data(chunks, fin) => {
+            for c in chunks {
+                st.buffered += c.len();
+                st.buf.push_back(c);
+            }
+            if fin {
+                st.recv_end = Some(RecvEnd::Fin);
+            }
+        }
+        ReadOutcome::Reset(code) => {
+            st.recv_end = Some(RecvEnd::Reset(code));
+            st.peer_reset_code = Some(code);
+        }
+        ReadOutcome::Lost => {
+            st.recv_end = Some(RecvEnd::Lost);
+            st.conn_lost = true;
+        }
+    }
+}
+
+/// Reads up to `max` bytes from Quinn into the buffer, if Quinn has any. Both the reader task and
+/// `stream_recv` read this way, holding the state lock and then the stream's lock, so chunks enter
+/// the buffer in the order Quinn gave them out.
+fn read_locked(res: &StreamRes, st: &mut State, max: usize, cx: &mut Context) -> Poll<()> {
+    let Some(rs) = &res.recv_stream else { return Poll::Ready(()) };
+    let mut guard = lock(rs);
+    let Some(recv) = guard.as_mut() else { return Poll::Ready(()) };
+    match poll_available(recv, max, cx) {
+        Poll::Ready(outcome) => {
+            absorb(st, outcome);
+            Poll::Ready(())
+        }
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+async fn recv_loop(res: ResourceArc<StreamRes>) {
     let _task = Live::new(&counters::TASKS);
     loop {
         let want = {
             let mut st = lock(&res.state);
             if let Some(code) = st.stop_recv.take() {
-                let _ = recv.stop(code.try_into().unwrap_or(quinn::VarInt::from_u32(0)));
+                if let Some(mut recv) = res.recv_stream.as_ref().and_then(|rs| lock(rs).take()) {
+                    let _ = recv.stop(code.try_into().unwrap_or(quinn::VarInt::from_u32(0)));
+                }
                 if st.recv_end.is_none() {
                     st.recv_end = Some(RecvEnd::Stopped);
                 }
@@ -313,36 +350,27 @@ async fn recv_loop(res: ResourceArc<StreamRes>, mut recv: quinn::RecvStream) {
             wanted_bytes(&st)
         };
         let notified = res.wake_reader.notified();
-        let Some(limit) = want else {
+        if want.is_none() {
             notified.await;
             continue;
-        };
+        }
         tokio::select! {
-            outcome = read_available(&mut recv, limit) => {
+            // The wanted amount is computed again under the lock: `stream_recv` may have read
+            // or taken data since.
+            _ = poll_fn(|cx| {
                 let mut st = lock(&res.state);
-                match outcome {
-                    ReadOutcome::Data(chunks, fin) => {
-                        for c in chunks {
-                            st.buffered += c.len();
-                            st.buf.push_back(c);
-                        }
-                        if fin {
-                            st.recv_end = Some(RecvEnd::Fin);
-                        }
-                    }
-                    ReadOutcome::Reset(code) => {
-                        st.recv_end = Some(RecvEnd::Reset(code));
-                        st.peer_reset_code = Some(code);
-                    }
-                    ReadOutcome::Lost => {
-                        st.recv_end = Some(RecvEnd::Lost);
-                        st.conn_lost = true;
-                    }
+                match wanted_bytes(&st) {
+                    Some(max) => read_locked(&res, &mut st, max, cx),
+                    None => Poll::Ready(()),
                 }
-            }
+            }) => {}
             _ = notified => {}
         }
     }
+    // Let Quinn's stream go now (dropping it stops it if it has not ended), not when the
+    // resource is garbage collected.
+    let recv = res.recv_stream.as_ref().and_then(|rs| lock(rs).take());
+    drop(recv);
     // Nobody may be left waiting in `recv` once the reader is gone.
     let pending = lock(&res.state).recv_request.take();
     if let Some(req) = pending {
@@ -876,12 +904,23 @@ fn stream_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<
     if st.recv_request.is_some() {
         return err(env, ealready());
     }
+    // Not enough buffered: take what Quinn already has, right here, rather than waking the
+    // reader and waiting for its reply. Polled with a waker that does nothing, so the reader is
+    // woken afterwards in any case to poll again with its own (and to read ahead).
+    let target = if len == 0 { MAX_CHUNK } else { len };
+    let mut polled = false;
+    if st.recv_end.is_none() && (st.buf.is_empty() || st.buffered < len) && !st.recv_done {
+        let mut cx = Context::from_waker(Waker::noop());
+        let max = target - st.buffered.min(target);
+        let _ = read_locked(&s, &mut st, max, &mut cx);
+        polled = true;
+    }
     if !st.buf.is_empty() && (len == 0 || st.buffered >= len || st.recv_end.is_some()) {
         let limit = if len == 0 { MAX_CHUNK } else { len };
         let chunks = take(&mut st, limit, len != 0);
         let bin = to_binary(env, &chunks);
         // There is room again: let the reader fetch the next chunk while the caller handles this.
-        let wake = st.buffered < MAX_CHUNK && st.recv_end.is_none();
+        let wake = polled || (st.buffered < MAX_CHUNK && st.recv_end.is_none());
         drop(st);
         if wake {
             s.wake_reader.notify_one();
