@@ -197,10 +197,11 @@ fn client_cache() -> &'static Mutex<HashMap<ClientKey, quinn::ClientConfig>> {
 
 /// `client_config`, reused for connects with the same options.
 ///
-/// One configuration per set of options, as a long-lived rustls client keeps it, means its TLS
-/// session cache is shared: reconnecting to a server resumes the TLS session (no certificate
-/// chain sent, signed and verified again), and a connect does not rebuild the verifier and
-/// parse certificates every time.
+/// One configuration per set of options, as a long-lived rustls client keeps it, means a
+/// connect does not rebuild the verifier and parse certificates every time, and the TLS session
+/// cache is shared: a reconnect to a server that already sent this client a session ticket
+/// resumes the session (no certificate chain sent, signed and verified again). A connection
+/// closed right after its handshake has usually not received its ticket yet.
 pub fn client_config_cached(tls: &Tls, transport: &Transport) -> Result<quinn::ClientConfig, Reason> {
     let files = [&tls.certfile, &tls.keyfile, &tls.cacertfile]
         .iter()
