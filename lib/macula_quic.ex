@@ -678,9 +678,11 @@ defmodule MaculaQuic do
   defp send_piece(stream, bin, fin) do
     ref = make_ref()
 
+    # `:ok`: Quinn took all of it during the call; `:wait`: the rest follows as flow control
+    # allows, and the native side answers `{ref, result}` then.
     case native(:stream, stream, fn -> Native.stream_send(stream, bin, ref, fin) end) do
-      :ok -> receive(do: ({^ref, result} -> result))
-      error -> error
+      :wait -> receive(do: ({^ref, result} -> result))
+      other -> other
     end
   end
 

@@ -6,8 +6,8 @@
 //! Props}` last. The watcher holds the resource while the connection is open; once it ends,
 //! nothing native holds it and garbage collection frees it.
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use rustler::{Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
@@ -37,13 +37,19 @@ struct State {
     next_accept: u64,
     /// Set by `close/1`: the closing caller consumes the `closed` message itself.
     closed_by_app: bool,
+    /// The `closed` message was sent (by `conn_close` or the watcher): nothing follows it.
+    closed_sent: bool,
 }
 
 pub struct ConnRes {
     pub conn: quinn::Connection,
     /// The local UDP port (the endpoint's), for `sockname`.
     pub local_port: u16,
+    /// The endpoint's bound address; its IP may be the wildcard (a shared client endpoint).
     pub local_bound: SocketAddr,
+    /// The source IP the kernel routes to the peer from a wildcard-bound endpoint, looked up
+    /// the first time `local_addr` needs it (not on every connect: few callers ask).
+    routed_ip: OnceLock<Option<IpAddr>>,
     state: Mutex<State>,
     _live: Live,
 }
@@ -78,11 +84,13 @@ impl ConnRes {
             conn,
             local_port: local_bound.port(),
             local_bound,
+            routed_ip: OnceLock::new(),
             state: Mutex::new(State {
                 owner: Owner::unmonitored(owner),
                 accepts: HashMap::new(),
                 next_accept: 1,
                 closed_by_app: false,
+                closed_sent: false,
             }),
             _live: Live::new(&counters::CONNECTIONS),
         });
@@ -102,6 +110,10 @@ impl ConnRes {
     pub fn local_addr(&self) -> SocketAddr {
         match self.conn.local_ip() {
             Some(ip) => SocketAddr::new(ip, self.local_port),
+            None if self.local_bound.ip().is_unspecified() => {
+                let routed = self.routed_ip.get_or_init(|| endpoint::route_source(&self.conn.remote_address()));
+                routed.map_or(self.local_bound, |ip| SocketAddr::new(ip, self.local_port))
+            }
             None => self.local_bound,
         }
     }
@@ -113,7 +125,12 @@ async fn watch(res: ResourceArc<ConnRes>) {
     let why = res.conn.closed().await;
     // Pending stream accepts end by themselves (Quinn fails them) and answer their callers.
     let (owner, by_app) = {
-        let st = lock(&res.state);
+        let mut st = lock(&res.state);
+        if st.closed_sent {
+            // `conn_close` already told the owner.
+            return;
+        }
+        st.closed_sent = true;
         (st.owner.pid, st.closed_by_app)
     };
     let local = matches!(why, quinn::ConnectionError::LocallyClosed);
@@ -133,20 +150,23 @@ async fn watch(res: ResourceArc<ConnRes>) {
         });
     }
     let r = res.clone();
-    let handshake_done = true;
-    messages::send(&owner, move |e| {
-        let props = Term::map_from_pairs(
-            e,
-            &[
-                (atoms::is_handshake_completed().encode(e), handshake_done.encode(e)),
-                (atoms::is_peer_acked().encode(e), (!local).encode(e)),
-                (atoms::is_app_closing().encode(e), (local || by_app).encode(e)),
-            ],
-        )
-        .unwrap_or_else(|_| atoms::undefined().encode(e));
-        (atoms::quic(), atoms::closed(), r, props).encode(e)
-    });
+    messages::send(&owner, move |e| closed_msg(e, r, local, local || by_app));
     lock(&res.state).owner.release(&res, None);
+}
+
+/// `{quic, closed, C, Props}`: always the last message about a connection.
+fn closed_msg(e: Env, r: ResourceArc<ConnRes>, local: bool, app_closing: bool) -> Term {
+    let handshake_done = true;
+    let props = Term::map_from_pairs(
+        e,
+        &[
+            (atoms::is_handshake_completed().encode(e), handshake_done.encode(e)),
+            (atoms::is_peer_acked().encode(e), (!local).encode(e)),
+            (atoms::is_app_closing().encode(e), app_closing.encode(e)),
+        ],
+    )
+    .unwrap_or_else(|_| atoms::undefined().encode(e));
+    (atoms::quic(), atoms::closed(), r, props).encode(e)
 }
 
 /// quicer's `transport_shutdown` status atom and error code for why a connection ended.
@@ -193,7 +213,7 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
-    let config = match tls::client_config(&opts.tls, &opts.transport) {
+    let config = match tls::client_config_cached(&opts.tls, &opts.transport) {
         Ok(c) => c,
         Err(r) => return err(env, r),
     };
@@ -243,12 +263,7 @@ async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::Clie
         }
     };
     let endpoint = endpoint::client_endpoint(&remote, opts.local_address)?;
-    let mut bound = endpoint.local_addr().map_err(|e| error::io(&e))?;
-    if bound.ip().is_unspecified() {
-        if let Some(ip) = endpoint::route_source(&remote) {
-            bound.set_ip(ip);
-        }
-    }
+    let bound = endpoint.local_addr().map_err(|e| error::io(&e))?;
     let server_name = opts.server_name.unwrap_or(default_name);
     let connecting = endpoint
         .connect_with(config, remote, &server_name)
@@ -263,11 +278,20 @@ async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::Clie
 #[rustler::nif]
 fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64) -> Term<'a> {
     let Ok(code) = quinn::VarInt::from_u64(code) else { return err(env, atoms::badarg()) };
+    let mut st = lock(&c.state);
     if c.conn.close_reason().is_some() {
         return atoms::closed().encode(env);
     }
-    lock(&c.state).closed_by_app = true;
+    st.closed_by_app = true;
     c.conn.close(code, b"");
+    // When this call is what closed it (not a peer close racing it), nothing else is left to
+    // report: send `closed` from here, saving the closing caller (who waits for it) a round
+    // trip through the watcher task. The flag keeps the watcher from sending anything after.
+    if matches!(c.conn.close_reason(), Some(quinn::ConnectionError::LocallyClosed)) && !st.closed_sent {
+        st.closed_sent = true;
+        let _ = env.send(&st.owner.pid, closed_msg(env, c.clone(), true, true));
+        st.owner.release(&c, Some(env));
+    }
     atoms::ok().encode(env)
 }
 

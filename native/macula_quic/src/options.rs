@@ -29,13 +29,13 @@ pub enum Active {
 pub const ACTIVE_MAX: i64 = i16::MAX as i64;
 
 /// Peer verification.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Verify {
     None,
     Peer,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Transport {
     pub idle_timeout_ms: Option<u64>,
     pub keep_alive_interval_ms: Option<u64>,
@@ -46,7 +46,7 @@ pub struct Transport {
     pub send_window: Option<u64>,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Tls {
     pub alpn: Vec<Vec<u8>>,
     pub certfile: Option<String>,

@@ -1,28 +1,31 @@
 //! Streams: one resource per QUIC stream, with a reader task and a writer task.
 //!
-//! Receiving is driven by demand. The reader task reads from Quinn only while the owner wants
-//! data (active mode with budget left, or a pending passive `recv`); otherwise Quinn's receive
-//! buffer fills, the stream's flow-control window closes, and the peer's sends stall. Nothing
-//! grows without bound: at most one coalesced read (`MAX_CHUNK` bytes, or the length a pending
-//! `recv` asked for) waits in our buffer.
+//! Receiving is driven by demand. The reader task reads from Quinn only while our buffer is
+//! below one coalesced read (`MAX_CHUNK` bytes, or the length a pending `recv` asked for), and
+//! in active mode only once what it holds was delivered; when the owner does not take data,
+//! Quinn's receive buffer fills, the stream's flow-control window closes, and the peer's sends
+//! stall. Nothing grows without bound. (A passive stream keeps one chunk read ahead so `recv`
+//! can answer from the buffer within the NIF call.)
 //!
 //! Every message about the stream is sent while holding the stream's state lock, so changing
 //! the owner is atomic with respect to deliveries: a message goes either to the old owner
 //! (before the change) or to the new one (after it).
 //!
-//! Sending goes through an ordered queue to the writer task, which hands data to Quinn with
-//! `write_chunk` (waiting for flow-control credit). Blocking `send` waits for its reply; the
-//! queue of fire-and-forget `async_send` data is bounded by `ASYNC_QUEUE_LIMIT` bytes.
+//! Sending hands data to Quinn straight from the NIF when Quinn has room for it (the common
+//! case), without waking any task: the data is in Quinn's send buffer when the NIF returns.
+//! Only what does not fit (flow control) goes into an ordered queue that the writer task drains
+//! as credit arrives; while anything is queued, later sends queue behind it, so order is kept.
+//! Blocking `send` then waits for its reply; the fire-and-forget `async_send` data in the queue
+//! is bounded by `ASYNC_QUEUE_LIMIT` bytes.
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NewBinary, NifResult, Resource, ResourceArc, Term};
-use tokio::sync::{mpsc, Notify};
+use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NewBinary, NifResult, OwnedEnv, Resource, ResourceArc, Term};
+use tokio::sync::Notify;
 
 use crate::atoms;
 use crate::connection::ConnRes;
@@ -85,11 +88,22 @@ struct State {
     closed_sent: bool,
     conn_lost: bool,
     peer_reset_code: Option<u64>,
-    /// Why the send side ended, for sends attempted after it did.
-    send_error: Option<Reason>,
     /// Test hook: the reader panics when it next wakes.
     #[cfg(feature = "test_hooks")]
     debug_panic: bool,
+}
+
+/// The sending side, shared by the send NIFs and the writer task. Data reaches Quinn only from
+/// here, under this lock: directly from a NIF while `queue` is empty, else from the queue.
+struct SendSide {
+    /// Taken (and dropped) by the writer task when the send side ends.
+    stream: Option<quinn::SendStream>,
+    /// What Quinn could not take yet, in order.
+    queue: VecDeque<SendCmd>,
+    /// Bytes of `async_send` data in `queue`.
+    queued: usize,
+    /// Why the send side ended, for sends attempted after it did.
+    ended: Option<Reason>,
 }
 
 pub struct StreamRes {
@@ -101,14 +115,17 @@ pub struct StreamRes {
     state: Mutex<State>,
     wake_reader: Notify,
     wake_writer: Notify,
-    writer: Option<mpsc::UnboundedSender<SendCmd>>,
-    queued: AtomicUsize,
+    /// Quinn's receive side, `None` for a send-only stream; taken when the reader ends.
+    recv_stream: Option<Mutex<Option<quinn::RecvStream>>>,
+    /// `None` for a receive-only stream.
+    send: Option<Mutex<SendSide>>,
     _live: Live,
 }
 
 enum SendCmd {
+    /// `reply` is `None` for `async_send` data (counted in `SendSide::queued`).
     Data { bytes: Bytes, reply: Option<Reply>, fin: bool },
-    Finish { reply: Option<Reply> },
+    Finish,
 }
 
 #[rustler::resource_impl]
@@ -152,11 +169,13 @@ impl StreamRes {
             (None, Some(r)) => (r.id(), r.id().initiator() == conn.conn.side()),
             (None, None) => return None,
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let bidi = send.is_some() && recv.is_some();
+        let has_send = send.is_some();
+        let has_recv = recv.is_some();
         let res = ResourceArc::new(StreamRes {
             conn,
             id: id.index() * 4 + stream_id_low_bits(id),
-            bidi: send.is_some() && recv.is_some(),
+            bidi,
             local,
             state: Mutex::new(State {
                 owner: Owner::unmonitored(owner),
@@ -164,24 +183,25 @@ impl StreamRes {
                 buf: VecDeque::new(),
                 buffered: 0,
                 recv_end: None,
-                end_reported: recv.is_none(),
+                end_reported: !has_recv,
                 recv_request: None,
                 stop_recv: None,
                 reset_send: None,
                 silenced: false,
-                recv_done: recv.is_none(),
+                recv_done: !has_recv,
                 send_done: send.is_none(),
                 closed_sent: false,
                 conn_lost: false,
                 peer_reset_code: None,
-                send_error: None,
                 #[cfg(feature = "test_hooks")]
                 debug_panic: false,
             }),
             wake_reader: Notify::new(),
             wake_writer: Notify::new(),
-            writer: send.as_ref().map(|_| tx),
-            queued: AtomicUsize::new(0),
+            recv_stream: recv.map(|r| Mutex::new(Some(r))),
+            send: send.map(|stream| {
+                Mutex::new(SendSide { stream: Some(stream), queue: VecDeque::new(), queued: 0, ended: None })
+            }),
             _live: Live::new(&counters::STREAMS),
         });
         let monitored = Owner::monitor(&res, env, owner);
@@ -200,11 +220,11 @@ impl StreamRes {
         if alive {
             announce(&res);
         }
-        if let Some(recv) = recv {
-            runtime::spawn(recv_loop(res.clone(), recv));
+        if has_recv {
+            runtime::spawn(recv_loop(res.clone()));
         }
-        if let Some(send) = send {
-            runtime::spawn(send_loop(res.clone(), send, rx));
+        if has_send {
+            runtime::spawn(send_loop(res.clone()));
         }
         alive.then_some(res)
     }
@@ -241,42 +261,34 @@ enum ReadOutcome {
     Lost,
 }
 
-/// Reads whatever is available now, up to `max` bytes, waiting only if nothing is.
+/// Takes whatever Quinn has available now, up to `max` bytes; pending only if nothing is.
 ///
 /// Quinn hands out data in packet-sized chunks; this gathers every chunk that is already
 /// available into one batch (without copying), and also notices a FIN that arrived with them, so
-/// the last data message can carry the FIN flag.
-async fn read_available(recv: &mut quinn::RecvStream, max: usize) -> ReadOutcome {
+/// the last data message can carry the FIN flag. On `Pending`, Quinn keeps `cx`'s waker.
+fn poll_available(recv: &mut quinn::RecvStream, max: usize, cx: &mut Context) -> Poll<ReadOutcome> {
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut total = 0usize;
-    poll_fn(|cx| loop {
+    loop {
         let want = max.saturating_sub(total).max(1);
-        let step = {
-            let fut = pin!(recv.read_chunk(want, true));
-            fut.poll(cx)
-        };
+        let step = pin!(recv.read_chunk(want, true)).poll(cx);
         match step {
             Poll::Ready(Ok(Some(chunk))) => {
                 total += chunk.bytes.len();
                 chunks.push(chunk.bytes);
                 if total >= max {
-                    return Poll::Ready(ReadOutcome::Data(std::mem::take(&mut chunks), false));
+                    return Poll::Ready(ReadOutcome::Data(chunks, false));
                 }
             }
-            Poll::Ready(Ok(None)) => return Poll::Ready(ReadOutcome::Data(std::mem::take(&mut chunks), true)),
+            Poll::Ready(Ok(None)) => return Poll::Ready(ReadOutcome::Data(chunks, true)),
             // Data read before an error is still delivered; the error shows on the next read.
-            Poll::Ready(Err(_)) if !chunks.is_empty() => {
-                return Poll::Ready(ReadOutcome::Data(std::mem::take(&mut chunks), false))
-            }
+            Poll::Ready(Err(_)) if !chunks.is_empty() => return Poll::Ready(ReadOutcome::Data(chunks, false)),
             Poll::Ready(Err(quinn::ReadError::Reset(code))) => return Poll::Ready(ReadOutcome::Reset(code.into_inner())),
             Poll::Ready(Err(_)) => return Poll::Ready(ReadOutcome::Lost),
-            Poll::Pending if !chunks.is_empty() => {
-                return Poll::Ready(ReadOutcome::Data(std::mem::take(&mut chunks), false))
-            }
+            Poll::Pending if !chunks.is_empty() => return Poll::Ready(ReadOutcome::Data(chunks, false)),
             Poll::Pending => return Poll::Pending,
         }
-    })
-    .await
+    }
 }
 
 /// Ends the receive side when the reader task ends, however it ends: nobody may be left
@@ -289,6 +301,9 @@ impl Drop for ReaderExit {
     fn drop(&mut self) {
         let res = &self.0;
         let mut st = lock(&res.state);
+        // After a panic Quinn's stream is still here: let it go (which stops it).
+        let recv = res.recv_stream.as_ref().and_then(|rs| lock(rs).take());
+        drop(recv);
         let pending = st.recv_request.take();
         if !st.recv_done {
             // Only a panic gets here: every normal exit finishes the receive side first.
@@ -311,7 +326,46 @@ impl Drop for ReaderExit {
     }
 }
 
-async fn recv_loop(res: ResourceArc<StreamRes>, mut recv: quinn::RecvStream) {
+/// Records what a read produced.
+fn absorb(st: &mut State, outcome: ReadOutcome) {
+    match outcome {
+        ReadOutcome::Data(chunks, fin) => {
+            for c in chunks {
+                st.buffered += c.len();
+                st.buf.push_back(c);
+            }
+            if fin {
+                st.recv_end = Some(RecvEnd::Fin);
+            }
+        }
+        ReadOutcome::Reset(code) => {
+            st.recv_end = Some(RecvEnd::Reset(code));
+            st.peer_reset_code = Some(code);
+        }
+        ReadOutcome::Lost => {
+            st.recv_end = Some(RecvEnd::Lost);
+            st.conn_lost = true;
+        }
+    }
+}
+
+/// Reads up to `max` bytes from Quinn into the buffer, if Quinn has any. Both the reader task and
+/// `stream_recv` read this way, holding the state lock and then the stream's lock, so chunks enter
+/// the buffer in the order Quinn gave them out.
+fn read_locked(res: &StreamRes, st: &mut State, max: usize, cx: &mut Context) -> Poll<()> {
+    let Some(rs) = &res.recv_stream else { return Poll::Ready(()) };
+    let mut guard = lock(rs);
+    let Some(recv) = guard.as_mut() else { return Poll::Ready(()) };
+    match poll_available(recv, max, cx) {
+        Poll::Ready(outcome) => {
+            absorb(st, outcome);
+            Poll::Ready(())
+        }
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+async fn recv_loop(res: ResourceArc<StreamRes>) {
     let _task = Live::new(&counters::TASKS);
     let _exit = ReaderExit(res.clone());
     loop {
@@ -322,7 +376,9 @@ async fn recv_loop(res: ResourceArc<StreamRes>, mut recv: quinn::RecvStream) {
                 panic!("macula_quic: deliberate panic in a stream reader (debug_panic_reader/1)");
             }
             if let Some(code) = st.stop_recv.take() {
-                let _ = recv.stop(code.try_into().unwrap_or(quinn::VarInt::from_u32(0)));
+                if let Some(mut recv) = res.recv_stream.as_ref().and_then(|rs| lock(rs).take()) {
+                    let _ = recv.stop(code.try_into().unwrap_or(quinn::VarInt::from_u32(0)));
+                }
                 if st.recv_end.is_none() {
                     st.recv_end = Some(RecvEnd::Stopped);
                 }
@@ -339,48 +395,40 @@ async fn recv_loop(res: ResourceArc<StreamRes>, mut recv: quinn::RecvStream) {
             wanted_bytes(&st)
         };
         let notified = res.wake_reader.notified();
-        let Some(limit) = want else {
+        if want.is_none() {
             notified.await;
             continue;
-        };
+        }
         tokio::select! {
-            outcome = read_available(&mut recv, limit) => {
+            // The wanted amount is computed again under the lock: `stream_recv` may have read
+            // or taken data since.
+            _ = poll_fn(|cx| {
                 let mut st = lock(&res.state);
-                match outcome {
-                    ReadOutcome::Data(chunks, fin) => {
-                        for c in chunks {
-                            st.buffered += c.len();
-                            st.buf.push_back(c);
-                        }
-                        if fin {
-                            st.recv_end = Some(RecvEnd::Fin);
-                        }
-                    }
-                    ReadOutcome::Reset(code) => {
-                        st.recv_end = Some(RecvEnd::Reset(code));
-                        st.peer_reset_code = Some(code);
-                    }
-                    ReadOutcome::Lost => {
-                        st.recv_end = Some(RecvEnd::Lost);
-                        st.conn_lost = true;
-                    }
+                match wanted_bytes(&st) {
+                    Some(max) => read_locked(&res, &mut st, max, cx),
+                    None => Poll::Ready(()),
                 }
-            }
+            }) => {}
             _ = notified => {}
         }
     }
-    // `_exit` answers a pending `recv` as it drops.
+    // Let Quinn's stream go now (dropping it stops it if it has not ended), not when the
+    // resource is garbage collected. `_exit` answers a pending `recv` as it drops.
+    let recv = res.recv_stream.as_ref().and_then(|rs| lock(rs).take());
+    drop(recv);
 }
 
-/// How many more bytes the reader should fetch now, or `None` when nobody wants data.
+/// How many more bytes the reader should fetch now, or `None` when it should wait.
+///
+/// A passive stream reads ahead one chunk even without a pending `recv`, so that `recv`
+/// usually finds data already buffered and answers within the NIF call, instead of waking the
+/// reader and waiting for its reply. The same bound holds as in active mode: one `MAX_CHUNK`.
 fn wanted_bytes(st: &State) -> Option<usize> {
     if st.recv_end.is_some() {
         return None;
     }
     let target = match (&st.active, &st.recv_request) {
-        (Active::Off, None) => return None,
-        (Active::Off, Some(req)) if req.len == 0 => MAX_CHUNK,
-        (Active::Off, Some(req)) => req.len,
+        (Active::Off, Some(req)) if req.len > 0 => req.len,
         _ => MAX_CHUNK,
     };
     if st.active != Active::Off && st.buffered > 0 {
@@ -555,78 +603,129 @@ fn maybe_closed(res: &ResourceArc<StreamRes>, st: &mut State) {
 // ---------------------------------------------------------------------------------------------
 // Sending
 
-async fn send_loop(res: ResourceArc<StreamRes>, mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<SendCmd>) {
+/// Sends at least this long are not copied: the Erlang binary itself is kept alive (by a
+/// process-independent environment holding a reference) until Quinn has no more use for it.
+/// Below this, copying is cheaper than allocating that environment.
+const ZERO_COPY_MIN: usize = 16 * 1024;
+
+/// An Erlang binary's bytes, kept alive by a process-independent environment that holds a
+/// reference to it.
+struct ErlangBytes {
+    _env: OwnedEnv,
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the bytes belong to an Erlang refc binary, which is immutable once inspected
+// (`enif_inspect_binary` and copying a term both make a writable binary fixed) and lives as
+// long as `_env` references it. A process-independent environment may be used and freed from
+// any thread; nothing here is touched through shared references except the bytes.
+unsafe impl Send for ErlangBytes {}
+
+impl AsRef<[u8]> for ErlangBytes {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: see the `Send` impl: `ptr..ptr+len` stays valid and unchanged while `_env` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// The data of a send as `Bytes` Quinn can hold on to until it is acknowledged.
+fn payload(env: Env, data: Binary) -> Bytes {
+    if data.len() < ZERO_COPY_MIN {
+        return Bytes::copy_from_slice(data.as_slice());
+    }
+    let owned = OwnedEnv::new();
+    let saved = owned.save(data.to_term(env));
+    let view = owned.run(|e| saved.load(e).decode::<Binary>().ok().map(|b| (b.as_slice().as_ptr(), b.len())));
+    match view {
+        Some((ptr, len)) if len == data.len() => Bytes::from_owner(ErlangBytes { _env: owned, ptr, len }),
+        _ => Bytes::copy_from_slice(data.as_slice()),
+    }
+}
+
+/// Hands queued data to Quinn, in order, as far as flow control allows. Runs in the writer
+/// task with the send lock held; `cx` is the task's, so Quinn wakes the task when it has room
+/// again. Pending while there is nothing to write or no room; ready when the send side is done:
+/// `Ok` after FIN, or the write error.
+fn poll_queue(sd: &mut SendSide, cx: &mut Context) -> Poll<Result<(), quinn::WriteError>> {
+    let Some(stream) = sd.stream.as_mut() else { return Poll::Ready(Ok(())) };
+    loop {
+        let Some(front) = sd.queue.front_mut() else { return Poll::Pending };
+        if let SendCmd::Data { bytes, reply, .. } = front {
+            if !bytes.is_empty() {
+                let before = bytes.len();
+                let step = pin!(stream.write_chunks(std::slice::from_mut(bytes))).poll(cx);
+                if reply.is_none() {
+                    sd.queued -= before - bytes.len();
+                }
+                match step {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(_)) => continue,
+                }
+            }
+        }
+        match sd.queue.pop_front() {
+            Some(SendCmd::Data { reply, fin, .. }) => {
+                if fin {
+                    let _ = stream.finish();
+                }
+                if let Some(r) = reply {
+                    r.ok();
+                }
+                if fin {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            Some(SendCmd::Finish) => {
+                let _ = stream.finish();
+                return Poll::Ready(Ok(()));
+            }
+            None => return Poll::Pending,
+        }
+    }
+}
+
+/// The writer task: drains the send queue when the NIFs could not hand everything to Quinn
+/// themselves, performs resets, and notices the peer stopping the stream (STOP_SENDING) even
+/// while nothing is being written.
+async fn send_loop(res: ResourceArc<StreamRes>) {
     let _task = Live::new(&counters::TASKS);
-    let mut stopped = Box::pin(send.stopped());
+    let Some(side) = res.send.as_ref() else { return };
+    let Some(stopped) = lock(side).stream.as_ref().map(|s| s.stopped()) else { return };
+    let mut stopped = Box::pin(stopped);
     let failure: Reason = loop {
+        // Registered before the checks below, so a wake-up between them is not lost.
+        let notified = res.wake_writer.notified();
         if let Some(code) = lock(&res.state).reset_send.take() {
-            let _ = send.reset(quinn::VarInt::from_u64(code).unwrap_or(quinn::VarInt::from_u32(0)));
+            if let Some(s) = lock(side).stream.as_mut() {
+                let _ = s.reset(quinn::VarInt::from_u64(code).unwrap_or(quinn::VarInt::from_u32(0)));
+            }
             break atoms::closed().into();
         }
-        let notified = res.wake_writer.notified();
         tokio::select! {
             biased;
             _ = notified => continue,
-            peer = &mut stopped => {
-                break stopped_reason(&res, peer);
-            }
-            cmd = rx.recv() => match cmd {
-                None => break atoms::closed().into(),
-                Some(SendCmd::Data { bytes, reply, fin }) => {
-                    let len = bytes.len();
-                    let written = tokio::select! {
-                        biased;
-                        _ = res.wake_writer.notified() => None,
-                        w = send.write_chunk(bytes) => Some(w),
-                    };
-                    if reply.is_none() {
-                        res.queued.fetch_sub(len, Ordering::Relaxed);
-                    }
-                    match written {
-                        Some(Ok(())) => {
-                            if fin {
-                                let _ = send.finish();
-                            }
-                            if let Some(r) = reply { r.ok(); }
-                            if fin {
-                                break atoms::closed().into();
-                            }
-                        }
-                        Some(Err(e)) => {
-                            let reason = write_reason(&res, &e);
-                            if let Some(r) = reply { r.error(reason.clone()); }
-                            break reason;
-                        }
-                        None => {
-                            // Interrupted by a reset request; the loop head performs it.
-                            if let Some(r) = reply { r.error(atoms::closed()); }
-                            if lock(&res.state).reset_send.is_none() {
-                                break atoms::closed().into();
-                            }
-                        }
-                    }
-                }
-                Some(SendCmd::Finish { reply }) => {
-                    let _ = send.finish();
-                    if let Some(r) = reply { r.ok(); }
-                    break atoms::closed().into();
-                }
-            }
+            peer = &mut stopped => break stopped_reason(&res, peer),
+            done = poll_fn(|cx| poll_queue(&mut lock(side), cx)) => match done {
+                Ok(()) => break atoms::closed().into(),
+                Err(e) => break write_reason(&res, &e),
+            },
         }
     };
-    // Record why before closing the queue, so a send that finds the queue closed reports it.
-    lock(&res.state).send_error = Some(failure.clone());
-    // Whatever is still queued can no longer be sent: fail it, so no caller waits forever.
-    rx.close();
-    while let Ok(cmd) = rx.try_recv() {
-        match cmd {
-            SendCmd::Data { reply: Some(r), .. } | SendCmd::Finish { reply: Some(r) } => {
-                r.error(failure.clone());
-            }
-            SendCmd::Data { bytes, reply: None, .. } => {
-                res.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
-            }
-            _ => {}
+    // Record why (later sends report it), take what can no longer be sent, and let Quinn's
+    // stream go (dropping it finishes or resets it, as Quinn decides).
+    let (leftover, stream) = {
+        let mut sd = lock(side);
+        sd.ended = Some(failure.clone());
+        sd.queued = 0;
+        (std::mem::take(&mut sd.queue), sd.stream.take())
+    };
+    drop(stream);
+    // No caller may be left waiting for a send that will never happen.
+    for cmd in leftover {
+        if let SendCmd::Data { reply: Some(r), .. } = cmd {
+            r.error(failure.clone());
         }
     }
     let mut st = lock(&res.state);
@@ -685,34 +784,60 @@ fn err<'a>(env: Env<'a>, reason: impl Encoder) -> Term<'a> {
     (atoms::error(), reason).encode(env)
 }
 
-/// `stream_send(Stream, Binary, Tag | nil, Fin)`: queues data for the writer. With a tag, the
-/// caller is answered `{Tag, :ok | {:error, Reason}}` once Quinn has taken the data; without,
-/// returns at once (`{:error, :send_queue_full}` past the async queue limit).
+/// `stream_send(Stream, Binary, Tag | nil, Fin)`. Without a tag (`async_send`): returns `:ok`
+/// at once (`{:error, :send_queue_full}` past the async queue limit). With a tag (blocking
+/// `send`): `:ok` when Quinn took all of the data during the call, else `:wait`, and the caller
+/// is answered `{Tag, :ok | {:error, Reason}}` once Quinn has taken the rest.
 #[rustler::nif]
 fn stream_send<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>, tag: Term<'a>, fin: bool) -> Term<'a> {
-    let Some(tx) = &s.writer else {
+    rustler::atoms! { wait }
+    let Some(side) = &s.send else {
         return err(env, atoms::einval());
     };
-    let reply = if tag.is_atom() { None } else { Some(Reply::new(env.pid(), tag)) };
+    let is_async = tag.is_atom();
     let len = data.len();
-    if reply.is_none() {
-        let queued = s.queued.fetch_add(len, Ordering::Relaxed);
-        if queued > 0 && queued + len > ASYNC_QUEUE_LIMIT {
-            s.queued.fetch_sub(len, Ordering::Relaxed);
-            return err(env, atoms::send_queue_full());
-        }
+    let mut sd = lock(side);
+    if let Some(reason) = &sd.ended {
+        return err(env, reason.clone());
     }
-    let bytes = Bytes::copy_from_slice(data.as_slice());
-    match tx.send(SendCmd::Data { bytes, reply, fin }) {
-        Ok(()) => atoms::ok().encode(env),
-        Err(_) => {
-            if tag.is_atom() {
-                s.queued.fetch_sub(len, Ordering::Relaxed);
+    if is_async && sd.queued > 0 && sd.queued + len > ASYNC_QUEUE_LIMIT {
+        return err(env, atoms::send_queue_full());
+    }
+    let mut bytes = payload(env, data);
+    if sd.queue.is_empty() && !fin {
+        if let Some(stream) = sd.stream.as_mut() {
+            // Nothing is queued ahead of this data: offer it to Quinn now. Polled once with a
+            // waker that does nothing (a NIF cannot wait); whatever Quinn cannot take, and any
+            // error, goes to the writer task, which polls again with its own waker and reports.
+            let mut cx = Context::from_waker(Waker::noop());
+            let step = pin!(stream.write_chunks(std::slice::from_mut(&mut bytes))).poll(&mut cx);
+            if matches!(step, Poll::Ready(Ok(_))) && bytes.is_empty() {
+                return atoms::ok().encode(env);
             }
-            let reason = lock(&s.state).send_error.clone().unwrap_or_else(|| atoms::closed().into());
-            err(env, reason)
         }
     }
+    let reply = if is_async {
+        sd.queued += bytes.len();
+        None
+    } else {
+        Some(Reply::new(env.pid(), tag))
+    };
+    sd.queue.push_back(SendCmd::Data { bytes, reply, fin });
+    drop(sd);
+    s.wake_writer.notify_one();
+    if is_async { atoms::ok().encode(env) } else { wait().encode(env) }
+}
+
+/// Queues a FIN after whatever data is queued. False when the send side has already ended.
+fn queue_finish(s: &StreamRes, side: &Mutex<SendSide>) -> bool {
+    let mut sd = lock(side);
+    if sd.ended.is_some() {
+        return false;
+    }
+    sd.queue.push_back(SendCmd::Finish);
+    drop(sd);
+    s.wake_writer.notify_one();
+    true
 }
 
 /// `stream_shutdown(Stream, Flags, Code)` with quicer's flags: GRACEFUL=1 (FIN after queued
@@ -732,16 +857,14 @@ fn stream_shutdown<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, flags: u32, code
         return err(env, atoms::badarg());
     }
     if flags & GRACEFUL != 0 {
-        return match &s.writer {
-            Some(tx) => match tx.send(SendCmd::Finish { reply: None }) {
-                Ok(()) => atoms::ok().encode(env),
-                Err(_) => err(env, atoms::closed()),
-            },
+        return match &s.send {
+            Some(side) if queue_finish(&s, side) => atoms::ok().encode(env),
+            Some(_) => err(env, atoms::closed()),
             None => err(env, atoms::einval()),
         };
     }
     let mut st = lock(&s.state);
-    if flags & ABORT_SEND != 0 && s.writer.is_some() && !st.send_done {
+    if flags & ABORT_SEND != 0 && s.send.is_some() && !st.send_done {
         st.reset_send = Some(code);
         s.wake_writer.notify_one();
     }
@@ -756,8 +879,8 @@ fn stream_shutdown<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, flags: u32, code
 /// owner about this stream.
 #[rustler::nif]
 fn stream_close<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
-    if let Some(tx) = &s.writer {
-        let _ = tx.send(SendCmd::Finish { reply: None });
+    if let Some(side) = &s.send {
+        queue_finish(&s, side);
     }
     let mut st = lock(&s.state);
     st.silenced = true;
@@ -841,11 +964,23 @@ fn stream_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<
             }
         }
     }
+    // Not enough buffered: take what Quinn already has, right here, rather than waking the
+    // reader and waiting for its reply. Polled with a waker that does nothing, so the reader is
+    // woken afterwards in any case to poll again with its own (and to read ahead).
+    let target = if len == 0 { MAX_CHUNK } else { len };
+    let mut polled = false;
+    if st.recv_end.is_none() && (st.buf.is_empty() || st.buffered < len) && !st.recv_done {
+        let mut cx = Context::from_waker(Waker::noop());
+        let max = target - st.buffered.min(target);
+        let _ = read_locked(&s, &mut st, max, &mut cx);
+        polled = true;
+    }
     if !st.buf.is_empty() && (len == 0 || st.buffered >= len || st.recv_end.is_some()) {
         let limit = if len == 0 { MAX_CHUNK } else { len };
         let chunks = take(&mut st, limit, len != 0);
         let bin = to_binary(env, &chunks);
-        let wake = st.buffered == 0;
+        // There is room again: let the reader fetch the next chunk while the caller handles this.
+        let wake = polled || (st.buffered < MAX_CHUNK && st.recv_end.is_none());
         drop(st);
         if wake {
             s.wake_reader.notify_one();
@@ -913,6 +1048,7 @@ fn stream_conn(s: ResourceArc<StreamRes>) -> ResourceArc<ConnRes> {
 #[rustler::nif]
 fn stream_info<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> NifResult<Term<'a>> {
     rustler::atoms! { bidirectional, local, active, buffered, queued, owner }
+    let queued_bytes = s.send.as_ref().map_or(0, |side| lock(side).queued);
     let st = lock(&s.state);
     let pairs = [
         (atoms::stream_id().encode(env), s.id.encode(env)),
@@ -920,7 +1056,7 @@ fn stream_info<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> NifResult<Term<'a
         (local().encode(env), s.local.encode(env)),
         (active().encode(env), encode_active(env, st.active)),
         (buffered().encode(env), st.buffered.encode(env)),
-        (queued().encode(env), s.queued.load(Ordering::Relaxed).encode(env)),
+        (queued().encode(env), queued_bytes.encode(env)),
         (owner().encode(env), st.owner.pid.encode(env)),
         (atoms::closed().encode(env), st.closed_sent.encode(env)),
     ];

@@ -2,7 +2,8 @@
 //!
 //! QUIC requires TLS 1.3; the ring provider is used throughout (it cross-compiles to every
 //! target we ship without cmake or clang).
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -15,6 +16,7 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::error::{bad_option, Reason};
 use crate::options::{Tls, Transport, Verify};
+use crate::util::lock;
 
 rustler::atoms! {
     certfile, keyfile, cacertfile, cert, key, enoent, eacces, eisdir, einval, too_large, malformed, no_key,
@@ -209,6 +211,50 @@ pub fn client_config(tls: &Tls, transport: &Transport) -> Result<quinn::ClientCo
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
     client.transport_config(Arc::new(transport_config(transport)?));
     Ok(client)
+}
+
+/// What a client configuration is built from: the options, and the contents of the files
+/// they name (so a changed certificate file gets a new configuration).
+#[derive(PartialEq, Eq, Hash)]
+struct ClientKey {
+    tls: Tls,
+    transport: Transport,
+    files: Vec<Option<Vec<u8>>>,
+}
+
+/// Distinct client configurations kept; past this the cache starts over.
+const CLIENT_CACHE_MAX: usize = 64;
+
+fn client_cache() -> &'static Mutex<HashMap<ClientKey, quinn::ClientConfig>> {
+    static C: OnceLock<Mutex<HashMap<ClientKey, quinn::ClientConfig>>> = OnceLock::new();
+    C.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// `client_config`, reused for connects with the same options.
+///
+/// One configuration per set of options, as a long-lived rustls client keeps it, means a
+/// connect does not rebuild the verifier and parse certificates every time, and the TLS session
+/// cache is shared: a reconnect to a server that already sent this client a session ticket
+/// resumes the session (no certificate chain sent, signed and verified again). A connection
+/// closed right after its handshake has usually not received its ticket yet.
+pub fn client_config_cached(tls: &Tls, transport: &Transport) -> Result<quinn::ClientConfig, Reason> {
+    // The files' contents are part of the key (a renewed certificate must not reuse a stale
+    // configuration). They are read with the same checks as always: a FIFO or a device must
+    // never be opened on a scheduler.
+    let read = |path: &Option<String>, which| path.as_deref().map(|p| read_pem(p, which)).transpose();
+    let files = vec![read(&tls.certfile, certfile())?, read(&tls.keyfile, keyfile())?, read(&tls.cacertfile, cacertfile())?];
+    let key = ClientKey { tls: tls.clone(), transport: transport.clone(), files };
+    if let Some(config) = lock(client_cache()).get(&key) {
+        return Ok(config.clone());
+    }
+    // Errors (unreadable files, bad PEM) come from here and are never cached.
+    let config = client_config(tls, transport)?;
+    let mut cache = lock(client_cache());
+    if cache.len() >= CLIENT_CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(key, config.clone());
+    Ok(config)
 }
 
 /// `verify: :none` on a client: any server certificate is accepted, but the handshake
