@@ -66,7 +66,14 @@ held =
   Enum.reduce_while(1..200, 0, fn _, _ ->
     send(acceptor, {:count, me})
     k = receive(do: ({:held, k} -> k))
-    if k >= n + 1, do: {:halt, k}, else: (Process.sleep(50); {:cont, k})
+
+    if k >= n + 1,
+      do: {:halt, k},
+      else:
+        (
+          Process.sleep(50)
+          {:cont, k}
+        )
   end)
 
 open_s = (System.monotonic_time(:millisecond) - t0) / 1000

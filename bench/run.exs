@@ -26,7 +26,11 @@ defmodule Bench.Run do
     quinn = System.get_env("BENCH_QUINN") || default_quinn()
     only = (System.get_env("BENCH_ONLY") || Enum.join(@workloads, ",")) |> String.split(",")
     machine = machine()
-    progress("machine: #{machine.nproc} cpus, #{machine.cpu_model}; OTP #{machine.otp}, Elixir #{machine.elixir}, #{machine.rustc}")
+
+    progress(
+      "machine: #{machine.nproc} cpus, #{machine.cpu_model}; OTP #{machine.otp}, Elixir #{machine.elixir}, #{machine.rustc}"
+    )
+
     t0 = System.monotonic_time(:millisecond)
     ctx = %{cert: cert, quinn: quinn}
 
@@ -82,7 +86,9 @@ defmodule Bench.Run do
   defp extra(_), do: ""
 
   defp quinn(ctx, workload, args) do
-    argv = [workload, "cert=#{ctx.cert.certfile}", "key=#{ctx.cert.keyfile}"] ++ Enum.map(args, fn {k, v} -> "#{k}=#{v}" end)
+    argv =
+      [workload, "cert=#{ctx.cert.certfile}", "key=#{ctx.cert.keyfile}"] ++
+        Enum.map(args, fn {k, v} -> "#{k}=#{v}" end)
 
     case System.cmd(ctx.quinn, argv, stderr_to_stdout: true) do
       {out, 0} ->
@@ -128,7 +134,10 @@ defmodule Bench.Run do
     for mode <- [:active, :passive] do
       impls =
         [{"macula", fn -> Bench.Macula.bulk(ctx.cert, total, mode) end}] ++
-          if(mode == :active, do: [{"quinn", fn -> quinn(ctx, "bulk", bytes: total) end}], else: []) ++
+          if(mode == :active,
+            do: [{"quinn", fn -> quinn(ctx, "bulk", bytes: total) end}],
+            else: []
+          ) ++
           [
             {"ssl", fn -> Bench.Tcp.bulk(:ssl, ctx.cert, total, mode) end},
             {"gen_tcp", fn -> Bench.Tcp.bulk(:gen_tcp, ctx.cert, total, mode) end}
@@ -136,7 +145,16 @@ defmodule Bench.Run do
 
       res = measure("bulk #{mode}", :mib_s, impls)
       res = if mode == :passive, do: res, else: res
-      r = row("bulk", "#{div(total, mib())} MiB, #{mode}", "MiB/s", :mib_s, res, "≥0.9× quinn, ≥1.0× ssl")
+
+      r =
+        row(
+          "bulk",
+          "#{div(total, mib())} MiB, #{mode}",
+          "MiB/s",
+          :mib_s,
+          res,
+          "≥0.9× quinn, ≥1.0× ssl"
+        )
 
       Map.merge(r, %{
         macula_ios_per_datagram: res["macula"][:ios_per_datagram],
@@ -145,7 +163,13 @@ defmodule Bench.Run do
     end
     |> then(fn [active, passive] ->
       # The raw-Quinn reader is the same for both receive modes: compare passive with it too.
-      passive = %{passive | quinn: active.quinn, macula_vs_quinn: passive.macula && active.quinn && passive.macula / active.quinn, quinn_ios_per_datagram: active.quinn_ios_per_datagram}
+      passive = %{
+        passive
+        | quinn: active.quinn,
+          macula_vs_quinn: passive.macula && active.quinn && passive.macula / active.quinn,
+          quinn_ios_per_datagram: active.quinn_ios_per_datagram
+      }
+
       [active, passive]
     end)
   end
@@ -173,11 +197,26 @@ defmodule Bench.Run do
       [
         r,
         Map.merge(
-          row("echo", "#{size} B, send/2", "round trips/s", :rt_s, %{res | "macula" => res["macula_send"]}, nil),
+          row(
+            "echo",
+            "#{size} B, send/2",
+            "round trips/s",
+            :rt_s,
+            %{res | "macula" => res["macula_send"]},
+            nil
+          ),
           %{details: %{}}
         )
       ]
-      |> Enum.map(&Map.put(&1, :latency_us, Map.new(["macula", "macula_send", "quinn", "ssl", "gen_tcp"], fn n -> {n, lat.(n) && Tuple.to_list(lat.(n))} end)))
+      |> Enum.map(
+        &Map.put(
+          &1,
+          :latency_us,
+          Map.new(["macula", "macula_send", "quinn", "ssl", "gen_tcp"], fn n ->
+            {n, lat.(n) && Tuple.to_list(lat.(n))}
+          end)
+        )
+      )
     end
     |> List.flatten()
   end
@@ -210,7 +249,14 @@ defmodule Bench.Run do
           {"gen_tcp", fn -> Bench.Tcp.handshake(:gen_tcp, ctx.cert, conc, secs) end}
         ])
 
-      row("handshake", if(conc == 1, do: "sequential", else: "#{conc} concurrent"), "handshakes/s", :hs_s, res, "≥0.9× quinn")
+      row(
+        "handshake",
+        if(conc == 1, do: "sequential", else: "#{conc} concurrent"),
+        "handshakes/s",
+        :hs_s,
+        res,
+        "≥0.9× quinn"
+      )
     end
   end
 
@@ -222,11 +268,17 @@ defmodule Bench.Run do
 
     macula = fn ->
       {out, 0} =
-        System.cmd(System.find_executable("elixir"), ["-pa", ebin, script, ctx.cert.certfile, ctx.cert.keyfile, "#{n}"],
+        System.cmd(
+          System.find_executable("elixir"),
+          ["-pa", ebin, script, ctx.cert.certfile, ctx.cert.keyfile, "#{n}"],
           stderr_to_stdout: true
         )
 
-      out |> String.split("\n") |> Enum.filter(&String.starts_with?(&1, "{")) |> List.last() |> parse_flat_json()
+      out
+      |> String.split("\n")
+      |> Enum.filter(&String.starts_with?(&1, "{"))
+      |> List.last()
+      |> parse_flat_json()
     end
 
     res =
@@ -268,12 +320,15 @@ defmodule Bench.Run do
     lat =
       r.results
       |> Enum.filter(&Map.has_key?(&1, :latency_us))
-      |> Enum.uniq_by(& &1.variant |> String.split(",") |> hd())
+      |> Enum.uniq_by(&(&1.variant |> String.split(",") |> hd()))
       |> Enum.map(fn x ->
         parts =
-          for {n, v} <- Enum.sort(x.latency_us), v != nil, do: "#{n} #{fmt(Enum.at(v, 0) * 1.0)}/#{fmt(Enum.at(v, 1) * 1.0)}"
+          for {n, v} <- Enum.sort(x.latency_us),
+              v != nil,
+              do: "#{n} #{fmt(Enum.at(v, 0) * 1.0)}/#{fmt(Enum.at(v, 1) * 1.0)}"
 
-        "- echo #{x.variant |> String.split(",") |> hd()} latency p50/p99 µs: " <> Enum.join(parts, ", ")
+        "- echo #{x.variant |> String.split(",") |> hd()} latency p50/p99 µs: " <>
+          Enum.join(parts, ", ")
       end)
 
     head <>

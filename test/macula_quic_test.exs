@@ -405,7 +405,12 @@ defmodule MaculaQuicTest do
         Enum.reduce_while(sizes, 0, fn size, at ->
           n = min(size, byte_size(payload) - at)
           piece = binary_part(payload, at, n)
-          :ok = if rem(at, 3) == 0, do: MaculaQuic.async_send(s, piece), else: MaculaQuic.send(s, piece)
+
+          :ok =
+            if rem(at, 3) == 0,
+              do: MaculaQuic.async_send(s, piece),
+              else: MaculaQuic.send(s, piece)
+
           if at + n == byte_size(payload), do: {:halt, :ok}, else: {:cont, at + n}
         end)
 

@@ -26,7 +26,9 @@ defmodule Bench.Tcp do
   defp client_opts(:gen_tcp), do: [:binary, active: false, nodelay: true, buffer: 65_536]
 
   defp client_opts(:ssl),
-    do: client_opts(:gen_tcp) ++ [versions: [:"tlsv1.3"], verify: :verify_none, alpn_advertised_protocols: ["bench"]]
+    do:
+      client_opts(:gen_tcp) ++
+        [versions: [:"tlsv1.3"], verify: :verify_none, alpn_advertised_protocols: ["bench"]]
 
   defp listen(t, cert) do
     {:ok, ls} = t.listen(0, server_opts(t, cert))
@@ -83,7 +85,12 @@ defmodule Bench.Tcp do
     r =
       spawn_link(fn ->
         receive(do: (:go -> :ok))
-        {n, m} = if mode == :active, do: count_active(t, s, total, 0, 0), else: count_passive(t, s, total, 0, 0)
+
+        {n, m} =
+          if mode == :active,
+            do: count_active(t, s, total, 0, 0),
+            else: count_passive(t, s, total, 0, 0)
+
         send(me, {:received, self(), n, m, now_us()})
         receive(do: (:stop -> :ok))
       end)
@@ -128,8 +135,11 @@ defmodule Bench.Tcp do
 
   defp count_active_loop(t, s, total, n, m) do
     receive do
-      {tag, ^s, d} when tag in [:tcp, :ssl] -> count_active_loop(t, s, total, n + byte_size(d), m + 1)
-      {tag, ^s} when tag in [:tcp_passive, :ssl_passive] -> count_active(t, s, total, n, m)
+      {tag, ^s, d} when tag in [:tcp, :ssl] ->
+        count_active_loop(t, s, total, n + byte_size(d), m + 1)
+
+      {tag, ^s} when tag in [:tcp_passive, :ssl_passive] ->
+        count_active(t, s, total, n, m)
     end
   end
 
@@ -217,7 +227,8 @@ defmodule Bench.Tcp do
     deadline = t0 + round(seconds * 1.0e6)
 
     workers =
-      for _ <- 1..conc, do: spawn_link(fn -> send(me, {:count, self(), hs_loop(t, port, deadline, 0)}) end)
+      for _ <- 1..conc,
+          do: spawn_link(fn -> send(me, {:count, self(), hs_loop(t, port, deadline, 0)}) end)
 
     n = Enum.reduce(workers, 0, fn w, acc -> receive(do: ({:count, ^w, k} -> acc + k)) end)
     us = now_us() - t0

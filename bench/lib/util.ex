@@ -35,6 +35,7 @@ defmodule Bench.Util do
   def mib_s(bytes, us), do: bytes / @mib / (us / 1.0e6)
 
   def percentile([], _p), do: 0
+
   def percentile(sorted_tuple, p) when is_tuple(sorted_tuple) do
     n = tuple_size(sorted_tuple)
     i = min(n - 1, round(p / 100 * (n - 1)))
