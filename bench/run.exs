@@ -18,6 +18,13 @@ defmodule Bench.Run do
   @workloads ~w(bulk echo fanout handshake memory)
 
   def main do
+    # BENCH_RUNTIME_WORKERS sizes macula_quic's runtime (config :macula_quic, runtime_workers);
+    # it must be set before the NIF loads, i.e. before the first MaculaQuic call.
+    with w when is_binary(w) <- System.get_env("BENCH_RUNTIME_WORKERS"),
+         {n, ""} <- Integer.parse(w) do
+      Application.put_env(:macula_quic, :runtime_workers, n)
+    end
+
     progress("starting (scale #{scale()}, repeat #{repeat()})")
     {:ok, _} = Application.ensure_all_started(:ssl)
     out = System.get_env("BENCH_OUT") || Path.expand("results", __DIR__)

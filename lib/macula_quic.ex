@@ -520,7 +520,9 @@ defmodule MaculaQuic do
   Connection counters from Quinn, by name, in the order asked.
 
   Names: `:recv_cnt`/`:send_cnt` (UDP datagrams), `:recv_oct`/`:send_oct` (UDP bytes),
-  `:send_pend` (always 0: Quinn does not expose unacknowledged bytes), `:udp_tx_ios`,
+  `:send_pend` (bytes given to `send/2`/`async_send/2` on the connection's streams that
+  still wait for the peer's flow-control or congestion credit; Quinn does not expose its own
+  unacknowledged bytes), `:udp_tx_ios`,
   `:udp_rx_ios` (system calls; fewer than datagrams means segmentation offload),
   `:rtt_us`, `:min_rtt_us`, `:cwnd`, `:congestion_events`, `:lost_packets`, `:lost_bytes`,
   `:sent_packets`, `:mtu`, `:stream_frames_tx`, `:stream_frames_rx`. A stream handle reports its

@@ -502,6 +502,34 @@ defmodule MaculaQuicTest do
       assert rtt > 0
       assert {:error, {:bad_stat, :nope}} = MaculaQuic.getstat(c, [:send_oct, :nope])
     end
+
+    test "send_pend counts bytes waiting for the peer's flow-control credit" do
+      # The listener grants 64 KiB per stream; its side reads nothing until told to.
+      {c, sc, _l, _} = pair!(listen: [stream_recv_window: 65_536])
+      {s, ss} = stream_pair!(c, sc, server: [active: false])
+      assert {:ok, "hello"} = MaculaQuic.recv(ss, 5, 5_000)
+      assert {:ok, [send_pend: 0]} = MaculaQuic.getstat(c, [:send_pend])
+
+      :ok = MaculaQuic.async_send(s, :binary.copy("p", 1_048_576))
+      {:ok, [send_pend: pend]} = MaculaQuic.getstat(s, [:send_pend])
+      # All but what flow control let through waits in our queue: the 64 KiB window, plus
+      # what the passive reader may have read ahead (one 64 KiB chunk), with slack.
+      assert pend >= 1_048_576 - 3 * 65_536 and pend <= 1_048_576
+
+      # Reading drains it; it returns to 0 once Quinn has taken everything.
+      assert {:ok, data} = MaculaQuic.recv(ss, 1_048_576, 10_000)
+      assert byte_size(data) == 1_048_576
+      assert {:ok, [send_pend: 0]} = MaculaQuic.getstat(c, [:send_pend])
+
+      # A reset drops what was queued, and the count with it.
+      :ok = MaculaQuic.async_send(s, :binary.copy("q", 500_000))
+      {:ok, [send_pend: queued]} = MaculaQuic.getstat(c, [:send_pend])
+      assert queued >= 500_000 - 3 * 65_536
+      :ok = MaculaQuic.setopt(ss, :active, true)
+      :ok = MaculaQuic.async_shutdown_stream(s, MaculaQuic.stream_shutdown_abort_send(), 1)
+      assert_receive {:quic, :peer_send_aborted, ^ss, 1}, 5_000
+      assert {:ok, [send_pend: 0]} = MaculaQuic.getstat(c, [:send_pend])
+    end
   end
 
   describe "ownership" do

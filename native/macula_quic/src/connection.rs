@@ -7,6 +7,7 @@
 //! nothing native holds it and garbage collection frees it.
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -50,6 +51,9 @@ pub struct ConnRes {
     /// The source IP the kernel routes to the peer from a wildcard-bound endpoint, looked up
     /// the first time `local_addr` needs it (not on every connect: few callers ask).
     routed_ip: OnceLock<Option<IpAddr>>,
+    /// Bytes handed to `send`/`async_send` on this connection's streams that wait in their
+    /// queues for flow-control or congestion credit (`getstat`'s `send_pend`).
+    pub send_pend: AtomicUsize,
     state: Mutex<State>,
     _live: Live,
 }
@@ -85,6 +89,7 @@ impl ConnRes {
             local_port: local_bound.port(),
             local_bound,
             routed_ip: OnceLock::new(),
+            send_pend: AtomicUsize::new(0),
             state: Mutex::new(State {
                 owner: Owner::unmonitored(owner),
                 accepts: HashMap::new(),
@@ -334,9 +339,9 @@ fn conn_stats<'a>(env: Env<'a>, c: ResourceArc<ConnRes>) -> NifResult<Term<'a>> 
         (recv_oct(), s.udp_rx.bytes),
         (send_cnt(), s.udp_tx.datagrams),
         (send_oct(), s.udp_tx.bytes),
-        // Bytes our writers have not yet handed to Quinn (async_send queues); Quinn itself does
-        // not expose its unacknowledged bytes.
-        (send_pend(), 0),
+        // Bytes waiting in our send queues for Quinn to take them (Quinn itself does not
+        // expose its unacknowledged bytes).
+        (send_pend(), c.send_pend.load(Ordering::Relaxed) as u64),
         (udp_tx_ios(), s.udp_tx.ios),
         (udp_rx_ios(), s.udp_rx.ios),
         (rtt_us(), s.path.rtt.as_micros() as u64),

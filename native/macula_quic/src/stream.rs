@@ -20,6 +20,7 @@
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
@@ -102,6 +103,8 @@ struct SendSide {
     queue: VecDeque<SendCmd>,
     /// Bytes of `async_send` data in `queue`.
     queued: usize,
+    /// Bytes of any data in `queue` (mirrored in the connection's `send_pend`).
+    pending: usize,
     /// Why the send side ended, for sends attempted after it did.
     ended: Option<Reason>,
 }
@@ -200,7 +203,7 @@ impl StreamRes {
             wake_writer: Notify::new(),
             recv_stream: recv.map(|r| Mutex::new(Some(r))),
             send: send.map(|stream| {
-                Mutex::new(SendSide { stream: Some(stream), queue: VecDeque::new(), queued: 0, ended: None })
+                Mutex::new(SendSide { stream: Some(stream), queue: VecDeque::new(), queued: 0, pending: 0, ended: None })
             }),
             _live: Live::new(&counters::STREAMS),
         });
@@ -647,7 +650,7 @@ fn payload(env: Env, data: Binary) -> Bytes {
 /// task with the send lock held; `cx` is the task's, so Quinn wakes the task when it has room
 /// again. Pending while there is nothing to write or no room; ready when the send side is done:
 /// `Ok` after FIN, or the write error.
-fn poll_queue(sd: &mut SendSide, cx: &mut Context) -> Poll<Result<(), quinn::WriteError>> {
+fn poll_queue(sd: &mut SendSide, send_pend: &AtomicUsize, cx: &mut Context) -> Poll<Result<(), quinn::WriteError>> {
     let Some(stream) = sd.stream.as_mut() else { return Poll::Ready(Ok(())) };
     loop {
         let Some(front) = sd.queue.front_mut() else { return Poll::Pending };
@@ -655,9 +658,12 @@ fn poll_queue(sd: &mut SendSide, cx: &mut Context) -> Poll<Result<(), quinn::Wri
             if !bytes.is_empty() {
                 let before = bytes.len();
                 let step = pin!(stream.write_chunks(std::slice::from_mut(bytes))).poll(cx);
+                let taken = before - bytes.len();
                 if reply.is_none() {
-                    sd.queued -= before - bytes.len();
+                    sd.queued -= taken;
                 }
+                sd.pending -= taken;
+                send_pend.fetch_sub(taken, Ordering::Relaxed);
                 match step {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -698,7 +704,12 @@ async fn send_loop(res: ResourceArc<StreamRes>) {
         // Registered before the checks below, so a wake-up between them is not lost.
         let notified = res.wake_writer.notified();
         if let Some(code) = lock(&res.state).reset_send.take() {
-            if let Some(s) = lock(side).stream.as_mut() {
+            let mut sd = lock(side);
+            // What is queued will never be sent: uncount it before the reset can reach the
+            // peer, so `send_pend` never shows it to someone who already heard of the reset.
+            res.conn.send_pend.fetch_sub(sd.pending, Ordering::Relaxed);
+            sd.pending = 0;
+            if let Some(s) = sd.stream.as_mut() {
                 let _ = s.reset(quinn::VarInt::from_u64(code).unwrap_or(quinn::VarInt::from_u32(0)));
             }
             break atoms::closed().into();
@@ -707,7 +718,7 @@ async fn send_loop(res: ResourceArc<StreamRes>) {
             biased;
             _ = notified => continue,
             peer = &mut stopped => break stopped_reason(&res, peer),
-            done = poll_fn(|cx| poll_queue(&mut lock(side), cx)) => match done {
+            done = poll_fn(|cx| poll_queue(&mut lock(side), &res.conn.send_pend, cx)) => match done {
                 Ok(()) => break atoms::closed().into(),
                 Err(e) => break write_reason(&res, &e),
             },
@@ -719,6 +730,8 @@ async fn send_loop(res: ResourceArc<StreamRes>) {
         let mut sd = lock(side);
         sd.ended = Some(failure.clone());
         sd.queued = 0;
+        res.conn.send_pend.fetch_sub(sd.pending, Ordering::Relaxed);
+        sd.pending = 0;
         (std::mem::take(&mut sd.queue), sd.stream.take())
     };
     drop(stream);
@@ -822,6 +835,8 @@ fn stream_send<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>, ta
     } else {
         Some(Reply::new(env.pid(), tag))
     };
+    sd.pending += bytes.len();
+    s.conn.send_pend.fetch_add(bytes.len(), Ordering::Relaxed);
     sd.queue.push_back(SendCmd::Data { bytes, reply, fin });
     drop(sd);
     s.wake_writer.notify_one();
