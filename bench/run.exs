@@ -1,6 +1,7 @@
 # The benchmark suite: macula_quic side by side with raw Quinn (native/macula_quic/examples/
 # quinn_baseline.rs), OTP :ssl (TLS 1.3 over TCP) and :gen_tcp, on loopback, in one run.
-# Run it with bin/bench (which builds what it needs); see bench/README.md.
+# Run it with bin/bench (which builds what it needs); README.md's Benchmarks section has the
+# latest table.
 #
 #   BENCH_SCALE   sizes/counts multiplier (default 1.0: 1 GiB bulk, 100 x 10 MiB fan-out,
 #                 10,000 idle connections, 2 s timed runs); e.g. 0.05 for a quick run
@@ -8,6 +9,7 @@
 #   BENCH_ONLY    comma-separated subset of bulk,echo,fanout,handshake,memory
 #   BENCH_QUINN   path of the quinn_baseline binary (set by bin/bench)
 #   BENCH_OUT     output directory (default bench/results)
+#   BENCH_RUNTIME_WORKERS  macula_quic's runtime worker threads (default: sized for the host)
 Code.require_file("lib/util.ex", __DIR__)
 Code.require_file("lib/macula.ex", __DIR__)
 Code.require_file("lib/tcp.ex", __DIR__)
