@@ -143,7 +143,7 @@ defmodule MaculaQuic.Native.Loader do
     info("Building the macula_quic NIF from source (cargo build --release)")
 
     with {:ok, _path} <- SourceBuild.build(request) do
-      {:ok, SourceBuild.lib_path()}
+      {:ok, SourceBuild.lib_path(request.features)}
     end
   end
 

@@ -5,8 +5,12 @@ defmodule MaculaQuic.Native.SourceBuild do
   #
   # Cargo's target dir is pinned to native/macula_quic/target (even if CARGO_TARGET_DIR is
   # set) so dev and test builds share one cache and the library is found where we look.
-  # The library is always placed as priv/native/libmacula_quic.<so|dll>: cargo's .dylib on
-  # macOS becomes .so, because :erlang.load_nif/2 appends ".so" on every Unix.
+  # The library is placed as priv/native/libmacula_quic.<so|dll>: cargo's .dylib on macOS
+  # becomes .so, because :erlang.load_nif/2 appends ".so" on every Unix. A build with extra
+  # crate features (the test build's test_hooks) gets its own name,
+  # libmacula_quic-<features>.<so|dll>: in a project checkout every Mix env shares one priv/
+  # (Mix symlinks it), so a prod build (bin/demo) must not replace the test build's library
+  # behind the test env's back, nor the reverse.
 
   @crate "macula_quic"
 
@@ -29,8 +33,8 @@ defmodule MaculaQuic.Native.SourceBuild do
   The library's load path relative to the priv dir (no extension): what a source build
   produces.
   """
-  @spec lib_path() :: String.t()
-  def lib_path, do: "native/lib#{@crate}"
+  @spec lib_path([String.t()]) :: String.t()
+  def lib_path(features \\ []), do: "native/lib#{@crate}#{suffix(features)}"
 
   @doc """
   Runs `cargo build --release` in `crate_dir` (output streamed to `into`, stdout by default)
@@ -47,12 +51,24 @@ defmodule MaculaQuic.Native.SourceBuild do
   end
 
   @doc """
-  The file cargo produces for this crate on `os_type`, and the name it gets in priv/native.
+  The file cargo produces for this crate on `os_type`, and the name it gets in priv/native
+  when built with the crate `features`.
   """
-  @spec library_names({atom(), atom()}) :: {built :: String.t(), placed :: String.t()}
-  def library_names({:win32, _}), do: {"#{@crate}.dll", "lib#{@crate}.dll"}
-  def library_names({:unix, :darwin}), do: {"lib#{@crate}.dylib", "lib#{@crate}.so"}
-  def library_names({:unix, _}), do: {"lib#{@crate}.so", "lib#{@crate}.so"}
+  @spec library_names({atom(), atom()}, [String.t()]) ::
+          {built :: String.t(), placed :: String.t()}
+  def library_names(os_type, features \\ [])
+
+  def library_names({:win32, _}, features),
+    do: {"#{@crate}.dll", "lib#{@crate}#{suffix(features)}.dll"}
+
+  def library_names({:unix, :darwin}, features),
+    do: {"lib#{@crate}.dylib", "lib#{@crate}#{suffix(features)}.so"}
+
+  def library_names({:unix, _}, features),
+    do: {"lib#{@crate}.so", "lib#{@crate}#{suffix(features)}.so"}
+
+  defp suffix([]), do: ""
+  defp suffix(features), do: "-" <> (features |> Enum.sort() |> Enum.join("-"))
 
   @doc """
   The arguments given to cargo.
@@ -94,7 +110,7 @@ defmodule MaculaQuic.Native.SourceBuild do
   end
 
   defp copy_library(request, os_type) do
-    {built, placed} = library_names(os_type)
+    {built, placed} = library_names(os_type, Map.get(request, :features, []))
     source = Path.join([target_dir(request), "release", built])
     destination = Path.join(request.native_dir, placed)
 

@@ -91,9 +91,24 @@ defmodule MaculaQuic.Native.LoaderTest do
       assert SourceBuild.lib_path() == "native/libmacula_quic"
     end
 
+    test "a build with extra features gets its own name, so builds for other envs leave it alone" do
+      assert SourceBuild.library_names({:unix, :linux}, ["test_hooks"]) ==
+               {"libmacula_quic.so", "libmacula_quic-test_hooks.so"}
+
+      assert SourceBuild.library_names({:win32, :nt}, ["b", "a"]) ==
+               {"macula_quic.dll", "libmacula_quic-a-b.dll"}
+
+      assert SourceBuild.lib_path(["test_hooks"]) == "native/libmacula_quic-test_hooks"
+      assert SourceBuild.lib_path([]) == SourceBuild.lib_path()
+    end
+
     test "this build's library is where the source build put it" do
+      # The test build has the crate's test_hooks feature (see MaculaQuic.Native).
       path =
-        Path.join(List.to_string(:code.priv_dir(:macula_quic)), SourceBuild.lib_path() <> ".so")
+        Path.join(
+          List.to_string(:code.priv_dir(:macula_quic)),
+          SourceBuild.lib_path(["test_hooks"]) <> ".so"
+        )
 
       assert File.regular?(path)
     end
