@@ -22,6 +22,11 @@ defmodule MaculaQuic.Native do
 
   @on_load :__load_nif__
 
+  # Where this build's library is, relative to the priv dir and without extension (tests read
+  # the built library from there).
+  @doc false
+  def __lib_path__, do: @lib_path
+
   # A failed load is logged (file and reason) and still returns :ok, on purpose: the module
   # stays loaded and every call raises :nif_not_loaded right after that log line. Returning
   # the error would unload the module, and callers would get a misleading

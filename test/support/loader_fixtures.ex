@@ -10,7 +10,7 @@ defmodule MaculaQuic.LoaderFixtures do
     :macula_quic
     |> :code.priv_dir()
     |> List.to_string()
-    |> Path.join("native/libmacula_quic.so")
+    |> Path.join(MaculaQuic.Native.__lib_path__() <> ".so")
     |> File.read!()
   end
 

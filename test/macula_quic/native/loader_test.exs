@@ -104,10 +104,12 @@ defmodule MaculaQuic.Native.LoaderTest do
 
     test "this build's library is where the source build put it" do
       # The test build has the crate's test_hooks feature (see MaculaQuic.Native).
+      assert MaculaQuic.Native.__lib_path__() == SourceBuild.lib_path(["test_hooks"])
+
       path =
         Path.join(
           List.to_string(:code.priv_dir(:macula_quic)),
-          SourceBuild.lib_path(["test_hooks"]) <> ".so"
+          MaculaQuic.Native.__lib_path__() <> ".so"
         )
 
       assert File.regular?(path)
