@@ -680,8 +680,8 @@ defmodule MaculaQuic do
   defp send_piece(stream, bin, fin) do
     ref = make_ref()
 
-    # `:ok`: Quinn took all of it during the call; `:wait`: the rest follows as flow control
-    # allows, and the native side answers `{ref, result}` then.
+    # `:wait`: the writer task hands the data to Quinn as flow control allows and answers
+    # `{ref, result}`; anything else (an error) is the answer itself.
     case native(:stream, stream, fn -> Native.stream_send(stream, bin, ref, fin) end) do
       :wait -> receive(do: ({^ref, result} -> result))
       other -> other

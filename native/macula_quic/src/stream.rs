@@ -11,18 +11,19 @@
 //! the owner is atomic with respect to deliveries: a message goes either to the old owner
 //! (before the change) or to the new one (after it).
 //!
-//! Sending hands data to Quinn straight from the NIF when Quinn has room for it (the common
-//! case), without waking any task: the data is in Quinn's send buffer when the NIF returns.
-//! Only what does not fit (flow control) goes into an ordered queue that the writer task drains
-//! as credit arrives; while anything is queued, later sends queue behind it, so order is kept.
-//! Blocking `send` then waits for its reply; the fire-and-forget `async_send` data in the queue
-//! is bounded by `ASYNC_QUEUE_LIMIT` bytes.
+//! Sending puts data (without copying large binaries) into an ordered queue that the writer
+//! task hands to Quinn as flow-control credit allows. NIFs never call into Quinn's connection
+//! themselves: Quinn's driver holds the connection lock while it processes and encrypts whole
+//! batches of packets, and a scheduler waiting on that lock stalls every process on it (the
+//! timer test in receive_modes_test measured p95 lateness growing from ~4 ms to 16-30 ms when
+//! sends wrote into Quinn from the NIF). Blocking `send` waits for its reply; the
+//! fire-and-forget `async_send` data in the queue is bounded by `ASYNC_QUEUE_LIMIT` bytes.
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NewBinary, NifResult, OwnedEnv, Resource, ResourceArc, Term};
@@ -352,9 +353,9 @@ fn absorb(st: &mut State, outcome: ReadOutcome) {
     }
 }
 
-/// Reads up to `max` bytes from Quinn into the buffer, if Quinn has any. Both the reader task and
-/// `stream_recv` read this way, holding the state lock and then the stream's lock, so chunks enter
-/// the buffer in the order Quinn gave them out.
+/// Reads up to `max` bytes from Quinn into the buffer, if Quinn has any. The reader task reads
+/// this way, holding the state lock and then the stream's lock (the order every path that takes
+/// both uses).
 fn read_locked(res: &StreamRes, st: &mut State, max: usize, cx: &mut Context) -> Poll<()> {
     let Some(rs) = &res.recv_stream else { return Poll::Ready(()) };
     let mut guard = lock(rs);
@@ -799,8 +800,8 @@ fn err<'a>(env: Env<'a>, reason: impl Encoder) -> Term<'a> {
 
 /// `stream_send(Stream, Binary, Tag | nil, Fin)`. Without a tag (`async_send`): returns `:ok`
 /// at once (`{:error, :send_queue_full}` past the async queue limit). With a tag (blocking
-/// `send`): `:ok` when Quinn took all of the data during the call, else `:wait`, and the caller
-/// is answered `{Tag, :ok | {:error, Reason}}` once Quinn has taken the rest.
+/// `send`): `:wait`, and the caller is answered `{Tag, :ok | {:error, Reason}}` once Quinn has
+/// taken the data.
 #[rustler::nif]
 fn stream_send<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>, tag: Term<'a>, fin: bool) -> Term<'a> {
     rustler::atoms! { wait }
@@ -816,19 +817,7 @@ fn stream_send<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>, ta
     if is_async && sd.queued > 0 && sd.queued + len > ASYNC_QUEUE_LIMIT {
         return err(env, atoms::send_queue_full());
     }
-    let mut bytes = payload(env, data);
-    if sd.queue.is_empty() && !fin {
-        if let Some(stream) = sd.stream.as_mut() {
-            // Nothing is queued ahead of this data: offer it to Quinn now. Polled once with a
-            // waker that does nothing (a NIF cannot wait); whatever Quinn cannot take, and any
-            // error, goes to the writer task, which polls again with its own waker and reports.
-            let mut cx = Context::from_waker(Waker::noop());
-            let step = pin!(stream.write_chunks(std::slice::from_mut(&mut bytes))).poll(&mut cx);
-            if matches!(step, Poll::Ready(Ok(_))) && bytes.is_empty() {
-                return atoms::ok().encode(env);
-            }
-        }
-    }
+    let bytes = payload(env, data);
     let reply = if is_async {
         sd.queued += bytes.len();
         None
@@ -979,23 +968,15 @@ fn stream_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<
             }
         }
     }
-    // Not enough buffered: take what Quinn already has, right here, rather than waking the
-    // reader and waiting for its reply. Polled with a waker that does nothing, so the reader is
-    // woken afterwards in any case to poll again with its own (and to read ahead).
-    let target = if len == 0 { MAX_CHUNK } else { len };
-    let mut polled = false;
-    if st.recv_end.is_none() && (st.buf.is_empty() || st.buffered < len) && !st.recv_done {
-        let mut cx = Context::from_waker(Waker::noop());
-        let max = target - st.buffered.min(target);
-        let _ = read_locked(&s, &mut st, max, &mut cx);
-        polled = true;
-    }
+    // The NIF itself never reads from Quinn (that takes Quinn's connection lock, which its
+    // driver may hold for a while; see the module doc): it answers from the buffer, which the
+    // reader task keeps one chunk ahead of demand, or leaves a request for the reader.
     if !st.buf.is_empty() && (len == 0 || st.buffered >= len || st.recv_end.is_some()) {
         let limit = if len == 0 { MAX_CHUNK } else { len };
         let chunks = take(&mut st, limit, len != 0);
         let bin = to_binary(env, &chunks);
         // There is room again: let the reader fetch the next chunk while the caller handles this.
-        let wake = polled || (st.buffered < MAX_CHUNK && st.recv_end.is_none());
+        let wake = st.buffered < MAX_CHUNK && st.recv_end.is_none();
         drop(st);
         if wake {
             s.wake_reader.notify_one();
