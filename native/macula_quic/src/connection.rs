@@ -129,15 +129,16 @@ async fn watch(res: ResourceArc<ConnRes>) {
     let _task = Live::new(&counters::TASKS);
     let why = res.conn.closed().await;
     // Pending stream accepts end by themselves (Quinn fails them) and answer their callers.
-    let (owner, by_app) = {
-        let mut st = lock(&res.state);
-        if st.closed_sent {
-            // `conn_close` already told the owner.
-            return;
-        }
-        st.closed_sent = true;
-        (st.owner.pid, st.closed_by_app)
-    };
+    // The messages are sent holding the state lock, as streams do: `controlling_process` takes
+    // the same lock, so each message goes to the owner of the moment, never to one that has
+    // just handed the connection over (where nobody would read it, keeping the handle alive).
+    let mut st = lock(&res.state);
+    if st.closed_sent {
+        // `conn_close` already told the owner.
+        return;
+    }
+    st.closed_sent = true;
+    let (owner, by_app) = (st.owner.pid, st.closed_by_app);
     let local = matches!(why, quinn::ConnectionError::LocallyClosed);
     if !local {
         let r = res.clone();
@@ -156,7 +157,7 @@ async fn watch(res: ResourceArc<ConnRes>) {
     }
     let r = res.clone();
     messages::send(&owner, move |e| closed_msg(e, r, local, local || by_app));
-    lock(&res.state).owner.release(&res, None);
+    st.owner.release(&res, None);
 }
 
 /// `{quic, closed, C, Props}`: always the last message about a connection.
