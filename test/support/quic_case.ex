@@ -79,13 +79,17 @@ defmodule MaculaQuic.Test.Quic do
     end
   end
 
-  @doc "Waits until the native side reports `counts` (a map subset), or fails after `timeout`."
-  def await_counts!(expected, timeout \\ 5_000) do
+  @doc """
+  Waits until the native side reports `counts` (a map subset), or fails after `timeout`.
+  `before_poll` runs before every check (`MaculaQuic.Test.Settle` flushes stray messages there).
+  """
+  def await_counts!(expected, timeout \\ 5_000, before_poll \\ fn -> :ok end) do
     deadline = System.monotonic_time(:millisecond) + timeout
-    await_counts(expected, deadline)
+    await_counts(expected, deadline, before_poll)
   end
 
-  defp await_counts(expected, deadline) do
+  defp await_counts(expected, deadline, before_poll) do
+    before_poll.()
     # A handle stays alive while any process still holds a reference, garbage included: collect
     # every process so only live references count.
     for pid <- Process.list(), do: :erlang.garbage_collect(pid)
@@ -102,7 +106,7 @@ defmodule MaculaQuic.Test.Quic do
         # Native teardown happens on runtime threads; poll (bounded) rather than guess a delay.
         receive do
         after
-          20 -> await_counts(expected, deadline)
+          20 -> await_counts(expected, deadline, before_poll)
         end
     end
   end

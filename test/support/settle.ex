@@ -3,34 +3,9 @@ defmodule MaculaQuic.Test.Settle do
   # For tests that end by proving nothing native is left: messages about closed handles that
   # reach the test process after it stopped reading them would keep those handles alive, so
   # they are dropped while waiting for the counters.
-  import ExUnit.Assertions
-
   @doc "Flushes `{:quic, ...}` messages from the mailbox, then waits (bounded) for `expected` counts."
-  def await_clean!(expected, timeout \\ 10_000) do
-    deadline = System.monotonic_time(:millisecond) + timeout
-    loop(expected, deadline)
-  end
-
-  defp loop(expected, deadline) do
-    flush_quic()
-    for pid <- Process.list(), do: :erlang.garbage_collect(pid)
-    counts = MaculaQuic.native_counts()
-
-    cond do
-      Enum.all?(expected, fn {k, v} -> counts[k] <= v end) ->
-        counts
-
-      System.monotonic_time(:millisecond) > deadline ->
-        flunk("native counts #{inspect(counts)} did not fall to #{inspect(expected)}")
-
-      true ->
-        # Teardown happens on runtime threads; poll (bounded) rather than guess a delay.
-        receive do
-        after
-          20 -> loop(expected, deadline)
-        end
-    end
-  end
+  def await_clean!(expected, timeout \\ 10_000),
+    do: MaculaQuic.Test.Quic.await_counts!(expected, timeout, &flush_quic/0)
 
   @doc "Drops every `{:quic, ...}` message (3- and 4-tuples) in the mailbox."
   def flush_quic do
