@@ -77,12 +77,14 @@ impl ConnRes {
     ///
     /// `announce` runs (for a live owner) before the watcher starts, so a message it sends
     /// (`new_conn`) reaches the owner before the connection's `shutdown`/`closed` messages.
+    /// `on_closed` (if the connection starts) runs on a runtime thread when it has closed.
     pub fn start(
         env: Option<Env>,
         conn: quinn::Connection,
         local_bound: SocketAddr,
         owner: LocalPid,
         announce: impl FnOnce(&ResourceArc<ConnRes>),
+        on_closed: Option<OnClosed>,
     ) -> Option<ResourceArc<ConnRes>> {
         let res = ResourceArc::new(ConnRes {
             conn,
@@ -102,7 +104,7 @@ impl ConnRes {
         let owner = Owner::monitor(&res, env, owner)?;
         lock(&res.state).owner = owner;
         announce(&res);
-        runtime::spawn(watch(res.clone()));
+        runtime::spawn(watch(res.clone(), on_closed));
         Some(res)
     }
 
@@ -124,10 +126,16 @@ impl ConnRes {
     }
 }
 
+/// Something to do once a connection has closed (a listener counting its live connections).
+pub type OnClosed = Box<dyn FnOnce() + Send + 'static>;
+
 /// Follows the connection to its end and reports it to the owner.
-async fn watch(res: ResourceArc<ConnRes>) {
+async fn watch(res: ResourceArc<ConnRes>, on_closed: Option<OnClosed>) {
     let _task = Live::new(&counters::TASKS);
     let why = res.conn.closed().await;
+    if let Some(f) = on_closed {
+        f();
+    }
     // Pending stream accepts end by themselves (Quinn fails them) and answer their callers.
     // The messages are sent holding the state lock, as streams do: `controlling_process` takes
     // the same lock, so each message goes to the owner of the moment, never to one that has
@@ -231,7 +239,7 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
         let _task = Live::new(&counters::TASKS);
         let result = tokio::time::timeout(timeout, dial(host, port, opts, config)).await;
         match result {
-            Ok(Ok((conn, bound))) => match ConnRes::start(None, conn.clone(), bound, owner, |_| {}) {
+            Ok(Ok((conn, bound))) => match ConnRes::start(None, conn.clone(), bound, owner, |_| {}, None) {
                 Some(res) => {
                     if !reply.send(move |e| (atoms::ok(), res).encode(e)) {
                         // The caller is gone; the monitor's down callback closes the connection.

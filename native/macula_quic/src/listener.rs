@@ -146,15 +146,15 @@ fn maybe_retire(shared: &Arc<Shared>) {
     });
 }
 
-/// Counts a delivered connection until it closes.
-fn track_delivered(shared: &Arc<Shared>, st: &mut State, conn: quinn::Connection) {
-    st.delivered_live += 1;
+/// A delivered connection is counted (`delivered_live += 1`, under the state lock the caller
+/// holds while starting it) until it closes; the connection's watcher then runs this, which
+/// needs the same lock and so always comes after the count.
+fn on_delivered_closed(shared: &Arc<Shared>) -> connection::OnClosed {
     let shared = shared.clone();
-    runtime::spawn(async move {
-        conn.closed().await;
+    Box::new(move || {
         lock(&shared.state).delivered_live -= 1;
         maybe_retire(&shared);
-    });
+    })
 }
 
 async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
@@ -203,8 +203,9 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming) {
     }
     while let Some(w) = st.waiters.pop_front() {
         let Waiter { pid, reply } = w;
-        if ConnRes::start(None, conn.clone(), shared.local, pid, |res| deliver(res, pid, reply)).is_some() {
-            track_delivered(&shared, &mut st, conn);
+        let on_closed = on_delivered_closed(&shared);
+        if ConnRes::start(None, conn.clone(), shared.local, pid, |res| deliver(res, pid, reply), Some(on_closed)).is_some() {
+            st.delivered_live += 1;
             return;
         }
         // That waiter exited while waiting; try the next.
@@ -303,17 +304,18 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
     if let Some(conn) = st.ready.pop_front() {
         let mut reply = atoms::ok().encode(env);
         // The caller is alive (it is calling), so the monitor is set.
-        let started = ConnRes::start(Some(env), conn.clone(), l.shared.local, caller, |res| {
+        let announce = |res: &ResourceArc<ConnRes>| {
             if blocking {
                 reply = (atoms::ok(), res.clone()).encode(env);
             } else {
                 let _ = env.send(&caller, new_conn_msg(env, res.clone()));
             }
-        });
-        if started.is_none() {
+        };
+        let on_closed = on_delivered_closed(&l.shared);
+        if ConnRes::start(Some(env), conn, l.shared.local, caller, announce, Some(on_closed)).is_none() {
             return err(env, atoms::closed());
         }
-        track_delivered(&l.shared, &mut st, conn);
+        st.delivered_live += 1;
         return reply;
     }
     let reply = if blocking { Some(Reply::new(caller, tag)) } else { None };
