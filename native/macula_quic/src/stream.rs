@@ -95,8 +95,8 @@ struct State {
     debug_panic: bool,
 }
 
-/// The sending side, shared by the send NIFs and the writer task. Data reaches Quinn only from
-/// here, under this lock: directly from a NIF while `queue` is empty, else from the queue.
+/// The sending side, shared by the send NIFs (which queue) and the writer task (which hands the
+/// queue to Quinn under this lock).
 struct SendSide {
     /// Taken (and dropped) by the writer task when the send side ends.
     stream: Option<quinn::SendStream>,
