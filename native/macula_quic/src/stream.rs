@@ -1,11 +1,12 @@
 //! Streams: one resource per QUIC stream, with a reader task and a writer task.
 //!
 //! Receiving is driven by demand. The reader task reads from Quinn only while our buffer is
-//! below one coalesced read (`MAX_CHUNK` bytes, or the length a pending `recv` asked for), and
+//! below a fixed bound (one coalesced read of `MAX_CHUNK` bytes in active mode;
+//! `PASSIVE_READ_AHEAD` bytes, or the length a pending `recv` asked for, in passive mode), and
 //! in active mode only once what it holds was delivered; when the owner does not take data,
 //! Quinn's receive buffer fills, the stream's flow-control window closes, and the peer's sends
-//! stall. Nothing grows without bound. (A passive stream keeps one chunk read ahead so `recv`
-//! can answer from the buffer within the NIF call.)
+//! stall. Nothing grows without bound. (A passive stream reads ahead so that `recv` can answer
+//! from the buffer within the NIF call.)
 //!
 //! Every message about the stream is sent while holding the stream's state lock, so changing
 //! the owner is atomic with respect to deliveries: a message goes either to the old owner
@@ -42,6 +43,12 @@ use crate::util::lock;
 /// Largest data message we build from coalesced reads. Large messages amortise the per-message
 /// cost (about a microsecond each) over tens of KiB instead of one 1200-byte packet.
 pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// How far a passive stream's reader reads ahead of `recv`: two coalesced chunks, so that the
+/// reader fills the next chunk while the owner handles the one `recv` just returned (with one
+/// chunk the two take turns and each `recv` waits for the reader). Bounded per stream, and the
+/// peer still waits for flow-control credit once this much is buffered.
+pub const PASSIVE_READ_AHEAD: usize = 2 * MAX_CHUNK;
 
 /// Bytes of `async_send` data that may wait in a stream's queue before `async_send` refuses
 /// more with `{:error, :send_queue_full}`. Blocking `send` is bounded by its caller waiting.
@@ -424,15 +431,16 @@ async fn recv_loop(res: ResourceArc<StreamRes>) {
 
 /// How many more bytes the reader should fetch now, or `None` when it should wait.
 ///
-/// A passive stream reads ahead one chunk even without a pending `recv`, so that `recv`
-/// usually finds data already buffered and answers within the NIF call, instead of waking the
-/// reader and waiting for its reply. The same bound holds as in active mode: one `MAX_CHUNK`.
+/// A passive stream reads ahead (`PASSIVE_READ_AHEAD`) even without a pending `recv`, so that
+/// `recv` usually finds data already buffered and answers within the NIF call, instead of
+/// waking the reader and waiting for its reply. An active stream holds at most one `MAX_CHUNK`.
 fn wanted_bytes(st: &State) -> Option<usize> {
     if st.recv_end.is_some() {
         return None;
     }
     let target = match (&st.active, &st.recv_request) {
-        (Active::Off, Some(req)) if req.len > 0 => req.len,
+        (Active::Off, Some(req)) if req.len > 0 => req.len.max(PASSIVE_READ_AHEAD),
+        (Active::Off, _) => PASSIVE_READ_AHEAD,
         _ => MAX_CHUNK,
     };
     if st.active != Active::Off && st.buffered > 0 {
@@ -970,13 +978,14 @@ fn stream_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<
     }
     // The NIF itself never reads from Quinn (that takes Quinn's connection lock, which its
     // driver may hold for a while; see the module doc): it answers from the buffer, which the
-    // reader task keeps one chunk ahead of demand, or leaves a request for the reader.
+    // reader task keeps up to `PASSIVE_READ_AHEAD` ahead of demand, or leaves a request for
+    // the reader.
     if !st.buf.is_empty() && (len == 0 || st.buffered >= len || st.recv_end.is_some()) {
         let limit = if len == 0 { MAX_CHUNK } else { len };
         let chunks = take(&mut st, limit, len != 0);
         let bin = to_binary(env, &chunks);
         // There is room again: let the reader fetch the next chunk while the caller handles this.
-        let wake = st.buffered < MAX_CHUNK && st.recv_end.is_none();
+        let wake = st.buffered < PASSIVE_READ_AHEAD && st.recv_end.is_none();
         drop(st);
         if wake {
             s.wake_reader.notify_one();
