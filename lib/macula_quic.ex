@@ -708,7 +708,9 @@ defmodule MaculaQuic do
   @doc """
   Receives from a passive stream (`active: false`).
 
-  `length` 0 returns whatever is buffered, or the next chunk to arrive. `length` > 0 returns
+  `length` 0 returns whatever is buffered (up to 256 KiB), or the next chunk to arrive. A
+  passive stream's native side reads up to 256 KiB ahead of `recv`, so that `recv` usually
+  answers at once; beyond that the peer waits for flow-control credit. `length` > 0 returns
   exactly that many bytes, or fewer if the stream ends first. Errors: `{:error, :einval}` on
   an active stream, `{:error, :peer_send_shutdown}` once the stream has ended and everything
   was read, `{:error, {:peer_send_aborted, code}}`, `{:error, :closed}`,

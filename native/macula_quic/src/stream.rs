@@ -44,11 +44,13 @@ use crate::util::lock;
 /// cost (about a microsecond each) over tens of KiB instead of one 1200-byte packet.
 pub const MAX_CHUNK: usize = 64 * 1024;
 
-/// How far a passive stream's reader reads ahead of `recv`: two coalesced chunks, so that the
-/// reader fills the next chunk while the owner handles the one `recv` just returned (with one
-/// chunk the two take turns and each `recv` waits for the reader). Bounded per stream, and the
-/// peer still waits for flow-control credit once this much is buffered.
-pub const PASSIVE_READ_AHEAD: usize = 2 * MAX_CHUNK;
+/// How far a passive stream's reader reads ahead of `recv`, and the most a `recv` of length 0
+/// returns. Reading ahead lets the reader fetch the next data while the owner handles what
+/// `recv` just returned (with a single 64 KiB chunk the two took turns and most `recv`s waited
+/// for the reader); returning up to this much at once means fewer `recv` calls, each a possible
+/// wake-up. Measured on 512 MiB passive transfers: 240-300 MiB/s with one 64 KiB chunk,
+/// 300-350 MiB/s with this. Bounded per stream; past it the peer waits for flow-control credit.
+pub const PASSIVE_READ_AHEAD: usize = 4 * MAX_CHUNK;
 
 /// Bytes of `async_send` data that may wait in a stream's queue before `async_send` refuses
 /// more with `{:error, :send_queue_full}`. Blocking `send` is bounded by its caller waiting.
@@ -520,7 +522,7 @@ fn deliver(res: &ResourceArc<StreamRes>, st: &mut State) {
         }
         if let Some(req) = st.recv_request.take() {
             if !st.buf.is_empty() && (req.len == 0 || st.buffered >= req.len || st.recv_end.is_some()) {
-                let limit = if req.len == 0 { MAX_CHUNK } else { req.len };
+                let limit = if req.len == 0 { PASSIVE_READ_AHEAD } else { req.len };
                 let chunks = take(st, limit, req.len != 0);
                 let kept = chunks.clone();
                 if !req.reply.send(move |e| (atoms::ok(), to_binary(e, &chunks)).encode(e)) {
@@ -981,7 +983,7 @@ fn stream_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<
     // reader task keeps up to `PASSIVE_READ_AHEAD` ahead of demand, or leaves a request for
     // the reader.
     if !st.buf.is_empty() && (len == 0 || st.buffered >= len || st.recv_end.is_some()) {
-        let limit = if len == 0 { MAX_CHUNK } else { len };
+        let limit = if len == 0 { PASSIVE_READ_AHEAD } else { len };
         let chunks = take(&mut st, limit, len != 0);
         let bin = to_binary(env, &chunks);
         // There is room again: let the reader fetch the next chunk while the caller handles this.
