@@ -99,9 +99,11 @@ defmodule Bench.Macula do
     r = receiver(sc, mode, me)
     {:ok, before} = MaculaQuic.getstat(c, [:udp_tx_ios, :send_cnt])
     piece = :binary.copy(<<7>>, mib())
+    Bench.Util.mark(:start)
     t0 = now_us()
     s = sender(c, total, piece, me)
     {n, msgs, t1} = receive(do: ({:received, ^r, n, m, t1} -> {n, m, t1}))
+    Bench.Util.mark(:stop)
     {:ok, aft} = MaculaQuic.getstat(c, [:udp_tx_ios, :send_cnt])
     receive(do: ({:sent, ^s} -> :ok))
     if n != total, do: raise("bulk: received #{n} of #{total} bytes")
@@ -143,10 +145,12 @@ defmodule Bench.Macula do
     {:ok, s} = MaculaQuic.open_stream(c, active: true)
     msg = :binary.copy(<<1>>, size)
     for _ <- 1..100, do: round_trip(s, msg, size, tx)
+    Bench.Util.mark(:start)
     t0 = now_us()
     deadline = t0 + round(seconds * 1.0e6)
     lat = echo_client(s, msg, size, tx, deadline, [])
     us = now_us() - t0
+    Bench.Util.mark(:stop)
     send(server, :stop)
     _ = me
     teardown(l, c, sc)
@@ -220,6 +224,7 @@ defmodule Bench.Macula do
     # Warm-up.
     for _ <- 1..20, do: :ok = MaculaQuic.close_connection(connect(port))
     me = self()
+    Bench.Util.mark(:start)
     t0 = now_us()
     deadline = t0 + round(seconds * 1.0e6)
 
@@ -230,6 +235,7 @@ defmodule Bench.Macula do
 
     n = Enum.reduce(workers, 0, fn w, acc -> receive(do: ({:count, ^w, k} -> acc + k)) end)
     us = now_us() - t0
+    Bench.Util.mark(:stop)
     send(acceptor, :stop)
     MaculaQuic.close_listener(l)
     %{concurrency: conc, handshakes: n, seconds: us / 1.0e6, hs_s: n / (us / 1.0e6)}

@@ -32,6 +32,20 @@ defmodule Bench.Util do
 
   def now_us, do: System.monotonic_time(:microsecond)
 
+  @doc """
+  Marks the start (`:start`) and end (`:stop`) of a workload's measured region. A no-op unless a
+  marker is installed (`bench/profile.exs` installs one that starts and stops the profiler).
+  """
+  def mark(phase) do
+    case :persistent_term.get({__MODULE__, :marker}, nil) do
+      nil -> :ok
+      fun -> fun.(phase)
+    end
+  end
+
+  def set_marker(fun) when is_function(fun, 1),
+    do: :persistent_term.put({__MODULE__, :marker}, fun)
+
   def mib_s(bytes, us), do: bytes / @mib / (us / 1.0e6)
 
   def percentile([], _p), do: 0

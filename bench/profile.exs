@@ -1,0 +1,291 @@
+# Where the CPU goes: one workload through macula_quic and through raw Quinn, under a profiler,
+# with the cost split by component (our crate, Quinn, TLS/crypto, tokio, the BEAM, the kernel,
+# memcpy, malloc) and given per unit of work (per MiB moved, per round trip, per handshake).
+# Run it with bin/profile, which builds what it needs and calls the steps below in order:
+#
+#   elixir bench/profile.exs macula WORKLOAD DIR   # macula_quic's side; profiles only the
+#                                                  # measured region (after a warm-up run)
+#   elixir bench/profile.exs quinn WORKLOAD DIR    # the raw-Quinn baseline under perf
+#   elixir bench/profile.exs report WORKLOAD DIR   # the table (stdout and DIR/report.md)
+#
+# WORKLOAD is bulk (active receiver), echo (64 B, async_send) or handshake (sequential).
+# The tool is perf: CPU time from sampling every thread of the process at PROFILE_FREQ Hz
+# (default 2000). BENCH_QUINN is the baseline binary (set by bin/profile).
+#
+# Instruction counts (valgrind --tool=callgrind) were tried and are not offered: OTP 25's JIT
+# does not run under valgrind (the VM dies with SIGSEGV in the garbage collector once real work
+# starts; OTP 26 added +JMsingle for this). The raw-Quinn side alone would run, but a one-sided
+# count compares nothing.
+Code.require_file("lib/util.ex", __DIR__)
+Code.require_file("lib/macula.ex", __DIR__)
+
+defmodule Bench.Profile do
+  import Bench.Util, only: [progress: 1]
+
+  @workloads ~w(bulk echo handshake)
+
+  def main([step, workload, dir]) when workload in @workloads do
+    File.mkdir_p!(dir)
+
+    case step do
+      "macula" -> macula(workload, dir)
+      "quinn" -> quinn(workload, dir)
+      "report" -> report(workload, dir)
+    end
+  end
+
+  def main(_) do
+    IO.puts(
+      :stderr,
+      "usage: elixir bench/profile.exs macula|quinn|report bulk|echo|handshake DIR"
+    )
+
+    System.halt(2)
+  end
+
+  defp freq, do: String.to_integer(System.get_env("PROFILE_FREQ", "2000"))
+
+  # Which run this is (bin/profile runs each side PROFILE_REPEAT times).
+  defp run, do: System.get_env("PROFILE_RUN", "1")
+
+  # Sizes: the same for both implementations.
+  defp params("bulk"), do: %{bytes: 512 * Bench.Util.mib()}
+  defp params("echo"), do: %{size: 64, seconds: 3.0}
+  defp params("handshake"), do: %{concurrency: 1, seconds: 3.0}
+
+  defp unit("bulk"), do: "MiB"
+  defp unit("echo"), do: "round trip"
+  defp unit("handshake"), do: "handshake"
+
+  defp cert(dir), do: Bench.Util.make_cert(Path.join(dir, "cert"))
+
+  ## macula_quic's side
+
+  defp macula(workload, dir) do
+    cert = cert(dir)
+    p = params(workload)
+    progress("macula_quic #{workload}: warm-up")
+    _ = run_macula(workload, cert, warm_up(workload, p))
+    Bench.Util.set_marker(perf_marker(dir))
+    progress("macula_quic #{workload}: measuring under perf")
+    result = run_macula(workload, cert, p)
+    units = units(workload, result)
+    File.write!(Path.join(dir, "macula.#{run()}.units"), "#{units}\n")
+    progress("macula_quic #{workload}: #{fmt(units)} #{unit(workload)}s")
+  end
+
+  defp warm_up("bulk", _), do: %{bytes: 8 * Bench.Util.mib()}
+  defp warm_up(_, p), do: %{p | seconds: 0.3}
+
+  defp run_macula("bulk", cert, p), do: Bench.Macula.bulk(cert, p.bytes, :active)
+  defp run_macula("echo", cert, p), do: Bench.Macula.echo(cert, p.size, p.seconds, :async_send)
+
+  defp run_macula("handshake", cert, p),
+    do: Bench.Macula.handshake(cert, p.concurrency, p.seconds)
+
+  defp units("bulk", r), do: r.bytes / Bench.Util.mib()
+  defp units("echo", r), do: r.round_trips
+  defp units("handshake", r), do: r.handshakes
+
+  # perf sees only the measured region: it is attached with its events disabled, and they are
+  # enabled and disabled through its control FIFO (acknowledged, so no sample is missed).
+  defp perf_marker(dir) do
+    ctl = Path.join(dir, "perf.ctl")
+    ack = Path.join(dir, "perf.ack")
+
+    for f <- [ctl, ack] do
+      File.rm(f)
+      {_, 0} = System.cmd("mkfifo", [f])
+    end
+
+    data = Path.join(dir, "macula.#{run()}.perf.data")
+    perf = System.find_executable("perf") || raise "perf not found"
+
+    args =
+      ~w(record --quiet -F #{freq()} -D -1 --control fifo:#{ctl},#{ack} -p #{System.pid()} -o #{data})
+
+    port =
+      Port.open({:spawn_executable, perf}, [:binary, :exit_status, :stderr_to_stdout, args: args])
+
+    {:os_pid, perf_pid} = Port.info(port, :os_pid)
+
+    fn
+      :start ->
+        perf_ctl(ctl, ack, "enable")
+
+      :stop ->
+        perf_ctl(ctl, ack, "disable")
+        {_, 0} = System.cmd("kill", ["-INT", "#{perf_pid}"])
+
+        receive do
+          {^port, {:exit_status, _}} -> :ok
+        after
+          60_000 -> raise "perf did not exit"
+        end
+    end
+  end
+
+  # Sends a command to perf and waits for its "ack" (perf creates nothing until attached, so the
+  # first command also waits for it to be ready).
+  defp perf_ctl(ctl, ack, cmd) do
+    {out, 0} =
+      System.cmd("sh", [
+        "-c",
+        ~s(echo #{cmd} > "$1" && read -r a < "$2" && echo "$a"),
+        "sh",
+        ctl,
+        ack
+      ])
+
+    unless String.starts_with?(out, "ack"), do: raise("perf did not acknowledge #{cmd}: #{out}")
+  end
+
+  ## The raw-Quinn baseline
+
+  defp quinn(workload, dir) do
+    cert = cert(dir)
+    bin = System.get_env("BENCH_QUINN") || raise "BENCH_QUINN is not set (run bin/profile)"
+
+    args =
+      [workload, "cert=#{cert.certfile}", "key=#{cert.keyfile}"] ++
+        Enum.map(params(workload), fn {k, v} -> "#{k}=#{v}" end)
+
+    argv =
+      ~w(record --quiet -F #{freq()} -o #{Path.join(dir, "quinn.#{run()}.perf.data")} --) ++
+        [bin | args]
+
+    progress("raw Quinn #{workload}: measuring under perf")
+    {out, status} = System.cmd("perf", argv, stderr_to_stdout: true)
+    if status != 0, do: raise("perf failed (#{status}): #{out}")
+
+    line = out |> String.split("\n") |> Enum.filter(&String.starts_with?(&1, "{")) |> List.last()
+    r = Bench.Util.parse_flat_json(line)
+    units = units(workload, r)
+    File.write!(Path.join(dir, "quinn.#{run()}.units"), "#{units}\n")
+    progress("raw Quinn #{workload}: #{fmt(units)} #{unit(workload)}s")
+  end
+
+  ## The report
+
+  @components [
+    "macula_quic (our crate)",
+    "rustler",
+    "Quinn",
+    "TLS/crypto (rustls, ring)",
+    "tokio",
+    "other Rust (std, bytes, tracing)",
+    "BEAM (VM, JIT code, scheduler busy-wait)",
+    "kernel",
+    "memcpy/memmove",
+    "malloc/free",
+    "other"
+  ]
+
+  defp report(workload, dir) do
+    {mac, mu, mruns} = pooled(dir, "macula")
+    {q, qu, qruns} = pooled(dir, "quinn")
+    per = fn costs, units, c -> Map.get(costs, c, 0) / units end
+    u = unit(workload)
+
+    rows =
+      for c <- @components, Map.get(mac, c, 0) + Map.get(q, c, 0) > 0 do
+        m = per.(mac, mu, c)
+        b = per.(q, qu, c)
+        "| #{c} | #{fmt(m)} | #{fmt(b)} | #{fmt(m - b)} |"
+      end
+
+    mt = Enum.sum(Map.values(mac)) / mu
+    qt = Enum.sum(Map.values(q)) / qu
+
+    range = fn runs -> "#{fmt(Enum.min(runs))}–#{fmt(Enum.max(runs))}" end
+    date = DateTime.utc_now() |> DateTime.truncate(:second) |> DateTime.to_iso8601()
+
+    md = """
+    ## Profile: #{workload} (perf, CPU µs per #{u})
+
+    #{date}. #{Bench.Util.machine() |> machine_line()}
+    Command: `bin/profile #{workload}` (#{length(mruns)} runs of each side, interleaved, pooled).
+    macula_quic: #{fmt(mu)} #{u}s, per-run totals #{range.(mruns)} µs; raw Quinn: #{fmt(qu)} #{u}s,
+    per-run totals #{range.(qruns)} µs.
+
+    | component | macula_quic | raw Quinn | difference |
+    |---|---:|---:|---:|
+    #{Enum.join(rows, "\n")}
+    | **total** | **#{fmt(mt)}** | **#{fmt(qt)}** | **#{fmt(mt - qt)}** (#{fmt(mt / max(qt, 1.0e-9))}×) |
+
+    CPU time of every thread of the process (both ends of the connection live in it): BEAM
+    schedulers, dirty schedulers, tokio workers. A scheduler busy-waiting for work counts; idle
+    time does not. "kernel" includes system calls, context switches and wake-ups.
+    """
+
+    File.write!(Path.join(dir, "report.md"), md)
+    IO.puts("\n" <> md)
+  end
+
+  defp machine_line(m),
+    do: "Machine: #{m.nproc} CPUs (#{m.cpu_model}); OTP #{m.otp}, Elixir #{m.elixir}, #{m.rustc}."
+
+  # Every run's samples and units added up (runs are interleaved, macula then Quinn, to spread
+  # the host's drift over both), and each run's total per unit, to show the spread.
+  defp pooled(dir, who) do
+    runs =
+      for units_file <- Path.wildcard(Path.join(dir, "#{who}.*.units")) do
+        {n, _} = units_file |> File.read!() |> String.trim() |> Float.parse()
+        costs = perf_costs(String.replace_suffix(units_file, ".units", ".perf.data"))
+        {costs, n}
+      end
+
+    costs =
+      Enum.reduce(runs, %{}, fn {c, _}, acc -> Map.merge(acc, c, fn _, a, b -> a + b end) end)
+
+    units = runs |> Enum.map(&elem(&1, 1)) |> Enum.sum()
+    totals = Enum.map(runs, fn {c, n} -> Enum.sum(Map.values(c)) / n end)
+    {costs, units, totals}
+  end
+
+  # perf: samples of every thread, as CPU microseconds.
+  defp perf_costs(file) do
+    {out, 0} = System.cmd("perf", ~w(script -i #{file} -F ip,sym,dso), stderr_to_stdout: false)
+    us_per_sample = 1.0e6 / freq()
+
+    out
+    |> String.split("\n", trim: true)
+    |> Enum.reduce(%{}, fn line, acc ->
+      case Regex.run(~r/^\s*[0-9a-f]+\s+(.*)\s+\(([^()]*)\)\s*$/, line) do
+        [_, sym, dso] ->
+          Map.update(acc, component(sym, dso), us_per_sample, &(&1 + us_per_sample))
+
+        _ ->
+          acc
+      end
+    end)
+  end
+
+  @doc false
+  def component(sym, dso) do
+    s = String.trim_leading(sym, "<")
+
+    cond do
+      dso =~ "kernel" -> "kernel"
+      String.starts_with?(s, "macula_quic::") -> "macula_quic (our crate)"
+      String.starts_with?(s, "rustler::") -> "rustler"
+      String.starts_with?(s, ["quinn::", "quinn_proto::", "quinn_udp::"]) -> "Quinn"
+      String.starts_with?(s, ["ring", "rustls::"]) -> "TLS/crypto (rustls, ring)"
+      String.starts_with?(s, "tokio::") -> "tokio"
+      sym =~ ~r/mem(move|cpy|set)/ -> "memcpy/memmove"
+      sym =~ ~r/malloc|free|_int_|realloc|unlink_chunk|tcache/ -> "malloc/free"
+      sym =~ ~r/quinn/ -> "Quinn"
+      sym =~ ~r/macula_quic::/ -> "macula_quic (our crate)"
+      dso =~ ~r/beam\.smp|memfd:vmem|erts-/ -> "BEAM (VM, JIT code, scheduler busy-wait)"
+      dso =~ ~r/libmacula_quic|quinn_baseline/ -> "other Rust (std, bytes, tracing)"
+      true -> "other"
+    end
+  end
+
+  defp fmt(x) when is_integer(x), do: Integer.to_string(x)
+  defp fmt(x) when abs(x) >= 100, do: :erlang.float_to_binary(x * 1.0, decimals: 0)
+  defp fmt(x) when abs(x) >= 10, do: :erlang.float_to_binary(x * 1.0, decimals: 1)
+  defp fmt(x), do: :erlang.float_to_binary(x * 1.0, decimals: 2)
+end
+
+Bench.Profile.main(System.argv())
