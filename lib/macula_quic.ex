@@ -45,11 +45,13 @@ defmodule MaculaQuic do
   Stream owner:
 
     * `{:quic, data, stream, flags}` — received bytes (a binary). `flags` is an integer; bit
-      `2` (FIN) is set on the chunk that ends the stream. Chunks are coalesced up to 64 KiB,
-      they do not follow the peer's write boundaries. (quicer sends a map here; this library
-      keeps the original macula_quic's integer.)
+      `2` (FIN) is set on the chunk that ends the stream when the FIN had arrived with it (a
+      FIN can also arrive in a later packet, even after `send(stream, data, 4)`: then the last
+      chunk has `flags` 0). Chunks are coalesced up to 64 KiB, they do not follow the peer's
+      write boundaries. (quicer sends a map here; this library keeps the original
+      macula_quic's integer.)
     * `{:quic, :peer_send_shutdown, stream, :undefined}` — the peer finished its side (after
-      the last data message).
+      the last data message, whatever its flags): the reliable end-of-stream signal.
     * `{:quic, :peer_send_aborted, stream, error_code}` — the peer reset its sending side.
     * `{:quic, :peer_receive_aborted, stream, error_code}` — the peer stopped reading
       (STOP_SENDING); further sends fail.
