@@ -5,7 +5,7 @@
 #
 #   BENCH_SCALE   sizes/counts multiplier (default 1.0: 1 GiB bulk, 100 x 10 MiB fan-out,
 #                 10,000 idle connections, 2 s timed runs); e.g. 0.05 for a quick run
-#   BENCH_REPEAT  runs per measurement, the median is reported (default 3; 1 when scale < 1)
+#   BENCH_REPEAT  runs per measurement, the median is reported (default 5; 1 when scale < 1)
 #   BENCH_ONLY    comma-separated subset of bulk,echo,fanout,handshake,memory
 #   BENCH_QUINN   path of the quinn_baseline binary (set by bin/bench)
 #   BENCH_OUT     output directory (default bench/results)
@@ -112,6 +112,15 @@ defmodule Bench.Run do
     end
   end
 
+  # The ratio within each repeat (runs are interleaved, so the i-th runs of two implementations
+  # ran next to each other), as [lowest, highest]: how much of a ratio is noise.
+  defp run_ratios(%{all_runs: ms}, %{all_runs: qs}, _key) when length(ms) == length(qs) do
+    rs = Enum.zip_with(ms, qs, fn m, q -> m / q end)
+    [Enum.min(rs), Enum.max(rs)]
+  end
+
+  defp run_ratios(_, _, _), do: nil
+
   defp row(workload, variant, unit, key, res, target) do
     get = fn name -> res[name] && res[name][key] end
     m = get.("macula")
@@ -127,6 +136,7 @@ defmodule Bench.Run do
       ssl: get.("ssl"),
       gen_tcp: get.("gen_tcp"),
       macula_vs_quinn: ratio.("quinn"),
+      macula_vs_quinn_runs: run_ratios(res["macula"], res["quinn"], key),
       macula_vs_ssl: ratio.("ssl"),
       target: target,
       details: res
@@ -153,7 +163,6 @@ defmodule Bench.Run do
           ]
 
       res = measure("bulk #{mode}", :mib_s, impls)
-      res = if mode == :passive, do: res, else: res
 
       r =
         row(
@@ -176,6 +185,8 @@ defmodule Bench.Run do
         passive
         | quinn: active.quinn,
           macula_vs_quinn: passive.macula && active.quinn && passive.macula / active.quinn,
+          macula_vs_quinn_runs:
+            run_ratios(passive.details["macula"], active.details["quinn"], :mib_s),
           quinn_ios_per_datagram: active.quinn_ios_per_datagram
       }
 
@@ -310,13 +321,13 @@ defmodule Bench.Run do
     Machine: #{m.nproc} CPUs (#{m.cpu_model}), #{m.mem_total_gib} GiB, Linux #{m.kernel}; OTP #{m.otp} (erts #{m.erts}), Elixir #{m.elixir}, #{m.rustc}, Quinn #{m.quinn}.
     Loopback, both ends in one OS process per implementation; BENCH_SCALE=#{r.scale}, median of #{r.repeat}; #{r.cert}. Suite time #{fmt(r.elapsed_seconds)} s.
 
-    | workload | unit | macula_quic | raw Quinn | :ssl | :gen_tcp | macula/Quinn | macula/ssl | target |
-    |---|---|---:|---:|---:|---:|---:|---:|---|
+    | workload | unit | macula_quic | raw Quinn | :ssl | :gen_tcp | macula/Quinn | each run | macula/ssl | target |
+    |---|---|---:|---:|---:|---:|---:|---:|---:|---|
     """
 
     lines =
       Enum.map(r.results, fn x ->
-        "| #{x.workload}: #{x.variant} | #{x.unit} | #{fmt(x.macula)} | #{fmt(x.quinn)} | #{fmt(x.ssl)} | #{fmt(x.gen_tcp)} | #{ratio(x.macula_vs_quinn)} | #{ratio(x.macula_vs_ssl)} | #{x.target || ""} |"
+        "| #{x.workload}: #{x.variant} | #{x.unit} | #{fmt(x.macula)} | #{fmt(x.quinn)} | #{fmt(x.ssl)} | #{fmt(x.gen_tcp)} | #{ratio(x.macula_vs_quinn)} | #{ratio_range(x[:macula_vs_quinn_runs])} | #{ratio(x.macula_vs_ssl)} | #{x.target || ""} |"
       end)
 
     ios =
@@ -344,11 +355,18 @@ defmodule Bench.Run do
       Enum.join(lines, "\n") <>
       "\n\n" <>
       Enum.join(ios ++ lat, "\n") <>
-      "\n\nmacula echo uses `async_send/2` on both ends; the \"send/2\" row uses the blocking `send/2`. " <>
+      "\n\n\"each run\": macula/Quinn within each of the #{r.repeat} interleaved runs, lowest–highest. " <>
+      "macula echo uses `async_send/2` on both ends; the \"send/2\" row uses the blocking `send/2`. " <>
       "Memory is resident memory (VM + native, VmRSS) per connection with both ends in the process.\n"
   end
 
   defp ratio(nil), do: "–"
+  defp ratio_range([lo, hi]) when lo == hi, do: ratio(lo)
+
+  defp ratio_range([lo, hi]),
+    do: :erlang.float_to_binary(lo * 1.0, decimals: 2) <> "–" <> ratio(hi)
+
+  defp ratio_range(_), do: "–"
   defp ratio(x), do: :erlang.float_to_binary(x * 1.0, decimals: 2) <> "×"
 end
 

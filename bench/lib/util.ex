@@ -17,7 +17,7 @@ defmodule Bench.Util do
 
   def repeat do
     case System.get_env("BENCH_REPEAT") do
-      nil -> if scale() < 1.0, do: 1, else: 3
+      nil -> if scale() < 1.0, do: 1, else: 5
       s -> max(1, String.to_integer(s))
     end
   end
