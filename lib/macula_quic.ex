@@ -368,7 +368,7 @@ defmodule MaculaQuic do
   """
   @spec handshake(connection(), timeout()) :: :ok | {:error, reason()}
   def handshake(conn, _timeout \\ 5_000) do
-    native(:connection, conn, fn -> Native.conn_info(conn) end)
+    check_handle!(:connection, conn)
     :ok
   end
 
@@ -483,15 +483,16 @@ defmodule MaculaQuic do
   end
 
   @doc """
-  The remote address of a connection (or of a stream's connection), as `{"ip", port}`.
+  The remote address of a connection (or of a stream's connection), as `{"ip", port}`. Like
+  `getstat/2`, it is read on the native runtime while the calling process waits.
 
       {:ok, {"127.0.0.1", port}} = MaculaQuic.peername(conn)
   """
   @spec peername(connection() | stream()) :: {:ok, sockaddr()} | {:error, reason()}
   def peername(handle) do
     case Native.handle_kind(handle) do
-      :connection -> Native.conn_peername(handle)
-      :stream -> Native.conn_peername(Native.stream_conn(handle))
+      :connection -> conn_query(handle, :peername)
+      :stream -> conn_query(Native.stream_conn(handle), :peername)
       _ -> bad_handle!("a connection or stream", handle)
     end
   end
@@ -508,8 +509,8 @@ defmodule MaculaQuic do
   def sockname(handle) do
     case Native.handle_kind(handle) do
       :listener -> Native.listener_sockname(handle)
-      :connection -> Native.conn_sockname(handle)
-      :stream -> Native.conn_sockname(Native.stream_conn(handle))
+      :connection -> conn_query(handle, :sockname)
+      :stream -> conn_query(Native.stream_conn(handle), :sockname)
       _ -> bad_handle!("a listener, connection or stream", handle)
     end
   end
@@ -530,7 +531,9 @@ defmodule MaculaQuic do
   `:sent_packets`, `:mtu`, `:stream_frames_tx`, `:stream_frames_rx`. A stream handle reports its
   connection's counters. An unknown name (or `names` not a proper list) gives
   `{:error, {:bad_stat, name}}`; a handle that is not a connection or stream raises
-  `ArgumentError`.
+  `ArgumentError`. The native side reads the counters on its runtime (Quinn keeps them under
+  a lock its driver holds while it works), so only the calling process waits, for a hand-off
+  there and back.
 
       {:ok, [send_oct: sent, recv_oct: received]} = MaculaQuic.getstat(conn, [:send_oct, :recv_oct])
   """
@@ -542,7 +545,7 @@ defmodule MaculaQuic do
         conn =
           if Native.handle_kind(handle) == :stream, do: Native.stream_conn(handle), else: handle
 
-        stats = native(:connection, conn, fn -> Native.conn_stats(conn) end)
+        stats = native(:connection, conn, fn -> conn_query(conn, :stats) end)
         {:ok, Enum.map(names, &{&1, Map.fetch!(stats, &1)})}
 
       bad ->
@@ -973,6 +976,17 @@ defmodule MaculaQuic do
 
   # Runs a NIF call; a wrong kind of handle becomes an ArgumentError that says what was
   # expected and what was given.
+  # Connection queries read Quinn's state under a lock its driver holds while it works through
+  # packet batches, so the native side answers from the runtime and only this process waits.
+  defp conn_query(conn, what) do
+    ref = make_ref()
+    :ok = Native.conn_query(conn, what, ref)
+
+    receive do
+      {^ref, result} -> result
+    end
+  end
+
   defp native(kind, handle, fun) do
     fun.()
   rescue

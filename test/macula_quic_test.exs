@@ -496,6 +496,35 @@ defmodule MaculaQuicTest do
       assert_receive {:quic, :closed, ^c, _}, 5_000
     end
 
+    # The queries read Quinn's state on the runtime (the NIF only hands them over): they must
+    # answer, correctly and in order, while a transfer keeps Quinn's driver busy.
+    test "getstat, peername, sockname and info answer during a transfer, through both handles" do
+      {c, sc, _l, _} = pair!()
+      {s, ss} = stream_pair!(c, sc, first: "x")
+      chunk = :binary.copy("t", 1_048_576)
+      sender = Task.async(fn -> for(_ <- 1..32, do: :ok = MaculaQuic.send(s, chunk)) end)
+      {:ok, [send_oct: first]} = MaculaQuic.getstat(c, [:send_oct])
+
+      sent =
+        for _ <- 1..50 do
+          assert {:ok, [send_oct: n, rtt_us: rtt]} = MaculaQuic.getstat(s, [:send_oct, :rtt_us])
+          assert rtt > 0
+          assert {:ok, {"127.0.0.1", port}} = MaculaQuic.peername(c)
+          assert {:ok, {"127.0.0.1", ^port}} = MaculaQuic.sockname(sc)
+          assert {:ok, {"127.0.0.1", _}} = MaculaQuic.peername(ss)
+          n
+        end
+
+      assert sent == Enum.sort(sent) and List.first(sent) >= first
+      assert collect!(ss, 1 + 32 * 1_048_576) |> byte_size() == 1 + 32 * 1_048_576
+      Task.await(sender, 30_000)
+      {:ok, [send_oct: last]} = MaculaQuic.getstat(c, [:send_oct])
+      assert last > 32 * 1_048_576 and last >= List.last(sent)
+      assert :ok = MaculaQuic.handshake(sc)
+      # An unknown query is refused by the native side itself.
+      assert {:error, :badarg} = MaculaQuic.Native.conn_query(c, :nope, make_ref())
+    end
+
     test "getstat reports real counters that grow with traffic" do
       {c, sc, _l, _} = pair!()
 

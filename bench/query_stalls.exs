@@ -1,0 +1,83 @@
+# How long a connection query holds the calling scheduler while a transfer keeps Quinn's driver
+# busy: 1 GiB moves over one stream while a process times the native part of `getstat`
+# (from 2026-11-25: the hand-over to the runtime, MaculaQuic.Native.conn_query/3; before that:
+# the whole getstat NIF, which read Quinn's state itself), next to a NIF that takes no lock
+# (MaculaQuic.Native.ping/0) as the control for the OS's own preemption.
+#
+#   MIX_ENV=bench MACULA_QUIC_BUILD=1 mix compile
+#   elixir -pa _build/bench/lib/macula_quic/ebin bench/query_stalls.exs
+Code.require_file("lib/util.ex", __DIR__)
+
+defmodule Bench.QueryStalls do
+  def main do
+    cert = Bench.Util.make_cert(Path.join(System.tmp_dir!(), "macula_quic_stalls"))
+    tls = [alpn: ["stalls"], certfile: cert.certfile, keyfile: cert.keyfile]
+    {:ok, l} = MaculaQuic.listen({"127.0.0.1", 0}, tls)
+    {:ok, {_, port}} = MaculaQuic.sockname(l)
+    :ok = MaculaQuic.async_accept(l)
+    {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: ["stalls"], verify: :none], 5_000)
+    sc = receive(do: ({:quic, :new_conn, sc, _} -> sc))
+    :ok = MaculaQuic.async_accept_stream(sc, active: true)
+    piece = :binary.copy(<<7>>, 1_048_576)
+
+    spawn_link(fn ->
+      {:ok, s} = MaculaQuic.open_stream(c)
+      for _ <- 1..1024, do: :ok = MaculaQuic.send(s, piece)
+      :ok = MaculaQuic.async_shutdown_stream(s, MaculaQuic.stream_shutdown_graceful(), 0)
+      receive(do: (:stop -> :ok))
+    end)
+
+    me = self()
+    prober = spawn_link(fn -> probe(c, me, [], []) end)
+    ss = receive(do: ({:quic, :new_stream, ss, _} -> ss))
+    drain(ss)
+    send(prober, :stop)
+
+    receive do
+      {:probed, query, ping} ->
+        IO.puts("getstat, native part: " <> summary(query))
+        IO.puts("ping (takes no lock): " <> summary(ping))
+    end
+  end
+
+  defp probe(c, parent, query, ping) do
+    receive do
+      :stop -> send(parent, {:probed, Enum.sort(query), Enum.sort(ping)})
+    after
+      0 -> probe(c, parent, [time_query(c) | query], [time_us(&MaculaQuic.Native.ping/0) | ping])
+    end
+  end
+
+  defp time_query(c) do
+    if function_exported?(MaculaQuic.Native, :conn_query, 3) do
+      ref = make_ref()
+      d = time_us(fn -> :ok = MaculaQuic.Native.conn_query(c, :stats, ref) end)
+      receive(do: ({^ref, _} -> d))
+    else
+      time_us(fn -> {:ok, _} = MaculaQuic.getstat(c, [:send_cnt]) end)
+    end
+  end
+
+  defp time_us(fun) do
+    t = System.monotonic_time(:microsecond)
+    fun.()
+    System.monotonic_time(:microsecond) - t
+  end
+
+  defp drain(ss) do
+    receive do
+      {:quic, d, ^ss, flags} when is_binary(d) -> if Bitwise.band(flags, 2) == 0, do: drain(ss)
+      {:quic, :peer_send_shutdown, ^ss, _} -> :ok
+    end
+  end
+
+  defp summary(sorted) do
+    n = length(sorted)
+    at = fn p -> Enum.at(sorted, min(n - 1, div(n * p, 1000))) end
+
+    "#{n} calls, µs: p50 #{at.(500)}, p99 #{at.(990)}, p99.9 #{at.(999)}, max #{List.last(sorted)}; " <>
+      "over 1 ms: #{Enum.count(sorted, &(&1 > 1_000))}, over 5 ms: #{Enum.count(sorted, &(&1 > 5_000))}"
+  end
+end
+
+Bench.QueryStalls.main()
