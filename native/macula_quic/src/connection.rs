@@ -64,9 +64,12 @@ impl Resource for ConnRes {
 
     fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, mon: Monitor) {
         // The owner exited: close with code 0 so the peer learns at once, instead of waiting
-        // for the idle timeout. The watcher then ends and the resource can be freed.
+        // for the idle timeout. The watcher then ends and the resource can be freed. Closing
+        // takes Quinn's connection lock, which its driver may hold for a while: do it on the
+        // runtime, not on the scheduler running this callback.
         if lock(&self.state).owner.is_monitor(&mon) {
-            self.conn.close(quinn::VarInt::from_u32(0), b"owner exited");
+            let conn = self.conn.clone();
+            runtime::spawn(async move { conn.close(quinn::VarInt::from_u32(0), b"owner exited") });
         }
     }
 }
@@ -318,7 +321,10 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
     }
     let Ok(code) = quinn::VarInt::from_u64(code) else { return err(env, atoms::badarg()) };
     lock(&c.state).closed_by_app = true;
-    c.conn.close(code, b"");
+    // Closing takes Quinn's connection lock (see `conn_query`): on the runtime. The owner hears
+    // `closed` from the watcher either way.
+    let conn = c.conn.clone();
+    runtime::spawn(async move { conn.close(code, b"") });
     atoms::ok().encode(env)
 }
 
