@@ -974,8 +974,6 @@ defmodule MaculaQuic do
     ArgumentError -> false
   end
 
-  # Runs a NIF call; a wrong kind of handle becomes an ArgumentError that says what was
-  # expected and what was given.
   # Connection queries read Quinn's state under a lock its driver holds while it works through
   # packet batches, so the native side answers from the runtime and only this process waits.
   defp conn_query(conn, what) do
@@ -987,6 +985,8 @@ defmodule MaculaQuic do
     end
   end
 
+  # Runs a NIF call; a wrong kind of handle becomes an ArgumentError that says what was
+  # expected and what was given.
   defp native(kind, handle, fun) do
     fun.()
   rescue

@@ -329,9 +329,9 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
 }
 
 /// `conn_query(Conn, What, Tag)`: answers `{Tag, Result}` from a runtime task, where `What` is
-/// `:peername` or `:sockname` (`{:ok, {"ip", port}}`), `:stats` (every counter Quinn keeps, as
-/// a map of atoms to integers) or `:info` (the `new_conn` props). Returns `:ok` at once, or
-/// `{:error, :badarg}` for another `What`.
+/// `:peername` or `:sockname` (`{:ok, {"ip", port}}`) or `:stats` (every counter Quinn keeps,
+/// as a map of atoms to integers). Returns `:ok` at once, or `{:error, :badarg}` for another
+/// `What`.
 ///
 /// Every one of these reads Quinn's connection state, under the lock Quinn's driver holds while
 /// it processes packet batches, so the NIF only hands the query over; the caller waits for the
@@ -342,15 +342,13 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
 /// are busy, which every send shares.
 #[rustler::nif]
 fn conn_query<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, what: rustler::Atom, tag: Term<'a>) -> Term<'a> {
-    rustler::atoms! { peername, sockname, stats, info }
+    rustler::atoms! { peername, sockname, stats }
     let query = if what == peername() {
         Query::Peername
     } else if what == sockname() {
         Query::Sockname
     } else if what == stats() {
         Query::Stats
-    } else if what == info() {
-        Query::Info
     } else {
         return err(env, atoms::badarg());
     };
@@ -367,7 +365,6 @@ enum Query {
     Peername,
     Sockname,
     Stats,
-    Info,
 }
 
 impl Query {
@@ -377,7 +374,6 @@ impl Query {
             Query::Peername => (atoms::ok(), address::encode_addr(env, &c.conn.remote_address())).encode(env),
             Query::Sockname => (atoms::ok(), address::encode_addr(env, &c.local_addr())).encode(env),
             Query::Stats => stats_map(env, c),
-            Query::Info => handshake_info(env, &c.conn, &c.local_addr()),
         }
     }
 }
