@@ -344,15 +344,7 @@ defmodule MaculaQuic do
            {:ok, _} <- Options.to_map(opts),
            # A queued connection comes back at once; otherwise the reply comes as {ref, result}.
            :ok <- native(:listener, listener, fn -> Native.listener_accept(listener, ref) end) do
-        receive do
-          {^ref, result} -> result
-        after
-          timeout ->
-            case Native.listener_cancel_accept(listener) do
-              :cancelled -> {:error, :timeout}
-              :delivered -> receive(do: ({^ref, result} -> result))
-            end
-        end
+        await_reply(ref, timeout, fn -> Native.listener_cancel_accept(listener) end)
       end
 
     checked(result, :listener, listener)
@@ -628,22 +620,11 @@ defmodule MaculaQuic do
            {:ok, map} <- Options.to_map(opts),
            {:ok, id} <-
              native(:connection, conn, fn -> Native.conn_accept_stream(conn, map, ref) end) do
-        receive do
-          {^ref, result} -> closed_reason(result)
-        after
-          timeout ->
-            case Native.conn_cancel_accept(conn, id) do
-              :cancelled -> {:error, :timeout}
-              :delivered -> receive(do: ({^ref, result} -> closed_reason(result)))
-            end
-        end
+        await_reply(ref, timeout, fn -> Native.conn_cancel_accept(conn, id) end)
       end
 
     checked(result, :connection, conn)
   end
-
-  defp closed_reason({:error, :closed}), do: {:error, :closed}
-  defp closed_reason(other), do: other
 
   @doc """
   Sends `data` on a stream. Returns `:ok` once Quinn has taken all of it into its send buffer
@@ -757,15 +738,7 @@ defmodule MaculaQuic do
   defp recv_native(stream, length, timeout, ref) do
     case native(:stream, stream, fn -> Native.stream_recv(stream, length, ref) end) do
       :wait ->
-        receive do
-          {^ref, result} -> result
-        after
-          timeout ->
-            case Native.stream_cancel_recv(stream) do
-              :cancelled -> {:error, :timeout}
-              :delivered -> receive(do: ({^ref, result} -> result))
-            end
-        end
+        await_reply(ref, timeout, fn -> Native.stream_cancel_recv(stream) end)
 
       other ->
         other
@@ -972,6 +945,21 @@ defmodule MaculaQuic do
     Native.handle_owner(handle) == self()
   rescue
     ArgumentError -> false
+  end
+
+  # Waits for the native side's `{ref, result}`. After `timeout` the request is withdrawn with
+  # `cancel`, which answers `:cancelled` (nothing will come: a timeout) or `:delivered` (the
+  # answer was sent before the withdrawal and is taken instead).
+  defp await_reply(ref, timeout, cancel) do
+    receive do
+      {^ref, result} -> result
+    after
+      timeout ->
+        case cancel.() do
+          :cancelled -> {:error, :timeout}
+          :delivered -> receive(do: ({^ref, result} -> result))
+        end
+    end
   end
 
   # Connection queries read Quinn's state under a lock its driver holds while it works through
