@@ -243,7 +243,7 @@ defmodule MaculaQuic.FaultsTest do
 
     result =
       Enum.reduce_while(sent, :ok, fn {s, digest}, :ok ->
-        case read_to_fin(s, :crypto.hash_init(:sha256), 0) do
+        case sha256_to_fin(s, 60_000) do
           {:ok, ^digest, _} -> {:cont, :ok}
           other -> {:halt, {:mismatch, other}}
         end
@@ -251,25 +251,6 @@ defmodule MaculaQuic.FaultsTest do
 
     MaculaQuic.close_connection(c)
     result
-  end
-
-  defp read_to_fin(s, hash, n) do
-    receive do
-      {:quic, data, ^s, flags} when is_binary(data) ->
-        hash = :crypto.hash_update(hash, data)
-
-        if Bitwise.band(flags, 2) != 0,
-          do: {:ok, :crypto.hash_final(hash), n + byte_size(data)},
-          else: read_to_fin(s, hash, n + byte_size(data))
-
-      {:quic, :peer_send_shutdown, ^s, _} ->
-        {:ok, :crypto.hash_final(hash), n}
-
-      {:quic, event, ^s, detail} when event in [:peer_send_aborted, :stream_closed] ->
-        {:error, event, detail, n}
-    after
-      60_000 -> {:error, :stalled, n}
-    end
   end
 
   # Accepts connections forever, each handled by its own echo process.

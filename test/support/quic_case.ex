@@ -66,6 +66,35 @@ defmodule MaculaQuic.Test.Quic do
     end
   end
 
+  @doc """
+  Reads an active `stream` to its end, hashing the bytes (SHA-256): `{:ok, digest, bytes}`, or
+  `{:error, event, detail, bytes}` when it was aborted or closed first, or
+  `{:error, :stalled, bytes}` when nothing came for `stall_ms`.
+  """
+  def sha256_to_fin(stream, stall_ms),
+    do: sha256_to_fin(stream, stall_ms, :crypto.hash_init(:sha256), 0)
+
+  defp sha256_to_fin(stream, stall_ms, hash, n) do
+    receive do
+      {:quic, data, ^stream, flags} when is_binary(data) ->
+        hash = :crypto.hash_update(hash, data)
+        n = n + byte_size(data)
+
+        # The FIN may come with the last data (flag 2) or on its own.
+        if Bitwise.band(flags, 2) != 0,
+          do: {:ok, :crypto.hash_final(hash), n},
+          else: sha256_to_fin(stream, stall_ms, hash, n)
+
+      {:quic, :peer_send_shutdown, ^stream, _} ->
+        {:ok, :crypto.hash_final(hash), n}
+
+      {:quic, event, ^stream, detail} when event in [:peer_send_aborted, :stream_closed] ->
+        {:error, event, detail, n}
+    after
+      stall_ms -> {:error, :stalled, n}
+    end
+  end
+
   @doc "Collects `{:quic, data, stream, _}` messages for `stream` until `n` bytes arrived."
   def collect!(stream, n, acc \\ [], got \\ 0)
   def collect!(_stream, n, acc, got) when got >= n, do: IO.iodata_to_binary(Enum.reverse(acc))
