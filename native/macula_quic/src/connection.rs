@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rustler::{Encoder, Env, LocalPid, Monitor, Resource, ResourceArc, Term};
@@ -19,6 +19,7 @@ use crate::atoms;
 use crate::counters::{self, Live};
 use crate::endpoint;
 use crate::error::{self, Reason};
+use crate::executor::Shard;
 use crate::messages::{self, Reply};
 use crate::options::{self, Active};
 use crate::owner::Owner;
@@ -54,6 +55,8 @@ pub struct ConnRes {
     /// Bytes handed to `send`/`async_send` on this connection's streams that wait in their
     /// queues for flow-control or congestion credit (`getstat`'s `send_pend`).
     pub send_pend: AtomicUsize,
+    /// The endpoint's shard, where this connection's stream tasks run (see `executor`).
+    pub shard: Arc<Shard>,
     state: Mutex<State>,
     _live: Live,
 }
@@ -85,6 +88,7 @@ impl ConnRes {
         env: Option<Env>,
         conn: quinn::Connection,
         local_bound: SocketAddr,
+        shard: Arc<Shard>,
         owner: LocalPid,
         announce: impl FnOnce(&ResourceArc<ConnRes>),
         on_closed: Option<OnClosed>,
@@ -95,6 +99,7 @@ impl ConnRes {
             local_bound,
             routed_ip: OnceLock::new(),
             send_pend: AtomicUsize::new(0),
+            shard,
             state: Mutex::new(State {
                 owner: Owner::unmonitored(owner),
                 accepts: HashMap::new(),
@@ -242,7 +247,7 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
         let _task = Live::new(&counters::TASKS);
         let result = tokio::time::timeout(timeout, dial(host, port, opts, config)).await;
         match result {
-            Ok(Ok((conn, bound))) => match ConnRes::start(None, conn.clone(), bound, owner, |_| {}, None) {
+            Ok(Ok((conn, bound, shard))) => match ConnRes::start(None, conn.clone(), bound, shard, owner, |_| {}, None) {
                 Some(res) => {
                     if !reply.send(move |e| (atoms::ok(), res).encode(e)) {
                         // The caller is gone; the monitor's down callback closes the connection.
@@ -261,7 +266,7 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
     atoms::ok().encode(env)
 }
 
-async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::ClientConfig) -> Result<(quinn::Connection, SocketAddr), Reason> {
+async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::ClientConfig) -> Result<(quinn::Connection, SocketAddr, Arc<Shard>), Reason> {
     let want_v4 = opts.local_address.map(|(ip, _)| ip.is_ipv4());
     let (remote, default_name) = match &host {
         Host::Ip(ip) => (SocketAddr::new(*ip, port), ip.to_string()),
@@ -279,14 +284,14 @@ async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::Clie
             (pick, name.clone())
         }
     };
-    let endpoint = endpoint::client_endpoint(&remote, opts.local_address)?;
+    let (endpoint, shard) = endpoint::client_endpoint(&remote, opts.local_address)?;
     let bound = endpoint.local_addr().map_err(|e| error::io(&e))?;
     let server_name = opts.server_name.unwrap_or(default_name);
     let connecting = endpoint
         .connect_with(config, remote, &server_name)
         .map_err(|e| error::connect(&e))?;
     let conn = connecting.await.map_err(|e| error::connection(&e))?;
-    Ok((conn, bound))
+    Ok((conn, bound, shard))
 }
 
 /// `conn_close(Conn, Code)`: closes the connection with an application error code. Returns

@@ -21,7 +21,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::oneshot;
 
 use crate::error::{self, Reason};
-use crate::runtime;
+use crate::executor::{Shard, ShardRuntime};
 use crate::util::lock;
 
 fn registry() -> &'static Mutex<HashSet<SocketAddr>> {
@@ -207,6 +207,8 @@ pub struct ListenerEndpoint {
     pub socket: ListenerSocket,
     pub local: SocketAddr,
     pub released: oneshot::Receiver<()>,
+    /// Where the endpoint's and its connections' tasks run.
+    pub shard: Arc<Shard>,
 }
 
 /// Binds exactly `addr`, registers it, and wraps the socket in a Quinn server endpoint.
@@ -214,9 +216,9 @@ pub fn listener_endpoint(addr: SocketAddr, server: quinn::ServerConfig) -> Resul
     let (socket, local) = bind_listener(addr)?;
     let (tx, released) = oneshot::channel();
     let registration = Registration { addr: local, released: Some(tx) };
-    let _guard = runtime::get().enter();
-    let tokio_runtime = Arc::new(quinn::TokioRuntime);
-    let inner = tokio_runtime.wrap_udp_socket(socket).map_err(|e| error::io(&e))?;
+    let shard = Shard::new();
+    let quinn_runtime = Arc::new(ShardRuntime { shard: shard.clone() });
+    let inner = quinn_runtime.wrap_udp_socket(socket).map_err(|e| error::io(&e))?;
     let socket = Arc::new(RegisteredSocket {
         max_transmit_segments: inner.max_transmit_segments(),
         max_receive_segments: inner.max_receive_segments(),
@@ -226,9 +228,9 @@ pub fn listener_endpoint(addr: SocketAddr, server: quinn::ServerConfig) -> Resul
         local,
     });
     let endpoint =
-        quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), Some(server), socket.clone(), tokio_runtime)
+        quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), Some(server), socket.clone(), quinn_runtime)
             .map_err(|e| error::io(&e))?;
-    Ok(ListenerEndpoint { endpoint, socket: ListenerSocket(socket), local, released })
+    Ok(ListenerEndpoint { endpoint, socket: ListenerSocket(socket), local, released, shard })
 }
 
 /// Binds a listener socket to exactly `addr` and records the address in the registry. The
@@ -260,21 +262,22 @@ fn bind_listener(addr: SocketAddr) -> Result<(UdpSocket, SocketAddr), Reason> {
     Ok((sock.into(), local))
 }
 
-/// Wraps a bound socket in a Quinn endpoint. Must run inside the runtime context.
-pub fn endpoint(socket: UdpSocket, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint, Reason> {
-    let _guard = runtime::get().enter();
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, Arc::new(quinn::TokioRuntime))
-        .map_err(|e| error::io(&e))
+/// Wraps a bound socket in a Quinn endpoint on a new shard.
+pub fn endpoint(socket: UdpSocket, server: Option<quinn::ServerConfig>) -> Result<(quinn::Endpoint, Arc<Shard>), Reason> {
+    let shard = Shard::new();
+    let quinn_runtime = Arc::new(ShardRuntime { shard: shard.clone() });
+    let ep = quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, quinn_runtime).map_err(|e| error::io(&e))?;
+    Ok((ep, shard))
 }
 
-fn client_endpoints() -> &'static Mutex<HashMap<SocketAddr, quinn::Endpoint>> {
-    static C: OnceLock<Mutex<HashMap<SocketAddr, quinn::Endpoint>>> = OnceLock::new();
+fn client_endpoints() -> &'static Mutex<HashMap<SocketAddr, (quinn::Endpoint, Arc<Shard>)>> {
+    static C: OnceLock<Mutex<HashMap<SocketAddr, (quinn::Endpoint, Arc<Shard>)>>> = OnceLock::new();
     C.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
 /// The shared client endpoint for connections from `local` (an IP and port; port 0 means any).
 /// Without a local address, the wildcard of the remote address's family is used.
-pub fn client_endpoint(remote: &SocketAddr, local: Option<(IpAddr, u16)>) -> Result<quinn::Endpoint, Reason> {
+pub fn client_endpoint(remote: &SocketAddr, local: Option<(IpAddr, u16)>) -> Result<(quinn::Endpoint, Arc<Shard>), Reason> {
     let bind = match local {
         Some((ip, port)) => SocketAddr::new(ip, port),
         None if remote.is_ipv4() => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),

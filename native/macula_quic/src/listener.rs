@@ -28,6 +28,7 @@ use crate::connection::{self, ConnRes};
 use crate::counters::{self, Live};
 use crate::endpoint;
 use crate::error::Reason;
+use crate::executor::Shard;
 use crate::messages::{self, Reply};
 use crate::options;
 use crate::owner::Owner;
@@ -67,6 +68,8 @@ struct Shared {
     stop: watch::Sender<bool>,
     /// Fires when the socket is closed and the address released (see `endpoint`).
     released: Mutex<Option<oneshot::Receiver<()>>>,
+    /// The endpoint's shard (see `executor`).
+    shard: Arc<Shard>,
     _live: Live,
 }
 
@@ -204,7 +207,7 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming) {
     while let Some(w) = st.waiters.pop_front() {
         let Waiter { pid, reply } = w;
         let on_closed = on_delivered_closed(&shared);
-        if ConnRes::start(None, conn.clone(), shared.local, pid, |res| deliver(res, pid, reply), Some(on_closed)).is_some() {
+        if ConnRes::start(None, conn.clone(), shared.local, shared.shard.clone(), pid, |res| deliver(res, pid, reply), Some(on_closed)).is_some() {
             st.delivered_live += 1;
             return;
         }
@@ -276,6 +279,7 @@ fn start(env: Env, addr: SocketAddr, opts: options::Listen) -> Result<ResourceAr
         }),
         stop: watch::channel(false).0,
         released: Mutex::new(Some(bound.released)),
+        shard: bound.shard,
         _live: Live::new(&counters::LISTENERS),
     });
     let res = ResourceArc::new(ListenerRes { shared: shared.clone(), owner: Mutex::new(Owner::unmonitored(env.pid())) });
@@ -312,7 +316,7 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
             }
         };
         let on_closed = on_delivered_closed(&l.shared);
-        if ConnRes::start(Some(env), conn, l.shared.local, caller, announce, Some(on_closed)).is_none() {
+        if ConnRes::start(Some(env), conn, l.shared.local, l.shared.shard.clone(), caller, announce, Some(on_closed)).is_none() {
             return err(env, atoms::closed());
         }
         st.delivered_live += 1;

@@ -14,16 +14,40 @@ thread_local! {
     static SEND_ENV: RefCell<OwnedEnv> = RefCell::new(OwnedEnv::new());
 }
 
-/// Sends the term `build` makes to `pid`. Must run on a runtime thread (never a BEAM scheduler).
-/// Returns false when the process no longer exists.
+/// Sends the term `build` makes to `pid`, from a runtime thread or from a shard running inline
+/// in a NIF (see `executor`). Returns false when the process no longer exists.
 pub fn send<F>(pid: &LocalPid, build: F) -> bool
 where
     F: for<'a> FnOnce(Env<'a>) -> Term<'a>,
 {
+    if rustler::thread::is_scheduler_thread() {
+        return send_from_scheduler(pid, build);
+    }
     SEND_ENV.with(|env| {
         let mut env = env.borrow_mut();
         env.send_and_clear(pid, |e| build(e)).is_ok()
     })
+}
+
+/// On a scheduler thread a message must be built in the calling process's environment. Inside
+/// a NIF that runs shards inline there is one; anywhere else (which no code path should reach)
+/// the term is built in an owned environment and sent from a runtime thread instead.
+fn send_from_scheduler<F>(pid: &LocalPid, build: F) -> bool
+where
+    F: for<'a> FnOnce(Env<'a>) -> Term<'a>,
+{
+    let marker = ();
+    if let Some(env) = crate::executor::caller_env(&marker) {
+        let msg = build(env);
+        return env.send(pid, msg).is_ok();
+    }
+    let mut owned = OwnedEnv::new();
+    let saved = owned.run(|e| owned.save(build(e)));
+    let pid = *pid;
+    crate::runtime::get().spawn(async move {
+        let _ = owned.send_and_clear(&pid, |e| saved.load(e));
+    });
+    true
 }
 
 /// Someone waiting for the answer to a request: a process and the tag it will match on.
@@ -48,6 +72,13 @@ impl Pending {
     where
         F: for<'a> FnOnce(Env<'a>) -> Term<'a>,
     {
+        if rustler::thread::is_scheduler_thread() {
+            let (env, tag) = (self.env, self.tag);
+            return send_from_scheduler(&self.pid, move |e| {
+                let t = env.run(|own| tag.load(own).in_env(e));
+                (t, build(e)).encode(e)
+            });
+        }
         let tag = self.tag;
         self.env
             .send_and_clear(&self.pid, move |e| {
@@ -66,7 +97,7 @@ impl Reply {
         Reply { inner: Some(Pending { pid, env, tag }) }
     }
 
-    /// Sends `{Tag, Result}`. Must run on a runtime thread.
+    /// Sends `{Tag, Result}`, from a runtime thread or a shard running inline.
     pub fn send<F>(mut self, build: F) -> bool
     where
         F: for<'a> FnOnce(Env<'a>) -> Term<'a>,

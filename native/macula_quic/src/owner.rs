@@ -17,9 +17,14 @@ impl Owner {
     }
 
     /// Monitors `pid` on behalf of `res`. `env` is the calling NIF's environment, or `None` on a
-    /// runtime thread. Returns `None` when the process is already dead.
+    /// runtime thread or in a shard task (which uses the environment of the NIF running it). Returns `None` when the process is already dead.
     pub fn monitor<T: Resource>(res: &ResourceArc<T>, env: Option<Env>, pid: LocalPid) -> Option<Owner> {
-        res.monitor(env, &pid).map(|m| Owner { pid, monitor: Some(m) })
+        let marker = ();
+        let m = match env {
+            Some(e) => res.monitor(Some(e), &pid),
+            None => res.monitor(crate::executor::caller_env(&marker), &pid),
+        };
+        m.map(|m| Owner { pid, monitor: Some(m) })
     }
 
     /// True when `mon` is this owner's current monitor (a `down` for an earlier owner is stale).
@@ -46,7 +51,12 @@ impl Owner {
     /// Stops monitoring (the handle closed by itself).
     pub fn release<T: Resource>(&mut self, res: &ResourceArc<T>, env: Option<Env>) {
         if let Some(old) = self.monitor.take() {
-            res.demonitor(env, &old);
+            let marker = ();
+            match env {
+                Some(e) => res.demonitor(Some(e), &old),
+                // On a scheduler, running a shard inside a NIF: use that NIF's environment.
+                None => res.demonitor(crate::executor::caller_env(&marker), &old),
+            };
         }
     }
 }

@@ -53,7 +53,12 @@ where
     F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    get().spawn(Guarded { inner: Some(Box::pin(fut)) })
+    get().spawn(guarded(fut))
+}
+
+/// `fut` with the panic handling `spawn` gives, for executors other than tokio's (shards).
+pub fn guarded<F: std::future::Future>(fut: F) -> impl std::future::Future<Output = Option<F::Output>> {
+    Guarded { inner: Some(Box::pin(fut)) }
 }
 
 thread_local! {

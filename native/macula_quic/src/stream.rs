@@ -34,6 +34,7 @@ use crate::atoms;
 use crate::connection::ConnRes;
 use crate::counters::{self, Live};
 use crate::error::{self, Reason};
+use crate::executor;
 use crate::messages::{self, Reply};
 use crate::options::{self, Active, ActiveSetting};
 use crate::owner::Owner;
@@ -234,10 +235,10 @@ impl StreamRes {
             announce(&res);
         }
         if has_recv {
-            runtime::spawn(recv_loop(res.clone()));
+            res.conn.shard.spawn(recv_loop(res.clone()));
         }
         if has_send {
-            runtime::spawn(send_loop(res.clone()));
+            res.conn.shard.spawn(send_loop(res.clone()));
         }
         alive.then_some(res)
     }
@@ -814,6 +815,10 @@ fn err<'a>(env: Env<'a>, reason: impl Encoder) -> Term<'a> {
 /// taken the data.
 #[rustler::nif]
 fn stream_send<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>, tag: Term<'a>, fin: bool) -> Term<'a> {
+    executor::inline(env, || stream_send_now(env, s, data, tag, fin))
+}
+
+fn stream_send_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>, tag: Term<'a>, fin: bool) -> Term<'a> {
     rustler::atoms! { wait }
     let Some(side) = &s.send else {
         return err(env, atoms::einval());
@@ -858,6 +863,10 @@ fn queue_finish(s: &StreamRes, side: &Mutex<SendSide>) -> bool {
 /// data), ABORT_SEND=2 (RESET_STREAM), ABORT_RECEIVE=4 (STOP_SENDING), ABORT=6, IMMEDIATE=8.
 #[rustler::nif]
 fn stream_shutdown<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, flags: u32, code: u64) -> Term<'a> {
+    executor::inline(env, || stream_shutdown_now(env, s, flags, code))
+}
+
+fn stream_shutdown_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, flags: u32, code: u64) -> Term<'a> {
     const GRACEFUL: u32 = 1;
     const ABORT_SEND: u32 = 2;
     const ABORT_RECEIVE: u32 = 4;
@@ -893,6 +902,10 @@ fn stream_shutdown<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, flags: u32, code
 /// owner about this stream.
 #[rustler::nif]
 fn stream_close<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
+    executor::inline(env, || stream_close_now(env, s))
+}
+
+fn stream_close_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
     if let Some(side) = &s.send {
         queue_finish(&s, side);
     }
@@ -908,6 +921,10 @@ fn stream_close<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
 /// `stream_setopt_active(Stream, Active)`.
 #[rustler::nif]
 fn stream_set_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>) -> Term<'a> {
+    executor::inline(env, || stream_set_active_now(env, s, value))
+}
+
+fn stream_set_active_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>) -> Term<'a> {
     let Some(setting) = options::decode_active(value) else {
         return err(env, error::bad_option("active"));
     };
@@ -957,6 +974,10 @@ fn encode_active(env: Env, a: Active) -> Term {
 /// `{:error, Reason}` when it can, else `:wait` and later `{Tag, Result}`.
 #[rustler::nif]
 fn stream_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<'a>) -> Term<'a> {
+    executor::inline(env, || stream_recv_now(env, s, len, tag))
+}
+
+fn stream_recv_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<'a>) -> Term<'a> {
     rustler::atoms! { wait, ealready }
     let Ok(len) = usize::try_from(len) else { return err(env, atoms::badarg()) };
     if len > (1 << 31) {

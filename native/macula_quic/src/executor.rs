@@ -1,0 +1,274 @@
+//! Shards: serial executors for the work of one Quinn endpoint, run either on the calling
+//! scheduler (inline, at the end of a NIF) or on a tokio worker.
+//!
+//! Why: with every task on tokio, each `send` was a hand-off from a BEAM scheduler to a tokio
+//! worker (a thread wake-up, often a sleeping one), and so was every `recv` that re-armed the
+//! reader. Profiles put those hand-offs, not Quinn, at the top of the echo and handshake costs.
+//! A shard lets the NIF that queued the data run the writer and Quinn's connection driver
+//! itself, bounded by `INLINE_BUDGET`, so the datagram leaves from the caller's thread.
+//!
+//! Rules that keep this safe for the scheduler:
+//! - A shard runs on one thread at a time (`running`). A NIF never waits for it: when the shard
+//!   is busy elsewhere, the NIF leaves its tasks in the queue and whoever runs the shard takes
+//!   them (every runner looks at the queue again after letting go).
+//! - All of an endpoint's Quinn tasks (its driver and its connections' drivers) and all of its
+//!   streams' tasks live on its shard, so a task polled inline never waits on a Quinn connection
+//!   lock held by a driver on another thread: the driver is on the same shard, serialised.
+//! - Inline work is bounded; what is left goes to a tokio worker.
+//! - Wake-ups that come from tokio (a datagram arrived, a timer fired) run the shard on that
+//!   tokio worker, as before.
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use rustler::Env;
+
+use crate::runtime;
+use crate::util::lock;
+
+/// Most time a NIF spends running a shard's tasks before it leaves the rest to tokio. Well
+/// under the ~1 ms a normal NIF may take.
+const INLINE_BUDGET: Duration = Duration::from_micros(400);
+
+/// Most time a tokio worker runs one shard before yielding to its other tasks.
+const TOKIO_BUDGET: Duration = Duration::from_millis(2);
+
+type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// One endpoint's executor.
+#[derive(Debug, Default)]
+pub struct Shard {
+    queue: Mutex<VecDeque<Arc<Task>>>,
+    /// Some thread is polling this shard's tasks.
+    running: AtomicBool,
+    /// A tokio task that will run this shard is spawned and has not started yet.
+    scheduled: AtomicBool,
+}
+
+struct Task {
+    shard: Arc<Shard>,
+    future: Mutex<Option<BoxFuture>>,
+    /// In the shard's queue (so a burst of wake-ups queues it once).
+    queued: AtomicBool,
+}
+
+impl std::fmt::Debug for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Task")
+    }
+}
+
+thread_local! {
+    /// The shard this thread is running now (null when none).
+    static CURRENT: Cell<*const Shard> = const { Cell::new(std::ptr::null()) };
+    /// Inside a NIF that runs woken shards before returning: the shards woken so far.
+    static INLINE: RefCell<Option<Vec<Arc<Shard>>>> = const { RefCell::new(None) };
+    /// The calling process's environment while a NIF runs shards inline, so that tasks can
+    /// send messages from a scheduler thread (an owned environment cannot, there).
+    static CALLER_ENV: Cell<*mut rustler::sys::ErlNifEnv> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Is inline running switched on? `MACULA_QUIC_INLINE=0` turns it off (every task then runs on
+/// tokio, as before shards existed), for comparing the two in benchmarks.
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MACULA_QUIC_INLINE").map_or(true, |v| v != "0"))
+}
+
+impl Wake for Task {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        lock(&self.shard.queue).push_back(self.clone());
+        self.shard.kick();
+    }
+}
+
+impl Shard {
+    pub fn new() -> Arc<Shard> {
+        Arc::new(Shard::default())
+    }
+
+    /// Runs `fut` on this shard. It is first polled by whoever runs the shard next (the NIF
+    /// that spawned it, if that NIF runs shards inline).
+    pub fn spawn<F>(self: &Arc<Self>, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let fut = runtime::guarded(fut);
+        if !enabled() {
+            runtime::get().spawn(fut);
+            return;
+        }
+        let task = Arc::new(Task {
+            shard: self.clone(),
+            future: Mutex::new(Some(Box::pin(async move {
+                fut.await;
+            }))),
+            queued: AtomicBool::new(false),
+        });
+        task.wake_by_ref();
+    }
+
+    /// Somebody must run this shard's queue.
+    fn kick(self: &Arc<Self>) {
+        if CURRENT.with(|c| c.get()) == Arc::as_ptr(self) {
+            // This thread is running the shard and takes the task before it lets go.
+            return;
+        }
+        let recorded = INLINE.with(|s| match s.borrow_mut().as_mut() {
+            Some(list) => {
+                if !list.iter().any(|x| Arc::ptr_eq(x, self)) {
+                    list.push(self.clone());
+                }
+                true
+            }
+            None => false,
+        });
+        if !recorded {
+            self.schedule();
+        }
+    }
+
+    /// Runs the shard on a tokio worker, unless that is already arranged.
+    fn schedule(self: &Arc<Self>) {
+        if self.scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shard = self.clone();
+        runtime::get().spawn(async move {
+            shard.scheduled.store(false, Ordering::Release);
+            while !shard.run(TOKIO_BUDGET) {
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+
+    /// Polls queued tasks for at most `budget`. Returns true when the queue was empty at the
+    /// end (or another thread is running the shard and will see it), false when the budget ran
+    /// out with tasks left.
+    fn run(self: &Arc<Self>, budget: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            if self.running.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                // The runner looks at the queue again after it lets go, so nothing is lost.
+                return true;
+            }
+            let prev = CURRENT.with(|c| c.replace(Arc::as_ptr(self)));
+            let mut out_of_time = false;
+            loop {
+                let next = lock(&self.queue).pop_front();
+                let Some(task) = next else { break };
+                task.poll();
+                if start.elapsed() >= budget {
+                    out_of_time = true;
+                    break;
+                }
+            }
+            CURRENT.with(|c| c.set(prev));
+            self.running.store(false, Ordering::Release);
+            if out_of_time {
+                return lock(&self.queue).is_empty();
+            }
+            if lock(&self.queue).is_empty() {
+                return true;
+            }
+            // A task was queued between our last look and letting go: run it too.
+        }
+    }
+}
+
+impl Task {
+    fn poll(self: &Arc<Self>) {
+        // Cleared before polling, so a wake-up during the poll queues the task again.
+        self.queued.store(false, Ordering::Release);
+        let waker = Waker::from(self.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut slot = lock(&self.future);
+        if let Some(fut) = slot.as_mut() {
+            // `runtime::guarded` already turned a panic into a finished task.
+            if let Poll::Ready(()) = fut.as_mut().poll(&mut cx) {
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// Runs `f` (the body of a NIF), then the tasks it woke, on this thread, bounded by
+/// `INLINE_BUDGET`; what is left runs on tokio. Call only from a NIF on a normal scheduler,
+/// with no locks held by the caller.
+pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
+    if !enabled() || INLINE.with(|s| s.borrow().is_some()) {
+        return f();
+    }
+    INLINE.with(|s| *s.borrow_mut() = Some(Vec::new()));
+    // Whatever `f` does, the scope must end (a panic in `f` propagates to rustler's handler).
+    struct Scope;
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            INLINE.with(|s| s.borrow_mut().take());
+        }
+    }
+    let scope = Scope;
+    let out = f();
+    let woken = INLINE.with(|s| s.borrow_mut().take()).unwrap_or_default();
+    drop(scope);
+    if !woken.is_empty() {
+        let prev = CALLER_ENV.with(|c| c.replace(env.as_c_arg()));
+        let _rt = runtime::get().enter();
+        for shard in woken {
+            if !shard.run(INLINE_BUDGET) {
+                shard.schedule();
+            }
+        }
+        CALLER_ENV.with(|c| c.set(prev));
+    }
+    out
+}
+
+/// The calling process's environment, while this thread runs shards inside a NIF.
+pub fn caller_env<'a, T>(marker: &'a T) -> Option<Env<'a>> {
+    let raw = CALLER_ENV.with(|c| c.get());
+    // SAFETY: set only for the duration of `inline`, inside the NIF whose env it is; the
+    // marker's lifetime does not outlive that call because the closures that use it are
+    // synchronous sends.
+    (!raw.is_null()).then(|| unsafe { Env::new(marker, raw) })
+}
+
+/// Quinn's runtime for an endpoint on a shard: its tasks (the endpoint driver, connection
+/// drivers) run on the shard; timers and the socket use tokio's time and I/O drivers.
+#[derive(Debug)]
+pub struct ShardRuntime {
+    pub shard: Arc<Shard>,
+}
+
+impl quinn::Runtime for ShardRuntime {
+    fn new_timer(&self, t: std::time::Instant) -> Pin<Box<dyn quinn::AsyncTimer>> {
+        // Creating a tokio timer needs the runtime's context (a shard may run on a scheduler).
+        let _rt = runtime::get().enter();
+        quinn::TokioRuntime.new_timer(t)
+    }
+
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        self.shard.spawn(future);
+    }
+
+    fn wrap_udp_socket(&self, t: std::net::UdpSocket) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        let _rt = runtime::get().enter();
+        quinn::TokioRuntime.wrap_udp_socket(t)
+    }
+
+    fn now(&self) -> std::time::Instant {
+        std::time::Instant::now()
+    }
+}
