@@ -19,7 +19,7 @@ use crate::atoms;
 use crate::counters::{self, Live};
 use crate::endpoint;
 use crate::error::{self, Reason};
-use crate::executor::Shard;
+use crate::executor::{self, Shard};
 use crate::messages::{self, Reply};
 use crate::options::{self, Active};
 use crate::owner::Owner;
@@ -69,10 +69,10 @@ impl Resource for ConnRes {
         // The owner exited: close with code 0 so the peer learns at once, instead of waiting
         // for the idle timeout. The watcher then ends and the resource can be freed. Closing
         // takes Quinn's connection lock, which its driver may hold for a while: do it on the
-        // runtime, not on the scheduler running this callback.
+        // shard, serialised with the driver, not on the scheduler running this callback.
         if lock(&self.state).owner.is_monitor(&mon) {
             let conn = self.conn.clone();
-            runtime::spawn(async move { conn.close(quinn::VarInt::from_u32(0), b"owner exited") });
+            self.shard.spawn(async move { conn.close(quinn::VarInt::from_u32(0), b"owner exited") });
         }
     }
 }
@@ -112,7 +112,7 @@ impl ConnRes {
         let owner = Owner::monitor(&res, env, owner)?;
         lock(&res.state).owner = owner;
         announce(&res);
-        runtime::spawn(watch(res.clone(), on_closed));
+        res.shard.spawn(watch(res.clone(), on_closed));
         Some(res)
     }
 
@@ -243,7 +243,14 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
     let owner = env.pid();
     let timeout = Duration::from_millis(timeout_ms.clamp(1, u32::MAX as u64));
     let timeout = opts.handshake_timeout.map_or(timeout, |h| h.min(timeout));
-    runtime::spawn(async move {
+    // With an address (no lookup to wait for), the connect runs on the client endpoint's shard,
+    // first inline in this call: when the shard is free, the Initial packet leaves from this
+    // thread instead of waiting for a runtime worker to wake up.
+    let shard = match &host {
+        Host::Ip(ip) => endpoint::client_endpoint(&SocketAddr::new(*ip, port), opts.local_address).ok().map(|(_, s)| s),
+        Host::Name(_) => None,
+    };
+    let task = async move {
         let _task = Live::new(&counters::TASKS);
         let result = tokio::time::timeout(timeout, dial(host, port, opts, config)).await;
         match result {
@@ -262,7 +269,13 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
                 reply.error(atoms::timeout());
             }
         }
-    });
+    };
+    match shard {
+        Some(shard) => executor::inline(env, || shard.spawn(task)),
+        None => {
+            runtime::spawn(task);
+        }
+    }
     atoms::ok().encode(env)
 }
 
@@ -297,9 +310,21 @@ async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::Clie
 /// `conn_close(Conn, Code)`: closes the connection with an application error code. Returns
 /// `:ok` when this call closed it (the owner will receive `{quic, closed, Conn, _}`, which the
 /// Elixir layer consumes when the owner closes), `:closed` when it had already ended.
+///
+/// Closing takes Quinn's connection lock. The call first claims the endpoint's shard, so that no
+/// driver of it runs (and holds that lock) meanwhile, and then runs the driver it woke inline:
+/// the CONNECTION_CLOSE leaves from this thread. Only when the shard is busy on another thread
+/// does the call wait for the lock, for at most one driver poll.
 #[rustler::nif]
 fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64) -> Term<'a> {
     let Ok(code) = quinn::VarInt::from_u64(code) else { return err(env, atoms::badarg()) };
+    executor::inline(env, || {
+        let _claim = c.shard.claim();
+        conn_close_now(env, &c, code)
+    })
+}
+
+fn conn_close_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, code: quinn::VarInt) -> Term<'a> {
     let mut st = lock(&c.state);
     if c.conn.close_reason().is_some() {
         return atoms::closed().encode(env);
@@ -312,7 +337,7 @@ fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64) -> Term<'a> 
     if matches!(c.conn.close_reason(), Some(quinn::ConnectionError::LocallyClosed)) && !st.closed_sent {
         st.closed_sent = true;
         let _ = env.send(&st.owner.pid, closed_msg(env, c.clone(), true, true));
-        st.owner.release(&c, Some(env));
+        st.owner.release(c, Some(env));
     }
     atoms::ok().encode(env)
 }
@@ -326,10 +351,10 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
     }
     let Ok(code) = quinn::VarInt::from_u64(code) else { return err(env, atoms::badarg()) };
     lock(&c.state).closed_by_app = true;
-    // Closing takes Quinn's connection lock (see `conn_query`): on the runtime. The owner hears
-    // `closed` from the watcher either way.
+    // Closing takes Quinn's connection lock: on the shard, serialised with the drivers (inline
+    // here when the shard is free). The owner hears `closed` from the watcher either way.
     let conn = c.conn.clone();
-    runtime::spawn(async move { conn.close(code, b"") });
+    executor::inline(env, || c.shard.spawn(async move { conn.close(code, b"") }));
     atoms::ok().encode(env)
 }
 
@@ -358,9 +383,12 @@ fn conn_query<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, what: rustler::Atom, ta
         return err(env, atoms::badarg());
     };
     let reply = Reply::new(env.pid(), tag);
-    runtime::spawn(async move {
-        let _task = Live::new(&counters::TASKS);
-        reply.send(move |e| query.answer(e, &c));
+    let shard = c.shard.clone();
+    executor::inline(env, || {
+        shard.spawn(async move {
+            let _task = Live::new(&counters::TASKS);
+            reply.send(move |e| query.answer(e, &c));
+        })
     });
     atoms::ok().encode(env)
 }
@@ -484,7 +512,7 @@ fn open_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>, tag: T
         Some(Err(e)) => err(env, error::connection(&e)),
         None => {
             let reply = Reply::new(owner, tag);
-            runtime::spawn(async move {
+            c.shard.clone().spawn(async move {
                 let opened = if opts.unidirectional {
                     c.conn.open_uni().await.map(|s| (Some(s), None))
                 } else {
@@ -529,7 +557,7 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
     st.next_accept += 1;
     let task_conn = c.clone();
     let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
-    runtime::spawn(async move {
+    c.shard.spawn(async move {
         let accepted = tokio::select! {
             r = task_conn.conn.accept_bi() => r.map(|(s, r)| (Some(s), r, 0u32)),
             r = task_conn.conn.accept_uni() => r.map(|r| (None, r, 1u32)),

@@ -204,6 +204,36 @@ impl Task {
     }
 }
 
+/// A shard held by this thread without running its queue (see `Shard::claim`).
+pub struct Claim<'a> {
+    shard: &'a Arc<Shard>,
+    prev: *const Shard,
+}
+
+impl Shard {
+    /// Takes the shard for a moment, when no other thread runs it, so that a NIF can call into
+    /// Quinn knowing that no driver of this endpoint holds a connection lock meanwhile. `None`
+    /// when the shard is busy elsewhere. Tasks woken meanwhile run when the claim ends (inline,
+    /// inside `inline`; else on tokio).
+    pub fn claim(self: &Arc<Self>) -> Option<Claim<'_>> {
+        if !enabled() || self.running.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return None;
+        }
+        let prev = CURRENT.with(|c| c.replace(Arc::as_ptr(self)));
+        Some(Claim { shard: self, prev })
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.prev));
+        self.shard.running.store(false, Ordering::Release);
+        if !lock(&self.shard.queue).is_empty() {
+            self.shard.kick();
+        }
+    }
+}
+
 /// Runs `f` (the body of a NIF), then the tasks it woke, on this thread, bounded by
 /// `INLINE_BUDGET`; what is left runs on tokio. Call only from a NIF on a normal scheduler,
 /// with no locks held by the caller.

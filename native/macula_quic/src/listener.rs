@@ -182,7 +182,7 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             }
             st.handshaking += 1;
         }
-        runtime::spawn(handshake(shared.clone(), incoming));
+        shared.shard.spawn(handshake(shared.clone(), incoming));
     }
 }
 
@@ -287,7 +287,7 @@ fn start(env: Env, addr: SocketAddr, opts: options::Listen) -> Result<ResourceAr
         Some(o) => *lock(&res.owner) = o,
         None => return Err(atoms::closed().into()),
     }
-    runtime::spawn(accept_loop(shared, accept_endpoint));
+    shared.shard.clone().spawn(accept_loop(shared, accept_endpoint));
     Ok(res)
 }
 
