@@ -41,11 +41,21 @@ defmodule MaculaQuic.LeakTest do
     Process.unlink(server)
     Process.exit(server, :kill)
 
+    # Client endpoints (and their shards) are shared and stay; the listener's shard goes.
+    endpoints = MaculaQuic.native_counts().client_endpoints
+
     counts =
       Map.merge(
         counts,
         await_counts!(
-          %{listeners: 0, connections: 0, streams: 0, tasks: 0, bound_addresses: 0},
+          %{
+            listeners: 0,
+            connections: 0,
+            streams: 0,
+            tasks: 0,
+            bound_addresses: 0,
+            shards: endpoints
+          },
           30_000
         )
       )
@@ -58,6 +68,7 @@ defmodule MaculaQuic.LeakTest do
     )
 
     assert counts.connections == 0 and counts.streams == 0 and counts.listeners == 0
+    assert counts.shards == counts.client_endpoints
     assert counts.tasks == 0 and counts.bound_addresses == 0
     # Memory returns to its starting level, within allocator slack.
     assert after_run.vm - base.vm < 32 * 1_048_576

@@ -55,7 +55,8 @@ pub struct ConnRes {
     /// Bytes handed to `send`/`async_send` on this connection's streams that wait in their
     /// queues for flow-control or congestion credit (`getstat`'s `send_pend`).
     pub send_pend: AtomicUsize,
-    /// The endpoint's shard, where this connection's stream tasks run (see `executor`).
+    /// The endpoint's shard, where this connection's tasks run: its Quinn driver, its streams'
+    /// readers and writers, its watcher (see `executor`).
     pub shard: Arc<Shard>,
     state: Mutex<State>,
     _live: Live,
@@ -358,18 +359,18 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
     atoms::ok().encode(env)
 }
 
-/// `conn_query(Conn, What, Tag)`: answers `{Tag, Result}` from a runtime task, where `What` is
-/// `:peername` or `:sockname` (`{:ok, {"ip", port}}`) or `:stats` (every counter Quinn keeps,
-/// as a map of atoms to integers). Returns `:ok` at once, or `{:error, :badarg}` for another
-/// `What`.
+/// `conn_query(Conn, What, Tag)`: answers `{Tag, Result}` from a task on the connection's
+/// shard, where `What` is `:peername` or `:sockname` (`{:ok, {"ip", port}}`) or `:stats` (every
+/// counter Quinn keeps, as a map of atoms to integers). Returns `:ok` at once, or
+/// `{:error, :badarg}` for another `What`.
 ///
 /// Every one of these reads Quinn's connection state, under the lock Quinn's driver holds while
-/// it processes packet batches, so the NIF only hands the query over; the caller waits for the
-/// answer in `receive`. `bench/query_stalls.exs` (1 GiB moving meanwhile) measured the native
-/// part of `getstat` reading Quinn itself at p99 78 µs, p99.9 2.8 ms, max 10 ms (18 calls over
-/// 5 ms in 259k), and the hand-over at p99 40-44 µs, p99.9 1.7-2.1 ms, max 3.2 ms (none over
-/// 5 ms in 8-13k). The hand-over's own tail is tokio's cross-thread wake-up when the two cores
-/// are busy, which every send shares.
+/// it processes packet batches, so the read runs on the shard, serialised with the driver: in
+/// this call when the shard is free (the answer is then already in the caller's mailbox), else
+/// on a runtime worker. `bench/query_stalls.exs` (1 GiB moving meanwhile) measured the native
+/// part of `getstat` reading Quinn in the NIF regardless of the driver at p99 78 µs, p99.9
+/// 2.8 ms, max 10 ms (18 calls over 5 ms in 259k), and always handing over to the runtime at
+/// p99 40-44 µs, p99.9 1.7-2.1 ms, max 3.2 ms (none over 5 ms in 8-13k).
 #[rustler::nif]
 fn conn_query<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, what: rustler::Atom, tag: Term<'a>) -> Term<'a> {
     rustler::atoms! { peername, sockname, stats }
@@ -477,8 +478,18 @@ pub fn handshake_info<'a>(env: Env<'a>, conn: &quinn::Connection, local: &Socket
 /// `open_stream(Conn, Opts, Tag)`: opens a stream owned by the caller. Answers `{:ok, Stream}`
 /// at once when the peer's stream limit allows; otherwise `:wait`, and `{Tag, Result}` once a
 /// stream can be opened.
+///
+/// The first try takes Quinn's connection lock; like `conn_close`, the call claims the shard
+/// first, so it waits for that lock only when the shard is busy on another thread.
 #[rustler::nif]
 fn open_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>, tag: Term<'a>) -> Term<'a> {
+    executor::inline(env, || {
+        let _claim = c.shard.claim();
+        open_stream_now(env, &c, opts, tag)
+    })
+}
+
+fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: Term<'a>, tag: Term<'a>) -> Term<'a> {
     rustler::atoms! { wait }
     let opts = match options::decode_stream(opts) {
         Ok(o) => o,
@@ -512,6 +523,7 @@ fn open_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>, tag: T
         Some(Err(e)) => err(env, error::connection(&e)),
         None => {
             let reply = Reply::new(owner, tag);
+            let c = c.clone();
             c.shard.clone().spawn(async move {
                 let opened = if opts.unidirectional {
                     c.conn.open_uni().await.map(|s| (Some(s), None))

@@ -1,4 +1,4 @@
-//! Live-object counters. Each native object increments its counter when created and decrements
+//! Live-object counters (and two cumulative ones). Each native object increments its counter when created and decrements
 //! it when dropped, so tests can prove that closing, owner death and garbage collection free
 //! everything.
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -7,8 +7,15 @@ pub static LISTENERS: AtomicI64 = AtomicI64::new(0);
 pub static CONNECTIONS: AtomicI64 = AtomicI64::new(0);
 pub static STREAMS: AtomicI64 = AtomicI64::new(0);
 pub static TASKS: AtomicI64 = AtomicI64::new(0);
+/// Endpoint executors (see `executor`): one per listener and per shared client endpoint.
+pub static SHARDS: AtomicI64 = AtomicI64::new(0);
+/// Cumulative, not live: times a NIF ran an endpoint's work on its own thread, and times a
+/// runtime worker did. Their ratio shows how often sends leave without a thread hand-off.
+pub static INLINE_RUNS: AtomicI64 = AtomicI64::new(0);
+pub static RUNTIME_RUNS: AtomicI64 = AtomicI64::new(0);
 
 /// Counts one live object of a kind for as long as it exists.
+#[derive(Debug)]
 pub struct Live(&'static AtomicI64);
 
 impl Live {
@@ -22,6 +29,11 @@ impl Drop for Live {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Adds one to a cumulative counter.
+pub fn bump(counter: &AtomicI64) {
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 pub fn get(counter: &AtomicI64) -> i64 {

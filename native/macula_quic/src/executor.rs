@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use rustler::Env;
 
+use crate::counters::{self, Live};
 use crate::runtime;
 use crate::util::lock;
 
@@ -41,13 +42,14 @@ const TOKIO_BUDGET: Duration = Duration::from_millis(2);
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// One endpoint's executor.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Shard {
     queue: Mutex<VecDeque<Arc<Task>>>,
     /// Some thread is polling this shard's tasks.
     running: AtomicBool,
     /// A tokio task that will run this shard is spawned and has not started yet.
     scheduled: AtomicBool,
+    _live: Live,
 }
 
 struct Task {
@@ -96,7 +98,12 @@ impl Wake for Task {
 
 impl Shard {
     pub fn new() -> Arc<Shard> {
-        Arc::new(Shard::default())
+        Arc::new(Shard {
+            queue: Mutex::new(VecDeque::new()),
+            running: AtomicBool::new(false),
+            scheduled: AtomicBool::new(false),
+            _live: Live::new(&counters::SHARDS),
+        })
     }
 
     /// Runs `fut` on this shard. It is first polled by whoever runs the shard next (the NIF
@@ -110,6 +117,10 @@ impl Shard {
             runtime::get().spawn(fut);
             return;
         }
+        // A shard's tasks share one tokio task when they run on a worker; tokio's per-task
+        // budget (which makes a resource answer "pending, poll again" after 128 operations)
+        // would then spin them here. The shard's own budget bounds them instead.
+        let fut = tokio::task::coop::unconstrained(fut);
         let task = Arc::new(Task {
             shard: self.clone(),
             future: Mutex::new(Some(Box::pin(async move {
@@ -148,6 +159,7 @@ impl Shard {
         let shard = self.clone();
         runtime::get().spawn(async move {
             shard.scheduled.store(false, Ordering::Release);
+            counters::bump(&counters::RUNTIME_RUNS);
             while !shard.run(TOKIO_BUDGET) {
                 tokio::task::yield_now().await;
             }
@@ -160,11 +172,10 @@ impl Shard {
     fn run(self: &Arc<Self>, budget: Duration) -> bool {
         let start = Instant::now();
         loop {
-            if self.running.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            let Some(held) = self.hold() else {
                 // The runner looks at the queue again after it lets go, so nothing is lost.
                 return true;
-            }
-            let prev = CURRENT.with(|c| c.replace(Arc::as_ptr(self)));
+            };
             let mut out_of_time = false;
             loop {
                 let next = lock(&self.queue).pop_front();
@@ -175,8 +186,7 @@ impl Shard {
                     break;
                 }
             }
-            CURRENT.with(|c| c.set(prev));
-            self.running.store(false, Ordering::Release);
+            drop(held);
             if out_of_time {
                 return lock(&self.queue).is_empty();
             }
@@ -185,6 +195,29 @@ impl Shard {
             }
             // A task was queued between our last look and letting go: run it too.
         }
+    }
+
+    /// Marks the shard as run by this thread, unless another thread runs it. Dropping the
+    /// result lets go (also when unwinding, so a shard is never left marked for good).
+    fn hold(self: &Arc<Self>) -> Option<Held<'_>> {
+        if self.running.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return None;
+        }
+        let prev = CURRENT.with(|c| c.replace(Arc::as_ptr(self)));
+        Some(Held { shard: self, prev })
+    }
+}
+
+/// This thread runs (or holds) a shard; see `Shard::hold`.
+struct Held<'a> {
+    shard: &'a Arc<Shard>,
+    prev: *const Shard,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.prev));
+        self.shard.running.store(false, Ordering::Release);
     }
 }
 
@@ -206,8 +239,7 @@ impl Task {
 
 /// A shard held by this thread without running its queue (see `Shard::claim`).
 pub struct Claim<'a> {
-    shard: &'a Arc<Shard>,
-    prev: *const Shard,
+    held: Option<Held<'a>>,
 }
 
 impl Shard {
@@ -216,20 +248,22 @@ impl Shard {
     /// when the shard is busy elsewhere. Tasks woken meanwhile run when the claim ends (inline,
     /// inside `inline`; else on tokio).
     pub fn claim(self: &Arc<Self>) -> Option<Claim<'_>> {
-        if !enabled() || self.running.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        if !enabled() {
             return None;
         }
-        let prev = CURRENT.with(|c| c.replace(Arc::as_ptr(self)));
-        Some(Claim { shard: self, prev })
+        self.hold().map(|held| Claim { held: Some(held) })
     }
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        CURRENT.with(|c| c.set(self.prev));
-        self.shard.running.store(false, Ordering::Release);
-        if !lock(&self.shard.queue).is_empty() {
-            self.shard.kick();
+        if let Some(held) = self.held.take() {
+            let shard = held.shard;
+            drop(held);
+            // Wake-ups during the claim were left in the queue for "the runner": us.
+            if !lock(&shard.queue).is_empty() {
+                shard.kick();
+            }
         }
     }
 }
@@ -254,14 +288,21 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
     let woken = INLINE.with(|s| s.borrow_mut().take()).unwrap_or_default();
     drop(scope);
     if !woken.is_empty() {
-        let prev = CALLER_ENV.with(|c| c.replace(env.as_c_arg()));
+        // The environment is only valid during this call: unset it however the loop ends.
+        struct EnvSet(*mut rustler::sys::ErlNifEnv);
+        impl Drop for EnvSet {
+            fn drop(&mut self) {
+                CALLER_ENV.with(|c| c.set(self.0));
+            }
+        }
+        let _env = EnvSet(CALLER_ENV.with(|c| c.replace(env.as_c_arg())));
         let _rt = runtime::get().enter();
         for shard in woken {
+            counters::bump(&counters::INLINE_RUNS);
             if !shard.run(INLINE_BUDGET) {
                 shard.schedule();
             }
         }
-        CALLER_ENV.with(|c| c.set(prev));
     }
     out
 }

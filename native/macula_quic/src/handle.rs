@@ -71,6 +71,9 @@ fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {
         (atoms::client_endpoints().encode(env), endpoint::client_endpoint_count().encode(env)),
         (atoms::bound_addresses().encode(env), endpoint::registered_count().encode(env)),
         (atoms::runtime_workers().encode(env), runtime::worker_count().encode(env)),
+        (atoms::shards().encode(env), counters::get(&counters::SHARDS).encode(env)),
+        (atoms::inline_runs().encode(env), counters::get(&counters::INLINE_RUNS).encode(env)),
+        (atoms::runtime_runs().encode(env), counters::get(&counters::RUNTIME_RUNS).encode(env)),
     ];
     Term::map_from_pairs(env, &pairs).map_err(|_| rustler::Error::BadArg)
 }

@@ -13,11 +13,15 @@
 //! (before the change) or to the new one (after it).
 //!
 //! Sending puts data (without copying large binaries) into an ordered queue that the writer
-//! task hands to Quinn as flow-control credit allows. NIFs never call into Quinn's connection
-//! themselves: Quinn's driver holds the connection lock while it processes and encrypts whole
-//! batches of packets, and a scheduler waiting on that lock stalls every process on it (the
-//! timer test in receive_modes_test measured p95 lateness growing from ~4 ms to 16-30 ms when
-//! sends wrote into Quinn from the NIF). Blocking `send` waits for its reply; the
+//! task hands to Quinn as flow-control credit allows. The NIF bodies never call into Quinn's
+//! connection themselves: Quinn's driver holds the connection lock while it processes and
+//! encrypts whole batches of packets, and a scheduler waiting on that lock stalls every process
+//! on it (the timer test in receive_modes_test measured p95 lateness growing from ~4 ms to
+//! 16-30 ms when sends wrote into Quinn from the NIF while the driver ran elsewhere). Instead
+//! the NIFs that wake a stream's tasks (`send`, `recv`, `setopt active`, shutdown, close) then
+//! run them, and the Quinn driver they wake, on the calling thread when the endpoint's shard is
+//! free (see `executor`): serialised with the driver, so no lock is contended, and bounded in
+//! time. Blocking `send` waits for its reply (often already sent when the NIF returns); the
 //! fire-and-forget `async_send` data in the queue is bounded by `ASYNC_QUEUE_LIMIT` bytes.
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -999,10 +1003,10 @@ fn stream_recv_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: T
             }
         }
     }
-    // The NIF itself never reads from Quinn (that takes Quinn's connection lock, which its
+    // The NIF body never reads from Quinn (that takes Quinn's connection lock, which its
     // driver may hold for a while; see the module doc): it answers from the buffer, which the
     // reader task keeps up to `PASSIVE_READ_AHEAD` ahead of demand, or leaves a request for
-    // the reader.
+    // the reader (which then runs inline, after the body, when the shard is free).
     if !st.buf.is_empty() && (len == 0 || st.buffered >= len || st.recv_end.is_some()) {
         let limit = if len == 0 { PASSIVE_READ_AHEAD } else { len };
         let chunks = take(&mut st, limit, len != 0);

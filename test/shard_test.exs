@@ -1,0 +1,59 @@
+defmodule MaculaQuic.ShardTest do
+  # Not async: it reads the library's global counters, so nothing else may run meanwhile.
+  use ExUnit.Case, async: false
+  import MaculaQuic.Test.Quic
+
+  @moduletag :shards
+
+  test "a send does the endpoint's work on the sender's own thread when the endpoint is idle" do
+    {c, sc, _l, _} = pair!()
+    {s, ss} = stream_pair!(c, sc, first: "a")
+    assert_receive {:quic, "a", ^ss, _}, 5_000
+    before = MaculaQuic.native_counts()
+    rounds = 200
+
+    for i <- 1..rounds do
+      msg = Integer.to_string(i)
+      :ok = MaculaQuic.send(s, msg)
+      assert_receive {:quic, ^msg, ^ss, _}, 5_000
+      :ok = MaculaQuic.send(ss, msg)
+      assert_receive {:quic, ^msg, ^s, _}, 5_000
+    end
+
+    after_ = MaculaQuic.native_counts()
+    inline = after_.inline_runs - before.inline_runs
+    runtime = after_.runtime_runs - before.runtime_runs
+    IO.puts("\n  #{2 * rounds} sends: #{inline} inline runs, #{runtime} runtime runs")
+    # Each send wakes its stream's writer. When nothing else runs the endpoint at that moment,
+    # the send runs the writer and Quinn's driver itself. Receiving always runs on a runtime
+    # worker (the socket wakes it), so the runtime keeps some of the work.
+    assert inline >= rounds
+    assert runtime > 0
+  end
+
+  test "a listener's shard is freed with the listener and its connections; client shards stay with their endpoints" do
+    # Every earlier listener's shard goes once its endpoint's last task has ended.
+    endpoints = MaculaQuic.native_counts().client_endpoints
+    await_counts!(%{listeners: 0, connections: 0, streams: 0, shards: endpoints}, 30_000)
+
+    # Everything is made and owned by a process that then exits (its handles close with it),
+    # so no reference from this process keeps a connection alive.
+    during =
+      Task.async(fn ->
+        {c, sc, l, _} = pair!(addr: "127.0.0.3")
+        {_s, _ss} = stream_pair!(c, sc)
+        counts = MaculaQuic.native_counts()
+        :ok = MaculaQuic.close_connection(c)
+        :ok = MaculaQuic.close_listener(l)
+        counts
+      end)
+      |> Task.await()
+
+    assert during.shards == during.client_endpoints + 1
+
+    counts =
+      await_counts!(%{listeners: 0, connections: 0, streams: 0, shards: during.client_endpoints})
+
+    assert counts.shards == counts.client_endpoints
+  end
+end
