@@ -31,7 +31,7 @@ defmodule MaculaQuic.ShardTest do
     assert runtime > 0
   end
 
-  test "a listener's shard is freed with the listener and its connections; client shards stay with their endpoints" do
+  test "shards: one per endpoint and per connection, freed with them; client endpoints keep theirs" do
     # Every earlier listener's shard goes once its endpoint's last task has ended.
     endpoints = MaculaQuic.native_counts().client_endpoints
     await_counts!(%{listeners: 0, connections: 0, streams: 0, shards: endpoints}, 30_000)
@@ -49,7 +49,8 @@ defmodule MaculaQuic.ShardTest do
       end)
       |> Task.await()
 
-    assert during.shards == during.client_endpoints + 1
+    # The listener's endpoint, and each end of the connection.
+    assert during.shards == during.client_endpoints + 1 + 2
 
     counts =
       await_counts!(%{listeners: 0, connections: 0, streams: 0, shards: during.client_endpoints})

@@ -55,8 +55,8 @@ pub struct ConnRes {
     /// Bytes handed to `send`/`async_send` on this connection's streams that wait in their
     /// queues for flow-control or congestion credit (`getstat`'s `send_pend`).
     pub send_pend: AtomicUsize,
-    /// The endpoint's shard, where this connection's tasks run: its Quinn driver, its streams'
-    /// readers and writers, its watcher (see `executor`).
+    /// This connection's shard, where its tasks run: its Quinn driver, its streams' readers
+    /// and writers, its watcher (see `executor`).
     pub shard: Arc<Shard>,
     state: Mutex<State>,
     _live: Live,
@@ -244,25 +244,21 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
     let owner = env.pid();
     let timeout = Duration::from_millis(timeout_ms.clamp(1, u32::MAX as u64));
     let timeout = opts.handshake_timeout.map_or(timeout, |h| h.min(timeout));
-    // With an address (no lookup to wait for), the connect runs on the client endpoint's shard,
-    // first inline in this call: when the shard is free, the Initial packet leaves from this
-    // thread instead of waiting for a runtime worker to wake up.
+    let deadline = tokio::time::Instant::now() + timeout;
+    // With an address (no lookup to wait for), the connect starts on the client endpoint's
+    // shard, inline in this call when the shard is free: the new connection's driver then runs
+    // here too, and the Initial packet leaves from this thread instead of waiting for a runtime
+    // worker to wake up.
     let shard = match &host {
         Host::Ip(ip) => endpoint::client_endpoint(&SocketAddr::new(*ip, port), opts.local_address).ok().map(|(_, s)| s),
         Host::Name(_) => None,
     };
     let task = async move {
         let _task = Live::new(&counters::TASKS);
-        let result = tokio::time::timeout(timeout, dial(host, port, opts, config)).await;
-        match result {
-            Ok(Ok((conn, bound, shard))) => match ConnRes::start(None, conn.clone(), bound, shard, owner, |_| {}, None) {
-                Some(res) => {
-                    if !reply.send(move |e| (atoms::ok(), res).encode(e)) {
-                        // The caller is gone; the monitor's down callback closes the connection.
-                    }
-                }
-                None => conn.close(quinn::VarInt::from_u32(0), b"owner exited"),
-            },
+        match tokio::time::timeout_at(deadline, dial(host, port, opts, config)).await {
+            Ok(Ok((connecting, bound, shard))) => {
+                shard.clone().spawn(finish_connect(connecting, bound, shard, owner, reply, deadline));
+            }
             Ok(Err(reason)) => {
                 reply.error(reason);
             }
@@ -280,7 +276,9 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
     atoms::ok().encode(env)
 }
 
-async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::ClientConfig) -> Result<(quinn::Connection, SocketAddr, Arc<Shard>), Reason> {
+/// Resolves the host and starts the handshake: the connection, and the new shard its driver
+/// runs on (see `executor`).
+async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::ClientConfig) -> Result<(quinn::Connecting, SocketAddr, Arc<Shard>), Reason> {
     let want_v4 = opts.local_address.map(|(ip, _)| ip.is_ipv4());
     let (remote, default_name) = match &host {
         Host::Ip(ip) => (SocketAddr::new(*ip, port), ip.to_string()),
@@ -298,14 +296,42 @@ async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::Clie
             (pick, name.clone())
         }
     };
-    let (endpoint, shard) = endpoint::client_endpoint(&remote, opts.local_address)?;
+    let (endpoint, _) = endpoint::client_endpoint(&remote, opts.local_address)?;
     let bound = endpoint.local_addr().map_err(|e| error::io(&e))?;
     let server_name = opts.server_name.unwrap_or(default_name);
-    let connecting = endpoint
-        .connect_with(config, remote, &server_name)
-        .map_err(|e| error::connect(&e))?;
-    let conn = connecting.await.map_err(|e| error::connection(&e))?;
-    Ok((conn, bound, shard))
+    let (connecting, shard) = executor::with_new_shard(|| endpoint.connect_with(config, remote, &server_name));
+    let connecting = connecting.map_err(|e| error::connect(&e))?;
+    Ok((connecting, bound, shard))
+}
+
+/// Waits for the handshake, on the connection's own shard (polling it takes the connection's
+/// lock), and answers the caller.
+async fn finish_connect(
+    connecting: quinn::Connecting,
+    bound: SocketAddr,
+    shard: Arc<Shard>,
+    owner: LocalPid,
+    reply: Reply,
+    deadline: tokio::time::Instant,
+) {
+    let _task = Live::new(&counters::TASKS);
+    match tokio::time::timeout_at(deadline, connecting).await {
+        Ok(Ok(conn)) => match ConnRes::start(None, conn.clone(), bound, shard, owner, |_| {}, None) {
+            Some(res) => {
+                if !reply.send(move |e| (atoms::ok(), res).encode(e)) {
+                    // The caller is gone; the monitor's down callback closes the connection.
+                }
+            }
+            None => conn.close(quinn::VarInt::from_u32(0), b"owner exited"),
+        },
+        Ok(Err(e)) => {
+            reply.error(error::connection(&e));
+        }
+        // Dropping the handshake closes the connection.
+        Err(_) => {
+            reply.error(atoms::timeout());
+        }
+    }
 }
 
 /// `conn_close(Conn, Code)`: closes the connection with an application error code. Returns

@@ -70,6 +70,8 @@ thread_local! {
     static CURRENT: Cell<*const Shard> = const { Cell::new(std::ptr::null()) };
     /// Inside a NIF that runs woken shards before returning: the shards woken so far.
     static INLINE: RefCell<Option<Vec<Arc<Shard>>>> = const { RefCell::new(None) };
+    /// Set by `with_new_shard`: where Quinn's next spawned task (a connection's driver) goes.
+    static NEXT_SHARD: RefCell<Option<Arc<Shard>>> = const { RefCell::new(None) };
     /// The calling process's environment while a NIF runs shards inline, so that tasks can
     /// send messages from a scheduler thread (an owned environment cannot, there).
     static CALLER_ENV: Cell<*mut rustler::sys::ErlNifEnv> = const { Cell::new(std::ptr::null_mut()) };
@@ -269,40 +271,55 @@ impl Drop for Claim<'_> {
 }
 
 /// Runs `f` (the body of a NIF), then the tasks it woke, on this thread, bounded by
-/// `INLINE_BUDGET`; what is left runs on tokio. Call only from a NIF on a normal scheduler,
-/// with no locks held by the caller.
+/// `INLINE_BUDGET`; what is left runs on tokio. Shards woken while those run (a new
+/// connection's, say) are run too, within the same budget. Call only from a NIF on a normal
+/// scheduler, with no locks held by the caller.
 pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
     if !enabled() || INLINE.with(|s| s.borrow().is_some()) {
         return f();
     }
-    INLINE.with(|s| *s.borrow_mut() = Some(Vec::new()));
-    // Whatever `f` does, the scope must end (a panic in `f` propagates to rustler's handler).
-    struct Scope;
+    // Whatever happens, the scope and the environment are unset when this call ends (a panic
+    // propagates to rustler's handler; the environment is only valid during the call).
+    struct Scope(*mut rustler::sys::ErlNifEnv);
     impl Drop for Scope {
         fn drop(&mut self) {
             INLINE.with(|s| s.borrow_mut().take());
+            CALLER_ENV.with(|c| c.set(self.0));
         }
     }
-    let scope = Scope;
+    INLINE.with(|s| *s.borrow_mut() = Some(Vec::new()));
+    let _scope = Scope(CALLER_ENV.with(|c| c.get()));
     let out = f();
-    let woken = INLINE.with(|s| s.borrow_mut().take()).unwrap_or_default();
-    drop(scope);
-    if !woken.is_empty() {
-        // The environment is only valid during this call: unset it however the loop ends.
-        struct EnvSet(*mut rustler::sys::ErlNifEnv);
-        impl Drop for EnvSet {
-            fn drop(&mut self) {
-                CALLER_ENV.with(|c| c.set(self.0));
-            }
+    let start = Instant::now();
+    let mut entered = None;
+    loop {
+        let woken = INLINE.with(|s| s.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default());
+        if woken.is_empty() {
+            break;
         }
-        let _env = EnvSet(CALLER_ENV.with(|c| c.replace(env.as_c_arg())));
-        let _rt = runtime::get().enter();
+        if entered.is_none() {
+            CALLER_ENV.with(|c| c.set(env.as_c_arg()));
+            entered = Some(runtime::get().enter());
+        }
         for shard in woken {
+            let left = INLINE_BUDGET.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                shard.schedule();
+                continue;
+            }
             counters::bump(&counters::INLINE_RUNS);
-            if !shard.run(INLINE_BUDGET) {
+            if !shard.run(left) {
                 shard.schedule();
             }
         }
+    }
+    if entered.is_some() {
+        // Tell the VM what this call cost (a full timeslice is about 1 ms), so that a process
+        // sending in a loop is preempted in time like any other busy process: a NIF call
+        // otherwise counts as a single reduction, and a sender doing hundreds of microseconds of
+        // Quinn's work per call would keep its scheduler from the processes queued behind it.
+        let percent = (start.elapsed().as_micros() / 10).clamp(1, 100) as i32;
+        rustler::schedule::consume_timeslice(env, percent);
     }
     out
 }
@@ -316,8 +333,27 @@ pub fn caller_env<'a, T>(marker: &'a T) -> Option<Env<'a>> {
     (!raw.is_null()).then(|| unsafe { Env::new(marker, raw) })
 }
 
-/// Quinn's runtime for an endpoint on a shard: its tasks (the endpoint driver, connection
-/// drivers) run on the shard; timers and the socket use tokio's time and I/O drivers.
+/// Runs `f` (a Quinn call that creates a connection: `connect_with`, `Incoming::accept`) so
+/// that the connection's driver, which Quinn spawns inside it, goes to a new shard of its own.
+/// Returns that shard, for the connection's other tasks.
+pub fn with_new_shard<R>(f: impl FnOnce() -> R) -> (R, Arc<Shard>) {
+    let shard = Shard::new();
+    struct Unset;
+    impl Drop for Unset {
+        fn drop(&mut self) {
+            NEXT_SHARD.with(|n| n.borrow_mut().take());
+        }
+    }
+    NEXT_SHARD.with(|n| *n.borrow_mut() = Some(shard.clone()));
+    let unset = Unset;
+    let out = f();
+    drop(unset);
+    (out, shard)
+}
+
+/// Quinn's runtime for an endpoint: the endpoint's driver runs on the endpoint's shard, each
+/// connection's driver on the connection's own shard (see `with_new_shard`); timers and the
+/// socket use tokio's time and I/O drivers.
 #[derive(Debug)]
 pub struct ShardRuntime {
     pub shard: Arc<Shard>,
@@ -331,7 +367,10 @@ impl quinn::Runtime for ShardRuntime {
     }
 
     fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
-        self.shard.spawn(future);
+        match NEXT_SHARD.with(|n| n.borrow().clone()) {
+            Some(shard) => shard.spawn(future),
+            None => self.shard.spawn(future),
+        }
     }
 
     fn wrap_udp_socket(&self, t: std::net::UdpSocket) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {

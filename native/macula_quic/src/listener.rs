@@ -28,7 +28,7 @@ use crate::connection::{self, ConnRes};
 use crate::counters::{self, Live};
 use crate::endpoint;
 use crate::error::Reason;
-use crate::executor::Shard;
+use crate::executor::{self, Shard};
 use crate::messages::{self, Reply};
 use crate::options;
 use crate::owner::Owner;
@@ -46,7 +46,7 @@ struct Waiter {
 
 struct State {
     waiters: VecDeque<Waiter>,
-    ready: VecDeque<quinn::Connection>,
+    ready: VecDeque<(quinn::Connection, Arc<Shard>)>,
     handshaking: usize,
     /// Delivered connections not yet closed: they keep the socket open after `close`.
     delivered_live: usize,
@@ -119,8 +119,9 @@ fn close(shared: &Arc<Shared>) -> bool {
         st.waiters.clear();
         (st.ready.drain(..).collect::<Vec<_>>(), st.delivered_live > 0)
     };
-    for c in &queued {
-        c.close(quinn::VarInt::from_u32(0), b"listener closed");
+    for (c, shard) in queued {
+        // On the connection's shard: closing takes its lock, which its driver may hold.
+        shard.spawn(async move { c.close(quinn::VarInt::from_u32(0), b"listener closed") });
     }
     shared.stop.send_replace(true);
     if let Some(ep) = lock(&shared.endpoint).as_ref() {
@@ -182,20 +183,27 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             }
             st.handshaking += 1;
         }
-        shared.shard.spawn(handshake(shared.clone(), incoming));
+        start_handshake(&shared, incoming);
     }
 }
 
-async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming) {
+/// Accepts the connection attempt: Quinn starts the connection and spawns its driver, on a new
+/// shard (see `executor`), where the handshake is then awaited.
+fn start_handshake(shared: &Arc<Shared>, incoming: quinn::Incoming) {
+    let (accepted, shard) = executor::with_new_shard(|| incoming.accept());
+    match accepted {
+        Ok(connecting) => shard.clone().spawn(handshake(shared.clone(), connecting, shard)),
+        Err(_) => lock(&shared.state).handshaking -= 1,
+    }
+}
+
+async fn handshake(shared: Arc<Shared>, connecting: quinn::Connecting, shard: Arc<Shard>) {
     let _task = Live::new(&counters::TASKS);
     let mut stop = shared.stop.subscribe();
-    let result = match incoming.accept() {
-        Ok(connecting) => tokio::select! {
-            r = tokio::time::timeout(shared.handshake_timeout, connecting) => r.ok().and_then(Result::ok),
-            // Dropping the handshake closes the connection.
-            _ = stop.wait_for(|closed| *closed) => None,
-        },
-        Err(_) => None,
+    let result = tokio::select! {
+        r = tokio::time::timeout(shared.handshake_timeout, connecting) => r.ok().and_then(Result::ok),
+        // Dropping the handshake closes the connection.
+        _ = stop.wait_for(|closed| *closed) => None,
     };
     let mut st = lock(&shared.state);
     st.handshaking -= 1;
@@ -207,13 +215,13 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming) {
     while let Some(w) = st.waiters.pop_front() {
         let Waiter { pid, reply } = w;
         let on_closed = on_delivered_closed(&shared);
-        if ConnRes::start(None, conn.clone(), shared.local, shared.shard.clone(), pid, |res| deliver(res, pid, reply), Some(on_closed)).is_some() {
+        if ConnRes::start(None, conn.clone(), shared.local, shard.clone(), pid, |res| deliver(res, pid, reply), Some(on_closed)).is_some() {
             st.delivered_live += 1;
             return;
         }
         // That waiter exited while waiting; try the next.
     }
-    st.ready.push_back(conn);
+    st.ready.push_back((conn, shard));
 }
 
 /// Sends `{quic, new_conn, Conn, Info}` (or `{Tag, {:ok, Conn}}`) to the new owner. Runs on a
@@ -305,7 +313,7 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
     if st.closed {
         return err(env, atoms::closed());
     }
-    if let Some(conn) = st.ready.pop_front() {
+    if let Some((conn, shard)) = st.ready.pop_front() {
         let mut reply = atoms::ok().encode(env);
         // The caller is alive (it is calling), so the monitor is set.
         let announce = |res: &ResourceArc<ConnRes>| {
@@ -316,7 +324,7 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
             }
         };
         let on_closed = on_delivered_closed(&l.shared);
-        if ConnRes::start(Some(env), conn, l.shared.local, l.shared.shard.clone(), caller, announce, Some(on_closed)).is_none() {
+        if ConnRes::start(Some(env), conn, l.shared.local, shard, caller, announce, Some(on_closed)).is_none() {
             return err(env, atoms::closed());
         }
         st.delivered_live += 1;
