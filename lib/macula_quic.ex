@@ -891,8 +891,8 @@ defmodule MaculaQuic do
   @doc """
   Live native objects: listeners, connections and streams not yet freed, runtime tasks, shared
   client endpoints, registered listener addresses, runtime worker threads and `shards` (one per
-  listener and per client endpoint: see "How the work is scheduled" in the README). Two counts
-  are cumulative since the VM started: `inline_runs`, the times a call ran an endpoint's work on
+  endpoint and one per connection: see "How the work is scheduled" in the README). Two counts
+  are cumulative since the VM started: `inline_runs`, the times a call ran a connection's work on
   the caller's own thread, and `runtime_runs`, the times a runtime worker did. For monitoring
   and leak tests.
 

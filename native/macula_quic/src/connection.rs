@@ -338,8 +338,8 @@ async fn finish_connect(
 /// `:ok` when this call closed it (the owner will receive `{quic, closed, Conn, _}`, which the
 /// Elixir layer consumes when the owner closes), `:closed` when it had already ended.
 ///
-/// Closing takes Quinn's connection lock. The call first claims the endpoint's shard, so that no
-/// driver of it runs (and holds that lock) meanwhile, and then runs the driver it woke inline:
+/// Closing takes Quinn's connection lock. The call first claims the connection's shard, so that
+/// its driver does not run (and hold that lock) meanwhile, and then runs the driver it woke inline:
 /// the CONNECTION_CLOSE leaves from this thread. Only when the shard is busy on another thread
 /// does the call wait for the lock, for at most one driver poll.
 #[rustler::nif]

@@ -7,9 +7,10 @@ pub static LISTENERS: AtomicI64 = AtomicI64::new(0);
 pub static CONNECTIONS: AtomicI64 = AtomicI64::new(0);
 pub static STREAMS: AtomicI64 = AtomicI64::new(0);
 pub static TASKS: AtomicI64 = AtomicI64::new(0);
-/// Endpoint executors (see `executor`): one per listener and per shared client endpoint.
+/// Executors (see `executor`): one per endpoint (listener or shared client endpoint) and one
+/// per connection.
 pub static SHARDS: AtomicI64 = AtomicI64::new(0);
-/// Cumulative, not live: times a NIF ran an endpoint's work on its own thread, and times a
+/// Cumulative, not live: times a NIF ran a shard's work on its own thread, and times a
 /// runtime worker did. Their ratio shows how often sends leave without a thread hand-off.
 pub static INLINE_RUNS: AtomicI64 = AtomicI64::new(0);
 pub static RUNTIME_RUNS: AtomicI64 = AtomicI64::new(0);

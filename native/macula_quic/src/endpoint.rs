@@ -262,7 +262,7 @@ fn bind_listener(addr: SocketAddr) -> Result<(UdpSocket, SocketAddr), Reason> {
     Ok((sock.into(), local))
 }
 
-/// Wraps a bound socket in a Quinn endpoint on a new shard.
+/// Wraps a bound socket in a Quinn endpoint whose driver runs on a new shard.
 pub fn endpoint(socket: UdpSocket, server: Option<quinn::ServerConfig>) -> Result<(quinn::Endpoint, Arc<Shard>), Reason> {
     let shard = Shard::new();
     let quinn_runtime = Arc::new(ShardRuntime { shard: shard.clone() });

@@ -1,4 +1,6 @@
-//! Shards: serial executors for the work of one Quinn endpoint, run either on the calling
+//! Shards: serial executors, one per Quinn connection (its driver, its streams' readers and
+//! writers, its watcher) and one per endpoint (its driver, which receives every datagram and
+//! routes it to a connection, and a listener's accept loop). A shard runs either on the calling
 //! scheduler (inline, at the end of a NIF) or on a tokio worker.
 //!
 //! Why: with every task on tokio, each `send` was a hand-off from a BEAM scheduler to a tokio
@@ -11,12 +13,16 @@
 //! - A shard runs on one thread at a time (`running`). A NIF never waits for it: when the shard
 //!   is busy elsewhere, the NIF leaves its tasks in the queue and whoever runs the shard takes
 //!   them (every runner looks at the queue again after letting go).
-//! - All of an endpoint's Quinn tasks (its driver and its connections' drivers) and all of its
-//!   streams' tasks live on its shard, so a task polled inline never waits on a Quinn connection
-//!   lock held by a driver on another thread: the driver is on the same shard, serialised.
-//! - Inline work is bounded; what is left goes to a tokio worker.
+//! - Everything that takes a connection's lock in Quinn (its driver, its streams, waiting for
+//!   its handshake, closing it, reading its stats) runs on that connection's shard, so a task
+//!   polled inline never waits for that lock behind a driver on another thread. NIFs that call
+//!   Quinn directly (`open_stream`, `close_connection`) first `claim` the shard.
+//! - Inline work is bounded in time and reported to the VM (`consume_timeslice`); what is left
+//!   goes to a tokio worker.
 //! - Wake-ups that come from tokio (a datagram arrived, a timer fired) run the shard on that
 //!   tokio worker, as before.
+//! - Connections get their own shards (rather than sharing their endpoint's) so that a busy
+//!   listener's connections still run on as many threads as there are.
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
@@ -41,7 +47,7 @@ const TOKIO_BUDGET: Duration = Duration::from_millis(2);
 
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// One endpoint's executor.
+/// One connection's or one endpoint's executor.
 #[derive(Debug)]
 pub struct Shard {
     queue: Mutex<VecDeque<Arc<Task>>>,

@@ -2,7 +2,7 @@
 //!
 //! One file per concept:
 //! - `runtime`: the one tokio runtime all network work runs on.
-//! - `executor`: per-endpoint shards whose tasks a NIF may run inline, on its own thread.
+//! - `executor`: shards (per connection, per endpoint) whose tasks a NIF may run on its own thread.
 //! - `messages`: sending terms to Erlang processes from runtime threads; request replies.
 //! - `owner`: the process that owns a handle, and the monitor that follows it.
 //! - `address`, `options`, `tls`: decoding what callers pass in.

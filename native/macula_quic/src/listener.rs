@@ -68,7 +68,7 @@ struct Shared {
     stop: watch::Sender<bool>,
     /// Fires when the socket is closed and the address released (see `endpoint`).
     released: Mutex<Option<oneshot::Receiver<()>>>,
-    /// The endpoint's shard (see `executor`).
+    /// The endpoint's shard, where its driver and the accept loop run (see `executor`).
     shard: Arc<Shard>,
     _live: Live,
 }
@@ -314,6 +314,10 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
         return err(env, atoms::closed());
     }
     if let Some((conn, shard)) = st.ready.pop_front() {
+        // `new_conn` reads the connection's handshake data under its lock: hold its shard, so
+        // its driver does not hold that lock on another thread meanwhile (when the shard is
+        // busy, this waits for at most one step of the driver).
+        let _claim = shard.claim();
         let mut reply = atoms::ok().encode(env);
         // The caller is alive (it is calling), so the monitor is set.
         let announce = |res: &ResourceArc<ConnRes>| {
@@ -324,7 +328,7 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
             }
         };
         let on_closed = on_delivered_closed(&l.shared);
-        if ConnRes::start(Some(env), conn, l.shared.local, shard, caller, announce, Some(on_closed)).is_none() {
+        if ConnRes::start(Some(env), conn, l.shared.local, shard.clone(), caller, announce, Some(on_closed)).is_none() {
             return err(env, atoms::closed());
         }
         st.delivered_live += 1;

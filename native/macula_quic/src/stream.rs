@@ -19,8 +19,8 @@
 //! on it (the timer test in receive_modes_test measured p95 lateness growing from ~4 ms to
 //! 16-30 ms when sends wrote into Quinn from the NIF while the driver ran elsewhere). Instead
 //! the NIFs that wake a stream's tasks (`send`, `recv`, `setopt active`, shutdown, close) then
-//! run them, and the Quinn driver they wake, on the calling thread when the endpoint's shard is
-//! free (see `executor`): serialised with the driver, so no lock is contended, and bounded in
+//! run them, and the Quinn driver they wake, on the calling thread when the connection's shard
+//! is free (see `executor`): serialised with the driver, so no lock is contended, and bounded in
 //! time. Blocking `send` waits for its reply (often already sent when the NIF returns); the
 //! fire-and-forget `async_send` data in the queue is bounded by `ASYNC_QUEUE_LIMIT` bytes.
 use std::collections::VecDeque;
