@@ -94,6 +94,7 @@ defmodule MaculaQuic.Native do
   def debug_panic, do: nif_error()
   def debug_panic_task(_tag), do: nif_error()
   def debug_panic_reader(_stream), do: nif_error()
+  def debug_panic_reader_inline(_stream), do: nif_error()
 
   # Listeners
   def listen(_addr, _port, _opts), do: nif_error()

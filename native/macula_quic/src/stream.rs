@@ -1106,3 +1106,16 @@ fn debug_panic_reader(s: ResourceArc<StreamRes>) -> rustler::Atom {
     s.wake_reader.notify_one();
     atoms::ok()
 }
+
+/// `debug_panic_reader_inline(Stream)` (test builds only): as `debug_panic_reader/1`, but the
+/// reader is woken inside this call, so (with its shard free) it panics on the calling
+/// scheduler, inside the NIF, after the NIF's own work.
+#[cfg(feature = "test_hooks")]
+#[rustler::nif]
+fn debug_panic_reader_inline(env: Env, s: ResourceArc<StreamRes>) -> rustler::Atom {
+    executor::inline(env, || {
+        lock(&s.state).debug_panic = true;
+        s.wake_reader.notify_one();
+    });
+    atoms::ok()
+}
