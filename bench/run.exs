@@ -210,7 +210,14 @@ defmodule Bench.Run do
 
       res = measure("echo #{size}B", :rt_s, impls)
       target = if size == 64, do: "≥0.8× quinn", else: nil
-      r = row("echo", "#{size} B", "round trips/s", :rt_s, res, target)
+
+      r =
+        "echo"
+        |> row("#{size} B", "round trips/s", :rt_s, res, target)
+        |> Map.put(
+          :macula_shard_runs,
+          res["macula"] && Map.take(res["macula"], [:inline_runs_per_rt, :runtime_runs_per_rt])
+        )
 
       lat = fn name -> res[name] && {res[name][:p50_us], res[name][:p99_us]} end
 
@@ -351,10 +358,17 @@ defmodule Bench.Run do
           Enum.join(parts, ", ")
       end)
 
+    inline =
+      r.results
+      |> Enum.filter(&match?(%{inline_runs_per_rt: _}, Map.get(&1, :macula_shard_runs)))
+      |> Enum.map(fn %{macula_shard_runs: runs} = x ->
+        "- echo #{x.variant}: per round trip, macula ran connection work #{fmt(runs.inline_runs_per_rt * 1.0)} times inside the calling process's own call (`inline_runs`) and #{fmt(runs.runtime_runs_per_rt * 1.0)} times on a runtime worker"
+      end)
+
     head <>
       Enum.join(lines, "\n") <>
       "\n\n" <>
-      Enum.join(ios ++ lat, "\n") <>
+      Enum.join(ios ++ lat ++ inline, "\n") <>
       "\n\n\"each run\": macula/Quinn within each of the #{r.repeat} interleaved runs, lowest–highest. " <>
       "macula echo uses `async_send/2` on both ends; the \"send/2\" row uses the blocking `send/2`. " <>
       "Memory is resident memory (VM + native, VmRSS) per connection with both ends in the process.\n"

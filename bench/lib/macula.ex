@@ -145,16 +145,25 @@ defmodule Bench.Macula do
     {:ok, s} = MaculaQuic.open_stream(c, active: true)
     msg = :binary.copy(<<1>>, size)
     for _ <- 1..100, do: round_trip(s, msg, size, tx)
+    runs0 = MaculaQuic.native_counts()
     Bench.Util.mark(:start)
     t0 = now_us()
     deadline = t0 + round(seconds * 1.0e6)
     lat = echo_client(s, msg, size, tx, deadline, [])
     us = now_us() - t0
     Bench.Util.mark(:stop)
+    runs1 = MaculaQuic.native_counts()
     send(server, :stop)
     _ = me
     teardown(l, c, sc)
-    Bench.Util.latency_stats(lat, us)
+    inline = runs1.inline_runs - runs0.inline_runs
+    runtime = runs1.runtime_runs - runs0.runtime_runs
+
+    stats = Bench.Util.latency_stats(lat, us)
+    n = max(stats.round_trips, 1)
+    # Per round trip: shard runs done inside a process's own call (see "How the work is
+    # scheduled" in README), and those a runtime worker did.
+    Map.merge(stats, %{inline_runs_per_rt: inline / n, runtime_runs_per_rt: runtime / n})
   end
 
   defp echo_client(s, msg, size, tx, deadline, acc) do

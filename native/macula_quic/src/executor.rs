@@ -27,7 +27,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -167,8 +167,7 @@ impl Shard {
         let shard = self.clone();
         runtime::get().spawn(async move {
             shard.scheduled.store(false, Ordering::Release);
-            counters::bump(&counters::RUNTIME_RUNS);
-            while !shard.run(TOKIO_BUDGET) {
+            while !shard.run(TOKIO_BUDGET, &counters::RUNTIME_RUNS) {
                 tokio::task::yield_now().await;
             }
         });
@@ -176,9 +175,11 @@ impl Shard {
 
     /// Polls queued tasks for at most `budget`. Returns true when the queue was empty at the
     /// end (or another thread is running the shard and will see it), false when the budget ran
-    /// out with tasks left.
-    fn run(self: &Arc<Self>, budget: Duration) -> bool {
+    /// out with tasks left. `runs` (`inline_runs` or `runtime_runs`) counts the call if it
+    /// polled anything.
+    fn run(self: &Arc<Self>, budget: Duration, runs: &AtomicI64) -> bool {
         let start = Instant::now();
+        let mut counted = false;
         loop {
             let Some(held) = self.hold() else {
                 // The runner looks at the queue again after it lets go, so nothing is lost.
@@ -188,6 +189,10 @@ impl Shard {
             loop {
                 let next = lock(&self.queue).pop_front();
                 let Some(task) = next else { break };
+                if !counted {
+                    counters::bump(runs);
+                    counted = true;
+                }
                 task.poll();
                 if start.elapsed() >= budget {
                     out_of_time = true;
@@ -313,8 +318,7 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
                 shard.schedule();
                 continue;
             }
-            counters::bump(&counters::INLINE_RUNS);
-            if !shard.run(left) {
+            if !shard.run(left, &counters::INLINE_RUNS) {
                 shard.schedule();
             }
         }
