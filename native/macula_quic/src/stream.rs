@@ -61,6 +61,14 @@ pub const PASSIVE_READ_AHEAD: usize = 4 * MAX_CHUNK;
 /// more with `{:error, :send_queue_full}`. Blocking `send` is bounded by its caller waiting.
 pub const ASYNC_QUEUE_LIMIT: usize = 16 * 1024 * 1024;
 
+/// Largest send whose Quinn work (hand over, encrypt, transmit) the sending process does itself,
+/// inline (see `executor`). Small messages are bound by latency, which the thread hand-off
+/// dominated; large ones by throughput, better served by a runtime worker encrypting in parallel
+/// while the schedulers stay free for other processes. Measured with the timer test in
+/// receive_modes_test (8 processes sending 256 KiB pieces): with every send inline, p95
+/// lateness went over its 30 ms bound in one full-suite run of about a dozen.
+pub const INLINE_SEND_MAX: usize = 16 * 1024;
+
 /// quicer's receive flag for the chunk that ends the stream.
 const RECV_FLAG_FIN: u32 = 2;
 
@@ -819,7 +827,11 @@ fn err<'a>(env: Env<'a>, reason: impl Encoder) -> Term<'a> {
 /// taken the data.
 #[rustler::nif]
 fn stream_send<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>, tag: Term<'a>, fin: bool) -> Term<'a> {
-    executor::inline(env, || stream_send_now(env, s, data, tag, fin))
+    if data.len() <= INLINE_SEND_MAX {
+        executor::inline(env, || stream_send_now(env, s, data, tag, fin))
+    } else {
+        stream_send_now(env, s, data, tag, fin)
+    }
 }
 
 fn stream_send_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>, tag: Term<'a>, fin: bool) -> Term<'a> {
