@@ -329,7 +329,7 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
     if entered.is_some() {
         // Tell the VM what this call cost (a full timeslice is about 1 ms), so that a process
         // sending in a loop is preempted in time like any other busy process: a NIF call
-        // otherwise counts as a single reduction, and a sender doing hundreds of microseconds of
+        // otherwise counts as a single reduction, and a sender doing up to `INLINE_BUDGET` of
         // Quinn's work per call would keep its scheduler from the processes queued behind it.
         let percent = (start.elapsed().as_micros() / 10).clamp(1, 100) as i32;
         rustler::schedule::consume_timeslice(env, percent);
