@@ -428,7 +428,7 @@ enum Query {
 }
 
 impl Query {
-    /// Builds the answer. Runs on a runtime thread (it may wait for Quinn's lock).
+    /// Builds the answer. Runs on the connection's shard (it reads Quinn under its lock).
     fn answer<'a>(self, env: Env<'a>, c: &ConnRes) -> Term<'a> {
         match self {
             Query::Peername => (atoms::ok(), address::encode_addr(env, &c.conn.remote_address())).encode(env),

@@ -137,13 +137,7 @@ impl Drop for Reply {
         } else {
             crate::atoms::closed()
         };
-        if rustler::thread::is_scheduler_thread() {
-            // A scheduler thread cannot send from an owned environment: answer from the runtime.
-            crate::runtime::spawn(async move {
-                pending.send(move |e| (crate::atoms::error(), reason).encode(e));
-            });
-        } else {
-            pending.send(move |e| (crate::atoms::error(), reason).encode(e));
-        }
+        // `send` also copes with a scheduler thread (a destructor, or a shard run inline).
+        pending.send(move |e| (crate::atoms::error(), reason).encode(e));
     }
 }

@@ -956,9 +956,7 @@ fn stream_set_active_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Ter
         // A pending passive recv cannot coexist with active delivery: it fails with einval.
         if let Some(req) = st.recv_request.take() {
             drop(st);
-            runtime::spawn(async move {
-                req.reply.error(atoms::einval());
-            });
+            req.reply.error(atoms::einval());
             s.wake_reader.notify_one();
             return atoms::ok().encode(env);
         }
