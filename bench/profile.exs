@@ -10,7 +10,9 @@
 #
 # WORKLOAD is bulk (active receiver), echo (64 B, async_send) or handshake (sequential).
 # The tool is perf: CPU time from sampling every thread of the process at PROFILE_FREQ Hz
-# (default 2000). BENCH_QUINN is the baseline binary (set by bin/profile).
+# (default 2000), and every context switch of those threads (a thread going to sleep, to be
+# woken later, or being preempted: costs the CPU columns show as "kernel" and "BEAM").
+# BENCH_QUINN is the baseline binary (set by bin/profile).
 #
 # Instruction counts (valgrind --tool=callgrind) were tried and are not offered: OTP 25's JIT
 # does not run under valgrind (the VM dies with SIGSEGV in the garbage collector once real work
@@ -44,6 +46,11 @@ defmodule Bench.Profile do
   end
 
   defp freq, do: String.to_integer(System.get_env("PROFILE_FREQ", "2000"))
+
+  # CPU samples at freq() Hz, and every context switch (period 1: each one is a sample). The
+  # sched:sched_switch tracepoint would also tell sleeping from preemption, but recorded this
+  # way it lost 40% of the switches that `perf stat` counted; this event matched.
+  defp events, do: "-F #{freq()} -e cpu-clock -e context-switches/period=1/"
 
   # Which run this is (bin/profile runs each side PROFILE_REPEAT times).
   defp run, do: System.get_env("PROFILE_RUN", "1")
@@ -102,7 +109,7 @@ defmodule Bench.Profile do
     perf = System.find_executable("perf") || raise "perf not found"
 
     args =
-      ~w(record --quiet -F #{freq()} -D -1 --control fifo:#{ctl},#{ack} -p #{System.pid()} -o #{data})
+      ~w(record --quiet #{events()} -D -1 --control fifo:#{ctl},#{ack} -p #{System.pid()} -o #{data})
 
     port =
       Port.open({:spawn_executable, perf}, [:binary, :exit_status, :stderr_to_stdout, args: args])
@@ -151,7 +158,7 @@ defmodule Bench.Profile do
         Enum.map(params(workload), fn {k, v} -> "#{k}=#{v}" end)
 
     argv =
-      ~w(record --quiet -F #{freq()} -o #{Path.join(dir, "quinn.#{run()}.perf.data")} --) ++
+      ~w(record --quiet #{events()} -o #{Path.join(dir, "quinn.#{run()}.perf.data")} --) ++
         [bin | args]
 
     progress("raw Quinn #{workload}: measuring under perf")
@@ -181,9 +188,14 @@ defmodule Bench.Profile do
     "other"
   ]
 
+  @switch_rows [
+    {:runtime, "runtime workers"},
+    {:other, "other threads"}
+  ]
+
   defp report(workload, dir) do
-    {mac, mu, mruns} = pooled(dir, "macula")
-    {q, qu, qruns} = pooled(dir, "quinn")
+    {mac, msw, mu, mruns} = pooled(dir, "macula")
+    {q, qsw, qu, qruns} = pooled(dir, "quinn")
     per = fn costs, units, c -> Map.get(costs, c, 0) / units end
     u = unit(workload)
 
@@ -216,6 +228,15 @@ defmodule Bench.Profile do
     CPU time of every thread of the process (both ends of the connection live in it): BEAM
     schedulers, dirty schedulers, tokio workers. A scheduler busy-waiting for work counts; idle
     time does not. "kernel" includes system calls, context switches and wake-ups.
+
+    | context switches per #{u} | macula_quic | raw Quinn |
+    |---|---:|---:|
+    #{Enum.map_join(@switch_rows, "\n", fn {key, label} -> "| #{label} | #{fmt(Map.get(msw, key, 0) / mu)} | #{fmt(Map.get(qsw, key, 0) / qu)} |" end)}
+    | **total** | **#{fmt(Enum.sum(Map.values(msw)) / mu)}** | **#{fmt(Enum.sum(Map.values(qsw)) / qu)}** |
+
+    A context switch is a thread of the process leaving its CPU: to sleep (it is woken later,
+    which costs a wake-up), or preempted while it still had work. "Other threads" are the BEAM's
+    schedulers and other VM threads on macula_quic's side, the main thread on raw Quinn's.
     """
 
     File.write!(Path.join(dir, "report.md"), md)
@@ -226,40 +247,53 @@ defmodule Bench.Profile do
     do: "Machine: #{m.nproc} CPUs (#{m.cpu_model}); OTP #{m.otp}, Elixir #{m.elixir}, #{m.rustc}."
 
   # Every run's samples and units added up (runs are interleaved, macula then Quinn, to spread
-  # the host's drift over both), and each run's total per unit, to show the spread.
+  # the host's drift over both), each run's total per unit, to show the spread, and the context
+  # switches of all runs by kind of thread.
   defp pooled(dir, who) do
     runs =
       for units_file <- Path.wildcard(Path.join(dir, "#{who}.*.units")) do
         {n, _} = units_file |> File.read!() |> String.trim() |> Float.parse()
-        costs = perf_costs(String.replace_suffix(units_file, ".units", ".perf.data"))
-        {costs, n}
+        {costs, switches} = perf_costs(String.replace_suffix(units_file, ".units", ".perf.data"))
+        {costs, switches, n}
       end
 
-    costs =
-      Enum.reduce(runs, %{}, fn {c, _}, acc -> Map.merge(acc, c, fn _, a, b -> a + b end) end)
-
-    units = runs |> Enum.map(&elem(&1, 1)) |> Enum.sum()
-    totals = Enum.map(runs, fn {c, n} -> Enum.sum(Map.values(c)) / n end)
-    {costs, units, totals}
+    add = fn maps -> Enum.reduce(maps, %{}, &Map.merge(&2, &1, fn _, a, b -> a + b end)) end
+    costs = add.(Enum.map(runs, &elem(&1, 0)))
+    switches = add.(Enum.map(runs, &elem(&1, 1)))
+    units = runs |> Enum.map(&elem(&1, 2)) |> Enum.sum()
+    totals = Enum.map(runs, fn {c, _, n} -> Enum.sum(Map.values(c)) / n end)
+    {costs, switches, units, totals}
   end
 
-  # perf: samples of every thread, as CPU microseconds.
+  # perf: CPU samples of every thread, as CPU microseconds per component, and the context
+  # switches counted by kind of thread (the runtime's workers, or the rest: BEAM schedulers and
+  # other VM threads on macula_quic's side, the main thread on raw Quinn's).
   defp perf_costs(file) do
-    {out, 0} = System.cmd("perf", ~w(script -i #{file} -F ip,sym,dso), stderr_to_stdout: false)
+    fields = ~w(-F comm,event,ip,sym,dso)
+    {out, 0} = System.cmd("perf", ~w(script -i #{file}) ++ fields, stderr_to_stdout: false)
     us_per_sample = 1.0e6 / freq()
 
     out
     |> String.split("\n", trim: true)
-    |> Enum.reduce(%{}, fn line, acc ->
-      case Regex.run(~r/^\s*[0-9a-f]+\s+(.*)\s+\(([^()]*)\)\s*$/, line) do
-        [_, sym, dso] ->
-          Map.update(acc, component(sym, dso), us_per_sample, &(&1 + us_per_sample))
+    |> Enum.reduce({%{}, %{}}, fn line, {costs, switches} = acc ->
+      cond do
+        m = Regex.run(~r/^\s*(.*?)\s+context-switches\S*:/, line) ->
+          [_, comm] = m
+          {costs, Map.update(switches, thread_kind(comm), 1, &(&1 + 1))}
 
-        _ ->
+        m = Regex.run(~r/^\s*.*?\s+cpu-clock\S*:\s+[0-9a-f]+\s+(.*)\s+\(([^()]*)\)\s*$/, line) ->
+          [_, sym, dso] = m
+          {Map.update(costs, component(sym, dso), us_per_sample, &(&1 + us_per_sample)), switches}
+
+        true ->
           acc
       end
     end)
   end
+
+  # The runtime's worker threads: "macula_quic" (runtime.rs names them) or tokio's default name.
+  defp thread_kind(comm) when comm in ["macula_quic", "tokio-rt-worker"], do: :runtime
+  defp thread_kind(_), do: :other
 
   @doc false
   def component(sym, dso) do
