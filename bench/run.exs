@@ -246,6 +246,73 @@ defmodule Bench.Run do
       )
     end
     |> List.flatten()
+    |> Kernel.++([echo_two_processes(ctx, secs)])
+  end
+
+  # 64-byte echo with the echoing end in another OS process, started for each run (macula_quic:
+  # bench/echo_server.exs in a second VM; raw Quinn: quinn_baseline's role=server). With both
+  # ends in one process, a thread that has just sent finds the peer's datagram already waiting
+  # when it next polls; with two processes, each arriving datagram has to wake its process.
+  defp echo_two_processes(ctx, secs) do
+    size = 64
+    progress("echo: #{size}-byte round trips, echoing end in another OS process")
+    cert_args = [ctx.cert.certfile, ctx.cert.keyfile]
+    ebin = :code.lib_dir(:macula_quic, :ebin) |> to_string()
+    server = Path.expand("echo_server.exs", __DIR__)
+    macula_server = {System.find_executable("elixir"), ["-pa", ebin, server | cert_args]}
+
+    quinn_server =
+      {ctx.quinn, ["echo", "role=server", "cert=#{ctx.cert.certfile}", "key=#{ctx.cert.keyfile}"]}
+
+    res =
+      measure("echo #{size}B, two OS processes", :rt_s, [
+        {"macula",
+         fn -> with_server(macula_server, &Bench.Macula.echo_remote(&1, size, secs)) end},
+        {"quinn",
+         fn ->
+           with_server(
+             quinn_server,
+             &quinn(ctx, "echo", size: size, seconds: secs, peer_port: &1)
+           )
+         end}
+      ])
+
+    "echo"
+    |> row("#{size} B, two OS processes", "round trips/s", :rt_s, res, nil)
+    |> Map.put(
+      :latency_us,
+      Map.new(["macula", "quinn"], fn n -> {n, res[n] && [res[n][:p50_us], res[n][:p99_us]]} end)
+    )
+  end
+
+  # Runs `fun.(port)` against a server started from `{executable, args}` that prints
+  # {"port":N} when it listens, and stops the server afterwards by closing its standard input.
+  defp with_server({exe, args}, fun) do
+    port = Port.open({:spawn_executable, exe}, [:binary, :exit_status, {:line, 4096}, args: args])
+
+    try do
+      fun.(await_listening(port))
+    after
+      Port.close(port)
+    end
+  end
+
+  defp await_listening(port) do
+    receive do
+      {^port, {:data, {:eol, line}}} ->
+        case Regex.run(~r/"port":(\d+)/, line) do
+          [_, n] -> String.to_integer(n)
+          nil -> await_listening(port)
+        end
+
+      {^port, {:data, {:noeol, _}}} ->
+        await_listening(port)
+
+      {^port, {:exit_status, status}} ->
+        raise "echo server exited (#{status}) before it listened"
+    after
+      30_000 -> raise "echo server did not listen within 30 s"
+    end
   end
 
   def fanout(ctx) do
@@ -326,7 +393,7 @@ defmodule Bench.Run do
     ## macula_quic benchmarks (#{r.date})
 
     Machine: #{m.nproc} CPUs (#{m.cpu_model}), #{m.mem_total_gib} GiB, Linux #{m.kernel}; OTP #{m.otp} (erts #{m.erts}), Elixir #{m.elixir}, #{m.rustc}, Quinn #{m.quinn}.
-    Loopback, both ends in one OS process per implementation; BENCH_SCALE=#{r.scale}, median of #{r.repeat}; #{r.cert}. Suite time #{fmt(r.elapsed_seconds)} s.
+    Loopback, both ends in one OS process per implementation (except the "two OS processes" row); BENCH_SCALE=#{r.scale}, median of #{r.repeat}; #{r.cert}. Suite time #{fmt(r.elapsed_seconds)} s.
 
     | workload | unit | macula_quic | raw Quinn | :ssl | :gen_tcp | macula/Quinn | each run | macula/ssl | target |
     |---|---|---:|---:|---:|---:|---:|---:|---:|---|
@@ -347,14 +414,14 @@ defmodule Bench.Run do
     lat =
       r.results
       |> Enum.filter(&Map.has_key?(&1, :latency_us))
-      |> Enum.uniq_by(&(&1.variant |> String.split(",") |> hd()))
+      |> Enum.uniq_by(&String.replace_suffix(&1.variant, ", send/2", ""))
       |> Enum.map(fn x ->
         parts =
           for {n, v} <- Enum.sort(x.latency_us),
               v != nil,
               do: "#{n} #{fmt(Enum.at(v, 0) * 1.0)}/#{fmt(Enum.at(v, 1) * 1.0)}"
 
-        "- echo #{x.variant |> String.split(",") |> hd()} latency p50/p99 µs: " <>
+        "- echo #{String.replace_suffix(x.variant, ", send/2", "")} latency p50/p99 µs: " <>
           Enum.join(parts, ", ")
       end)
 

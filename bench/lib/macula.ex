@@ -204,6 +204,60 @@ defmodule Bench.Macula do
     end
   end
 
+  @doc """
+  Workload 2 with the echoing end in another OS process (`serve_echo/1`, listening on `port`):
+  `size`-byte round trips from this VM for `seconds`, `async_send/2` on both ends.
+  """
+  def echo_remote(port, size, seconds) do
+    c = connect(port)
+    {:ok, s} = MaculaQuic.open_stream(c, active: true)
+    msg = :binary.copy(<<1>>, size)
+    tx = &MaculaQuic.async_send/2
+    for _ <- 1..100, do: round_trip(s, msg, size, tx)
+    t0 = now_us()
+    lat = echo_client(s, msg, size, tx, t0 + round(seconds * 1.0e6), [])
+    us = now_us() - t0
+    :ok = MaculaQuic.close_connection(c)
+    Bench.Util.latency_stats(lat, us)
+  end
+
+  @doc """
+  The echoing end for `echo_remote/3`, run in its own OS process by bench/echo_server.exs:
+  prints `{"port":N}`, then echoes every stream of each connection (one connection at a time)
+  until standard input closes.
+  """
+  def serve_echo(cert) do
+    {l, port} = listen(cert)
+    IO.puts(~s({"port":#{port}}))
+    spawn_link(fn -> serve_echo_loop(l) end)
+    # The benchmark stops this server by closing its standard input.
+    _ = IO.read(:stdio, :eof)
+    System.halt(0)
+  end
+
+  defp serve_echo_loop(l) do
+    :ok = MaculaQuic.async_accept(l)
+    c = receive(do: ({:quic, :new_conn, c, _} -> c))
+    :ok = MaculaQuic.async_accept_stream(c, active: true)
+    relay(c)
+    serve_echo_loop(l)
+  end
+
+  # Echoes data on any stream of `c` until `c` has closed (new_stream and the like are ignored).
+  defp relay(c) do
+    receive do
+      {:quic, d, s, _} when is_binary(d) ->
+        _ = MaculaQuic.async_send(s, d)
+        relay(c)
+
+      {:quic, :closed, ^c, _} ->
+        :ok
+
+      _ ->
+        relay(c)
+    end
+  end
+
   @doc "Workload 3: `streams` concurrent streams of `per` bytes each on one connection."
   def fanout(cert, streams, per) do
     {l, c, sc} = pair(cert)

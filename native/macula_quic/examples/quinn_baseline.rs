@@ -13,6 +13,8 @@
 //! Not part of the NIF. Usage:
 //!
 //!     quinn_baseline <bulk|echo|fanout|handshake|memory> cert=PEM key=PEM [name=value ...]
+//!     quinn_baseline echo role=server cert=PEM key=PEM     # the echoing end alone
+//!     quinn_baseline echo peer_port=N cert=PEM key=PEM     # the client of such a server
 //!
 //! Prints one JSON object per line with the results.
 use std::collections::HashMap;
@@ -234,20 +236,53 @@ async fn bulk(a: Args) {
     p.client.wait_idle().await;
 }
 
+/// The echoing end of workload 2: echoes the first stream the peer opens until it finishes.
+async fn echo_serve(sc: quinn::Connection) {
+    let Ok((mut s, mut r)) = sc.accept_bi().await else { return };
+    while let Ok(Some(c)) = r.read_chunk(usize::MAX, true).await {
+        if s.write_chunk(c.bytes).await.is_err() {
+            break;
+        }
+    }
+}
+
 /// Workload 2: `size`-byte echo round trips on one stream for `seconds`.
+///
+/// Both ends in this process by default. With `role=server` this process is only the echoing
+/// end: it prints `{"port":N}` and serves every connection until its standard input closes;
+/// `peer_port=N` makes this process the client of such a server (the benchmark's "two OS
+/// processes" variant, where neither end's threads can pick up the other's datagrams).
 async fn echo(a: Args) {
     let size = arg_u64(&a, "size", 64) as usize;
     let secs = arg_f64(&a, "seconds", 2.0);
     let p = endpoints(&a);
-    let (cc, sc) = tokio::join!(p.connect(), p.accept());
-    tokio::spawn(async move {
-        let (mut s, mut r) = sc.accept_bi().await.unwrap();
-        while let Ok(Some(c)) = r.read_chunk(usize::MAX, true).await {
-            if s.write_chunk(c.bytes).await.is_err() {
-                break;
-            }
+    if a.get("role").map(String::as_str) == Some("server") {
+        println!("{{\"port\":{}}}", p.addr.port());
+        // The benchmark ends the server by closing its standard input.
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(0);
+        });
+        while let Some(inc) = p.server.accept().await {
+            tokio::spawn(async move {
+                if let Ok(sc) = inc.await {
+                    echo_serve(sc).await;
+                }
+            });
         }
-    });
+        return;
+    }
+    let cc = match a.get("peer_port").and_then(|v| v.parse::<u16>().ok()) {
+        Some(port) => {
+            let to = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            p.client.connect_with(p.client_cfg.clone(), to, "localhost").unwrap().await.unwrap()
+        }
+        None => {
+            let (cc, sc) = tokio::join!(p.connect(), p.accept());
+            tokio::spawn(echo_serve(sc));
+            cc
+        }
+    };
     let (mut s, mut r) = cc.open_bi().await.unwrap();
     let msg = vec![1u8; size];
     let mut back = vec![0u8; size];
