@@ -190,6 +190,8 @@ defmodule Bench.Profile do
 
   @switch_rows [
     {:runtime, "runtime workers"},
+    {:schedulers, "BEAM schedulers (normal and dirty)"},
+    {:aux, "BEAM aux thread"},
     {:other, "other threads"}
   ]
 
@@ -235,8 +237,9 @@ defmodule Bench.Profile do
     | **total** | **#{fmt(Enum.sum(Map.values(msw)) / mu)}** | **#{fmt(Enum.sum(Map.values(qsw)) / qu)}** |
 
     A context switch is a thread of the process leaving its CPU: to sleep (it is woken later,
-    which costs a wake-up), or preempted while it still had work. "Other threads" are the BEAM's
-    schedulers and other VM threads on macula_quic's side, the main thread on raw Quinn's.
+    which costs a wake-up), or preempted while it still had work. The BEAM's aux thread does
+    the VM's background work; "other threads" are the rest (the main thread on raw Quinn's
+    side).
     """
 
     File.write!(Path.join(dir, "report.md"), md)
@@ -266,8 +269,7 @@ defmodule Bench.Profile do
   end
 
   # perf: CPU samples of every thread, as CPU microseconds per component, and the context
-  # switches counted by kind of thread (the runtime's workers, or the rest: BEAM schedulers and
-  # other VM threads on macula_quic's side, the main thread on raw Quinn's).
+  # switches counted by kind of thread (see thread_kind/1).
   defp perf_costs(file) do
     fields = ~w(-F comm,event,ip,sym,dso)
     {out, 0} = System.cmd("perf", ~w(script -i #{file}) ++ fields, stderr_to_stdout: false)
@@ -291,9 +293,17 @@ defmodule Bench.Profile do
     end)
   end
 
-  # The runtime's worker threads: "macula_quic" (runtime.rs names them) or tokio's default name.
+  # The runtime's worker threads are "macula_quic" (runtime.rs names them) or tokio's default
+  # name; the BEAM names its threads "1_scheduler", "2_dirty_cpu_sch", "1_aux", ...
   defp thread_kind(comm) when comm in ["macula_quic", "tokio-rt-worker"], do: :runtime
-  defp thread_kind(_), do: :other
+
+  defp thread_kind(comm) do
+    cond do
+      comm =~ ~r/^\d+_(scheduler|dirty)/ -> :schedulers
+      comm =~ ~r/^\d+_aux$/ -> :aux
+      true -> :other
+    end
+  end
 
   @doc false
   def component(sym, dso) do
