@@ -1,0 +1,126 @@
+# Which threads of this VM sleep, get preempted and use the CPU during a workload: the kernel's
+# per-thread counters (/proc/self/task/*/status and stat), read before and after the measured
+# run, per unit of work and by kind of thread. It complements bin/profile (which samples with
+# perf and counts all context switches): these counters tell a thread going to sleep
+# ("voluntary") from one preempted while it still had work ("involuntary"), and work for
+# :ssl and :gen_tcp too. README's "Where the targets are missed" cites it.
+#
+#   elixir -pa _build/bench/lib/macula_quic/ebin bench/threads.exs WORKLOAD [SECONDS]
+#
+# WORKLOAD: macula_handshake, ssl_handshake, tcp_handshake (sequential), macula_echo (64 B,
+# async_send), macula_bulk (512 MiB, active). SECONDS (default 3) is the length of the timed
+# workloads. bin/bench's build (or `MIX_ENV=bench MACULA_QUIC_BUILD=1 mix compile`) provides
+# the ebin directory.
+Code.require_file("lib/util.ex", __DIR__)
+Code.require_file("lib/macula.ex", __DIR__)
+Code.require_file("lib/tcp.ex", __DIR__)
+
+defmodule Bench.Threads do
+  @workloads ~w(macula_handshake ssl_handshake tcp_handshake macula_echo macula_bulk)
+
+  def main([workload | rest]) when workload in @workloads do
+    seconds =
+      case rest do
+        [s] -> String.to_float(s)
+        [] -> 3.0
+      end
+
+    {:ok, _} = Application.ensure_all_started(:ssl)
+    dir = Path.join(System.tmp_dir!(), "macula_quic_threads_#{System.os_time()}")
+    cert = Bench.Util.make_cert(dir)
+    # A short warm-up run, so that loading code and starting the runtime are not counted.
+    _ = run(workload, cert, 0.3, 8)
+    before = snapshot()
+    {units, unit} = run(workload, cert, seconds, 512)
+    report(workload, units, unit, before, snapshot())
+    File.rm_rf(dir)
+  end
+
+  def main(_) do
+    IO.puts(:stderr, "usage: elixir bench/threads.exs #{Enum.join(@workloads, "|")} [SECONDS]")
+    System.halt(2)
+  end
+
+  defp run("macula_handshake", cert, s, _),
+    do: {Bench.Macula.handshake(cert, 1, s).handshakes, "handshake"}
+
+  defp run("ssl_handshake", cert, s, _),
+    do: {Bench.Tcp.handshake(:ssl, cert, 1, s).handshakes, "handshake"}
+
+  defp run("tcp_handshake", cert, s, _),
+    do: {Bench.Tcp.handshake(:gen_tcp, cert, 1, s).handshakes, "handshake"}
+
+  defp run("macula_echo", cert, s, _),
+    do: {Bench.Macula.echo(cert, 64, s, :async_send).round_trips, "round trip"}
+
+  defp run("macula_bulk", cert, _, mib) do
+    r = Bench.Macula.bulk(cert, mib * Bench.Util.mib(), :active)
+    {r.bytes / Bench.Util.mib(), "MiB"}
+  end
+
+  # thread id => {kind, voluntary switches, involuntary switches, CPU clock ticks}
+  defp snapshot do
+    for tid <- File.ls!("/proc/self/task"), into: %{} do
+      base = "/proc/self/task/#{tid}"
+      comm = base |> Path.join("comm") |> File.read!() |> String.trim()
+      status = File.read!(Path.join(base, "status"))
+      [_, vol] = Regex.run(~r/\nvoluntary_ctxt_switches:\s+(\d+)/, status)
+      [_, invol] = Regex.run(~r/\nnonvoluntary_ctxt_switches:\s+(\d+)/, status)
+      # Fields 14 and 15 of stat (utime, stime), counted after the parenthesised name.
+      [_, after_name] = base |> Path.join("stat") |> File.read!() |> String.split(") ", parts: 2)
+      [utime, stime] = after_name |> String.split() |> Enum.slice(11, 2)
+
+      {tid,
+       {kind(comm), String.to_integer(vol), String.to_integer(invol),
+        String.to_integer(utime) + String.to_integer(stime)}}
+    end
+  end
+
+  defp kind("macula_quic"), do: "runtime workers"
+
+  defp kind(comm) do
+    cond do
+      comm =~ ~r/^\d+_scheduler$/ -> "BEAM schedulers"
+      comm =~ ~r/^\d+_dirty/ -> "BEAM dirty schedulers"
+      comm =~ ~r/^\d+_aux$/ -> "BEAM aux thread"
+      comm =~ ~r/^\d+_poller$/ -> "BEAM poll thread"
+      true -> "other threads"
+    end
+  end
+
+  defp report(workload, units, unit, before, now) do
+    # Clock ticks are 10 ms on Linux (USER_HZ 100); shown as µs per unit.
+    us_per_tick = 10_000
+
+    rows =
+      now
+      |> Enum.map(fn {tid, {kind, v, nv, t}} ->
+        {_, v0, nv0, t0} = Map.get(before, tid, {kind, 0, 0, 0})
+        {kind, {v - v0, nv - nv0, t - t0}}
+      end)
+      |> Enum.group_by(&elem(&1, 0), &elem(&1, 1))
+      |> Enum.map(fn {kind, deltas} ->
+        {v, nv, t} =
+          Enum.reduce(deltas, {0, 0, 0}, fn {a, b, c}, {x, y, z} -> {x + a, y + b, z + c} end)
+
+        {kind, v / units, nv / units, t * us_per_tick / units}
+      end)
+      |> Enum.sort()
+
+    IO.puts("""
+
+    #{workload}: #{Bench.Util.fmt(units * 1.0)} #{unit}s; per #{unit}:
+
+    | threads | went to sleep | preempted | CPU µs |
+    |---|---:|---:|---:|
+    """)
+
+    for {kind, v, nv, us} <- rows, v + nv + us > 0 do
+      IO.puts(
+        "| #{kind} | #{Bench.Util.fmt(v)} | #{Bench.Util.fmt(nv)} | #{Bench.Util.fmt(us)} |"
+      )
+    end
+  end
+end
+
+Bench.Threads.main(System.argv())
