@@ -7,4 +7,6 @@ Code.require_file("lib/util.ex", __DIR__)
 Code.require_file("lib/macula.ex", __DIR__)
 
 [certfile, keyfile] = System.argv()
+# The same runtime settings as the benchmark's own VM (BENCH_RUNTIME_*, inherited).
+Bench.Util.configure_runtime()
 Bench.Macula.serve_echo(%{certfile: certfile, keyfile: keyfile})

@@ -10,6 +10,7 @@
 #   BENCH_QUINN   path of the quinn_baseline binary (set by bin/bench)
 #   BENCH_OUT     output directory (default bench/results)
 #   BENCH_RUNTIME_WORKERS  macula_quic's runtime worker threads (default: sized for the host)
+#   BENCH_RUNTIME_SPIN_US  how long its workers watch the sockets before sleeping (default 15)
 Code.require_file("lib/util.ex", __DIR__)
 Code.require_file("lib/macula.ex", __DIR__)
 Code.require_file("lib/tcp.ex", __DIR__)
@@ -20,12 +21,7 @@ defmodule Bench.Run do
   @workloads ~w(bulk echo fanout handshake memory)
 
   def main do
-    # BENCH_RUNTIME_WORKERS sizes macula_quic's runtime (config :macula_quic, runtime_workers);
-    # it must be set before the NIF loads, i.e. before the first MaculaQuic call.
-    with w when is_binary(w) <- System.get_env("BENCH_RUNTIME_WORKERS"),
-         {n, ""} <- Integer.parse(w) do
-      Application.put_env(:macula_quic, :runtime_workers, n)
-    end
+    configure_runtime()
 
     progress("starting (scale #{scale()}, repeat #{repeat()})")
     {:ok, _} = Application.ensure_all_started(:ssl)

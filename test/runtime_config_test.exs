@@ -5,16 +5,17 @@ defmodule MaculaQuic.RuntimeConfigTest do
 
   @ebin Path.join(Mix.Project.build_path(), "lib/macula_quic/ebin")
 
+  # The line of a script that sets `key` in the application env (none for nil).
+  defp put_env(_key, nil), do: ""
+
+  defp put_env(key, value),
+    do: "Application.put_env(:macula_quic, #{inspect(key)}, #{inspect(value)})"
+
   # Starts a VM, sets the env (unless nil), makes one connection so the runtime exists, and
   # returns the runtime's worker count and anything logged.
   defp workers_with(setting) do
-    put =
-      if setting == nil,
-        do: "",
-        else: "Application.put_env(:macula_quic, :runtime_workers, #{inspect(setting)});"
-
     script = """
-    #{put}
+    #{put_env(:runtime_workers, setting)}
     {:ok, l} = MaculaQuic.listen("127.0.0.1", 0, alpn: ["t"])
     {:ok, {_, port}} = MaculaQuic.sockname(l)
     {:ok, _c} = MaculaQuic.connect("127.0.0.1", port, [alpn: ["t"], verify: :none], 5_000)
@@ -40,5 +41,46 @@ defmodule MaculaQuic.RuntimeConfigTest do
     expected = System.schedulers_online() |> min(4) |> max(1)
     assert {^expected, out} = workers_with(:lots)
     assert out =~ "ignoring runtime_workers :lots"
+  end
+
+  # Starts a VM with `runtime_spin_us` set (unless nil), opens a listener and connects to it,
+  # then closes the listener. Returns the configured watch time, the watched sockets with the
+  # listener open and after it has gone, and anything logged.
+  defp watch_with(setting) do
+    script = """
+    #{put_env(:runtime_spin_us, setting)}
+    {:ok, l} = MaculaQuic.listen("127.0.0.1", 0, alpn: ["t"])
+    {:ok, {_, port}} = MaculaQuic.sockname(l)
+    {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: ["t"], verify: :none], 5_000)
+    %{runtime_spin_us: us, watched_sockets: open} = MaculaQuic.native_counts()
+    :ok = MaculaQuic.close_connection(c)
+    :ok = MaculaQuic.close_listener(l)
+    # The listener's socket (and its watch) goes once its last connection has ended.
+    wait = fn wait, n ->
+      case MaculaQuic.native_counts() do
+        %{watched_sockets: w, bound_addresses: 0} -> w
+        _ when n > 0 -> Process.sleep(10); wait.(wait, n - 1)
+        _ -> :timeout
+      end
+    end
+    IO.puts("spin=\#{us} open=\#{open} closed=\#{wait.(wait, 500)}")
+    """
+
+    {out, 0} = System.cmd("elixir", ["-pa", @ebin, "-e", script], stderr_to_stdout: true)
+    [_, us, open, closed] = Regex.run(~r/spin=(\d+) open=(\d+) closed=(\S+)/, out)
+    {String.to_integer(us), String.to_integer(open), closed, out}
+  end
+
+  test "config :macula_quic, runtime_spin_us: n sets how long workers watch the sockets" do
+    # One watched socket for the shared client endpoint, one for the listener until it closes.
+    assert {40, 2, "1", _} = watch_with(40)
+    # 0 turns the watch off: nothing is watched.
+    assert {0, 0, "0", _} = watch_with(0)
+  end
+
+  test "without the setting workers watch the sockets for 15 µs; a bad setting is ignored" do
+    assert {15, 2, "1", _} = watch_with(nil)
+    assert {15, _, _, out} = watch_with(:fast)
+    assert out =~ "ignoring runtime_spin_us :fast"
   end
 end

@@ -7,6 +7,25 @@ defmodule Bench.Util do
 
   def mib, do: @mib
 
+  @doc """
+  Applies BENCH_RUNTIME_WORKERS and BENCH_RUNTIME_SPIN_US to macula_quic's configuration
+  (`runtime_workers`, `runtime_spin_us`). Call it before the first MaculaQuic call: the NIF
+  reads them when it loads.
+  """
+  def configure_runtime do
+    for {var, key} <- [
+          {"BENCH_RUNTIME_WORKERS", :runtime_workers},
+          {"BENCH_RUNTIME_SPIN_US", :runtime_spin_us}
+        ],
+        v = System.get_env(var),
+        v != nil,
+        {n, ""} <- [Integer.parse(v)] do
+      Application.put_env(:macula_quic, key, n)
+    end
+
+    :ok
+  end
+
   @doc "BENCH_SCALE (default 1.0): multiplies sizes and counts; durations shrink below 1.0."
   def scale do
     case System.get_env("BENCH_SCALE") do

@@ -22,6 +22,9 @@ defmodule MaculaQuic.Native do
 
   @on_load :__load_nif__
 
+  # Microseconds a runtime worker watches the sockets before it sleeps (runtime_spin_us).
+  @default_spin_us 15
+
   # Where this build's library is, relative to the priv dir and without extension (tests read
   # the built library from there).
   @doc false
@@ -40,32 +43,41 @@ defmodule MaculaQuic.Native do
       priv ->
         path = :filename.join(priv, @lib_path)
 
-        case :erlang.load_nif(path, runtime_workers()) do
+        case :erlang.load_nif(path, {runtime_workers(), runtime_spin_us()}) do
           :ok -> :ok
           {:error, reason} -> nif_load_failed(path, reason)
         end
     end
   end
 
-  # The tokio runtime's worker-thread count, passed to the NIF as load data: the application
-  # env `config :macula_quic, runtime_workers: n` (1..64), else 0 ("size for the host": one
-  # per core, at most 4). Read with :application (not Application) because on_load may run
-  # before Elixir's own application env helpers are usable.
-  defp runtime_workers do
-    case :application.get_env(:macula_quic, :runtime_workers) do
-      {:ok, n} when is_integer(n) and n >= 1 and n <= 64 ->
+  # The runtime settings, passed to the NIF as load data `{workers, spin_us}`, from the
+  # application env (read with :application, not Application, because on_load may run before
+  # Elixir's own application env helpers are usable):
+  #   runtime_workers: 1..64 worker threads; default 0, "size for the host" (one per core, at
+  #     most 4);
+  #   runtime_spin_us: 0..1000 µs a worker watches the sockets before it sleeps (0: never);
+  #     default @default_spin_us. See "How the work is scheduled" in README.
+  defp runtime_workers, do: setting(:runtime_workers, 1..64, 0, "sizing for the host")
+
+  defp runtime_spin_us,
+    do: setting(:runtime_spin_us, 0..1000, @default_spin_us, "using #{@default_spin_us}")
+
+  # A bad value is ignored with a warning that says what was expected and what happens instead.
+  defp setting(key, first..last, default, instead) do
+    case :application.get_env(:macula_quic, key) do
+      {:ok, n} when is_integer(n) and n >= first and n <= last ->
         n
 
       {:ok, other} ->
         :logger.warning(
-          ~c"macula_quic: ignoring runtime_workers ~tp (expected an integer 1..64); sizing for the host",
-          [other]
+          ~c"macula_quic: ignoring ~ts ~tp (expected an integer ~tp..~tp); ~ts",
+          [Atom.to_string(key), other, first, last, instead]
         )
 
-        0
+        default
 
       :undefined ->
-        0
+        default
     end
   end
 

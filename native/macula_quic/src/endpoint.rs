@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{self, Reason};
 use crate::executor::{Shard, ShardRuntime};
+use crate::spin;
 use crate::util::lock;
 
 fn registry() -> &'static Mutex<HashSet<SocketAddr>> {
@@ -58,6 +59,8 @@ impl Drop for Registration {
 #[derive(Debug)]
 struct RegisteredSocket {
     inner: Mutex<Option<Arc<dyn AsyncUdpSocket>>>,
+    /// The runtime workers' watch on this socket (a duplicate descriptor; see `spin`).
+    watch: Mutex<Option<spin::Watch>>,
     registration: Mutex<Option<Registration>>,
     local: SocketAddr,
     max_transmit_segments: usize,
@@ -152,6 +155,9 @@ impl ListenerSocket {
     pub fn retire(&self) {
         let inner = lock(&self.0.inner).take();
         drop(inner);
+        // The watch's duplicate descriptor too, or the OS socket would stay open.
+        let watch = lock(&self.0.watch).take();
+        drop(watch);
         let registration = lock(&self.0.registration).take();
         drop(registration);
     }
@@ -159,8 +165,10 @@ impl ListenerSocket {
 
 impl Drop for RegisteredSocket {
     fn drop(&mut self) {
-        // Socket first, registration second, whichever way the wrapper goes.
+        // Socket (and its watched duplicate) first, registration second, whichever way the
+        // wrapper goes.
         lock(&self.inner).take();
+        lock(&self.watch).take();
         lock(&self.registration).take();
     }
 }
@@ -218,12 +226,14 @@ pub fn listener_endpoint(addr: SocketAddr, server: quinn::ServerConfig) -> Resul
     let registration = Registration { addr: local, released: Some(tx) };
     let shard = Shard::new();
     let quinn_runtime = Arc::new(ShardRuntime { shard: shard.clone() });
+    let watch = spin::watch(&socket);
     let inner = quinn_runtime.wrap_udp_socket(socket).map_err(|e| error::io(&e))?;
     let socket = Arc::new(RegisteredSocket {
         max_transmit_segments: inner.max_transmit_segments(),
         max_receive_segments: inner.max_receive_segments(),
         may_fragment: inner.may_fragment(),
         inner: Mutex::new(Some(inner)),
+        watch: Mutex::new(watch),
         registration: Mutex::new(Some(registration)),
         local,
     });
@@ -292,7 +302,12 @@ pub fn client_endpoint(remote: &SocketAddr, local: Option<(IpAddr, u16)>) -> Res
     }
     let sock = new_socket(&bind).map_err(|e| error::io(&e))?;
     sock.bind(&bind.into()).map_err(|e| error::io(&e))?;
-    let ep = endpoint(sock.into(), None)?;
+    let sock: UdpSocket = sock.into();
+    let watch = spin::watch(&sock);
+    let ep = endpoint(sock, None)?;
+    // Client endpoints are shared and live as long as the library: so does their watch (if
+    // the endpoint failed, the watch was dropped above and its duplicate closed).
+    std::mem::forget(watch);
     map.insert(bind, ep.clone());
     Ok(ep)
 }

@@ -7,6 +7,7 @@ use crate::counters;
 use crate::endpoint;
 use crate::listener::{self, ListenerRes};
 use crate::runtime;
+use crate::spin;
 use crate::stream::{self, StreamRes};
 
 /// `ping()`: `:ok` when the library is loaded.
@@ -74,6 +75,8 @@ fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {
         (atoms::shards().encode(env), counters::get(&counters::SHARDS).encode(env)),
         (atoms::inline_runs().encode(env), counters::get(&counters::INLINE_RUNS).encode(env)),
         (atoms::runtime_runs().encode(env), counters::get(&counters::RUNTIME_RUNS).encode(env)),
+        (atoms::runtime_spin_us().encode(env), spin::spin_us().encode(env)),
+        (atoms::watched_sockets().encode(env), spin::watched_count().encode(env)),
     ];
     Term::map_from_pairs(env, &pairs).map_err(|_| rustler::Error::BadArg)
 }

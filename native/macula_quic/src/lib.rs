@@ -3,6 +3,7 @@
 //! One file per concept:
 //! - `runtime`: the one tokio runtime all network work runs on.
 //! - `executor`: shards (per connection, per endpoint) whose tasks a NIF may run on its own thread.
+//! - `spin`: a runtime worker watching the sockets for a moment before it sleeps.
 //! - `messages`: sending terms to Erlang processes from runtime threads; request replies.
 //! - `owner`: the process that owns a handle, and the monitor that follows it.
 //! - `address`, `options`, `tls`: decoding what callers pass in.
@@ -24,16 +25,20 @@ mod messages;
 mod options;
 mod owner;
 mod runtime;
+mod spin;
 mod stream;
 mod tls;
 mod util;
 
 use rustler::{Env, Term};
 
-/// Load data is the runtime's worker-thread count (an integer), or anything else for the default.
+/// Load data is `{workers, spin_us}`: the runtime's worker-thread count (0: size for the host)
+/// and how long a worker watches the sockets before it sleeps, in microseconds (0: never).
+/// Anything else leaves the defaults (size for the host, no watching).
 fn on_load(_env: Env, info: Term) -> bool {
-    if let Ok(n) = info.decode::<usize>() {
-        runtime::configure(n);
+    if let Ok((workers, spin_us)) = info.decode::<(usize, u64)>() {
+        runtime::configure(workers);
+        spin::configure(spin_us);
     }
     true
 }

@@ -31,10 +31,13 @@ pub fn get() -> &'static Runtime {
             0 => default_workers(),
             n => n.min(256),
         };
-        Builder::new_multi_thread()
-            .worker_threads(workers)
-            .thread_name("macula_quic")
-            .enable_all()
+        let mut builder = Builder::new_multi_thread();
+        builder.worker_threads(workers).thread_name("macula_quic").enable_all();
+        if crate::spin::spin_us() > 0 {
+            // Before a worker sleeps, it watches the sockets for a moment (see `spin`).
+            builder.on_thread_park(crate::spin::before_park);
+        }
+        builder
             .build()
             // Without a runtime the library cannot do anything at all; there is no better answer
             // than failing the first NIF call that needs it (rustler turns the panic into an error).

@@ -1,0 +1,93 @@
+//! Watching the sockets for a moment before a runtime worker goes to sleep.
+//!
+//! Why: when a worker has nothing left to do it sleeps in the kernel, and the next datagram has
+//! to wake it (a context switch; on a VM an interrupt to another vCPU). In request/response
+//! traffic the next datagram is often only microseconds away: the reply that a BEAM process
+//! sends from its own scheduler (see `executor`) after this worker handed it the request. The
+//! BEAM's schedulers wait the same way before they sleep (`+sbwt`). So before it parks, a worker
+//! checks the library's sockets for up to `spin_us` microseconds, and stops at the first
+//! datagram (tokio's poll then finds it without sleeping) or when the time is up.
+//!
+//! The check is a non-blocking peek on a duplicate of each socket's descriptor: it reads
+//! nothing, and the endpoint's own receive loop takes the datagram. A listener's duplicate is
+//! closed when the listener retires its socket, before the address is released, so a closed
+//! listener's socket never outlives it.
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::util::lock;
+
+/// How long a worker watches before it parks, in microseconds (0: never; set at load).
+static SPIN_US: AtomicU64 = AtomicU64::new(0);
+
+/// The watched sockets, by id (duplicated descriptors: dropping one closes only the duplicate).
+static WATCHED: Mutex<Vec<(u64, socket2::Socket)>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Sets the watch time (from the NIF's load data), before the runtime starts.
+pub fn configure(us: u64) {
+    SPIN_US.store(us, Ordering::Relaxed);
+}
+
+pub fn spin_us() -> u64 {
+    SPIN_US.load(Ordering::Relaxed)
+}
+
+/// A socket being watched; dropping it stops the watch and closes the duplicate.
+#[derive(Debug)]
+pub struct Watch(u64);
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // Removed (and its duplicate closed) under the lock the watcher holds while peeking, so
+        // no worker is still looking at the socket once this returns.
+        lock(&WATCHED).retain(|(id, _)| *id != self.0);
+    }
+}
+
+/// Starts watching `socket`. `None` when watching is off, not supported here, or the descriptor
+/// cannot be duplicated (the socket then just is not watched).
+pub fn watch(socket: &UdpSocket) -> Option<Watch> {
+    if spin_us() == 0 || !cfg!(unix) {
+        return None;
+    }
+    let dup = socket2::Socket::from(socket.try_clone().ok()?);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    lock(&WATCHED).push((id, dup));
+    Some(Watch(id))
+}
+
+/// Sockets being watched (for tests and `native_counts`).
+pub fn watched_count() -> usize {
+    lock(&WATCHED).len()
+}
+
+/// The runtime's `on_thread_park` hook: returns when a watched socket has a datagram waiting,
+/// or after `spin_us`.
+pub fn before_park() {
+    let until = Instant::now() + Duration::from_micros(spin_us());
+    while Instant::now() < until {
+        // The other worker may be looking too: skip a turn rather than wait for it.
+        if let Ok(watched) = WATCHED.try_lock() {
+            if watched.iter().any(|(_, s)| has_datagram(s)) {
+                return;
+            }
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Is a datagram waiting? A peek that does not block (the socket itself is in blocking mode)
+/// and does not take the datagram.
+#[cfg(unix)]
+fn has_datagram(s: &socket2::Socket) -> bool {
+    let mut one = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    s.recv_with_flags(&mut one, libc::MSG_PEEK | libc::MSG_DONTWAIT).is_ok()
+}
+
+#[cfg(not(unix))]
+fn has_datagram(_: &socket2::Socket) -> bool {
+    false
+}
