@@ -63,11 +63,19 @@ defmodule MaculaQuic.RuntimeConfigTest do
         _ -> :timeout
       end
     end
-    IO.puts("spin=\#{us} open=\#{open} closed=\#{wait.(wait, 500)}")
+    closed = wait.(wait, 500)
+    # Bound without SO_REUSEADDR, this fails while any descriptor of the listener's socket
+    # (the watch holds a duplicate) is still open.
+    {rebind, _} = :gen_udp.open(port, ip: {127, 0, 0, 1})
+    IO.puts("spin=\#{us} open=\#{open} closed=\#{closed} rebind=\#{rebind}")
     """
 
     {out, 0} = System.cmd("elixir", ["-pa", @ebin, "-e", script], stderr_to_stdout: true)
-    [_, us, open, closed] = Regex.run(~r/spin=(\d+) open=(\d+) closed=(\S+)/, out)
+
+    [_, us, open, closed, rebind] =
+      Regex.run(~r/spin=(\d+) open=(\d+) closed=(\S+) rebind=(\S+)/, out)
+
+    assert rebind == "ok", "the closed listener's port could not be bound again: #{out}"
     {String.to_integer(us), String.to_integer(open), closed, out}
   end
 
