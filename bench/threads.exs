@@ -25,6 +25,8 @@ defmodule Bench.Threads do
         [] -> 3.0
       end
 
+    # BENCH_RUNTIME_WORKERS / BENCH_RUNTIME_SPIN_US, as bin/bench takes them.
+    Bench.Util.configure_runtime()
     {:ok, _} = Application.ensure_all_started(:ssl)
     dir = Path.join(System.tmp_dir!(), "macula_quic_threads_#{System.os_time()}")
     cert = Bench.Util.make_cert(dir)

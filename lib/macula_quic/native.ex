@@ -23,7 +23,7 @@ defmodule MaculaQuic.Native do
   @on_load :__load_nif__
 
   # Microseconds a runtime worker watches the sockets before it sleeps (runtime_spin_us).
-  @default_spin_us 15
+  @default_spin_us 0
 
   # Where this build's library is, relative to the priv dir and without extension (tests read
   # the built library from there).
