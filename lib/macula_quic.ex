@@ -894,9 +894,10 @@ defmodule MaculaQuic do
   endpoint and one per connection: see "How the work is scheduled" in the README). Two counts
   are cumulative since the VM started: `inline_runs`, the times a call ran a connection's work on
   the caller's own thread, and `runtime_runs`, the times a runtime worker did. Two describe
-  the runtime's socket watch (see "Tuning" in the README): `runtime_spin_us`, how long a
-  worker watches the sockets before it sleeps, and `watched_sockets`, the sockets it watches
-  (one per client endpoint and per open listener). For monitoring and leak tests.
+  the runtime's socket watch (see "How the work is scheduled" in the README):
+  `runtime_spin_us`, how long a worker watches the sockets before it sleeps (0, the default:
+  never), and `watched_sockets`, the sockets it watches (with the watch on, one per client
+  endpoint and per open listener). For monitoring and leak tests.
 
       iex> %{listeners: n} = MaculaQuic.native_counts()
       iex> is_integer(n)

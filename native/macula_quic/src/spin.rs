@@ -2,19 +2,24 @@
 //!
 //! Why: when a worker has nothing left to do it sleeps in the kernel, and the next datagram has
 //! to wake it (a context switch; on a VM an interrupt to another vCPU). In request/response
-//! traffic the next datagram is often only microseconds away: the reply that a BEAM process
-//! sends from its own scheduler (see `executor`) after this worker handed it the request. The
-//! BEAM's schedulers wait the same way before they sleep (`+sbwt`). So before it parks, a worker
-//! checks the library's sockets for up to `spin_us` microseconds, and stops at the first
-//! datagram (tokio's poll then finds it without sleeping) or when the time is up.
+//! traffic with a peer on the same host the next datagram is often only microseconds away: the
+//! peer's answer to what a BEAM process sent from its own scheduler (see `executor`) after this
+//! worker handed it a message. The BEAM's schedulers wait the same way before they sleep
+//! (`+sbwt`). So before it parks, a worker checks the library's sockets for up to `spin_us`
+//! microseconds, and stops at the first datagram (tokio's poll then finds it without sleeping)
+//! or when the time is up.
+//!
+//! Off by default (`runtime_spin_us: 0`): it pays off only when the peer answers within
+//! microseconds, and with several VMs sharing a few cores it slowed them down. README's
+//! "Tuning: the runtime's socket watch" has the measurements.
 //!
 //! The check is a non-blocking peek on a duplicate of each socket's descriptor: it reads
 //! nothing, and the endpoint's own receive loop takes the datagram. Between looks the worker
 //! yields its CPU: on a small host a BEAM scheduler with work to do would otherwise wait for
-//! the watch to end (without the yield, bulk transfers saw ten times as many preemptions of
-//! the runtime's workers and more CPU per MiB than with no watch at all). A listener's duplicate is
-//! closed when the listener retires its socket, before the address is released, so a closed
-//! listener's socket never outlives it.
+//! the watch to end (without the yield, bulk transfers saw ten times as many preemptions of the
+//! runtime's workers, and more CPU per MiB than with no watch at all). A listener's duplicate
+//! is closed when the listener retires its socket, before the address is released, so a
+//! closed listener's socket never outlives it.
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
