@@ -249,13 +249,15 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
     // shard, inline in this call when the shard is free: the new connection's driver then runs
     // here too, and the Initial packet leaves from this thread instead of waiting for a runtime
     // worker to wake up.
-    let shard = match &host {
-        Host::Ip(ip) => endpoint::client_endpoint(&SocketAddr::new(*ip, port), opts.local_address).ok().map(|(_, s)| s),
+    // (A lookup that fails here is left to `dial`, which tries again and answers the error.)
+    let client = match &host {
+        Host::Ip(ip) => endpoint::client_endpoint(&SocketAddr::new(*ip, port), opts.local_address).ok(),
         Host::Name(_) => None,
     };
+    let shard = client.as_ref().map(|(_, s)| s.clone());
     let task = async move {
         let _task = Live::new(&counters::TASKS);
-        match tokio::time::timeout_at(deadline, dial(host, port, opts, config)).await {
+        match tokio::time::timeout_at(deadline, dial(host, port, opts, config, client)).await {
             Ok(Ok((connecting, bound, shard))) => {
                 shard.clone().spawn(finish_connect(connecting, bound, shard, owner, reply, deadline));
             }
@@ -277,8 +279,15 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
 }
 
 /// Resolves the host and starts the handshake: the connection, and the new shard its driver
-/// runs on (see `executor`).
-async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::ClientConfig) -> Result<(quinn::Connecting, SocketAddr, Arc<Shard>), Reason> {
+/// runs on (see `executor`). `client` is the client endpoint when the caller has already found
+/// it (for an address); otherwise it is looked up for the resolved address.
+async fn dial(
+    host: Host,
+    port: u16,
+    opts: options::Connect,
+    config: quinn::ClientConfig,
+    client: Option<(quinn::Endpoint, Arc<Shard>)>,
+) -> Result<(quinn::Connecting, SocketAddr, Arc<Shard>), Reason> {
     let want_v4 = opts.local_address.map(|(ip, _)| ip.is_ipv4());
     let (remote, default_name) = match &host {
         Host::Ip(ip) => (SocketAddr::new(*ip, port), ip.to_string()),
@@ -296,7 +305,10 @@ async fn dial(host: Host, port: u16, opts: options::Connect, config: quinn::Clie
             (pick, name.clone())
         }
     };
-    let (endpoint, _) = endpoint::client_endpoint(&remote, opts.local_address)?;
+    let (endpoint, _) = match client {
+        Some(found) => found,
+        None => endpoint::client_endpoint(&remote, opts.local_address)?,
+    };
     let bound = endpoint.local_addr().map_err(|e| error::io(&e))?;
     let server_name = opts.server_name.unwrap_or(default_name);
     let (connecting, shard) = executor::with_new_shard(|| endpoint.connect_with(config, remote, &server_name));
