@@ -1,6 +1,6 @@
-//! Live-object counters (and two cumulative ones). Each native object increments its counter when created and decrements
-//! it when dropped, so tests can prove that closing, owner death and garbage collection free
-//! everything.
+//! Live-object counters (and two cumulative ones). Each native object increments its counter
+//! when created and decrements it when dropped, so tests can prove that closing, owner death
+//! and garbage collection free everything.
 use std::sync::atomic::{AtomicI64, Ordering};
 
 pub static LISTENERS: AtomicI64 = AtomicI64::new(0);

@@ -346,6 +346,19 @@ pub fn caller_env<'a, T>(marker: &'a T) -> Option<Env<'a>> {
     (!raw.is_null()).then(|| unsafe { Env::new(marker, raw) })
 }
 
+/// Calls `f` with `env`, or, without one, with the environment of the NIF running shards on
+/// this thread (if any): on a scheduler thread, monitors must be set and dropped in the calling
+/// process's environment.
+pub fn env_or_caller<R>(env: Option<Env>, f: impl for<'x> FnOnce(Option<Env<'x>>) -> R) -> R {
+    match env {
+        Some(e) => f(Some(e)),
+        None => {
+            let marker = ();
+            f(caller_env(&marker))
+        }
+    }
+}
+
 /// Runs `f` (a Quinn call that creates a connection: `connect_with`, `Incoming::accept`) so
 /// that the connection's driver, which Quinn spawns inside it, goes to a new shard of its own.
 /// Returns that shard, for the connection's other tasks.

@@ -5,6 +5,8 @@
 //! running for a process that cannot hear about it.
 use rustler::{Env, LocalPid, Monitor, Resource, ResourceArc};
 
+use crate::executor::env_or_caller;
+
 pub struct Owner {
     pub pid: LocalPid,
     monitor: Option<Monitor>,
@@ -17,13 +19,10 @@ impl Owner {
     }
 
     /// Monitors `pid` on behalf of `res`. `env` is the calling NIF's environment, or `None` on a
-    /// runtime thread or in a shard task (which uses the environment of the NIF running it). Returns `None` when the process is already dead.
+    /// runtime thread or in a shard task (which uses the environment of the NIF running it).
+    /// Returns `None` when the process is already dead.
     pub fn monitor<T: Resource>(res: &ResourceArc<T>, env: Option<Env>, pid: LocalPid) -> Option<Owner> {
-        let marker = ();
-        let m = match env {
-            Some(e) => res.monitor(Some(e), &pid),
-            None => res.monitor(crate::executor::caller_env(&marker), &pid),
-        };
+        let m = env_or_caller(env, |e| res.monitor(e, &pid));
         m.map(|m| Owner { pid, monitor: Some(m) })
     }
 
@@ -51,12 +50,7 @@ impl Owner {
     /// Stops monitoring (the handle closed by itself).
     pub fn release<T: Resource>(&mut self, res: &ResourceArc<T>, env: Option<Env>) {
         if let Some(old) = self.monitor.take() {
-            let marker = ();
-            match env {
-                Some(e) => res.demonitor(Some(e), &old),
-                // On a scheduler, running a shard inside a NIF: use that NIF's environment.
-                None => res.demonitor(crate::executor::caller_env(&marker), &old),
-            };
+            env_or_caller(env, |e| res.demonitor(e, &old));
         }
     }
 }
