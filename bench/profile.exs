@@ -188,13 +188,6 @@ defmodule Bench.Profile do
     "other"
   ]
 
-  @switch_rows [
-    {:runtime, "runtime workers"},
-    {:schedulers, "BEAM schedulers (normal and dirty)"},
-    {:aux, "BEAM aux thread"},
-    {:other, "other threads"}
-  ]
-
   defp report(workload, dir) do
     {mac, msw, mu, mruns} = pooled(dir, "macula")
     {q, qsw, qu, qruns} = pooled(dir, "quinn")
@@ -233,7 +226,7 @@ defmodule Bench.Profile do
 
     | context switches per #{u} | macula_quic | raw Quinn |
     |---|---:|---:|
-    #{Enum.map_join(@switch_rows, "\n", fn {key, label} -> "| #{label} | #{fmt(Map.get(msw, key, 0) / mu)} | #{fmt(Map.get(qsw, key, 0) / qu)} |" end)}
+    #{Enum.map_join(Bench.Util.thread_kinds(), "\n", fn kind -> "| #{kind} | #{fmt(Map.get(msw, kind, 0) / mu)} | #{fmt(Map.get(qsw, kind, 0) / qu)} |" end)}
     | **total** | **#{fmt(Enum.sum(Map.values(msw)) / mu)}** | **#{fmt(Enum.sum(Map.values(qsw)) / qu)}** |
 
     A context switch is a thread of the process leaving its CPU: to sleep (it is woken later,
@@ -269,7 +262,7 @@ defmodule Bench.Profile do
   end
 
   # perf: CPU samples of every thread, as CPU microseconds per component, and the context
-  # switches counted by kind of thread (see thread_kind/1).
+  # switches counted by kind of thread (Bench.Util.thread_kind/1).
   defp perf_costs(file) do
     fields = ~w(-F comm,event,ip,sym,dso)
     {out, 0} = System.cmd("perf", ~w(script -i #{file}) ++ fields, stderr_to_stdout: false)
@@ -281,7 +274,7 @@ defmodule Bench.Profile do
       cond do
         m = Regex.run(~r/^\s*(.*?)\s+context-switches\S*:/, line) ->
           [_, comm] = m
-          {costs, Map.update(switches, thread_kind(comm), 1, &(&1 + 1))}
+          {costs, Map.update(switches, Bench.Util.thread_kind(comm), 1, &(&1 + 1))}
 
         m = Regex.run(~r/^\s*.*?\s+cpu-clock\S*:\s+[0-9a-f]+\s+(.*)\s+\(([^()]*)\)\s*$/, line) ->
           [_, sym, dso] = m
@@ -291,18 +284,6 @@ defmodule Bench.Profile do
           acc
       end
     end)
-  end
-
-  # The runtime's worker threads are "macula_quic" (runtime.rs names them) or tokio's default
-  # name; the BEAM names its threads "1_scheduler", "2_dirty_cpu_sch", "1_aux", ...
-  defp thread_kind(comm) when comm in ["macula_quic", "tokio-rt-worker"], do: :runtime
-
-  defp thread_kind(comm) do
-    cond do
-      comm =~ ~r/^\d+_(scheduler|dirty)/ -> :schedulers
-      comm =~ ~r/^\d+_aux$/ -> :aux
-      true -> :other
-    end
   end
 
   @doc false

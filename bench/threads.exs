@@ -73,20 +73,8 @@ defmodule Bench.Threads do
       [utime, stime] = after_name |> String.split() |> Enum.slice(11, 2)
 
       {tid,
-       {kind(comm), String.to_integer(vol), String.to_integer(invol),
+       {Bench.Util.thread_kind(comm), String.to_integer(vol), String.to_integer(invol),
         String.to_integer(utime) + String.to_integer(stime)}}
-    end
-  end
-
-  defp kind("macula_quic"), do: "runtime workers"
-
-  defp kind(comm) do
-    cond do
-      comm =~ ~r/^\d+_scheduler$/ -> "BEAM schedulers"
-      comm =~ ~r/^\d+_dirty/ -> "BEAM dirty schedulers"
-      comm =~ ~r/^\d+_aux$/ -> "BEAM aux thread"
-      comm =~ ~r/^\d+_poller$/ -> "BEAM poll thread"
-      true -> "other threads"
     end
   end
 

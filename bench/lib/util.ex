@@ -26,6 +26,34 @@ defmodule Bench.Util do
     :ok
   end
 
+  @doc """
+  The kind of a thread of this process, by its name: the runtime's workers ("macula_quic", as
+  runtime.rs names them, or tokio's default name in raw Quinn's baseline) or one of the BEAM's
+  ("1_scheduler", "2_dirty_cpu_sch", "1_aux", "0_poller", ...). Used by bin/profile and
+  bench/threads.exs; `thread_kinds/0` lists them in report order.
+  """
+  def thread_kind(comm) when comm in ["macula_quic", "tokio-rt-worker"], do: "runtime workers"
+
+  def thread_kind(comm) do
+    cond do
+      comm =~ ~r/^\d+_scheduler$/ -> "BEAM schedulers"
+      comm =~ ~r/^\d+_dirty/ -> "BEAM dirty schedulers"
+      comm =~ ~r/^\d+_aux$/ -> "BEAM aux thread"
+      comm =~ ~r/^\d+_poller$/ -> "BEAM poll thread"
+      true -> "other threads"
+    end
+  end
+
+  def thread_kinds,
+    do: [
+      "runtime workers",
+      "BEAM schedulers",
+      "BEAM dirty schedulers",
+      "BEAM aux thread",
+      "BEAM poll thread",
+      "other threads"
+    ]
+
   @doc "BENCH_SCALE (default 1.0): multiplies sizes and counts; durations shrink below 1.0."
   def scale do
     case System.get_env("BENCH_SCALE") do
