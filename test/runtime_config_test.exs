@@ -55,33 +55,34 @@ defmodule MaculaQuic.RuntimeConfigTest do
     {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: ["t"], verify: :none], 5_000)
     sc = receive do {:quic, :new_conn, sc, _} -> sc end
     %{runtime_spin_us: us, watched_sockets: open} = MaculaQuic.native_counts()
-    {:ok, s} = MaculaQuic.open_stream(c)
-    for _ <- 1..200, do: :ok = MaculaQuic.send(s, :binary.copy("x", 1000))
-    # Every datagram the server sent reaches the client's endpoint: the watch only peeks.
-    counts = fn ->
-      {:ok, [send_cnt: sent]} = MaculaQuic.getstat(sc, [:send_cnt])
-      {:ok, [recv_cnt: got]} = MaculaQuic.getstat(c, [:recv_cnt])
-      {sent, got}
-    end
-    settle = fn settle, n ->
-      case counts.() do
-        {x, x} -> :equal
-        _ when n > 0 -> Process.sleep(10); settle.(settle, n - 1)
+    # Native state has no message to wait for: poll `check` (bounded) until it gives {:ok, v};
+    # returns v, or the last other result.
+    until = fn until, check, n ->
+      case check.() do
+        {:ok, v} -> v
+        _ when n > 0 -> Process.sleep(10); until.(until, check, n - 1)
         other -> other
       end
     end
-    IO.puts("datagrams=\#{inspect(settle.(settle, 300))}")
+    {:ok, s} = MaculaQuic.open_stream(c)
+    for _ <- 1..200, do: :ok = MaculaQuic.send(s, :binary.copy("x", 1000))
+    # Every datagram the server sent reaches the client's endpoint: the watch only peeks.
+    same_count = fn ->
+      {:ok, [send_cnt: sent]} = MaculaQuic.getstat(sc, [:send_cnt])
+      {:ok, [recv_cnt: got]} = MaculaQuic.getstat(c, [:recv_cnt])
+      if sent == got, do: {:ok, :equal}, else: {sent, got}
+    end
+    IO.puts("datagrams=\#{inspect(until.(until, same_count, 300))}")
     :ok = MaculaQuic.close_connection(c)
     :ok = MaculaQuic.close_listener(l)
     # The listener's socket (and its watch) goes once its last connection has ended.
-    wait = fn wait, n ->
+    released = fn ->
       case MaculaQuic.native_counts() do
-        %{watched_sockets: w, bound_addresses: 0} -> w
-        _ when n > 0 -> Process.sleep(10); wait.(wait, n - 1)
+        %{watched_sockets: w, bound_addresses: 0} -> {:ok, w}
         _ -> :timeout
       end
     end
-    closed = wait.(wait, 500)
+    closed = until.(until, released, 500)
     # Bound without SO_REUSEADDR, this fails while any descriptor of the listener's socket
     # (the watch holds a duplicate) is still open.
     {rebind, _} = :gen_udp.open(port, ip: {127, 0, 0, 1})
