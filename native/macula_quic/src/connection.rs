@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use rustler::{Encoder, Env, LocalPid, Monitor, Resource, ResourceArc, Term};
+use rustler::{Encoder, Env, LocalPid, Resource, ResourceArc, Term};
 use tokio::sync::oneshot;
 
 use crate::address::{self, Host};
@@ -22,7 +22,7 @@ use crate::error::{self, Reason};
 use crate::executor::{self, Shard};
 use crate::messages::{self, Reply};
 use crate::options::{self, Active};
-use crate::owner::Owner;
+use crate::owner::{self, Owned, Owner};
 use crate::runtime;
 use crate::stream::StreamRes;
 use crate::tls;
@@ -63,15 +63,15 @@ pub struct ConnRes {
 }
 
 #[rustler::resource_impl]
-impl Resource for ConnRes {
-    const IMPLEMENTS_DOWN: bool = true;
+impl Resource for ConnRes {}
 
-    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, mon: Monitor) {
+impl Owned for ResourceArc<ConnRes> {
+    fn owner_down(&self, pid: LocalPid) {
         // The owner exited: close with code 0 so the peer learns at once, instead of waiting
         // for the idle timeout. The watcher then ends and the resource can be freed. Closing
         // takes Quinn's connection lock, which its driver may hold for a while: do it on the
         // shard, serialised with the driver, not on the scheduler running this callback.
-        if lock(&self.state).owner.is_monitor(&mon) {
+        if lock(&self.state).owner.pid == pid {
             let conn = self.conn.clone();
             self.shard.spawn(async move { conn.close(quinn::VarInt::from_u32(0), b"owner exited") });
         }
@@ -110,7 +110,7 @@ impl ConnRes {
             }),
             _live: Live::new(&counters::CONNECTIONS),
         });
-        let owner = Owner::monitor(&res, env, owner)?;
+        let owner = Owner::monitor(env, owner, owner::key(&*res), res.clone())?;
         lock(&res.state).owner = owner;
         announce(&res);
         res.shard.spawn(watch(res.clone(), on_closed));
@@ -174,7 +174,7 @@ async fn watch(res: ResourceArc<ConnRes>, on_closed: Option<OnClosed>) {
     }
     let r = res.clone();
     messages::send(&owner, move |e| closed_msg(e, r, local, local || by_app));
-    st.owner.release(&res, None);
+    st.owner.release();
 }
 
 /// `{quic, closed, C, Props}`: always the last message about a connection.
@@ -242,6 +242,8 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
     };
     let reply = Reply::new(env.pid(), tag);
     let owner = env.pid();
+    // The connection may start on a runtime thread: monitor its owner here, on the scheduler.
+    owner::prepare(env);
     let timeout = Duration::from_millis(timeout_ms.clamp(1, u32::MAX as u64));
     let timeout = opts.handshake_timeout.map_or(timeout, |h| h.min(timeout));
     let deadline = tokio::time::Instant::now() + timeout;
@@ -376,7 +378,7 @@ fn conn_close_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, code: quinn::VarIn
     if matches!(c.conn.close_reason(), Some(quinn::ConnectionError::LocallyClosed)) && !st.closed_sent {
         st.closed_sent = true;
         let _ = env.send(&st.owner.pid, closed_msg(env, c.clone(), true, true));
-        st.owner.release(c, Some(env));
+        st.owner.release();
     }
     atoms::ok().encode(env)
 }
@@ -561,6 +563,8 @@ fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: Term<'a>, t
         Some(Err(e)) => err(env, error::connection(&e)),
         None => {
             let reply = Reply::new(owner, tag);
+            // The stream starts when credit comes, maybe on a runtime thread: monitor here.
+            owner::prepare(env);
             let c = c.clone();
             c.shard.clone().spawn(async move {
                 let opened = if opts.unidirectional {
@@ -602,6 +606,8 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
     }
     let caller = env.pid();
     let reply = if tag.is_atom() { None } else { Some(Reply::new(caller, tag)) };
+    // The stream may start on a runtime thread: monitor its owner-to-be here, on the scheduler.
+    owner::prepare(env);
     let mut st = lock(&c.state);
     let id = st.next_accept;
     st.next_accept += 1;
@@ -712,7 +718,7 @@ pub fn controlling_process<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, pid: Loca
     if st.owner.pid != env.pid() {
         return err(env, atoms::not_owner());
     }
-    if st.owner.transfer(c, Some(env), pid) {
+    if st.owner.transfer(Some(env), pid, c.clone()) {
         atoms::ok().encode(env)
     } else {
         err(env, atoms::closed())

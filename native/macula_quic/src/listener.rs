@@ -16,10 +16,10 @@
 //! `close_listener` returns.
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use rustler::{Encoder, Env, LocalPid, Monitor, Resource, ResourceArc, Term};
+use rustler::{Encoder, Env, LocalPid, Resource, ResourceArc, Term};
 use tokio::sync::{oneshot, watch};
 
 use crate::address;
@@ -31,7 +31,7 @@ use crate::error::Reason;
 use crate::executor::{self, Shard};
 use crate::messages::{self, Reply};
 use crate::options;
-use crate::owner::Owner;
+use crate::owner::{self, Owned, Owner};
 use crate::runtime;
 use crate::tls;
 use crate::util::lock;
@@ -70,28 +70,32 @@ struct Shared {
     released: Mutex<Option<oneshot::Receiver<()>>>,
     /// The endpoint's shard, where its driver and the accept loop run (see `executor`).
     shard: Arc<Shard>,
+    owner: Mutex<Owner>,
     _live: Live,
 }
 
 pub struct ListenerRes {
     shared: Arc<Shared>,
-    owner: Mutex<Owner>,
 }
 
 #[rustler::resource_impl]
-impl Resource for ListenerRes {
-    const IMPLEMENTS_DOWN: bool = true;
+impl Resource for ListenerRes {}
 
-    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, mon: Monitor) {
-        if lock(&self.owner).is_monitor(&mon) {
-            close(&self.shared);
+/// The owner holds the listener weakly: the resource's last reference going away still closes
+/// it (`Drop` below), owner alive or not.
+impl Owned for Weak<Shared> {
+    fn owner_down(&self, pid: LocalPid) {
+        let Some(shared) = self.upgrade() else { return };
+        let owned = lock(&shared.owner).pid == pid;
+        if owned {
+            close(&shared);
         }
     }
 }
 
 impl ListenerRes {
     pub fn owner_pid(&self) -> LocalPid {
-        lock(&self.owner).pid
+        lock(&self.shared.owner).pid
     }
 }
 
@@ -119,6 +123,7 @@ fn close(shared: &Arc<Shared>) -> bool {
         st.waiters.clear();
         (st.ready.drain(..).collect::<Vec<_>>(), st.delivered_live > 0)
     };
+    lock(&shared.owner).release();
     for (c, shard) in queued {
         // On the connection's shard: closing takes its lock, which its driver may hold.
         shard.spawn(async move { c.close(quinn::VarInt::from_u32(0), b"listener closed") });
@@ -288,11 +293,12 @@ fn start(env: Env, addr: SocketAddr, opts: options::Listen) -> Result<ResourceAr
         stop: watch::channel(false).0,
         released: Mutex::new(Some(bound.released)),
         shard: bound.shard,
+        owner: Mutex::new(Owner::unmonitored(env.pid())),
         _live: Live::new(&counters::LISTENERS),
     });
-    let res = ResourceArc::new(ListenerRes { shared: shared.clone(), owner: Mutex::new(Owner::unmonitored(env.pid())) });
-    match Owner::monitor(&res, Some(env), env.pid()) {
-        Some(o) => *lock(&res.owner) = o,
+    let res = ResourceArc::new(ListenerRes { shared: shared.clone() });
+    match Owner::monitor(Some(env), env.pid(), owner::key(&*shared), Arc::downgrade(&shared)) {
+        Some(o) => *lock(&shared.owner) = o,
         None => return Err(atoms::closed().into()),
     }
     shared.shard.clone().spawn(accept_loop(shared, accept_endpoint));
@@ -309,6 +315,9 @@ fn start(env: Env, addr: SocketAddr, opts: options::Listen) -> Result<ResourceAr
 fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>) -> Term<'a> {
     let caller = env.pid();
     let blocking = !tag.is_atom();
+    // The connection may be handed over on a runtime thread: monitor the caller here, on the
+    // scheduler.
+    owner::prepare(env);
     let mut st = lock(&l.shared.state);
     if st.closed {
         return err(env, atoms::closed());
@@ -368,7 +377,7 @@ fn listener_close<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>) 
     if !was_open {
         return atoms::ok().encode(env);
     }
-    let owner = lock(&l.owner).pid;
+    let owner = lock(&l.shared.owner).pid;
     let _ = env.send(&owner, (atoms::quic(), atoms::listener_stopped(), l.clone()));
     let released = lock(&l.shared.released).take();
     match released {
@@ -393,11 +402,11 @@ fn listener_sockname<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>) -> Term<'a> 
 }
 
 pub fn controlling_process<'a>(env: Env<'a>, l: &ResourceArc<ListenerRes>, pid: LocalPid) -> Term<'a> {
-    let mut owner = lock(&l.owner);
+    let mut owner = lock(&l.shared.owner);
     if owner.pid != env.pid() {
         return err(env, atoms::not_owner());
     }
-    if owner.transfer(l, Some(env), pid) {
+    if owner.transfer(Some(env), pid, Arc::downgrade(&l.shared)) {
         atoms::ok().encode(env)
     } else {
         err(env, atoms::closed())

@@ -1,56 +1,154 @@
-//! The process that owns a handle.
+//! The process that owns a handle, and the one monitor per process that follows it.
 //!
-//! Every handle (listener, connection, stream) has one owner. The native side monitors it: when
-//! the owner exits, the resource's `down` callback shuts the handle down, so nothing is left
-//! running for a process that cannot hear about it.
+//! Every handle (listener, connection, stream) has one owner. When the owner exits, its handles
+//! are shut down, so nothing is left running for a process that cannot hear about it.
+//!
+//! A process that owns handles is monitored once, by an `OwnerRes`, not once per handle; its
+//! handles register with it. Why: a monitor's memory comes from the allocator of the thread that
+//! sets it and is given back by the monitored process, on a scheduler. With a monitor per
+//! handle, every accepted connection and every peer-opened stream set one on a runtime thread,
+//! and each time a scheduler gave one back it woke the VM's aux thread, which owns the memory of
+//! threads outside the VM (2-3 wake-ups per handshake, each preempting the runtime's workers on a
+//! small host; `bench/threads.exs macula_handshake`). The monitor is now set on a scheduler, in
+//! the NIF that first makes the process an owner or that waits for a connection or stream to be
+//! handed to it (`prepare`), and kept for as long as the process lives: a process opening and
+//! closing connections one after another sets it once.
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
 use rustler::{Env, LocalPid, Monitor, Resource, ResourceArc};
 
+use crate::counters::{self, Live};
 use crate::executor::env_or_caller;
+use crate::util::lock;
 
-pub struct Owner {
-    pub pid: LocalPid,
-    monitor: Option<Monitor>,
+/// A handle that an owner's exit shuts down.
+pub trait Owned: Send + Sync + 'static {
+    /// `pid` exited. The handle shuts down if `pid` still owns it (it may have just been handed
+    /// to another process).
+    fn owner_down(&self, pid: LocalPid);
 }
 
-impl Owner {
-    /// An owner not yet monitored (the resource does not exist yet).
-    pub fn unmonitored(pid: LocalPid) -> Owner {
-        Owner { pid, monitor: None }
-    }
+/// One owning process: the resource that monitors it.
+struct OwnerRes {
+    entry: Arc<Entry>,
+}
 
-    /// Monitors `pid` on behalf of `res`. `env` is the calling NIF's environment, or `None` on a
-    /// runtime thread or in a shard task (which uses the environment of the NIF running it).
-    /// Returns `None` when the process is already dead.
-    pub fn monitor<T: Resource>(res: &ResourceArc<T>, env: Option<Env>, pid: LocalPid) -> Option<Owner> {
-        let m = env_or_caller(env, |e| res.monitor(e, &pid));
-        m.map(|m| Owner { pid, monitor: Some(m) })
-    }
+#[rustler::resource_impl]
+impl Resource for OwnerRes {
+    const IMPLEMENTS_DOWN: bool = true;
 
-    /// True when `mon` is this owner's current monitor (a `down` for an earlier owner is stale).
-    pub fn is_monitor(&self, mon: &Monitor) -> bool {
-        self.monitor.as_ref() == Some(mon)
+    fn down<'a>(&'a self, _env: Env<'a>, pid: LocalPid, _mon: Monitor) {
+        let handles = lock(&self.entry.handles).take().unwrap_or_default();
+        {
+            let mut owners = lock(&OWNERS);
+            if owners.get(&pid).is_some_and(|r| Arc::ptr_eq(&r.entry, &self.entry)) {
+                owners.remove(&pid);
+            }
+        }
+        for h in handles.values() {
+            h.owner_down(pid);
+        }
     }
+}
 
-    /// Moves ownership to `new_pid`: monitors the new owner, then drops the old monitor.
-    /// Returns false (and changes nothing) when the new owner is already dead.
-    pub fn transfer<T: Resource>(&mut self, res: &ResourceArc<T>, env: Option<Env>, new_pid: LocalPid) -> bool {
-        match res.monitor(env, &new_pid) {
-            Some(m) => {
-                if let Some(old) = self.monitor.take() {
-                    res.demonitor(env, &old);
-                }
-                self.pid = new_pid;
-                self.monitor = Some(m);
+/// The handles of one owning process, keyed by their address. `None` once the process is dead:
+/// nothing more can register.
+struct Entry {
+    handles: Mutex<Option<HashMap<usize, Box<dyn Owned>>>>,
+    _live: Live,
+}
+
+impl Entry {
+    fn add(&self, key: usize, handle: Box<dyn Owned>) -> bool {
+        match lock(&self.handles).as_mut() {
+            Some(hs) => {
+                hs.insert(key, handle);
                 true
             }
             None => false,
         }
     }
 
-    /// Stops monitoring (the handle closed by itself).
-    pub fn release<T: Resource>(&mut self, res: &ResourceArc<T>, env: Option<Env>) {
-        if let Some(old) = self.monitor.take() {
-            env_or_caller(env, |e| res.demonitor(e, &old));
+    fn remove(&self, key: usize) {
+        let gone = lock(&self.handles).as_mut().and_then(|hs| hs.remove(&key));
+        // Dropped here, outside the lock (a handle's last reference runs its destructor).
+        drop(gone);
+    }
+}
+
+/// The monitored processes. An entry leaves when its process exits.
+static OWNERS: LazyLock<Mutex<HashMap<LocalPid, ResourceArc<OwnerRes>>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// `pid`'s entry, monitoring it first if it has none. `None` when the process is dead. `env` is
+/// the calling NIF's environment, or `None` on a runtime thread or in a shard task.
+fn entry_for(env: Option<Env>, pid: LocalPid) -> Option<Arc<Entry>> {
+    let mut owners = lock(&OWNERS);
+    if let Some(r) = owners.get(&pid) {
+        return Some(r.entry.clone());
+    }
+    let entry = Arc::new(Entry { handles: Mutex::new(Some(HashMap::new())), _live: Live::new(&counters::OWNERS) });
+    let res = ResourceArc::new(OwnerRes { entry: entry.clone() });
+    // The monitor lives as long as the resource, which the table keeps until `down`.
+    env_or_caller(env, |e| res.monitor(e, &pid))?;
+    owners.insert(pid, res);
+    Some(entry)
+}
+
+/// Makes sure the calling process is monitored, from its own NIF (a scheduler), before a runtime
+/// thread hands it a connection or stream: the monitor is then not set on the runtime thread.
+pub fn prepare(env: Env) {
+    let _ = entry_for(Some(env), env.pid());
+}
+
+/// The key a handle registers under: its address, stable while it is registered.
+pub fn key<T: ?Sized>(handle: &T) -> usize {
+    handle as *const T as *const u8 as usize
+}
+
+/// A handle's owner.
+pub struct Owner {
+    pub pid: LocalPid,
+    /// Where the handle is registered; `None` before it is and after `release`.
+    entry: Option<Arc<Entry>>,
+    key: usize,
+}
+
+impl Owner {
+    /// An owner the handle is not yet registered with (the handle does not exist yet).
+    pub fn unmonitored(pid: LocalPid) -> Owner {
+        Owner { pid, entry: None, key: 0 }
+    }
+
+    /// Registers `handle` (under `key`) with `pid`, monitoring `pid` if it is not yet. `env` is
+    /// the calling NIF's environment, or `None` on a runtime thread or in a shard task. Returns
+    /// `None` when the process is already dead.
+    pub fn monitor(env: Option<Env>, pid: LocalPid, key: usize, handle: impl Owned) -> Option<Owner> {
+        let entry = entry_for(env, pid)?;
+        entry.add(key, Box::new(handle)).then_some(Owner { pid, entry: Some(entry), key })
+    }
+
+    /// Moves ownership to `new_pid`, registering `handle` with it. Returns false (and changes
+    /// nothing) when the new owner is already dead. A released handle (closed) only changes
+    /// owner: there is nothing left to shut down.
+    pub fn transfer(&mut self, env: Option<Env>, new_pid: LocalPid, handle: impl Owned) -> bool {
+        let Some(new) = entry_for(env, new_pid) else { return false };
+        if let Some(old) = self.entry.take() {
+            if !new.add(self.key, Box::new(handle)) {
+                self.entry = Some(old);
+                return false;
+            }
+            old.remove(self.key);
+            self.entry = Some(new);
+        }
+        self.pid = new_pid;
+        true
+    }
+
+    /// Unregisters the handle (it closed by itself): the owner's exit no longer concerns it.
+    pub fn release(&mut self) {
+        if let Some(e) = self.entry.take() {
+            e.remove(self.key);
         }
     }
 }

@@ -31,7 +31,7 @@ use std::sync::Mutex;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NewBinary, NifResult, OwnedEnv, Resource, ResourceArc, Term};
+use rustler::{Binary, Encoder, Env, LocalPid, NewBinary, NifResult, OwnedEnv, Resource, ResourceArc, Term};
 use tokio::sync::Notify;
 
 use crate::atoms;
@@ -41,7 +41,7 @@ use crate::error::{self, Reason};
 use crate::executor;
 use crate::messages::{self, Reply};
 use crate::options::{self, Active, ActiveSetting};
-use crate::owner::Owner;
+use crate::owner::{self, Owned, Owner};
 use crate::runtime;
 use crate::util::lock;
 
@@ -155,14 +155,14 @@ enum SendCmd {
 }
 
 #[rustler::resource_impl]
-impl Resource for StreamRes {
-    const IMPLEMENTS_DOWN: bool = true;
+impl Resource for StreamRes {}
 
-    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, mon: Monitor) {
+impl Owned for ResourceArc<StreamRes> {
+    fn owner_down(&self, pid: LocalPid) {
         // The owner exited: abort both directions (code 0) so the peer is not left waiting, and
         // let the tasks end, which frees the stream.
         let mut st = lock(&self.state);
-        if !st.owner.is_monitor(&mon) {
+        if st.owner.pid != pid {
             return;
         }
         st.silenced = true;
@@ -230,7 +230,7 @@ impl StreamRes {
             }),
             _live: Live::new(&counters::STREAMS),
         });
-        let monitored = Owner::monitor(&res, env, owner);
+        let monitored = Owner::monitor(env, owner, owner::key(&*res), res.clone());
         let alive = monitored.is_some();
         {
             let mut st = lock(&res.state);
@@ -624,7 +624,7 @@ fn maybe_closed(res: &ResourceArc<StreamRes>, st: &mut State) {
             (atoms::quic(), atoms::stream_closed(), r, props).encode(e)
         });
     }
-    st.owner.release(res, None);
+    st.owner.release();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1060,7 +1060,7 @@ fn stream_handoff<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, pid: LocalPid) ->
     if st.owner.pid != env.pid() {
         return err(env, atoms::not_owner());
     }
-    if !st.owner.transfer(&s, Some(env), pid) {
+    if !st.owner.transfer(Some(env), pid, s.clone()) {
         return err(env, atoms::closed());
     }
     let previous = st.active;
@@ -1073,7 +1073,7 @@ pub fn controlling_process<'a>(env: Env<'a>, s: &ResourceArc<StreamRes>, pid: Lo
     if st.owner.pid != env.pid() {
         return err(env, atoms::not_owner());
     }
-    if st.owner.transfer(s, Some(env), pid) {
+    if st.owner.transfer(Some(env), pid, s.clone()) {
         atoms::ok().encode(env)
     } else {
         err(env, atoms::closed())

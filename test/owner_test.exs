@@ -1,0 +1,116 @@
+defmodule MaculaQuic.OwnerTest do
+  # Not async: it reads the library's global `owners` count, so nothing else may run meanwhile.
+  use ExUnit.Case, async: false
+  import MaculaQuic.Test.Quic
+
+  @moduletag :owners
+
+  test "an owner is monitored once, whatever it owns; its exit closes what it still owns" do
+    {l, port} = listen!()
+    parent = self()
+    keeper = spawn_link(fn -> runner(parent) end)
+    %{owners: owners_before} = MaculaQuic.native_counts()
+
+    owner =
+      spawn(fn ->
+        {own_l, _} = listen!()
+
+        conns =
+          for _ <- 1..3 do
+            {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn()], 5_000)
+            {:ok, s} = MaculaQuic.open_stream(c)
+            :ok = MaculaQuic.send(s, "hi")
+            c
+          end
+
+        # The last connection goes to `keeper`: the owner's exit must leave it open.
+        :ok = MaculaQuic.controlling_process(List.last(conns), keeper)
+        send(parent, {:ready, own_l, List.last(conns)})
+        receive do: (:never -> :ok)
+      end)
+
+    server = for _ <- 1..3, do: elem(MaculaQuic.accept(l, [], 5_000), 1)
+    assert_receive {:ready, own_l, kept_client}, 5_000
+    # One listener, three connections, three streams: one monitor on the process (there used to
+    # be one per handle), and one on `keeper`.
+    assert {:monitored_by, [_]} = Process.info(owner, :monitored_by)
+    assert {:monitored_by, [_]} = Process.info(keeper, :monitored_by)
+    assert MaculaQuic.native_counts().owners == owners_before + 2
+
+    Process.exit(owner, :kill)
+    # Two of the server's connections hear the owner's exit, and its listener closes.
+    assert_receive {:quic, :shutdown, sc, 0}, 5_000
+    assert_receive {:quic, :shutdown, sc_, 0}, 5_000
+    assert [kept] = server -- [sc, sc_]
+    assert {:error, :closed} = MaculaQuic.async_accept(own_l)
+    # The owner's entry is gone; `keeper`'s stays while it lives.
+    await_counts!(%{owners: owners_before + 1})
+
+    # The connection `keeper` owns still works, for `keeper`.
+    send(
+      keeper,
+      {:run,
+       fn ->
+         {:ok, s} = MaculaQuic.open_stream(kept_client)
+         MaculaQuic.send(s, "from keeper")
+       end}
+    )
+
+    assert_receive {:ran, :ok}, 5_000
+    assert :ok = accept_stream_with(kept, "from keeper")
+    refute_received {:quic, :shutdown, ^kept, _}
+
+    Process.unlink(keeper)
+    Process.exit(keeper, :kill)
+    assert_receive {:quic, :shutdown, ^kept, 0}, 5_000
+    await_counts!(%{owners: owners_before})
+  end
+
+  test "handles handed to another process close when that process exits, not the giver" do
+    # Whatever earlier tests left must be gone: the counts below are exact.
+    %{owners: before} = await_counts!(%{listeners: 0, connections: 0, streams: 0}, 30_000)
+    parent = self()
+    heir = spawn(fn -> receive do: (:never -> :ok) end)
+
+    giver =
+      spawn(fn ->
+        {c, sc, l, _} = pair!()
+        {s, ss} = stream_pair!(c, sc)
+        for h <- [c, sc, l, s, ss], do: :ok = MaculaQuic.controlling_process(h, heir)
+        send(parent, :handed)
+        receive do: (:never -> :ok)
+      end)
+
+    assert_receive :handed, 5_000
+    assert MaculaQuic.native_counts().owners == before + 2
+    assert {:monitored_by, [_]} = Process.info(heir, :monitored_by)
+
+    # The giver's exit closes nothing: every handle is the heir's.
+    Process.exit(giver, :kill)
+    await_counts!(%{owners: before + 1})
+    assert %{listeners: 1, connections: 2, streams: 2} = MaculaQuic.native_counts()
+
+    Process.exit(heir, :kill)
+    await_counts!(%{owners: before, listeners: 0, connections: 0, streams: 0})
+  end
+
+  # Runs the functions it is sent, in its own process, and answers with their results.
+  defp runner(parent) do
+    receive do
+      {:run, f} ->
+        send(parent, {:ran, f.()})
+        runner(parent)
+    end
+  end
+
+  # Accepts the peer's streams on `conn` until one carries `data` (the dead owner's aborted
+  # stream may come first).
+  defp accept_stream_with(conn, data) do
+    {:ok, s} = MaculaQuic.accept_stream(conn, [active: false], 5_000)
+
+    case MaculaQuic.recv(s, byte_size(data), 5_000) do
+      {:ok, ^data} -> :ok
+      _ -> accept_stream_with(conn, data)
+    end
+  end
+end
