@@ -21,7 +21,7 @@ defmodule Bench.Threads do
   def main([workload | rest]) when workload in @workloads do
     seconds =
       case rest do
-        [s] -> String.to_float(s)
+        [s] -> seconds!(s)
         [] -> 3.0
       end
 
@@ -38,7 +38,17 @@ defmodule Bench.Threads do
     File.rm_rf(dir)
   end
 
-  def main(_) do
+  def main(_), do: usage()
+
+  # "5" and "2.5" both: a whole number of seconds is the common way to write it.
+  defp seconds!(s) do
+    case Float.parse(s) do
+      {x, ""} when x > 0 -> x
+      _ -> usage()
+    end
+  end
+
+  defp usage do
     IO.puts(:stderr, "usage: elixir bench/threads.exs #{Enum.join(@workloads, "|")} [SECONDS]")
     System.halt(2)
   end

@@ -35,6 +35,7 @@ defmodule MaculaQuic do
   owner exits the handle is shut down (a connection is closed with application error code 0, a
   stream is reset and stopped with code 0, a listener stops accepting). Change the owner with
   `controlling_process/2`, or `handoff_stream/3` for a stream with messages already queued.
+  An owning process is monitored once, however many handles it owns, until it exits.
 
   Like a `:gen_tcp` socket, an open handle belongs to its owner: it is not closed just because
   every reference to it was dropped. Once it is closed (by `close/1`, the peer, a timeout or its
