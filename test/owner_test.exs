@@ -94,6 +94,19 @@ defmodule MaculaQuic.OwnerTest do
     await_counts!(%{owners: before, listeners: 0, connections: 0, streams: 0})
   end
 
+  test "handles that end by themselves are freed while their owner lives on" do
+    # An owner's entry holds its open connections and streams until they end: every way of
+    # ending must let go of them, or they would live as long as the owner.
+    await_counts!(%{listeners: 0, connections: 0, streams: 0}, 30_000)
+    parent = self()
+    owner = spawn_link(fn -> runner(parent) end)
+    send(owner, {:run, &end_everything/0})
+    assert_receive {:ran, :ok}, 15_000
+    await_counts!(%{listeners: 0, connections: 0, streams: 0}, 10_000)
+    assert Process.alive?(owner)
+    assert {:monitored_by, [_]} = Process.info(owner, :monitored_by)
+  end
+
   # Runs the functions it is sent, in its own process, and answers with their results.
   defp runner(parent) do
     receive do
@@ -111,6 +124,48 @@ defmodule MaculaQuic.OwnerTest do
     case MaculaQuic.recv(s, byte_size(data), 5_000) do
       {:ok, ^data} -> :ok
       _ -> accept_stream_with(conn, data)
+    end
+  end
+
+  # In one process, both ends: streams finished both ways, closed, reset by the peer; a
+  # connection closed here (its peer's end closed by the peer), one ended by idle timeout; a
+  # listener closed. Then every message about them is read, so nothing refers to them.
+  defp end_everything do
+    {c, sc, l, _} = pair!()
+    {s1, ss1} = stream_pair!(c, sc, first: "a", server: [active: true])
+    :ok = MaculaQuic.send(s1, "", 4)
+    assert_receive {:quic, :peer_send_shutdown, ^ss1, _}, 5_000
+    :ok = MaculaQuic.send(ss1, "b", 4)
+    assert_receive {:quic, :stream_closed, ^ss1, _}, 5_000
+    assert_receive {:quic, :stream_closed, ^s1, _}, 5_000
+
+    {s2, ss2} = stream_pair!(c, sc, first: "c")
+    :ok = MaculaQuic.close_stream(s2)
+    assert_receive {:quic, :stream_closed, ^ss2, _}, 5_000
+
+    {s3, ss3} = stream_pair!(c, sc, first: "d")
+    :ok = MaculaQuic.async_shutdown_stream(ss3, MaculaQuic.stream_shutdown_abort(), 7)
+    assert_receive {:quic, :stream_closed, ^s3, _}, 5_000
+    assert_receive {:quic, :stream_closed, ^ss3, _}, 5_000
+
+    :ok = MaculaQuic.close_connection(c)
+    assert_receive {:quic, :closed, ^sc, _}, 5_000
+
+    {ci, sci, li, _} = pair!(listen: [idle_timeout_ms: 200], connect: [idle_timeout_ms: 200])
+    assert_receive {:quic, :closed, ^ci, _}, 5_000
+    assert_receive {:quic, :closed, ^sci, _}, 5_000
+
+    :ok = MaculaQuic.close_listener(l)
+    :ok = MaculaQuic.close_listener(li)
+    flush()
+    :ok
+  end
+
+  defp flush do
+    receive do
+      _ -> flush()
+    after
+      0 -> :ok
     end
   end
 end
