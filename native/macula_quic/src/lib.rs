@@ -5,7 +5,7 @@
 //! - `executor`: shards (per connection, per endpoint) whose tasks a NIF may run on its own thread.
 //! - `spin`: a runtime worker watching the sockets for a moment before it sleeps.
 //! - `messages`: sending terms to Erlang processes from runtime threads; request replies.
-//! - `owner`: the process that owns a handle, and the monitor that follows it.
+//! - `owner`: the process that owns a handle; one monitor per owning process follows it.
 //! - `address`, `options`, `tls`: decoding what callers pass in.
 //! - `endpoint`: UDP sockets (exact binds, the bound-address registry, shared client endpoints).
 //! - `listener`, `connection`, `stream`: the three handle kinds, one resource each.
