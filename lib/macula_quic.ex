@@ -813,6 +813,12 @@ defmodule MaculaQuic do
   `{:error, {:bad_option, name}}` and changes nothing. A `new_owner` that has already exited
   gives `{:error, :closed}`; one that is not a local pid raises `ArgumentError`.
 
+  Delivery pauses while the queued messages are forwarded, and the mode is set once they are.
+  If the new owner uses the stream before that (`setopt/3` with `:active`, or `recv/3`), its
+  choice stands and the mode from `opts` is not applied. For messages to stay in order, the new
+  owner should wait for a word from the old one before reading, as with
+  `:gen_tcp.controlling_process/2`.
+
       :ok = MaculaQuic.handoff_stream(stream, worker_pid, active: :once)
   """
   @spec handoff_stream(stream(), pid(), options()) :: :ok | {:error, reason()}
@@ -825,7 +831,7 @@ defmodule MaculaQuic do
            {:ok, previous} <-
              native(:stream, stream, fn -> Native.stream_handoff(stream, new_owner) end) do
         forward_queued(stream, new_owner)
-        Native.stream_set_active(stream, Map.get(map, :active, previous))
+        Native.stream_handoff_resume(stream, Map.get(map, :active, previous))
       end
 
     checked(result, :stream, stream)

@@ -94,6 +94,10 @@ struct RecvRequest {
 struct State {
     owner: Owner,
     active: Active,
+    /// `handoff_stream` paused delivery and will restore the mode once it has forwarded the old
+    /// owner's queued messages, unless the new owner chooses a mode (or calls `recv`) first:
+    /// then its choice stands.
+    handoff_paused: bool,
     /// Data read from Quinn and not yet delivered, in order.
     buf: VecDeque<Bytes>,
     buffered: usize,
@@ -214,6 +218,7 @@ impl StreamRes {
                 stop_recv: None,
                 reset_send: None,
                 silenced: false,
+                handoff_paused: false,
                 recv_done: !has_recv,
                 send_done: send.is_none(),
                 closed_sent: false,
@@ -941,10 +946,28 @@ fn stream_set_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a
 }
 
 fn stream_set_active_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>) -> Term<'a> {
+    apply_active(env, s, value, false)
+}
+
+/// `stream_handoff_resume(Stream, Active)`: the end of `handoff_stream`, which sets the mode
+/// only if the stream is still paused by the handoff. A new owner that already chose a mode,
+/// or called `recv`, keeps its choice (restoring over it could leave the stream passive with
+/// data waiting and nobody told).
+#[rustler::nif]
+fn stream_handoff_resume<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>) -> Term<'a> {
+    executor::inline(env, || apply_active(env, s, value, true))
+}
+
+/// Sets the active mode; with `only_if_paused`, only while `handoff_stream` has it paused.
+fn apply_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>, only_if_paused: bool) -> Term<'a> {
     let Some(setting) = options::decode_active(value) else {
         return err(env, error::bad_option("active"));
     };
     let mut st = lock(&s.state);
+    if only_if_paused && !st.handoff_paused {
+        return atoms::ok().encode(env);
+    }
+    st.handoff_paused = false;
     let Ok(mode) = setting.apply(st.active) else {
         return err(env, error::bad_option("active"));
     };
@@ -1001,6 +1024,8 @@ fn stream_recv_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: T
     if st.active != Active::Off {
         return err(env, atoms::einval());
     }
+    // Reading passively is a choice of mode: a handoff in progress leaves it alone.
+    st.handoff_paused = false;
     if let Some(req) = &st.recv_request {
         // A waiting `recv` whose caller has since exited (killed while waiting) must not
         // block the stream's next `recv` forever: it is dropped, unanswered.
@@ -1065,6 +1090,7 @@ fn stream_handoff<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, pid: LocalPid) ->
     }
     let previous = st.active;
     st.active = Active::Off;
+    st.handoff_paused = true;
     (atoms::ok(), encode_active(env, previous)).encode(env)
 }
 
