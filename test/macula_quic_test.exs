@@ -623,20 +623,15 @@ defmodule MaculaQuicTest do
     # restoring over it used to leave the stream passive with data waiting and nobody told
     # (bin/demo stalled about once in eight runs). The steps are driven one by one here.
     test "a new owner that sets a mode before handoff_stream finishes keeps it" do
-      {c, sc, _l, _} = pair!()
-      {s, ss} = stream_pair!(c, sc, server: [active: false], first: "a")
       parent = self()
 
-      new_owner =
-        spawn_link(fn ->
-          receive do: (:go -> :ok)
+      {s, ss, _} =
+        paused_handoff!(fn ss ->
           :ok = MaculaQuic.setopt(ss, :active, 16)
           send(parent, :set)
           forward_data(ss, parent)
         end)
 
-      assert {:ok, false} = MaculaQuic.Native.stream_handoff(ss, new_owner)
-      send(new_owner, :go)
       assert_receive :set, 5_000
       # What handoff_stream(ss, new_owner, active: false) does last.
       :ok = MaculaQuic.Native.stream_handoff_resume(ss, false)
@@ -646,20 +641,15 @@ defmodule MaculaQuicTest do
     end
 
     test "a new owner that reads before handoff_stream finishes stays passive" do
-      {c, sc, _l, _} = pair!()
-      {s, ss} = stream_pair!(c, sc, server: [active: false], first: "a")
       parent = self()
 
-      new_owner =
-        spawn_link(fn ->
-          receive do: (:go -> :ok)
+      {s, ss, new_owner} =
+        paused_handoff!(fn ss ->
           send(parent, {:first, MaculaQuic.recv(ss, 1, 5_000)})
           receive do: (:again -> :ok)
           send(parent, {:second, MaculaQuic.recv(ss, 1, 5_000)})
         end)
 
-      assert {:ok, false} = MaculaQuic.Native.stream_handoff(ss, new_owner)
-      send(new_owner, :go)
       assert_receive {:first, {:ok, "a"}}, 5_000
       # handoff_stream(ss, new_owner, active: true) would now turn delivery on, failing the
       # reader's next recv with :einval.
@@ -745,6 +735,19 @@ defmodule MaculaQuicTest do
   end
 
   ## helpers
+
+  # A stream pair (server end passive, "a" waiting in it) whose server end goes to a new
+  # process through the first step of handoff_stream only: delivery paused, the mode not yet
+  # restored. The new process then runs `fun.(server_stream)`. Returns {client end, server end,
+  # new owner}.
+  defp paused_handoff!(fun) do
+    {c, sc, _l, _} = pair!()
+    {s, ss} = stream_pair!(c, sc, server: [active: false], first: "a")
+    new_owner = spawn_link(fn -> receive(do: (:go -> fun.(ss))) end)
+    assert {:ok, false} = MaculaQuic.Native.stream_handoff(ss, new_owner)
+    send(new_owner, :go)
+    {s, ss, new_owner}
+  end
 
   # Sends `{:got, data}` to `to` for each data message about `stream`.
   defp forward_data(stream, to) do

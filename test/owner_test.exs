@@ -157,15 +157,7 @@ defmodule MaculaQuic.OwnerTest do
 
     :ok = MaculaQuic.close_listener(l)
     :ok = MaculaQuic.close_listener(li)
-    flush()
+    MaculaQuic.Test.Settle.flush_quic()
     :ok
-  end
-
-  defp flush do
-    receive do
-      _ -> flush()
-    after
-      0 -> :ok
-    end
   end
 end
