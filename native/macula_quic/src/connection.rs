@@ -573,12 +573,12 @@ fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: Term<'a>, t
                     c.conn.open_bi().await.map(|(s, r)| (Some(s), Some(r)))
                 };
                 match opened {
-                    Ok((send, recv)) => match StreamRes::start(None, c.clone(), send, recv, owner, opts.active, |_| {}) {
-                        Some(s) => {
+                    Ok((send, recv)) => {
+                        // `None`: the caller has exited meanwhile, and `start` aborted the stream.
+                        if let Some(s) = StreamRes::start(None, c.clone(), send, recv, owner, opts.active, |_| {}) {
                             reply.send(move |e| (atoms::ok(), s).encode(e));
                         }
-                        None => {}
-                    },
+                    }
                     Err(e) => {
                         reply.error(error::connection(&e));
                     }

@@ -280,8 +280,11 @@ pub fn endpoint(socket: UdpSocket, server: Option<quinn::ServerConfig>) -> Resul
     Ok((ep, shard))
 }
 
-fn client_endpoints() -> &'static Mutex<HashMap<SocketAddr, (quinn::Endpoint, Arc<Shard>)>> {
-    static C: OnceLock<Mutex<HashMap<SocketAddr, (quinn::Endpoint, Arc<Shard>)>>> = OnceLock::new();
+/// The shared client endpoints by local address, each with its shard.
+type ClientEndpoints = Mutex<HashMap<SocketAddr, (quinn::Endpoint, Arc<Shard>)>>;
+
+fn client_endpoints() -> &'static ClientEndpoints {
+    static C: OnceLock<ClientEndpoints> = OnceLock::new();
     C.get_or_init(|| Mutex::new(HashMap::new()))
 }
 

@@ -25,7 +25,7 @@ where
     }
     SEND_ENV.with(|env| {
         let mut env = env.borrow_mut();
-        env.send_and_clear(pid, |e| build(e)).is_ok()
+        env.send_and_clear(pid, build).is_ok()
     })
 }
 
