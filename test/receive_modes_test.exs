@@ -51,6 +51,14 @@ defmodule MaculaQuic.ReceiveModesTest do
                MaculaQuic.open_stream(elem(streams!([]), 0), active: :maybe)
     end
 
+    test "the passive message goes to the owner, whichever process brings the count to zero" do
+      {_c, _sc, _s, ss} = streams!(active: false)
+      :ok = MaculaQuic.setopt(ss, :active, 5)
+      assert :ok = Task.await(Task.async(fn -> MaculaQuic.setopt(ss, :active, -10) end))
+      assert {:ok, false} = MaculaQuic.getopt(ss, :active)
+      assert_receive {:quic, :passive, ^ss, :undefined}, 5_000
+    end
+
     test "true delivers everything; false holds it for recv" do
       {_c, _sc, s, ss} = streams!(active: false)
       :ok = MaculaQuic.send(s, "bc")

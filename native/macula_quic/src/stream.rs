@@ -967,13 +967,16 @@ fn apply_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>, on
     if only_if_paused && !st.handoff_paused {
         return atoms::ok().encode(env);
     }
-    st.handoff_paused = false;
     let Ok(mode) = setting.apply(st.active) else {
         return err(env, error::bad_option("active"));
     };
+    st.handoff_paused = false;
     // `{active, N}` that brings the counter to zero or below turns the stream passive and, as
-    // in `:inet`, says so.
-    let to_passive_by_count = matches!(setting, ActiveSetting::Add(_)) && mode == Active::Off && st.active != Active::Off;
+    // in `:inet`, says so: to the owner (who may not be the caller, as at the end of a
+    // handoff), and under the lock, like every message about the stream.
+    if matches!(setting, ActiveSetting::Add(_)) && mode == Active::Off && st.active != Active::Off {
+        let _ = env.send(&st.owner.pid, (atoms::quic(), atoms::passive(), s.clone(), atoms::undefined()));
+    }
     st.active = mode;
     if st.active != Active::Off && st.recv_request.is_some() {
         // A pending passive recv cannot coexist with active delivery: it fails with einval.
@@ -985,9 +988,6 @@ fn apply_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>, on
         }
     }
     drop(st);
-    if to_passive_by_count {
-        let _ = env.send(&env.pid(), (atoms::quic(), atoms::passive(), s.clone(), atoms::undefined()));
-    }
     s.wake_reader.notify_one();
     atoms::ok().encode(env)
 }
