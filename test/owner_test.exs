@@ -107,6 +107,29 @@ defmodule MaculaQuic.OwnerTest do
     assert {:monitored_by, [_]} = Process.info(owner, :monitored_by)
   end
 
+  test "an open listener belongs to its owner even when nothing refers to it any more" do
+    await_counts!(%{listeners: 0, connections: 0, streams: 0}, 30_000)
+    parent = self()
+
+    owner =
+      spawn(fn ->
+        {_, port} = listen!()
+        send(parent, {:port, port})
+        receive do: (:never -> :ok)
+      end)
+
+    assert_receive {:port, port}, 5_000
+    # Nothing in the owner refers to the listener any more once it is collected.
+    :erlang.garbage_collect(owner)
+    assert {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn(), verify: :none], 5_000)
+    :ok = MaculaQuic.close_connection(c)
+    assert MaculaQuic.native_counts().listeners == 1
+
+    # Its owner's exit closes it, and then it is freed.
+    Process.exit(owner, :kill)
+    await_counts!(%{listeners: 0, connections: 0})
+  end
+
   # Runs the functions it is sent, in its own process, and answers with their results.
   defp runner(parent) do
     receive do

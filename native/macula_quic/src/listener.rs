@@ -16,7 +16,7 @@
 //! `close_listener` returns.
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustler::{Encoder, Env, LocalPid, Resource, ResourceArc, Term};
@@ -81,14 +81,16 @@ pub struct ListenerRes {
 #[rustler::resource_impl]
 impl Resource for ListenerRes {}
 
-/// The owner holds the listener weakly: the resource's last reference going away still closes
-/// it (`Drop` below), owner alive or not.
-impl Owned for Weak<Shared> {
+/// The owner's entry holds the listener until it closes: like a `:gen_tcp` listen socket, an
+/// open listener belongs to its owner whether or not anything still refers to it (as the
+/// moduledoc promises for every handle). Before, dropping the last reference closed it, and a
+/// listener held only in a variable the caller no longer used could close under a connect when
+/// something garbage-collected the caller.
+impl Owned for ResourceArc<ListenerRes> {
     fn owner_down(&self, pid: LocalPid) {
-        let Some(shared) = self.upgrade() else { return };
-        let owned = lock(&shared.owner).pid == pid;
+        let owned = lock(&self.shared.owner).pid == pid;
         if owned {
-            close(&shared);
+            close(&self.shared);
         }
     }
 }
@@ -100,6 +102,7 @@ impl ListenerRes {
 }
 
 impl Drop for ListenerRes {
+    /// Closed already, unless the owner could not be registered: closing again does nothing.
     fn drop(&mut self) {
         close(&self.shared);
     }
@@ -123,6 +126,9 @@ fn close(shared: &Arc<Shared>) -> bool {
         st.waiters.clear();
         (st.ready.drain(..).collect::<Vec<_>>(), st.delivered_live > 0)
     };
+    // The owner's entry lets go of the listener. That is never its last reference (which would
+    // run `Drop`, and `close`, under this lock): whoever closes it holds one, or is its `Drop`,
+    // which runs only after the entry let go.
     lock(&shared.owner).release();
     for (c, shard) in queued {
         // On the connection's shard: closing takes its lock, which its driver may hold.
@@ -297,7 +303,7 @@ fn start(env: Env, addr: SocketAddr, opts: options::Listen) -> Result<ResourceAr
         _live: Live::new(&counters::LISTENERS),
     });
     let res = ResourceArc::new(ListenerRes { shared: shared.clone() });
-    match Owner::monitor(Some(env), env.pid(), owner::key(&*shared), Arc::downgrade(&shared)) {
+    match Owner::monitor(Some(env), env.pid(), owner::key(&*shared), res.clone()) {
         Some(o) => *lock(&shared.owner) = o,
         None => return Err(atoms::closed().into()),
     }
@@ -406,7 +412,7 @@ pub fn controlling_process<'a>(env: Env<'a>, l: &ResourceArc<ListenerRes>, pid: 
     if owner.pid != env.pid() {
         return err(env, atoms::not_owner());
     }
-    if owner.transfer(Some(env), pid, Arc::downgrade(&l.shared)) {
+    if owner.transfer(Some(env), pid, l.clone()) {
         atoms::ok().encode(env)
     } else {
         err(env, atoms::closed())
