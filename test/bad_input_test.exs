@@ -11,9 +11,7 @@ defmodule MaculaQuic.BadInputTest do
   @faces [MaculaQuic, :macula_quic]
 
   setup_all do
-    dir =
-      Path.join(System.tmp_dir!(), "macula_quic_bad_input_#{System.unique_integer([:positive])}")
-
+    dir = MaculaQuic.Test.Certs.fresh_dir!("macula_quic_bad_input")
     certs = MaculaQuic.Test.Certs.generate!(dir)
     files = junk_files!(dir, certs)
     on_exit(fn -> File.rm_rf!(dir) end)

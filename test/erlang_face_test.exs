@@ -8,11 +8,7 @@ defmodule MaculaQuic.ErlangFaceTest do
   @wait 5_000
 
   setup_all do
-    dir =
-      Path.join(
-        System.tmp_dir!(),
-        "macula_quic_erlang_face_#{System.unique_integer([:positive])}"
-      )
+    dir = Certs.fresh_dir!("macula_quic_erlang_face")
 
     on_exit(fn -> File.rm_rf!(dir) end)
     {:ok, certs: Certs.generate!(dir)}

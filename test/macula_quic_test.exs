@@ -6,7 +6,7 @@ defmodule MaculaQuicTest do
   @moduletag :api
 
   setup_all do
-    dir = Path.join(System.tmp_dir!(), "macula_quic_certs_#{System.unique_integer([:positive])}")
+    dir = MaculaQuic.Test.Certs.fresh_dir!("macula_quic_certs")
     certs = MaculaQuic.Test.Certs.generate!(dir)
     on_exit(fn -> File.rm_rf!(dir) end)
     {:ok, certs: certs}

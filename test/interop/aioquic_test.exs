@@ -23,8 +23,7 @@ defmodule MaculaQuic.Interop.AioquicTest do
   setup_all do
     Py.ensure!()
 
-    dir =
-      Path.join(System.tmp_dir!(), "macula_quic_interop_#{System.unique_integer([:positive])}")
+    dir = MaculaQuic.Test.Certs.fresh_dir!("macula_quic_interop")
 
     certs = Py.certs!(dir)
     on_exit(fn -> File.rm_rf(dir) end)

@@ -7,6 +7,23 @@ defmodule MaculaQuic.Test.Certs do
   # Why not :public_key.pkix_test_data/1: OTP encodes the ecdsa-with-SHA256 algorithm
   # identifier with NULL parameters, which webpki (rustls) rejects as a bad signature.
 
+  @doc """
+  A new, empty directory under the system's temporary directory, unique across test runs (a
+  unique integer alone repeats from one VM to the next, so two runs could share a directory,
+  and a run killed before its cleanup left one behind for the next).
+  """
+  def fresh_dir!(prefix) do
+    dir =
+      Path.join(
+        System.tmp_dir!(),
+        "#{prefix}_#{System.os_time()}_#{System.unique_integer([:positive])}"
+      )
+
+    File.rm_rf!(dir)
+    File.mkdir_p!(dir)
+    dir
+  end
+
   @doc false
   def generate!(dir) do
     File.mkdir_p!(dir)
