@@ -27,7 +27,8 @@ defmodule Bench.Run do
     {:ok, _} = Application.ensure_all_started(:ssl)
     out = System.get_env("BENCH_OUT") || Path.expand("results", __DIR__)
     File.mkdir_p!(out)
-    cert = make_cert(Path.join(System.tmp_dir!(), "macula_quic_bench_#{System.os_time()}"))
+    cert_dir = Path.join(System.tmp_dir!(), "macula_quic_bench_#{System.os_time()}")
+    cert = make_cert(cert_dir)
     quinn = System.get_env("BENCH_QUINN") || default_quinn()
     only = (System.get_env("BENCH_ONLY") || Enum.join(@workloads, ",")) |> String.split(",")
     machine = machine()
@@ -40,9 +41,14 @@ defmodule Bench.Run do
     ctx = %{cert: cert, quinn: quinn}
 
     rows =
-      Enum.flat_map(@workloads, fn w ->
-        if w in only, do: apply(__MODULE__, String.to_atom(w), [ctx]), else: []
-      end)
+      try do
+        Enum.flat_map(@workloads, fn w ->
+          if w in only, do: apply(__MODULE__, String.to_atom(w), [ctx]), else: []
+        end)
+      after
+        # The throwaway certificate; runs used to leave one directory each behind.
+        File.rm_rf(cert_dir)
+      end
 
     elapsed = (System.monotonic_time(:millisecond) - t0) / 1000
 
