@@ -65,7 +65,7 @@ pub struct ConnRes {
 #[rustler::resource_impl]
 impl Resource for ConnRes {}
 
-impl Owned for ResourceArc<ConnRes> {
+impl Owned for ConnRes {
     fn owner_down(&self, pid: LocalPid) {
         // The owner exited: close with code 0 so the peer learns at once, instead of waiting
         // for the idle timeout. The watcher then ends and the resource can be freed. Closing
@@ -110,7 +110,7 @@ impl ConnRes {
             }),
             _live: Live::new(&counters::CONNECTIONS),
         });
-        let owner = Owner::monitor(env, owner, owner::key(&*res), res.clone())?;
+        let owner = Owner::monitor(env, owner, &res)?;
         lock(&res.state).owner = owner;
         announce(&res);
         res.shard.spawn(watch(res.clone(), on_closed));
@@ -718,7 +718,7 @@ pub fn controlling_process<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, pid: Loca
     if st.owner.pid != env.pid() {
         return err(env, atoms::not_owner());
     }
-    if st.owner.transfer(Some(env), pid, c.clone()) {
+    if st.owner.transfer(Some(env), pid, c) {
         atoms::ok().encode(env)
     } else {
         err(env, atoms::closed())

@@ -81,12 +81,11 @@ pub struct ListenerRes {
 #[rustler::resource_impl]
 impl Resource for ListenerRes {}
 
-/// The owner's entry holds the listener until it closes: like a `:gen_tcp` listen socket, an
-/// open listener belongs to its owner whether or not anything still refers to it (as the
-/// moduledoc promises for every handle). Before, dropping the last reference closed it, and a
-/// listener held only in a variable the caller no longer used could close under a connect when
-/// something garbage-collected the caller.
-impl Owned for ResourceArc<ListenerRes> {
+/// The owner's entry holds the listener until it closes (see `owner`): like a `:gen_tcp` listen
+/// socket, an open listener belongs to its owner whether or not anything still refers to it.
+/// Before, dropping the last reference closed it, and a listener held only in a variable the
+/// caller no longer used could close under a connect when something garbage-collected the caller.
+impl Owned for ListenerRes {
     fn owner_down(&self, pid: LocalPid) {
         let owned = lock(&self.shared.owner).pid == pid;
         if owned {
@@ -303,7 +302,7 @@ fn start(env: Env, addr: SocketAddr, opts: options::Listen) -> Result<ResourceAr
         _live: Live::new(&counters::LISTENERS),
     });
     let res = ResourceArc::new(ListenerRes { shared: shared.clone() });
-    match Owner::monitor(Some(env), env.pid(), owner::key(&*shared), res.clone()) {
+    match Owner::monitor(Some(env), env.pid(), &res) {
         Some(o) => *lock(&shared.owner) = o,
         None => return Err(atoms::closed().into()),
     }
@@ -412,7 +411,7 @@ pub fn controlling_process<'a>(env: Env<'a>, l: &ResourceArc<ListenerRes>, pid: 
     if owner.pid != env.pid() {
         return err(env, atoms::not_owner());
     }
-    if owner.transfer(Some(env), pid, l.clone()) {
+    if owner.transfer(Some(env), pid, l) {
         atoms::ok().encode(env)
     } else {
         err(env, atoms::closed())

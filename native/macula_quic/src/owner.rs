@@ -22,11 +22,28 @@ use crate::counters::{self, Live};
 use crate::executor::env_or_caller;
 use crate::util::lock;
 
-/// A handle that an owner's exit shuts down.
-pub trait Owned: Send + Sync + 'static {
+/// A handle (listener, connection, stream) that an owner's exit shuts down.
+pub trait Owned: Resource {
     /// `pid` exited. The handle shuts down if `pid` still owns it (it may have just been handed
     /// to another process).
     fn owner_down(&self, pid: LocalPid);
+}
+
+/// What an entry keeps of a handle: a reference, so that an open handle belongs to its owner
+/// until it closes, whether or not anything else refers to it.
+trait Registered: Send + Sync {
+    fn owner_down(&self, pid: LocalPid);
+}
+
+impl<T: Owned> Registered for ResourceArc<T> {
+    fn owner_down(&self, pid: LocalPid) {
+        (**self).owner_down(pid)
+    }
+}
+
+/// The key a handle registers under: its address, stable while it is registered.
+fn key<T: Resource>(handle: &ResourceArc<T>) -> usize {
+    &**handle as *const T as usize
 }
 
 /// One owning process: the resource that monitors it.
@@ -55,12 +72,12 @@ impl Resource for OwnerRes {
 /// The handles of one owning process, keyed by their address. `None` once the process is dead:
 /// nothing more can register.
 struct Entry {
-    handles: Mutex<Option<HashMap<usize, Box<dyn Owned>>>>,
+    handles: Mutex<Option<HashMap<usize, Box<dyn Registered>>>>,
     _live: Live,
 }
 
 impl Entry {
-    fn add(&self, key: usize, handle: Box<dyn Owned>) -> bool {
+    fn add(&self, key: usize, handle: Box<dyn Registered>) -> bool {
         match lock(&self.handles).as_mut() {
             Some(hs) => {
                 hs.insert(key, handle);
@@ -101,11 +118,6 @@ pub fn prepare(env: Env) {
     let _ = entry_for(Some(env), env.pid());
 }
 
-/// The key a handle registers under: its address, stable while it is registered.
-pub fn key<T: ?Sized>(handle: &T) -> usize {
-    handle as *const T as *const u8 as usize
-}
-
 /// A handle's owner.
 pub struct Owner {
     pub pid: LocalPid,
@@ -120,21 +132,22 @@ impl Owner {
         Owner { pid, entry: None, key: 0 }
     }
 
-    /// Registers `handle` (under `key`) with `pid`, monitoring `pid` if it is not yet. `env` is
-    /// the calling NIF's environment, or `None` on a runtime thread or in a shard task. Returns
-    /// `None` when the process is already dead.
-    pub fn monitor(env: Option<Env>, pid: LocalPid, key: usize, handle: impl Owned) -> Option<Owner> {
+    /// Registers `handle` with `pid`, monitoring `pid` if it is not yet. `env` is the calling
+    /// NIF's environment, or `None` on a runtime thread or in a shard task. Returns `None` when
+    /// the process is already dead.
+    pub fn monitor<T: Owned>(env: Option<Env>, pid: LocalPid, handle: &ResourceArc<T>) -> Option<Owner> {
         let entry = entry_for(env, pid)?;
-        entry.add(key, Box::new(handle)).then_some(Owner { pid, entry: Some(entry), key })
+        let key = key(handle);
+        entry.add(key, Box::new(handle.clone())).then_some(Owner { pid, entry: Some(entry), key })
     }
 
     /// Moves ownership to `new_pid`, registering `handle` with it. Returns false (and changes
     /// nothing) when the new owner is already dead. A released handle (closed) only changes
     /// owner: there is nothing left to shut down.
-    pub fn transfer(&mut self, env: Option<Env>, new_pid: LocalPid, handle: impl Owned) -> bool {
+    pub fn transfer<T: Owned>(&mut self, env: Option<Env>, new_pid: LocalPid, handle: &ResourceArc<T>) -> bool {
         let Some(new) = entry_for(env, new_pid) else { return false };
         if let Some(old) = self.entry.take() {
-            if !new.add(self.key, Box::new(handle)) {
+            if !new.add(self.key, Box::new(handle.clone())) {
                 self.entry = Some(old);
                 return false;
             }

@@ -41,7 +41,7 @@ use crate::error::{self, Reason};
 use crate::executor;
 use crate::messages::{self, Reply};
 use crate::options::{self, Active, ActiveSetting};
-use crate::owner::{self, Owned, Owner};
+use crate::owner::{Owned, Owner};
 use crate::runtime;
 use crate::util::lock;
 
@@ -161,7 +161,7 @@ enum SendCmd {
 #[rustler::resource_impl]
 impl Resource for StreamRes {}
 
-impl Owned for ResourceArc<StreamRes> {
+impl Owned for StreamRes {
     fn owner_down(&self, pid: LocalPid) {
         // The owner exited: abort both directions (code 0) so the peer is not left waiting, and
         // let the tasks end, which frees the stream.
@@ -235,7 +235,7 @@ impl StreamRes {
             }),
             _live: Live::new(&counters::STREAMS),
         });
-        let monitored = Owner::monitor(env, owner, owner::key(&*res), res.clone());
+        let monitored = Owner::monitor(env, owner, &res);
         let alive = monitored.is_some();
         {
             let mut st = lock(&res.state);
@@ -1085,7 +1085,7 @@ fn stream_handoff<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, pid: LocalPid) ->
     if st.owner.pid != env.pid() {
         return err(env, atoms::not_owner());
     }
-    if !st.owner.transfer(Some(env), pid, s.clone()) {
+    if !st.owner.transfer(Some(env), pid, &s) {
         return err(env, atoms::closed());
     }
     let previous = st.active;
@@ -1099,7 +1099,7 @@ pub fn controlling_process<'a>(env: Env<'a>, s: &ResourceArc<StreamRes>, pid: Lo
     if st.owner.pid != env.pid() {
         return err(env, atoms::not_owner());
     }
-    if st.owner.transfer(Some(env), pid, s.clone()) {
+    if st.owner.transfer(Some(env), pid, s) {
         atoms::ok().encode(env)
     } else {
         err(env, atoms::closed())
