@@ -942,11 +942,7 @@ fn stream_close_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
 /// `stream_setopt_active(Stream, Active)`.
 #[rustler::nif]
 fn stream_set_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>) -> Term<'a> {
-    executor::inline(env, || stream_set_active_now(env, s, value))
-}
-
-fn stream_set_active_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>) -> Term<'a> {
-    apply_active(env, s, value, false)
+    executor::inline(env, || apply_active(env, s, value, false))
 }
 
 /// `stream_handoff_resume(Stream, Active)`: the end of `handoff_stream`, which sets the mode
