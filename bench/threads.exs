@@ -3,7 +3,8 @@
 # run, per unit of work and by kind of thread. It complements bin/profile (which samples with
 # perf and counts all context switches): these counters tell a thread going to sleep
 # ("voluntary") from one preempted while it still had work ("involuntary"), and work for
-# :ssl and :gen_tcp too. README's "Where the targets are missed" cites it.
+# :ssl and :gen_tcp too. It also gives the throughput and how many CPUs the VM kept busy
+# (CPU time of all its threads over wall time). README's "Where the targets are missed" cites it.
 #
 #   elixir -pa _build/bench/lib/macula_quic/ebin bench/threads.exs WORKLOAD [SECONDS]
 #
@@ -33,8 +34,10 @@ defmodule Bench.Threads do
     # A short warm-up run, so that loading code and starting the runtime are not counted.
     _ = run(workload, cert, 0.3, 8)
     before = snapshot()
+    t0 = System.monotonic_time(:microsecond)
     {units, unit} = run(workload, cert, seconds, 512)
-    report(workload, units, unit, before, snapshot())
+    wall_s = (System.monotonic_time(:microsecond) - t0) / 1.0e6
+    report(workload, units, unit, wall_s, before, snapshot())
     File.rm_rf(dir)
   end
 
@@ -70,6 +73,13 @@ defmodule Bench.Threads do
     {r.bytes / Bench.Util.mib(), "MiB"}
   end
 
+  defp cpus do
+    case :erlang.system_info(:logical_processors_available) do
+      n when is_integer(n) -> n
+      _ -> :erlang.system_info(:logical_processors)
+    end
+  end
+
   # thread id => {kind, voluntary switches, involuntary switches, CPU clock ticks}
   defp snapshot do
     for tid <- File.ls!("/proc/self/task"), into: %{} do
@@ -88,7 +98,7 @@ defmodule Bench.Threads do
     end
   end
 
-  defp report(workload, units, unit, before, now) do
+  defp report(workload, units, unit, wall_s, before, now) do
     # Clock ticks are 10 ms on Linux (USER_HZ 100); shown as µs per unit.
     us_per_tick = 10_000
 
@@ -107,9 +117,15 @@ defmodule Bench.Threads do
       end)
       |> Enum.sort()
 
-    IO.puts("""
+    # How much of the host the VM used: a workload that leaves CPUs idle is held up by waits
+    # (wake-ups, hand-offs), not by the work itself.
+    busy = Enum.reduce(rows, 0.0, fn {_, _, _, us}, acc -> acc + us end) * units / 1.0e6 / wall_s
 
-    #{workload}: #{Bench.Util.fmt(units * 1.0)} #{unit}s; per #{unit}:
+    IO.write("""
+
+    #{workload}: #{Bench.Util.fmt(units * 1.0)} #{unit}s in #{Bench.Util.fmt(wall_s)} s \
+    (#{Bench.Util.fmt(units / wall_s)} per second), the VM's threads busy \
+    #{Bench.Util.fmt(busy)} of #{cpus()} CPUs; per #{unit}:
 
     | threads | went to sleep | preempted | CPU µs |
     |---|---:|---:|---:|
