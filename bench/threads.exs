@@ -3,8 +3,8 @@
 # run, per unit of work and by kind of thread. It complements bin/profile (which samples with
 # perf and counts all context switches): these counters tell a thread going to sleep
 # ("voluntary") from one preempted while it still had work ("involuntary"), and work for
-# :ssl and :gen_tcp too. It also gives the throughput and how many CPUs the VM kept busy
-# (CPU time of all its threads over wall time). README's "Where the targets are missed" cites it.
+# :ssl and :gen_tcp too. It also gives the throughput, how many CPUs the VM kept busy (CPU
+# time of all its threads over wall time) and the UDP datagrams sent per unit of work. README's "Where the targets are missed" cites it.
 #
 #   elixir -pa _build/bench/lib/macula_quic/ebin bench/threads.exs WORKLOAD [SECONDS]
 #
@@ -34,10 +34,19 @@ defmodule Bench.Threads do
     # A short warm-up run, so that loading code and starting the runtime are not counted.
     _ = run(workload, cert, 0.3, 8)
     before = snapshot()
+    udp0 = udp_datagrams_sent()
     t0 = System.monotonic_time(:microsecond)
     {units, unit} = run(workload, cert, seconds, 512)
     wall_s = (System.monotonic_time(:microsecond) - t0) / 1.0e6
+    udp = udp_datagrams_sent() - udp0
     report(workload, units, unit, wall_s, before, snapshot())
+
+    if udp > 0,
+      do:
+        IO.puts(
+          "\nUDP datagrams sent (the whole host): #{Bench.Util.fmt(udp / units)} per #{unit}"
+        )
+
     File.rm_rf(dir)
   end
 
@@ -71,6 +80,15 @@ defmodule Bench.Threads do
   defp run("macula_bulk", cert, _, mib) do
     r = Bench.Macula.bulk(cert, mib * Bench.Util.mib(), :active)
     {r.bytes / Bench.Util.mib(), "MiB"}
+  end
+
+  # The host's UDP OutDatagrams (/proc/net/snmp): on a quiet host, the datagrams the workload
+  # sent, to compare with raw Quinn's for the same work.
+  defp udp_datagrams_sent do
+    lines = "/proc/net/snmp" |> File.read!() |> String.split("\n")
+    [names, values] = Enum.filter(lines, &String.starts_with?(&1, "Udp: ")) |> Enum.take(2)
+    fields = Enum.zip(String.split(names), String.split(values)) |> Map.new()
+    String.to_integer(fields["OutDatagrams"])
   end
 
   defp cpus do
