@@ -39,14 +39,7 @@ defmodule Bench.Threads do
     {units, unit} = run(workload, cert, seconds, 512)
     wall_s = (System.monotonic_time(:microsecond) - t0) / 1.0e6
     udp = udp_datagrams_sent() - udp0
-    report(workload, units, unit, wall_s, before, snapshot())
-
-    if udp > 0,
-      do:
-        IO.puts(
-          "\nUDP datagrams sent (the whole host): #{Bench.Util.fmt(udp / units)} per #{unit}"
-        )
-
+    report(workload, units, unit, wall_s, udp, before, snapshot())
     File.rm_rf(dir)
   end
 
@@ -91,13 +84,6 @@ defmodule Bench.Threads do
     String.to_integer(fields["OutDatagrams"])
   end
 
-  defp cpus do
-    case :erlang.system_info(:logical_processors_available) do
-      n when is_integer(n) -> n
-      _ -> :erlang.system_info(:logical_processors)
-    end
-  end
-
   # thread id => {kind, voluntary switches, involuntary switches, CPU clock ticks}
   defp snapshot do
     for tid <- File.ls!("/proc/self/task"), into: %{} do
@@ -116,11 +102,12 @@ defmodule Bench.Threads do
     end
   end
 
-  defp report(workload, units, unit, wall_s, before, now) do
+  defp report(workload, units, unit, wall_s, udp, before, now) do
     # Clock ticks are 10 ms on Linux (USER_HZ 100); shown as µs per unit.
     us_per_tick = 10_000
 
-    rows =
+    # {kind, voluntary switches, involuntary switches, ticks} over the run, by kind of thread.
+    totals =
       now
       |> Enum.map(fn {tid, {kind, v, nv, t}} ->
         {_, v0, nv0, t0} = Map.get(before, tid, {kind, 0, 0, 0})
@@ -131,29 +118,36 @@ defmodule Bench.Threads do
         {v, nv, t} =
           Enum.reduce(deltas, {0, 0, 0}, fn {a, b, c}, {x, y, z} -> {x + a, y + b, z + c} end)
 
-        {kind, v / units, nv / units, t * us_per_tick / units}
+        {kind, v, nv, t}
       end)
       |> Enum.sort()
 
     # How much of the host the VM used: a workload that leaves CPUs idle is held up by waits
     # (wake-ups, hand-offs), not by the work itself.
-    busy = Enum.reduce(rows, 0.0, fn {_, _, _, us}, acc -> acc + us end) * units / 1.0e6 / wall_s
+    busy =
+      Enum.reduce(totals, 0, fn {_, _, _, t}, acc -> acc + t end) * us_per_tick / 1.0e6 / wall_s
 
     IO.write("""
 
     #{workload}: #{Bench.Util.fmt(units * 1.0)} #{unit}s in #{Bench.Util.fmt(wall_s)} s \
     (#{Bench.Util.fmt(units / wall_s)} per second), the VM's threads busy \
-    #{Bench.Util.fmt(busy)} of #{cpus()} CPUs; per #{unit}:
+    #{Bench.Util.fmt(busy)} of #{Bench.Util.cpus()} CPUs; per #{unit}:
 
     | threads | went to sleep | preempted | CPU µs |
     |---|---:|---:|---:|
     """)
 
-    for {kind, v, nv, us} <- rows, v + nv + us > 0 do
-      IO.puts(
-        "| #{kind} | #{Bench.Util.fmt(v)} | #{Bench.Util.fmt(nv)} | #{Bench.Util.fmt(us)} |"
-      )
+    for {kind, v, nv, t} <- totals, v + nv + t > 0 do
+      cells = Enum.map([v / units, nv / units, t * us_per_tick / units], &Bench.Util.fmt/1)
+      IO.puts("| #{kind} | #{Enum.join(cells, " | ")} |")
     end
+
+    # The host's counter: on a quiet host, what this workload sent.
+    if udp > 0,
+      do:
+        IO.puts(
+          "\nUDP datagrams sent (the whole host): #{Bench.Util.fmt(udp / units)} per #{unit}"
+        )
   end
 end
 

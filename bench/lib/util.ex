@@ -246,7 +246,7 @@ defmodule Bench.Util do
       end
 
     %{
-      nproc: :erlang.system_info(:logical_processors_available) |> nproc(),
+      nproc: cpus(),
       cpu_model: cpu,
       mem_total_gib: Float.round(mem_kb / 1_048_576, 1),
       kernel: kernel,
@@ -259,8 +259,13 @@ defmodule Bench.Util do
     }
   end
 
-  defp nproc(:unknown), do: :erlang.system_info(:logical_processors)
-  defp nproc(n), do: n
+  @doc "The CPUs this VM may use (all the host's when the OS does not say)."
+  def cpus do
+    case :erlang.system_info(:logical_processors_available) do
+      :unknown -> :erlang.system_info(:logical_processors)
+      n -> n
+    end
+  end
 
   ## JSON (OTP 25 has no :json; this encodes maps, lists, strings, numbers, atoms)
 
