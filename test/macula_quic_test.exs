@@ -595,6 +595,36 @@ defmodule MaculaQuicTest do
       refute_received {:quic, _, ^ss, _}
     end
 
+    test "only the owner hands over a listener, connection or stream; a dead heir changes nothing" do
+      {c, sc, l, _} = pair!()
+      {s, _ss} = stream_pair!(c, sc)
+      parent = self()
+      dead = spawn(fn -> :ok end)
+      ref = Process.monitor(dead)
+      assert_receive {:DOWN, ^ref, :process, ^dead, _}, 5_000
+
+      spawn_link(fn ->
+        send(
+          parent,
+          {:tried,
+           [
+             MaculaQuic.controlling_process(l, self()),
+             MaculaQuic.controlling_process(c, self()),
+             MaculaQuic.controlling_process(s, self()),
+             MaculaQuic.handoff_stream(s, self(), [])
+           ]}
+        )
+      end)
+
+      assert_receive {:tried, tried}, 5_000
+      assert tried == List.duplicate({:error, :not_owner}, 4)
+
+      for h <- [l, c, s], do: assert({:error, :closed} = MaculaQuic.controlling_process(h, dead))
+      assert {:error, :closed} = MaculaQuic.handoff_stream(s, dead, [])
+      # Still ours: only the owner may hand a handle over, and we still can.
+      for h <- [l, c, s], do: assert(:ok = MaculaQuic.controlling_process(h, self()))
+    end
+
     test "handoff_stream forwards queued messages in order, nothing lost" do
       {c, sc, _l, _} = pair!()
       {s, ss} = stream_pair!(c, sc, first: "0")

@@ -714,13 +714,8 @@ fn conn_cancel_accept<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, id: u64) -> Ter
 }
 
 pub fn controlling_process<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, pid: LocalPid) -> Term<'a> {
-    let mut st = lock(&c.state);
-    if st.owner.pid != env.pid() {
-        return err(env, atoms::not_owner());
-    }
-    if st.owner.transfer(Some(env), pid, c) {
-        atoms::ok().encode(env)
-    } else {
-        err(env, atoms::closed())
+    match lock(&c.state).owner.hand_over(env, pid, c) {
+        Ok(()) => atoms::ok().encode(env),
+        Err(reason) => err(env, reason),
     }
 }

@@ -407,13 +407,8 @@ fn listener_sockname<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>) -> Term<'a> 
 }
 
 pub fn controlling_process<'a>(env: Env<'a>, l: &ResourceArc<ListenerRes>, pid: LocalPid) -> Term<'a> {
-    let mut owner = lock(&l.shared.owner);
-    if owner.pid != env.pid() {
-        return err(env, atoms::not_owner());
-    }
-    if owner.transfer(Some(env), pid, l) {
-        atoms::ok().encode(env)
-    } else {
-        err(env, atoms::closed())
+    match lock(&l.shared.owner).hand_over(env, pid, l) {
+        Ok(()) => atoms::ok().encode(env),
+        Err(reason) => err(env, reason),
     }
 }

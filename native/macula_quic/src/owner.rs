@@ -16,8 +16,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 
-use rustler::{Env, LocalPid, Monitor, Resource, ResourceArc};
+use rustler::{Atom, Env, LocalPid, Monitor, Resource, ResourceArc};
 
+use crate::atoms;
 use crate::counters::{self, Live};
 use crate::executor::env_or_caller;
 use crate::util::lock;
@@ -141,21 +142,26 @@ impl Owner {
         entry.add(key, Box::new(handle.clone())).then_some(Owner { pid, entry: Some(entry), key })
     }
 
-    /// Moves ownership to `new_pid`, registering `handle` with it. Returns false (and changes
-    /// nothing) when the new owner is already dead. A released handle (closed) only changes
-    /// owner: there is nothing left to shut down.
-    pub fn transfer<T: Owned>(&mut self, env: Option<Env>, new_pid: LocalPid, handle: &ResourceArc<T>) -> bool {
-        let Some(new) = entry_for(env, new_pid) else { return false };
+    /// Hands the handle to `new_pid`, for the calling process (`env`'s), which must own it:
+    /// `controlling_process` and `handoff_stream`. Registers `handle` with the new owner, then
+    /// unregisters it from the old. `Err(not_owner)` when the caller does not own it,
+    /// `Err(closed)` when the new owner is already dead; either way nothing changes. A released
+    /// handle (closed) only changes owner: there is nothing left to shut down.
+    pub fn hand_over<T: Owned>(&mut self, env: Env, new_pid: LocalPid, handle: &ResourceArc<T>) -> Result<(), Atom> {
+        if self.pid != env.pid() {
+            return Err(atoms::not_owner());
+        }
+        let Some(new) = entry_for(Some(env), new_pid) else { return Err(atoms::closed()) };
         if let Some(old) = self.entry.take() {
             if !new.add(self.key, Box::new(handle.clone())) {
                 self.entry = Some(old);
-                return false;
+                return Err(atoms::closed());
             }
             old.remove(self.key);
             self.entry = Some(new);
         }
         self.pid = new_pid;
-        true
+        Ok(())
     }
 
     /// Unregisters the handle (it closed by itself): the owner's exit no longer concerns it.

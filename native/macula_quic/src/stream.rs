@@ -1078,11 +1078,8 @@ fn stream_cancel_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
 #[rustler::nif]
 fn stream_handoff<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, pid: LocalPid) -> Term<'a> {
     let mut st = lock(&s.state);
-    if st.owner.pid != env.pid() {
-        return err(env, atoms::not_owner());
-    }
-    if !st.owner.transfer(Some(env), pid, &s) {
-        return err(env, atoms::closed());
+    if let Err(reason) = st.owner.hand_over(env, pid, &s) {
+        return err(env, reason);
     }
     let previous = st.active;
     st.active = Active::Off;
@@ -1091,14 +1088,9 @@ fn stream_handoff<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, pid: LocalPid) ->
 }
 
 pub fn controlling_process<'a>(env: Env<'a>, s: &ResourceArc<StreamRes>, pid: LocalPid) -> Term<'a> {
-    let mut st = lock(&s.state);
-    if st.owner.pid != env.pid() {
-        return err(env, atoms::not_owner());
-    }
-    if st.owner.transfer(Some(env), pid, s) {
-        atoms::ok().encode(env)
-    } else {
-        err(env, atoms::closed())
+    match lock(&s.state).owner.hand_over(env, pid, s) {
+        Ok(()) => atoms::ok().encode(env),
+        Err(reason) => err(env, reason),
     }
 }
 
