@@ -20,6 +20,7 @@
 # count compares nothing.
 Code.require_file("lib/util.ex", __DIR__)
 Code.require_file("lib/macula.ex", __DIR__)
+Code.require_file("lib/perf.ex", __DIR__)
 
 defmodule Bench.Profile do
   import Bench.Util, only: [progress: 1]
@@ -94,57 +95,10 @@ defmodule Bench.Profile do
   defp units("echo", r), do: r.round_trips
   defp units("handshake", r), do: r.handshakes
 
-  # perf sees only the measured region: it is attached with its events disabled, and they are
-  # enabled and disabled through its control FIFO (acknowledged, so no sample is missed).
+  # perf sees only the measured region (see Bench.Perf).
   defp perf_marker(dir) do
-    ctl = Path.join(dir, "perf.ctl")
-    ack = Path.join(dir, "perf.ack")
-
-    for f <- [ctl, ack] do
-      File.rm(f)
-      {_, 0} = System.cmd("mkfifo", [f])
-    end
-
     data = Path.join(dir, "macula.#{run()}.perf.data")
-    perf = System.find_executable("perf") || raise "perf not found"
-
-    args =
-      ~w(record --quiet #{events()} -D -1 --control fifo:#{ctl},#{ack} -p #{System.pid()} -o #{data})
-
-    port =
-      Port.open({:spawn_executable, perf}, [:binary, :exit_status, :stderr_to_stdout, args: args])
-
-    {:os_pid, perf_pid} = Port.info(port, :os_pid)
-
-    fn
-      :start ->
-        perf_ctl(ctl, ack, "enable")
-
-      :stop ->
-        perf_ctl(ctl, ack, "disable")
-        {_, 0} = System.cmd("kill", ["-INT", "#{perf_pid}"])
-
-        receive do
-          {^port, {:exit_status, _}} -> :ok
-        after
-          60_000 -> raise "perf did not exit"
-        end
-    end
-  end
-
-  # Sends a command to perf and waits for its "ack" (perf creates nothing until attached, so the
-  # first command also waits for it to be ready).
-  defp perf_ctl(ctl, ack, cmd) do
-    {out, 0} =
-      System.cmd("sh", [
-        "-c",
-        ~s(echo #{cmd} > "$1" && read -r a < "$2" && echo "$a"),
-        "sh",
-        ctl,
-        ack
-      ])
-
-    unless String.starts_with?(out, "ack"), do: raise("perf did not acknowledge #{cmd}: #{out}")
+    Bench.Perf.attach(~w(record --quiet #{events()} -o #{data}), dir)
   end
 
   ## The raw-Quinn baseline
