@@ -905,7 +905,10 @@ defmodule MaculaQuic do
   the runtime's socket watch (see "How the work is scheduled" in the README):
   `runtime_spin_us`, how long a worker watches the sockets before it sleeps (0, the default:
   never), and `watched_sockets`, the sockets it watches (with the watch on, one per client
-  endpoint and per open listener). For monitoring and leak tests.
+  endpoint and per open listener). `inline_watch_us` is how long a call that sent a datagram
+  watches the sockets for the answer (0, the default: never), and `inline_receives` counts,
+  since the VM started, the datagrams calls read themselves that way. For monitoring and leak
+  tests.
 
       iex> %{listeners: n} = MaculaQuic.native_counts()
       iex> is_integer(n)

@@ -111,4 +111,91 @@ defmodule MaculaQuic.RuntimeConfigTest do
     assert {0, 0, "0", out} = watch_with(:fast)
     assert out =~ "ignoring runtime_spin_us :fast"
   end
+
+  # Starts a VM with `inline_watch_us` set (unless nil) and echoes 64-byte messages over one
+  # stream between two processes (`async_send`, active mode). Returns the setting as the NIF
+  # saw it, the runs of connection work per round trip done inside calls (`inline_runs`) and on
+  # runtime workers (`runtime_runs`), and whether the listener's port can be bound again once
+  # the listener has closed.
+  defp echo_with(setting) do
+    script = """
+    #{put_env(:inline_watch_us, setting)}
+    {:ok, l} = MaculaQuic.listen("127.0.0.1", 0, alpn: ["t"])
+    {:ok, {_, port}} = MaculaQuic.sockname(l)
+    :ok = MaculaQuic.async_accept(l)
+    {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: ["t"], verify: :none], 5_000)
+    sc = receive do {:quic, :new_conn, sc, _} -> sc end
+    echo = spawn_link(fn ->
+      receive do :go -> :ok end
+      :ok = MaculaQuic.async_accept_stream(sc, active: true)
+      loop = fn loop ->
+        receive do
+          {:quic, :new_stream, _, _} -> loop.(loop)
+          {:quic, d, ss, _} when is_binary(d) -> :ok = MaculaQuic.async_send(ss, d); loop.(loop)
+          _ -> loop.(loop)
+        end
+      end
+      loop.(loop)
+    end)
+    :ok = MaculaQuic.controlling_process(sc, echo)
+    send(echo, :go)
+    {:ok, s} = MaculaQuic.open_stream(c, active: true)
+    msg = :binary.copy("x", 64)
+    ping = fn ->
+      :ok = MaculaQuic.async_send(s, msg)
+      receive do {:quic, ^msg, ^s, _} -> :ok end
+    end
+    for _ <- 1..100, do: ping.()
+    %{inline_runs: i0, runtime_runs: r0, inline_receives: d0} = MaculaQuic.native_counts()
+    for _ <- 1..500, do: ping.()
+    %{inline_runs: i1, runtime_runs: r1, inline_receives: d1, inline_watch_us: us} =
+      MaculaQuic.native_counts()
+    :ok = MaculaQuic.close_connection(c)
+    :ok = MaculaQuic.close_listener(l)
+    # The address is free once the listener's socket, and the watch's duplicate of it, have
+    # closed (after the accepted connection has ended too). Native state has no message to
+    # wait for: poll, bounded.
+    released = fn released, n ->
+      case MaculaQuic.native_counts() do
+        %{bound_addresses: 0} -> :ok
+        _ when n > 0 -> Process.sleep(10); released.(released, n - 1)
+        _ -> :timeout
+      end
+    end
+    :ok = released.(released, 500)
+    {rebind, _} = :gen_udp.open(port, ip: {127, 0, 0, 1})
+    IO.puts("us=\#{us} inline=\#{(i1 - i0) / 500} runtime=\#{(r1 - r0) / 500} received=\#{(d1 - d0) / 500} rebind=\#{rebind}")
+    """
+
+    {out, 0} = System.cmd("elixir", ["-pa", @ebin, "-e", script], stderr_to_stdout: true)
+
+    [_, us, inline, runtime, received, rebind] =
+      Regex.run(~r/us=(\d+) inline=(\S+) runtime=(\S+) received=(\S+) rebind=(\S+)/, out) ||
+        flunk("no result from the VM: #{out}")
+
+    {String.to_integer(us), String.to_float(inline), String.to_float(runtime),
+     String.to_float(received), rebind}
+  end
+
+  test "config :macula_quic, inline_watch_us: n receives the answer in the sending call" do
+    # Without the watch every datagram is read by a runtime worker.
+    assert {0, _, _, +0.0, "ok"} = echo_with(nil)
+    # With it, calls that sent a datagram find it in the peer's socket and read it themselves.
+    # How many of the two datagrams per round trip they get varies from run to run (0.06 to
+    # 1.5 in these runs): a runtime worker woken by the same datagram may get there first. The
+    # listener's socket, and the watch's duplicate of it, still close with the listener.
+    assert {20, _, _, received, "ok"} = echo_with(20)
+    assert received > 0.0, "datagrams read inline per round trip: #{received}"
+  end
+
+  test "a bad inline_watch_us is ignored with a warning" do
+    script = """
+    #{put_env(:inline_watch_us, -5)}
+    IO.puts("us=" <> Integer.to_string(MaculaQuic.native_counts().inline_watch_us))
+    """
+
+    {out, 0} = System.cmd("elixir", ["-pa", @ebin, "-e", script], stderr_to_stdout: true)
+    assert out =~ "us=0"
+    assert out =~ "ignoring inline_watch_us -5"
+  end
 end

@@ -8,14 +8,15 @@ defmodule Bench.Util do
   def mib, do: @mib
 
   @doc """
-  Applies BENCH_RUNTIME_WORKERS and BENCH_RUNTIME_SPIN_US to macula_quic's configuration
-  (`runtime_workers`, `runtime_spin_us`). Call it before the first MaculaQuic call: the NIF
-  reads them when it loads.
+  Applies BENCH_RUNTIME_WORKERS, BENCH_RUNTIME_SPIN_US and BENCH_INLINE_WATCH_US to
+  macula_quic's configuration (`runtime_workers`, `runtime_spin_us`, `inline_watch_us`). Call
+  it before the first MaculaQuic call: the NIF reads them when it loads.
   """
   def configure_runtime do
     for {var, key} <- [
           {"BENCH_RUNTIME_WORKERS", :runtime_workers},
-          {"BENCH_RUNTIME_SPIN_US", :runtime_spin_us}
+          {"BENCH_RUNTIME_SPIN_US", :runtime_spin_us},
+          {"BENCH_INLINE_WATCH_US", :inline_watch_us}
         ],
         v = System.get_env(var),
         v != nil,

@@ -22,8 +22,10 @@ defmodule MaculaQuic.Native do
 
   @on_load :__load_nif__
 
-  # Microseconds a runtime worker watches the sockets before it sleeps (runtime_spin_us).
+  # Microseconds a runtime worker watches the sockets before it sleeps (runtime_spin_us), and
+  # a call that sent a datagram watches them for the answer (inline_watch_us).
   @default_spin_us 0
+  @default_inline_watch_us 0
 
   # Where this build's library is, relative to the priv dir and without extension (tests read
   # the built library from there).
@@ -43,24 +45,36 @@ defmodule MaculaQuic.Native do
       priv ->
         path = :filename.join(priv, @lib_path)
 
-        case :erlang.load_nif(path, {runtime_workers(), runtime_spin_us()}) do
+        case :erlang.load_nif(path, {runtime_workers(), runtime_spin_us(), inline_watch_us()}) do
           :ok -> :ok
           {:error, reason} -> nif_load_failed(path, reason)
         end
     end
   end
 
-  # The runtime settings, passed to the NIF as load data `{workers, spin_us}`, from the
-  # application env (read with :application, not Application, because on_load may run before
-  # Elixir's own application env helpers are usable):
+  # The runtime settings, passed to the NIF as load data `{workers, spin_us, inline_watch_us}`,
+  # from the application env (read with :application, not Application, because on_load may run
+  # before Elixir's own application env helpers are usable):
   #   runtime_workers: 1..64 worker threads; default 0, "size for the host" (one per core, at
   #     most 4);
   #   runtime_spin_us: 0..1000 µs a worker watches the sockets before it sleeps (0: never);
-  #     default @default_spin_us. See "How the work is scheduled" in README.
+  #     default @default_spin_us;
+  #   inline_watch_us: 0..1000 µs a call that sent a datagram watches the sockets for the
+  #     answer, to receive it in the same call (0: never); default @default_inline_watch_us.
+  # See "How the work is scheduled" in README.
   defp runtime_workers, do: setting(:runtime_workers, 1..64, 0, "sizing for the host")
 
   defp runtime_spin_us,
     do: setting(:runtime_spin_us, 0..1000, @default_spin_us, "using #{@default_spin_us}")
+
+  defp inline_watch_us,
+    do:
+      setting(
+        :inline_watch_us,
+        0..1000,
+        @default_inline_watch_us,
+        "using #{@default_inline_watch_us}"
+      )
 
   # A bad value is ignored with a warning that says what was expected and what happens instead.
   defp setting(key, first..last, default, instead) do

@@ -19,5 +19,6 @@ rustler::atoms! {
     is_handshake_completed, is_peer_acked, is_app_closing, is_conn_shutdown,
     is_shutdown_by_app, is_closed_remotely, stream_id, is_peer_accepted,
     listeners, connections, streams, tasks, client_endpoints, bound_addresses, runtime_workers,
-    shards, inline_runs, runtime_runs, runtime_spin_us, watched_sockets, owners,
+    shards, inline_runs, runtime_runs, runtime_spin_us, watched_sockets, owners, inline_watch_us,
+    inline_receives,
 }

@@ -16,6 +16,8 @@ pub static SHARDS: AtomicI64 = AtomicI64::new(0);
 /// runtime worker did. Their ratio shows how often sends leave without a thread hand-off.
 pub static INLINE_RUNS: AtomicI64 = AtomicI64::new(0);
 pub static RUNTIME_RUNS: AtomicI64 = AtomicI64::new(0);
+/// Cumulative: datagrams a call read itself, having watched for them (see `inline_watch`).
+pub static INLINE_RECEIVES: AtomicI64 = AtomicI64::new(0);
 
 /// Counts one live object of a kind for as long as it exists.
 #[derive(Debug)]

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use rustler::Env;
 
 use crate::counters::{self, Live};
+use crate::inline_watch;
 use crate::runtime;
 use crate::util::lock;
 
@@ -303,11 +304,26 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
     }
     INLINE.with(|s| *s.borrow_mut() = Some(Vec::new()));
     let _scope = Scope(CALLER_ENV.with(|c| c.get()));
+    inline_watch::take_sent();
     let out = f();
     let start = Instant::now();
     let mut entered = None;
+    let mut watched = false;
     loop {
-        let woken = INLINE.with(|s| s.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default());
+        let mut woken = INLINE.with(|s| s.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default());
+        // Once this call's work is done: if it sent a datagram and has time left, watch for the
+        // answer (once), and receive it here when it comes (see `inline_watch`).
+        if woken.is_empty()
+            && !watched
+            && inline_watch::watch_us() > 0
+            && start.elapsed() < INLINE_BUDGET
+            && inline_watch::take_sent()
+        {
+            watched = true;
+            if inline_watch::watch() {
+                woken = INLINE.with(|s| s.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default());
+            }
+        }
         if woken.is_empty() {
             break;
         }
@@ -335,6 +351,11 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
         rustler::schedule::consume_timeslice(env, percent);
     }
     out
+}
+
+/// Is this thread inside `inline` (a NIF running shards on its caller's scheduler)?
+pub fn in_inline() -> bool {
+    INLINE.with(|s| s.borrow().is_some())
 }
 
 /// The calling process's environment, while this thread runs shards inside a NIF.
@@ -401,7 +422,11 @@ impl quinn::Runtime for ShardRuntime {
 
     fn wrap_udp_socket(&self, t: std::net::UdpSocket) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
         let _rt = runtime::get().enter();
-        quinn::TokioRuntime.wrap_udp_socket(t)
+        if inline_watch::watch_us() == 0 {
+            return quinn::TokioRuntime.wrap_udp_socket(t);
+        }
+        let dup = t.try_clone()?;
+        inline_watch::wrap(quinn::TokioRuntime.wrap_udp_socket(t)?, &dup)
     }
 
     fn now(&self) -> std::time::Instant {

@@ -5,6 +5,7 @@ use crate::atoms;
 use crate::connection::{self, ConnRes};
 use crate::counters;
 use crate::endpoint;
+use crate::inline_watch;
 use crate::listener::{self, ListenerRes};
 use crate::runtime;
 use crate::spin;
@@ -78,6 +79,8 @@ fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {
         (atoms::runtime_runs().encode(env), counters::get(&counters::RUNTIME_RUNS).encode(env)),
         (atoms::runtime_spin_us().encode(env), spin::spin_us().encode(env)),
         (atoms::watched_sockets().encode(env), spin::watched_count().encode(env)),
+        (atoms::inline_watch_us().encode(env), inline_watch::watch_us().encode(env)),
+        (atoms::inline_receives().encode(env), counters::get(&counters::INLINE_RECEIVES).encode(env)),
     ];
     Term::map_from_pairs(env, &pairs).map_err(|_| rustler::Error::BadArg)
 }

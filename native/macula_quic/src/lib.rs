@@ -20,6 +20,7 @@ mod endpoint;
 mod error;
 mod executor;
 mod handle;
+mod inline_watch;
 mod listener;
 mod messages;
 mod options;
@@ -32,13 +33,15 @@ mod util;
 
 use rustler::{Env, Term};
 
-/// Load data is `{workers, spin_us}`: the runtime's worker-thread count (0: size for the host)
-/// and how long a worker watches the sockets before it sleeps, in microseconds (0: never).
+/// Load data is `{workers, spin_us, inline_watch_us}`: the runtime's worker-thread count (0:
+/// size for the host), how long a worker watches the sockets before it sleeps, and how long a
+/// call that sent a datagram watches them for the answer, both in microseconds (0: never).
 /// Anything else leaves the defaults (size for the host, no watching).
 fn on_load(_env: Env, info: Term) -> bool {
-    if let Ok((workers, spin_us)) = info.decode::<(usize, u64)>() {
+    if let Ok((workers, spin_us, inline_watch_us)) = info.decode::<(usize, u64, u64)>() {
         runtime::configure(workers);
         spin::configure(spin_us);
+        inline_watch::configure(inline_watch_us);
     }
     true
 }
