@@ -1,3 +1,12 @@
+defmodule MaculaQuic.ConfigScript do
+  @moduledoc false
+  # The line of a script that sets `key` in the application env (none for nil).
+  def put_env(_key, nil), do: ""
+
+  def put_env(key, value),
+    do: "Application.put_env(:macula_quic, #{inspect(key)}, #{inspect(value)})"
+end
+
 defmodule MaculaQuic.RuntimeConfigTest do
   # The tokio runtime's size comes from the application env when the NIF loads. The NIF loads
   # once per VM, so each case runs in a fresh VM started with only our compiled app on its path.
@@ -5,11 +14,7 @@ defmodule MaculaQuic.RuntimeConfigTest do
 
   @ebin Path.join(Mix.Project.build_path(), "lib/macula_quic/ebin")
 
-  # The line of a script that sets `key` in the application env (none for nil).
-  defp put_env(_key, nil), do: ""
-
-  defp put_env(key, value),
-    do: "Application.put_env(:macula_quic, #{inspect(key)}, #{inspect(value)})"
+  import MaculaQuic.ConfigScript
 
   # Starts a VM, sets the env (unless nil), makes one connection so the runtime exists, and
   # returns the runtime's worker count and anything logged.
@@ -111,6 +116,17 @@ defmodule MaculaQuic.RuntimeConfigTest do
     assert {0, 0, "0", out} = watch_with(:fast)
     assert out =~ "ignoring runtime_spin_us :fast"
   end
+end
+
+defmodule MaculaQuic.InlineWatchConfigTest do
+  # `inline_watch_us`, read when the NIF loads: each case runs in a fresh VM. Not async: these
+  # VMs measure where work runs, and the other config tests' VMs starting alongside would only
+  # add noise (and load) to both.
+  use ExUnit.Case, async: false
+
+  @ebin Path.join(Mix.Project.build_path(), "lib/macula_quic/ebin")
+
+  import MaculaQuic.ConfigScript
 
   # Starts a VM with `inline_watch_us` set (unless nil) and echoes 64-byte messages over one
   # stream between two processes (`async_send`, active mode). Returns the setting as the NIF
