@@ -5,6 +5,18 @@ defmodule MaculaQuic.ConfigScript do
 
   def put_env(key, value),
     do: "Application.put_env(:macula_quic, #{inspect(key)}, #{inspect(value)})"
+
+  # Script lines that open a listener on 127.0.0.1 and connect to it: binds `l`, `port`, the
+  # client connection `c` and the accepted one `sc`.
+  def connected_pair do
+    """
+    {:ok, l} = MaculaQuic.listen("127.0.0.1", 0, alpn: ["t"])
+    {:ok, {_, port}} = MaculaQuic.sockname(l)
+    :ok = MaculaQuic.async_accept(l)
+    {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: ["t"], verify: :none], 5_000)
+    sc = receive do {:quic, :new_conn, sc, _} -> sc end
+    """
+  end
 end
 
 defmodule MaculaQuic.RuntimeConfigTest do
@@ -54,11 +66,7 @@ defmodule MaculaQuic.RuntimeConfigTest do
   defp watch_with(setting) do
     script = """
     #{put_env(:runtime_spin_us, setting)}
-    {:ok, l} = MaculaQuic.listen("127.0.0.1", 0, alpn: ["t"])
-    {:ok, {_, port}} = MaculaQuic.sockname(l)
-    :ok = MaculaQuic.async_accept(l)
-    {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: ["t"], verify: :none], 5_000)
-    sc = receive do {:quic, :new_conn, sc, _} -> sc end
+    #{connected_pair()}
     %{runtime_spin_us: us, watched_sockets: open} = MaculaQuic.native_counts()
     # Native state has no message to wait for: poll `check` (bounded) until it gives {:ok, v};
     # returns v, or the last other result.
@@ -136,11 +144,7 @@ defmodule MaculaQuic.InlineWatchConfigTest do
   defp echo_with(setting) do
     script = """
     #{put_env(:inline_watch_us, setting)}
-    {:ok, l} = MaculaQuic.listen("127.0.0.1", 0, alpn: ["t"])
-    {:ok, {_, port}} = MaculaQuic.sockname(l)
-    :ok = MaculaQuic.async_accept(l)
-    {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: ["t"], verify: :none], 5_000)
-    sc = receive do {:quic, :new_conn, sc, _} -> sc end
+    #{connected_pair()}
     echo = spawn_link(fn ->
       receive do :go -> :ok end
       :ok = MaculaQuic.async_accept_stream(sc, active: true)
