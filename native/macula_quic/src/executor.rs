@@ -425,8 +425,9 @@ impl quinn::Runtime for ShardRuntime {
         if inline_watch::watch_us() == 0 {
             return quinn::TokioRuntime.wrap_udp_socket(t);
         }
+        // With the watch on, the socket is also read directly (see `inline_watch`).
         let dup = t.try_clone()?;
-        inline_watch::wrap(quinn::TokioRuntime.wrap_udp_socket(t)?, &dup)
+        inline_watch::wrap(quinn::TokioRuntime.wrap_udp_socket(t)?, dup)
     }
 
     fn now(&self) -> std::time::Instant {

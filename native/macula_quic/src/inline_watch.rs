@@ -97,13 +97,9 @@ impl Drop for DirectSocket {
     }
 }
 
-/// Wraps an endpoint's socket (`inner`, tokio's; `socket`, the OS socket it was made from) when
-/// the watch is on; otherwise returns `inner` as it is.
-pub fn wrap(inner: Arc<dyn AsyncUdpSocket>, socket: &UdpSocket) -> std::io::Result<Arc<dyn AsyncUdpSocket>> {
-    if watch_us() == 0 {
-        return Ok(inner);
-    }
-    let fd = socket.try_clone()?;
+/// Wraps an endpoint's socket: `inner` is tokio's, `fd` a duplicate descriptor of the OS socket
+/// it was made from (kept for reading and peeking directly).
+pub fn wrap(inner: Arc<dyn AsyncUdpSocket>, fd: UdpSocket) -> std::io::Result<Arc<dyn AsyncUdpSocket>> {
     fd.set_nonblocking(true)?;
     let state = UdpSocketState::new((&fd).into())?;
     let direct = Arc::new(Direct { fd, state, waker: Mutex::new(None) });
