@@ -290,7 +290,7 @@ impl Drop for Claim<'_> {
 /// connection's, say) are run too, within the same budget. Call only from a NIF on a normal
 /// scheduler, with no locks held by the caller.
 pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
-    if !enabled() || INLINE.with(|s| s.borrow().is_some()) {
+    if !enabled() || in_inline() {
         return f();
     }
     // Whatever happens, the scope and the environment are unset when this call ends (a panic
@@ -310,7 +310,7 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
     let mut entered = None;
     let mut watched = false;
     loop {
-        let mut woken = INLINE.with(|s| s.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default());
+        let mut woken = take_woken();
         // Once this call's work is done: if it sent a datagram and has time left, watch for the
         // answer (once), and receive it here when it comes (see `inline_watch`).
         if woken.is_empty()
@@ -321,7 +321,7 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
         {
             watched = true;
             if inline_watch::watch() {
-                woken = INLINE.with(|s| s.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default());
+                woken = take_woken();
             }
         }
         if woken.is_empty() {
@@ -351,6 +351,11 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
         rustler::schedule::consume_timeslice(env, percent);
     }
     out
+}
+
+/// The shards woken since the last look, inside `inline` (none outside it).
+fn take_woken() -> Vec<Arc<Shard>> {
+    INLINE.with(|s| s.borrow_mut().as_mut().map(std::mem::take).unwrap_or_default())
 }
 
 /// Is this thread inside `inline` (a NIF running shards on its caller's scheduler)?

@@ -39,6 +39,7 @@ use quinn::{AsyncUdpSocket, UdpPoller};
 
 use crate::counters;
 use crate::executor;
+use crate::spin;
 use crate::util::lock;
 
 /// How long a sending call watches, in microseconds (0: never; set at load).
@@ -181,7 +182,7 @@ pub fn watch() -> bool {
 fn wake_ready() -> bool {
     let mut woke = false;
     for (_, d) in lock(&SOCKETS).iter() {
-        if has_datagram(&d.fd) {
+        if spin::has_datagram(&d.fd) {
             if let Some(waker) = lock(&d.waker).take() {
                 waker.wake();
                 woke = true;
@@ -189,10 +190,4 @@ fn wake_ready() -> bool {
         }
     }
     woke
-}
-
-/// Is a datagram waiting? A peek that does not block and does not take it.
-fn has_datagram(s: &UdpSocket) -> bool {
-    let mut one = [0u8; 1];
-    s.peek_from(&mut one).is_ok()
 }

@@ -88,15 +88,15 @@ pub fn before_park() {
     }
 }
 
-/// Is a datagram waiting? A peek that does not block (the socket itself is in blocking mode)
-/// and does not take the datagram.
+/// Is a datagram waiting on `s`? A peek that does not block (whether or not the socket is in
+/// blocking mode) and does not take the datagram. Also used by `inline_watch`.
 #[cfg(unix)]
-fn has_datagram(s: &socket2::Socket) -> bool {
+pub fn has_datagram(s: &impl std::os::fd::AsFd) -> bool {
     let mut one = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-    s.recv_with_flags(&mut one, libc::MSG_PEEK | libc::MSG_DONTWAIT).is_ok()
+    socket2::SockRef::from(s).recv_with_flags(&mut one, libc::MSG_PEEK | libc::MSG_DONTWAIT).is_ok()
 }
 
 #[cfg(not(unix))]
-fn has_datagram(_: &socket2::Socket) -> bool {
+pub fn has_datagram<S>(_: &S) -> bool {
     false
 }
