@@ -128,8 +128,7 @@ defmodule Bench.Calls do
     size = if workload == "echo", do: ["size=64"], else: []
     args = [workload, "cert=#{cert.certfile}", "key=#{cert.keyfile}", "seconds=3" | size]
     {json, 0} = System.cmd("perf", stat_args("q", out) ++ ["--", quinn | args])
-    line = json |> String.split("\n") |> Enum.filter(&String.starts_with?(&1, "{")) |> List.last()
-    r = Bench.Util.parse_flat_json(line)
+    r = Bench.Util.parse_last_json(json)
     {if(workload == "echo", do: r.round_trips, else: r.handshakes), read_stat(out, "q")}
   end
 

@@ -119,8 +119,7 @@ defmodule Bench.Profile do
     {out, status} = System.cmd("perf", argv, stderr_to_stdout: true)
     if status != 0, do: raise("perf failed (#{status}): #{out}")
 
-    line = out |> String.split("\n") |> Enum.filter(&String.starts_with?(&1, "{")) |> List.last()
-    r = Bench.Util.parse_flat_json(line)
+    r = Bench.Util.parse_last_json(out)
     units = units(workload, r)
     File.write!(Path.join(dir, "quinn.#{run()}.units"), "#{units}\n")
     progress("raw Quinn #{workload}: #{fmt(units)} #{unit(workload)}s")

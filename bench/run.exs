@@ -104,11 +104,7 @@ defmodule Bench.Run do
 
     case System.cmd(ctx.quinn, argv, stderr_to_stdout: true) do
       {out, 0} ->
-        out
-        |> String.split("\n")
-        |> Enum.filter(&String.starts_with?(&1, "{"))
-        |> List.last()
-        |> parse_flat_json()
+        parse_last_json(out)
 
       {out, status} ->
         raise "quinn_baseline #{workload} failed (#{status}): #{out}"
@@ -371,11 +367,7 @@ defmodule Bench.Run do
           stderr_to_stdout: true
         )
 
-      out
-      |> String.split("\n")
-      |> Enum.filter(&String.starts_with?(&1, "{"))
-      |> List.last()
-      |> parse_flat_json()
+      parse_last_json(out)
     end
 
     res =

@@ -319,6 +319,18 @@ defmodule Bench.Util do
     end
   end
 
+  @doc """
+  Decodes the last JSON object line in a program's output (the baseline and the memory script
+  print other lines before it).
+  """
+  def parse_last_json(output) do
+    output
+    |> String.split("\n")
+    |> Enum.filter(&String.starts_with?(&1, "{"))
+    |> List.last()
+    |> parse_flat_json()
+  end
+
   @doc "Decodes one flat JSON object line (numbers and strings only), as the baseline prints."
   def parse_flat_json(line) do
     Regex.scan(~r/"(\w+)":\s*("([^"]*)"|-?[0-9.eE+-]+)/, line)
