@@ -26,8 +26,17 @@ defmodule MaculaQuic.ShardTest do
     IO.puts("\n  #{2 * rounds} sends: #{inline} inline runs, #{runtime} runtime runs")
     # Each send wakes its stream's writer. When nothing else runs the endpoint at that moment,
     # the send runs the writer and Quinn's driver itself. Receiving always runs on a runtime
-    # worker (the socket wakes it), so the runtime keeps some of the work.
-    assert inline >= rounds
+    # worker (the socket wakes it), so the runtime keeps some of the work. At the defaults
+    # nearly every send finds the endpoint idle (399-400 of 400). With the opt-in socket
+    # watch (runtime_spin_us) a worker stays on the connection longer after it has delivered,
+    # so more sends find it busy and leave their work to it (322-400 alone, fewer beside a
+    # loaded suite); only some inline runs are then certain.
+    if before.runtime_spin_us == 0 do
+      assert inline >= rounds
+    else
+      assert inline > 0
+    end
+
     assert runtime > 0
   end
 
