@@ -200,50 +200,6 @@ defmodule MaculaQuic.ReceiveModesTest do
       assert max_in_flight <= 32 * 1_048_576
       assert max_mem - base_mem <= 256 * 1_048_576
     end
-
-    @tag timeout: 120_000
-    test "8 streams pushing data do not starve a timer process" do
-      {c, sc, _l, _} = pair!()
-      parent = self()
-
-      pairs =
-        for i <- 1..8 do
-          {s, ss} = stream_pair!(c, sc, first: "#{i}")
-          drain = spawn_link(fn -> drain_loop(ss) end)
-          :ok = MaculaQuic.handoff_stream(ss, drain)
-          s
-        end
-
-      # Made before the ticker starts: the first call loads the crypto NIF, and loading a
-      # module with `on_load` holds the schedulers for tens of milliseconds (measured with
-      # `:erlang.system_monitor/2`), which is not what this test is about.
-      chunk = :crypto.strong_rand_bytes(256 * 1024)
-      ticker = spawn_link(fn -> tick_loop(parent, [], System.monotonic_time(:microsecond)) end)
-
-      senders =
-        for s <- pairs do
-          Task.async(fn -> for(_ <- 1..256, do: :ok = MaculaQuic.send(s, chunk)) end)
-        end
-
-      Enum.each(senders, &Task.await(&1, 120_000))
-      send(ticker, :stop)
-      assert_receive {:ticks, lateness}, 5_000
-      sorted = Enum.sort(lateness)
-      p50 = Enum.at(sorted, div(length(sorted), 2))
-      p95 = Enum.at(sorted, div(length(sorted) * 95, 100))
-      max = List.last(sorted)
-
-      IO.puts(
-        "\n  timer lateness over #{length(sorted)} ticks while 8 streams moved 512 MiB: p50 #{p50} us, p95 #{p95} us, max #{max} us"
-      )
-
-      assert length(sorted) > 10
-      # A blocked scheduler would show as lateness of the whole transfer (seconds); single
-      # outliers come from the OS sharing 2 cores with tokio's threads.
-      assert p50 < 5_000
-      assert p95 < 30_000
-      assert max < 250_000
-    end
   end
 
   ## helpers
@@ -346,6 +302,70 @@ defmodule MaculaQuic.ReceiveModesTest do
     end
   end
 
+  defp wait_until(fun, tries \\ 250) do
+    cond do
+      fun.() -> true
+      tries == 0 -> false
+      true -> receive(after: (10 -> wait_until(fun, tries - 1)))
+    end
+  end
+end
+
+defmodule MaculaQuic.TimerFairnessTest do
+  # Not async: the test measures how long a process waits for its scheduler while our NIFs
+  # move data, so it runs on its own. Beside the other modules' async tests (a 1 GiB
+  # transfer, VMs starting) the timer waited for them too: in full-suite runs its max
+  # lateness reached 122-286 ms and once its p95 35 ms, over the bounds below. Alone (four
+  # runs each): p95 3.5-4.7 ms, max 4.5-42 ms; with runtime_spin_us 15, 3.3-4.6 and 5.6-8.2.
+  use ExUnit.Case, async: false
+  import MaculaQuic.Test.Quic
+
+  @moduletag :receive_modes
+
+  @tag timeout: 120_000
+  test "8 streams pushing data do not starve a timer process" do
+    {c, sc, _l, _} = pair!()
+    parent = self()
+
+    pairs =
+      for i <- 1..8 do
+        {s, ss} = stream_pair!(c, sc, first: "#{i}")
+        drain = spawn_link(fn -> drain_loop(ss) end)
+        :ok = MaculaQuic.handoff_stream(ss, drain)
+        s
+      end
+
+    # Made before the ticker starts: the first call loads the crypto NIF, and loading a
+    # module with `on_load` holds the schedulers for tens of milliseconds (measured with
+    # `:erlang.system_monitor/2`), which is not what this test is about.
+    chunk = :crypto.strong_rand_bytes(256 * 1024)
+    ticker = spawn_link(fn -> tick_loop(parent, [], System.monotonic_time(:microsecond)) end)
+
+    senders =
+      for s <- pairs do
+        Task.async(fn -> for(_ <- 1..256, do: :ok = MaculaQuic.send(s, chunk)) end)
+      end
+
+    Enum.each(senders, &Task.await(&1, 120_000))
+    send(ticker, :stop)
+    assert_receive {:ticks, lateness}, 5_000
+    sorted = Enum.sort(lateness)
+    p50 = Enum.at(sorted, div(length(sorted), 2))
+    p95 = Enum.at(sorted, div(length(sorted) * 95, 100))
+    max = List.last(sorted)
+
+    IO.puts(
+      "\n  timer lateness over #{length(sorted)} ticks while 8 streams moved 512 MiB: p50 #{p50} us, p95 #{p95} us, max #{max} us"
+    )
+
+    assert length(sorted) > 10
+    # A blocked scheduler would show as lateness of the whole transfer (seconds); single
+    # outliers come from the OS sharing 2 cores with tokio's threads.
+    assert p50 < 5_000
+    assert p95 < 30_000
+    assert max < 250_000
+  end
+
   defp drain_loop(ss) do
     receive do
       {:quic, _, ^ss, _} -> drain_loop(ss)
@@ -360,14 +380,6 @@ defmodule MaculaQuic.ReceiveModesTest do
         now = System.monotonic_time(:microsecond)
         lateness = max(now - (expected + 10_000), 0)
         tick_loop(parent, [lateness | acc], now)
-    end
-  end
-
-  defp wait_until(fun, tries \\ 250) do
-    cond do
-      fun.() -> true
-      tries == 0 -> false
-      true -> receive(after: (10 -> wait_until(fun, tries - 1)))
     end
   end
 end
