@@ -17,6 +17,21 @@ defmodule MaculaQuic.ConfigScript do
     sc = receive do {:quic, :new_conn, sc, _} -> sc end
     """
   end
+
+  # Script lines that bind `until`: native state has no message to wait for, so
+  # `until.(until, check, n)` polls `check` every 10 ms, at most n more times, until it gives
+  # {:ok, v}, and returns v (or the last other result).
+  def until do
+    """
+    until = fn until, check, n ->
+      case check.() do
+        {:ok, v} -> v
+        _ when n > 0 -> Process.sleep(10); until.(until, check, n - 1)
+        other -> other
+      end
+    end
+    """
+  end
 end
 
 defmodule MaculaQuic.RuntimeConfigTest do
@@ -68,15 +83,7 @@ defmodule MaculaQuic.RuntimeConfigTest do
     #{put_env(:runtime_spin_us, setting)}
     #{connected_pair()}
     %{runtime_spin_us: us, watched_sockets: open} = MaculaQuic.native_counts()
-    # Native state has no message to wait for: poll `check` (bounded) until it gives {:ok, v};
-    # returns v, or the last other result.
-    until = fn until, check, n ->
-      case check.() do
-        {:ok, v} -> v
-        _ when n > 0 -> Process.sleep(10); until.(until, check, n - 1)
-        other -> other
-      end
-    end
+    #{until()}
     {:ok, s} = MaculaQuic.open_stream(c)
     for _ <- 1..200, do: :ok = MaculaQuic.send(s, :binary.copy("x", 1000))
     # Every datagram the server sent reaches the client's endpoint: the watch only peeks.
@@ -182,16 +189,15 @@ defmodule MaculaQuic.InlineWatchConfigTest do
     receive do :closed -> :ok end
     :ok = MaculaQuic.close_listener(l)
     # The address is free once the listener's socket, and the watch's duplicate of it, have
-    # closed (after the accepted connection has ended too). Native state has no message to
-    # wait for: poll, bounded.
-    released = fn released, n ->
+    # closed (after the accepted connection has ended too).
+    #{until()}
+    released = fn ->
       case MaculaQuic.native_counts() do
-        %{bound_addresses: 0} -> :ok
-        _ when n > 0 -> Process.sleep(10); released.(released, n - 1)
+        %{bound_addresses: 0} -> {:ok, :ok}
         _ -> :timeout
       end
     end
-    :ok = released.(released, 500)
+    :ok = until.(until, released, 500)
     {rebind, _} = :gen_udp.open(port, ip: {127, 0, 0, 1})
     IO.puts("us=\#{us} inline=\#{(i1 - i0) / 500} runtime=\#{(r1 - r0) / 500} received=\#{(d1 - d0) / 500} rebind=\#{rebind}")
     """
