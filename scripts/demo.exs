@@ -123,9 +123,12 @@ defmodule Demo do
   defp conn_loop(name, conn) do
     receive do
       {:quic, :new_stream, stream, _props} ->
-        # One process per stream: handoff_stream forwards anything already queued for us.
-        pid = spawn(fn -> serve_stream(name, conn, stream) end)
+        # One process per stream: handoff_stream forwards anything already queued for us. The
+        # new owner waits for the word before it touches the stream: a mode it set before the
+        # handoff began would be replaced by the handoff's own `active: false`.
+        pid = spawn(fn -> receive(do: (:go -> serve_stream(name, conn, stream))) end)
         :ok = MaculaQuic.handoff_stream(stream, pid, active: false)
+        send(pid, :go)
         :ok = MaculaQuic.async_accept_stream(conn, active: false)
         conn_loop(name, conn)
 

@@ -689,6 +689,22 @@ defmodule MaculaQuicTest do
       assert_receive {:second, {:ok, "b"}}, 5_000
     end
 
+    # The other order: a process that sets a mode before the handoff has begun is not yet
+    # the owner, and the handoff then applies its own `:active`, as asked. (bin/demo's
+    # acceptor once spawned its stream workers this way and stalled about once in 16 runs;
+    # they now wait for a word, as the docs say.)
+    test "a mode set before handoff_stream begins gives way to the handoff's :active" do
+      {c, sc, _l, _} = pair!()
+      {_s, ss} = stream_pair!(c, sc, server: [active: false], first: "a")
+      new_owner = spawn_link(fn -> receive(do: (:never -> :ok)) end)
+      :ok = Task.await(Task.async(fn -> MaculaQuic.setopt(ss, :active, 16) end))
+      # 15 once the waiting "a" has been delivered.
+      assert {:ok, n} = MaculaQuic.getopt(ss, :active)
+      assert n in 15..16
+      :ok = MaculaQuic.handoff_stream(ss, new_owner, active: false)
+      assert {:ok, false} = MaculaQuic.getopt(ss, :active)
+    end
+
     test "owner death shuts handles down and frees them" do
       {l, port} = listen!()
       parent = self()
