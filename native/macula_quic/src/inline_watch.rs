@@ -40,15 +40,14 @@ use quinn::{AsyncUdpSocket, UdpPoller};
 use crate::counters;
 use crate::executor;
 use crate::spin;
-use crate::util::lock;
+use crate::util::{lock, Registered, Registry};
 
 /// How long a sending call watches, in microseconds (0: never; set at load).
 static WATCH_US: AtomicU64 = AtomicU64::new(0);
 
 /// The sockets a call may receive from: a duplicate descriptor of each endpoint's socket (to
 /// peek and read), its receive state, and the endpoint driver's waker once it waits.
-static SOCKETS: Mutex<Vec<(u64, Arc<Direct>)>> = Mutex::new(Vec::new());
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+static SOCKETS: Registry<Arc<Direct>> = Registry::new();
 
 thread_local! {
     /// This thread sent a datagram on a wrapped socket since `take_sent` last looked.
@@ -78,23 +77,17 @@ struct Direct {
 /// An endpoint's socket as Quinn sees it when the watch is on: tokio's socket, with a receive
 /// that reads directly first.
 pub struct DirectSocket {
+    /// Dropped first: taken out of `SOCKETS` under the lock a watch holds while it looks, so
+    /// that no watch uses the duplicate afterwards, and it closes with `direct` (a listener's
+    /// socket must be closed before its address is released).
+    registered: Registered<Arc<Direct>>,
     inner: Arc<dyn AsyncUdpSocket>,
-    id: u64,
     direct: Arc<Direct>,
 }
 
 impl fmt::Debug for DirectSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DirectSocket").field("id", &self.id).finish()
-    }
-}
-
-impl Drop for DirectSocket {
-    fn drop(&mut self) {
-        // Removed under the lock a watch holds while it looks, so that once this returns no
-        // watch uses the duplicate, and it closes with `direct` (a listener's socket must be
-        // closed before its address is released).
-        lock(&SOCKETS).retain(|(id, _)| *id != self.id);
+        f.debug_struct("DirectSocket").field("id", &self.registered.id()).finish()
     }
 }
 
@@ -104,9 +97,8 @@ pub fn wrap(inner: Arc<dyn AsyncUdpSocket>, fd: UdpSocket) -> std::io::Result<Ar
     fd.set_nonblocking(true)?;
     let state = UdpSocketState::new((&fd).into())?;
     let direct = Arc::new(Direct { fd, state, waker: Mutex::new(None) });
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    lock(&SOCKETS).push((id, direct.clone()));
-    Ok(Arc::new(DirectSocket { inner, id, direct }))
+    let registered = SOCKETS.add(direct.clone());
+    Ok(Arc::new(DirectSocket { registered, inner, direct }))
 }
 
 impl AsyncUdpSocket for DirectSocket {
@@ -181,7 +173,7 @@ pub fn watch() -> bool {
 /// waits for one. True when it woke one.
 fn wake_ready() -> bool {
     let mut woke = false;
-    for (_, d) in lock(&SOCKETS).iter() {
+    for (_, d) in SOCKETS.lock().iter() {
         if spin::has_datagram(&d.fd) {
             if let Some(waker) = lock(&d.waker).take() {
                 waker.wake();

@@ -22,17 +22,15 @@
 //! closed listener's socket never outlives it.
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::util::lock;
+use crate::util::{Registered, Registry};
 
 /// How long a worker watches before it parks, in microseconds (0: never; set at load).
 static SPIN_US: AtomicU64 = AtomicU64::new(0);
 
-/// The watched sockets, by id (duplicated descriptors: dropping one closes only the duplicate).
-static WATCHED: Mutex<Vec<(u64, socket2::Socket)>> = Mutex::new(Vec::new());
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+/// The watched sockets (duplicated descriptors: dropping one closes only the duplicate).
+static WATCHED: Registry<socket2::Socket> = Registry::new();
 
 /// Sets the watch time (from the NIF's load data), before the runtime starts.
 pub fn configure(us: u64) {
@@ -43,16 +41,11 @@ pub fn spin_us() -> u64 {
     SPIN_US.load(Ordering::Relaxed)
 }
 
-/// A socket being watched; dropping it stops the watch and closes the duplicate.
+/// A socket being watched; dropping it stops the watch and closes the duplicate (no worker is
+/// still looking at it once the drop returns).
 #[derive(Debug)]
-pub struct Watch(u64);
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        // Removed (and its duplicate closed) under the lock the watcher holds while peeking, so
-        // no worker is still looking at the socket once this returns.
-        lock(&WATCHED).retain(|(id, _)| *id != self.0);
-    }
+pub struct Watch {
+    _entry: Registered<socket2::Socket>,
 }
 
 /// Starts watching `socket`. `None` when watching is off, not supported here, or the descriptor
@@ -62,14 +55,12 @@ pub fn watch(socket: &UdpSocket) -> Option<Watch> {
         return None;
     }
     let dup = socket2::Socket::from(socket.try_clone().ok()?);
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    lock(&WATCHED).push((id, dup));
-    Some(Watch(id))
+    Some(Watch { _entry: WATCHED.add(dup) })
 }
 
 /// Sockets being watched (for tests and `native_counts`).
 pub fn watched_count() -> usize {
-    lock(&WATCHED).len()
+    WATCHED.lock().len()
 }
 
 /// The runtime's `on_thread_park` hook: returns when a watched socket has a datagram waiting,
@@ -78,7 +69,7 @@ pub fn before_park() {
     let until = Instant::now() + Duration::from_micros(spin_us());
     while Instant::now() < until {
         // The other worker may be looking too: skip a turn rather than wait for it.
-        if let Ok(watched) = WATCHED.try_lock() {
+        if let Some(watched) = WATCHED.try_lock() {
             if watched.iter().any(|(_, s)| has_datagram(s)) {
                 return;
             }
