@@ -7,7 +7,9 @@
 #
 #   - asleep: a worker had to be woken, and no runtime thread sent anything meanwhile (the wait
 #     is a wake-up);
-#   - busy: a runtime thread sent other datagrams first (the wait is other work done before it).
+#   - busy: a runtime thread sent other datagrams first (the wait is other work done before it);
+#   - neither: no worker was woken and none sent (a worker was up, doing work that sends
+#     nothing).
 #
 # README's "Where the targets are missed" cites it.
 #
@@ -54,7 +56,7 @@ defmodule Bench.HandshakeWaits do
     report(r, out |> String.split("\n") |> Enum.flat_map(&parse/1))
   end
 
-  # {time_us, kind, tid, event, detail}; kind is :scheduler, :runtime or :other.
+  # {time_us, kind, tid, event}; kind is :scheduler, :runtime or :other.
   defp parse(line) do
     case Regex.run(~r/^\s*(\S+)\s+(\d+)\s+([\d.]+):\s+(\S+):\s*(.*)$/, line) do
       [_, comm, tid, t, event, rest] ->
@@ -100,9 +102,14 @@ defmodule Bench.HandshakeWaits do
           wait != nil,
           do: {t, wait}
 
-    {asleep, busy} =
-      Enum.split_with(waits, fn {_, {_, woken, sent}} -> woken and sent == false end)
+    by_class =
+      Enum.group_by(waits, fn
+        {_, {_, true, false}} -> :asleep
+        {_, {_, false, false}} -> :neither
+        _ -> :busy
+      end)
 
+    [asleep, busy, neither] = Enum.map([:asleep, :busy, :neither], &Map.get(by_class, &1, []))
     listener = Enum.count(busy, fn {_, {_, _, sent}} -> sent == :listener end)
 
     IO.puts("""
@@ -111,6 +118,7 @@ defmodule Bench.HandshakeWaits do
       worker asleep (woken, nothing else sent meanwhile): #{summary(asleep)}
       runtime busy (other datagrams sent first):           #{summary(busy)}
         of which the runtime sent from the other socket (the listener's side): #{listener}
+      neither (no wake-up, nothing sent):                  #{summary(neither)}
     """)
   end
 
