@@ -67,8 +67,14 @@ defmodule Bench.HandshakeWaits do
     end
   end
 
-  defp kind("macula_quic"), do: :runtime
-  defp kind(comm), do: if(comm =~ ~r/^\d+_scheduler$/, do: :scheduler, else: :other)
+  # Threads by name, as bin/profile and bench/threads.exs tell them apart.
+  defp kind(comm) do
+    case Bench.Util.thread_kind(comm) do
+      "runtime workers" -> :runtime
+      "BEAM schedulers" -> :scheduler
+      _ -> :other
+    end
+  end
 
   defp event("syscalls:sys_enter_sendmsg", rest), do: {:send, fd(rest)}
   defp event("syscalls:sys_enter_recvmmsg", rest), do: {:recv_start, fd(rest)}
@@ -81,7 +87,11 @@ defmodule Bench.HandshakeWaits do
     end
   end
 
-  defp event("sched:sched_wakeup", rest), do: {:wakeup, rest =~ "comm=macula_quic "}
+  defp event("sched:sched_wakeup", rest) do
+    woken = with [_, comm] <- Regex.run(~r/comm=(\S+)/, rest), do: kind(comm)
+    {:wakeup, woken == :runtime}
+  end
+
   defp event(_, _), do: :other
 
   defp fd(rest) do
