@@ -31,8 +31,9 @@ defmodule Bench.HandshakeWaits do
   def main(args) do
     seconds =
       case args do
-        [s] -> String.to_float(s)
+        [s] -> Bench.Util.seconds_arg(s) || usage()
         [] -> 0.2
+        _ -> usage()
       end
 
     Bench.Util.configure_runtime()
@@ -54,6 +55,11 @@ defmodule Bench.HandshakeWaits do
 
     File.rm_rf!(dir)
     report(r, out |> String.split("\n") |> Enum.flat_map(&parse/1))
+  end
+
+  defp usage do
+    IO.puts(:stderr, "usage: elixir bench/handshake_waits.exs [SECONDS]")
+    System.halt(2)
   end
 
   # {time_us, kind, tid, event}; kind is :scheduler, :runtime or :other.

@@ -47,12 +47,7 @@ defmodule Bench.Threads do
   def main(_), do: usage()
 
   # "5" and "2.5" both: a whole number of seconds is the common way to write it.
-  defp seconds!(s) do
-    case Float.parse(s) do
-      {x, ""} when x > 0 -> x
-      _ -> usage()
-    end
-  end
+  defp seconds!(s), do: Bench.Util.seconds_arg(s) || usage()
 
   defp usage do
     IO.puts(:stderr, "usage: elixir bench/threads.exs #{Enum.join(@workloads, "|")} [SECONDS]")

@@ -55,6 +55,16 @@ defmodule Bench.Util do
       "other threads"
     ]
 
+  @doc """
+  A script's SECONDS argument: a positive number ("3", "0.2"), or `nil` for anything else.
+  """
+  def seconds_arg(s) do
+    case Float.parse(s) do
+      {x, ""} when x > 0 -> x
+      _ -> nil
+    end
+  end
+
   @doc "BENCH_SCALE (default 1.0): multiplies sizes and counts; durations shrink below 1.0."
   def scale do
     case System.get_env("BENCH_SCALE") do
