@@ -1,6 +1,6 @@
 # Counts, per unit of work, the calls into Quinn and the system calls that macula_quic and raw
 # Quinn make: does macula_quic do more of Quinn's work, or the same work at a higher cost?
-# (README, "Where the targets are missed, and why".) Run it with bin/calls, which builds what
+# (bench/README.md, "Where the targets are missed".) Run it with bin/calls, which builds what
 # it needs:
 #
 #   bin/calls echo        # 64 B echo round trips for 3 s (async_send)

@@ -11,7 +11,7 @@
 #   - neither: no worker was woken and none sent (a worker was up, doing work that sends
 #     nothing).
 #
-# README's "Where the targets are missed" cites it.
+# bench/README.md's "Where the targets are missed: the measurements" cites it.
 #
 #   elixir -pa _build/bench/lib/macula_quic/ebin bench/handshake_waits.exs [SECONDS]
 #

@@ -5,7 +5,7 @@
 # ("voluntary") from one preempted while it still had work ("involuntary"), and work for
 # :ssl and :gen_tcp too. It also gives the throughput, how many CPUs the VM kept busy (CPU
 # time of all its threads over wall time) and the UDP datagrams sent per unit of work.
-# README's "Where the targets are missed" cites it.
+# bench/README.md's "Where the targets are missed: the measurements" cites it.
 #
 #   elixir -pa _build/bench/lib/macula_quic/ebin bench/threads.exs WORKLOAD [SECONDS]
 #

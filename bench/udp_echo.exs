@@ -9,8 +9,8 @@
 #   hands a message to the process's scheduler.
 #
 # It shows what the BEAM's own socket I/O and process wake-ups cost per round trip, i.e. the
-# floor for a QUIC engine driven on the BEAM's threads (README, "Where the targets are missed,
-# and why").
+# floor for a QUIC engine driven on the BEAM's threads (bench/README.md, "Where the targets are
+# missed: the measurements").
 #
 #   elixir bench/udp_echo.exs            # 30,000 round trips of each after 1,000 warm-up ones
 #   UDP_ECHO_ROUND_TRIPS=100000 elixir bench/udp_echo.exs
