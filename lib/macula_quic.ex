@@ -101,6 +101,11 @@ defmodule MaculaQuic do
     * `:server_name` — (connect) the SNI and the name the certificate must match; defaults to
       the host.
     * `:local_address` — (connect) the source address, an IP or `{ip, port}`.
+    * `:session_resumption` — (connect) `true` (the default) or `false`. Connects with the same
+      options share a TLS session cache: a server that sent this client a session ticket is
+      reconnected with a resumed handshake, which sends, signs and verifies no certificate.
+      A ticket arrives after the handshake, so a connection closed at once may not get one.
+      `false` keeps no tickets: every handshake is a full one.
     * `:idle_timeout_ms` (0 disables), `:keep_alive_interval_ms`, `:handshake_idle_timeout_ms`,
       `:peer_bidi_stream_count`, `:peer_unidi_stream_count`, `:stream_recv_window` (bytes per
       stream), `:conn_recv_window` (bytes per connection), `:send_window`.
@@ -907,8 +912,10 @@ defmodule MaculaQuic do
   never), and `watched_sockets`, the sockets it watches (with the watch on, one per client
   endpoint and per open listener). `inline_watch_us` is how long a call that sent a datagram
   watches the sockets for the answer (0, the default: never), and `inline_receives` counts,
-  since the VM started, the datagrams calls read themselves that way. For monitoring and leak
-  tests.
+  since the VM started, the datagrams calls read themselves that way. `tls_tickets` counts the
+  TLS session tickets clients have received and kept, and `tls_resumptions` the connects that
+  offered one to resume a session (see `:session_resumption` under Options), both since the VM
+  started. For monitoring and leak tests.
 
       iex> %{listeners: n} = MaculaQuic.native_counts()
       iex> is_integer(n)

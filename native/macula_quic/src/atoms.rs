@@ -21,4 +21,6 @@ rustler::atoms! {
     listeners, connections, streams, tasks, client_endpoints, bound_addresses, runtime_workers,
     shards, inline_runs, runtime_runs, runtime_spin_us, watched_sockets, owners, inline_watch_us,
     inline_receives,
+    tls_tickets,
+    tls_resumptions,
 }

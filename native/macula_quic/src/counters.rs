@@ -1,4 +1,4 @@
-//! Live-object counters (and two cumulative ones). Each native object increments its counter
+//! Live-object counters (and a few cumulative ones). Each native object increments its counter
 //! when created and decrements it when dropped, so tests can prove that closing, owner death
 //! and garbage collection free everything.
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -18,6 +18,10 @@ pub static INLINE_RUNS: AtomicI64 = AtomicI64::new(0);
 pub static RUNTIME_RUNS: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: datagrams a call read itself, having watched for them (see `inline_watch`).
 pub static INLINE_RECEIVES: AtomicI64 = AtomicI64::new(0);
+/// Cumulative: TLS 1.3 session tickets clients stored, and tickets they took to offer a
+/// resumed handshake (see `tls::CountingSessionStore`).
+pub static TLS_TICKETS: AtomicI64 = AtomicI64::new(0);
+pub static TLS_RESUMPTIONS: AtomicI64 = AtomicI64::new(0);
 
 /// Counts one live object of a kind for as long as it exists.
 #[derive(Debug)]

@@ -55,6 +55,9 @@ pub struct Tls {
     pub key: Option<Vec<u8>>,
     pub cacertfile: Option<String>,
     pub verify: Option<Verify>,
+    /// (connect) `session_resumption`: `Some(false)` keeps no TLS session tickets, so every
+    /// handshake is a full one.
+    pub resumption: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -256,6 +259,7 @@ pub fn decode_connect(map: Term) -> Result<Connect, Reason> {
         match name {
             "handshake_idle_timeout_ms" => o.handshake_timeout = Some(handshake_timeout(name, v)?),
             "server_name" | "sni" => o.server_name = Some(string(name, v)?),
+            "session_resumption" => o.tls.resumption = Some(v.decode::<bool>().map_err(|_| bad_option(name))?),
             "local_address" => o.local_address = Some(local_address(v)?),
             _ => return Err(bad_option(name)),
         }

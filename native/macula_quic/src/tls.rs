@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ClientSessionMemoryCache, ClientSessionStore, Resumption, Tls12ClientSessionValue, Tls13ClientSessionValue};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, NamedGroup, RootCertStore, SignatureScheme};
 
+use crate::counters;
 use crate::error::{bad_option, Reason};
 use crate::options::{Tls, Transport, Verify};
 use crate::util::lock;
@@ -207,6 +209,11 @@ pub fn client_config(tls: &Tls, transport: &Transport) -> Result<quinn::ClientCo
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = tls.alpn.clone();
+    cfg.resumption = if tls.resumption == Some(false) {
+        Resumption::disabled()
+    } else {
+        Resumption::store(Arc::new(CountingSessionStore(ClientSessionMemoryCache::new(SESSION_CACHE_SERVERS))))
+    };
     let quic = QuicClientConfig::try_from(cfg).map_err(|_| Reason::Atom(crate::atoms::tls_error()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
     client.transport_config(Arc::new(transport_config(transport)?));
@@ -235,8 +242,9 @@ fn client_cache() -> &'static Mutex<HashMap<ClientKey, quinn::ClientConfig>> {
 /// One configuration per set of options, as a long-lived rustls client keeps it, means a
 /// connect does not rebuild the verifier and parse certificates every time, and the TLS session
 /// cache is shared: a reconnect to a server that already sent this client a session ticket
-/// resumes the session (no certificate chain sent, signed and verified again). A connection
-/// closed right after its handshake has usually not received its ticket yet.
+/// resumes the session (no certificate chain sent, signed and verified again), unless
+/// `session_resumption: false`. A connection closed right after its handshake may not have
+/// received its ticket yet (the server sends it once the handshake is done).
 pub fn client_config_cached(tls: &Tls, transport: &Transport) -> Result<quinn::ClientConfig, Reason> {
     // The files' contents are part of the key (a renewed certificate must not reuse a stale
     // configuration). They are read with the same checks as always: a FIFO or a device must
@@ -255,6 +263,52 @@ pub fn client_config_cached(tls: &Tls, transport: &Transport) -> Result<quinn::C
     }
     cache.insert(key, config.clone());
     Ok(config)
+}
+
+/// Servers whose session tickets a client configuration keeps (rustls's default).
+const SESSION_CACHE_SERVERS: usize = 256;
+
+/// rustls's in-memory session cache, counting the TLS 1.3 tickets stored and those taken to
+/// offer a resumed handshake (`tls_tickets` and `tls_resumptions` in `native_counts/0`).
+/// Whether a handshake resumed changes what it costs (a resumed one sends, signs and verifies
+/// no certificate), so the benchmarks report it, and the tests prove `session_resumption: false`
+/// takes effect.
+#[derive(Debug)]
+struct CountingSessionStore(ClientSessionMemoryCache);
+
+impl ClientSessionStore for CountingSessionStore {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
+        self.0.set_kx_hint(server_name, group)
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.0.kx_hint(server_name)
+    }
+
+    fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.0.set_tls12_session(server_name, value)
+    }
+
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        self.0.tls12_session(server_name)
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.0.remove_tls12_session(server_name)
+    }
+
+    fn insert_tls13_ticket(&self, server_name: ServerName<'static>, value: Tls13ClientSessionValue) {
+        counters::bump(&counters::TLS_TICKETS);
+        self.0.insert_tls13_ticket(server_name, value)
+    }
+
+    fn take_tls13_ticket(&self, server_name: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
+        let ticket = self.0.take_tls13_ticket(server_name);
+        if ticket.is_some() {
+            counters::bump(&counters::TLS_RESUMPTIONS);
+        }
+        ticket
+    }
 }
 
 /// `verify: :none` on a client: any server certificate is accepted, but the handshake

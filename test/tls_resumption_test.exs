@@ -1,0 +1,93 @@
+defmodule MaculaQuic.TlsResumptionTest do
+  # `tls_tickets` and `tls_resumptions` count for the whole VM, so this module is not async:
+  # no other test's connects run while it counts. Each test uses an ALPN of its own: connects
+  # with the same options share a client configuration and its session cache, and tickets are
+  # kept by server name (here always 127.0.0.1), so a ticket left by another test's server would
+  # be offered too.
+  use ExUnit.Case, async: false
+  import MaculaQuic.Test.Quic
+
+  @moduletag :tls
+
+  test "a reconnect offers the session ticket the server sent" do
+    alpn = own_alpn()
+    before = MaculaQuic.native_counts()
+    {c, sc, l, port} = pair!(listen: [alpn: alpn], connect: [alpn: alpn])
+    round_trip!(c, sc)
+    # The server sends its tickets once the handshake is done, ahead of the echo; they reach
+    # the session cache on a runtime worker, so the count is polled (bounded).
+    await_at_least!(:tls_tickets, before.tls_tickets + 1)
+    :ok = MaculaQuic.close_connection(c)
+
+    :ok = MaculaQuic.async_accept(l)
+    {:ok, c2} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn, verify: :none], 5_000)
+    assert MaculaQuic.native_counts().tls_resumptions == before.tls_resumptions + 1
+    sc2 = receive_msg!({:quic, :new_conn, _, _}) |> elem(2)
+    round_trip!(c2, sc2)
+    :ok = MaculaQuic.close_connection(c2)
+    :ok = MaculaQuic.close_listener(l)
+  end
+
+  test "session_resumption: false keeps no tickets: every handshake is a full one" do
+    alpn = own_alpn()
+    opts = [alpn: alpn, verify: :none, session_resumption: false]
+    before = MaculaQuic.native_counts()
+    {c, sc, l, port} = pair!(listen: [alpn: alpn], connect: opts)
+    # The echo comes after the server's tickets (see above); with resumption on, they would
+    # have been counted by the time it arrives.
+    round_trip!(c, sc)
+    :ok = MaculaQuic.close_connection(c)
+
+    :ok = MaculaQuic.async_accept(l)
+    {:ok, c2} = MaculaQuic.connect("127.0.0.1", port, opts, 5_000)
+    sc2 = receive_msg!({:quic, :new_conn, _, _}) |> elem(2)
+    round_trip!(c2, sc2)
+    after_ = MaculaQuic.native_counts()
+    assert after_.tls_tickets == before.tls_tickets
+    assert after_.tls_resumptions == before.tls_resumptions
+    :ok = MaculaQuic.close_connection(c2)
+    :ok = MaculaQuic.close_listener(l)
+  end
+
+  test "session_resumption takes a boolean, on connect only" do
+    {l, port} = listen!()
+
+    assert {:error, {:bad_option, :session_resumption}} =
+             MaculaQuic.connect("127.0.0.1", port, [alpn: alpn(), session_resumption: :no], 5_000)
+
+    assert {:error, {:bad_option, :session_resumption}} =
+             MaculaQuic.listen("127.0.0.1", 0, alpn: alpn(), session_resumption: false)
+
+    :ok = MaculaQuic.close_listener(l)
+  end
+
+  defp own_alpn, do: ["resumption-#{System.unique_integer([:positive])}"]
+
+  # One message each way on a new stream.
+  defp round_trip!(c, sc) do
+    {s, ss} = stream_pair!(c, sc, first: "ping")
+    receive_msg!({:quic, "ping", ^ss, _})
+    :ok = MaculaQuic.send(ss, "pong")
+    receive_msg!({:quic, "pong", ^s, _})
+    :ok
+  end
+
+  defp await_at_least!(key, n, deadline \\ nil) do
+    deadline = deadline || System.monotonic_time(:millisecond) + 5_000
+    got = MaculaQuic.native_counts()[key]
+
+    cond do
+      got >= n ->
+        got
+
+      System.monotonic_time(:millisecond) > deadline ->
+        flunk("#{key} stayed at #{got}, expected at least #{n}")
+
+      true ->
+        receive do
+        after
+          10 -> await_at_least!(key, n, deadline)
+        end
+    end
+  end
+end
