@@ -342,14 +342,15 @@ defmodule Bench.Run do
           {"gen_tcp", fn -> Bench.Tcp.handshake(:gen_tcp, ctx.cert, conc, secs) end}
         ])
 
-      row(
-        "handshake",
+      "handshake"
+      |> row(
         if(conc == 1, do: "sequential", else: "#{conc} concurrent"),
         "handshakes/s",
         :hs_s,
         res,
         "≥0.9× quinn"
       )
+      |> Map.put(:macula_resumptions_per_hs, res["macula"] && res["macula"][:resumptions_per_hs])
     end
   end
 
@@ -427,10 +428,17 @@ defmodule Bench.Run do
         "- echo #{x.variant}: per round trip, macula ran connection work #{fmt(runs.inline_runs_per_rt * 1.0)} times inside the calling process's own call (`inline_runs`) and #{fmt(runs.runtime_runs_per_rt * 1.0)} times on a runtime worker"
       end)
 
+    resumed =
+      r.results
+      |> Enum.filter(&is_number(Map.get(&1, :macula_resumptions_per_hs)))
+      |> Enum.map(fn x ->
+        "- handshake #{x.variant}: full TLS handshakes everywhere (macula connects with `session_resumption: false` and resumed #{fmt(x.macula_resumptions_per_hs * 1.0)} per handshake; raw Quinn's client keeps no tickets; `:ssl`'s client asks for none)"
+      end)
+
     head <>
       Enum.join(lines, "\n") <>
       "\n\n" <>
-      Enum.join(ios ++ lat ++ inline, "\n") <>
+      Enum.join(ios ++ lat ++ inline ++ resumed, "\n") <>
       "\n\n\"each run\": macula/Quinn within each of the #{r.repeat} interleaved runs, lowest–highest. " <>
       "macula echo uses `async_send/2` on both ends; the \"send/2\" row uses the blocking `send/2`. " <>
       "Memory is resident memory (VM + native, VmRSS) per connection with both ends in the process.\n"

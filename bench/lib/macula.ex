@@ -5,6 +5,11 @@ defmodule Bench.Macula do
 
   @alpn ["bench"]
 
+  # The handshake workload measures full TLS handshakes in every implementation: a reconnect
+  # that resumes a session skips the certificate's signing and verifying, and whether one can
+  # depends on how long the last connection lived (see quinn_baseline.rs).
+  @full_handshake [session_resumption: false]
+
   def listen(cert, extra \\ []) do
     {:ok, l} =
       MaculaQuic.listen(
@@ -285,8 +290,9 @@ defmodule Bench.Macula do
     {l, port} = listen(cert)
     acceptor = spawn_link(fn -> accept_loop(l) end)
     # Warm-up.
-    for _ <- 1..20, do: :ok = MaculaQuic.close_connection(connect(port))
+    for _ <- 1..20, do: :ok = MaculaQuic.close_connection(connect(port, @full_handshake))
     me = self()
+    resumed0 = MaculaQuic.native_counts().tls_resumptions
     Bench.Util.mark(:start)
     t0 = now_us()
     deadline = t0 + round(seconds * 1.0e6)
@@ -299,16 +305,24 @@ defmodule Bench.Macula do
     n = Enum.reduce(workers, 0, fn w, acc -> receive(do: ({:count, ^w, k} -> acc + k)) end)
     us = now_us() - t0
     Bench.Util.mark(:stop)
+    resumed = MaculaQuic.native_counts().tls_resumptions - resumed0
     send(acceptor, :stop)
     MaculaQuic.close_listener(l)
-    %{concurrency: conc, handshakes: n, seconds: us / 1.0e6, hs_s: n / (us / 1.0e6)}
+
+    %{
+      concurrency: conc,
+      handshakes: n,
+      seconds: us / 1.0e6,
+      hs_s: n / (us / 1.0e6),
+      resumptions_per_hs: resumed / max(n, 1)
+    }
   end
 
   defp hs_loop(port, deadline, n) do
     if now_us() >= deadline do
       n
     else
-      :ok = MaculaQuic.close_connection(connect(port))
+      :ok = MaculaQuic.close_connection(connect(port, @full_handshake))
       hs_loop(port, deadline, n + 1)
     end
   end
