@@ -14,10 +14,9 @@
 # woken later, or being preempted: costs the CPU columns show as "kernel" and "BEAM").
 # BENCH_QUINN is the baseline binary (set by bin/profile).
 #
-# Instruction counts (valgrind --tool=callgrind) were tried and are not offered: OTP 25's JIT
-# does not run under valgrind (the VM dies with SIGSEGV in the garbage collector once real work
-# starts; OTP 26 added +JMsingle for this). The raw-Quinn side alone would run, but a one-sided
-# count compares nothing.
+# Instruction counts (valgrind's callgrind), which do not move with the machine's noise, are
+# bin/instructions' (bench/instructions.exs): OTP 25's JIT does not run under valgrind, so that
+# tool runs the BEAM's interpreter flavour, built by bench/build_emu.sh.
 Code.require_file("lib/util.ex", __DIR__)
 Code.require_file("lib/macula.ex", __DIR__)
 Code.require_file("lib/perf.ex", __DIR__)
@@ -127,20 +126,6 @@ defmodule Bench.Profile do
 
   ## The report
 
-  @components [
-    "macula_quic (our crate)",
-    "rustler",
-    "Quinn",
-    "TLS/crypto (rustls, ring)",
-    "tokio",
-    "other Rust (std, bytes, tracing)",
-    "BEAM (VM, JIT code, scheduler busy-wait)",
-    "kernel",
-    "memcpy/memmove",
-    "malloc/free",
-    "other"
-  ]
-
   defp report(workload, dir) do
     {mac, msw, mu, mruns} = pooled(dir, "macula")
     {q, qsw, qu, qruns} = pooled(dir, "quinn")
@@ -148,7 +133,7 @@ defmodule Bench.Profile do
     u = unit(workload)
 
     rows =
-      for c <- @components, Map.get(mac, c, 0) + Map.get(q, c, 0) > 0 do
+      for c <- Bench.Util.components(), Map.get(mac, c, 0) + Map.get(q, c, 0) > 0 do
         m = per.(mac, mu, c)
         b = per.(q, qu, c)
         "| #{c} | #{fmt(m)} | #{fmt(b)} | #{fmt(m - b)} |"
@@ -231,33 +216,18 @@ defmodule Bench.Profile do
 
         m = Regex.run(~r/^\s*.*?\s+cpu-clock\S*:\s+[0-9a-f]+\s+(.*)\s+\(([^()]*)\)\s*$/, line) ->
           [_, sym, dso] = m
-          {Map.update(costs, component(sym, dso), us_per_sample, &(&1 + us_per_sample)), switches}
+
+          {Map.update(
+             costs,
+             Bench.Util.component(sym, dso),
+             us_per_sample,
+             &(&1 + us_per_sample)
+           ), switches}
 
         true ->
           acc
       end
     end)
-  end
-
-  @doc false
-  def component(sym, dso) do
-    s = String.trim_leading(sym, "<")
-
-    cond do
-      dso =~ "kernel" -> "kernel"
-      String.starts_with?(s, "macula_quic::") -> "macula_quic (our crate)"
-      String.starts_with?(s, "rustler::") -> "rustler"
-      String.starts_with?(s, ["quinn::", "quinn_proto::", "quinn_udp::"]) -> "Quinn"
-      String.starts_with?(s, ["ring", "rustls::"]) -> "TLS/crypto (rustls, ring)"
-      String.starts_with?(s, "tokio::") -> "tokio"
-      sym =~ ~r/mem(move|cpy|set)/ -> "memcpy/memmove"
-      sym =~ ~r/malloc|free|_int_|realloc|unlink_chunk|tcache/ -> "malloc/free"
-      sym =~ ~r/quinn/ -> "Quinn"
-      sym =~ ~r/macula_quic::/ -> "macula_quic (our crate)"
-      dso =~ ~r/beam\.smp|memfd:vmem|erts-/ -> "BEAM (VM, JIT code, scheduler busy-wait)"
-      dso =~ ~r/libmacula_quic|quinn_baseline/ -> "other Rust (std, bytes, tracing)"
-      true -> "other"
-    end
   end
 
   defp fmt(x) when is_integer(x), do: Integer.to_string(x)

@@ -174,6 +174,78 @@ defmodule Bench.Util do
   def fmt(nil), do: "–"
   def fmt(x), do: to_string(x)
 
+  ## Sorting costs by component
+
+  @components [
+    "macula_quic (our crate)",
+    "rustler",
+    "Quinn",
+    "TLS/crypto (rustls, ring)",
+    "tokio",
+    "other Rust (std, bytes, tracing)",
+    "BEAM (VM, JIT code, scheduler busy-wait)",
+    "kernel",
+    "memcpy/memmove",
+    "malloc/free",
+    "other"
+  ]
+
+  @doc "The components `component/2` sorts code into, in report order."
+  def components, do: @components
+
+  # ring's assembly and its curve25519 C code carry no `ring` prefix.
+  @crypto_asm ~r/^_*(ecp_nistz256|aesni|_?aes_|gcm_|sha(256|512)_block|x25519|fe_|ge_|table_select|chacha|poly1305)/
+
+  @doc """
+  Which component a function belongs to, from its (demangled) symbol and the object it is in:
+  one of `components/0`. bin/profile (perf samples) and bin/instructions (callgrind's
+  instruction counts) sort their costs with it.
+  """
+  def component(sym, dso) do
+    s = String.trim_leading(sym, "<")
+
+    cond do
+      dso =~ "kernel" ->
+        "kernel"
+
+      String.starts_with?(s, "macula_quic::") ->
+        "macula_quic (our crate)"
+
+      String.starts_with?(s, "rustler::") ->
+        "rustler"
+
+      String.starts_with?(s, ["quinn::", "quinn_proto::", "quinn_udp::"]) ->
+        "Quinn"
+
+      String.starts_with?(s, ["ring", "rustls::"]) or s =~ @crypto_asm ->
+        "TLS/crypto (rustls, ring)"
+
+      String.starts_with?(s, "tokio::") ->
+        "tokio"
+
+      sym =~ ~r/mem(move|cpy|set)/ ->
+        "memcpy/memmove"
+
+      sym =~ ~r/malloc|free|_int_|realloc|unlink_chunk|tcache/ ->
+        "malloc/free"
+
+      sym =~ ~r/quinn/ ->
+        "Quinn"
+
+      sym =~ ~r/macula_quic::/ ->
+        "macula_quic (our crate)"
+
+      dso =~ ~r/beam\.(smp|emu)|memfd:vmem|erts-/ ->
+        "BEAM (VM, JIT code, scheduler busy-wait)"
+
+      dso =~ ~r/libmacula_quic|quinn_baseline/ ->
+        "other Rust (std, bytes, tracing)"
+
+      true ->
+        "other"
+    end
+  end
+
   ## Certificates
 
   @doc """
