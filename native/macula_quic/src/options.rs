@@ -114,6 +114,10 @@ fn uint(name: &str, v: Term, max: u64) -> Result<u64, Reason> {
     }
 }
 
+fn boolean(name: &str, v: Term) -> Result<bool, Reason> {
+    v.decode::<bool>().map_err(|_| bad_option(name))
+}
+
 fn string(name: &str, v: Term) -> Result<String, Reason> {
     decode_string(v).ok_or_else(|| bad_option(name))
 }
@@ -259,7 +263,7 @@ pub fn decode_connect(map: Term) -> Result<Connect, Reason> {
         match name {
             "handshake_idle_timeout_ms" => o.handshake_timeout = Some(handshake_timeout(name, v)?),
             "server_name" | "sni" => o.server_name = Some(string(name, v)?),
-            "session_resumption" => o.tls.resumption = Some(v.decode::<bool>().map_err(|_| bad_option(name))?),
+            "session_resumption" => o.tls.resumption = Some(boolean(name, v)?),
             "local_address" => o.local_address = Some(local_address(v)?),
             _ => return Err(bad_option(name)),
         }
@@ -297,7 +301,7 @@ pub fn decode_stream(map: Term) -> Result<Stream, Reason> {
                 let setting = decode_active(v).ok_or_else(|| bad_option("active"))?;
                 o.active = setting.apply(Active::Off).map_err(|_| bad_option("active"))?;
             }
-            "unidirectional" => o.unidirectional = v.decode::<bool>().map_err(|_| bad_option(name))?,
+            "unidirectional" => o.unidirectional = boolean(name, v)?,
             // quicer's open flag: QUIC_STREAM_OPEN_FLAG_UNIDIRECTIONAL = 1.
             "open_flag" => {
                 let f = uint(name, v, u32::MAX as u64)?;
