@@ -113,29 +113,44 @@ defmodule MaculaQuic.Test.Quic do
   `before_poll` runs before every check (`MaculaQuic.Test.Settle` flushes stray messages there).
   """
   def await_counts!(expected, timeout \\ 5_000, before_poll \\ fn -> :ok end) do
-    deadline = System.monotonic_time(:millisecond) + timeout
-    await_counts(expected, deadline, before_poll)
+    poll_counts!(
+      fn counts -> Enum.all?(expected, fn {k, v} -> counts[k] <= v end) end,
+      &"native counts #{inspect(&1)} did not fall to #{inspect(expected)}",
+      timeout,
+      fn ->
+        before_poll.()
+        # A handle stays alive while any process still holds a reference, garbage included:
+        # collect every process so only live references count.
+        for pid <- Process.list(), do: :erlang.garbage_collect(pid)
+      end
+    )
   end
 
-  defp await_counts(expected, deadline, before_poll) do
+  @doc """
+  Polls `MaculaQuic.native_counts/0` until `ready?.(counts)` holds and returns those counts, or
+  fails with `failure.(counts)` after `timeout`. `before_poll` runs before every look.
+  """
+  def poll_counts!(ready?, failure, timeout \\ 5_000, before_poll \\ fn -> :ok end) do
+    poll_counts(ready?, failure, System.monotonic_time(:millisecond) + timeout, before_poll)
+  end
+
+  defp poll_counts(ready?, failure, deadline, before_poll) do
     before_poll.()
-    # A handle stays alive while any process still holds a reference, garbage included: collect
-    # every process so only live references count.
-    for pid <- Process.list(), do: :erlang.garbage_collect(pid)
     counts = MaculaQuic.native_counts()
 
     cond do
-      Enum.all?(expected, fn {k, v} -> counts[k] <= v end) ->
+      ready?.(counts) ->
         counts
 
       System.monotonic_time(:millisecond) > deadline ->
-        flunk("native counts #{inspect(counts)} did not fall to #{inspect(expected)}")
+        flunk(failure.(counts))
 
       true ->
-        # Native teardown happens on runtime threads; poll (bounded) rather than guess a delay.
+        # Native state changes on runtime threads, with no message to wait for; poll (bounded)
+        # rather than guess a delay.
         receive do
         after
-          20 -> await_counts(expected, deadline, before_poll)
+          20 -> poll_counts(ready?, failure, deadline, before_poll)
         end
     end
   end
