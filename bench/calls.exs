@@ -23,14 +23,8 @@ defmodule Bench.Calls do
   @group "macula_quic_calls"
 
   # {event suffix, what the table calls it, regex on the mangled symbol}
-  @functions [
-    {"cdrv", "Quinn connection-driver polls", ~r/ConnectionDriver.*Future.*4poll/},
-    {"edrv", "Quinn endpoint-driver polls", ~r/EndpointDriver.*Future.*4poll/},
-    {"ptx", "`Connection::poll_transmit`", ~r/10Connection13poll_transmit/},
-    {"hev", "`Connection::handle_event`", ~r/10Connection12handle_event/},
-    # The server signs its handshake only in a full TLS handshake, not in a resumed one.
-    {"sign", "server signatures (full TLS handshakes)", ~r/EcdsaSigner.*Signer.*4sign/}
-  ]
+  @functions for {name, label, mangled, _} <- Bench.Util.entry_points(),
+                 do: {name, label, mangled}
 
   @syscalls ~w(sched_yield futex epoll_wait recvmmsg sendmsg read write timerfd_settime)
 

@@ -96,16 +96,6 @@ defmodule Bench.Instructions do
     end
   end
 
-  # Quinn's entry points, counted by calls (as bin/calls counts them with uprobes).
-  @calls [
-    {"connection-driver polls", ~r/ConnectionDriver as core::future::future::Future>::poll$/},
-    {"endpoint-driver polls", ~r/EndpointDriver as core::future::future::Future>::poll$/},
-    {"`Connection::poll_transmit`", ~r/^quinn_proto::connection::Connection::poll_transmit$/},
-    {"`Connection::handle_event`", ~r/^quinn_proto::connection::Connection::handle_event$/},
-    {"server signatures (full TLS handshakes)",
-     ~r/EcdsaSigner as rustls::crypto::signer::Signer>::sign$/}
-  ]
-
   defp report(workload, dir) do
     sides =
       for who <- ["macula", "quinn"], into: %{} do
@@ -149,7 +139,7 @@ defmodule Bench.Instructions do
     qt = total.(qc, q)
 
     call_rows =
-      for {label, re} <- @calls do
+      for {_, label, _, re} <- Bench.Util.entry_points() do
         count = fn side -> Enum.sum(for {f, n} <- side.calls, f =~ re, do: n) / side.units end
         "| #{label} | #{fmt(count.(m) * 1.0)} | #{fmt(count.(q) * 1.0)} |"
       end

@@ -174,6 +174,29 @@ defmodule Bench.Util do
   def fmt(nil), do: "–"
   def fmt(x), do: to_string(x)
 
+  ## Functions counted by call
+
+  @entry_points [
+    {"cdrv", "Quinn connection-driver polls", ~r/ConnectionDriver.*Future.*4poll/,
+     ~r/ConnectionDriver as core::future::future::Future>::poll$/},
+    {"edrv", "Quinn endpoint-driver polls", ~r/EndpointDriver.*Future.*4poll/,
+     ~r/EndpointDriver as core::future::future::Future>::poll$/},
+    {"ptx", "`Connection::poll_transmit`", ~r/10Connection13poll_transmit/,
+     ~r/^quinn_proto::connection::Connection::poll_transmit$/},
+    {"hev", "`Connection::handle_event`", ~r/10Connection12handle_event/,
+     ~r/^quinn_proto::connection::Connection::handle_event$/},
+    # The server signs its handshake only in a full TLS handshake, not in a resumed one.
+    {"sign", "server signatures (full TLS handshakes)", ~r/EcdsaSigner.*Signer.*4sign/,
+     ~r/EcdsaSigner as rustls::crypto::signer::Signer>::sign$/}
+  ]
+
+  @doc """
+  The functions bin/calls (uprobes) and bin/instructions (callgrind's call counts) count per
+  unit of work, in both macula_quic and raw Quinn: `{short name, label, regex on the mangled
+  symbol (nm), regex on the demangled one (callgrind)}`.
+  """
+  def entry_points, do: @entry_points
+
   ## Sorting costs by component
 
   @components [
