@@ -15,6 +15,7 @@
 Code.require_file("lib/util.ex", __DIR__)
 Code.require_file("lib/macula.ex", __DIR__)
 Code.require_file("lib/tcp.ex", __DIR__)
+Code.require_file("lib/udp.ex", __DIR__)
 
 defmodule Bench.Run do
   import Bench.Util
@@ -199,13 +200,23 @@ defmodule Bench.Run do
     for size <- [64, 4096] do
       progress("echo: #{size}-byte round trips on one stream, #{fmt(secs)} s per run")
 
-      impls = [
-        {"macula", fn -> Bench.Macula.echo(ctx.cert, size, secs, :async_send) end},
-        {"macula_send", fn -> Bench.Macula.echo(ctx.cert, size, secs, :send) end},
-        {"quinn", fn -> quinn(ctx, "echo", size: size, seconds: secs) end},
-        {"ssl", fn -> Bench.Tcp.echo(:ssl, ctx.cert, size, secs) end},
-        {"gen_tcp", fn -> Bench.Tcp.echo(:gen_tcp, ctx.cert, size, secs) end}
-      ]
+      impls =
+        [
+          {"macula", fn -> Bench.Macula.echo(ctx.cert, size, secs, :async_send) end},
+          {"macula_send", fn -> Bench.Macula.echo(ctx.cert, size, secs, :send) end},
+          {"quinn", fn -> quinn(ctx, "echo", size: size, seconds: secs) end},
+          {"ssl", fn -> Bench.Tcp.echo(:ssl, ctx.cert, size, secs) end},
+          {"gen_tcp", fn -> Bench.Tcp.echo(:gen_tcp, ctx.cert, size, secs) end}
+        ] ++
+          if size == 64 do
+            # The floor: plain UDP between two BEAM processes, no QUIC (see lib/udp.ex).
+            [
+              {"udp_gen_udp", fn -> Bench.Udp.echo(:gen_udp, size, secs) end},
+              {"udp_socket", fn -> Bench.Udp.echo(:socket, size, secs) end}
+            ]
+          else
+            []
+          end
 
       res = measure("echo #{size}B", :rt_s, impls)
       target = if size == 64, do: "≥0.8× quinn", else: nil
@@ -217,6 +228,7 @@ defmodule Bench.Run do
           :macula_shard_runs,
           res["macula"] && Map.take(res["macula"], [:inline_runs_per_rt, :runtime_runs_per_rt])
         )
+        |> Map.put(:udp_floor, udp_floor(res))
 
       lat = fn name -> res[name] && {res[name][:p50_us], res[name][:p99_us]} end
 
@@ -247,6 +259,19 @@ defmodule Bench.Run do
     |> List.flatten()
     |> Kernel.++([echo_two_processes(ctx, secs)])
   end
+
+  # The plain-UDP echo rates (median) and, within each interleaved run, what macula_quic and
+  # raw Quinn did against `:socket`'s, the floor for an engine woken through the BEAM's polling.
+  defp udp_floor(%{"udp_socket" => socket, "udp_gen_udp" => gen_udp} = res) do
+    %{
+      gen_udp: gen_udp.rt_s,
+      socket: socket.rt_s,
+      macula_vs_socket_runs: res["macula"] && run_ratios(res["macula"], socket, :rt_s),
+      quinn_vs_socket_runs: res["quinn"] && run_ratios(res["quinn"], socket, :rt_s)
+    }
+  end
+
+  defp udp_floor(_res), do: nil
 
   # 64-byte echo with the echoing end in another OS process, started for each run (macula_quic:
   # bench/echo_server.exs in a second VM; raw Quinn: quinn_baseline's role=server). With both
@@ -428,6 +453,13 @@ defmodule Bench.Run do
         "- echo #{x.variant}: per round trip, macula ran connection work #{fmt(runs.inline_runs_per_rt * 1.0)} times inside the calling process's own call (`inline_runs`) and #{fmt(runs.runtime_runs_per_rt * 1.0)} times on a runtime worker"
       end)
 
+    floor =
+      r.results
+      |> Enum.filter(&is_map(Map.get(&1, :udp_floor)))
+      |> Enum.map(fn %{udp_floor: f} = x ->
+        "- echo #{x.variant}, the floor without QUIC: two BEAM processes echoing plain UDP datagrams did #{fmt(f.gen_udp)} round trips/s through `:gen_udp` and #{fmt(f.socket)} through `:socket` (woken via `enif_select`); within each run macula did #{ratio_range(f.macula_vs_socket_runs)} and raw Quinn #{ratio_range(f.quinn_vs_socket_runs)} of `:socket`'s rate"
+      end)
+
     resumed =
       r.results
       |> Enum.filter(&is_number(Map.get(&1, :macula_resumptions_per_hs)))
@@ -438,7 +470,7 @@ defmodule Bench.Run do
     head <>
       Enum.join(lines, "\n") <>
       "\n\n" <>
-      Enum.join(ios ++ lat ++ inline ++ resumed, "\n") <>
+      Enum.join(ios ++ lat ++ inline ++ floor ++ resumed, "\n") <>
       "\n\n\"each run\": macula/Quinn within each of the #{r.repeat} interleaved runs, lowest–highest. " <>
       "macula echo uses `async_send/2` on both ends; the \"send/2\" row uses the blocking `send/2`. " <>
       "Memory is resident memory (VM + native, VmRSS) per connection with both ends in the process.\n"
