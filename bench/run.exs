@@ -1,5 +1,7 @@
 # The benchmark suite: macula_quic side by side with raw Quinn (native/macula_quic/examples/
-# quinn_baseline.rs), OTP :ssl (TLS 1.3 over TCP) and :gen_tcp, on loopback, in one run.
+# quinn_baseline.rs), OTP :ssl (TLS 1.3 over TCP) and :gen_tcp, on loopback, in one run; beside
+# the 64-byte echo also plain UDP between two BEAM processes (lib/udp.ex), the floor for any
+# engine that hands its data to processes.
 # Run it with bin/bench (which builds what it needs); README.md's Benchmarks section has the
 # latest table.
 #
