@@ -152,10 +152,7 @@ defmodule Bench.Macula do
     for _ <- 1..100, do: round_trip(s, msg, size, tx)
     runs0 = MaculaQuic.native_counts()
     Bench.Util.mark(:start)
-    t0 = now_us()
-    deadline = t0 + round(seconds * 1.0e6)
-    lat = echo_client(s, msg, size, tx, deadline, [])
-    us = now_us() - t0
+    stats = Bench.Util.time_round_trips(seconds, fn -> round_trip(s, msg, size, tx) end)
     Bench.Util.mark(:stop)
     runs1 = MaculaQuic.native_counts()
     send(server, :stop)
@@ -164,22 +161,10 @@ defmodule Bench.Macula do
     inline = runs1.inline_runs - runs0.inline_runs
     runtime = runs1.runtime_runs - runs0.runtime_runs
 
-    stats = Bench.Util.latency_stats(lat, us)
     n = max(stats.round_trips, 1)
     # Per round trip: shard runs done inside a process's own call (see "How the work is
     # scheduled" in README), and those a runtime worker did.
     Map.merge(stats, %{inline_runs_per_rt: inline / n, runtime_runs_per_rt: runtime / n})
-  end
-
-  defp echo_client(s, msg, size, tx, deadline, acc) do
-    t = System.monotonic_time(:nanosecond)
-
-    if div(t, 1000) >= deadline do
-      acc
-    else
-      round_trip(s, msg, size, tx)
-      echo_client(s, msg, size, tx, deadline, [System.monotonic_time(:nanosecond) - t | acc])
-    end
   end
 
   defp round_trip(s, msg, size, tx) do
@@ -219,11 +204,9 @@ defmodule Bench.Macula do
     msg = :binary.copy(<<1>>, size)
     tx = &MaculaQuic.async_send/2
     for _ <- 1..100, do: round_trip(s, msg, size, tx)
-    t0 = now_us()
-    lat = echo_client(s, msg, size, tx, t0 + round(seconds * 1.0e6), [])
-    us = now_us() - t0
+    stats = Bench.Util.time_round_trips(seconds, fn -> round_trip(s, msg, size, tx) end)
     :ok = MaculaQuic.close_connection(c)
-    Bench.Util.latency_stats(lat, us)
+    stats
   end
 
   @doc """

@@ -166,24 +166,10 @@ defmodule Bench.Tcp do
     :ok = setopts(t, c, active: true)
     msg = :binary.copy(<<1>>, size)
     for _ <- 1..100, do: round_trip(t, c, msg, size)
-    t0 = now_us()
-    deadline = t0 + round(seconds * 1.0e6)
-    lat = echo_client(t, c, msg, size, deadline, [])
-    us = now_us() - t0
+    stats = Bench.Util.time_round_trips(seconds, fn -> round_trip(t, c, msg, size) end)
     send(server, :stop)
     teardown(t, ls, c, s)
-    Bench.Util.latency_stats(lat, us)
-  end
-
-  defp echo_client(t, c, msg, size, deadline, acc) do
-    start = System.monotonic_time(:nanosecond)
-
-    if div(start, 1000) >= deadline do
-      acc
-    else
-      round_trip(t, c, msg, size)
-      echo_client(t, c, msg, size, deadline, [System.monotonic_time(:nanosecond) - start | acc])
-    end
+    stats
   end
 
   defp round_trip(t, c, msg, size) do

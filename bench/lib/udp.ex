@@ -13,8 +13,6 @@ defmodule Bench.Udp do
   #   engine driven from the BEAM's I/O polling would be: the VM's poll thread wakes, then
   #   hands a message to the process's scheduler.
 
-  import Bench.Util, only: [now_us: 0, latency_stats: 2]
-
   @loopback {127, 0, 0, 1}
 
   @doc """
@@ -27,22 +25,9 @@ defmodule Bench.Udp do
 
     try do
       for _ <- 1..1000, do: round_trip.(client, msg)
-      t0 = now_us()
-      lat = loop(client, msg, round_trip, t0 + round(seconds * 1.0e6), [])
-      latency_stats(lat, now_us() - t0)
+      Bench.Util.time_round_trips(seconds, fn -> round_trip.(client, msg) end)
     after
       stop.()
-    end
-  end
-
-  defp loop(client, msg, round_trip, deadline, acc) do
-    t = System.monotonic_time(:nanosecond)
-
-    if div(t, 1000) >= deadline do
-      acc
-    else
-      round_trip.(client, msg)
-      loop(client, msg, round_trip, deadline, [System.monotonic_time(:nanosecond) - t | acc])
     end
   end
 

@@ -114,6 +114,28 @@ defmodule Bench.Util do
     elem(sorted_tuple, i)
   end
 
+  @doc """
+  Calls `round_trip` (a zero-arity function doing one round trip) again and again for
+  `seconds`, timing each call: `latency_stats/2` of the run. The echo workloads of every
+  implementation measure with it, so they time the same way.
+  """
+  def time_round_trips(seconds, round_trip) do
+    t0 = now_us()
+    lat = round_trip_loop(round_trip, t0 + round(seconds * 1.0e6), [])
+    latency_stats(lat, now_us() - t0)
+  end
+
+  defp round_trip_loop(round_trip, deadline, acc) do
+    t = System.monotonic_time(:nanosecond)
+
+    if div(t, 1000) >= deadline do
+      acc
+    else
+      round_trip.()
+      round_trip_loop(round_trip, deadline, [System.monotonic_time(:nanosecond) - t | acc])
+    end
+  end
+
   def latency_stats(lat_ns_list, us) do
     sorted = lat_ns_list |> Enum.sort() |> List.to_tuple()
     n = tuple_size(sorted)
