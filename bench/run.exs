@@ -479,13 +479,14 @@ defmodule Bench.Run do
   end
 
   defp ratio(nil), do: "–"
+  defp ratio(x), do: :erlang.float_to_binary(x * 1.0, decimals: 2) <> "×"
+
   defp ratio_range([lo, hi]) when lo == hi, do: ratio(lo)
 
   defp ratio_range([lo, hi]),
     do: :erlang.float_to_binary(lo * 1.0, decimals: 2) <> "–" <> ratio(hi)
 
   defp ratio_range(_), do: "–"
-  defp ratio(x), do: :erlang.float_to_binary(x * 1.0, decimals: 2) <> "×"
 end
 
 Bench.Run.main()
