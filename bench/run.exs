@@ -448,26 +448,22 @@ defmodule Bench.Run do
           Enum.join(parts, ", ")
       end)
 
+    # Rows without the field (other workloads, or a side that did not run) fail the pattern and
+    # are skipped.
     inline =
-      r.results
-      |> Enum.filter(&match?(%{inline_runs_per_rt: _}, Map.get(&1, :macula_shard_runs)))
-      |> Enum.map(fn %{macula_shard_runs: runs} = x ->
+      for %{macula_shard_runs: %{inline_runs_per_rt: _} = runs} = x <- r.results do
         "- echo #{x.variant}: per round trip, macula ran connection work #{fmt(runs.inline_runs_per_rt * 1.0)} times inside the calling process's own call (`inline_runs`) and #{fmt(runs.runtime_runs_per_rt * 1.0)} times on a runtime worker"
-      end)
+      end
 
     floor =
-      r.results
-      |> Enum.filter(&is_map(Map.get(&1, :udp_floor)))
-      |> Enum.map(fn %{udp_floor: f} = x ->
+      for %{udp_floor: %{} = f} = x <- r.results do
         "- echo #{x.variant}, the floor without QUIC: two BEAM processes echoing plain UDP datagrams did #{fmt(f.gen_udp)} round trips/s through `:gen_udp` and #{fmt(f.socket)} through `:socket` (woken via `enif_select`); within each run macula did #{ratio_range(f.macula_vs_socket_runs)} and raw Quinn #{ratio_range(f.quinn_vs_socket_runs)} of `:socket`'s rate"
-      end)
+      end
 
     resumed =
-      r.results
-      |> Enum.filter(&is_number(Map.get(&1, :macula_resumptions_per_hs)))
-      |> Enum.map(fn x ->
-        "- handshake #{x.variant}: full TLS handshakes everywhere (macula connects with `session_resumption: false` and resumed #{fmt(x.macula_resumptions_per_hs * 1.0)} per handshake; raw Quinn's client keeps no tickets; `:ssl`'s client asks for none)"
-      end)
+      for %{macula_resumptions_per_hs: n} = x <- r.results, is_number(n) do
+        "- handshake #{x.variant}: full TLS handshakes everywhere (macula connects with `session_resumption: false` and resumed #{fmt(n * 1.0)} per handshake; raw Quinn's client keeps no tickets; `:ssl`'s client asks for none)"
+      end
 
     head <>
       Enum.join(lines, "\n") <>
