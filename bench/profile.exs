@@ -12,7 +12,9 @@
 # The tool is perf: CPU time from sampling every thread of the process at PROFILE_FREQ Hz
 # (default 2000), and every context switch of those threads (a thread going to sleep, to be
 # woken later, or being preempted: costs the CPU columns show as "kernel" and "BEAM").
-# BENCH_QUINN is the baseline binary (set by bin/profile).
+# BENCH_QUINN is the baseline binary (set by bin/profile). macula_quic's runtime settings come
+# from bin/bench's variables (BENCH_RUNTIME_WORKERS, BENCH_RUNTIME_SPIN_US,
+# BENCH_INLINE_WATCH_US), so a profile can be taken at the settings a bench run used.
 #
 # Instruction counts (valgrind's callgrind), which do not move with the machine's noise, are
 # bin/instructions' (bench/instructions.exs): OTP 25's JIT does not run under valgrind, so that
@@ -66,9 +68,19 @@ defmodule Bench.Profile do
 
   defp cert(dir), do: Bench.Util.make_cert(Path.join(dir, "cert"))
 
+  # The runtime settings the macula_quic side ran with, as the command's prefix ("" at the
+  # defaults).
+  defp settings do
+    case Bench.Util.runtime_settings() do
+      "defaults" -> ""
+      vars -> vars <> " "
+    end
+  end
+
   ## macula_quic's side
 
   defp macula(workload, dir) do
+    Bench.Util.configure_runtime()
     cert = cert(dir)
     p = params(workload)
     progress("macula_quic #{workload}: warm-up")
@@ -149,7 +161,7 @@ defmodule Bench.Profile do
     ## Profile: #{workload} (perf, CPU µs per #{u})
 
     #{date}. #{Bench.Util.machine() |> machine_line()}
-    Command: `bin/profile #{workload}` (#{length(mruns)} runs of each side, interleaved, pooled).
+    Command: `#{settings()}bin/profile #{workload}` (#{length(mruns)} runs of each side, interleaved, pooled).
     macula_quic: #{fmt(mu)} #{u}s, per-run totals #{range.(mruns)} µs; raw Quinn: #{fmt(qu)} #{u}s,
     per-run totals #{range.(qruns)} µs.
 

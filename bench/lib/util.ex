@@ -13,6 +13,23 @@ defmodule Bench.Util do
   it before the first MaculaQuic call: the NIF reads them when it loads.
   """
   def configure_runtime do
+    for {_var, key, n} <- runtime_vars(), do: Application.put_env(:macula_quic, key, n)
+    :ok
+  end
+
+  @doc """
+  The runtime settings `configure_runtime/0` applies, as the variables that set them
+  ("BENCH_RUNTIME_SPIN_US=15 BENCH_INLINE_WATCH_US=20"), or "defaults": for reports, which
+  must say when macula_quic did not run at its defaults.
+  """
+  def runtime_settings do
+    case runtime_vars() do
+      [] -> "defaults"
+      set -> Enum.map_join(set, " ", fn {var, _key, n} -> "#{var}=#{n}" end)
+    end
+  end
+
+  defp runtime_vars do
     for {var, key} <- [
           {"BENCH_RUNTIME_WORKERS", :runtime_workers},
           {"BENCH_RUNTIME_SPIN_US", :runtime_spin_us},
@@ -20,11 +37,8 @@ defmodule Bench.Util do
         ],
         v = System.get_env(var),
         v != nil,
-        {n, ""} <- [Integer.parse(v)] do
-      Application.put_env(:macula_quic, key, n)
-    end
-
-    :ok
+        {n, ""} <- [Integer.parse(v)],
+        do: {var, key, n}
   end
 
   @doc """
