@@ -68,10 +68,10 @@ defmodule Bench.Profile do
 
   defp cert(dir), do: Bench.Util.make_cert(Path.join(dir, "cert"))
 
-  # The runtime settings the macula_quic side ran with, as the command's prefix ("" at the
+  # The settings the run departs from the defaults with, as the command's prefix ("" at the
   # defaults).
   defp settings do
-    case Bench.Util.runtime_settings() do
+    case Bench.Util.settings() do
       "defaults" -> ""
       vars -> vars <> " "
     end

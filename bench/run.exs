@@ -60,7 +60,7 @@ defmodule Bench.Run do
       machine: machine,
       scale: scale(),
       repeat: repeat(),
-      runtime: Bench.Util.runtime_settings(),
+      settings: Bench.Util.settings(),
       cert: "ECDSA P-256 self-signed (#{cert.via}), TLS 1.3 only, client verify none",
       elapsed_seconds: elapsed,
       date: DateTime.utc_now() |> DateTime.truncate(:second) |> DateTime.to_iso8601(),
@@ -417,7 +417,7 @@ defmodule Bench.Run do
     ## macula_quic benchmarks (#{r.date})
 
     Machine: #{m.nproc} CPUs (#{m.cpu_model}), #{m.mem_total_gib} GiB, Linux #{m.kernel}; OTP #{m.otp} (erts #{m.erts}), Elixir #{m.elixir}, #{m.rustc}, Quinn #{m.quinn}.
-    Loopback, both ends in one OS process per implementation (except the "two OS processes" row); BENCH_SCALE=#{r.scale}, median of #{r.repeat}; macula_quic's runtime settings: #{r.runtime}; #{r.cert}. Suite time #{fmt(r.elapsed_seconds)} s.
+    Loopback, both ends in one OS process per implementation (except the "two OS processes" row); BENCH_SCALE=#{r.scale}, median of #{r.repeat}; settings: #{r.settings}; #{r.cert}. Suite time #{fmt(r.elapsed_seconds)} s.
 
     | workload | unit | macula_quic | raw Quinn | :ssl | :gen_tcp | macula/Quinn | each run | macula/ssl | target |
     |---|---|---:|---:|---:|---:|---:|---:|---:|---|

@@ -18,14 +18,23 @@ defmodule Bench.Util do
   end
 
   @doc """
-  The runtime settings `configure_runtime/0` applies, as the variables that set them
-  ("BENCH_RUNTIME_SPIN_US=15 BENCH_INLINE_WATCH_US=20"), or "defaults": for reports, which
-  must say when macula_quic did not run at its defaults.
+  The settings a run departs from the defaults with, as the variables that set them: the
+  runtime settings `configure_runtime/0` applies and the VM's flags from the environment
+  (`BENCH_INLINE_WATCH_US=20 ERL_AFLAGS="+S 1"`), or "defaults". For reports, which must say
+  when a run did not use the defaults.
   """
-  def runtime_settings do
-    case runtime_vars() do
+  def settings do
+    runtime = for {var, _key, n} <- runtime_vars(), do: "#{var}=#{n}"
+
+    vm =
+      for var <- ~w(ERL_AFLAGS ERL_FLAGS ERL_ZFLAGS),
+          v = System.get_env(var),
+          v not in [nil, ""],
+          do: "#{var}=#{inspect(v)}"
+
+    case runtime ++ vm do
       [] -> "defaults"
-      set -> Enum.map_join(set, " ", fn {var, _key, n} -> "#{var}=#{n}" end)
+      set -> Enum.join(set, " ")
     end
   end
 
