@@ -633,11 +633,17 @@ defmodule MaculaQuic do
   end
 
   @doc """
-  Sends `data` on a stream. Returns `:ok` once Quinn has taken all of it into its send buffer
-  — waiting, when the peer is slow, for flow-control credit. Only the calling process waits:
-  no scheduler is blocked. Errors: `{:error, :closed}`, `{:error, {:peer_receive_aborted,
+  Sends `data` on a stream. Returns `:ok` once the data is queued and no more than 2 MiB of
+  the stream's data, this call's included, still waits for Quinn to take it into its send
+  buffer; when more does (the peer is slow, and flow-control credit is short), the call waits
+  until enough was taken. So a slow peer slows the sender, and a sender of large pieces always
+  has the next one queued while Quinn sends the last. Only the calling process waits: no
+  scheduler is blocked. Errors: `{:error, :closed}`, `{:error, {:peer_receive_aborted,
   code}}`, `{:error, :einval}` on the receiving end of a unidirectional stream, or why the
-  connection ended. `data` that is not iodata raises `ArgumentError`.
+  connection ended. Like `:gen_tcp`'s, an `:ok` means queued, not delivered: if the stream
+  fails while the data still waits, the next call on the stream reports why, and the owner
+  hears of it as usual (`peer_receive_aborted`, `shutdown`, ...). `data` that is not iodata
+  raises `ArgumentError`.
 
       :ok = MaculaQuic.send(stream, ["hello", ?\\s, "world"])
   """
@@ -672,8 +678,9 @@ defmodule MaculaQuic do
   defp send_piece(stream, bin, fin) do
     ref = make_ref()
 
-    # `:wait`: the writer task hands the data to Quinn as flow control allows and answers
-    # `{ref, result}`; anything else (an error) is the answer itself.
+    # `:wait`: more than 2 MiB waits for Quinn; the writer task hands it over as flow control
+    # allows and answers `{ref, result}` once that is no longer so. Anything else (`:ok`, an
+    # error) is the answer itself.
     case native(:stream, stream, fn -> Native.stream_send(stream, bin, ref, fin) end) do
       :wait -> receive(do: ({^ref, result} -> result))
       other -> other

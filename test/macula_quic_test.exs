@@ -573,6 +573,64 @@ defmodule MaculaQuicTest do
     end
   end
 
+  describe "send/2's back-pressure" do
+    test "returns while at most 2 MiB wait for the peer, waits beyond that, and resumes as the peer reads" do
+      # The listener grants 64 KiB per stream; its side reads nothing until told to, except
+      # what its passive reader reads ahead (256 KiB). So Quinn takes at most ~320 KiB of
+      # the 1 MiB pieces below, and the rest waits in our queue.
+      {c, sc, _l, _} = pair!(listen: [stream_recv_window: 65_536])
+      {s, ss} = stream_pair!(c, sc, server: [active: false])
+      assert {:ok, "hello"} = MaculaQuic.recv(ss, 5, 5_000)
+      piece = :binary.copy("m", 1_048_576)
+      parent = self()
+
+      sender =
+        spawn_link(fn ->
+          for i <- 1..4 do
+            :ok = MaculaQuic.send(s, piece)
+            send(parent, {:sent, i})
+          end
+        end)
+
+      # Two pieces fit within 2 MiB: both return without the peer reading anything.
+      assert_receive {:sent, 1}, 5_000
+      assert_receive {:sent, 2}, 5_000
+      # A third would make ~2.7 MiB wait: the sender waits (in its own process).
+      assert wait_until(fn -> Process.info(sender, :status) == {:status, :waiting} end)
+      refute_received {:sent, 3}
+      {:ok, [send_pend: pend]} = MaculaQuic.getstat(c, [:send_pend])
+      assert pend > 2 * 1_048_576 and pend <= 3 * 1_048_576
+
+      # As the peer reads, the queue drains below 2 MiB and the sends return, in order.
+      assert {:ok, first} = MaculaQuic.recv(ss, 1_048_576, 10_000)
+      assert byte_size(first) == 1_048_576
+      assert_receive {:sent, 3}, 10_000
+      assert {:ok, _} = MaculaQuic.recv(ss, 1_048_576, 10_000)
+      assert_receive {:sent, 4}, 10_000
+
+      # Everything arrives, byte-exact, and nothing is left waiting.
+      assert {:ok, rest} = MaculaQuic.recv(ss, 2 * 1_048_576, 10_000)
+      assert rest == :binary.copy("m", 2 * 1_048_576)
+      assert {:ok, [send_pend: 0]} = MaculaQuic.getstat(c, [:send_pend])
+    end
+
+    test "a send that returned before the stream failed: the next call says why" do
+      {c, sc, _l, _} = pair!(listen: [stream_recv_window: 65_536])
+      {s, ss} = stream_pair!(c, sc, server: [active: false])
+      assert {:ok, "hello"} = MaculaQuic.recv(ss, 5, 5_000)
+      # Returns while most of it still waits for credit the peer never gives.
+      assert :ok = MaculaQuic.send(s, :binary.copy("x", 1_048_576))
+      {:ok, [send_pend: pend]} = MaculaQuic.getstat(c, [:send_pend])
+      assert pend > 0
+
+      # The peer stops reading the stream (STOP_SENDING, code 9): what waited is dropped.
+      :ok = MaculaQuic.async_shutdown_stream(ss, MaculaQuic.stream_shutdown_abort_receive(), 9)
+      assert_receive {:quic, :peer_receive_aborted, ^s, 9}, 5_000
+      assert {:error, {:peer_receive_aborted, 9}} = MaculaQuic.send(s, "more")
+      assert {:ok, [send_pend: 0]} = MaculaQuic.getstat(c, [:send_pend])
+    end
+  end
+
   describe "ownership" do
     test "only the owner may call controlling_process; the new owner gets the messages" do
       {c, sc, _l, _} = pair!()

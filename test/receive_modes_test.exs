@@ -301,14 +301,6 @@ defmodule MaculaQuic.ReceiveModesTest do
         end
     end
   end
-
-  defp wait_until(fun, tries \\ 250) do
-    cond do
-      fun.() -> true
-      tries == 0 -> false
-      true -> receive(after: (10 -> wait_until(fun, tries - 1)))
-    end
-  end
 end
 
 defmodule MaculaQuic.TimerFairnessTest do

@@ -109,6 +109,18 @@ defmodule MaculaQuic.Test.Quic do
   end
 
   @doc """
+  Polls `fun` every 10 ms until it returns true (then true), at most `tries` times (then
+  false): for states no message announces, such as a process waiting in a `receive`.
+  """
+  def wait_until(fun, tries \\ 250) do
+    cond do
+      fun.() -> true
+      tries == 0 -> false
+      true -> receive(after: (10 -> wait_until(fun, tries - 1)))
+    end
+  end
+
+  @doc """
   Waits until the native side reports `counts` (a map subset), or fails after `timeout`.
   `before_poll` runs before every check (`MaculaQuic.Test.Settle` flushes stray messages there).
   """
