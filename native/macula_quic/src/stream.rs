@@ -142,6 +142,13 @@ struct SendSide {
     queued: usize,
     /// Bytes of any data in `queue` (mirrored in the connection's `send_pend`).
     pending: usize,
+    /// Bytes ever queued, and ever taken by Quinn: where in the stream a send's data ends, and
+    /// how far Quinn has got.
+    queued_total: u64,
+    taken_total: u64,
+    /// Blocking sends not answered yet, in order, each with where its data ends (see
+    /// `SEND_AHEAD`).
+    waiting: VecDeque<(u64, Reply)>,
     /// Why the send side ended, for sends attempted after it did.
     ended: Option<Reason>,
 }
@@ -163,9 +170,9 @@ pub struct StreamRes {
 }
 
 enum SendCmd {
-    /// `is_async` for `async_send` data (counted in `SendSide::queued`). `reply` is the waiting
-    /// `send`'s, until it is answered (see `SEND_AHEAD`); `None` for `async_send` data.
-    Data { bytes: Bytes, reply: Option<Reply>, fin: bool, is_async: bool },
+    /// `is_async` for `async_send` data (counted in `SendSide::queued`); a blocking send's
+    /// caller waits in `SendSide::waiting` when it has to.
+    Data { bytes: Bytes, fin: bool, is_async: bool },
     Finish,
 }
 
@@ -242,7 +249,16 @@ impl StreamRes {
             wake_writer: Notify::new(),
             recv_stream: recv.map(|r| Mutex::new(Some(r))),
             send: send.map(|stream| {
-                Mutex::new(SendSide { stream: Some(stream), queue: VecDeque::new(), queued: 0, pending: 0, ended: None })
+                Mutex::new(SendSide {
+                    stream: Some(stream),
+                    queue: VecDeque::new(),
+                    queued: 0,
+                    pending: 0,
+                    queued_total: 0,
+                    taken_total: 0,
+                    waiting: VecDeque::new(),
+                    ended: None,
+                })
             }),
             _live: Live::new(&counters::STREAMS),
         });
@@ -703,8 +719,9 @@ fn poll_queue(sd: &mut SendSide, send_pend: &AtomicUsize, cx: &mut Context) -> P
                     sd.queued -= taken;
                 }
                 sd.pending -= taken;
+                sd.taken_total += taken as u64;
                 send_pend.fetch_sub(taken, Ordering::Relaxed);
-                answer_sends_within(&mut sd.queue, SEND_AHEAD);
+                answer_waiting(&mut sd.waiting, sd.taken_total);
                 match step {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -713,12 +730,9 @@ fn poll_queue(sd: &mut SendSide, send_pend: &AtomicUsize, cx: &mut Context) -> P
             }
         }
         match sd.queue.pop_front() {
-            Some(SendCmd::Data { reply, fin, .. }) => {
+            Some(SendCmd::Data { fin, .. }) => {
                 if fin {
                     let _ = stream.finish();
-                }
-                if let Some(r) = reply {
-                    r.ok();
                 }
                 if fin {
                     return Poll::Ready(Ok(()));
@@ -733,19 +747,13 @@ fn poll_queue(sd: &mut SendSide, send_pend: &AtomicUsize, cx: &mut Context) -> P
     }
 }
 
-/// Answers `:ok` to the waiting sends whose data, with everything queued before it, is now
-/// within `limit` bytes (see `SEND_AHEAD`).
-fn answer_sends_within(queue: &mut VecDeque<SendCmd>, limit: usize) {
-    let mut upto = 0;
-    for cmd in queue.iter_mut() {
-        if let SendCmd::Data { bytes, reply, .. } = cmd {
-            upto += bytes.len();
-            if upto > limit {
-                return;
-            }
-            if let Some(r) = reply.take() {
-                r.ok();
-            }
+/// Answers `:ok` to the waiting sends of which, now that Quinn has taken `taken` bytes, no more
+/// than `SEND_AHEAD` bytes (their own and what is queued before them) still wait. In order, so
+/// each take looks at one entry more than it answers.
+fn answer_waiting(waiting: &mut VecDeque<(u64, Reply)>, taken: u64) {
+    while waiting.front().is_some_and(|(end, _)| end.saturating_sub(taken) <= SEND_AHEAD as u64) {
+        if let Some((_, r)) = waiting.pop_front() {
+            r.ok();
         }
     }
 }
@@ -784,15 +792,17 @@ async fn send_loop(res: ResourceArc<StreamRes>) {
     };
     // Record why (later sends report it), take what can no longer be sent, and let Quinn's
     // stream go (dropping it finishes or resets it, as Quinn decides).
-    let (leftover, stream) = {
+    let (unsent, leftover, stream) = {
         let mut sd = lock(side);
         sd.ended = Some(failure.clone());
         sd.queued = 0;
         res.conn.send_pend.fetch_sub(sd.pending, Ordering::Relaxed);
         sd.pending = 0;
-        (std::mem::take(&mut sd.queue), sd.stream.take())
+        // Dropped below, outside the lock: large sends hold their Erlang binaries.
+        (std::mem::take(&mut sd.queue), std::mem::take(&mut sd.waiting), sd.stream.take())
     };
     drop(stream);
+    drop(unsent);
     // The owner hears that the peer stopped reading only now that later sends report it: a
     // send made after the message must not be queued (and, being small, answered `:ok`).
     if let Reason::Code(tag, code) = &failure {
@@ -801,10 +811,8 @@ async fn send_loop(res: ResourceArc<StreamRes>) {
         }
     }
     // No caller may be left waiting for a send that will never happen.
-    for cmd in leftover {
-        if let SendCmd::Data { reply: Some(r), .. } = cmd {
-            r.error(failure.clone());
-        }
+    for (_, r) in leftover {
+        r.error(failure.clone());
     }
     let mut st = lock(&res.state);
     finish_send(&res, &mut st);
@@ -887,12 +895,16 @@ fn stream_send_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>
         sd.queued += bytes.len();
     }
     sd.pending += bytes.len();
+    sd.queued_total += bytes.len() as u64;
     s.conn.send_pend.fetch_add(bytes.len(), Ordering::Relaxed);
     // A blocking send whose data fits within `SEND_AHEAD` with what waits before it is answered
     // now; otherwise the writer answers it once the queue has drained that far.
     let answered = is_async || sd.pending <= SEND_AHEAD;
-    let reply = (!answered).then(|| Reply::new(env.pid(), tag));
-    sd.queue.push_back(SendCmd::Data { bytes, reply, fin, is_async });
+    if !answered {
+        let end = sd.queued_total;
+        sd.waiting.push_back((end, Reply::new(env.pid(), tag)));
+    }
+    sd.queue.push_back(SendCmd::Data { bytes, fin, is_async });
     drop(sd);
     s.wake_writer.notify_one();
     if answered { atoms::ok().encode(env) } else { wait().encode(env) }
