@@ -897,14 +897,15 @@ defmodule MaculaQuicTest do
     end
   end
 
-  # Bounded poll of our own mailbox: there is no message to wait for that would not consume it.
-  defp wait_until_queued!(stream, tries \\ 250) do
-    {:messages, msgs} = Process.info(self(), :messages)
-
-    cond do
-      Enum.any?(msgs, &match?({:quic, _, ^stream, _}, &1)) -> :ok
-      tries == 0 -> flunk("nothing queued for the stream")
-      true -> receive(after: (20 -> wait_until_queued!(stream, tries - 1)))
+  # Bounded poll of our own mailbox (5 s): there is no message to wait for that would not
+  # consume it.
+  defp wait_until_queued!(stream) do
+    queued? = fn ->
+      {:messages, msgs} = Process.info(self(), :messages)
+      Enum.any?(msgs, &match?({:quic, _, ^stream, _}, &1))
     end
+
+    unless wait_until(queued?, 500), do: flunk("nothing queued for the stream")
+    :ok
   end
 end

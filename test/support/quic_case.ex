@@ -113,11 +113,8 @@ defmodule MaculaQuic.Test.Quic do
   false): for states no message announces, such as a process waiting in a `receive`.
   """
   def wait_until(fun, tries \\ 250) do
-    cond do
-      fun.() -> true
-      tries == 0 -> false
-      true -> receive(after: (10 -> wait_until(fun, tries - 1)))
-    end
+    look = fn -> if fun.(), do: {:ok, true}, else: {:wait, false} end
+    match?({:ok, _}, poll(look, 10, System.monotonic_time(:millisecond) + tries * 10))
   end
 
   @doc """
@@ -143,27 +140,31 @@ defmodule MaculaQuic.Test.Quic do
   fails with `failure.(counts)` after `timeout`. `before_poll` runs before every look.
   """
   def poll_counts!(ready?, failure, timeout \\ 5_000, before_poll \\ fn -> :ok end) do
-    poll_counts(ready?, failure, System.monotonic_time(:millisecond) + timeout, before_poll)
+    look = fn ->
+      before_poll.()
+      counts = MaculaQuic.native_counts()
+      if ready?.(counts), do: {:ok, counts}, else: {:wait, counts}
+    end
+
+    # Native state changes on runtime threads, with no message to wait for.
+    case poll(look, 20, System.monotonic_time(:millisecond) + timeout) do
+      {:ok, counts} -> counts
+      {:timeout, counts} -> flunk(failure.(counts))
+    end
   end
 
-  defp poll_counts(ready?, failure, deadline, before_poll) do
-    before_poll.()
-    counts = MaculaQuic.native_counts()
+  # Calls `look` (`{:ok, value}` when done, else `{:wait, last}`) every `every` ms until it is
+  # done or `deadline` (monotonic ms) has passed: `{:ok, value}` or `{:timeout, last}`. Bounded
+  # polling for what no message announces, rather than a guessed delay.
+  defp poll(look, every, deadline) do
+    case look.() do
+      {:ok, value} ->
+        {:ok, value}
 
-    cond do
-      ready?.(counts) ->
-        counts
-
-      System.monotonic_time(:millisecond) > deadline ->
-        flunk(failure.(counts))
-
-      true ->
-        # Native state changes on runtime threads, with no message to wait for; poll (bounded)
-        # rather than guess a delay.
-        receive do
-        after
-          20 -> poll_counts(ready?, failure, deadline, before_poll)
-        end
+      {:wait, last} ->
+        if System.monotonic_time(:millisecond) > deadline,
+          do: {:timeout, last},
+          else: receive(after: (every -> poll(look, every, deadline)))
     end
   end
 end
