@@ -140,10 +140,8 @@ struct SendSide {
     queue: VecDeque<SendCmd>,
     /// Bytes of `async_send` data in `queue`.
     queued: usize,
-    /// Bytes of any data in `queue` (mirrored in the connection's `send_pend`).
-    pending: usize,
-    /// Bytes ever queued, and ever taken by Quinn: where in the stream a send's data ends, and
-    /// how far Quinn has got.
+    /// Bytes ever queued, and ever taken by Quinn (or given up on): where in the stream a send's
+    /// data ends, and how far Quinn has got. What lies between is `pending()`.
     queued_total: u64,
     taken_total: u64,
     /// Blocking sends not answered yet, in order, each with where its data ends (see
@@ -151,6 +149,21 @@ struct SendSide {
     waiting: VecDeque<(u64, Reply)>,
     /// Why the send side ended, for sends attempted after it did.
     ended: Option<Reason>,
+}
+
+impl SendSide {
+    /// Bytes of data in `queue` (mirrored in the connection's `send_pend`).
+    fn pending(&self) -> usize {
+        (self.queued_total - self.taken_total) as usize
+    }
+
+    /// Gives up on everything queued (it will never be sent); returns how many bytes that was,
+    /// for `send_pend`.
+    fn give_up_pending(&mut self) -> usize {
+        let n = self.pending();
+        self.taken_total = self.queued_total;
+        n
+    }
 }
 
 pub struct StreamRes {
@@ -253,7 +266,6 @@ impl StreamRes {
                     stream: Some(stream),
                     queue: VecDeque::new(),
                     queued: 0,
-                    pending: 0,
                     queued_total: 0,
                     taken_total: 0,
                     waiting: VecDeque::new(),
@@ -718,7 +730,6 @@ fn poll_queue(sd: &mut SendSide, send_pend: &AtomicUsize, cx: &mut Context) -> P
                 if *is_async {
                     sd.queued -= taken;
                 }
-                sd.pending -= taken;
                 sd.taken_total += taken as u64;
                 send_pend.fetch_sub(taken, Ordering::Relaxed);
                 answer_waiting(&mut sd.waiting, sd.taken_total);
@@ -773,8 +784,7 @@ async fn send_loop(res: ResourceArc<StreamRes>) {
             let mut sd = lock(side);
             // What is queued will never be sent: uncount it before the reset can reach the
             // peer, so `send_pend` never shows it to someone who already heard of the reset.
-            res.conn.send_pend.fetch_sub(sd.pending, Ordering::Relaxed);
-            sd.pending = 0;
+            res.conn.send_pend.fetch_sub(sd.give_up_pending(), Ordering::Relaxed);
             if let Some(s) = sd.stream.as_mut() {
                 let _ = s.reset(quinn::VarInt::from_u64(code).unwrap_or(quinn::VarInt::from_u32(0)));
             }
@@ -796,8 +806,7 @@ async fn send_loop(res: ResourceArc<StreamRes>) {
         let mut sd = lock(side);
         sd.ended = Some(failure.clone());
         sd.queued = 0;
-        res.conn.send_pend.fetch_sub(sd.pending, Ordering::Relaxed);
-        sd.pending = 0;
+        res.conn.send_pend.fetch_sub(sd.give_up_pending(), Ordering::Relaxed);
         // Dropped below, outside the lock: large sends hold their Erlang binaries.
         (std::mem::take(&mut sd.queue), std::mem::take(&mut sd.waiting), sd.stream.take())
     };
@@ -894,12 +903,11 @@ fn stream_send_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>
     if is_async {
         sd.queued += bytes.len();
     }
-    sd.pending += bytes.len();
     sd.queued_total += bytes.len() as u64;
     s.conn.send_pend.fetch_add(bytes.len(), Ordering::Relaxed);
     // A blocking send whose data fits within `SEND_AHEAD` with what waits before it is answered
     // now; otherwise the writer answers it once the queue has drained that far.
-    let answered = is_async || sd.pending <= SEND_AHEAD;
+    let answered = is_async || sd.pending() <= SEND_AHEAD;
     if !answered {
         let end = sd.queued_total;
         sd.waiting.push_back((end, Reply::new(env.pid(), tag)));
