@@ -640,7 +640,8 @@ defmodule MaculaQuic do
   has the next one queued while Quinn sends the last. Only the calling process waits: no
   scheduler is blocked. Errors: `{:error, :closed}`, `{:error, {:peer_receive_aborted,
   code}}`, `{:error, :einval}` on the receiving end of a unidirectional stream, or why the
-  connection ended. Like `:gen_tcp`'s, an `:ok` means queued, not delivered: if the stream
+  connection ended. Like `:gen_tcp`'s, an `:ok` means queued, not delivered (a process that
+  exits right after has its streams reset; `send/3` with FIN waits for Quinn): if the stream
   fails while the data still waits, the next call on the stream reports why, and the owner
   hears of it as usual (`peer_receive_aborted`, `shutdown`, ...). `data` that is not iodata
   raises `ArgumentError`.
@@ -651,9 +652,11 @@ defmodule MaculaQuic do
   def send(stream, data), do: send_pieces(stream, iodata!(data), false)
 
   @doc """
-  Like `send/2`, with quicer's send flags: `4` (FIN) finishes the stream after this data.
-  Other bits are accepted and ignored. Flags that are not a non-negative integer raise
-  `ArgumentError`, as does `data` that is not iodata.
+  Like `send/2`, with quicer's send flags: `4` (FIN) finishes the stream after this data, and
+  then the call returns only once Quinn has all of it and the FIN, so the caller may exit right
+  after without its stream being reset under the data. Other bits are accepted and ignored.
+  Flags that are not a non-negative integer raise `ArgumentError`, as does `data` that is not
+  iodata.
 
       :ok = MaculaQuic.send(stream, "last words", 4)
   """
@@ -678,9 +681,9 @@ defmodule MaculaQuic do
   defp send_piece(stream, bin, fin) do
     ref = make_ref()
 
-    # `:wait`: more than 2 MiB waits for Quinn; the writer task hands it over as flow control
-    # allows and answers `{ref, result}` once that is no longer so. Anything else (`:ok`, an
-    # error) is the answer itself.
+    # `:wait`: more than 2 MiB waits for Quinn (or the send finishes the stream); the writer
+    # task hands it over as flow control allows and answers `{ref, result}` once that is no
+    # longer so (once Quinn has the FIN). Anything else (`:ok`, an error) is the answer itself.
     case native(:stream, stream, fn -> Native.stream_send(stream, bin, ref, fin) end) do
       :wait -> receive(do: ({^ref, result} -> result))
       other -> other

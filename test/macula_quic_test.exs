@@ -614,6 +614,36 @@ defmodule MaculaQuicTest do
       assert {:ok, [send_pend: 0]} = MaculaQuic.getstat(c, [:send_pend])
     end
 
+    test "a send with FIN waits for Quinn, so its process may exit right after: nothing is reset" do
+      # The peer grants 64 KiB and reads nothing yet, so the 1 MiB below cannot all be taken
+      # by Quinn before the peer reads. Were the send answered early, the sender's exit would
+      # reset the stream under its data (its owner is gone).
+      {c, sc, _l, _} = pair!(listen: [stream_recv_window: 65_536])
+      {s, ss} = stream_pair!(c, sc, server: [active: false])
+      assert {:ok, "hello"} = MaculaQuic.recv(ss, 5, 5_000)
+      data = :crypto.strong_rand_bytes(1_048_576)
+      parent = self()
+
+      sender =
+        spawn(fn ->
+          :ok = MaculaQuic.send(s, data, 4)
+          send(parent, :sent)
+        end)
+
+      :ok = MaculaQuic.controlling_process(s, sender)
+      ref = Process.monitor(sender)
+      # Only the peer's reading lets it return.
+      assert wait_until(fn -> Process.info(sender, :status) == {:status, :waiting} end)
+      refute_received :sent
+      assert {:ok, got} = MaculaQuic.recv(ss, 1_048_576, 10_000)
+      assert_receive :sent, 10_000
+      assert_receive {:DOWN, ^ref, :process, ^sender, :normal}, 5_000
+
+      # The whole of it, then the end of the stream, not a reset.
+      assert got == data
+      assert {:error, :peer_send_shutdown} = MaculaQuic.recv(ss, 0, 5_000)
+    end
+
     test "a send that returned before the stream failed: the next call says why" do
       {c, sc, _l, _} = pair!(listen: [stream_recv_window: 65_536])
       {s, ss} = stream_pair!(c, sc, server: [active: false])

@@ -22,8 +22,9 @@
 //! run them, and the Quinn driver they wake, on the calling thread when the connection's shard
 //! is free (see `executor`): serialised with the driver, so no lock is contended, and bounded in
 //! time. Blocking `send` returns once at most `SEND_AHEAD` bytes wait for Quinn, its own
-//! included (waiting for its reply when more do); the fire-and-forget `async_send` data in the
-//! queue is bounded by `ASYNC_QUEUE_LIMIT` bytes.
+//! included, or, when it finishes the stream, once Quinn has the FIN (waiting for its reply
+//! until then); the fire-and-forget `async_send` data in the queue is bounded by
+//! `ASYNC_QUEUE_LIMIT` bytes.
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
@@ -64,7 +65,8 @@ pub const ASYNC_QUEUE_LIMIT: usize = 16 * 1024 * 1024;
 
 /// A blocking `send` returns once its data is queued and no more than this many bytes of the
 /// stream's data, its own included, wait for Quinn to take them (`:gen_tcp` likewise returns
-/// once the data is below the port queue's high watermark). Waiting until Quinn had taken all
+/// once the data is below the port queue's high watermark); one that finishes the stream, once
+/// Quinn has all of it and the FIN. Waiting until Quinn had taken all
 /// of it left a gap at every send: the writer ran dry while the answer went to the sending
 /// process and its next send came back, and a 1 GiB transfer in 1 MiB sends ran 6% slower
 /// (14% with the receiving side's messages taken out). Two of `send/2`'s 1 MiB pieces: one
@@ -144,8 +146,9 @@ struct SendSide {
     /// data ends, and how far Quinn has got. What lies between is `pending()`.
     queued_total: u64,
     taken_total: u64,
-    /// Blocking sends not answered yet, in order, each with where its data ends (see
-    /// `SEND_AHEAD`).
+    /// Blocking sends not answered yet, in order, each with the `taken_total` at which it is
+    /// answered (see `SEND_AHEAD`; `u64::MAX` for a send that finishes the stream, answered
+    /// once Quinn has the FIN).
     waiting: VecDeque<(u64, Reply)>,
     /// Why the send side ended, for sends attempted after it did.
     ended: Option<Reason>,
@@ -741,14 +744,14 @@ fn poll_queue(sd: &mut SendSide, send_pend: &AtomicUsize, cx: &mut Context) -> P
             }
         }
         match sd.queue.pop_front() {
-            Some(SendCmd::Data { fin, .. }) => {
-                if fin {
-                    let _ = stream.finish();
-                }
-                if fin {
-                    return Poll::Ready(Ok(()));
-                }
+            Some(SendCmd::Data { fin: true, .. }) => {
+                let _ = stream.finish();
+                // Quinn has all of it and the FIN: the send that finished the stream (and any
+                // before it) may return; its owner can now exit without the stream being reset.
+                answer_waiting(&mut sd.waiting, u64::MAX);
+                return Poll::Ready(Ok(()));
             }
+            Some(SendCmd::Data { .. }) => {}
             Some(SendCmd::Finish) => {
                 let _ = stream.finish();
                 return Poll::Ready(Ok(()));
@@ -758,11 +761,10 @@ fn poll_queue(sd: &mut SendSide, send_pend: &AtomicUsize, cx: &mut Context) -> P
     }
 }
 
-/// Answers `:ok` to the waiting sends of which, now that Quinn has taken `taken` bytes, no more
-/// than `SEND_AHEAD` bytes (their own and what is queued before them) still wait. In order, so
-/// each take looks at one entry more than it answers.
+/// Answers `:ok` to the waiting sends due once Quinn has taken `taken` bytes in all. In order, so
+/// each call looks at one entry more than it answers.
 fn answer_waiting(waiting: &mut VecDeque<(u64, Reply)>, taken: u64) {
-    while waiting.front().is_some_and(|(end, _)| end.saturating_sub(taken) <= SEND_AHEAD as u64) {
+    while waiting.front().is_some_and(|(due, _)| *due <= taken) {
         if let Some((_, r)) = waiting.pop_front() {
             r.ok();
         }
@@ -873,9 +875,9 @@ fn err<'a>(env: Env<'a>, reason: impl Encoder) -> Term<'a> {
 
 /// `stream_send(Stream, Binary, Tag | nil, Fin)`. Without a tag (`async_send`): returns `:ok`
 /// at once (`{:error, :send_queue_full}` past the async queue limit). With a tag (blocking
-/// `send`): `:ok` when the data fits within `SEND_AHEAD` with what waits before it, else
-/// `:wait`, and the caller is answered `{Tag, :ok | {:error, Reason}}` once the queue has
-/// drained that far (or the send side ended).
+/// `send`): `:ok` when the data fits within `SEND_AHEAD` with what waits before it (and does
+/// not finish the stream), else `:wait`, and the caller is answered `{Tag, :ok | {:error,
+/// Reason}}` once the queue has drained that far, or Quinn has the FIN (or the send side ended).
 #[rustler::nif]
 fn stream_send<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>, tag: Term<'a>, fin: bool) -> Term<'a> {
     if data.len() <= INLINE_SEND_MAX {
@@ -906,11 +908,13 @@ fn stream_send_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>
     sd.queued_total += bytes.len() as u64;
     s.conn.send_pend.fetch_add(bytes.len(), Ordering::Relaxed);
     // A blocking send whose data fits within `SEND_AHEAD` with what waits before it is answered
-    // now; otherwise the writer answers it once the queue has drained that far.
-    let answered = is_async || sd.pending() <= SEND_AHEAD;
+    // now; otherwise the writer answers it once the queue has drained that far. One that
+    // finishes the stream waits until Quinn has the FIN: a process that sends its last data and
+    // exits must not have the stream reset under that data (see `owner_down`).
+    let answered = is_async || (!fin && sd.pending() <= SEND_AHEAD);
     if !answered {
-        let end = sd.queued_total;
-        sd.waiting.push_back((end, Reply::new(env.pid(), tag)));
+        let due = if fin { u64::MAX } else { sd.queued_total.saturating_sub(SEND_AHEAD as u64) };
+        sd.waiting.push_back((due, Reply::new(env.pid(), tag)));
     }
     sd.queue.push_back(SendCmd::Data { bytes, fin, is_async });
     drop(sd);
