@@ -151,50 +151,46 @@ defmodule Bench.Run do
   def bulk(ctx) do
     total = scaled_bytes(1024 * mib(), mib())
     progress("bulk: #{div(total, mib())} MiB over one stream")
+    macula = fn mode, opts -> fn -> Bench.Macula.bulk(ctx.cert, total, mode, opts) end end
 
-    # Quinn baseline runs once per repeat as a separate process, like everything else here.
-    for mode <- [:active, :passive] do
-      impls =
-        [{"macula", fn -> Bench.Macula.bulk(ctx.cert, total, mode) end}] ++
-          if(mode == :active,
-            do: [{"quinn", fn -> quinn(ctx, "bulk", bytes: total) end}],
-            else: []
-          ) ++
-          [
-            {"ssl", fn -> Bench.Tcp.bulk(:ssl, ctx.cert, total, mode) end},
-            {"gen_tcp", fn -> Bench.Tcp.bulk(:gen_tcp, ctx.cert, total, mode) end}
-          ]
+    # One interleaved set for both receive modes: raw Quinn's reader is the same for both, so
+    # every macula_quic variant is compared with the Quinn run of its own round.
+    impls = [
+      {"macula active", macula.(:active, [])},
+      {"macula passive", macula.(:passive, [])},
+      {"quinn", fn -> quinn(ctx, "bulk", bytes: total) end},
+      {"ssl active", fn -> Bench.Tcp.bulk(:ssl, ctx.cert, total, :active) end},
+      {"ssl passive", fn -> Bench.Tcp.bulk(:ssl, ctx.cert, total, :passive) end},
+      {"gen_tcp active", fn -> Bench.Tcp.bulk(:gen_tcp, ctx.cert, total, :active) end},
+      {"gen_tcp passive", fn -> Bench.Tcp.bulk(:gen_tcp, ctx.cert, total, :passive) end}
+    ]
 
-      res = measure("bulk #{mode}", :mib_s, impls)
+    res = measure("bulk", :mib_s, impls)
 
-      r =
-        row(
-          "bulk",
-          "#{div(total, mib())} MiB, #{mode}",
-          "MiB/s",
-          :mib_s,
-          res,
-          "≥0.9× quinn, ≥1.0× ssl"
-        )
+    for {variant, name, mode} <- [
+          {"active", "macula active", "active"},
+          {"passive", "macula passive", "passive"}
+        ] do
+      picked = %{
+        "macula" => res[name],
+        "quinn" => res["quinn"],
+        "ssl" => res["ssl #{mode}"],
+        "gen_tcp" => res["gen_tcp #{mode}"]
+      }
 
-      Map.merge(r, %{
-        macula_ios_per_datagram: res["macula"][:ios_per_datagram],
+      "bulk"
+      |> row(
+        "#{div(total, mib())} MiB, #{variant}",
+        "MiB/s",
+        :mib_s,
+        picked,
+        "≥0.9× quinn, ≥1.0× ssl"
+      )
+      |> Map.merge(%{
+        macula_ios_per_datagram: res[name][:ios_per_datagram],
         quinn_ios_per_datagram: res["quinn"] && res["quinn"][:ios_per_datagram]
       })
     end
-    |> then(fn [active, passive] ->
-      # The raw-Quinn reader is the same for both receive modes: compare passive with it too.
-      passive = %{
-        passive
-        | quinn: active.quinn,
-          macula_vs_quinn: passive.macula && active.quinn && passive.macula / active.quinn,
-          macula_vs_quinn_runs:
-            run_ratios(passive.details["macula"], active.details["quinn"], :mib_s),
-          quinn_ios_per_datagram: active.quinn_ios_per_datagram
-      }
-
-      [active, passive]
-    end)
   end
 
   def echo(ctx) do

@@ -116,8 +116,8 @@ defmodule MaculaQuic do
   and `conn_flow_control_window` are accepted too.
 
   Stream options (`open_stream/2`, `async_accept_stream/2`, `accept_stream/3`): `:active`
-  (`true | false | :once | integer`, default `true`) and `:unidirectional` (or quicer's
-  `open_flag: 1`).
+  (`true | false | :once | integer`, default `true`), `:read_ahead` (bytes, default 256 KiB;
+  see `setopt/3`) and `:unidirectional` (or quicer's `open_flag: 1`).
   ## Bad input
 
   Nothing a caller passes crashes the VM, blocks a scheduler or leaves native state behind.
@@ -588,7 +588,7 @@ defmodule MaculaQuic do
   @doc """
   Asks for the next stream the peer opens. Returns `:ok` at once; the caller later receives
   `{:quic, :new_stream, stream, %{conn: conn, flags: flags, is_orphan: false}}` and owns the
-  stream. One call, one stream. `opts` may set `:active` for the new stream.
+  stream. One call, one stream. `opts` may set `:active` and `:read_ahead` for the new stream.
 
   Streams the peer opens while nobody is accepting wait inside Quinn and count against the
   peer's stream limit (`:peer_bidi_stream_count`), so a process that stops accepting makes
@@ -762,28 +762,51 @@ defmodule MaculaQuic do
   end
 
   @doc """
-  Sets a stream option. Only `:active` exists: `true`, `false`, `:once` or an integer `N`,
-  with `:inet` semantics — `:once` delivers one data message then turns passive; `N` adds to
-  the message budget (negative values subtract) and when it reaches zero the owner gets
-  `{:quic, :passive, stream, :undefined}`; `false` is passive (use `recv/3`). Data read but not
-  yet delivered is delivered first when the stream turns active, in order.
+  Sets a stream option.
+
+    * `:active` — `true`, `false`, `:once` or an integer `N`, with `:inet` semantics: `:once`
+      delivers one data message then turns passive; `N` adds to the message budget (negative
+      values subtract) and when it reaches zero the owner gets
+      `{:quic, :passive, stream, :undefined}`; `false` is passive (use `recv/3`). Data read but
+      not yet delivered is delivered first when the stream turns active, in order.
+    * `:read_ahead` — bytes, 1024 to 4 MiB (default 256 KiB): how far a passive stream reads
+      ahead of `recv/3`, and the most `recv(stream, 0, timeout)` returns at once. It bounds
+      what a passive stream whose owner does not read holds (on top of Quinn's receive
+      window, `:stream_recv_window`): a node with many such streams can set it lower. More
+      is not faster: in 1 GiB transfers 512 KiB to 2 MiB ran at 0.91–1.02× the default's
+      rate, 128 KiB at 0.93× (see `bench/README.md`). An active stream is unaffected: it holds one message's
+      worth (up to 64 KiB). A smaller value takes effect as the owner reads what is already
+      buffered.
+
+  Anything else gives `{:error, {:bad_option, name}}`, as does a value out of range.
 
       :ok = MaculaQuic.setopt(stream, :active, 10)
+      :ok = MaculaQuic.setopt(stream, :read_ahead, 1_048_576)
   """
   @spec setopt(stream(), :active, active()) :: :ok | {:error, reason()}
+  @spec setopt(stream(), :read_ahead, pos_integer()) :: :ok | {:error, reason()}
   def setopt(stream, :active, value),
     do: native(:stream, stream, fn -> Native.stream_set_active(stream, value) end)
+
+  def setopt(stream, :read_ahead, value),
+    do: native(:stream, stream, fn -> Native.stream_set_read_ahead(stream, value) end)
 
   def setopt(stream, name, _value), do: checked({:error, {:bad_option, name}}, :stream, stream)
 
   @doc """
-  Reads a stream option: `:active` gives the current mode (`true | false | :once | N`).
+  Reads a stream option: `:active` gives the current mode (`true | false | :once | N`),
+  `:read_ahead` the read-ahead in bytes (see `setopt/3`).
 
       {:ok, :once} = MaculaQuic.getopt(stream, :active)
+      {:ok, 262_144} = MaculaQuic.getopt(stream, :read_ahead)
   """
   @spec getopt(stream(), :active) :: {:ok, active()} | {:error, reason()}
+  @spec getopt(stream(), :read_ahead) :: {:ok, pos_integer()} | {:error, reason()}
   def getopt(stream, :active),
     do: {:ok, native(:stream, stream, fn -> Native.stream_get_active(stream) end)}
+
+  def getopt(stream, :read_ahead),
+    do: {:ok, native(:stream, stream, fn -> Native.stream_get_read_ahead(stream) end)}
 
   def getopt(stream, name), do: checked({:error, {:bad_option, name}}, :stream, stream)
 

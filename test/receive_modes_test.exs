@@ -123,6 +123,77 @@ defmodule MaculaQuic.ReceiveModesTest do
     end
   end
 
+  describe "read_ahead" do
+    # The listener grants 64 KiB of flow-control window per stream, so what the client's Quinn
+    # has taken (sent, or in flight) is at most what the server's reader has read plus 64 KiB:
+    # the sender's queue shows how far the passive reader reads ahead.
+    @window 65_536
+
+    defp taken(c, total) do
+      {:ok, [send_pend: pend]} = MaculaQuic.getstat(c, [:send_pend])
+      total - pend
+    end
+
+    test "a passive stream reads as far ahead as its read_ahead, and recv(stream, 0) returns up to that" do
+      {c, sc, _l, _} = pair!(listen: [stream_recv_window: @window])
+
+      {s, ss} = stream_pair!(c, sc, server: [active: false, read_ahead: 1_048_576], first: "a")
+
+      assert {:ok, 1_048_576} = MaculaQuic.getopt(ss, :read_ahead)
+      assert {:ok, "a"} = MaculaQuic.recv(ss, 1, 5_000)
+      total = 4 * 1_048_576
+      data = :crypto.strong_rand_bytes(total)
+      :ok = MaculaQuic.async_send(s, data)
+
+      # With the default (256 KiB) the sender would stall near 320 KiB.
+      assert wait_until(fn -> taken(c, total) >= 1_048_576 end),
+             "the reader did not read 1 MiB ahead: #{taken(c, total)} bytes taken"
+
+      assert taken(c, total) <= 1_048_576 + @window
+      assert {:ok, first} = MaculaQuic.recv(ss, 0, 5_000)
+      assert byte_size(first) > 1_048_576 - @window and byte_size(first) <= 1_048_576
+
+      # Growing it lets the reader, full again, go further at once; shrinking it bounds the
+      # next reads.
+      assert wait_until(fn -> taken(c, total) >= byte_size(first) + 1_048_576 end)
+      :ok = MaculaQuic.setopt(ss, :read_ahead, 2_097_152)
+      assert wait_until(fn -> taken(c, total) >= byte_size(first) + 2_097_152 end)
+      assert {:ok, second} = MaculaQuic.recv(ss, 0, 5_000)
+      assert byte_size(second) > 2_097_152 - @window and byte_size(second) <= 2_097_152
+      :ok = MaculaQuic.setopt(ss, :read_ahead, 65_536)
+      assert {:ok, 65_536} = MaculaQuic.getopt(ss, :read_ahead)
+      :ok = MaculaQuic.async_shutdown_stream(s, MaculaQuic.stream_shutdown_graceful(), 0)
+      rest = read_all(ss, [])
+      assert Enum.all?(rest, &(byte_size(&1) <= 65_536))
+      assert IO.iodata_to_binary([first, second | rest]) == data
+    end
+
+    test "defaults to 256 KiB; out of range or ill-typed values are refused" do
+      {c, sc, _l, _} = pair!()
+      {_s, ss} = stream_pair!(c, sc, server: [active: false])
+      assert {:ok, 262_144} = MaculaQuic.getopt(ss, :read_ahead)
+
+      for bad <- [0, 1023, 4_194_305, -1, 1.0e6, :big, "1024"] do
+        assert {:error, {:bad_option, :read_ahead}} = MaculaQuic.setopt(ss, :read_ahead, bad)
+        assert {:error, {:bad_option, :read_ahead}} = MaculaQuic.open_stream(c, read_ahead: bad)
+      end
+
+      assert {:ok, 262_144} = MaculaQuic.getopt(ss, :read_ahead)
+      :ok = MaculaQuic.setopt(ss, :read_ahead, 4_194_304)
+      assert {:ok, 4_194_304} = MaculaQuic.getopt(ss, :read_ahead)
+      assert {:ok, s2} = MaculaQuic.open_stream(c, read_ahead: 1024)
+      assert {:ok, 1024} = MaculaQuic.getopt(s2, :read_ahead)
+      assert {:ok, 1024} = :macula_quic.getopt(s2, :read_ahead)
+    end
+  end
+
+  defp read_all(stream, acc) do
+    case MaculaQuic.recv(stream, 0, 5_000) do
+      {:ok, bin} -> read_all(stream, [bin | acc])
+      {:error, :peer_send_shutdown} -> Enum.reverse(acc)
+    end
+  end
+
   describe "switching modes" do
     test "passive -> active after a partial recv delivers the rest, in order" do
       {_c, _sc, s, ss} = streams!(active: false)

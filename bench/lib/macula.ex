@@ -60,11 +60,12 @@ defmodule Bench.Macula do
     end)
   end
 
-  # Accepts one stream in `mode` and counts its bytes to the end; tells `parent` when done.
-  defp receiver(sc, mode, parent) do
+  # Accepts one stream in `mode` (with `opts` on top) and counts its bytes to the end; tells
+  # `parent` when done.
+  defp receiver(sc, mode, opts, parent) do
     spawn_link(fn ->
       active = if mode == :active, do: true, else: false
-      :ok = MaculaQuic.async_accept_stream(sc, active: active)
+      :ok = MaculaQuic.async_accept_stream(sc, [active: active] ++ opts)
       ss = receive(do: ({:quic, :new_stream, ss, _} -> ss))
 
       {n, msgs} =
@@ -97,11 +98,14 @@ defmodule Bench.Macula do
     end
   end
 
-  @doc "Workload 1: `total` bytes over one stream; `mode` is :active or :passive."
-  def bulk(cert, total, mode) do
+  @doc """
+  Workload 1: `total` bytes over one stream; `mode` is :active or :passive, `stream_opts` are
+  the receiving stream's further options (such as `read_ahead`).
+  """
+  def bulk(cert, total, mode, stream_opts \\ []) do
     {l, c, sc} = pair(cert)
     me = self()
-    r = receiver(sc, mode, me)
+    r = receiver(sc, mode, stream_opts, me)
     {:ok, before} = MaculaQuic.getstat(c, [:udp_tx_ios, :send_cnt])
     piece = :binary.copy(<<7>>, mib())
     Bench.Util.mark(:start)
@@ -250,7 +254,7 @@ defmodule Bench.Macula do
   def fanout(cert, streams, per) do
     {l, c, sc} = pair(cert)
     me = self()
-    receivers = for _ <- 1..streams, do: receiver(sc, :active, me)
+    receivers = for _ <- 1..streams, do: receiver(sc, :active, [], me)
     piece = :binary.copy(<<7>>, min(per, mib()))
     t0 = now_us()
     senders = for _ <- 1..streams, do: sender(c, per, piece, me)

@@ -144,6 +144,8 @@ defmodule MaculaQuic.Native do
   def stream_close(_stream), do: nif_error()
   def stream_set_active(_stream, _active), do: nif_error()
   def stream_get_active(_stream), do: nif_error()
+  def stream_set_read_ahead(_stream, _bytes), do: nif_error()
+  def stream_get_read_ahead(_stream), do: nif_error()
   def stream_recv(_stream, _length, _tag), do: nif_error()
   def stream_cancel_recv(_stream), do: nif_error()
   def stream_handoff(_stream, _pid), do: nif_error()

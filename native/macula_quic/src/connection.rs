@@ -556,7 +556,7 @@ fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: Term<'a>, t
         }
     };
     match ready {
-        Some(Ok((send, recv))) => match StreamRes::start(Some(env), c.clone(), send, recv, owner, opts.active, |_| {}) {
+        Some(Ok((send, recv))) => match StreamRes::start(Some(env), c.clone(), send, recv, owner, opts, |_| {}) {
             Some(s) => (atoms::ok(), s).encode(env),
             None => err(env, atoms::closed()),
         },
@@ -575,7 +575,7 @@ fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: Term<'a>, t
                 match opened {
                     Ok((send, recv)) => {
                         // `None`: the caller has exited meanwhile, and `start` aborted the stream.
-                        if let Some(s) = StreamRes::start(None, c.clone(), send, recv, owner, opts.active, |_| {}) {
+                        if let Some(s) = StreamRes::start(None, c.clone(), send, recv, owner, opts, |_| {}) {
                             reply.send(move |e| (atoms::ok(), s).encode(e));
                         }
                     }
@@ -629,7 +629,7 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
         };
         let withdrawn = lock(&task_conn.state).accepts.remove(&id).is_none();
         match accepted {
-            Ok((send, recv, flags)) => hand_over(task_conn, send, recv, flags, caller, opts.active, reply, withdrawn),
+            Ok((send, recv, flags)) => hand_over(task_conn, send, recv, flags, caller, opts, reply, withdrawn),
             Err(e) => {
                 if let Some(r) = reply {
                     if withdrawn {
@@ -655,7 +655,7 @@ fn hand_over(
     recv: quinn::RecvStream,
     flags: u32,
     caller: LocalPid,
-    active: Active,
+    opts: options::Stream,
     reply: Option<Reply>,
     withdrawn: bool,
 ) {
@@ -663,7 +663,7 @@ fn hand_over(
         // Announced before the stream's tasks start, so new_stream precedes its first data.
         // A dead caller's stream is aborted by StreamRes::start.
         let conn = c.clone();
-        StreamRes::start(None, c, send, Some(recv), caller, active, move |s| {
+        StreamRes::start(None, c, send, Some(recv), caller, opts, move |s| {
             let s = s.clone();
             match reply {
                 Some(r) => {
@@ -681,7 +681,7 @@ fn hand_over(
     }
     let owner = c.owner_pid();
     let conn = c.clone();
-    StreamRes::start(None, c, send, Some(recv), owner, Active::Off, move |s| {
+    StreamRes::start(None, c, send, Some(recv), owner, options::Stream { active: Active::Off, ..Default::default() }, move |s| {
         let s = s.clone();
         messages::send(&owner, move |e| new_stream_msg(e, s, conn, flags, true));
     });

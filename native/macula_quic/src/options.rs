@@ -12,6 +12,7 @@ use rustler::{Atom, Term};
 use crate::address::{decode_ip, decode_port, decode_string};
 use crate::atoms;
 use crate::error::{bad_option, Reason};
+use crate::stream;
 
 /// How a stream delivers received data (`:inet`-style `active`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,12 +82,25 @@ pub struct Connect {
 pub struct Stream {
     pub active: Active,
     pub unidirectional: bool,
+    /// How far a passive stream reads ahead of `recv` (see `stream::PASSIVE_READ_AHEAD`).
+    pub read_ahead: usize,
 }
 
 impl Default for Stream {
     fn default() -> Self {
-        Stream { active: Active::On, unidirectional: false }
+        Stream { active: Active::On, unidirectional: false, read_ahead: stream::PASSIVE_READ_AHEAD }
     }
+}
+
+/// Bounds of a stream's `read_ahead`. Below a packet's worth, `recv(stream, 0)` would return
+/// a few bytes at a time; the top bounds what one stream holds that its owner has not read,
+/// and what `recv(stream, 0)` copies within one NIF call (4 MiB: about a millisecond).
+pub const READ_AHEAD_MIN: usize = 1024;
+pub const READ_AHEAD_MAX: usize = 4 * 1024 * 1024;
+
+/// Decodes a `read_ahead` value: bytes, an integer in `READ_AHEAD_MIN..=READ_AHEAD_MAX`.
+pub fn decode_read_ahead(v: Term) -> Option<usize> {
+    v.decode::<usize>().ok().filter(|n| (READ_AHEAD_MIN..=READ_AHEAD_MAX).contains(n))
 }
 
 /// Calls `f` with each (option name, value) of a map, stopping at the first error; a non-map
@@ -302,6 +316,7 @@ pub fn decode_stream(map: Term) -> Result<Stream, Reason> {
                 o.active = setting.apply(Active::Off).map_err(|_| bad_option("active"))?;
             }
             "unidirectional" => o.unidirectional = boolean(name, v)?,
+            "read_ahead" => o.read_ahead = decode_read_ahead(v).ok_or_else(|| bad_option(name))?,
             // quicer's open flag: QUIC_STREAM_OPEN_FLAG_UNIDIRECTIONAL = 1.
             "open_flag" => {
                 let f = uint(name, v, u32::MAX as u64)?;
