@@ -941,8 +941,8 @@ defmodule MaculaQuic do
   are cumulative since the VM started: `inline_runs`, the times a call ran a connection's work on
   the caller's own thread, and `runtime_runs`, the times a runtime worker did. Two describe
   the runtime's socket watch (see "How the work is scheduled" in the README):
-  `runtime_spin_us`, how long a worker watches the sockets before it sleeps (0, the default:
-  never), and `watched_sockets`, the sockets it watches (with the watch on, one per client
+  `runtime_spin_us`, how long a worker watches the sockets before it sleeps (20 µs by default;
+  0: never), and `watched_sockets`, the sockets it watches (with the watch on, one per client
   endpoint and per open listener). `inline_watch_us` is how long a call that sent a datagram
   watches the sockets for the answer (0, the default: never), and `inline_receives` counts,
   since the VM started, the datagrams calls read themselves that way. `tls_tickets` counts the

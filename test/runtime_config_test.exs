@@ -131,9 +131,9 @@ defmodule MaculaQuic.RuntimeConfigTest do
     assert {0, 0, "0", _} = watch_with(0)
   end
 
-  test "without the setting nothing is watched; a bad setting is ignored" do
-    assert {0, 0, "0", _} = watch_with(nil)
-    assert {0, 0, "0", out} = watch_with(:fast)
+  test "without the setting workers watch for 20 µs; a bad setting is ignored" do
+    assert {20, 2, "1", _} = watch_with(nil)
+    assert {20, 2, "1", out} = watch_with(:fast)
     assert out =~ "ignoring runtime_spin_us :fast"
   end
 end

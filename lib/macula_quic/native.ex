@@ -24,7 +24,7 @@ defmodule MaculaQuic.Native do
 
   # Microseconds a runtime worker watches the sockets before it sleeps (runtime_spin_us), and
   # a call that sent a datagram watches them for the answer (inline_watch_us).
-  @default_spin_us 0
+  @default_spin_us 20
   @default_inline_watch_us 0
 
   # Where this build's library is, relative to the priv dir and without extension (tests read

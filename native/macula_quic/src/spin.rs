@@ -9,9 +9,12 @@
 //! microseconds, and stops at the first datagram (tokio's poll then finds it without sleeping)
 //! or when the time is up.
 //!
-//! Off by default (`runtime_spin_us: 0`): it pays off only when the peer answers within
-//! microseconds, and with several VMs sharing a few cores it slowed them down. README's
-//! "Tuning: the runtime's socket watch" has the measurements.
+//! 20 µs by default (the NIF's load data; `runtime_spin_us: 0` turns it off). It pays off when
+//! the peer answers within microseconds, and on hosts where waking an idle vCPU is slow (one
+//! measured here took ~20 µs per cross-CPU wake-up) it lifts bulk transfers and handshakes as
+//! well; with several VMs sharing a few cores it slowed them down on another host. README's
+//! "Tuning: the runtime's socket watch" has the measurements. `SPIN_US` starts at 0 so that
+//! nothing watches before the load data has set it.
 //!
 //! The check is a non-blocking peek on a duplicate of each socket's descriptor: it reads
 //! nothing, and the endpoint's own receive loop takes the datagram. Between looks the worker
