@@ -774,9 +774,9 @@ defmodule MaculaQuic do
       what a passive stream whose owner does not read holds (on top of Quinn's receive
       window, `:stream_recv_window`): a node with many such streams can set it lower. More
       is not faster: in 1 GiB transfers 512 KiB to 2 MiB ran at 0.91–1.02× the default's
-      rate, 128 KiB at 0.93× (see `bench/README.md`). An active stream is unaffected: it holds one message's
-      worth (up to 64 KiB). A smaller value takes effect as the owner reads what is already
-      buffered.
+      rate, 128 KiB at 0.93× (see `bench/README.md`). An active stream is unaffected: it
+      holds one message's worth (up to 64 KiB). A smaller value takes effect as the owner
+      reads what is already buffered.
 
   Anything else gives `{:error, {:bad_option, name}}`, as does a value out of range.
 

@@ -52,15 +52,16 @@ use crate::util::lock;
 pub const MAX_CHUNK: usize = 64 * 1024;
 
 /// How far a passive stream's reader reads ahead of `recv`, and the most a `recv` of length 0
-/// returns, unless the stream's `read_ahead` option says otherwise. Reading ahead lets the reader fetch the next data while the owner handles what
-/// `recv` just returned (with a single 64 KiB chunk the two took turns and most `recv`s waited
-/// for the reader); returning up to this much at once means fewer `recv` calls, each a possible
-/// wake-up. Measured on 512 MiB passive transfers: 240-300 MiB/s with one 64 KiB chunk,
-/// 300-350 MiB/s with this. Bounded per stream; past it the peer waits for flow-control credit.
-/// Neither more nor less is faster: in 1 GiB passive transfers (ten to twelve interleaved
-/// rounds) 128 KiB ran at 0.93x of this one's rate, 512 KiB at 1.00x, 1 MiB at 0.91x (each
-/// `recv` then copies up to 1 MiB). What a stream's owner has not read is bounded by this on
-/// top of Quinn's window; the stream's `read_ahead` option sets it lower (or higher) per stream.
+/// returns, unless the stream's `read_ahead` option says otherwise. Reading ahead lets the
+/// reader fetch the next data while the owner handles what `recv` just returned (with a single
+/// 64 KiB chunk the two took turns and most `recv`s waited for the reader); returning up to
+/// this much at once means fewer `recv` calls, each a possible wake-up. Measured on 512 MiB
+/// passive transfers: 240-300 MiB/s with one 64 KiB chunk, 300-350 MiB/s with this. Bounded
+/// per stream; past it the peer waits for flow-control credit. Neither more nor less was
+/// faster: in 1 GiB passive transfers (8 to 12 interleaved rounds) 128 KiB ran at 0.93x of
+/// this one's rate, 512 KiB at 1.00x, 1 MiB at 0.91x and 1.02x in two sets, 2 MiB at 0.99x.
+/// What a stream's owner has not read is bounded by this on top of Quinn's window; the
+/// stream's `read_ahead` option sets it lower (or higher) per stream.
 pub const PASSIVE_READ_AHEAD: usize = 4 * MAX_CHUNK;
 
 /// Bytes of `async_send` data that may wait in a stream's queue before `async_send` refuses
