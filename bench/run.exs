@@ -151,13 +151,13 @@ defmodule Bench.Run do
   def bulk(ctx) do
     total = scaled_bytes(1024 * mib(), mib())
     progress("bulk: #{div(total, mib())} MiB over one stream")
-    macula = fn mode, opts -> fn -> Bench.Macula.bulk(ctx.cert, total, mode, opts) end end
+    macula = fn mode -> fn -> Bench.Macula.bulk(ctx.cert, total, mode) end end
 
     # One interleaved set for both receive modes: raw Quinn's reader is the same for both, so
     # every macula_quic variant is compared with the Quinn run of its own round.
     impls = [
-      {"macula active", macula.(:active, [])},
-      {"macula passive", macula.(:passive, [])},
+      {"macula active", macula.(:active)},
+      {"macula passive", macula.(:passive)},
       {"quinn", fn -> quinn(ctx, "bulk", bytes: total) end},
       {"ssl active", fn -> Bench.Tcp.bulk(:ssl, ctx.cert, total, :active) end},
       {"ssl passive", fn -> Bench.Tcp.bulk(:ssl, ctx.cert, total, :passive) end},
@@ -167,12 +167,9 @@ defmodule Bench.Run do
 
     res = measure("bulk", :mib_s, impls)
 
-    for {variant, name, mode} <- [
-          {"active", "macula active", "active"},
-          {"passive", "macula passive", "passive"}
-        ] do
+    for mode <- ~w(active passive) do
       picked = %{
-        "macula" => res[name],
+        "macula" => res["macula #{mode}"],
         "quinn" => res["quinn"],
         "ssl" => res["ssl #{mode}"],
         "gen_tcp" => res["gen_tcp #{mode}"]
@@ -180,14 +177,14 @@ defmodule Bench.Run do
 
       "bulk"
       |> row(
-        "#{div(total, mib())} MiB, #{variant}",
+        "#{div(total, mib())} MiB, #{mode}",
         "MiB/s",
         :mib_s,
         picked,
         "≥0.9× quinn, ≥1.0× ssl"
       )
       |> Map.merge(%{
-        macula_ios_per_datagram: res[name][:ios_per_datagram],
+        macula_ios_per_datagram: picked["macula"][:ios_per_datagram],
         quinn_ios_per_datagram: res["quinn"] && res["quinn"][:ios_per_datagram]
       })
     end

@@ -547,6 +547,18 @@ fn take(st: &mut State, max: usize, exact: bool) -> Vec<Bytes> {
     out
 }
 
+/// What a passive `recv` of `len` bytes can take from the buffer now: exactly `len` bytes (fewer
+/// only at the end of the stream), or for `len` 0 whatever is buffered, up to `read_ahead`.
+/// `None` when it has to wait for more. Shared by the `recv` NIF and the reader answering a
+/// waiting `recv`.
+fn take_for_recv(st: &mut State, len: usize) -> Option<Vec<Bytes>> {
+    if st.buf.is_empty() || !(len == 0 || st.buffered >= len || st.recv_end.is_some()) {
+        return None;
+    }
+    let limit = if len == 0 { st.read_ahead } else { len };
+    Some(take(st, limit, len != 0))
+}
+
 fn to_binary<'a>(env: Env<'a>, chunks: &[Bytes]) -> Term<'a> {
     let len = chunks.iter().map(Bytes::len).sum();
     let mut bin = NewBinary::new(env, len);
@@ -589,9 +601,7 @@ fn deliver(res: &ResourceArc<StreamRes>, st: &mut State) {
             continue;
         }
         if let Some(req) = st.recv_request.take() {
-            if !st.buf.is_empty() && (req.len == 0 || st.buffered >= req.len || st.recv_end.is_some()) {
-                let limit = if req.len == 0 { st.read_ahead } else { req.len };
-                let chunks = take(st, limit, req.len != 0);
+            if let Some(chunks) = take_for_recv(st, req.len) {
                 let kept = chunks.clone();
                 if !req.reply.send(move |e| (atoms::ok(), to_binary(e, &chunks)).encode(e)) {
                     // The caller exited while it waited: the data stays, in order, for the
@@ -1126,9 +1136,7 @@ fn stream_recv_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: T
     // driver may hold for a while; see the module doc): it answers from the buffer, which the
     // reader task keeps up to `read_ahead` bytes ahead of demand, or leaves a request for
     // the reader (which then runs inline, after the body, when the shard is free).
-    if !st.buf.is_empty() && (len == 0 || st.buffered >= len || st.recv_end.is_some()) {
-        let limit = if len == 0 { st.read_ahead } else { len };
-        let chunks = take(&mut st, limit, len != 0);
+    if let Some(chunks) = take_for_recv(&mut st, len) {
         let bin = to_binary(env, &chunks);
         // There is room again: let the reader fetch the next chunk while the caller handles this.
         let wake = st.buffered < st.read_ahead && st.recv_end.is_none();
