@@ -190,7 +190,8 @@ defmodule Bench.Profile do
   end
 
   defp machine_line(m),
-    do: "Machine: #{m.nproc} CPUs (#{m.cpu_model}); OTP #{m.otp}, Elixir #{m.elixir}, #{m.rustc}."
+    do:
+      "Machine: #{m.nproc} CPUs (#{m.cpu_model}), Linux #{m.kernel}, cpuidle #{m.cpuidle}; OTP #{m.otp}, Elixir #{m.elixir}, #{m.rustc}."
 
   # Every run's samples and units added up (runs are interleaved, macula then Quinn, to spread
   # the host's drift over both), each run's total per unit, to show the spread, and the context

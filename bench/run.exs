@@ -409,7 +409,7 @@ defmodule Bench.Run do
     head = """
     ## macula_quic benchmarks (#{r.date})
 
-    Machine: #{m.nproc} CPUs (#{m.cpu_model}), #{m.mem_total_gib} GiB, Linux #{m.kernel}; OTP #{m.otp} (erts #{m.erts}), Elixir #{m.elixir}, #{m.rustc}, Quinn #{m.quinn}.
+    Machine: #{m.nproc} CPUs (#{m.cpu_model}), #{m.mem_total_gib} GiB, Linux #{m.kernel}, cpuidle #{m.cpuidle}; OTP #{m.otp} (erts #{m.erts}), Elixir #{m.elixir}, #{m.rustc}, Quinn #{m.quinn}.
     Loopback, both ends in one OS process per implementation (except the "two OS processes" row); BENCH_SCALE=#{r.scale}, median of #{r.repeat}; settings: #{r.settings}; #{r.cert}. Suite time #{fmt(r.elapsed_seconds)} s.
 
     | workload | unit | macula_quic | raw Quinn | :ssl | :gen_tcp | macula/Quinn | each run | macula/ssl | target |

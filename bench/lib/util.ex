@@ -406,8 +406,34 @@ defmodule Bench.Util do
       elixir: System.version(),
       rustc: rustc,
       quinn: quinn,
+      cpuidle: cpuidle(),
       schedulers: :erlang.system_info(:schedulers_online)
     }
+  end
+
+  # How an idle CPU waits: the cpuidle driver, and for a KVM guest's `haltpoll` driver how long
+  # an idle vCPU polls before it halts. It moves the figures more than anything of ours: with
+  # guest_halt_poll_ns=0 every wake-up of an idle vCPU goes through the host (bench/README.md,
+  # "The second host").
+  defp cpuidle do
+    read = fn path ->
+      case File.read(path) do
+        {:ok, s} -> String.trim(s)
+        _ -> nil
+      end
+    end
+
+    case read.("/sys/devices/system/cpu/cpuidle/current_driver") do
+      nil ->
+        "unknown"
+
+      "haltpoll" ->
+        poll = read.("/sys/module/haltpoll/parameters/guest_halt_poll_ns") || "?"
+        "haltpoll (guest_halt_poll_ns=#{poll})"
+
+      driver ->
+        driver
+    end
   end
 
   @doc "The CPUs this VM may use (all the host's when the OS does not say)."

@@ -1,0 +1,291 @@
+# Interleaved rounds of one workload: each round measures every variant once, in turn, each
+# measurement in a fresh OS process (bench/one.exs for macula_quic, quinn_baseline for raw
+# Quinn). For settings that only take effect when the NIF loads, and for comparisons finer than
+# bin/bench's five runs can tell apart: the host drifts by tens of percent within minutes, so
+# variants are compared within a round, and the summary gives each variant's median, its
+# range, and its median ratio to raw Quinn's measurement of the same round.
+#
+# Run it with bin/rounds (which builds what it needs):
+#
+#   bin/rounds WORKLOAD VARIANT...
+#   ROUNDS=8 bin/rounds echo quinn default spin0:BENCH_RUNTIME_SPIN_US=0
+#   bin/rounds hs quinn default 'sbwt:ERL_AFLAGS=+sbwt very_long'
+#
+# WORKLOAD: echo (64 B, async_send/2), echo_send (64 B, send/2), echo4096, bulk (1 GiB,
+# active), passive (1 GiB, recv/3), hs (sequential handshakes), hs16 (16 at a time).
+# VARIANT: `quinn` (raw Quinn; so is any name starting with "quinn"), or
+# NAME[:VAR=VALUE[,VAR=VALUE...]], macula_quic with those
+# environment variables (BENCH_RUNTIME_SPIN_US, BENCH_INLINE_WATCH_US, BENCH_RUNTIME_WORKERS,
+# ERL_AFLAGS, ...). One more VAR, `halt_poll_ns`, is a host setting: as root, it writes
+# /sys/module/haltpoll/parameters/guest_halt_poll_ns (how long an idle vCPU of a KVM guest
+# polls before it halts) before the variant's measurement; the value found at the start is put
+# back at the end, also after a failure. A quinn variant takes it too (`quinn:halt_poll_ns=0`).
+#
+#   ROUNDS      rounds (default 8)
+#   ROUNDS_OUT  also write the measurements and the summary to this JSON file
+#   BENCH_QUINN, BENCH_EBIN   the baseline binary and the app's ebin (set by bin/rounds)
+Code.require_file("lib/util.ex", __DIR__)
+
+defmodule Bench.Rounds do
+  import Bench.Util, only: [fmt: 1, median: 1, progress: 1]
+
+  @halt_poll "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+
+  # workload => {quinn_baseline arguments, the key of its JSON figure, unit}
+  @workloads %{
+    "echo" => {["echo", "size=64", "seconds=2"], "rt_s", "round trips/s"},
+    "echo_send" => {["echo", "size=64", "seconds=2"], "rt_s", "round trips/s"},
+    "echo4096" => {["echo", "size=4096", "seconds=2"], "rt_s", "round trips/s"},
+    "bulk" => {["bulk", "bytes=1073741824"], "mib_s", "MiB/s"},
+    "passive" => {["bulk", "bytes=1073741824"], "mib_s", "MiB/s"},
+    "hs" => {["handshake", "concurrency=1", "seconds=2"], "hs_s", "handshakes/s"},
+    "hs16" => {["handshake", "concurrency=16", "seconds=2"], "hs_s", "handshakes/s"}
+  }
+
+  def main(args) do
+    {workload, variants} = parse_args(args)
+    rounds = env_int("ROUNDS", 8)
+    cert_dir = Path.join(System.tmp_dir!(), "macula_quic_rounds_#{System.os_time()}")
+    cert = Bench.Util.make_cert(cert_dir)
+    ctx = %{workload: workload, cert: cert, cert_dir: cert_dir, quinn: quinn_path(), ebin: ebin()}
+    m = Bench.Util.machine()
+
+    progress(
+      "#{workload}: #{rounds} rounds of #{Enum.map_join(variants, ", ", & &1.name)}; " <>
+        "#{m.nproc} CPUs, Linux #{m.kernel}, cpuidle #{m.cpuidle}"
+    )
+
+    halt_poll0 =
+      if Enum.any?(variants, &Map.has_key?(&1.host, "halt_poll_ns")), do: read_halt_poll()
+
+    results =
+      try do
+        for r <- 1..rounds do
+          row =
+            for v <- variants do
+              set_host(v.host)
+              x = measure(ctx, v)
+              progress("round #{r}/#{rounds} #{v.name}: #{fmt(x)}")
+              {v.name, x}
+            end
+
+          progress(
+            "round #{r}/#{rounds}: " <> Enum.map_join(row, " ", fn {n, x} -> "#{n}=#{fmt(x)}" end)
+          )
+
+          Map.new(row)
+        end
+      after
+        if halt_poll0, do: File.write!(@halt_poll, halt_poll0)
+        File.rm_rf(cert_dir)
+      end
+
+    summary = summarize(workload, variants, results)
+    IO.puts("\n" <> markdown(workload, rounds, m, summary))
+
+    if out = System.get_env("ROUNDS_OUT") do
+      report = %{workload: workload, rounds: results, summary: summary, machine: m}
+      File.write!(out, Bench.Util.json(report))
+      progress("wrote #{out}")
+    end
+  end
+
+  defp parse_args([workload | [_ | _] = variants]) do
+    Map.has_key?(@workloads, workload) ||
+      usage(
+        "unknown workload #{inspect(workload)}; one of #{Enum.join(Map.keys(@workloads), ", ")}"
+      )
+
+    parsed = Enum.map(variants, &parse_variant/1)
+    names = Enum.map(parsed, & &1.name)
+
+    length(Enum.uniq(names)) == length(names) ||
+      usage("variant names must differ: #{inspect(names)}")
+
+    {workload, parsed}
+  end
+
+  defp parse_args(_), do: usage("give a workload and at least one variant")
+
+  # "name:VAR=value,VAR=value": a comma starts a new setting only where VAR= follows, so values
+  # such as ERL_AFLAGS may hold spaces (and commas that no `NAME=` follows).
+  defp parse_variant(spec) do
+    {name, settings} =
+      case String.split(spec, ":", parts: 2) do
+        [name] -> {name, ""}
+        [name, s] -> {name, s}
+      end
+
+    name =~ ~r/^[A-Za-z0-9_.-]+$/ || usage("bad variant name #{inspect(name)}")
+
+    pairs =
+      settings
+      |> String.split(~r/,(?=[A-Za-z_][A-Za-z0-9_]*=)/, trim: true)
+      |> Enum.map(fn kv ->
+        case String.split(kv, "=", parts: 2) do
+          [k, v] when k != "" -> {k, v}
+          _ -> usage("bad setting #{inspect(kv)} in variant #{inspect(spec)}")
+        end
+      end)
+
+    {host, env} = Enum.split_with(pairs, fn {k, _} -> k == "halt_poll_ns" end)
+
+    Enum.each(host, fn {_, v} ->
+      match?({n, ""} when n >= 0, Integer.parse(v)) ||
+        usage("halt_poll_ns must be a count of ns: #{inspect(v)}")
+    end)
+
+    kind = if name == "quinn" or String.starts_with?(name, "quinn"), do: :quinn, else: :macula
+
+    if kind == :quinn and env != [],
+      do: usage("variant #{name}: raw Quinn takes no environment settings, only halt_poll_ns")
+
+    %{name: name, kind: kind, env: env, host: Map.new(host)}
+  end
+
+  defp usage(msg) do
+    IO.puts(
+      :stderr,
+      "bin/rounds: #{msg}\nusage: bin/rounds WORKLOAD VARIANT... (see bench/rounds.exs)"
+    )
+
+    System.halt(2)
+  end
+
+  defp measure(ctx, %{kind: :quinn}) do
+    {args, key, _unit} = @workloads[ctx.workload]
+    argv = args ++ ["cert=#{ctx.cert.certfile}", "key=#{ctx.cert.keyfile}"]
+
+    case System.cmd(ctx.quinn, argv, stderr_to_stdout: true) do
+      {out, 0} ->
+        case Regex.run(~r/"#{key}":([0-9.]+)/, out) do
+          [_, x] -> String.to_float(x)
+          _ -> raise "quinn_baseline printed no #{key}: #{out}"
+        end
+
+      {out, status} ->
+        raise "quinn_baseline #{Enum.join(argv, " ")} failed (#{status}): #{out}"
+    end
+  end
+
+  defp measure(ctx, %{kind: :macula, env: env}) do
+    one = Path.expand("one.exs", __DIR__)
+    argv = ["-pa", ctx.ebin, one, ctx.workload, ctx.cert_dir]
+
+    case System.cmd("elixir", argv, env: env, stderr_to_stdout: true) do
+      {out, 0} ->
+        case Regex.run(~r/^RESULT ([0-9.e+-]+)$/m, out) do
+          [_, x] -> elem(Float.parse(x), 0)
+          _ -> raise "bench/one.exs printed no result: #{out}"
+        end
+
+      {out, status} ->
+        raise "bench/one.exs #{ctx.workload} with #{inspect(env)} failed (#{status}): #{out}"
+    end
+  end
+
+  defp set_host(%{"halt_poll_ns" => ns}) do
+    case File.write(@halt_poll, ns) do
+      :ok ->
+        :ok
+
+      {:error, e} ->
+        raise "cannot set #{@halt_poll} (#{:file.format_error(e)}): needs root and a haltpoll guest"
+    end
+  end
+
+  defp set_host(_), do: :ok
+
+  defp read_halt_poll do
+    case File.read(@halt_poll) do
+      {:ok, s} ->
+        String.trim(s)
+
+      {:error, e} ->
+        raise "cannot read #{@halt_poll} (#{:file.format_error(e)}): not a haltpoll guest?"
+    end
+  end
+
+  # Per variant: median, lowest, highest, and (with a quinn variant) the median of its ratio to
+  # the quinn measurement of the same round: the last quinn variant listed before it (so that
+  # `quinn0:halt_poll_ns=0 off:halt_poll_ns=0 quinn1:halt_poll_ns=200000 on:…` pairs each host
+  # setting with its own baseline), or the first one listed.
+  defp summarize(workload, variants, results) do
+    {_, _, unit} = @workloads[workload]
+
+    for {v, i} <- Enum.with_index(variants) do
+      xs = Enum.map(results, & &1[v.name])
+      quinn = baseline_for(variants, i)
+
+      ratio =
+        if quinn && v.kind == :macula,
+          do: results |> Enum.map(&(&1[v.name] / &1[quinn.name])) |> median()
+
+      %{
+        variant: v.name,
+        settings: Enum.map_join(v.env ++ Map.to_list(v.host), " ", fn {k, x} -> "#{k}=#{x}" end),
+        unit: unit,
+        median: median(xs),
+        lowest: Enum.min(xs),
+        highest: Enum.max(xs),
+        vs_quinn: ratio,
+        baseline: quinn && quinn.name
+      }
+    end
+  end
+
+  defp baseline_for(variants, i) do
+    quinns = for {v, j} <- Enum.with_index(variants), v.kind == :quinn, do: {v, j}
+
+    case Enum.filter(quinns, fn {_, j} -> j < i end) do
+      [] -> with [{v, _} | _] <- quinns, do: v, else: (_ -> nil)
+      before -> before |> List.last() |> elem(0)
+    end
+  end
+
+  defp markdown(workload, rounds, m, summary) do
+    head = """
+    #{workload}, #{rounds} interleaved round(s), a fresh OS process per measurement; #{m.nproc} CPUs (#{m.cpu_model}), Linux #{m.kernel}, cpuidle #{m.cpuidle}; OTP #{m.otp}, Elixir #{m.elixir}, Quinn #{m.quinn}.
+
+    | variant | settings | median | lowest–highest | vs raw Quinn in the same round (median) |
+    |---|---|---:|---:|---:|
+    """
+
+    rows =
+      for s <- summary do
+        ratio =
+          if s.vs_quinn,
+            do: "#{:erlang.float_to_binary(s.vs_quinn, decimals: 2)}× of #{s.baseline}",
+            else: "–"
+
+        settings = if s.settings == "", do: "defaults", else: "`#{s.settings}`"
+
+        "| #{s.variant} | #{settings} | #{fmt(s.median)} #{s.unit} | #{fmt(s.lowest)}–#{fmt(s.highest)} | #{ratio} |\n"
+      end
+
+    head <> Enum.join(rows)
+  end
+
+  defp env_int(var, default) do
+    case System.get_env(var) do
+      nil ->
+        default
+
+      s ->
+        with {n, ""} when n > 0 <- Integer.parse(s),
+             do: n,
+             else: (_ -> usage("#{var} must be a positive integer"))
+    end
+  end
+
+  defp quinn_path do
+    System.get_env("BENCH_QUINN") ||
+      Path.expand("../native/macula_quic/target/release/examples/quinn_baseline", __DIR__)
+  end
+
+  defp ebin do
+    System.get_env("BENCH_EBIN") || Path.expand("../_build/bench/lib/macula_quic/ebin", __DIR__)
+  end
+end
+
+Bench.Rounds.main(System.argv())
