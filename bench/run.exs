@@ -459,10 +459,21 @@ defmodule Bench.Run do
         "- handshake #{x.variant}: full TLS handshakes everywhere (macula connects with `session_resumption: false` and resumed #{fmt(n * 1.0)} per handshake; raw Quinn's client keeps no tickets; `:ssl`'s client asks for none)"
       end
 
+    # A guest whose idle vCPUs halt at once makes every hand-off between threads a possible
+    # trip through the host: say so next to the figures it moves.
+    halting =
+      if m.cpuidle == "haltpoll (guest_halt_poll_ns=0)" do
+        [
+          "- this VM's idle vCPUs halt without polling first (`guest_halt_poll_ns=0`): request/response figures that hand data between threads (macula_quic's echo, `:socket`) come in two speeds from run to run here; see README, \"Tuning: a KVM guest's idle polling\""
+        ]
+      else
+        []
+      end
+
     head <>
       Enum.join(lines, "\n") <>
       "\n\n" <>
-      Enum.join(ios ++ lat ++ inline ++ floor ++ resumed, "\n") <>
+      Enum.join(ios ++ lat ++ inline ++ floor ++ resumed ++ halting, "\n") <>
       "\n\n\"each run\": macula/Quinn within each of the #{r.repeat} interleaved runs, lowest–highest. " <>
       "macula echo uses `async_send/2` on both ends; the \"send/2\" row uses the blocking `send/2`. " <>
       "Memory is resident memory (VM + native, VmRSS) per connection with both ends in the process.\n"
