@@ -58,23 +58,47 @@ defmodule Bench.Rounds do
     halt_poll0 =
       if Enum.any?(variants, &Map.has_key?(&1.host, "halt_poll_ns")), do: read_halt_poll()
 
+    # Each completed round is kept: when a measurement fails, the rounds before it are still
+    # summarised before the error is raised again.
     results =
       try do
-        for r <- 1..rounds do
+        Enum.reduce(1..rounds, [], fn r, done ->
           row =
-            for v <- variants do
-              set_host(v.host)
-              x = measure(ctx, v)
-              progress("round #{r}/#{rounds} #{v.name}: #{fmt(x)}")
-              {v.name, x}
+            try do
+              for v <- variants do
+                set_host(v.host)
+                x = measure(ctx, v)
+                progress("round #{r}/#{rounds} #{v.name}: #{fmt(x)}")
+                {v.name, x}
+              end
+            rescue
+              e ->
+                if done != [] do
+                  IO.puts(
+                    "\n" <>
+                      markdown(
+                        workload,
+                        length(done),
+                        m,
+                        summarize(workload, variants, Enum.reverse(done))
+                      )
+                  )
+
+                  progress(
+                    "round #{r} failed; the table above has the #{length(done)} round(s) before it"
+                  )
+                end
+
+                reraise e, __STACKTRACE__
             end
 
           progress(
             "round #{r}/#{rounds}: " <> Enum.map_join(row, " ", fn {n, x} -> "#{n}=#{fmt(x)}" end)
           )
 
-          Map.new(row)
-        end
+          [Map.new(row) | done]
+        end)
+        |> Enum.reverse()
       after
         if halt_poll0, do: File.write!(@halt_poll, halt_poll0)
         File.rm_rf(cert_dir)
@@ -135,7 +159,7 @@ defmodule Bench.Rounds do
         usage("halt_poll_ns must be a count of ns: #{inspect(v)}")
     end)
 
-    kind = if name == "quinn" or String.starts_with?(name, "quinn"), do: :quinn, else: :macula
+    kind = if String.starts_with?(name, "quinn"), do: :quinn, else: :macula
 
     if kind == :quinn and env != [],
       do: usage("variant #{name}: raw Quinn takes no environment settings, only halt_poll_ns")
