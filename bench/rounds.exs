@@ -29,17 +29,15 @@ Code.require_file("lib/util.ex", __DIR__)
 defmodule Bench.Rounds do
   import Bench.Util, only: [fmt: 1, median: 1, progress: 1]
 
-  @halt_poll "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
-
   # workload => {quinn_baseline arguments, the key of its JSON figure, unit}
   @workloads %{
-    "echo" => {["echo", "size=64", "seconds=2"], "rt_s", "round trips/s"},
-    "echo_send" => {["echo", "size=64", "seconds=2"], "rt_s", "round trips/s"},
-    "echo4096" => {["echo", "size=4096", "seconds=2"], "rt_s", "round trips/s"},
-    "bulk" => {["bulk", "bytes=1073741824"], "mib_s", "MiB/s"},
-    "passive" => {["bulk", "bytes=1073741824"], "mib_s", "MiB/s"},
-    "hs" => {["handshake", "concurrency=1", "seconds=2"], "hs_s", "handshakes/s"},
-    "hs16" => {["handshake", "concurrency=16", "seconds=2"], "hs_s", "handshakes/s"}
+    "echo" => {["echo", "size=64", "seconds=2"], :rt_s, "round trips/s"},
+    "echo_send" => {["echo", "size=64", "seconds=2"], :rt_s, "round trips/s"},
+    "echo4096" => {["echo", "size=4096", "seconds=2"], :rt_s, "round trips/s"},
+    "bulk" => {["bulk", "bytes=1073741824"], :mib_s, "MiB/s"},
+    "passive" => {["bulk", "bytes=1073741824"], :mib_s, "MiB/s"},
+    "hs" => {["handshake", "concurrency=1", "seconds=2"], :hs_s, "handshakes/s"},
+    "hs16" => {["handshake", "concurrency=16", "seconds=2"], :hs_s, "handshakes/s"}
   }
 
   def main(args) do
@@ -100,7 +98,7 @@ defmodule Bench.Rounds do
         end)
         |> Enum.reverse()
       after
-        if halt_poll0, do: File.write!(@halt_poll, halt_poll0)
+        if halt_poll0, do: File.write!(Bench.Util.halt_poll_file(), halt_poll0)
         File.rm_rf(cert_dir)
       end
 
@@ -182,8 +180,8 @@ defmodule Bench.Rounds do
 
     case System.cmd(ctx.quinn, argv, stderr_to_stdout: true) do
       {out, 0} ->
-        case Regex.run(~r/"#{key}":([0-9.]+)/, out) do
-          [_, x] -> String.to_float(x)
+        case Bench.Util.parse_last_json(out) do
+          %{^key => x} when is_number(x) -> x
           _ -> raise "quinn_baseline printed no #{key}: #{out}"
         end
 
@@ -209,24 +207,24 @@ defmodule Bench.Rounds do
   end
 
   defp set_host(%{"halt_poll_ns" => ns}) do
-    case File.write(@halt_poll, ns) do
+    case File.write(Bench.Util.halt_poll_file(), ns) do
       :ok ->
         :ok
 
       {:error, e} ->
-        raise "cannot set #{@halt_poll} (#{:file.format_error(e)}): needs root and a haltpoll guest"
+        raise "cannot set #{Bench.Util.halt_poll_file()} (#{:file.format_error(e)}): needs root and a haltpoll guest"
     end
   end
 
   defp set_host(_), do: :ok
 
   defp read_halt_poll do
-    case File.read(@halt_poll) do
+    case File.read(Bench.Util.halt_poll_file()) do
       {:ok, s} ->
         String.trim(s)
 
       {:error, e} ->
-        raise "cannot read #{@halt_poll} (#{:file.format_error(e)}): not a haltpoll guest?"
+        raise "cannot read #{Bench.Util.halt_poll_file()} (#{:file.format_error(e)}): not a haltpoll guest?"
     end
   end
 

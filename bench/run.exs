@@ -462,7 +462,7 @@ defmodule Bench.Run do
     # A guest whose idle vCPUs halt at once makes every hand-off between threads a possible
     # trip through the host: say so next to the figures it moves.
     halting =
-      if m.cpuidle == "haltpoll (guest_halt_poll_ns=0)" do
+      if m.halt_poll_ns == 0 do
         [
           "- this VM's idle vCPUs halt without polling first (`guest_halt_poll_ns=0`): request/response figures that hand data between threads (macula_quic's echo, `:socket`) come in two speeds from run to run here; see README, \"Tuning: a KVM guest's idle polling\""
         ]

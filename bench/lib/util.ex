@@ -396,6 +396,8 @@ defmodule Bench.Util do
         _ -> 0
       end
 
+    {cpuidle_line, halt_poll_ns} = cpuidle()
+
     %{
       nproc: cpus(),
       cpu_model: cpu,
@@ -406,15 +408,23 @@ defmodule Bench.Util do
       elixir: System.version(),
       rustc: rustc,
       quinn: quinn,
-      cpuidle: cpuidle(),
+      cpuidle: cpuidle_line,
+      halt_poll_ns: halt_poll_ns,
       schedulers: :erlang.system_info(:schedulers_online)
     }
   end
 
-  # How an idle CPU waits: the cpuidle driver, and for a KVM guest's `haltpoll` driver how long
-  # an idle vCPU polls before it halts. It moves the figures more than anything of ours: with
-  # guest_halt_poll_ns=0 every wake-up of an idle vCPU goes through the host (bench/README.md,
-  # "The second host").
+  @doc """
+  The file that holds how long an idle vCPU of a KVM guest polls before it halts (the
+  `haltpoll` cpuidle driver's `guest_halt_poll_ns`); `bin/rounds` writes it for its
+  `halt_poll_ns` variants.
+  """
+  def halt_poll_file, do: "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+
+  # How an idle CPU waits: the cpuidle driver and, for a KVM guest's `haltpoll` driver, how long
+  # an idle vCPU polls before it halts (nil elsewhere). It moves the figures more than anything
+  # of ours: with guest_halt_poll_ns=0 every wake-up of an idle vCPU goes through the host
+  # (bench/README.md, "The second host").
   defp cpuidle do
     read = fn path ->
       case File.read(path) do
@@ -425,14 +435,16 @@ defmodule Bench.Util do
 
     case read.("/sys/devices/system/cpu/cpuidle/current_driver") do
       nil ->
-        "unknown"
+        {"unknown", nil}
 
       "haltpoll" ->
-        poll = read.("/sys/module/haltpoll/parameters/guest_halt_poll_ns") || "?"
-        "haltpoll (guest_halt_poll_ns=#{poll})"
+        case Integer.parse(read.(halt_poll_file()) || "") do
+          {ns, ""} -> {"haltpoll (guest_halt_poll_ns=#{ns})", ns}
+          _ -> {"haltpoll (guest_halt_poll_ns=?)", nil}
+        end
 
       driver ->
-        driver
+        {driver, nil}
     end
   end
 
