@@ -17,7 +17,7 @@
 //! few cores, the watch finds nothing and costs the calling process up to that long per send.
 //! Each look peeks at every endpoint's socket (a system call each), so it also costs more the
 //! more listeners and client endpoints there are. README's "Tuning: receiving in the sending
-//! call" has the measurements.
+//! call" sums up the measurements, bench/README.md has them in full.
 //!
 //! To read outside tokio's readiness tracking (which only a runtime worker's poll of the OS
 //! updates), each endpoint's socket is wrapped: its receive reads the socket directly first,

@@ -13,8 +13,8 @@
 //! the peer answers within microseconds, and on hosts where waking an idle vCPU is slow (one
 //! measured here took ~20 µs per cross-CPU wake-up) it lifts bulk transfers and handshakes as
 //! well; with several VMs sharing a few cores it slowed them down on another host. README's
-//! "Tuning: the runtime's socket watch" has the measurements. `SPIN_US` starts at 0 so that
-//! nothing watches before the load data has set it.
+//! "Tuning: the runtime's socket watch" sums up the measurements, bench/README.md has them in
+//! full. `SPIN_US` starts at 0 so that nothing watches before the load data has set it.
 //!
 //! The check is a non-blocking peek on a duplicate of each socket's descriptor: it reads
 //! nothing, and the endpoint's own receive loop takes the datagram. Between looks the worker
