@@ -12,7 +12,8 @@
 #   bin/rounds hs quinn default 'sbwt:ERL_AFLAGS=+sbwt very_long'
 #
 # WORKLOAD: echo (64 B, async_send/2), echo_send (64 B, send/2), echo4096, bulk (1 GiB,
-# active), passive (1 GiB, recv/3), hs (sequential handshakes), hs16 (16 at a time).
+# active), passive (1 GiB, recv/3), hs (sequential handshakes), hs16 (16 at a time); each is
+# defined once for both sides in bench/lib/workloads.ex.
 # VARIANT: `quinn` (raw Quinn; so is any name starting with "quinn"), or
 # NAME[:VAR=VALUE[,VAR=VALUE...]], macula_quic with those
 # environment variables (BENCH_RUNTIME_SPIN_US, BENCH_INLINE_WATCH_US, BENCH_RUNTIME_WORKERS,
@@ -25,27 +26,25 @@
 #   ROUNDS_OUT  also write the measurements and the summary to this JSON file
 #   BENCH_QUINN, BENCH_EBIN   the baseline binary and the app's ebin (set by bin/rounds)
 Code.require_file("lib/util.ex", __DIR__)
+Code.require_file("lib/workloads.ex", __DIR__)
 
 defmodule Bench.Rounds do
   import Bench.Util, only: [fmt: 1, median: 1, progress: 1]
-
-  # workload => {quinn_baseline arguments, the key of its JSON figure, unit}
-  @workloads %{
-    "echo" => {["echo", "size=64", "seconds=2"], :rt_s, "round trips/s"},
-    "echo_send" => {["echo", "size=64", "seconds=2"], :rt_s, "round trips/s"},
-    "echo4096" => {["echo", "size=4096", "seconds=2"], :rt_s, "round trips/s"},
-    "bulk" => {["bulk", "bytes=1073741824"], :mib_s, "MiB/s"},
-    "passive" => {["bulk", "bytes=1073741824"], :mib_s, "MiB/s"},
-    "hs" => {["handshake", "concurrency=1", "seconds=2"], :hs_s, "handshakes/s"},
-    "hs16" => {["handshake", "concurrency=16", "seconds=2"], :hs_s, "handshakes/s"}
-  }
 
   def main(args) do
     {workload, variants} = parse_args(args)
     rounds = env_int("ROUNDS", 8)
     cert_dir = Path.join(System.tmp_dir!(), "macula_quic_rounds_#{System.os_time()}")
     cert = Bench.Util.make_cert(cert_dir)
-    ctx = %{workload: workload, cert: cert, cert_dir: cert_dir, quinn: quinn_path(), ebin: ebin()}
+
+    ctx = %{
+      workload: workload,
+      cert: cert,
+      cert_dir: cert_dir,
+      quinn: Bench.Util.quinn_path(),
+      ebin: ebin()
+    }
+
     m = Bench.Util.machine()
 
     progress(
@@ -113,9 +112,9 @@ defmodule Bench.Rounds do
   end
 
   defp parse_args([workload | [_ | _] = variants]) do
-    Map.has_key?(@workloads, workload) ||
+    workload in Bench.Workloads.names() ||
       usage(
-        "unknown workload #{inspect(workload)}; one of #{Enum.join(Map.keys(@workloads), ", ")}"
+        "unknown workload #{inspect(workload)}; one of #{Enum.join(Bench.Workloads.names(), ", ")}"
       )
 
     parsed = Enum.map(variants, &parse_variant/1)
@@ -175,18 +174,11 @@ defmodule Bench.Rounds do
   end
 
   defp measure(ctx, %{kind: :quinn}) do
-    {args, key, _unit} = @workloads[ctx.workload]
-    argv = args ++ ["cert=#{ctx.cert.certfile}", "key=#{ctx.cert.keyfile}"]
+    {workload, params, key} = Bench.Workloads.quinn(ctx.workload)
 
-    case System.cmd(ctx.quinn, argv, stderr_to_stdout: true) do
-      {out, 0} ->
-        case Bench.Util.parse_last_json(out) do
-          %{^key => x} when is_number(x) -> x
-          _ -> raise "quinn_baseline printed no #{key}: #{out}"
-        end
-
-      {out, status} ->
-        raise "quinn_baseline #{Enum.join(argv, " ")} failed (#{status}): #{out}"
+    case Bench.Util.run_quinn(ctx.quinn, workload, ctx.cert, params) do
+      %{^key => x} when is_number(x) -> x
+      other -> raise "quinn_baseline printed no #{key}: #{inspect(other)}"
     end
   end
 
@@ -233,7 +225,7 @@ defmodule Bench.Rounds do
   # `quinn0:halt_poll_ns=0 off:halt_poll_ns=0 quinn1:halt_poll_ns=200000 on:…` pairs each host
   # setting with its own baseline), or the first one listed.
   defp summarize(workload, variants, results) do
-    {_, _, unit} = @workloads[workload]
+    unit = Bench.Workloads.unit(workload)
 
     for {v, i} <- Enum.with_index(variants) do
       xs = Enum.map(results, & &1[v.name])
@@ -298,11 +290,6 @@ defmodule Bench.Rounds do
              do: n,
              else: (_ -> usage("#{var} must be a positive integer"))
     end
-  end
-
-  defp quinn_path do
-    System.get_env("BENCH_QUINN") ||
-      Path.expand("../native/macula_quic/target/release/examples/quinn_baseline", __DIR__)
   end
 
   defp ebin do

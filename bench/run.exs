@@ -33,7 +33,7 @@ defmodule Bench.Run do
     File.mkdir_p!(out)
     cert_dir = Path.join(System.tmp_dir!(), "macula_quic_bench_#{System.os_time()}")
     cert = make_cert(cert_dir)
-    quinn = System.get_env("BENCH_QUINN") || default_quinn()
+    quinn = Bench.Util.quinn_path()
     only = (System.get_env("BENCH_ONLY") || Enum.join(@workloads, ",")) |> String.split(",")
     machine = machine()
 
@@ -74,9 +74,6 @@ defmodule Bench.Run do
     IO.puts("\n" <> md)
   end
 
-  defp default_quinn,
-    do: Path.expand("../native/macula_quic/target/release/examples/quinn_baseline", __DIR__)
-
   ## Running and summarising
 
   # Runs each implementation's function `repeat()` times, interleaved (a, b, c, a, b, c, ...),
@@ -101,19 +98,8 @@ defmodule Bench.Run do
   defp extra(%{p50_us: p50, p99_us: p99}), do: " p50=#{fmt(p50 * 1.0)}us p99=#{fmt(p99 * 1.0)}us"
   defp extra(_), do: ""
 
-  defp quinn(ctx, workload, args) do
-    argv =
-      [workload, "cert=#{ctx.cert.certfile}", "key=#{ctx.cert.keyfile}"] ++
-        Enum.map(args, fn {k, v} -> "#{k}=#{v}" end)
-
-    case System.cmd(ctx.quinn, argv, stderr_to_stdout: true) do
-      {out, 0} ->
-        parse_last_json(out)
-
-      {out, status} ->
-        raise "quinn_baseline #{workload} failed (#{status}): #{out}"
-    end
-  end
+  defp quinn(ctx, workload, params),
+    do: Bench.Util.run_quinn(ctx.quinn, workload, ctx.cert, params)
 
   # The ratio within each repeat (runs are interleaved, so the i-th runs of two implementations
   # ran next to each other), as [lowest, highest]: how much of a ratio is noise.

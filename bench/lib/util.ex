@@ -508,6 +508,31 @@ defmodule Bench.Util do
   end
 
   @doc """
+  The raw-Quinn baseline binary: `BENCH_QUINN` (bin/bench and bin/rounds set it to their
+  private copy), else cargo's release build of `examples/quinn_baseline.rs`.
+  """
+  def quinn_path do
+    System.get_env("BENCH_QUINN") ||
+      Path.expand("../../native/macula_quic/target/release/examples/quinn_baseline", __DIR__)
+  end
+
+  @doc """
+  Runs one workload of the raw-Quinn baseline (`quinn_baseline WORKLOAD cert=… key=…
+  KEY=VALUE…`) and returns the figures it prints last (`parse_last_json/1`); raises when it
+  fails.
+  """
+  def run_quinn(bin, workload, cert, params) do
+    argv =
+      [workload, "cert=#{cert.certfile}", "key=#{cert.keyfile}"] ++
+        Enum.map(params, fn {k, v} -> "#{k}=#{v}" end)
+
+    case System.cmd(bin, argv, stderr_to_stdout: true) do
+      {out, 0} -> parse_last_json(out)
+      {out, status} -> raise "quinn_baseline #{Enum.join(argv, " ")} failed (#{status}): #{out}"
+    end
+  end
+
+  @doc """
   Decodes the last JSON object line in a program's output (the baseline and the memory script
   print other lines before it).
   """
