@@ -3,7 +3,8 @@
 # Quinn). For settings that only take effect when the NIF loads, and for comparisons finer than
 # bin/bench's five runs can tell apart: the host drifts by tens of percent within minutes, so
 # variants are compared within a round, and the summary gives each variant's median, its
-# range, and its median ratio to raw Quinn's measurement of the same round.
+# range, and its median ratio to raw Quinn's measurement of the same round, followed by a table
+# of every round's figures (also printed, for the rounds done, when a measurement fails).
 #
 # Run it with bin/rounds (which builds what it needs):
 #
@@ -78,11 +79,11 @@ defmodule Bench.Rounds do
                         length(done),
                         m,
                         summarize(workload, variants, Enum.reverse(done))
-                      )
+                      ) <> "\n" <> per_round(variants, Enum.reverse(done))
                   )
 
                   progress(
-                    "round #{r} failed; the table above has the #{length(done)} round(s) before it"
+                    "round #{r} failed; the tables above have the #{length(done)} round(s) before it"
                   )
                 end
 
@@ -102,7 +103,10 @@ defmodule Bench.Rounds do
       end
 
     summary = summarize(workload, variants, results)
-    IO.puts("\n" <> markdown(workload, rounds, m, summary))
+
+    IO.puts(
+      "\n" <> markdown(workload, rounds, m, summary) <> "\n" <> per_round(variants, results)
+    )
 
     if out = System.get_env("ROUNDS_OUT") do
       report = %{workload: workload, rounds: results, summary: summary, machine: m}
@@ -278,6 +282,37 @@ defmodule Bench.Rounds do
       end
 
     head <> Enum.join(rows)
+  end
+
+  # Every round's measurements, one row per round and a column per variant, then each
+  # variant's median and (for macula_quic variants with a baseline) its median ratio to it:
+  # the table bench/results/*.md show.
+  defp per_round(variants, results) do
+    names = Enum.map(variants, & &1.name)
+
+    head =
+      "| round | #{Enum.join(names, " | ")} |\n|---|#{String.duplicate("---:|", length(names))}\n"
+
+    rows =
+      for {row, r} <- Enum.with_index(results, 1) do
+        "| #{r} | #{Enum.map_join(names, " | ", &fmt(row[&1]))} |\n"
+      end
+
+    medians =
+      for {v, i} <- Enum.with_index(variants) do
+        m = results |> Enum.map(& &1[v.name]) |> median() |> fmt()
+
+        case baseline_for(variants, i) do
+          %{name: q} when v.kind == :macula ->
+            ratio = results |> Enum.map(&(&1[v.name] / &1[q])) |> median()
+            "#{m} (#{:erlang.float_to_binary(ratio, decimals: 2)}×)"
+
+          _ ->
+            m
+        end
+      end
+
+    head <> Enum.join(rows) <> "| **median** | #{Enum.join(medians, " | ")} |\n"
   end
 
   defp env_int(var, default) do
