@@ -166,6 +166,11 @@ defmodule MaculaQuic.BadInputTest do
          {:error, {:bad_option, :idle_timeout_ms}}},
         {:listen, ["127.0.0.1", 0, a ++ [idle_timeout_ms: 1.0]],
          {:error, {:bad_option, :idle_timeout_ms}}},
+        # Quinn sets up every stream a peer may open as a connection starts: capped at a u16.
+        {:listen, ["127.0.0.1", 0, a ++ [peer_bidi_stream_count: 65_536]],
+         {:error, {:bad_option, :peer_bidi_stream_count}}},
+        {:connect, ["127.0.0.1", port, ca ++ [peer_unidi_stream_count: 1 <<< 60], 1_000],
+         {:error, {:bad_option, :peer_unidi_stream_count}}},
         {:listen, ["127.0.0.1", 0, a ++ [backlog: :many]], {:error, {:bad_option, :backlog}}},
         {:listen, ["127.0.0.1", 0, a ++ [verify: :sometimes]], {:error, {:bad_option, :verify}}},
         {:listen, ["127.0.0.1", 0, a ++ [verify: :verify_peer]],
@@ -203,6 +208,8 @@ defmodule MaculaQuic.BadInputTest do
         {:async_accept, [l, :nope], {:error, {:bad_option, :nope}}},
         {:setopt, [s, :active, :always], {:error, {:bad_option, :active}}},
         {:setopt, [s, :active, 1 <<< 40], {:error, {:bad_option, :active}}},
+        # Its absolute value overflows a 64-bit integer.
+        {:setopt, [s, :active, -(1 <<< 63)], {:error, {:bad_option, :active}}},
         {:setopt, [s, :linger, 1], {:error, {:bad_option, :linger}}},
         {:getopt, [s, :linger], {:error, {:bad_option, :linger}}},
         {:handoff_stream, [s, self(), [foo: 1]], {:error, {:bad_option, :foo}}},
@@ -514,6 +521,19 @@ defmodule MaculaQuic.BadInputTest do
     end
   end
 
+  test "the largest stream counts allowed still connect at once" do
+    # Quinn sets up every stream the peer may open when a connection starts, inside connect on
+    # the caller's scheduler; at the cap (a u16, as in MsQuic) that stays well under a second.
+    max = [peer_bidi_stream_count: 65_535, peer_unidi_stream_count: 65_535]
+    {t, {c, sc, l, _}} = :timer.tc(fn -> pair!(listen: max, connect: max) end)
+    assert t < 1_000_000
+    {s, ss} = stream_pair!(c, sc)
+    assert collect!(ss, 5) == "hello"
+    Enum.each([s, ss], &MaculaQuic.close_stream/1)
+    Enum.each([c, l], &MaculaQuic.close/1)
+    await_clean!(%{listeners: 0, connections: 0, streams: 0, tasks: 0}, 10_000)
+  end
+
   describe "panics in Rust" do
     test "in a NIF: an Erlang error, the VM and the library keep working" do
       for _ <- 1..20 do
@@ -553,6 +573,35 @@ defmodule MaculaQuic.BadInputTest do
         # The reader ran (and panicked) on this process's scheduler, inside the call.
         assert MaculaQuic.native_counts().inline_runs > before
       end)
+    end
+  end
+
+  test "in a stream's writer task: a waiting send fails, later sends fail, the peer sees a reset, nothing leaks" do
+    {c, sc, l, _} = pair!()
+    # The server's end reads nothing past its read-ahead, so a large send waits for credit.
+    {s, ss} = stream_pair!(c, sc, server: [active: false])
+    assert {:ok, "hello"} = MaculaQuic.recv(ss, 5, 5_000)
+    parent = self()
+    big = :binary.copy(<<7>>, 32 * 1024 * 1024)
+    sender = spawn_link(fn -> send(parent, {:sent, MaculaQuic.send(s, big)}) end)
+    wait_until_waiting!(sender)
+    refute_received {:sent, _}
+    :ok = MaculaQuic.Native.debug_panic_writer(s)
+    assert_receive {:sent, {:error, :internal_error}}, 5_000
+    assert {:error, :internal_error} = MaculaQuic.send(s, "more")
+    # The peer is told the data ends early (a reset), not given a FIN after part of it.
+    assert {:error, {:peer_send_aborted, 0}} = drain_passive(ss)
+    {s2, ss2} = stream_pair!(c, sc)
+    assert collect!(ss2, 5) == "hello"
+    Enum.each([s, s2, ss, ss2], &MaculaQuic.close_stream/1)
+    Enum.each([c, l], &MaculaQuic.close/1)
+    await_clean!(%{listeners: 0, connections: 0, streams: 0, tasks: 0}, 10_000)
+  end
+
+  defp drain_passive(stream) do
+    case MaculaQuic.recv(stream, 0, 5_000) do
+      {:ok, _} -> drain_passive(stream)
+      other -> other
     end
   end
 

@@ -29,6 +29,9 @@ pub enum Active {
 
 pub const ACTIVE_MAX: i64 = i16::MAX as i64;
 
+/// The most streams of each direction a peer may be allowed to open at once (see `common`).
+pub const MAX_STREAM_COUNT: u64 = u16::MAX as u64;
+
 /// Peer verification.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Verify {
@@ -181,7 +184,8 @@ pub fn decode_active(v: Term) -> Option<ActiveSetting> {
         return (a == atoms::once()).then_some(ActiveSetting::Set(Active::Once));
     }
     match v.decode::<i64>() {
-        Ok(n) if n.abs() <= ACTIVE_MAX => Some(ActiveSetting::Add(n as i32)),
+        // A range, not `n.abs()`: the absolute value of i64::MIN overflows.
+        Ok(n) if (-ACTIVE_MAX..=ACTIVE_MAX).contains(&n) => Some(ActiveSetting::Add(n as i32)),
         _ => None,
     }
 }
@@ -231,8 +235,12 @@ fn common(name: &str, v: Term, tls: &mut Tls, t: &mut Transport) -> Result<bool,
         // Quinn encodes the idle timeout as a QUIC varint of milliseconds.
         "idle_timeout_ms" => t.idle_timeout_ms = Some(uint(name, v, MAX_VARINT)?),
         "keep_alive_interval_ms" => t.keep_alive_interval_ms = Some(uint(name, v, u32::MAX as u64)?),
-        "peer_bidi_stream_count" => t.peer_bidi_stream_count = Some(uint(name, v, 1 << 60)?),
-        "peer_unidi_stream_count" => t.peer_unidi_stream_count = Some(uint(name, v, 1 << 60)?),
+        // Quinn sets up state for every stream the peer may open when a connection starts (a loop
+        // over the count, run inside connect on the caller's scheduler and on every accepted
+        // connection), so the count must stay small for that to be quick: MsQuic's limit (and
+        // so quicer's), a u16.
+        "peer_bidi_stream_count" => t.peer_bidi_stream_count = Some(uint(name, v, MAX_STREAM_COUNT)?),
+        "peer_unidi_stream_count" => t.peer_unidi_stream_count = Some(uint(name, v, MAX_STREAM_COUNT)?),
         "stream_recv_window" | "stream_recv_window_default" => {
             t.stream_recv_window = Some(uint(name, v, MAX_VARINT)?)
         }

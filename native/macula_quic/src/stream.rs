@@ -138,6 +138,9 @@ struct State {
     /// Test hook: the reader panics when it next wakes.
     #[cfg(feature = "test_hooks")]
     debug_panic: bool,
+    /// Test hook: the writer panics when it next wakes.
+    #[cfg(feature = "test_hooks")]
+    debug_panic_writer: bool,
 }
 
 /// The sending side, shared by the send NIFs (which queue) and the writer task (which hands the
@@ -268,6 +271,8 @@ impl StreamRes {
                 peer_reset_code: None,
                 #[cfg(feature = "test_hooks")]
                 debug_panic: false,
+                #[cfg(feature = "test_hooks")]
+                debug_panic_writer: false,
             }),
             wake_reader: Notify::new(),
             wake_writer: Notify::new(),
@@ -796,10 +801,15 @@ async fn send_loop(res: ResourceArc<StreamRes>) {
     let _task = Live::new(&counters::TASKS);
     let Some(side) = res.send.as_ref() else { return };
     let Some(stopped) = lock(side).stream.as_ref().map(|s| s.stopped()) else { return };
+    let mut exit = WriterExit { res: res.clone(), ended: false };
     let mut stopped = Box::pin(stopped);
     let failure: Reason = loop {
         // Registered before the checks below, so a wake-up between them is not lost.
         let notified = res.wake_writer.notified();
+        #[cfg(feature = "test_hooks")]
+        if lock(&res.state).debug_panic_writer {
+            panic!("macula_quic: deliberate panic in a stream writer (debug_panic_writer/1)");
+        }
         if let Some(code) = lock(&res.state).reset_send.take() {
             let mut sd = lock(side);
             // What is queued will never be sent: uncount it before the reset can reach the
@@ -820,18 +830,8 @@ async fn send_loop(res: ResourceArc<StreamRes>) {
             },
         }
     };
-    // Record why (later sends report it), take what can no longer be sent, and let Quinn's
-    // stream go (dropping it finishes or resets it, as Quinn decides).
-    let (unsent, leftover, stream) = {
-        let mut sd = lock(side);
-        sd.ended = Some(failure.clone());
-        sd.queued = 0;
-        res.conn.send_pend.fetch_sub(sd.give_up_pending(), Ordering::Relaxed);
-        // Dropped below, outside the lock: large sends hold their Erlang binaries.
-        (std::mem::take(&mut sd.queue), std::mem::take(&mut sd.waiting), sd.stream.take())
-    };
-    drop(stream);
-    drop(unsent);
+    exit.ended = true;
+    let leftover = end_send(&res, side, &failure);
     // The owner hears that the peer stopped reading only now that later sends report it: a
     // send made after the message must not be queued (and, being small, answered `:ok`).
     if let Reason::Code(tag, code) = &failure {
@@ -845,6 +845,48 @@ async fn send_loop(res: ResourceArc<StreamRes>) {
     }
     let mut st = lock(&res.state);
     finish_send(&res, &mut st);
+}
+
+/// Ends the send side: records why (later sends report it), gives up what can no longer be
+/// sent, and lets Quinn's stream go (dropping it finishes or resets it, as Quinn decides).
+/// Returns the sends still waiting, for the caller to answer.
+fn end_send(res: &StreamRes, side: &Mutex<SendSide>, why: &Reason) -> VecDeque<(u64, Reply)> {
+    let (unsent, leftover, stream) = {
+        let mut sd = lock(side);
+        sd.ended = Some(why.clone());
+        sd.queued = 0;
+        res.conn.send_pend.fetch_sub(sd.give_up_pending(), Ordering::Relaxed);
+        // Dropped below, outside the lock: large sends hold their Erlang binaries.
+        (std::mem::take(&mut sd.queue), std::mem::take(&mut sd.waiting), sd.stream.take())
+    };
+    drop(stream);
+    drop(unsent);
+    leftover
+}
+
+/// Ends the send side if the writer task ends without doing so itself, which only a panic (a
+/// bug, ours or Quinn's) makes it do: the sends waiting in `send/2` and every later send get
+/// `{:error, :internal_error}` instead of waiting forever for a writer that is gone, and the
+/// stream can still close. (The reader's counterpart is `ReaderExit`.)
+struct WriterExit {
+    res: ResourceArc<StreamRes>,
+    ended: bool,
+}
+
+impl Drop for WriterExit {
+    fn drop(&mut self) {
+        let Some(side) = self.res.send.as_ref().filter(|_| !self.ended) else { return };
+        // Reset, not finished: Quinn's stream, dropped as it is, would send a FIN, and the peer
+        // would take what it got for the whole of the data.
+        if let Some(s) = lock(side).stream.as_mut() {
+            let _ = s.reset(quinn::VarInt::from_u32(0));
+        }
+        // Dropped unanswered, each waiting `Reply` answers `{:error, :internal_error}` (the
+        // task is being dropped after its panic).
+        drop(end_send(&self.res, side, &atoms::internal_error().into()));
+        let mut st = lock(&self.res.state);
+        finish_send(&self.res, &mut st);
+    }
 }
 
 /// The peer stopped the stream (STOP_SENDING) or the connection ended while we could send.
@@ -1224,6 +1266,16 @@ fn stream_info<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> NifResult<Term<'a
 fn debug_panic_reader(s: ResourceArc<StreamRes>) -> rustler::Atom {
     lock(&s.state).debug_panic = true;
     s.wake_reader.notify_one();
+    atoms::ok()
+}
+
+/// `debug_panic_writer(Stream)` (test builds only): makes the stream's writer task panic, so
+/// tests can prove the sends waiting on it, and later ones, fail instead of waiting forever.
+#[cfg(feature = "test_hooks")]
+#[rustler::nif]
+fn debug_panic_writer(s: ResourceArc<StreamRes>) -> rustler::Atom {
+    lock(&s.state).debug_panic_writer = true;
+    s.wake_writer.notify_one();
     atoms::ok()
 }
 
