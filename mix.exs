@@ -34,7 +34,7 @@ defmodule MaculaQuic.MixProject do
       links: %{"GitHub" => @source_url},
       files:
         ~w(lib native/macula_quic/src native/macula_quic/Cargo.toml native/macula_quic/Cargo.lock
-                native/macula_quic/.cargo checksum-*.exs mix.exs README.md LICENSE .formatter.exs)
+                native/macula_quic/.cargo include checksum-*.exs mix.exs README.md LICENSE .formatter.exs)
     ]
   end
 end
