@@ -107,30 +107,39 @@ defmodule MaculaQuic do
       A ticket arrives after the handshake, so a connection closed at once may not get one.
       `false` keeps no tickets: every handshake is a full one.
     * `:idle_timeout_ms` (0 disables), `:keep_alive_interval_ms`, `:handshake_idle_timeout_ms`,
-      `:peer_bidi_stream_count`, `:peer_unidi_stream_count`, `:stream_recv_window` (bytes per
-      stream), `:conn_recv_window` (bytes per connection), `:send_window`.
+      `:peer_bidi_stream_count`, `:peer_unidi_stream_count` (at most 65,535, as in MsQuic:
+      Quinn sets up every stream the peer may open when a connection starts),
+      `:stream_recv_window` (bytes per stream), `:conn_recv_window` (bytes per connection),
+      `:send_window`.
     * `:backlog` — (listen) connections that may wait for an acceptor (default 1024).
 
   Unknown names and ill-typed values give `{:error, {:bad_option, name}}`; a missing `:alpn`
-  gives `{:error, {:missing_option, :alpn}}`. quicer's spellings `stream_recv_window_default`
-  and `conn_flow_control_window` are accepted too.
+  gives `{:error, {:missing_option, :alpn}}`. quicer's spellings are accepted too:
+  `stream_recv_window_default`, `conn_flow_control_window`, `cert_file`, `key_file` and (connect)
+  `sni` for `server_name`.
 
   Stream options (`open_stream/2`, `async_accept_stream/2`, `accept_stream/3`): `:active`
   (`true | false | :once | integer`, default `true`), `:read_ahead` (bytes, default 256 KiB;
-  see `setopt/3`) and `:unidirectional` (or quicer's `open_flag: 1`).
+  see `setopt/3`) and `:unidirectional` (or quicer's `open_flag: 1`; it means nothing to the
+  accepts, which take whatever stream comes). quicer's `:start_flag` and `:quic_event_mask` are
+  accepted (integers) and ignored: a stream starts with its first write.
+
+  `active: true` delivers data as it arrives, with no back-pressure, as with `:gen_tcp`: a
+  process that cannot keep up with its peer should use `:once` or a count, or read passively.
+
   ## Bad input
 
   Nothing a caller passes crashes the VM, blocks a scheduler or leaves native state behind.
 
     * A handle argument that is not a handle of the kind the function takes (or no handle at
-      all) raises `ArgumentError` naming what was expected and what was given. The handle is
-      checked before anything else is reported.
+      all) raises `ArgumentError` naming what was expected and what was given.
     * So do arguments of the wrong type where the function's doc says so: data that is not
       iodata, a `recv/3` length or `send/3` flags that are not non-negative integers, a new
       owner that is not a local pid.
     * Everything else is `{:error, reason}`: `:bad_address`, `{:bad_option, name}`,
       `{:missing_option, :alpn}`, `{:certfile | :keyfile | :cacertfile, why}`, `{:key, why}`,
-      `{:bad_stat, name}`, and `:badarg` for a timeout or an integer out of range.
+      `{:bad_stat, name}`, and `:badarg` for a timeout or an integer out of range (such as a
+      `recv/3` length over 64 MiB).
     * A closed handle is not bad input: calls on it return `{:error, :closed}` (or why it
       ended), and closing it again is `:ok`.
     * Input is bounded before it is read: strings (addresses, names, paths) up to 4096
@@ -710,14 +719,15 @@ defmodule MaculaQuic do
   @doc """
   Receives from a passive stream (`active: false`).
 
-  `length` 0 returns whatever is buffered (up to 256 KiB), or the next chunk to arrive. A
-  passive stream's native side reads up to 256 KiB ahead of `recv`, so that `recv` usually
-  answers at once; beyond that the peer waits for flow-control credit. `length` > 0 returns
+  `length` 0 returns whatever is buffered (up to the stream's `read_ahead`, 256 KiB unless
+  set), or the next chunk to arrive. A passive stream's native side reads up to `read_ahead`
+  ahead of `recv`, so that `recv` usually answers at once; beyond that the peer waits for
+  flow-control credit. `length` > 0 returns
   exactly that many bytes, or fewer if the stream ends first. Errors: `{:error, :einval}` on
   an active stream, `{:error, :peer_send_shutdown}` once the stream has ended and everything
   was read, `{:error, {:peer_send_aborted, code}}`, `{:error, :closed}`,
   `{:error, :timeout}`, `{:error, :ealready}` when another `recv` on the stream is waiting,
-  `{:error, :badarg}` for a `length` over 2 GiB or a `timeout` that is neither `:infinity`
+  `{:error, :badarg}` for a `length` over 64 MiB (`:gen_tcp`'s limit too) or a `timeout` that is neither `:infinity`
   nor a non-negative integer. A `length` that is not a non-negative integer raises
   `ArgumentError`. Only the calling process waits.
 
@@ -747,8 +757,10 @@ defmodule MaculaQuic do
         "recv/3 expects a non-negative integer length, got: #{inspect(length, limit: 10)}"
       )
 
-  # One recv returns at most 2 GiB.
-  defp check_recv_length(length) when length <= 2_147_483_648, do: :ok
+  # One recv returns at most 64 MiB, as with :gen_tcp: the bytes are buffered until there are
+  # that many and then copied into one binary, wherever the stream's work runs (possibly a
+  # scheduler), so the copy must stay short.
+  defp check_recv_length(length) when length <= 67_108_864, do: :ok
   defp check_recv_length(_), do: {:error, :badarg}
 
   defp recv_native(stream, length, timeout, ref) do

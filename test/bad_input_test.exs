@@ -266,6 +266,7 @@ defmodule MaculaQuic.BadInputTest do
         {:accept, [l, [], 1.5], {:error, :badarg}},
         {:accept_stream, [c, [], :never], {:error, :badarg}},
         {:recv, [s, 0, -1], {:error, :badarg}},
+        {:recv, [s, (1 <<< 26) + 1, 10], {:error, :badarg}},
         {:recv, [s, (1 <<< 31) + 1, 10], {:error, :badarg}},
         {:recv, [s, 1 <<< 70, 10], {:error, :badarg}},
         {:recv, [s, -1, 10],

@@ -85,6 +85,21 @@ defmodule MaculaQuic.ReceiveModesTest do
       assert {:ok, ^big} = MaculaQuic.recv(ss, 300_000, 5_000)
     end
 
+    test "the largest length, 64 MiB, is returned whole; one byte more is refused" do
+      {_c, _sc, s, ss} = streams!(active: false)
+      assert {:ok, "a"} = MaculaQuic.recv(ss, 1, 5_000)
+      max = 64 * 1024 * 1024
+      big = :binary.copy(:crypto.strong_rand_bytes(1024), 64 * 1024)
+      sender = Task.async(fn -> MaculaQuic.send(s, [big, "z"]) end)
+      assert {:error, :badarg} = MaculaQuic.recv(ss, max + 1, 5_000)
+      # The native check too, for callers of the NIF itself.
+      assert {:error, :badarg} = MaculaQuic.Native.stream_recv(ss, max + 1, make_ref())
+      assert {:ok, got} = MaculaQuic.recv(ss, max, 30_000)
+      assert byte_size(got) == max and got == big
+      assert {:ok, "z"} = MaculaQuic.recv(ss, 1, 5_000)
+      assert :ok = Task.await(sender, 30_000)
+    end
+
     test "timeouts, then the data is still there" do
       {_c, _sc, s, ss} = streams!(active: false)
       assert {:ok, "a"} = MaculaQuic.recv(ss, 1, 5_000)

@@ -201,8 +201,9 @@ fn new_socket(addr: &SocketAddr) -> std::io::Result<Socket> {
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     if addr.is_ipv6() {
-        // A specific IPv6 address is v6-only; `::` is dual-stack (IPv4 peers appear as
-        // ::ffff:a.b.c.d), as the original library's users rely on.
+        // A specific IPv6 address is v6-only; `::` is dual-stack, as the original library's
+        // users rely on (its IPv4 peers arrive as ::ffff:a.b.c.d; `address::canonical_ip`
+        // reports them as plain IPv4).
         s.set_only_v6(!addr.ip().is_unspecified())?;
     }
     Ok(s)

@@ -564,6 +564,11 @@ fn take_for_recv(st: &mut State, len: usize) -> Option<Vec<Bytes>> {
     Some(take(st, limit, len != 0))
 }
 
+/// The most one `recv` returns (`:gen_tcp`'s limit too): its bytes are buffered until they are
+/// all there and then copied into one binary wherever the stream's work runs, which may be a
+/// scheduler, so that copy must stay short (a few milliseconds at most).
+const MAX_RECV: usize = 64 * 1024 * 1024;
+
 fn to_binary<'a>(env: Env<'a>, chunks: &[Bytes]) -> Term<'a> {
     let len = chunks.iter().map(Bytes::len).sum();
     let mut bin = NewBinary::new(env, len);
@@ -1153,7 +1158,8 @@ fn stream_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<
 fn stream_recv_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<'a>) -> Term<'a> {
     rustler::atoms! { wait, ealready }
     let Ok(len) = usize::try_from(len) else { return err(env, atoms::badarg()) };
-    if len > (1 << 31) {
+    // 64 MiB, as `MaculaQuic.recv/3` checks first: the answer is one binary, copied in one go.
+    if len > MAX_RECV {
         return err(env, atoms::badarg());
     }
     let mut st = lock(&s.state);
