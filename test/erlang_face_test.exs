@@ -24,6 +24,39 @@ defmodule MaculaQuic.ErlangFaceTest do
     assert public.(:macula_quic) == public.(MaculaQuic)
   end
 
+  test "every export of both modules has a spec, and :macula_quic's match MaculaQuic's" do
+    {:ok, erl} = Code.Typespec.fetch_specs(:macula_quic)
+    {:ok, ex} = Code.Typespec.fetch_specs(MaculaQuic)
+    erl = Map.new(erl)
+    ex = Map.new(ex)
+
+    for {name, arity} = fa <- :macula_quic.module_info(:exports),
+        name not in [:module_info, :__info__] do
+      assert Map.has_key?(erl, fa), ":macula_quic.#{name}/#{arity} has no spec"
+
+      # MaculaQuic specs each function at its full arity (lower ones come from defaults): the
+      # Erlang spec's arguments are the leading ones of the smallest full arity it covers.
+      {_, ex_specs} =
+        ex
+        |> Enum.filter(fn {{n, a}, _} -> n == name and a >= arity end)
+        |> Enum.min_by(fn {{_, a}, _} -> a end, fn -> flunk("MaculaQuic.#{name} has no spec") end)
+
+      strip = fn spec, n ->
+        {:"::", _, [{_, _, args}, ret]} = Code.Typespec.spec_to_quoted(name, spec)
+
+        {Enum.take(args, n), ret}
+        |> Macro.prewalk(fn
+          {{:., _, [MaculaQuic, t]}, _, []} -> {t, [], []}
+          {t, meta, args} when is_list(meta) -> {t, [], args}
+          other -> other
+        end)
+      end
+
+      assert Enum.map(erl[fa], &strip.(&1, arity)) == Enum.map(ex_specs, &strip.(&1, arity)),
+             ":macula_quic.#{name}/#{arity}'s spec differs from MaculaQuic's"
+    end
+  end
+
   for mod <- [MaculaQuic, :macula_quic] do
     describe "#{inspect(mod)}" do
       @mod mod

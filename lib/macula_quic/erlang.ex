@@ -67,6 +67,87 @@ defmodule :macula_quic do
     recv_flag_fin: 0
   ]
 
+  # The same types as MaculaQuic's specs, arity by arity (an arity that MaculaQuic gets from
+  # default arguments takes the leading arguments of the full one), so that Erlang callers and
+  # Dialyzer see them; test/erlang_face_test.exs checks every export has one.
+  @spec listen(
+          :inet.port_number() | {MaculaQuic.address(), :inet.port_number()} | String.t(),
+          MaculaQuic.options()
+        ) :: {:ok, MaculaQuic.listener()} | {:error, MaculaQuic.reason()}
+  @spec listen(MaculaQuic.address(), :inet.port_number(), MaculaQuic.options()) ::
+          {:ok, MaculaQuic.listener()} | {:error, MaculaQuic.reason()}
+  @spec async_accept(MaculaQuic.listener()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec async_accept(MaculaQuic.listener(), MaculaQuic.options()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec accept(MaculaQuic.listener()) ::
+          {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
+  @spec accept(MaculaQuic.listener(), MaculaQuic.options()) ::
+          {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
+  @spec accept(MaculaQuic.listener(), MaculaQuic.options(), timeout()) ::
+          {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
+  @spec handshake(MaculaQuic.connection()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec handshake(MaculaQuic.connection(), timeout()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec close_listener(MaculaQuic.listener()) :: :ok
+  @spec connect(MaculaQuic.host(), :inet.port_number(), MaculaQuic.options()) ::
+          {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
+  @spec connect(MaculaQuic.host(), :inet.port_number(), MaculaQuic.options(), timeout()) ::
+          {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
+  @spec close_connection(MaculaQuic.connection()) :: :ok
+  @spec async_shutdown_connection(MaculaQuic.connection(), 0 | 1, non_neg_integer()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec peername(MaculaQuic.connection() | MaculaQuic.stream()) ::
+          {:ok, MaculaQuic.sockaddr()} | {:error, MaculaQuic.reason()}
+  @spec sockname(MaculaQuic.handle()) ::
+          {:ok, MaculaQuic.sockaddr()} | {:error, MaculaQuic.reason()}
+  @spec getstat(MaculaQuic.connection() | MaculaQuic.stream(), [atom()]) ::
+          {:ok, [{atom(), non_neg_integer()}]} | {:error, MaculaQuic.reason()}
+  @spec open_stream(MaculaQuic.connection()) ::
+          {:ok, MaculaQuic.stream()} | {:error, MaculaQuic.reason()}
+  @spec open_stream(MaculaQuic.connection(), MaculaQuic.options()) ::
+          {:ok, MaculaQuic.stream()} | {:error, MaculaQuic.reason()}
+  @spec async_accept_stream(MaculaQuic.connection()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec async_accept_stream(MaculaQuic.connection(), MaculaQuic.options()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec accept_stream(MaculaQuic.connection()) ::
+          {:ok, MaculaQuic.stream()} | {:error, MaculaQuic.reason()}
+  @spec accept_stream(MaculaQuic.connection(), MaculaQuic.options()) ::
+          {:ok, MaculaQuic.stream()} | {:error, MaculaQuic.reason()}
+  @spec accept_stream(MaculaQuic.connection(), MaculaQuic.options(), timeout()) ::
+          {:ok, MaculaQuic.stream()} | {:error, MaculaQuic.reason()}
+  @spec send(MaculaQuic.stream(), iodata()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec send(MaculaQuic.stream(), iodata(), non_neg_integer()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec async_send(MaculaQuic.stream(), iodata()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec recv(MaculaQuic.stream(), non_neg_integer()) ::
+          {:ok, binary()} | {:error, MaculaQuic.reason()}
+  @spec recv(MaculaQuic.stream(), non_neg_integer(), timeout()) ::
+          {:ok, binary()} | {:error, MaculaQuic.reason()}
+  @spec setopt(MaculaQuic.stream(), :active, MaculaQuic.active()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec setopt(MaculaQuic.stream(), :read_ahead, pos_integer()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec getopt(MaculaQuic.stream(), :active) ::
+          {:ok, MaculaQuic.active()} | {:error, MaculaQuic.reason()}
+  @spec getopt(MaculaQuic.stream(), :read_ahead) ::
+          {:ok, pos_integer()} | {:error, MaculaQuic.reason()}
+  @spec close_stream(MaculaQuic.stream()) :: :ok
+  @spec async_shutdown_stream(MaculaQuic.stream(), non_neg_integer(), non_neg_integer()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec handoff_stream(MaculaQuic.stream(), pid()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec handoff_stream(MaculaQuic.stream(), pid(), MaculaQuic.options()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec controlling_process(MaculaQuic.handle(), pid()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec close(MaculaQuic.handle()) :: :ok
+  @spec native_counts() :: %{required(atom()) => non_neg_integer()}
+  @spec stream_shutdown_graceful() :: 1
+  @spec stream_shutdown_abort_send() :: 2
+  @spec stream_shutdown_abort_receive() :: 4
+  @spec stream_shutdown_abort() :: 6
+  @spec stream_shutdown_immediate() :: 8
+  @spec connection_shutdown_none() :: 0
+  @spec connection_shutdown_silent() :: 1
+  @spec recv_flag_fin() :: 2
+
   for {name, arity} <- @api do
     args = Macro.generate_arguments(arity, __MODULE__)
     @doc "See `MaculaQuic.#{name}/#{arity}`."
