@@ -281,6 +281,21 @@ defmodule MaculaQuic.PerIdentityTest do
       end
     end
 
+    test "a fixed source port stays bound after its connection closes (README says so)",
+         %{port: port} do
+      {:ok, probe} = :gen_udp.open(0, ip: {127, 0, 0, 14})
+      {:ok, {_, fixed}} = :inet.sockname(probe)
+      :gen_udp.close(probe)
+      conn = connect!("127.0.0.1", port, local_address: {"127.0.0.14", fixed})
+      assert {:ok, {"127.0.0.14", ^fixed}} = MaculaQuic.sockname(conn)
+      _ = server_view()
+      :ok = MaculaQuic.close(conn)
+      assert {:error, :eaddrinuse} = MaculaQuic.listen("127.0.0.14", fixed, alpn: ["t"])
+      # The shared endpoint serves the next connect from that address and port.
+      again = connect!("127.0.0.1", port, local_address: {"127.0.0.14", fixed})
+      assert {:ok, {"127.0.0.14", ^fixed}} = MaculaQuic.sockname(again)
+    end
+
     test "without local_address the source is the kernel's choice", %{port: port} do
       conn = connect!("127.0.0.1", port)
       {info, {peer_ip, peer_port}, _} = server_view()
