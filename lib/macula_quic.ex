@@ -955,9 +955,12 @@ defmodule MaculaQuic do
   the runtime's socket watch (see "How the work is scheduled" in the README):
   `runtime_spin_us`, how long a worker watches the sockets before it sleeps (20 µs by default;
   0: never), and `watched_sockets`, the sockets it watches (with the watch on, one per client
-  endpoint and per open listener). `inline_watch_us` is how long a call that sent a datagram
-  watches the sockets for the answer (0, the default: never), and `inline_receives` counts,
-  since the VM started, the datagrams calls read themselves that way. `tls_tickets` counts the
+  endpoint and per open listener). `inline_receives` counts, since the VM started, the
+  datagrams calls read themselves (a call that sends to a peer in the same VM receives the
+  datagram there). `inline_watch_us` is how long a call that sent a datagram also watches its
+  socket for the answer (0, the default: never); `inline_watches` and `inline_watch_skips`
+  count the watches made and those skipped by a thread backing off after watches that found
+  nothing. `tls_tickets` counts the
   TLS session tickets clients have received and kept, and `tls_resumptions` the connects that
   offered one to resume a session (see `:session_resumption` under Options), both since the VM
   started. For monitoring and leak tests.

@@ -18,6 +18,10 @@ pub static INLINE_RUNS: AtomicI64 = AtomicI64::new(0);
 pub static RUNTIME_RUNS: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: datagrams a call read itself, having watched for them (see `inline_watch`).
 pub static INLINE_RECEIVES: AtomicI64 = AtomicI64::new(0);
+/// Cumulative: watches a sending call made for its answer, and watches skipped by a thread
+/// backing off after watches that found nothing (see `inline_watch::watch`).
+pub static INLINE_WATCHES: AtomicI64 = AtomicI64::new(0);
+pub static INLINE_WATCH_SKIPS: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: TLS 1.3 session tickets clients stored, and tickets they took to offer a
 /// resumed handshake (see `tls::CountingSessionStore`).
 pub static TLS_TICKETS: AtomicI64 = AtomicI64::new(0);

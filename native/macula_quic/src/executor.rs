@@ -313,15 +313,13 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
         let mut woken = take_woken();
         // Once this call's work is done: if it sent a datagram and has time left, watch for the
         // answer (once), and receive it here when it comes (see `inline_watch`).
-        if woken.is_empty()
-            && !watched
-            && inline_watch::watch_us() > 0
-            && start.elapsed() < INLINE_BUDGET
-            && inline_watch::take_sent()
-        {
-            watched = true;
-            if inline_watch::watch() {
-                woken = take_woken();
+        if woken.is_empty() && !watched && inline_watch::watch_us() > 0 && start.elapsed() < INLINE_BUDGET {
+            let sent = inline_watch::take_sent();
+            if !sent.is_empty() {
+                watched = true;
+                if inline_watch::watch(&sent) {
+                    woken = take_woken();
+                }
             }
         }
         if woken.is_empty() {
@@ -427,10 +425,8 @@ impl quinn::Runtime for ShardRuntime {
 
     fn wrap_udp_socket(&self, t: std::net::UdpSocket) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
         let _rt = runtime::get().enter();
-        if inline_watch::watch_us() == 0 {
-            return quinn::TokioRuntime.wrap_udp_socket(t);
-        }
-        // With the watch on, the socket is also read directly (see `inline_watch`).
+        // The socket is also read directly, by calls that find a datagram waiting (see
+        // `inline_watch`).
         let dup = t.try_clone()?;
         inline_watch::wrap(quinn::TokioRuntime.wrap_udp_socket(t)?, dup)
     }
