@@ -886,9 +886,15 @@ impl Drop for WriterExit {
         if let Some(s) = lock(side).stream.as_mut() {
             let _ = s.reset(quinn::VarInt::from_u32(0));
         }
-        // Dropped unanswered, each waiting `Reply` answers `{:error, :internal_error}` (the
-        // task is being dropped after its panic).
-        drop(end_send(&self.res, side, &atoms::internal_error().into()));
+        // Dropped unanswered, each waiting `Reply` answers by itself: `{:error, :internal_error}`
+        // after a panic, `{:error, :closed}` if the task was only dropped (the runtime going
+        // away); later sends get the same.
+        let why = if std::thread::panicking() || runtime::in_panic_cleanup() {
+            atoms::internal_error()
+        } else {
+            atoms::closed()
+        };
+        drop(end_send(&self.res, side, &why.into()));
         let mut st = lock(&self.res.state);
         finish_send(&self.res, &mut st);
     }
