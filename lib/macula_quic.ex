@@ -323,7 +323,7 @@ defmodule MaculaQuic do
 
   One call delivers one connection, as in quicer: call it again for the next. Connections that
   arrive while nobody is waiting are queued (up to the listener's `:backlog`), not lost. `opts`
-  is accepted for quicer compatibility and must be a list or map.
+  is accepted for quicer compatibility and must be a list or map; its entries are ignored.
 
       {:ok, listener} = MaculaQuic.listen({"127.0.0.1", 4433}, alpn: ["demo"])
       :ok = MaculaQuic.async_accept(listener)
