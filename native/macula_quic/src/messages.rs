@@ -129,14 +129,20 @@ impl Reply {
     }
 }
 
+/// Why something that ends without an answer ended, for whoever waited on it:
+/// `:internal_error` after a panic, else `:closed`.
+pub fn dropped_reason() -> rustler::Atom {
+    if crate::runtime::after_panic() {
+        crate::atoms::internal_error()
+    } else {
+        crate::atoms::closed()
+    }
+}
+
 impl Drop for Reply {
     fn drop(&mut self) {
         let Some(pending) = self.inner.take() else { return };
-        let reason = if std::thread::panicking() || crate::runtime::in_panic_cleanup() {
-            crate::atoms::internal_error()
-        } else {
-            crate::atoms::closed()
-        };
+        let reason = dropped_reason();
         // `send` also copes with a scheduler thread (a destructor, or a shard run inline).
         pending.send(move |e| (crate::atoms::error(), reason).encode(e));
     }

@@ -69,8 +69,14 @@ thread_local! {
 }
 
 /// True while a panicked task's state is being dropped (on this thread).
-pub fn in_panic_cleanup() -> bool {
+fn in_panic_cleanup() -> bool {
     PANIC_CLEANUP.with(|c| c.get())
+}
+
+/// True when whatever is being dropped now goes because of a panic: this thread unwinds, or a
+/// panicked task's state is being dropped.
+pub fn after_panic() -> bool {
+    std::thread::panicking() || in_panic_cleanup()
 }
 
 struct Guarded<F: std::future::Future> {

@@ -402,7 +402,7 @@ impl Drop for ReaderExit {
         let reason = end_reason(&st);
         drop(st);
         if let Some(req) = pending {
-            if std::thread::panicking() || runtime::in_panic_cleanup() {
+            if runtime::after_panic() {
                 // Dropped unanswered, it answers `{:error, :internal_error}`.
                 drop(req);
             } else {
@@ -889,12 +889,7 @@ impl Drop for WriterExit {
         // Dropped unanswered, each waiting `Reply` answers by itself: `{:error, :internal_error}`
         // after a panic, `{:error, :closed}` if the task was only dropped (the runtime going
         // away); later sends get the same.
-        let why = if std::thread::panicking() || runtime::in_panic_cleanup() {
-            atoms::internal_error()
-        } else {
-            atoms::closed()
-        };
-        drop(end_send(&self.res, side, &why.into()));
+        drop(end_send(&self.res, side, &messages::dropped_reason().into()));
         let mut st = lock(&self.res.state);
         finish_send(&self.res, &mut st);
     }
