@@ -16,7 +16,8 @@ pub static SHARDS: AtomicI64 = AtomicI64::new(0);
 /// runtime worker did. Their ratio shows how often sends leave without a thread hand-off.
 pub static INLINE_RUNS: AtomicI64 = AtomicI64::new(0);
 pub static RUNTIME_RUNS: AtomicI64 = AtomicI64::new(0);
-/// Cumulative: datagrams a call read itself, having watched for them (see `inline_watch`).
+/// Cumulative: datagrams a call read itself, having sent to a socket of this VM or watched for
+/// the answer (see `inline_watch`).
 pub static INLINE_RECEIVES: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: watches a sending call made for its answer, and watches skipped by a thread
 /// backing off after watches that found nothing (see `inline_watch::watch`).
