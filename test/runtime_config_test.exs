@@ -6,6 +6,15 @@ defmodule MaculaQuic.ConfigScript do
   def put_env(key, value),
     do: "Application.put_env(:macula_quic, #{inspect(key)}, #{inspect(value)})"
 
+  # Runs `script` in a fresh VM with only the compiled app on its code path (the NIF loads once
+  # per VM, with the settings the script puts in the application env first) and returns its
+  # output; a VM that fails fails the test.
+  def run_vm!(script) do
+    ebin = Path.join(Mix.Project.build_path(), "lib/macula_quic/ebin")
+    {out, 0} = System.cmd("elixir", ["-pa", ebin, "-e", script], stderr_to_stdout: true)
+    out
+  end
+
   # Script lines that open a listener on 127.0.0.1 and connect to it: binds `l`, `port`, the
   # client connection `c` and the accepted one `sc`.
   def connected_pair do
@@ -39,8 +48,6 @@ defmodule MaculaQuic.RuntimeConfigTest do
   # once per VM, so each case runs in a fresh VM started with only our compiled app on its path.
   use ExUnit.Case, async: true
 
-  @ebin Path.join(Mix.Project.build_path(), "lib/macula_quic/ebin")
-
   import MaculaQuic.ConfigScript
 
   # Starts a VM, sets the env (unless nil), makes one connection so the runtime exists, and
@@ -54,7 +61,7 @@ defmodule MaculaQuic.RuntimeConfigTest do
     IO.puts("workers=" <> Integer.to_string(MaculaQuic.native_counts().runtime_workers))
     """
 
-    {out, 0} = System.cmd("elixir", ["-pa", @ebin, "-e", script], stderr_to_stdout: true)
+    out = run_vm!(script)
     [_, n] = Regex.run(~r/workers=(\d+)/, out)
     {String.to_integer(n), out}
   end
@@ -126,7 +133,7 @@ defmodule MaculaQuic.RuntimeConfigTest do
     IO.puts("spin=\#{us} open=\#{open} closed=\#{closed} rebind=\#{rebind}")
     """
 
-    {out, 0} = System.cmd("elixir", ["-pa", @ebin, "-e", script], stderr_to_stdout: true)
+    out = run_vm!(script)
 
     [_, us, open, closed, rebind] =
       Regex.run(~r/spin=(\d+) open=(\d+) closed=(\S+) rebind=(\S+)/, out)
@@ -155,8 +162,6 @@ defmodule MaculaQuic.InlineWatchConfigTest do
   # VMs measure where work runs, and the other config tests' VMs starting alongside would only
   # add noise (and load) to both.
   use ExUnit.Case, async: false
-
-  @ebin Path.join(Mix.Project.build_path(), "lib/macula_quic/ebin")
 
   import MaculaQuic.ConfigScript
 
@@ -214,7 +219,7 @@ defmodule MaculaQuic.InlineWatchConfigTest do
     IO.puts("us=\#{us} inline=\#{(i1 - i0) / 500} runtime=\#{(r1 - r0) / 500} received=\#{(d1 - d0) / 500} looks=\#{w1 + k1} rebind=\#{rebind}")
     """
 
-    {out, 0} = System.cmd("elixir", ["-pa", @ebin, "-e", script], stderr_to_stdout: true)
+    out = run_vm!(script)
 
     [_, us, inline, runtime, received, looks, rebind] =
       Regex.run(
@@ -288,7 +293,7 @@ defmodule MaculaQuic.InlineWatchConfigTest do
     IO.puts("watches=\#{w1 - w0} skips=\#{k1 - k0}")
     """
 
-    {out, 0} = System.cmd("elixir", ["-pa", @ebin, "-e", script], stderr_to_stdout: true)
+    out = run_vm!(script)
 
     [_, watches, skips] =
       Regex.run(~r/watches=(\d+) skips=(\d+)/, out) || flunk("no result from the VM: #{out}")
@@ -306,7 +311,7 @@ defmodule MaculaQuic.InlineWatchConfigTest do
     IO.puts("us=" <> Integer.to_string(MaculaQuic.native_counts().inline_watch_us))
     """
 
-    {out, 0} = System.cmd("elixir", ["-pa", @ebin, "-e", script], stderr_to_stdout: true)
+    out = run_vm!(script)
     assert out =~ "us=0"
     assert out =~ "ignoring inline_watch_us -5"
   end
