@@ -72,15 +72,8 @@ defmodule Bench.Rounds do
             rescue
               e ->
                 if done != [] do
-                  IO.puts(
-                    "\n" <>
-                      markdown(
-                        workload,
-                        length(done),
-                        m,
-                        summarize(workload, variants, Enum.reverse(done))
-                      ) <> "\n" <> per_round(variants, Enum.reverse(done))
-                  )
+                  done = Enum.reverse(done)
+                  IO.puts("\n" <> report(workload, m, summarize(workload, variants, done), done))
 
                   progress(
                     "round #{r} failed; the tables above have the #{length(done)} round(s) before it"
@@ -104,9 +97,7 @@ defmodule Bench.Rounds do
 
     summary = summarize(workload, variants, results)
 
-    IO.puts(
-      "\n" <> markdown(workload, rounds, m, summary) <> "\n" <> per_round(variants, results)
-    )
+    IO.puts("\n" <> report(workload, m, summary, results))
 
     if out = System.get_env("ROUNDS_OUT") do
       report = %{workload: workload, rounds: results, summary: summary, machine: m}
@@ -261,6 +252,11 @@ defmodule Bench.Rounds do
     end
   end
 
+  # The summary table, then every round's figures (see per_round/2).
+  defp report(workload, m, summary, results) do
+    markdown(workload, length(results), m, summary) <> "\n" <> per_round(summary, results)
+  end
+
   defp markdown(workload, rounds, m, summary) do
     head = """
     #{workload}, #{rounds} interleaved round(s), a fresh OS process per measurement; #{m.nproc} CPUs (#{m.cpu_model}), Linux #{m.kernel}, cpuidle #{m.cpuidle}; OTP #{m.otp}, Elixir #{m.elixir}, Quinn #{m.quinn}.
@@ -285,10 +281,10 @@ defmodule Bench.Rounds do
   end
 
   # Every round's measurements, one row per round and a column per variant, then each
-  # variant's median and (for macula_quic variants with a baseline) its median ratio to it:
-  # the table bench/results/*.md show.
-  defp per_round(variants, results) do
-    names = Enum.map(variants, & &1.name)
+  # variant's median and (for macula_quic variants with a baseline) its median ratio to it,
+  # as the summary has them: the table bench/results/*.md show.
+  defp per_round(summary, results) do
+    names = Enum.map(summary, & &1.variant)
 
     head =
       "| round | #{Enum.join(names, " | ")} |\n|---|#{String.duplicate("---:|", length(names))}\n"
@@ -299,20 +295,12 @@ defmodule Bench.Rounds do
       end
 
     medians =
-      for {v, i} <- Enum.with_index(variants) do
-        m = results |> Enum.map(& &1[v.name]) |> median() |> fmt()
+      Enum.map_join(summary, " | ", fn
+        %{vs_quinn: nil} = s -> fmt(s.median)
+        s -> "#{fmt(s.median)} (#{:erlang.float_to_binary(s.vs_quinn, decimals: 2)}×)"
+      end)
 
-        case baseline_for(variants, i) do
-          %{name: q} when v.kind == :macula ->
-            ratio = results |> Enum.map(&(&1[v.name] / &1[q])) |> median()
-            "#{m} (#{:erlang.float_to_binary(ratio, decimals: 2)}×)"
-
-          _ ->
-            m
-        end
-      end
-
-    head <> Enum.join(rows) <> "| **median** | #{Enum.join(medians, " | ")} |\n"
+    head <> Enum.join(rows) <> "| **median** | #{medians} |\n"
   end
 
   defp env_int(var, default) do
