@@ -552,8 +552,10 @@ defmodule MaculaQuic do
         conn =
           if Native.handle_kind(handle) == :stream, do: Native.stream_conn(handle), else: handle
 
-        stats = native(:connection, conn, fn -> conn_query(conn, :stats) end)
-        {:ok, Enum.map(names, &{&1, Map.fetch!(stats, &1)})}
+        case native(:connection, conn, fn -> conn_query(conn, :stats) end) do
+          %{} = stats -> {:ok, Enum.map(names, &{&1, Map.fetch!(stats, &1)})}
+          {:error, _} = error -> error
+        end
 
       bad ->
         {:error, {:bad_stat, bad}}

@@ -595,6 +595,62 @@ defmodule MaculaQuic.BadInputTest do
     others_work_then_clean!(c, sc, l, [s, ss])
   end
 
+  describe "a panic inside Quinn's connection driver (the connection's lock held, so poisoned)" do
+    test "the owner hears the connection end, its calls fail as on a closed one, nothing else is harmed" do
+      {c, sc, l, _} = pair!()
+      {s, ss} = stream_pair!(c, sc, client: [active: false])
+      assert collect!(ss, 5) == "hello"
+      parent = self()
+      waiter = spawn_link(fn -> send(parent, {:recv, MaculaQuic.recv(s, 10, :infinity)}) end)
+      wait_until_waiting!(waiter)
+      :ok = MaculaQuic.Native.debug_panic_driver(c)
+      # The client's next datagram (this data) panics inside Quinn's driver.
+      :ok = MaculaQuic.send(s, "boom")
+      assert_receive {:quic, :transport_shutdown, ^c, %{status: :internal_error, error: 1}}, 5_000
+      assert_receive {:quic, :closed, ^c, %{is_peer_acked: false, is_app_closing: false}}, 5_000
+      assert_receive {:recv, {:error, :internal_error}}, 5_000
+      # Both of the stream's tasks have ended (each panicked on Quinn's lock, and answered).
+      assert_receive {:quic, :stream_closed, ^s, %{is_conn_shutdown: true, status: :closed}},
+                     5_000
+
+      assert {:error, :closed} = MaculaQuic.open_stream(c)
+      assert {:error, :closed} = MaculaQuic.peername(c)
+      assert {:error, :closed} = MaculaQuic.getstat(c, [:send_cnt])
+      assert {:error, :internal_error} = MaculaQuic.send(s, "more")
+      # Closing a stream of the broken connection used to abort the VM (see contain.rs).
+      assert :ok = MaculaQuic.close_stream(s)
+      assert :ok = MaculaQuic.close(c)
+      assert MaculaQuic.Native.ping() == :ok
+      {c2, sc2, l2, _} = pair!()
+      {s2, ss2} = stream_pair!(c2, sc2)
+      assert collect!(ss2, 5) == "hello"
+      Enum.each([s2, ss2, ss], &MaculaQuic.close_stream/1)
+      Enum.each([c2, sc, l2, l], &MaculaQuic.close/1)
+      # Everything freed, the broken connection's handles too.
+      await_clean!(%{listeners: 0, connections: 0, streams: 0, tasks: 0}, 10_000)
+    end
+
+    test "on an accepted connection: the listener's address is released once the listener closes" do
+      {c, sc, l, port} = pair!()
+      {s, ss} = stream_pair!(c, sc)
+      assert collect!(ss, 5) == "hello"
+      :ok = MaculaQuic.Native.debug_panic_driver(sc)
+      # The server's next datagram (it acknowledges this data) panics inside Quinn's driver.
+      :ok = MaculaQuic.send(s, "more")
+
+      assert_receive {:quic, :transport_shutdown, ^sc, %{status: :internal_error, error: 1}},
+                     5_000
+
+      assert_receive {:quic, :closed, ^sc, _}, 5_000
+      # An accepted connection keeps its listener's address bound until it closes: this one has.
+      :ok = MaculaQuic.close_listener(l)
+      assert {:ok, l2} = MaculaQuic.listen("127.0.0.1", port, alpn: ["test"])
+      Enum.each([s, ss], &MaculaQuic.close_stream/1)
+      Enum.each([c, l2], &MaculaQuic.close/1)
+      await_clean!(%{listeners: 0, connections: 0, streams: 0, tasks: 0}, 10_000)
+    end
+  end
+
   defp drain_passive(stream) do
     case MaculaQuic.recv(stream, 0, 5_000) do
       {:ok, _} -> drain_passive(stream)

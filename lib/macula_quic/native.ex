@@ -115,13 +115,14 @@ defmodule MaculaQuic.Native do
   def handle_kind(_term), do: nif_error()
   def handle_owner(_handle), do: nif_error()
   def counters, do: nif_error()
-  # Test builds only (crate feature test_hooks): deliberate panics in a NIF, a runtime task and
-  # a stream's reader and writer tasks.
+  # Test builds only (crate feature test_hooks): deliberate panics in a NIF, a runtime task, a
+  # stream's reader and writer tasks and Quinn's connection driver.
   def debug_panic, do: nif_error()
   def debug_panic_task(_tag), do: nif_error()
   def debug_panic_reader(_stream), do: nif_error()
   def debug_panic_reader_inline(_stream), do: nif_error()
   def debug_panic_writer(_stream), do: nif_error()
+  def debug_panic_driver(_conn), do: nif_error()
 
   # Listeners
   def listen(_addr, _port, _opts), do: nif_error()

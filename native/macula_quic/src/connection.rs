@@ -5,6 +5,13 @@
 //! %{status, error}}` for an idle timeout or a transport error, and always `{quic, closed, C,
 //! Props}` last. The watcher holds the resource while the connection is open; once it ends,
 //! nothing native holds it and garbage collection frees it.
+//!
+//! If Quinn's driver panics (a bug in Quinn), the connection is broken for good (see `contain`)
+//! and will never say it closed. Its tasks then end as after a panic (see
+//! `executor::Shard::fail`): calls waiting on it get `{:error, :internal_error}`, its streams
+//! end, and the watcher reports `{quic, transport_shutdown, C, %{status => internal_error,
+//! error => 1}}` and `closed`. Later calls answer as for a closed connection. The peer is not
+//! told; it sees the connection go idle.
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,6 +24,7 @@ use tokio::sync::oneshot;
 use crate::address::{self, Host};
 use crate::atoms;
 use crate::counters::{self, Live};
+use crate::contain::Contained;
 use crate::endpoint;
 use crate::error::{self, Reason};
 use crate::executor::{self, Shard};
@@ -44,7 +52,8 @@ struct State {
 }
 
 pub struct ConnRes {
-    pub conn: quinn::Connection,
+    /// Contained: on a poisoned connection (see `contain`) dropping the last handle panics.
+    pub conn: Contained<quinn::Connection>,
     /// The local UDP port (the endpoint's), for `sockname`.
     pub local_port: u16,
     /// The endpoint's bound address; its IP may be the wildcard (a shared client endpoint).
@@ -95,7 +104,7 @@ impl ConnRes {
         on_closed: Option<OnClosed>,
     ) -> Option<ResourceArc<ConnRes>> {
         let res = ResourceArc::new(ConnRes {
-            conn,
+            conn: Contained::connection(conn),
             local_port: local_bound.port(),
             local_bound,
             routed_ip: OnceLock::new(),
@@ -141,50 +150,80 @@ pub type OnClosed = Box<dyn FnOnce() + Send + 'static>;
 /// Follows the connection to its end and reports it to the owner.
 async fn watch(res: ResourceArc<ConnRes>, on_closed: Option<OnClosed>) {
     let _task = Live::new(&counters::TASKS);
+    let mut exit = WatcherExit { res: res.clone(), on_closed };
     let why = res.conn.closed().await;
-    if let Some(f) = on_closed {
-        f();
+    exit.report(Some(&why));
+}
+
+/// Reports how the connection ended, once. Dropped without having reported, which only a
+/// panic (the watcher's own, or Quinn's driver's: see `executor::Shard::fail`) makes happen,
+/// it reports an internal error: the owner always hears `closed`, and a listener always learns
+/// that its accepted connection is gone (its address may then be released).
+struct WatcherExit {
+    res: ResourceArc<ConnRes>,
+    on_closed: Option<OnClosed>,
+}
+
+impl Drop for WatcherExit {
+    fn drop(&mut self) {
+        self.report(None);
     }
-    // Pending stream accepts end by themselves (Quinn fails them) and answer their callers.
-    // The messages are sent holding the state lock, as streams do: `controlling_process` takes
-    // the same lock, so each message goes to the owner of the moment, never to one that has
-    // just handed the connection over (where nobody would read it, keeping the handle alive).
-    let mut st = lock(&res.state);
-    if st.closed_sent {
-        // `conn_close` already told the owner.
-        return;
-    }
-    st.closed_sent = true;
-    let (owner, by_app) = (st.owner.pid, st.closed_by_app);
-    let local = matches!(why, quinn::ConnectionError::LocallyClosed);
-    if !local {
+}
+
+impl WatcherExit {
+    /// `why` is Quinn's reason, `None` after a panic.
+    fn report(&mut self, why: Option<&quinn::ConnectionError>) {
+        if let Some(f) = self.on_closed.take() {
+            f();
+        }
+        let res = &self.res;
+        // Pending stream accepts end by themselves (Quinn fails them) and answer their callers.
+        // The messages are sent holding the state lock, as streams do: `controlling_process`
+        // takes the same lock, so each message goes to the owner of the moment, never to one
+        // that has just handed the connection over (where nobody would read it, keeping the
+        // handle alive).
+        let mut st = lock(&res.state);
+        if st.closed_sent {
+            // Reported already, or `conn_close` told the owner.
+            return;
+        }
+        st.closed_sent = true;
+        let (owner, by_app) = (st.owner.pid, st.closed_by_app);
+        let local = matches!(why, Some(quinn::ConnectionError::LocallyClosed));
+        if !local {
+            let r = res.clone();
+            let why = why.cloned();
+            messages::send(&owner, move |e| match &why {
+                Some(quinn::ConnectionError::ApplicationClosed(frame)) => {
+                    (atoms::quic(), atoms::shutdown(), r, frame.error_code.into_inner()).encode(e)
+                }
+                other => {
+                    let (status, code) = match other {
+                        Some(why) => transport_status(why),
+                        // QUIC's INTERNAL_ERROR.
+                        None => (atoms::internal_error(), 1),
+                    };
+                    let props = Term::map_from_pairs(e, &[(atoms::status().encode(e), status.encode(e)), (atoms::error().encode(e), code.encode(e))])
+                        .unwrap_or_else(|_| atoms::undefined().encode(e));
+                    (atoms::quic(), atoms::transport_shutdown(), r, props).encode(e)
+                }
+            });
+        }
         let r = res.clone();
-        let why = why.clone();
-        messages::send(&owner, move |e| match &why {
-            quinn::ConnectionError::ApplicationClosed(frame) => {
-                (atoms::quic(), atoms::shutdown(), r, frame.error_code.into_inner()).encode(e)
-            }
-            other => {
-                let (status, code) = transport_status(other);
-                let props = Term::map_from_pairs(e, &[(atoms::status().encode(e), status.encode(e)), (atoms::error().encode(e), code.encode(e))])
-                    .unwrap_or_else(|_| atoms::undefined().encode(e));
-                (atoms::quic(), atoms::transport_shutdown(), r, props).encode(e)
-            }
-        });
+        let peer_acked = why.is_some() && !local;
+        messages::send(&owner, move |e| closed_msg(e, r, peer_acked, local || by_app));
+        st.owner.release();
     }
-    let r = res.clone();
-    messages::send(&owner, move |e| closed_msg(e, r, local, local || by_app));
-    st.owner.release();
 }
 
 /// `{quic, closed, C, Props}`: always the last message about a connection.
-fn closed_msg(e: Env, r: ResourceArc<ConnRes>, local: bool, app_closing: bool) -> Term {
+fn closed_msg(e: Env, r: ResourceArc<ConnRes>, peer_acked: bool, app_closing: bool) -> Term {
     let handshake_done = true;
     let props = Term::map_from_pairs(
         e,
         &[
             (atoms::is_handshake_completed().encode(e), handshake_done.encode(e)),
-            (atoms::is_peer_acked().encode(e), (!local).encode(e)),
+            (atoms::is_peer_acked().encode(e), peer_acked.encode(e)),
             (atoms::is_app_closing().encode(e), app_closing.encode(e)),
         ],
     )
@@ -330,14 +369,17 @@ async fn finish_connect(
 ) {
     let _task = Live::new(&counters::TASKS);
     match tokio::time::timeout_at(deadline, connecting).await {
-        Ok(Ok(conn)) => match ConnRes::start(None, conn.clone(), bound, shard, owner, |_| {}, None) {
-            Some(res) => {
-                if !reply.send(move |e| (atoms::ok(), res).encode(e)) {
-                    // The caller is gone; the monitor's down callback closes the connection.
+        Ok(Ok(conn)) => {
+            let conn = Contained::connection(conn);
+            match ConnRes::start(None, conn.clone(), bound, shard, owner, |_| {}, None) {
+                Some(res) => {
+                    if !reply.send(move |e| (atoms::ok(), res).encode(e)) {
+                        // The caller is gone; the monitor's down callback closes the connection.
+                    }
                 }
+                None => conn.close(quinn::VarInt::from_u32(0), b"owner exited"),
             }
-            None => conn.close(quinn::VarInt::from_u32(0), b"owner exited"),
-        },
+        }
         Ok(Err(e)) => {
             reply.error(error::connection(&e));
         }
@@ -367,7 +409,7 @@ fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64) -> Term<'a> 
 
 fn conn_close_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, code: quinn::VarInt) -> Term<'a> {
     let mut st = lock(&c.state);
-    if c.conn.close_reason().is_some() {
+    if c.shard.failed() || c.conn.close_reason().is_some() {
         return atoms::closed().encode(env);
     }
     st.closed_by_app = true;
@@ -377,7 +419,7 @@ fn conn_close_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, code: quinn::VarIn
     // trip through the watcher task. The flag keeps the watcher from sending anything after.
     if matches!(c.conn.close_reason(), Some(quinn::ConnectionError::LocallyClosed)) && !st.closed_sent {
         st.closed_sent = true;
-        let _ = env.send(&st.owner.pid, closed_msg(env, c.clone(), true, true));
+        let _ = env.send(&st.owner.pid, closed_msg(env, c.clone(), false, true));
         st.owner.release();
     }
     atoms::ok().encode(env)
@@ -391,6 +433,10 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
         return err(env, atoms::badarg());
     }
     let Ok(code) = quinn::VarInt::from_u64(code) else { return err(env, atoms::badarg()) };
+    if c.shard.failed() {
+        // It has ended already (and its owner has heard so, or will from the watcher).
+        return atoms::ok().encode(env);
+    }
     lock(&c.state).closed_by_app = true;
     // Closing takes Quinn's connection lock: on the shard, serialised with the drivers (inline
     // here when the shard is free). The owner hears `closed` from the watcher either way.
@@ -424,6 +470,10 @@ fn conn_query<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, what: rustler::Atom, ta
         return err(env, atoms::badarg());
     };
     let reply = Reply::new(env.pid(), tag);
+    if c.shard.failed() {
+        reply.error(atoms::closed());
+        return atoms::ok().encode(env);
+    }
     let shard = c.shard.clone();
     executor::inline(env, || {
         shard.spawn(async move {
@@ -535,6 +585,9 @@ fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: Term<'a>, t
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
+    if c.shard.failed() {
+        return err(env, atoms::closed());
+    }
     if let Some(reason) = c.conn.close_reason() {
         return err(env, error::connection(&reason));
     }
@@ -601,6 +654,9 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
+    if c.shard.failed() {
+        return err(env, atoms::closed());
+    }
     if let Some(reason) = c.conn.close_reason() {
         return err(env, error::connection(&reason));
     }
@@ -718,4 +774,15 @@ pub fn controlling_process<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, pid: Loca
         Ok(()) => atoms::ok().encode(env),
         Err(reason) => err(env, reason),
     }
+}
+
+/// `debug_panic_driver(Conn)` (test builds only): the next datagram this connection's side
+/// sends panics inside the send, which Quinn's connection driver makes with the connection's
+/// lock held: a panic inside Quinn, which leaves that lock poisoned for good. Tests use it to
+/// prove the owner still hears how the connection ended and the VM comes to no harm.
+#[cfg(feature = "test_hooks")]
+#[rustler::nif]
+fn debug_panic_driver(c: ResourceArc<ConnRes>) -> rustler::Atom {
+    *lock(&crate::inline_watch::DEBUG_PANIC_SEND) = Some((c.local_port, c.conn.remote_address()));
+    atoms::ok()
 }

@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,10 @@ pub struct Shard {
     running: AtomicBool,
     /// A tokio task that will run this shard is spawned and has not started yet.
     scheduled: AtomicBool,
+    /// Every task spawned here that may still exist, so `fail` can wake them all.
+    tasks: Mutex<Vec<Weak<Task>>>,
+    /// Quinn's driver on this shard panicked (see `fail`).
+    failed: AtomicBool,
     _live: Live,
 }
 
@@ -114,6 +118,8 @@ impl Shard {
             queue: Mutex::new(VecDeque::new()),
             running: AtomicBool::new(false),
             scheduled: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+            failed: AtomicBool::new(false),
             _live: Live::new(&counters::SHARDS),
         })
     }
@@ -140,7 +146,45 @@ impl Shard {
             }))),
             queued: AtomicBool::new(false),
         });
+        {
+            let mut tasks = lock(&self.tasks);
+            // Tasks gone (no waker left either) are forgotten whenever the list reaches a power
+            // of two, so it stays within about twice the tasks that exist.
+            if tasks.len() >= 8 && tasks.len().is_power_of_two() {
+                tasks.retain(|t| t.strong_count() > 0);
+            }
+            tasks.push(Arc::downgrade(&task));
+        }
         task.wake_by_ref();
+    }
+
+    /// Runs Quinn's driver for a connection; if it panics, the shard `fail`s.
+    fn spawn_driver(self: &Arc<Self>, driver: BoxFuture) {
+        let shard = self.clone();
+        self.spawn(async move {
+            if runtime::guarded(driver).await.is_none() {
+                shard.fail();
+            }
+        });
+    }
+
+    /// Quinn's connection driver panicked: the connection is broken for good (its lock is
+    /// poisoned, see `contain`), and nothing will wake the tasks that wait on it. Every task of
+    /// this shard, those waiting now and any spawned later, then ends as if it had panicked:
+    /// its state is dropped, and the guards in it answer whoever waits (`{:error,
+    /// :internal_error}`), end the streams, and report the connection's end to its owner (see
+    /// `connection`). Quinn is not called again for it.
+    fn fail(self: &Arc<Self>) {
+        self.failed.store(true, Ordering::Release);
+        let tasks: Vec<Arc<Task>> = lock(&self.tasks).iter().filter_map(Weak::upgrade).collect();
+        for t in tasks {
+            t.wake_by_ref();
+        }
+    }
+
+    /// Did Quinn's connection driver on this shard panic?
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 
     /// Somebody must run this shard's queue.
@@ -245,6 +289,13 @@ impl Task {
         let waker = Waker::from(self.clone());
         let mut cx = Context::from_waker(&waker);
         let mut slot = lock(&self.future);
+        if self.shard.failed() {
+            // Quinn's driver here panicked: the task ends as if it had (see `fail`).
+            if let Some(fut) = slot.take() {
+                runtime::drop_as_panicked(fut);
+            }
+            return;
+        }
         if let Some(fut) = slot.as_mut() {
             // `runtime::guarded` already turned a panic into a finished task.
             if let Poll::Ready(()) = fut.as_mut().poll(&mut cx) {
@@ -417,8 +468,10 @@ impl quinn::Runtime for ShardRuntime {
     }
 
     fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        // Quinn spawns nothing but drivers: each connection's (on its new shard), and the
+        // endpoint's. A panic in the endpoint's driver is caught, and not handled further.
         match NEXT_SHARD.with(|n| n.borrow().clone()) {
-            Some(shard) => shard.spawn(future),
+            Some(shard) => shard.spawn_driver(future),
             None => self.shard.spawn(future),
         }
     }

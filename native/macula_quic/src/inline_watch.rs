@@ -134,6 +134,8 @@ impl AsyncUdpSocket for DirectSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> std::io::Result<()> {
+        #[cfg(feature = "test_hooks")]
+        debug_panic_hook(self.direct.local.port(), transmit.destination);
         let sent = self.inner.try_send(transmit);
         // A peer in this VM has the datagram already (loopback delivers it inside the send).
         // Waking its endpoint's driver now, rather than once this call's other work is done,
@@ -278,5 +280,22 @@ fn wake_ready(to: SocketAddr) {
         if d.receives(to) {
             d.wake_if_ready();
         }
+    }
+}
+
+/// Test builds only: `(local port, destination)` of the next datagram whose send panics (see
+/// `connection::debug_panic_driver`).
+#[cfg(feature = "test_hooks")]
+pub static DEBUG_PANIC_SEND: Mutex<Option<(u16, SocketAddr)>> = Mutex::new(None);
+
+/// Panics (once) when a test asked for a panic on this socket's next datagram to `to`: from a
+/// connection's driver that is a panic inside Quinn, with the connection's lock held.
+#[cfg(feature = "test_hooks")]
+fn debug_panic_hook(port: u16, to: SocketAddr) {
+    let mut armed = lock(&DEBUG_PANIC_SEND);
+    if *armed == Some((port, to)) {
+        *armed = None;
+        drop(armed);
+        panic!("macula_quic: deliberate panic while sending (debug_panic_driver/1)");
     }
 }

@@ -9,12 +9,14 @@
 //! - `address`, `options`, `tls`: decoding what callers pass in.
 //! - `endpoint`: UDP sockets (exact binds, the bound-address registry, shared client endpoints).
 //! - `listener`, `connection`, `stream`: the three handle kinds, one resource each.
+//! - `contain`: keeping a panic inside Quinn from becoming two, which would abort the VM.
 //! - `error`: mapping Quinn/rustls/io errors to atoms callers can match on.
 //! - `counters`: live-object counters the test suite uses to prove nothing leaks.
 
 mod address;
 mod atoms;
 mod connection;
+mod contain;
 mod counters;
 mod endpoint;
 mod error;

@@ -27,6 +27,7 @@ use crate::atoms;
 use crate::connection::{self, ConnRes};
 use crate::counters::{self, Live};
 use crate::endpoint;
+use crate::contain::Contained;
 use crate::error::Reason;
 use crate::executor::{self, Shard};
 use crate::messages::{self, Reply};
@@ -46,7 +47,7 @@ struct Waiter {
 
 struct State {
     waiters: VecDeque<Waiter>,
-    ready: VecDeque<(quinn::Connection, Arc<Shard>)>,
+    ready: VecDeque<(Contained<quinn::Connection>, Arc<Shard>)>,
     handshaking: usize,
     /// Delivered connections not yet closed: they keep the socket open after `close`.
     delivered_live: usize,
@@ -217,7 +218,7 @@ async fn handshake(shared: Arc<Shared>, connecting: quinn::Connecting, shard: Ar
     };
     let mut st = lock(&shared.state);
     st.handshaking -= 1;
-    let Some(conn) = result else { return };
+    let Some(conn) = result.map(Contained::connection) else { return };
     if st.closed {
         conn.close(quinn::VarInt::from_u32(0), b"listener closed");
         return;
@@ -342,7 +343,7 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
             }
         };
         let on_closed = on_delivered_closed(&l.shared);
-        if ConnRes::start(Some(env), conn, l.shared.local, shard.clone(), caller, announce, Some(on_closed)).is_none() {
+        if ConnRes::start(Some(env), conn.clone(), l.shared.local, shard.clone(), caller, announce, Some(on_closed)).is_none() {
             return err(env, atoms::closed());
         }
         st.delivered_live += 1;

@@ -79,6 +79,16 @@ pub fn after_panic() -> bool {
     std::thread::panicking() || in_panic_cleanup()
 }
 
+/// Drops a task's state as after a panic in it: with `after_panic()` true, so that what it
+/// holds answers its waiters with `:internal_error`. Also used for the tasks of a connection
+/// whose Quinn driver panicked (see `executor::Shard::fail`).
+pub fn drop_as_panicked<T>(state: T) {
+    PANIC_CLEANUP.with(|c| c.set(true));
+    // A destructor that panics must not take the thread down.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(state)));
+    PANIC_CLEANUP.with(|c| c.set(false));
+}
+
 struct Guarded<F: std::future::Future> {
     inner: Option<std::pin::Pin<Box<F>>>,
 }
@@ -93,15 +103,14 @@ impl<F: std::future::Future> std::future::Future for Guarded<F> {
         match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(out)) => {
-                self.inner = None;
+                // What the finished future still holds (Quinn's connection driver holds the
+                // connection) may panic as it drops, on a poisoned connection (see `contain`).
+                let done = self.inner.take();
+                let _ = catch_unwind(AssertUnwindSafe(move || drop(done)));
                 Poll::Ready(Some(out))
             }
             Err(_) => {
-                let state = self.inner.take();
-                PANIC_CLEANUP.with(|c| c.set(true));
-                // A destructor that panics as well must not take the worker thread down.
-                let _ = catch_unwind(AssertUnwindSafe(move || drop(state)));
-                PANIC_CLEANUP.with(|c| c.set(false));
+                drop_as_panicked(self.inner.take());
                 Poll::Ready(None)
             }
         }

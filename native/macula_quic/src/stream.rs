@@ -38,6 +38,7 @@ use tokio::sync::Notify;
 
 use crate::atoms;
 use crate::connection::ConnRes;
+use crate::contain::{self, Contained};
 use crate::counters::{self, Live};
 use crate::error::{self, Reason};
 use crate::executor;
@@ -147,7 +148,7 @@ struct State {
 /// queue to Quinn under this lock).
 struct SendSide {
     /// Taken (and dropped) by the writer task when the send side ends.
-    stream: Option<quinn::SendStream>,
+    stream: Option<Contained<quinn::SendStream>>,
     /// What Quinn could not take yet, in order.
     queue: VecDeque<SendCmd>,
     /// Bytes of `async_send` data in `queue`.
@@ -189,7 +190,7 @@ pub struct StreamRes {
     wake_reader: Notify,
     wake_writer: Notify,
     /// Quinn's receive side, `None` for a send-only stream; taken when the reader ends.
-    recv_stream: Option<Mutex<Option<quinn::RecvStream>>>,
+    recv_stream: Option<Mutex<Option<Contained<quinn::RecvStream>>>>,
     /// `None` for a receive-only stream.
     send: Option<Mutex<SendSide>>,
     _live: Live,
@@ -238,6 +239,9 @@ impl StreamRes {
         opts: options::Stream,
         announce: impl FnOnce(&ResourceArc<StreamRes>),
     ) -> Option<ResourceArc<StreamRes>> {
+        // Contained first: on a poisoned connection even `side` below panics (see `contain`).
+        let send = send.map(|s| Contained::new(s, &conn.conn));
+        let recv = recv.map(|r| Contained::new(r, &conn.conn));
         let (id, local) = match (&send, &recv) {
             (Some(s), _) => (s.id(), s.id().initiator() == conn.conn.side()),
             (None, Some(r)) => (r.id(), r.id().initiator() == conn.conn.side()),
@@ -680,7 +684,8 @@ fn maybe_closed(res: &ResourceArc<StreamRes>, st: &mut State) {
     if !st.silenced {
         let pid = st.owner.pid;
         let r = res.clone();
-        let conn_lost = st.conn_lost;
+        // A connection whose Quinn driver panicked (see `connection`) is lost too.
+        let conn_lost = st.conn_lost || res.conn.shard.failed();
         let remote = st.peer_reset_code.is_some() || st.recv_end == Some(RecvEnd::Fin);
         let code = st.peer_reset_code.unwrap_or(0);
         messages::send(&pid, move |e| {
@@ -884,7 +889,7 @@ impl Drop for WriterExit {
         // Reset, not finished: Quinn's stream, dropped as it is, would send a FIN, and the peer
         // would take what it got for the whole of the data.
         if let Some(s) = lock(side).stream.as_mut() {
-            let _ = s.reset(quinn::VarInt::from_u32(0));
+            contain::quietly(|| s.reset(quinn::VarInt::from_u32(0)));
         }
         // Dropped unanswered, each waiting `Reply` answers by itself: `{:error, :internal_error}`
         // after a panic, `{:error, :closed}` if the task was only dropped (the runtime going
