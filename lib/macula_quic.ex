@@ -950,8 +950,10 @@ defmodule MaculaQuic do
   @doc """
   Live native objects: listeners, connections and streams not yet freed, runtime tasks, shared
   client endpoints, registered listener addresses, runtime worker threads and `shards` (one per
-  endpoint and one per connection: see "How the work is scheduled" in the README) and `owners`
-  (processes that own handles: each is monitored once, while it lives). Two counts
+  endpoint and one per connection: see "How the work is scheduled" in the README), `owners`
+  (processes that own handles: each is monitored once, while it lives) and `accept_waiters`
+  (`async_accept/1` and `accept/3` calls waiting on open listeners; those of processes that
+  have exited are dropped as more arrive, and all when the listener closes). Two counts
   are cumulative since the VM started: `inline_runs`, the times a call ran a connection's work on
   the caller's own thread, and `runtime_runs`, the times a runtime worker did. Two describe
   the runtime's socket watch (see "How the work is scheduled" in the README):

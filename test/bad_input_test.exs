@@ -455,6 +455,26 @@ defmodule MaculaQuic.BadInputTest do
     )
   end
 
+  test "accepts of processes that have exited do not pile up on a listener nobody connects to" do
+    {l, port} = listen!()
+    assert %{accept_waiters: 0} = MaculaQuic.native_counts()
+
+    for _ <- 1..200 do
+      {pid, ref} = spawn_monitor(fn -> :ok = MaculaQuic.async_accept(l) end)
+      assert_receive {:DOWN, ^ref, :process, ^pid, :normal}, 5_000
+    end
+
+    for _ <- 1..10, do: :ok = MaculaQuic.async_accept(l)
+    # 210 without pruning; the exited ones go whenever the list has doubled.
+    assert %{accept_waiters: n} = MaculaQuic.native_counts()
+    assert n in 10..32
+    # A connection goes to a live waiter (this process), never to an exited one.
+    {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn()], 5_000)
+    assert_receive {:quic, :new_conn, _sc, _}, 5_000
+    Enum.each([c, l], &MaculaQuic.close/1)
+    await_clean!(%{listeners: 0, connections: 0, accept_waiters: 0}, 10_000)
+  end
+
   test "an accept waiting on a listener that gets closed returns {:error, :closed}" do
     {l, _port} = listen!()
     parent = self()

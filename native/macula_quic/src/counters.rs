@@ -9,6 +9,8 @@ pub static STREAMS: AtomicI64 = AtomicI64::new(0);
 pub static TASKS: AtomicI64 = AtomicI64::new(0);
 /// Processes that own handles and are monitored (see `owner`); one leaves when its process exits.
 pub static OWNERS: AtomicI64 = AtomicI64::new(0);
+/// Pending `async_accept`/`accept` calls on listeners (see `listener`).
+pub static ACCEPT_WAITERS: AtomicI64 = AtomicI64::new(0);
 /// Executors (see `executor`): one per endpoint (listener or shared client endpoint) and one
 /// per connection.
 pub static SHARDS: AtomicI64 = AtomicI64::new(0);

@@ -71,6 +71,7 @@ fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {
         (atoms::streams().encode(env), counters::get(&counters::STREAMS).encode(env)),
         (atoms::tasks().encode(env), counters::get(&counters::TASKS).encode(env)),
         (atoms::owners().encode(env), counters::get(&counters::OWNERS).encode(env)),
+        (atoms::accept_waiters().encode(env), counters::get(&counters::ACCEPT_WAITERS).encode(env)),
         (atoms::client_endpoints().encode(env), endpoint::client_endpoint_count().encode(env)),
         (atoms::bound_addresses().encode(env), endpoint::registered_count().encode(env)),
         (atoms::runtime_workers().encode(env), runtime::worker_count().encode(env)),

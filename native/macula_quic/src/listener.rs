@@ -43,10 +43,13 @@ const DEFAULT_BACKLOG: usize = 1024;
 struct Waiter {
     pid: LocalPid,
     reply: Option<Reply>,
+    _live: Live,
 }
 
 struct State {
     waiters: VecDeque<Waiter>,
+    /// How many waiters were left the last time those of exited processes were dropped.
+    waiters_pruned: usize,
     ready: VecDeque<(Contained<quinn::Connection>, Arc<Shard>)>,
     handshaking: usize,
     /// Delivered connections not yet closed: they keep the socket open after `close`.
@@ -224,7 +227,7 @@ async fn handshake(shared: Arc<Shared>, connecting: quinn::Connecting, shard: Ar
         return;
     }
     while let Some(w) = st.waiters.pop_front() {
-        let Waiter { pid, reply } = w;
+        let Waiter { pid, reply, .. } = w;
         let on_closed = on_delivered_closed(&shared);
         if ConnRes::start(None, conn.clone(), shared.local, shard.clone(), pid, |res| deliver(res, pid, reply), Some(on_closed)).is_some() {
             st.delivered_live += 1;
@@ -290,6 +293,7 @@ fn start(env: Env, addr: SocketAddr, opts: options::Listen) -> Result<ResourceAr
         handshake_timeout: opts.handshake_timeout.unwrap_or(connection::DEFAULT_HANDSHAKE_TIMEOUT),
         state: Mutex::new(State {
             waiters: VecDeque::new(),
+            waiters_pruned: 0,
             ready: VecDeque::new(),
             handshaking: 0,
             delivered_live: 0,
@@ -350,8 +354,27 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
         return reply;
     }
     let reply = if blocking { Some(Reply::new(caller, tag)) } else { None };
-    st.waiters.push_back(Waiter { pid: caller, reply });
+    prune_waiters(env, &mut st);
+    st.waiters.push_back(Waiter { pid: caller, reply, _live: Live::new(&counters::ACCEPT_WAITERS) });
     atoms::ok().encode(env)
+}
+
+/// Drops the waiters whose process has exited, whenever the list has doubled since the last
+/// time (so each accept costs O(1) on average). A connection arriving skips such waiters too,
+/// but a listener nobody connects to would otherwise keep one for every accept ever made by an
+/// acceptor that has since exited (an acceptor pool restarted over and over, say).
+fn prune_waiters(env: Env, st: &mut State) {
+    if st.waiters.len() < (2 * st.waiters_pruned).max(16) {
+        return;
+    }
+    st.waiters.retain_mut(|w| {
+        let alive = env.is_process_alive(w.pid);
+        if let (false, Some(r)) = (alive, w.reply.take()) {
+            r.withdraw();
+        }
+        alive
+    });
+    st.waiters_pruned = st.waiters.len();
 }
 
 /// `listener_cancel_accept(Listener)`: withdraws the caller's most recent pending accept.
