@@ -92,7 +92,8 @@ thread_local! {
 }
 
 /// Is inline running switched on? `MACULA_QUIC_INLINE=0` turns it off (every task then runs on
-/// tokio, as before shards existed), for comparing the two in benchmarks.
+/// tokio, as before shards existed), for comparing the two in benchmarks. (In that mode a
+/// panicking connection driver is only caught: `fail` has no tasks of its own to end.)
 fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("MACULA_QUIC_INLINE").map_or(true, |v| v != "0"))
