@@ -145,6 +145,8 @@ defmodule MaculaQuic do
     * Input is bounded before it is read: strings (addresses, names, paths) up to 4096
       bytes, DER certificates and keys up to 1 MiB, PEM files up to 1 MiB (and only regular
       files: a FIFO or a device gives `{:certfile, :einval}`), ALPN lists up to 256 names.
+      PEM files are read by the calling process, through the VM's file I/O, never by the
+      native code on a scheduler.
   """
 
   alias MaculaQuic.Native
@@ -313,7 +315,7 @@ defmodule MaculaQuic do
           {:ok, listener()} | {:error, reason()}
   def listen(address, port, opts) do
     with {:ok, map} <- Options.to_map(opts) do
-      Native.listen(charlist_to_binary(address), port, map)
+      Native.listen(charlist_to_binary(address), port, Options.read_pem_files(map))
     end
   end
 
@@ -437,6 +439,7 @@ defmodule MaculaQuic do
 
     with {:ok, map} <- Options.to_map(opts),
          {:ok, timeout_ms} <- timeout_value(timeout),
+         map = Options.read_pem_files(map),
          :ok <- Native.connect(charlist_to_binary(host), port, map, ref, native_ms(timeout_ms)) do
       # The native side enforces the timeout and always answers.
       receive do

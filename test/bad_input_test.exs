@@ -455,6 +455,21 @@ defmodule MaculaQuic.BadInputTest do
     )
   end
 
+  test "PEM files are read by the calling process, never by the NIF on a scheduler", %{
+    certs: certs
+  } do
+    opts = [alpn: ["test"], certfile: certs.cert, keyfile: certs.key]
+    # Handed a path, the NIF refuses it: it cannot open a file at all.
+    assert {:error, {:bad_option, :certfile}} =
+             MaculaQuic.Native.listen("127.0.0.1", 0, Map.new(opts))
+
+    # Through either face the caller reads the files and hands the NIF their contents.
+    for face <- @faces do
+      assert {:ok, l} = face.listen("127.0.0.1", 0, opts)
+      MaculaQuic.close_listener(l)
+    end
+  end
+
   test "accepts of processes that have exited do not pile up on a listener nobody connects to" do
     {l, port} = listen!()
     assert %{accept_waiters: 0} = MaculaQuic.native_counts()

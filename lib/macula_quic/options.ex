@@ -1,7 +1,8 @@
 defmodule MaculaQuic.Options do
   @moduledoc false
   # Turns the options callers pass (a keyword/proplist or a map) into the map the NIF decodes.
-  # The NIF checks every name and value; here we only reject shapes that are not options at all.
+  # The NIF checks every name and value; here we only reject shapes that are not options at all,
+  # and read the PEM files they name (see `read_pem_files/1`).
 
   @doc false
   @spec to_map(term()) :: {:ok, map()} | {:error, {:bad_option, term()}}
@@ -25,4 +26,86 @@ defmodule MaculaQuic.Options do
 
   defp from_list([other | _], _acc), do: {:error, {:bad_option, other}}
   defp from_list(improper, _acc), do: {:error, {:bad_option, improper}}
+
+  # PEM files are read here, by the calling process (the VM does file I/O on its dirty I/O
+  # schedulers), not by the NIF on a normal scheduler, where a slow or hung file system would
+  # hold up every process queued behind the call. The NIF gets each file's contents, or why it
+  # could not be read, and reports that where it needs the file, as before: which error a call
+  # with several faults reports is unchanged. A value that is not a path is left for the NIF to
+  # refuse (`{:bad_option, name}`).
+  @pem_keys [:certfile, :cert_file, :keyfile, :key_file, :cacertfile]
+  # Real certificate chains and keys are a few KiB; a wrong path (a log file) is not read whole.
+  @max_pem 1024 * 1024
+  # As the NIF's strings: at most 4096 bytes (a binary) or code points (a charlist).
+  @max_path 4096
+
+  @doc false
+  @spec read_pem_files(map()) :: map()
+  def read_pem_files(map) do
+    Enum.reduce(@pem_keys, map, fn key, acc ->
+      with %{^key => value} <- acc, {:ok, path} <- path(value) do
+        Map.put(acc, key, pem_file(path))
+      else
+        _ -> acc
+      end
+    end)
+  end
+
+  # The form the NIF takes: `{:"$macula_quic_pem", :ok, contents}` or
+  # `{:"$macula_quic_pem", :error, why}`.
+  defp pem_file(path) do
+    case read_pem(path) do
+      {:ok, pem} -> {:"$macula_quic_pem", :ok, pem}
+      {:error, why} -> {:"$macula_quic_pem", :error, why}
+    end
+  end
+
+  # The file is looked at before it is opened: opening a FIFO would wait for a writer, and a
+  # device such as /dev/zero would never end. Reasons: :enoent, :eacces, :eisdir, :einval (not
+  # a regular file), :too_large (over 1 MiB), :malformed (unreadable otherwise).
+  defp read_pem(path) do
+    if String.contains?(path, <<0>>) do
+      {:error, :enoent}
+    else
+      case File.stat(path) do
+        {:ok, %File.Stat{type: :directory}} -> {:error, :eisdir}
+        {:ok, %File.Stat{type: type}} when type != :regular -> {:error, :einval}
+        {:ok, %File.Stat{size: size}} when size > @max_pem -> {:error, :too_large}
+        {:ok, _} -> read_at_most(path)
+        {:error, why} -> {:error, io_reason(why)}
+      end
+    end
+  end
+
+  # Bounded again while reading: the file may have grown since it was looked at.
+  defp read_at_most(path) do
+    case File.open(path, [:read, :binary], &IO.binread(&1, @max_pem + 1)) do
+      {:ok, :eof} -> {:ok, ""}
+      {:ok, pem} when is_binary(pem) and byte_size(pem) > @max_pem -> {:error, :too_large}
+      {:ok, pem} when is_binary(pem) -> {:ok, pem}
+      {:ok, {:error, why}} -> {:error, io_reason(why)}
+      {:error, why} -> {:error, io_reason(why)}
+    end
+  end
+
+  defp io_reason(why) when why in [:enoent, :eacces], do: why
+  defp io_reason(_), do: :malformed
+
+  defp path(bin) when is_binary(bin) do
+    if byte_size(bin) <= @max_path and String.valid?(bin), do: {:ok, bin}, else: :error
+  end
+
+  defp path(list) when is_list(list) do
+    if code_points?(list, 0), do: {:ok, List.to_string(list)}, else: :error
+  end
+
+  defp path(_), do: :error
+
+  defp code_points?([], _n), do: true
+
+  defp code_points?([c | rest], n)
+       when n < @max_path and is_integer(c) and c in 0..0x10FFFF and c not in 0xD800..0xDFFF,
+       do: code_points?(rest, n + 1)
+
+  defp code_points?(_, _), do: false
 end

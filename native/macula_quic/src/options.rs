@@ -53,11 +53,11 @@ pub struct Transport {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Tls {
     pub alpn: Vec<Vec<u8>>,
-    pub certfile: Option<String>,
-    pub keyfile: Option<String>,
+    pub certfile: Option<PemFile>,
+    pub keyfile: Option<PemFile>,
     pub cert: Option<Vec<u8>>,
     pub key: Option<Vec<u8>>,
-    pub cacertfile: Option<String>,
+    pub cacertfile: Option<PemFile>,
     pub verify: Option<Verify>,
     /// (connect) `session_resumption`: `Some(false)` keeps no TLS session tickets, so every
     /// handshake is a full one.
@@ -137,6 +137,56 @@ fn boolean(name: &str, v: Term) -> Result<bool, Reason> {
 
 fn string(name: &str, v: Term) -> Result<String, Reason> {
     decode_string(v).ok_or_else(|| bad_option(name))
+}
+
+/// A PEM file named in the options, as `MaculaQuic.Options.read_pem_files/1` read it (in the
+/// calling process, so that no file is read on a scheduler): its contents, or why it could not
+/// be read. The error is reported (as `{name, why}`) where the file is needed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PemFile {
+    Read(Vec<u8>),
+    Unreadable(Unreadable),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Unreadable {
+    Enoent,
+    Eacces,
+    Eisdir,
+    Einval,
+    TooLarge,
+    Malformed,
+}
+
+/// `{:"$macula_quic_pem", :ok, Contents}` or `{:"$macula_quic_pem", :error, Why}`; anything
+/// else (a path handed to the NIF directly, say) is a bad option.
+fn pem_file(name: &str, v: Term) -> Result<PemFile, Reason> {
+    rustler::atoms! { pem_tag = "$macula_quic_pem" }
+    let bad = || bad_option(name);
+    let parts = rustler::types::tuple::get_tuple(v).map_err(|_| bad())?;
+    let [tag, status, value] = parts[..] else { return Err(bad()) };
+    if tag.decode::<Atom>().ok() != Some(pem_tag()) {
+        return Err(bad());
+    }
+    match status.atom_to_string().map_err(|_| bad())?.as_str() {
+        "ok" => match value.decode::<rustler::Binary>() {
+            Ok(b) if b.len() <= MAX_DER => Ok(PemFile::Read(b.as_slice().to_vec())),
+            _ => Err(bad()),
+        },
+        "error" => {
+            let why = match value.atom_to_string().map_err(|_| bad())?.as_str() {
+                "enoent" => Unreadable::Enoent,
+                "eacces" => Unreadable::Eacces,
+                "eisdir" => Unreadable::Eisdir,
+                "einval" => Unreadable::Einval,
+                "too_large" => Unreadable::TooLarge,
+                "malformed" => Unreadable::Malformed,
+                _ => return Err(bad()),
+            };
+            Ok(PemFile::Unreadable(why))
+        }
+        _ => Err(bad()),
+    }
 }
 
 fn binary(name: &str, v: Term) -> Result<Vec<u8>, Reason> {
@@ -226,11 +276,11 @@ fn common(name: &str, v: Term, tls: &mut Tls, t: &mut Transport) -> Result<bool,
     const MAX_VARINT: u64 = (1 << 62) - 1;
     match name {
         "alpn" => tls.alpn = alpn(v)?,
-        "certfile" | "cert_file" => tls.certfile = Some(string(name, v)?),
-        "keyfile" | "key_file" => tls.keyfile = Some(string(name, v)?),
+        "certfile" | "cert_file" => tls.certfile = Some(pem_file(name, v)?),
+        "keyfile" | "key_file" => tls.keyfile = Some(pem_file(name, v)?),
         "cert" => tls.cert = Some(binary(name, v)?),
         "key" => tls.key = Some(binary(name, v)?),
-        "cacertfile" => tls.cacertfile = Some(string(name, v)?),
+        "cacertfile" => tls.cacertfile = Some(pem_file(name, v)?),
         "verify" => tls.verify = Some(verify(v)?),
         // Quinn encodes the idle timeout as a QUIC varint of milliseconds.
         "idle_timeout_ms" => t.idle_timeout_ms = Some(uint(name, v, MAX_VARINT)?),

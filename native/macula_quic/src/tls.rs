@@ -17,7 +17,7 @@ use rustls::{DigitallySignedStruct, NamedGroup, RootCertStore, SignatureScheme};
 
 use crate::counters;
 use crate::error::{bad_option, Reason};
-use crate::options::{Tls, Transport, Verify};
+use crate::options::{PemFile, Tls, Transport, Unreadable, Verify};
 use crate::util::lock;
 
 rustler::atoms! {
@@ -29,48 +29,22 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Largest PEM file we read. Real certificate chains and keys are a few KiB; the limit keeps
-/// a wrong path (a log file, `/dev/zero`) from stalling the calling scheduler or exhausting
-/// memory.
-const MAX_PEM_FILE: u64 = 1024 * 1024;
-
-/// Reads a PEM file. Errors are `{:certfile | :keyfile | :cacertfile, why}` with `why` one of
-/// `:enoent`, `:eacces`, `:eisdir` (a directory), `:einval` (not a regular file: a device,
-/// FIFO or socket, which could block or never end), `:too_large` (over 1 MiB) or
-/// `:malformed` (unreadable otherwise, or no PEM inside).
-///
-/// The file is checked before it is opened: opening a FIFO would block the scheduler until a
-/// writer appeared, and reading a device such as `/dev/zero` would never end.
-fn read_pem(path: &str, which: rustler::Atom) -> Result<Vec<u8>, Reason> {
-    use std::io::Read;
-    let io_reason = |e: &std::io::Error| match e.kind() {
-        std::io::ErrorKind::NotFound => enoent(),
-        std::io::ErrorKind::PermissionDenied => eacces(),
-        _ => malformed(),
+/// A PEM file's contents (read by the calling process, see `options::PemFile`), or
+/// `{:certfile | :keyfile | :cacertfile, why}` with `why` one of `:enoent`, `:eacces`,
+/// `:eisdir` (a directory), `:einval` (not a regular file: a device, FIFO or socket, which
+/// could block or never end), `:too_large` (over 1 MiB) or `:malformed` (unreadable
+/// otherwise).
+fn pem(file: &PemFile, which: rustler::Atom) -> Result<&[u8], Reason> {
+    let why = match file {
+        PemFile::Read(pem) => return Ok(pem),
+        PemFile::Unreadable(Unreadable::Enoent) => enoent(),
+        PemFile::Unreadable(Unreadable::Eacces) => eacces(),
+        PemFile::Unreadable(Unreadable::Eisdir) => eisdir(),
+        PemFile::Unreadable(Unreadable::Einval) => einval(),
+        PemFile::Unreadable(Unreadable::TooLarge) => too_large(),
+        PemFile::Unreadable(Unreadable::Malformed) => malformed(),
     };
-    if path.is_empty() || path.contains('\0') {
-        return Err(Reason::Tagged(which, enoent()));
-    }
-    let meta = std::fs::metadata(path).map_err(|e| Reason::Tagged(which, io_reason(&e)))?;
-    if meta.is_dir() {
-        return Err(Reason::Tagged(which, eisdir()));
-    }
-    if !meta.is_file() {
-        return Err(Reason::Tagged(which, einval()));
-    }
-    if meta.len() > MAX_PEM_FILE {
-        return Err(Reason::Tagged(which, too_large()));
-    }
-    let file = std::fs::File::open(path).map_err(|e| Reason::Tagged(which, io_reason(&e)))?;
-    let mut out = Vec::new();
-    // Bounded again while reading: the file may have grown since it was checked.
-    file.take(MAX_PEM_FILE + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| Reason::Tagged(which, io_reason(&e)))?;
-    if out.len() as u64 > MAX_PEM_FILE {
-        return Err(Reason::Tagged(which, too_large()));
-    }
-    Ok(out)
+    Err(Reason::Tagged(which, why))
 }
 
 fn certs_from_pem(pem: &[u8], which: rustler::Atom) -> Result<Vec<CertificateDer<'static>>, Reason> {
@@ -84,15 +58,14 @@ fn certs_from_pem(pem: &[u8], which: rustler::Atom) -> Result<Vec<CertificateDer
 /// The certificate chain and key from options, if the caller gave any.
 fn chain_and_key(tls: &Tls) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, Reason> {
     let chain = match (&tls.certfile, &tls.cert) {
-        (Some(path), _) => Some(certs_from_pem(&read_pem(path, certfile())?, certfile())?),
+        (Some(file), _) => Some(certs_from_pem(pem(file, certfile())?, certfile())?),
         (None, Some(der)) => Some(vec![CertificateDer::from(der.clone())]),
         (None, None) => None,
     };
     let key = match (&tls.keyfile, &tls.key) {
-        (Some(path), _) => {
-            let pem = read_pem(path, keyfile())?;
-            Some(PrivateKeyDer::from_pem_slice(&pem).map_err(|_| Reason::Tagged(keyfile(), malformed()))?)
-        }
+        (Some(file), _) => Some(
+            PrivateKeyDer::from_pem_slice(pem(file, keyfile())?).map_err(|_| Reason::Tagged(keyfile(), malformed()))?,
+        ),
         (None, Some(der)) => Some(
             PrivateKeyDer::try_from(der.clone()).map_err(|_| Reason::Tagged(key(), malformed()))?,
         ),
@@ -107,9 +80,9 @@ fn chain_and_key(tls: &Tls) -> Result<Option<(Vec<CertificateDer<'static>>, Priv
 }
 
 fn roots(tls: &Tls) -> Result<Option<RootCertStore>, Reason> {
-    let Some(path) = &tls.cacertfile else { return Ok(None) };
+    let Some(file) = &tls.cacertfile else { return Ok(None) };
     let mut store = RootCertStore::empty();
-    for c in certs_from_pem(&read_pem(path, cacertfile())?, cacertfile())? {
+    for c in certs_from_pem(pem(file, cacertfile())?, cacertfile())? {
         store.add(c).map_err(|_| Reason::Tagged(cacertfile(), malformed()))?;
     }
     Ok(Some(store))
@@ -226,7 +199,6 @@ pub fn client_config(tls: &Tls, transport: &Transport) -> Result<quinn::ClientCo
 struct ClientKey {
     tls: Tls,
     transport: Transport,
-    files: Vec<Option<Vec<u8>>>,
 }
 
 /// Distinct client configurations kept; past this the cache starts over.
@@ -247,11 +219,8 @@ fn client_cache() -> &'static Mutex<HashMap<ClientKey, quinn::ClientConfig>> {
 /// received its ticket yet (the server sends it once the handshake is done).
 pub fn client_config_cached(tls: &Tls, transport: &Transport) -> Result<quinn::ClientConfig, Reason> {
     // The files' contents are part of the key (a renewed certificate must not reuse a stale
-    // configuration). They are read with the same checks as always: a FIFO or a device must
-    // never be opened on a scheduler.
-    let read = |path: &Option<String>, which| path.as_deref().map(|p| read_pem(p, which)).transpose();
-    let files = vec![read(&tls.certfile, certfile())?, read(&tls.keyfile, keyfile())?, read(&tls.cacertfile, cacertfile())?];
-    let key = ClientKey { tls: tls.clone(), transport: transport.clone(), files };
+    // configuration): `tls` holds them, as read for this call.
+    let key = ClientKey { tls: tls.clone(), transport: transport.clone() };
     if let Some(config) = lock(client_cache()).get(&key) {
         return Ok(config.clone());
     }
