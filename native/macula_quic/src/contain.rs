@@ -14,6 +14,13 @@
 //! own, dropped after the handle, so the handle's reference is never the last and its drop
 //! panics at most once; each drop runs inside `catch_unwind`. Quinn calls made from our own
 //! destructors go through `quietly`.
+//!
+//! What this cannot reach: Quinn runs each driver inside a task of its own that drops the
+//! driver while a panic in it unwinds, before any code of ours can catch it. An endpoint's
+//! driver takes the lock as it drops, and so does a connection's driver while the connection's
+//! only other reference is Quinn's (during the handshake, before `ConnRes` holds two): a second
+//! panic, and the process aborts. Tried with test hooks panicking in a send during a connect
+//! and in an endpoint's receive; only Quinn can change that.
 use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::panic::{catch_unwind, AssertUnwindSafe};
