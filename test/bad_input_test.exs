@@ -257,6 +257,21 @@ defmodule MaculaQuic.BadInputTest do
          {:error, {:cacertfile, :enoent}}},
         {:connect, ["127.0.0.1", port, a ++ [cacertfile: f.fifo], 1_000],
          {:error, {:cacertfile, :einval}}},
+        # Several faults: an unreadable file first (certfile, keyfile, cacertfile), then bad PEM.
+        {:connect,
+         [
+           "127.0.0.1",
+           port,
+           a ++ [certfile: f.missing, keyfile: certs.key, cacertfile: f.garbage],
+           1_000
+         ], {:error, {:certfile, :enoent}}},
+        {:connect,
+         [
+           "127.0.0.1",
+           port,
+           a ++ [certfile: certs.cert, keyfile: f.dir, cacertfile: f.missing],
+           1_000
+         ], {:error, {:keyfile, :eisdir}}},
         {:connect, ["127.0.0.1", port, a ++ [verify: :verify_peer], 1_000],
          {:error, {:bad_option, :cacertfile}}},
         # --- timeouts, integers out of range

@@ -27,7 +27,7 @@ defmodule MaculaQuic.Options do
   defp from_list([other | _], _acc), do: {:error, {:bad_option, other}}
   defp from_list(improper, _acc), do: {:error, {:bad_option, improper}}
 
-  # PEM files are read here, by the calling process (the VM does file I/O on its dirty I/O
+  # PEM files are read here, by the calling process (the VM's file NIFs run on its dirty I/O
   # schedulers), not by the NIF on a normal scheduler, where a slow or hung file system would
   # hold up every process queued behind the call. The NIF gets each file's contents, or why it
   # could not be read, and reports that where it needs the file, as before: which error a call
@@ -62,33 +62,52 @@ defmodule MaculaQuic.Options do
 
   # The file is looked at before it is opened: opening a FIFO would wait for a writer, and a
   # device such as /dev/zero would never end. Reasons: :enoent, :eacces, :eisdir, :einval (not
-  # a regular file), :too_large (over 1 MiB), :malformed (unreadable otherwise).
+  # a regular file), :too_large (over 1 MiB), :malformed (unreadable otherwise). `:raw`: the
+  # calling process does the I/O itself (the VM's file NIFs run on its dirty I/O schedulers),
+  # not the file server.
   defp read_pem(path) do
     if String.contains?(path, <<0>>) do
       {:error, :enoent}
     else
-      case File.stat(path) do
-        {:ok, %File.Stat{type: :directory}} -> {:error, :eisdir}
-        {:ok, %File.Stat{type: type}} when type != :regular -> {:error, :einval}
-        {:ok, %File.Stat{size: size}} when size > @max_pem -> {:error, :too_large}
-        {:ok, _} -> read_at_most(path)
+      case :file.read_file_info(path, [:raw]) do
+        {:ok, info} -> read_checked(path, File.Stat.from_record(info))
         {:error, why} -> {:error, io_reason(why)}
       end
     end
   end
 
+  defp read_checked(_path, %File.Stat{type: :directory}), do: {:error, :eisdir}
+  defp read_checked(_path, %File.Stat{type: type}) when type != :regular, do: {:error, :einval}
+  defp read_checked(_path, %File.Stat{size: size}) when size > @max_pem, do: {:error, :too_large}
+  defp read_checked(path, _stat), do: read_at_most(path)
+
   # Bounded again while reading: the file may have grown since it was looked at.
   defp read_at_most(path) do
-    case File.open(path, [:read, :binary], &IO.binread(&1, @max_pem + 1)) do
-      {:ok, :eof} -> {:ok, ""}
-      {:ok, pem} when is_binary(pem) and byte_size(pem) > @max_pem -> {:error, :too_large}
-      {:ok, pem} when is_binary(pem) -> {:ok, pem}
-      {:ok, {:error, why}} -> {:error, io_reason(why)}
+    case :file.open(path, [:read, :binary, :raw]) do
+      {:ok, fd} ->
+        try do
+          read_chunks(fd, [], 0)
+        after
+          :file.close(fd)
+        end
+
+      {:error, why} ->
+        {:error, io_reason(why)}
+    end
+  end
+
+  defp read_chunks(fd, acc, size) do
+    case :file.read(fd, @max_pem + 1 - size) do
+      :eof -> {:ok, IO.iodata_to_binary(Enum.reverse(acc))}
+      {:ok, data} when size + byte_size(data) > @max_pem -> {:error, :too_large}
+      {:ok, data} -> read_chunks(fd, [data | acc], size + byte_size(data))
       {:error, why} -> {:error, io_reason(why)}
     end
   end
 
-  defp io_reason(why) when why in [:enoent, :eacces], do: why
+  # As the native code did: permission errors of both kinds are :eacces.
+  defp io_reason(:enoent), do: :enoent
+  defp io_reason(why) when why in [:eacces, :eperm], do: :eacces
   defp io_reason(_), do: :malformed
 
   defp path(bin) when is_binary(bin) do

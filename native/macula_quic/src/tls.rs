@@ -218,6 +218,14 @@ fn client_cache() -> &'static Mutex<HashMap<ClientKey, quinn::ClientConfig>> {
 /// `session_resumption: false`. A connection closed right after its handshake may not have
 /// received its ticket yet (the server sends it once the handshake is done).
 pub fn client_config_cached(tls: &Tls, transport: &Transport) -> Result<quinn::ClientConfig, Reason> {
+    // A file that could not be read is reported first, in this order, before any contents are
+    // parsed: as when the files were read here (a connect with several faults reports the same
+    // one).
+    for (file, which) in [(&tls.certfile, certfile()), (&tls.keyfile, keyfile()), (&tls.cacertfile, cacertfile())] {
+        if let Some(file) = file {
+            pem(file, which)?;
+        }
+    }
     // The files' contents are part of the key (a renewed certificate must not reuse a stale
     // configuration): `tls` holds them, as read for this call.
     let key = ClientKey { tls: tls.clone(), transport: transport.clone() };
