@@ -970,7 +970,9 @@ defmodule MaculaQuic do
   nothing. `tls_tickets` counts the
   TLS session tickets clients have received and kept, and `tls_resumptions` the connects that
   offered one to resume a session (see `:session_resumption` under Options), both since the VM
-  started. For monitoring and leak tests.
+  started, and `driver_panics` the connections whose Quinn driver panicked (a bug in Quinn: the
+  connection then ends, see "Errors, bad input and faults" in the README). For monitoring and
+  leak tests.
 
       iex> %{listeners: n} = MaculaQuic.native_counts()
       iex> is_integer(n)

@@ -667,16 +667,43 @@ defmodule MaculaQuic.BadInputTest do
       assert {:error, :closed} = MaculaQuic.peername(c)
       assert {:error, :closed} = MaculaQuic.getstat(c, [:send_cnt])
       assert {:error, :internal_error} = MaculaQuic.send(s, "more")
-      # Closing a stream of the broken connection used to abort the VM (see contain.rs).
+      # Before contain.rs the VM aborted around here: dropping this connection's stream
+      # handles panicked twice.
       assert :ok = MaculaQuic.close_stream(s)
       assert :ok = MaculaQuic.close(c)
       assert MaculaQuic.Native.ping() == :ok
-      {c2, sc2, l2, _} = pair!()
-      {s2, ss2} = stream_pair!(c2, sc2)
-      assert collect!(ss2, 5) == "hello"
-      Enum.each([s2, ss2, ss], &MaculaQuic.close_stream/1)
-      Enum.each([c2, sc, l2, l], &MaculaQuic.close/1)
+      MaculaQuic.close_stream(ss)
       # Everything freed, the broken connection's handles too.
+      new_pair_works_then_clean!([sc, l])
+    end
+
+    test "while a closed connection's handles are gone (a queued one the listener closes): the VM lives" do
+      {l, c, arm_server_panic} = queued_connection!()
+      arm_server_panic.()
+      # Never accepted, the connection is closed by a task that then lets go of it: its close
+      # is sent by Quinn's driver alone, which panics (the hook) and is dropped by Quinn while
+      # that unwinds. Without a reference kept until the driver ends, its drop takes the
+      # poisoned lock again, and the VM aborts.
+      :ok = MaculaQuic.close_listener(l)
+      assert MaculaQuic.Native.ping() == :ok
+      new_pair_works_then_clean!([c])
+    end
+
+    test "a queued connection whose driver panicked is not handed out by accept" do
+      {l, c, arm_server_panic} = queued_connection!()
+      {:ok, {_, port}} = MaculaQuic.sockname(l)
+      panics = MaculaQuic.native_counts().driver_panics
+      arm_server_panic.()
+      # The server's queued connection acknowledges this data: that send panics.
+      {:ok, s} = MaculaQuic.open_stream(c)
+      :ok = MaculaQuic.send(s, "hello")
+      poll_counts!(&(&1.driver_panics > panics), &"no driver panic: #{inspect(&1)}")
+      # Handing it out read its handshake data under Quinn's poisoned lock: the call raised.
+      :ok = MaculaQuic.async_accept(l)
+      refute_receive {:quic, :new_conn, _, _}, 200
+      {:ok, c2} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn(), verify: :none], 5_000)
+      assert_receive {:quic, :new_conn, sc2, _}, 5_000
+      Enum.each([c, c2, sc2, l], &MaculaQuic.close/1)
       await_clean!(%{listeners: 0, connections: 0, streams: 0, tasks: 0}, 10_000)
     end
 
@@ -699,6 +726,29 @@ defmodule MaculaQuic.BadInputTest do
       Enum.each([c, l2], &MaculaQuic.close/1)
       await_clean!(%{listeners: 0, connections: 0, streams: 0, tasks: 0}, 10_000)
     end
+  end
+
+  # A connection a listener has queued (never accepted) and that has gone quiet (the client
+  # holds the server's session ticket, the last of its handshake traffic): `{listener, client
+  # connection, arm}`, where `arm.()` makes the server's next datagram to the client panic
+  # inside Quinn's driver.
+  defp queued_connection! do
+    {l, port} = listen!()
+    tickets = MaculaQuic.native_counts().tls_tickets
+    {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn(), verify: :none], 5_000)
+    poll_counts!(&(&1.tls_tickets > tickets), &"no ticket: #{inspect(&1)}")
+    {:ok, {ip, client_port}} = MaculaQuic.sockname(c)
+    {l, c, fn -> :ok = MaculaQuic.Native.debug_panic_send_from(port, ip, client_port) end}
+  end
+
+  # After a panic: a new connection works end to end, then everything (`handles` too) is freed.
+  defp new_pair_works_then_clean!(handles) do
+    {c, sc, l, _} = pair!()
+    {s, ss} = stream_pair!(c, sc)
+    assert collect!(ss, 5) == "hello"
+    Enum.each([s, ss], &MaculaQuic.close_stream/1)
+    Enum.each([c, l | handles], &MaculaQuic.close/1)
+    await_clean!(%{listeners: 0, connections: 0, streams: 0, tasks: 0}, 10_000)
   end
 
   defp drain_passive(stream) do

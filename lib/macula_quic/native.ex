@@ -123,6 +123,7 @@ defmodule MaculaQuic.Native do
   def debug_panic_reader_inline(_stream), do: nif_error()
   def debug_panic_writer(_stream), do: nif_error()
   def debug_panic_driver(_conn), do: nif_error()
+  def debug_panic_send_from(_local_port, _ip, _port), do: nif_error()
 
   # Listeners
   def listen(_addr, _port, _opts), do: nif_error()

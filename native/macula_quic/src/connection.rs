@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use crate::address::{self, Host};
 use crate::atoms;
 use crate::counters::{self, Live};
-use crate::contain::Contained;
+use crate::contain::{self, Contained};
 use crate::endpoint;
 use crate::error::{self, Reason};
 use crate::executor::{self, Shard};
@@ -372,6 +372,7 @@ async fn finish_connect(
     match tokio::time::timeout_at(deadline, connecting).await {
         Ok(Ok(conn)) => {
             let conn = Contained::connection(conn);
+            shard.keep_until_driver_ends(Box::new(Contained::connection(conn.clone())));
             match ConnRes::start(None, conn.clone(), bound, shard, owner, |_| {}, None) {
                 Some(res) => {
                     if !reply.send(move |e| (atoms::ok(), res).encode(e)) {
@@ -410,15 +411,20 @@ fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64) -> Term<'a> 
 
 fn conn_close_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, code: quinn::VarInt) -> Term<'a> {
     let mut st = lock(&c.state);
-    if c.shard.failed() || c.conn.close_reason().is_some() {
+    // `quietly`: a driver panicking on another thread while this call waits for Quinn's lock
+    // leaves the lock poisoned; the connection has then ended (see the module doc).
+    if c.shard.failed() || contain::quietly(|| c.conn.close_reason().is_some()).unwrap_or(true) {
         return atoms::closed().encode(env);
     }
     st.closed_by_app = true;
-    c.conn.close(code, b"");
+    if contain::quietly(|| c.conn.close(code, b"")).is_none() {
+        return atoms::closed().encode(env);
+    }
     // When this call is what closed it (not a peer close racing it), nothing else is left to
     // report: send `closed` from here, saving the closing caller (who waits for it) a round
     // trip through the watcher task. The flag keeps the watcher from sending anything after.
-    if matches!(c.conn.close_reason(), Some(quinn::ConnectionError::LocallyClosed)) && !st.closed_sent {
+    let why = contain::quietly(|| c.conn.close_reason()).flatten();
+    if matches!(why, Some(quinn::ConnectionError::LocallyClosed)) && !st.closed_sent {
         st.closed_sent = true;
         let _ = env.send(&st.owner.pid, closed_msg(env, c.clone(), false, true));
         st.owner.release();
@@ -586,29 +592,33 @@ fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: Term<'a>, t
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
-    if c.shard.failed() {
-        return err(env, atoms::closed());
-    }
-    if let Some(reason) = c.conn.close_reason() {
-        return err(env, error::connection(&reason));
+    // `quietly`: see `conn_close_now`.
+    match contain::quietly(|| c.conn.close_reason()) {
+        _ if c.shard.failed() => return err(env, atoms::closed()),
+        None => return err(env, atoms::closed()),
+        Some(Some(reason)) => return err(env, error::connection(&reason)),
+        Some(None) => {}
     }
     let owner = env.pid();
     // Fast path: Quinn opens a stream synchronously when credit is available; poll once.
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
-    let ready = if opts.unidirectional {
-        let mut fut = std::pin::pin!(c.conn.open_uni());
-        match std::future::Future::poll(fut.as_mut(), &mut cx) {
-            std::task::Poll::Ready(r) => Some(r.map(|s| (Some(s), None))),
-            std::task::Poll::Pending => None,
+    let ready = contain::quietly(|| {
+        if opts.unidirectional {
+            let mut fut = std::pin::pin!(c.conn.open_uni());
+            match std::future::Future::poll(fut.as_mut(), &mut cx) {
+                std::task::Poll::Ready(r) => Some(r.map(|s| (Some(s), None))),
+                std::task::Poll::Pending => None,
+            }
+        } else {
+            let mut fut = std::pin::pin!(c.conn.open_bi());
+            match std::future::Future::poll(fut.as_mut(), &mut cx) {
+                std::task::Poll::Ready(r) => Some(r.map(|(s, r)| (Some(s), Some(r)))),
+                std::task::Poll::Pending => None,
+            }
         }
-    } else {
-        let mut fut = std::pin::pin!(c.conn.open_bi());
-        match std::future::Future::poll(fut.as_mut(), &mut cx) {
-            std::task::Poll::Ready(r) => Some(r.map(|(s, r)| (Some(s), Some(r)))),
-            std::task::Poll::Pending => None,
-        }
-    };
+    });
+    let Some(ready) = ready else { return err(env, atoms::closed()) };
     match ready {
         Some(Ok((send, recv))) => match StreamRes::start(Some(env), c.clone(), send, recv, owner, opts, |_| {}) {
             Some(s) => (atoms::ok(), s).encode(env),
@@ -655,11 +665,12 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
-    if c.shard.failed() {
-        return err(env, atoms::closed());
-    }
-    if let Some(reason) = c.conn.close_reason() {
-        return err(env, error::connection(&reason));
+    // `quietly`: see `conn_close_now`.
+    match contain::quietly(|| c.conn.close_reason()) {
+        _ if c.shard.failed() => return err(env, atoms::closed()),
+        None => return err(env, atoms::closed()),
+        Some(Some(reason)) => return err(env, error::connection(&reason)),
+        Some(None) => {}
     }
     let caller = env.pid();
     let reply = if tag.is_atom() { None } else { Some(Reply::new(caller, tag)) };
@@ -786,4 +797,16 @@ pub fn controlling_process<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, pid: Loca
 fn debug_panic_driver(c: ResourceArc<ConnRes>) -> rustler::Atom {
     *lock(&crate::inline_watch::DEBUG_PANIC_SEND) = Some((c.local_port, c.conn.remote_address()));
     atoms::ok()
+}
+
+/// `debug_panic_send_from(LocalPort, Ip, Port)` (test builds only): as `debug_panic_driver/1`,
+/// for the next datagram from the library's socket on `LocalPort` to `Ip:Port`, when there is no
+/// handle to name the connection by (one queued in a listener, say).
+#[cfg(feature = "test_hooks")]
+#[rustler::nif]
+fn debug_panic_send_from<'a>(local_port: u16, ip: Term<'a>, port: Term<'a>) -> rustler::NifResult<rustler::Atom> {
+    let ip = address::decode_ip(ip).ok_or(rustler::Error::BadArg)?;
+    let port = address::decode_port(port).ok_or(rustler::Error::BadArg)?;
+    *lock(&crate::inline_watch::DEBUG_PANIC_SEND) = Some((local_port, SocketAddr::new(ip, port)));
+    Ok(atoms::ok())
 }

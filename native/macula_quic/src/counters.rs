@@ -28,6 +28,8 @@ pub static INLINE_WATCH_SKIPS: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: TLS 1.3 session tickets clients stored, and tickets they took to offer a
 /// resumed handshake (see `tls::CountingSessionStore`).
 pub static TLS_TICKETS: AtomicI64 = AtomicI64::new(0);
+/// Cumulative: Quinn connection drivers that panicked (see `executor::Shard::fail`).
+pub static DRIVER_PANICS: AtomicI64 = AtomicI64::new(0);
 pub static TLS_RESUMPTIONS: AtomicI64 = AtomicI64::new(0);
 
 /// Counts one live object of a kind for as long as it exists.

@@ -60,9 +60,11 @@ pub struct Shard {
     /// A tokio task that will run this shard is spawned and has not started yet.
     scheduled: AtomicBool,
     /// Every task spawned here that may still exist, so `fail` can wake them all.
-    tasks: Mutex<Vec<Weak<Task>>>,
+    tasks: Mutex<TaskList>,
     /// Quinn's driver on this shard panicked (see `fail`).
     failed: AtomicBool,
+    /// Held until the shard's Quinn driver ends (see `keep_until_driver_ends`).
+    kept: Mutex<Option<Box<dyn std::any::Any + Send>>>,
     _live: Live,
 }
 
@@ -119,8 +121,9 @@ impl Shard {
             queue: Mutex::new(VecDeque::new()),
             running: AtomicBool::new(false),
             scheduled: AtomicBool::new(false),
-            tasks: Mutex::new(Vec::new()),
+            tasks: Mutex::new(TaskList::default()),
             failed: AtomicBool::new(false),
+            kept: Mutex::new(None),
             _live: Live::new(&counters::SHARDS),
         })
     }
@@ -147,15 +150,7 @@ impl Shard {
             }))),
             queued: AtomicBool::new(false),
         });
-        {
-            let mut tasks = lock(&self.tasks);
-            // Tasks gone (no waker left either) are forgotten whenever the list reaches a power
-            // of two, so it stays within about twice the tasks that exist.
-            if tasks.len() >= 8 && tasks.len().is_power_of_two() {
-                tasks.retain(|t| t.strong_count() > 0);
-            }
-            tasks.push(Arc::downgrade(&task));
-        }
+        lock(&self.tasks).push(&task);
         task.wake_by_ref();
     }
 
@@ -164,9 +159,22 @@ impl Shard {
         let shard = self.clone();
         self.spawn(async move {
             if runtime::guarded(driver).await.is_none() {
+                counters::bump(&counters::DRIVER_PANICS);
                 shard.fail();
             }
+            // Only now: while the driver existed, this kept its drop from taking Quinn's lock.
+            let kept = lock(&shard.kept).take();
+            drop(kept);
         });
+    }
+
+    /// Keeps `value` (references to the connection: see `contain`) until the shard's Quinn
+    /// driver has ended. Quinn drops its driver while a panic in it unwinds, and that drop takes
+    /// the connection's lock, poisoned by the panic, when the driver's reference is one of the
+    /// last two: a second panic, and the VM aborts. The connection's handles hold more while
+    /// they live; this covers the time after they have gone (a closed connection draining).
+    pub fn keep_until_driver_ends(&self, value: Box<dyn std::any::Any + Send>) {
+        *lock(&self.kept) = Some(value);
     }
 
     /// Quinn's connection driver panicked: the connection is broken for good (its lock is
@@ -177,7 +185,7 @@ impl Shard {
     /// `connection`). Quinn is not called again for it.
     fn fail(self: &Arc<Self>) {
         self.failed.store(true, Ordering::Release);
-        let tasks: Vec<Arc<Task>> = lock(&self.tasks).iter().filter_map(Weak::upgrade).collect();
+        let tasks: Vec<Arc<Task>> = lock(&self.tasks).list.iter().filter_map(Weak::upgrade).collect();
         for t in tasks {
             t.wake_by_ref();
         }
@@ -267,6 +275,33 @@ impl Shard {
         }
         let prev = CURRENT.with(|c| c.replace(Arc::as_ptr(self)));
         Some(Held { shard: self, prev })
+    }
+}
+
+/// A shard's tasks, weakly (a task that has ended and has no waker left is gone).
+#[derive(Default)]
+struct TaskList {
+    list: Vec<Weak<Task>>,
+    /// How many were left when the gone ones were last dropped.
+    pruned: usize,
+}
+
+impl TaskList {
+    /// Adds `task`, first dropping the gone ones whenever the list has doubled since that was
+    /// last done (so a spawn costs O(1) on average, and the list stays within about twice the
+    /// tasks that exist).
+    fn push(&mut self, task: &Arc<Task>) {
+        if self.list.len() >= (2 * self.pruned).max(8) {
+            self.list.retain(|t| t.strong_count() > 0);
+            self.pruned = self.list.len();
+        }
+        self.list.push(Arc::downgrade(task));
+    }
+}
+
+impl std::fmt::Debug for TaskList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TaskList({})", self.list.len())
     }
 }
 

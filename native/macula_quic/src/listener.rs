@@ -222,6 +222,11 @@ async fn handshake(shared: Arc<Shared>, connecting: quinn::Connecting, shard: Ar
     let mut st = lock(&shared.state);
     st.handshaking -= 1;
     let Some(conn) = result.map(Contained::connection) else { return };
+    shard.keep_until_driver_ends(Box::new(Contained::connection(conn.clone())));
+    if shard.failed() {
+        // Its driver panicked already (see `connection`): nobody can use it.
+        return;
+    }
     if st.closed {
         conn.close(quinn::VarInt::from_u32(0), b"listener closed");
         return;
@@ -331,6 +336,11 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
     let mut st = lock(&l.shared.state);
     if st.closed {
         return err(env, atoms::closed());
+    }
+    // A queued connection whose Quinn driver has panicked is of no use (see `connection`); its
+    // handshake data could not even be read for `new_conn`.
+    while st.ready.front().is_some_and(|(_, shard)| shard.failed()) {
+        st.ready.pop_front();
     }
     if let Some((conn, shard)) = st.ready.pop_front() {
         // `new_conn` reads the connection's handshake data under its lock: hold its shard, so

@@ -225,7 +225,8 @@ impl Owned for StreamRes {
 
 impl StreamRes {
     /// Creates a stream resource owned by `owner`, and starts its tasks. Returns `None` when the
-    /// owner is already dead (the stream is then aborted).
+    /// owner is already dead (the stream is then aborted), or the connection broken by a panic
+    /// inside Quinn (see `connection`).
     ///
     /// `announce` runs (for a live owner) before the tasks start: a message it sends, such as
     /// `new_stream`, is then queued before any data message of the stream. Messages sent from
@@ -239,12 +240,14 @@ impl StreamRes {
         opts: options::Stream,
         announce: impl FnOnce(&ResourceArc<StreamRes>),
     ) -> Option<ResourceArc<StreamRes>> {
-        // Contained first: on a poisoned connection even `side` below panics (see `contain`).
+        // Contained first: on a poisoned connection even `side` below panics (see `contain`),
+        // and the handles are dropped as this returns.
         let send = send.map(|s| Contained::new(s, &conn.conn));
         let recv = recv.map(|r| Contained::new(r, &conn.conn));
+        let side = contain::quietly(|| conn.conn.side())?;
         let (id, local) = match (&send, &recv) {
-            (Some(s), _) => (s.id(), s.id().initiator() == conn.conn.side()),
-            (None, Some(r)) => (r.id(), r.id().initiator() == conn.conn.side()),
+            (Some(s), _) => (s.id(), s.id().initiator() == side),
+            (None, Some(r)) => (r.id(), r.id().initiator() == side),
             (None, None) => return None,
         };
         let bidi = send.is_some() && recv.is_some();
