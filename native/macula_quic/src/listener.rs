@@ -364,6 +364,9 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
         return reply;
     }
     let reply = if blocking { Some(Reply::new(caller, tag)) } else { None };
+    // Waiters served or withdrawn since the last pruning count as pruned (the list only
+    // shrank), so it is pruned again once it doubles from what is there now.
+    st.waiters_pruned = st.waiters_pruned.min(st.waiters.len());
     prune_waiters(env, &mut st);
     st.waiters.push_back(Waiter { pid: caller, reply, _live: Live::new(&counters::ACCEPT_WAITERS) });
     atoms::ok().encode(env)
