@@ -64,7 +64,7 @@ pub struct Shard {
     /// Quinn's driver on this shard panicked (see `fail`).
     failed: AtomicBool,
     /// Held until the shard's Quinn driver ends (see `keep_until_driver_ends`).
-    kept: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    kept: Mutex<Kept>,
     _live: Live,
 }
 
@@ -123,7 +123,7 @@ impl Shard {
             scheduled: AtomicBool::new(false),
             tasks: Mutex::new(TaskList::default()),
             failed: AtomicBool::new(false),
-            kept: Mutex::new(None),
+            kept: Mutex::new(Kept::default()),
             _live: Live::new(&counters::SHARDS),
         })
     }
@@ -163,7 +163,11 @@ impl Shard {
                 shard.fail();
             }
             // Only now: while the driver existed, this kept its drop from taking Quinn's lock.
-            let kept = lock(&shard.kept).take();
+            let kept = {
+                let mut k = lock(&shard.kept);
+                k.driver_ended = true;
+                k.value.take()
+            };
             drop(kept);
         });
     }
@@ -174,7 +178,15 @@ impl Shard {
     /// last two: a second panic, and the VM aborts. The connection's handles hold more while
     /// they live; this covers the time after they have gone (a closed connection draining).
     pub fn keep_until_driver_ends(&self, value: Box<dyn std::any::Any + Send>) {
-        *lock(&self.kept) = Some(value);
+        let mut k = lock(&self.kept);
+        if k.driver_ended {
+            // Too late to matter, and nothing would ever let go of it (it would keep the
+            // connection, whose state holds this shard's tasks, alive for good).
+            drop(k);
+            drop(value);
+            return;
+        }
+        k.value = Some(value);
     }
 
     /// Quinn's connection driver panicked: the connection is broken for good (its lock is
@@ -275,6 +287,19 @@ impl Shard {
         }
         let prev = CURRENT.with(|c| c.replace(Arc::as_ptr(self)));
         Some(Held { shard: self, prev })
+    }
+}
+
+/// What `Shard::keep_until_driver_ends` keeps.
+#[derive(Default)]
+struct Kept {
+    value: Option<Box<dyn std::any::Any + Send>>,
+    driver_ended: bool,
+}
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Kept(value: {}, driver_ended: {})", self.value.is_some(), self.driver_ended)
     }
 }
 
