@@ -592,9 +592,11 @@ fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: Term<'a>, t
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
+    if c.shard.failed() {
+        return err(env, atoms::closed());
+    }
     // `quietly`: see `conn_close_now`.
     match contain::quietly(|| c.conn.close_reason()) {
-        _ if c.shard.failed() => return err(env, atoms::closed()),
         None => return err(env, atoms::closed()),
         Some(Some(reason)) => return err(env, error::connection(&reason)),
         Some(None) => {}
@@ -665,9 +667,11 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
+    if c.shard.failed() {
+        return err(env, atoms::closed());
+    }
     // `quietly`: see `conn_close_now`.
     match contain::quietly(|| c.conn.close_reason()) {
-        _ if c.shard.failed() => return err(env, atoms::closed()),
         None => return err(env, atoms::closed()),
         Some(Some(reason)) => return err(env, error::connection(&reason)),
         Some(None) => {}

@@ -177,6 +177,9 @@ impl Shard {
     /// the connection's lock, poisoned by the panic, when the driver's reference is one of the
     /// last two: a second panic, and the VM aborts. The connection's handles hold more while
     /// they live; this covers the time after they have gone (a closed connection draining).
+    /// Kept references also mean that letting go of the connection's last handle no longer
+    /// closes it (Quinn's implicit close): every path that lets go of a kept connection must
+    /// close it explicitly.
     pub fn keep_until_driver_ends(&self, value: Box<dyn std::any::Any + Send>) {
         let mut k = lock(&self.kept);
         if k.driver_ended {

@@ -27,7 +27,7 @@ use crate::atoms;
 use crate::connection::{self, ConnRes};
 use crate::counters::{self, Live};
 use crate::endpoint;
-use crate::contain::Contained;
+use crate::contain::{self, Contained};
 use crate::error::Reason;
 use crate::executor::{self, Shard};
 use crate::messages::{self, Reply};
@@ -352,12 +352,17 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
         let announce = |res: &ResourceArc<ConnRes>| {
             if blocking {
                 reply = (atoms::ok(), res.clone()).encode(env);
-            } else {
-                let _ = env.send(&caller, new_conn_msg(env, res.clone()));
+            } else if let Some(msg) = contain::quietly(|| new_conn_msg(env, res.clone())) {
+                // (`None`: its driver panicked on another thread meanwhile, poisoning the lock;
+                // the connection then ends, and its owner hears that from its watcher.)
+                let _ = env.send(&caller, msg);
             }
         };
         let on_closed = on_delivered_closed(&l.shared);
         if ConnRes::start(Some(env), conn.clone(), l.shared.local, shard.clone(), caller, announce, Some(on_closed)).is_none() {
+            // Closed explicitly: its shard keeps references to it until its driver ends (see
+            // `executor::Shard::keep_until_driver_ends`), so letting go would not close it.
+            shard.spawn(async move { conn.close(quinn::VarInt::from_u32(0), b"accept failed") });
             return err(env, atoms::closed());
         }
         st.delivered_live += 1;
