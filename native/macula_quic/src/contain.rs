@@ -18,9 +18,10 @@
 //! What this cannot reach: Quinn runs each driver inside a task of its own that drops the
 //! driver while a panic in it unwinds, before any code of ours can catch it. An endpoint's
 //! driver takes the lock as it drops, and so does a connection's driver while the connection's
-//! only other reference is Quinn's (during the handshake, before `ConnRes` holds two): a second
-//! panic, and the process aborts. Tried with test hooks panicking in a send during a connect
-//! and in an endpoint's receive; only Quinn can change that.
+//! only other reference is Quinn's (during the handshake; from its end until the driver ends
+//! the shard keeps two more, see `executor::Shard::keep_until_driver_ends`): a second panic,
+//! and the process aborts. Tried with test hooks panicking in a send during a connect and in an
+//! endpoint's receive; only Quinn can change that.
 use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::panic::{catch_unwind, AssertUnwindSafe};
