@@ -131,6 +131,19 @@ impl ConnRes {
         lock(&self.state).owner.pid
     }
 
+    /// Why the connection can no longer be used (`None` while it is open): Quinn's reason, or
+    /// `:closed` when its driver panicked (see the module doc). `quietly`: a driver panicking on
+    /// another thread while this waits for Quinn's lock leaves the lock poisoned.
+    pub fn end_reason(&self) -> Option<Reason> {
+        if self.shard.failed() {
+            return Some(atoms::closed().into());
+        }
+        match contain::quietly(|| self.conn.close_reason()) {
+            None => Some(atoms::closed().into()),
+            Some(why) => why.map(|why| error::connection(&why)),
+        }
+    }
+
     /// The local address as the peer sees it: the path's local IP where Quinn knows it,
     /// else the endpoint's bound address.
     pub fn local_addr(&self) -> SocketAddr {
@@ -372,7 +385,7 @@ async fn finish_connect(
     match tokio::time::timeout_at(deadline, connecting).await {
         Ok(Ok(conn)) => {
             let conn = Contained::connection(conn);
-            shard.keep_until_driver_ends(Box::new(Contained::connection(conn.clone())));
+            shard.keep_until_driver_ends(&conn);
             match ConnRes::start(None, conn.clone(), bound, shard, owner, |_| {}, None) {
                 Some(res) => {
                     if !reply.send(move |e| (atoms::ok(), res).encode(e)) {
@@ -411,12 +424,11 @@ fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64) -> Term<'a> 
 
 fn conn_close_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, code: quinn::VarInt) -> Term<'a> {
     let mut st = lock(&c.state);
-    // `quietly`: a driver panicking on another thread while this call waits for Quinn's lock
-    // leaves the lock poisoned; the connection has then ended (see the module doc).
-    if c.shard.failed() || contain::quietly(|| c.conn.close_reason().is_some()).unwrap_or(true) {
+    if c.end_reason().is_some() {
         return atoms::closed().encode(env);
     }
     st.closed_by_app = true;
+    // `quietly`, here and below: see `ConnRes::end_reason`.
     if contain::quietly(|| c.conn.close(code, b"")).is_none() {
         return atoms::closed().encode(env);
     }
@@ -592,14 +604,8 @@ fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: Term<'a>, t
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
-    if c.shard.failed() {
-        return err(env, atoms::closed());
-    }
-    // `quietly`: see `conn_close_now`.
-    match contain::quietly(|| c.conn.close_reason()) {
-        None => return err(env, atoms::closed()),
-        Some(Some(reason)) => return err(env, error::connection(&reason)),
-        Some(None) => {}
+    if let Some(reason) = c.end_reason() {
+        return err(env, reason);
     }
     let owner = env.pid();
     // Fast path: Quinn opens a stream synchronously when credit is available; poll once.
@@ -667,14 +673,8 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
-    if c.shard.failed() {
-        return err(env, atoms::closed());
-    }
-    // `quietly`: see `conn_close_now`.
-    match contain::quietly(|| c.conn.close_reason()) {
-        None => return err(env, atoms::closed()),
-        Some(Some(reason)) => return err(env, error::connection(&reason)),
-        Some(None) => {}
+    if let Some(reason) = c.end_reason() {
+        return err(env, reason);
     }
     let caller = env.pid();
     let reply = if tag.is_atom() { None } else { Some(Reply::new(caller, tag)) };

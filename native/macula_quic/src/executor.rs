@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use rustler::Env;
 
+use crate::contain::Contained;
 use crate::counters::{self, Live};
 use crate::inline_watch;
 use crate::runtime;
@@ -172,24 +173,20 @@ impl Shard {
         });
     }
 
-    /// Keeps `value` (references to the connection: see `contain`) until the shard's Quinn
-    /// driver has ended. Quinn drops its driver while a panic in it unwinds, and that drop takes
+    /// Keeps references to `conn` (see `contain`) until the shard's Quinn driver has ended. Quinn drops its driver while a panic in it unwinds, and that drop takes
     /// the connection's lock, poisoned by the panic, when the driver's reference is one of the
     /// last two: a second panic, and the VM aborts. The connection's handles hold more while
     /// they live; this covers the time after they have gone (a closed connection draining).
     /// Kept references also mean that letting go of the connection's last handle no longer
     /// closes it (Quinn's implicit close): every path that lets go of a kept connection must
     /// close it explicitly.
-    pub fn keep_until_driver_ends(&self, value: Box<dyn std::any::Any + Send>) {
+    pub fn keep_until_driver_ends(&self, conn: &quinn::Connection) {
         let mut k = lock(&self.kept);
-        if k.driver_ended {
-            // Too late to matter, and nothing would ever let go of it (it would keep the
-            // connection, whose state holds this shard's tasks, alive for good).
-            drop(k);
-            drop(value);
-            return;
+        // Once the driver has ended it is too late to matter, and nothing would ever let go of
+        // them (they would keep the connection, whose state holds this shard's tasks, for good).
+        if !k.driver_ended {
+            k.value = Some(Contained::connection(conn.clone()));
         }
-        k.value = Some(value);
     }
 
     /// Quinn's connection driver panicked: the connection is broken for good (its lock is
@@ -294,16 +291,10 @@ impl Shard {
 }
 
 /// What `Shard::keep_until_driver_ends` keeps.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Kept {
-    value: Option<Box<dyn std::any::Any + Send>>,
+    value: Option<Contained<quinn::Connection>>,
     driver_ended: bool,
-}
-
-impl std::fmt::Debug for Kept {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Kept(value: {}, driver_ended: {})", self.value.is_some(), self.driver_ended)
-    }
 }
 
 /// A shard's tasks, weakly (a task that has ended and has no waker left is gone).

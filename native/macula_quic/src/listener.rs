@@ -222,7 +222,7 @@ async fn handshake(shared: Arc<Shared>, connecting: quinn::Connecting, shard: Ar
     let mut st = lock(&shared.state);
     st.handshaking -= 1;
     let Some(conn) = result.map(Contained::connection) else { return };
-    shard.keep_until_driver_ends(Box::new(Contained::connection(conn.clone())));
+    shard.keep_until_driver_ends(&conn);
     if shard.failed() {
         // Its driver panicked already (see `connection`): nobody can use it.
         return;
