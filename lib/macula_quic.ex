@@ -111,7 +111,9 @@ defmodule MaculaQuic do
       Quinn sets up every stream the peer may open when a connection starts),
       `:stream_recv_window` (bytes per stream), `:conn_recv_window` (bytes per connection),
       `:send_window`.
-    * `:backlog` — (listen) connections that may wait for an acceptor (default 1024).
+    * `:backlog` — (listen) connections that may wait for an acceptor, handshakes in progress
+      included (default 1024). Beyond it a new connection is refused: its `connect/4` returns
+      `{:error, :connection_refused}`.
 
   Unknown names and ill-typed values give `{:error, {:bad_option, name}}`; a missing `:alpn`
   gives `{:error, {:missing_option, :alpn}}`. quicer's spellings are accepted too:

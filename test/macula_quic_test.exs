@@ -136,6 +136,23 @@ defmodule MaculaQuicTest do
       Enum.each([c1, c2], &MaculaQuic.close_connection/1)
     end
 
+    test "beyond :backlog connections waiting, the next is refused; an accept frees a slot" do
+      {l, port} = listen!("127.0.0.1", backlog: 2)
+      {:ok, c1} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn()], 5_000)
+      {:ok, c2} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn()], 5_000)
+
+      assert {:error, :connection_refused} =
+               MaculaQuic.connect("127.0.0.1", port, [alpn: alpn()], 5_000)
+
+      assert {:ok, s1} = MaculaQuic.accept(l, [], 5_000)
+      {:ok, c3} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn()], 5_000)
+      assert {:ok, s2} = MaculaQuic.accept(l, [], 5_000)
+      assert {:ok, s3} = MaculaQuic.accept(l, [], 5_000)
+      # In the order they arrived.
+      assert Enum.map([s1, s2, s3], &MaculaQuic.peername/1) ==
+               Enum.map([c1, c2, c3], &MaculaQuic.sockname/1)
+    end
+
     test "new_conn goes to the caller of async_accept, which becomes the owner" do
       {l, port} = listen!()
       parent = self()
