@@ -707,6 +707,27 @@ defmodule MaculaQuic.BadInputTest do
       await_clean!(%{listeners: 0, connections: 0, streams: 0, tasks: 0}, 10_000)
     end
 
+    test "a queued connection whose driver panicked gives its backlog slot back at once" do
+      {l, port} = listen!("127.0.0.1", backlog: 2)
+      c1 = quiet_connection!(port)
+      {l, c2, arm_server_panic} = queued_connection!({l, port})
+      panics = MaculaQuic.native_counts().driver_panics
+      arm_server_panic.()
+      {:ok, s} = MaculaQuic.open_stream(c2)
+      :ok = MaculaQuic.send(s, "hello")
+      poll_counts!(&(&1.driver_panics > panics), &"no driver panic: #{inspect(&1)}")
+      # The broken connection is behind a live one: it no longer holds one of the two slots.
+      {:ok, c3} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn(), verify: :none], 5_000)
+      assert {:ok, s1} = MaculaQuic.accept(l, [], 5_000)
+      assert {:ok, s3} = MaculaQuic.accept(l, [], 5_000)
+
+      assert Enum.map([s1, s3], &MaculaQuic.peername/1) ==
+               Enum.map([c1, c3], &MaculaQuic.sockname/1)
+
+      Enum.each([c1, c2, c3, s1, s3, l], &MaculaQuic.close/1)
+      await_clean!(%{listeners: 0, connections: 0, streams: 0, tasks: 0}, 10_000)
+    end
+
     test "on an accepted connection: the listener's address is released once the listener closes" do
       {c, sc, l, port} = pair!()
       {s, ss} = stream_pair!(c, sc)
@@ -728,17 +749,21 @@ defmodule MaculaQuic.BadInputTest do
     end
   end
 
-  # A connection a listener has queued (never accepted) and that has gone quiet (the client
-  # holds the server's session ticket, the last of its handshake traffic): `{listener, client
-  # connection, arm}`, where `arm.()` makes the server's next datagram to the client panic
-  # inside Quinn's driver.
-  defp queued_connection! do
-    {l, port} = listen!()
+  # A connection a listener has queued (never accepted) and that has gone quiet: `{listener,
+  # client connection, arm}`, where `arm.()` makes the server's next datagram to the client
+  # panic inside Quinn's driver.
+  defp queued_connection!({l, port} \\ listen!()) do
+    c = quiet_connection!(port)
+    {:ok, {ip, client_port}} = MaculaQuic.sockname(c)
+    {l, c, fn -> :ok = MaculaQuic.Native.debug_panic_send_from(port, ip, client_port) end}
+  end
+
+  # Connects, then waits for the server's session ticket, the last of its handshake traffic.
+  defp quiet_connection!(port) do
     tickets = MaculaQuic.native_counts().tls_tickets
     {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn(), verify: :none], 5_000)
     poll_counts!(&(&1.tls_tickets > tickets), &"no ticket: #{inspect(&1)}")
-    {:ok, {ip, client_port}} = MaculaQuic.sockname(c)
-    {l, c, fn -> :ok = MaculaQuic.Native.debug_panic_send_from(port, ip, client_port) end}
+    c
   end
 
   # After a panic: a new connection works end to end, then everything (`handles` too) is freed.

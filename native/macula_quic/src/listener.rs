@@ -187,8 +187,14 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
         {
             let mut st = lock(&shared.state);
             if st.closed {
-                        incoming.refuse();
+                incoming.refuse();
                 break;
+            }
+            if st.ready.len() + st.handshaking >= shared.backlog {
+                // Queued connections whose driver has panicked (see `connection`) would only be
+                // skipped by `accept`: they give their slots back now rather than when they
+                // reach the front of the queue.
+                st.ready.retain(|(_, shard)| !shard.failed());
             }
             if st.ready.len() + st.handshaking >= shared.backlog {
                 drop(st);
