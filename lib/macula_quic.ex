@@ -52,7 +52,9 @@ defmodule MaculaQuic do
       write boundaries. (quicer sends a map here; this library keeps the original
       macula_quic's integer.)
     * `{:quic, :peer_send_shutdown, stream, :undefined}` — the peer finished its side (after
-      the last data message, whatever its flags): the reliable end-of-stream signal.
+      the last data message, whatever its flags): the reliable end-of-stream signal in active
+      mode. (A passive stream's `recv/3` returns `{:error, :peer_send_shutdown}` instead, once
+      everything before the end has been read.)
     * `{:quic, :peer_send_aborted, stream, error_code}` — the peer reset its sending side.
     * `{:quic, :peer_receive_aborted, stream, error_code}` — the peer stopped reading
       (STOP_SENDING); further sends fail.
@@ -66,7 +68,9 @@ defmodule MaculaQuic do
 
     * `{:quic, :new_stream, stream, %{conn: conn, flags: flags, is_orphan: boolean}}` — sent to
       the process that called `async_accept_stream/2`. `flags` is `1` for a unidirectional
-      stream, else `0`.
+      stream, else `0`. `is_orphan: true` (quicer's rule): the stream arrived just as the
+      accept that asked for it was withdrawn (an `accept_stream/3` timing out), so it went to
+      the connection's owner instead, passive, rather than being lost.
     * `{:quic, :shutdown, conn, error_code}` — the peer closed the connection with an
       application error code.
     * `{:quic, :transport_shutdown, conn, %{status: atom, error: code}}` — the connection ended
@@ -142,8 +146,10 @@ defmodule MaculaQuic do
       `{:missing_option, :alpn}`, `{:certfile | :keyfile | :cacertfile, why}`, `{:key, why}`,
       `{:bad_stat, name}`, and `:badarg` for a timeout or an integer out of range (such as a
       `recv/3` length over 64 MiB).
-    * A closed handle is not bad input: calls on it return `{:error, :closed}` (or why it
-      ended), and closing it again is `:ok`.
+    * A closed handle is not bad input: calls that need a live one (sends, receives, opening
+      or accepting) return `{:error, :closed}` (or why it ended), closing it again is `:ok`,
+      and queries still answer (`sockname/1`, `peername/1`, `getstat/2` with the last
+      addresses and counters; `getopt/2` and `setopt/3`).
     * Input is bounded before it is read: strings (addresses, names, paths) up to 4096
       bytes, DER certificates and keys up to 1 MiB, PEM files up to 1 MiB (and only regular
       files: a FIFO or a device gives `{:certfile, :einval}`), ALPN lists up to 256 names.
@@ -175,8 +181,9 @@ defmodule MaculaQuic do
   @typedoc "Why a call failed."
   @type reason :: atom() | {atom(), term()}
 
-  # Largest piece handed to the NIF in one call: copying it takes well under a millisecond, so
-  # no call holds a scheduler for long, however large the caller's binary.
+  # Largest piece `send/3` hands to the NIF in one call. It used to bound the copy each call
+  # made; data of 16 KiB or more is no longer copied, so now it only sets how often a long send
+  # looks at the stream again (a send whose stream fails stops at the piece it was on).
   @piece 1_048_576
   # Application error codes are QUIC variable-length integers.
   @max_varint 4_611_686_018_427_387_903
@@ -264,7 +271,8 @@ defmodule MaculaQuic do
   @doc """
   Starts a listener on `port` (all addresses) or on `{address, port}` (exactly that address).
 
-  `port_or_address` may also be an `"ip:port"` string (`"127.0.0.1:4433"`, `"[::1]:4433"`).
+  `port_or_address` may also be an `"ip:port"` string or charlist (`"127.0.0.1:4433"`,
+  `"[::1]:4433"`, `'127.0.0.1:4433'`).
   A bare port binds the dual-stack wildcard `::` (or `0.0.0.0` where IPv6 is unavailable).
   Port `0` picks a free port; `sockname/1` tells which. See the moduledoc for options.
 
@@ -275,7 +283,10 @@ defmodule MaculaQuic do
       iex> MaculaQuic.close_listener(listener)
       :ok
   """
-  @spec listen(:inet.port_number() | {address(), :inet.port_number()} | String.t(), options()) ::
+  @spec listen(
+          :inet.port_number() | {address(), :inet.port_number()} | String.t() | charlist(),
+          options()
+        ) ::
           {:ok, listener()} | {:error, reason()}
   def listen(port_or_address, opts)
 
@@ -426,7 +437,7 @@ defmodule MaculaQuic do
   (milliseconds) covers name resolution and the handshake: past it, `{:error, :timeout}`.
   Other errors: `{:error, {:tls_alert, alert}}` (e.g. `:unknown_ca`,
   `:no_application_protocol` for an ALPN mismatch, `:certificate_required`),
-  `{:error, {:shutdown, code}}`, `{:error, :bad_address}`, `{:error, :nxdomain}`,
+  `{:error, {:shutdown, code}}`, `{:error, :bad_address}` (also for port 0), `{:error, :nxdomain}`,
   `{:error, {:bad_option, name}}`, and `{:error, :badarg}` for a `timeout` that is neither
   `:infinity` nor a non-negative integer.
 
@@ -495,8 +506,9 @@ defmodule MaculaQuic do
   end
 
   @doc """
-  The remote address of a connection (or of a stream's connection), as `{"ip", port}`. Like
-  `getstat/2`, it is read on the native runtime while the calling process waits.
+  The remote address of a connection (or of a stream's connection), as `{"ip", port}`, also
+  once the connection has closed. Like `getstat/2`, it is read in turn with Quinn's driver:
+  within this call when the connection is idle, else while the calling process waits.
 
       {:ok, {"127.0.0.1", port}} = MaculaQuic.peername(conn)
   """
@@ -543,37 +555,36 @@ defmodule MaculaQuic do
   `:sent_packets`, `:mtu`, `:stream_frames_tx`, `:stream_frames_rx`. A stream handle reports its
   connection's counters. An unknown name (or `names` not a proper list) gives
   `{:error, {:bad_stat, name}}`; a handle that is not a connection or stream raises
-  `ArgumentError`. The native side reads the counters on its runtime (Quinn keeps them under
-  a lock its driver holds while it works), so only the calling process waits, for a hand-off
-  there and back.
+  `ArgumentError` (whatever the names). Quinn keeps the counters under a lock its driver holds
+  while it works, so they are read in turn with the driver: within this call when the
+  connection is idle, else by a runtime worker while only the calling process waits, never by
+  a scheduler waiting for the lock. A closed connection still answers, with its last counters.
 
       {:ok, [send_oct: sent, recv_oct: received]} = MaculaQuic.getstat(conn, [:send_oct, :recv_oct])
   """
   @spec getstat(connection() | stream(), [atom()]) ::
           {:ok, [{atom(), non_neg_integer()}]} | {:error, reason()}
-  def getstat(handle, names) when is_list(names) do
-    case find_bad_stat(names) do
-      nil ->
-        conn =
-          if Native.handle_kind(handle) == :stream, do: Native.stream_conn(handle), else: handle
+  def getstat(handle, names) do
+    # The handle first: a wrong kind of handle raises whatever the names.
+    conn =
+      case Native.handle_kind(handle) do
+        :connection -> handle
+        :stream -> Native.stream_conn(handle)
+        _ -> bad_handle!("a connection or stream", handle)
+      end
 
-        case native(:connection, conn, fn -> conn_query(conn, :stats) end) do
-          %{} = stats -> {:ok, Enum.map(names, &{&1, Map.fetch!(stats, &1)})}
-          {:error, _} = error -> error
-        end
-
-      bad ->
-        {:error, {:bad_stat, bad}}
+    with :ok <- check_stat_names(names),
+         %{} = stats <- conn_query(conn, :stats) do
+      {:ok, Enum.map(names, &{&1, Map.fetch!(stats, &1)})}
     end
   end
 
-  def getstat(_handle, names), do: {:error, {:bad_stat, names}}
-
-  # The first name that is not a statistic (an improper tail counts as one), or nil.
-  defp find_bad_stat([]), do: nil
-  defp find_bad_stat([name | rest]) when name in @stat_names, do: find_bad_stat(rest)
-  defp find_bad_stat([name | _]), do: name
-  defp find_bad_stat(tail), do: tail
+  # `{:error, {:bad_stat, x}}` for the first name that is not a statistic (an improper tail, or
+  # `names` not a list, counts as one).
+  defp check_stat_names([]), do: :ok
+  defp check_stat_names([name | rest]) when name in @stat_names, do: check_stat_names(rest)
+  defp check_stat_names([name | _]), do: {:error, {:bad_stat, name}}
+  defp check_stat_names(tail), do: {:error, {:bad_stat, tail}}
 
   ## Streams
 
@@ -707,20 +718,21 @@ defmodule MaculaQuic do
   end
 
   @doc """
-  Queues `data` for sending and returns at once. Data queued this way is bounded (16 MiB per
-  stream): past that, `{:error, :send_queue_full}` — use `send/2` to wait for the peer instead.
-  Order with other sends on the stream is kept.
+  Queues `data` for sending and returns at once, having queued all of it or none. Data queued
+  this way is bounded: while some of it still waits for Quinn, a send that would take the
+  waiting total past 16 MiB is refused whole with `{:error, :send_queue_full}` (one send of any
+  size is taken when none waits) — use `send/2` to wait for the peer instead. Order with other
+  sends on the stream is kept. Data of 16 KiB or more is not copied: the binary itself is
+  queued.
 
       :ok = MaculaQuic.async_send(stream, "fire and forget")
   """
   @spec async_send(stream(), iodata()) :: :ok | {:error, reason()}
-  def async_send(stream, data), do: async_pieces(stream, iodata!(data))
-
-  defp async_pieces(stream, bin) when byte_size(bin) <= @piece,
-    do: native(:stream, stream, fn -> Native.stream_send(stream, bin, nil, false) end)
-
-  defp async_pieces(stream, <<piece::binary-size(@piece), rest::binary>>) do
-    with :ok <- async_pieces(stream, piece), do: async_pieces(stream, rest)
+  def async_send(stream, data) do
+    # One call, whatever the size: the native side keeps a large binary without copying it, so
+    # the call stays short, and the bound is checked once, for all of the data.
+    bin = iodata!(data)
+    native(:stream, stream, fn -> Native.stream_send(stream, bin, nil, false) end)
   end
 
   @doc """
@@ -846,7 +858,9 @@ defmodule MaculaQuic do
   `error_code` as `{:quic, :peer_send_aborted, s, code}` or `{:quic, :peer_receive_aborted, s,
   code}`. Returns at once. Invalid flag combinations, and an `error_code` that is not an
   integer in `0..2^62-1` (a QUIC varint), give `{:error, :badarg}`; a handle that is not a
-  stream raises `ArgumentError`.
+  stream raises `ArgumentError`. A graceful shutdown gives `{:error, :einval}` on the
+  receiving end of a unidirectional stream (it has no sending side) and `{:error, :closed}`
+  once the sending side has ended; aborting a direction that has already ended is `:ok`.
 
       :ok = MaculaQuic.async_shutdown_stream(stream, MaculaQuic.stream_shutdown_abort(), 7)
   """

@@ -217,6 +217,7 @@ defmodule MaculaQuic.BadInputTest do
         {:getstat, [c, [:send_oct, :bogus]], {:error, {:bad_stat, :bogus}}},
         {:getstat, [c, [:send_oct | :improper]], {:error, {:bad_stat, :improper}}},
         {:getstat, [c, :send_oct], {:error, {:bad_stat, :send_oct}}},
+        {:getstat, [c, nil], {:error, {:bad_stat, nil}}},
         # --- PEM files
         {:listen, ["127.0.0.1", 0, a ++ [certfile: f.missing, keyfile: certs.key]],
          {:error, {:certfile, :enoent}}},
@@ -336,6 +337,8 @@ defmodule MaculaQuic.BadInputTest do
         {:sockname, [make_ref()], bad_handle},
         {:getstat, [l, [:send_oct]], bad_handle},
         {:getstat, [{}, [:send_oct]], bad_handle},
+        {:getstat, [l, [:bogus]], bad_handle},
+        {:getstat, [nil, nil], bad_handle},
         {:open_stream, [l], bad_handle},
         {:open_stream, [s, :bad_opts], bad_handle},
         {:async_accept_stream, [s], bad_handle},
@@ -375,7 +378,8 @@ defmodule MaculaQuic.BadInputTest do
         {:recv, [closed_s, 0, 1_000], {:error, :closed}},
         {:close_stream, [closed_s], :ok},
         {:close, [closed_s], :ok},
-        {:async_shutdown_stream, [closed_s, 6, 0], :ok}
+        {:async_shutdown_stream, [closed_s, 6, 0], :ok},
+        {:async_shutdown_stream, [closed_s, 1, 0], {:error, :closed}}
       ]
   end
 
@@ -468,6 +472,35 @@ defmodule MaculaQuic.BadInputTest do
       %{listeners: 0, connections: 0, streams: 0, tasks: 0, bound_addresses: 0},
       30_000
     )
+  end
+
+  test "closed handles: what needs a live one is {:error, :closed}, queries still answer" do
+    {c, sc, l, port} = pair!()
+    {s, ss} = stream_pair!(c, sc, client: [active: false])
+    {:ok, peer} = MaculaQuic.peername(c)
+    {:ok, local} = MaculaQuic.sockname(c)
+    {:ok, [send_cnt: sent]} = MaculaQuic.getstat(s, [:send_cnt])
+    :ok = MaculaQuic.close_stream(s)
+    :ok = MaculaQuic.close_connection(c)
+    await_stream_closed(s)
+    :ok = MaculaQuic.close_listener(l)
+    assert {:error, :closed} = MaculaQuic.open_stream(c)
+    assert {:error, :closed} = MaculaQuic.recv(s, 0, 1_000)
+    # The last addresses and counters of the connection.
+    assert MaculaQuic.peername(c) == {:ok, peer}
+    assert MaculaQuic.peername(s) == {:ok, peer}
+    assert MaculaQuic.sockname(c) == {:ok, local}
+    assert {:ok, [send_cnt: now]} = MaculaQuic.getstat(c, [:send_cnt])
+    assert now > sent
+    assert MaculaQuic.sockname(l) == {:ok, {"127.0.0.1", port}}
+    # A stream's options are kept, and may still be set (to no effect: nothing more arrives).
+    assert MaculaQuic.getopt(s, :active) == {:ok, false}
+    assert MaculaQuic.setopt(s, :active, :once) == :ok
+    assert MaculaQuic.getopt(s, :active) == {:ok, :once}
+    refute_receive {:quic, _, ^s, _}, 50
+    MaculaQuic.close_stream(ss)
+    MaculaQuic.close(sc)
+    await_clean!(%{listeners: 0, connections: 0, streams: 0, tasks: 0}, 10_000)
   end
 
   test "PEM files are read by the calling process, never by the NIF on a scheduler", %{

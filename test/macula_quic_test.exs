@@ -34,6 +34,9 @@ defmodule MaculaQuicTest do
       {:ok, l} = MaculaQuic.listen("127.0.0.1:#{port}", alpn: alpn())
       assert {:ok, {"127.0.0.1", ^port}} = MaculaQuic.sockname(l)
       :ok = MaculaQuic.close_listener(l)
+      {:ok, l} = MaculaQuic.listen(~c"[::1]:#{port}", alpn: alpn())
+      assert {:ok, {"::1", ^port}} = MaculaQuic.sockname(l)
+      :ok = MaculaQuic.close_listener(l)
     end
 
     test "a bare port listens on every address" do
@@ -629,6 +632,34 @@ defmodule MaculaQuicTest do
       assert {:ok, rest} = MaculaQuic.recv(ss, 2 * 1_048_576, 10_000)
       assert rest == :binary.copy("m", 2 * 1_048_576)
       assert {:ok, [send_pend: 0]} = MaculaQuic.getstat(c, [:send_pend])
+    end
+
+    test "async_send/2 queues all of its data or none: past 16 MiB waiting, :send_queue_full" do
+      {c, sc, _l, _} = pair!()
+      {s, ss} = stream_pair!(c, sc, server: [active: false])
+      mib = 1_048_576
+      piece = :binary.copy("a", mib)
+      # The server does not read: Quinn takes what flow control allows, the rest waits.
+      sent =
+        Enum.reduce_while(1..64, 0, fn _, n ->
+          case MaculaQuic.async_send(s, piece) do
+            :ok -> {:cont, n + 1}
+            {:error, :send_queue_full} -> {:halt, n}
+          end
+        end)
+
+      # 16 MiB waiting, and up to the windows' worth (~1.5 MiB) that Quinn took.
+      assert sent in 16..18
+      big = :binary.copy("b", 20 * mib)
+      assert {:error, :send_queue_full} = MaculaQuic.async_send(s, big)
+      # Nothing of the refused send was queued.
+      assert {:ok, got} = MaculaQuic.recv(ss, 5 + sent * mib, 20_000)
+      assert got == "hello" <> :binary.copy("a", sent * mib)
+      # With nothing waiting, a send of any size is taken whole.
+      assert :ok = MaculaQuic.async_send(s, big)
+      :ok = MaculaQuic.async_shutdown_stream(s, MaculaQuic.stream_shutdown_graceful(), 0)
+      assert {:ok, ^big} = MaculaQuic.recv(ss, 20 * mib, 20_000)
+      assert {:error, :peer_send_shutdown} = MaculaQuic.recv(ss, 0, 5_000)
     end
 
     test "a send with FIN waits for Quinn, so its process may exit right after: nothing is reset" do

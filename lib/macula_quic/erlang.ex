@@ -71,7 +71,10 @@ defmodule :macula_quic do
   # default arguments takes the leading arguments of the full one), so that Erlang callers and
   # Dialyzer see them; test/erlang_face_test.exs checks every export has one.
   @spec listen(
-          :inet.port_number() | {MaculaQuic.address(), :inet.port_number()} | String.t(),
+          :inet.port_number()
+          | {MaculaQuic.address(), :inet.port_number()}
+          | String.t()
+          | charlist(),
           MaculaQuic.options()
         ) :: {:ok, MaculaQuic.listener()} | {:error, MaculaQuic.reason()}
   @spec listen(MaculaQuic.address(), :inet.port_number(), MaculaQuic.options()) ::

@@ -717,9 +717,10 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
     (atoms::ok(), id).encode(env)
 }
 
-/// Gives an accepted stream to the process that asked for it. If that process is gone, or it
-/// withdrew its accept as the stream arrived, the stream goes to the connection's owner as an
-/// orphan in passive mode (quicer's rule), so no stream is silently lost.
+/// Gives an accepted stream to the process that asked for it (a dead one's stream is aborted).
+/// If that process withdrew its accept as the stream arrived, the stream goes to the
+/// connection's owner as an orphan in passive mode (quicer's rule), so no stream is silently
+/// lost.
 #[allow(clippy::too_many_arguments)]
 fn hand_over(
     c: ResourceArc<ConnRes>,
