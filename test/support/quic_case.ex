@@ -95,6 +95,19 @@ defmodule MaculaQuic.Test.Quic do
     end
   end
 
+  @doc """
+  Asserts that server connection `sc` is the other end of client connection `c`: data sent on
+  a new stream of `c` arrives on `sc`. (Clients share one local address, so comparing
+  addresses cannot tell connections apart.)
+  """
+  def same_connection!(c, sc) do
+    token = "conn #{System.unique_integer([:positive])}"
+    {s, ss} = stream_pair!(c, sc, first: token)
+    assert collect!(ss, byte_size(token)) == token
+    :ok = MaculaQuic.close_stream(s)
+    :ok = MaculaQuic.close_stream(ss)
+  end
+
   @doc "Collects `{:quic, data, stream, _}` messages for `stream` until `n` bytes arrived."
   def collect!(stream, n, acc \\ [], got \\ 0)
   def collect!(_stream, n, acc, got) when got >= n, do: IO.iodata_to_binary(Enum.reverse(acc))
