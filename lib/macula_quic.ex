@@ -744,7 +744,8 @@ defmodule MaculaQuic do
   flow-control credit. `length` > 0 returns
   exactly that many bytes, or fewer if the stream ends first. Errors: `{:error, :einval}` on
   an active stream, `{:error, :peer_send_shutdown}` once the stream has ended and everything
-  was read, `{:error, {:peer_send_aborted, code}}`, `{:error, :closed}`,
+  was read, `{:error, {:peer_send_aborted, code}}`, `{:error, :closed}` (or, when the
+  connection ended, why, as `send/2` reports it: `{:error, {:shutdown, code}}`, ...),
   `{:error, :timeout}`, `{:error, :ealready}` when another `recv` on the stream is waiting,
   `{:error, :badarg}` for a `length` over 64 MiB (`:gen_tcp`'s limit too) or a `timeout` that is neither `:infinity`
   nor a non-negative integer. A `length` that is not a non-negative integer raises

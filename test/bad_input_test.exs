@@ -597,14 +597,6 @@ defmodule MaculaQuic.BadInputTest do
     end
   end
 
-  defp wait_until_waiting!(pid, tries \\ 500) do
-    case Process.info(pid, :status) do
-      {:status, :waiting} -> :ok
-      _ when tries > 0 -> receive(after: (10 -> wait_until_waiting!(pid, tries - 1)))
-      other -> flunk("#{inspect(pid)} never blocked: #{inspect(other)}")
-    end
-  end
-
   test "the largest stream counts allowed still connect at once" do
     # Quinn sets up every stream the peer may open when a connection starts, inside connect on
     # the caller's scheduler; at the cap (a u16, as in MsQuic) that stays well under a second.

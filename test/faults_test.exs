@@ -85,32 +85,36 @@ defmodule MaculaQuic.FaultsTest do
     {passive, _} = stream_pair!(c, sc, client: [active: false])
     parent = self()
     # Calls waiting when the connection goes: a recv, a stream accept, a blocked send.
-    spawn_link(fn -> send(parent, {:recv, MaculaQuic.recv(passive, 10, 30_000)}) end)
-    spawn_link(fn -> send(parent, {:accept_stream, MaculaQuic.accept_stream(c, [], 30_000)}) end)
+    receiver = spawn_link(fn -> send(parent, {:recv, MaculaQuic.recv(passive, 10, 30_000)}) end)
+
+    acceptor =
+      spawn_link(fn -> send(parent, {:accept_stream, MaculaQuic.accept_stream(c, [], 30_000)}) end)
+
     {blocked, blocked_peer} = stream_pair!(c, sc, server: [active: false])
 
-    :ok =
-      MaculaQuic.controlling_process(
-        blocked,
-        spawn_link(fn ->
-          send(parent, {:send, send_until_error(blocked, :binary.copy("x", 1_048_576))})
-        end)
-      )
+    sender =
+      spawn_link(fn ->
+        receive(do: (:go -> :ok))
+        send(parent, {:send, send_until_error(blocked, :binary.copy("x", 1_048_576))})
+      end)
 
+    :ok = MaculaQuic.controlling_process(blocked, sender)
+    send(sender, :go)
     # The server reads nothing on `blocked_peer`, so the sender fills the window and waits.
     wait_until_flow_blocked!(blocked_peer)
+    Enum.each([receiver, acceptor, sender], &wait_until_waiting!/1)
 
     :ok = MaculaQuic.async_shutdown_connection(sc, MaculaQuic.connection_shutdown_none(), 42)
 
     receive_msg!({:quic, :shutdown, ^c, 42})
     receive_msg!({:quic, :closed, ^c, %{is_app_closing: false}})
     {:quic, :stream_closed, ^active, %{is_conn_shutdown: true}} = await_stream_closed!(active)
-    assert_receive {:recv, {:error, _}}, 10_000
+    assert_receive {:recv, {:error, {:shutdown, 42}}}, 10_000
     assert_receive {:accept_stream, {:error, {:shutdown, 42}}}, 10_000
     assert_receive {:send, {:error, {:shutdown, 42}}}, 10_000
     # Calls after the end say why, too.
     assert {:error, {:shutdown, 42}} = MaculaQuic.open_stream(c)
-    assert {:error, _} = MaculaQuic.send(active, "late")
+    assert {:error, {:shutdown, 42}} = MaculaQuic.send(active, "late")
     receive_msg!({:quic, :closed, ^sc, %{is_app_closing: true}})
 
     Enum.each([passive, blocked_peer, c, l], &MaculaQuic.close/1)

@@ -122,6 +122,18 @@ defmodule MaculaQuic.Test.Quic do
   end
 
   @doc """
+  Polls until `pid` waits in a `receive` (a call of ours waiting for its answer): no message
+  says so.
+  """
+  def wait_until_waiting!(pid, tries \\ 500) do
+    case Process.info(pid, :status) do
+      {:status, :waiting} -> :ok
+      _ when tries > 0 -> receive(after: (10 -> wait_until_waiting!(pid, tries - 1)))
+      other -> flunk("#{inspect(pid)} never blocked: #{inspect(other)}")
+    end
+  end
+
+  @doc """
   Polls `fun` every 10 ms until it returns true (then true), at most `tries` times (then
   false): for states no message announces, such as a process waiting in a `receive`.
   """

@@ -135,6 +135,8 @@ struct State {
     send_done: bool,
     closed_sent: bool,
     conn_lost: bool,
+    /// Why the connection ended, when the reader found it so (`recv` reports it).
+    lost_reason: Option<Reason>,
     peer_reset_code: Option<u64>,
     /// Test hook: the reader panics when it next wakes.
     #[cfg(feature = "test_hooks")]
@@ -275,6 +277,7 @@ impl StreamRes {
                 send_done: send.is_none(),
                 closed_sent: false,
                 conn_lost: false,
+                lost_reason: None,
                 peer_reset_code: None,
                 #[cfg(feature = "test_hooks")]
                 debug_panic: false,
@@ -351,7 +354,8 @@ enum ReadOutcome {
     /// Data (possibly empty), and whether the stream ended right after it.
     Data(Vec<Bytes>, bool),
     Reset(u64),
-    Lost,
+    /// The connection ended: why, as a send on it reports it.
+    Lost(Reason),
 }
 
 /// Takes whatever Quinn has available now, up to `max` bytes; pending only if nothing is.
@@ -377,7 +381,10 @@ fn poll_available(recv: &mut quinn::RecvStream, max: usize, cx: &mut Context) ->
             // Data read before an error is still delivered; the error shows on the next read.
             Poll::Ready(Err(_)) if !chunks.is_empty() => return Poll::Ready(ReadOutcome::Data(chunks, false)),
             Poll::Ready(Err(quinn::ReadError::Reset(code))) => return Poll::Ready(ReadOutcome::Reset(code.into_inner())),
-            Poll::Ready(Err(_)) => return Poll::Ready(ReadOutcome::Lost),
+            Poll::Ready(Err(quinn::ReadError::ConnectionLost(why))) => {
+                return Poll::Ready(ReadOutcome::Lost(error::connection(&why)))
+            }
+            Poll::Ready(Err(_)) => return Poll::Ready(ReadOutcome::Lost(atoms::closed().into())),
             Poll::Pending if !chunks.is_empty() => return Poll::Ready(ReadOutcome::Data(chunks, false)),
             Poll::Pending => return Poll::Pending,
         }
@@ -435,8 +442,9 @@ fn absorb(st: &mut State, outcome: ReadOutcome) {
             st.recv_end = Some(RecvEnd::Reset(code));
             st.peer_reset_code = Some(code);
         }
-        ReadOutcome::Lost => {
+        ReadOutcome::Lost(why) => {
             st.recv_end = Some(RecvEnd::Lost);
+            st.lost_reason = Some(why);
             st.conn_lost = true;
         }
     }
@@ -664,6 +672,7 @@ fn end_reason(st: &State) -> Reason {
     match st.recv_end {
         Some(RecvEnd::Fin) => atoms::peer_send_shutdown().into(),
         Some(RecvEnd::Reset(code)) => Reason::Code(atoms::peer_send_aborted(), code),
+        Some(RecvEnd::Lost) => st.lost_reason.clone().unwrap_or_else(|| atoms::closed().into()),
         _ => atoms::closed().into(),
     }
 }
