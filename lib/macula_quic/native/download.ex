@@ -24,11 +24,15 @@ defmodule MaculaQuic.Native.Download do
           {:max_retries, non_neg_integer()}
           | {:retry_delay_ms, non_neg_integer()}
           | {:env, %{optional(String.t()) => String.t()}}
+          | {:cacerts, (() -> [term()])}
 
   @doc """
   Fetches `url` and returns its body. Options: `:max_retries` (default 3),
   `:retry_delay_ms` (backoff unit, default 1000; attempt n waits n units) and `:env`
   (where proxy variables and HEX_CACERTS_PATH are read, default `System.get_env/0`).
+  `:cacerts` (for tests) replaces `:public_key.cacerts_get/0`, the OS trust store. A trust
+  store that cannot be loaded, and a server the TLS check refuses, fail at once (no retry):
+  `{:http_failed, url, {:no_cacerts, why}}`, `{:http_failed, url, {:failed_connect, ...}}`.
   """
   @spec get(String.t(), [option()]) :: {:ok, binary()} | {:error, error()}
   def get(url, opts \\ []) do
@@ -36,8 +40,10 @@ defmodule MaculaQuic.Native.Download do
     max_retries = Keyword.get(opts, :max_retries, @default_max_retries)
     delay = Keyword.get(opts, :retry_delay_ms, @default_retry_delay_ms)
 
+    cacerts = Keyword.get(opts, :cacerts, &:public_key.cacerts_get/0)
+
     with :ok <- start_client(env) do
-      attempt(url, env, 0, max_retries, delay)
+      attempt(url, {env, cacerts}, 0, max_retries, delay)
     end
   end
 
@@ -57,18 +63,27 @@ defmodule MaculaQuic.Native.Download do
   end
 
   defp retryable?({:http_status, _url, status}), do: status >= 500
-  defp retryable?({:http_failed, _url, _reason}), do: true
+  defp retryable?({:http_failed, _url, {:no_cacerts, _}}), do: false
+  defp retryable?({:http_failed, _url, reason}), do: not tls_refused?(reason)
 
-  defp request(url, env) do
-    http_options =
-      [ssl: ssl_options(url, env), connect_timeout: 15_000, timeout: 120_000] ++
-        proxy_auth(env)
+  # The TLS handshake was refused (an unknown CA, a wrong host name): trying again changes
+  # nothing.
+  defp tls_refused?({:failed_connect, parts}) when is_list(parts),
+    do: Enum.any?(parts, &match?({_, _, {:tls_alert, _}}, &1))
 
-    options = [body_format: :binary]
+  defp tls_refused?(_reason), do: false
 
-    case :httpc.request(:get, {String.to_charlist(url), []}, http_options, options, @profile) do
-      {:ok, {{_, 200, _}, _headers, body}} -> {:ok, body}
-      {:ok, {{_, status, _}, _headers, _body}} -> {:error, {:http_status, url, status}}
+  defp request(url, {env, cacerts}) do
+    with {:ok, ssl} <- ssl_options(url, env, cacerts) do
+      http_options = [ssl: ssl, connect_timeout: 15_000, timeout: 120_000] ++ proxy_auth(env)
+      options = [body_format: :binary]
+
+      case :httpc.request(:get, {String.to_charlist(url), []}, http_options, options, @profile) do
+        {:ok, {{_, 200, _}, _headers, body}} -> {:ok, body}
+        {:ok, {{_, status, _}, _headers, _body}} -> {:error, {:http_status, url, status}}
+        {:error, reason} -> {:error, {:http_failed, url, reason}}
+      end
+    else
       {:error, reason} -> {:error, {:http_failed, url, reason}}
     end
   end
@@ -94,24 +109,36 @@ defmodule MaculaQuic.Native.Download do
     end
   end
 
-  defp ssl_options(url, env) do
+  defp ssl_options(url, env, cacerts) do
     if String.starts_with?(url, "https:") do
-      [
-        verify: :verify_peer,
-        depth: 4,
-        customize_hostname_check: [
-          match_fun: :public_key.pkix_verify_hostname_match_fun(:https)
-        ]
-      ] ++ ca_options(env)
+      with {:ok, ca} <- ca_options(env, cacerts) do
+        {:ok,
+         [
+           verify: :verify_peer,
+           depth: 4,
+           customize_hostname_check: [
+             match_fun: :public_key.pkix_verify_hostname_match_fun(:https)
+           ]
+         ] ++ ca}
+      end
     else
-      []
+      {:ok, []}
     end
   end
 
-  defp ca_options(env) do
+  defp ca_options(env, cacerts) do
     case Map.get(env, "HEX_CACERTS_PATH") do
-      path when is_binary(path) and path != "" -> [cacertfile: String.to_charlist(path)]
-      _ -> [cacerts: :public_key.cacerts_get()]
+      path when is_binary(path) and path != "" ->
+        {:ok, [cacertfile: String.to_charlist(path)]}
+
+      _ ->
+        # OTP 25's cacerts_get/0 raises when the OS has no trust store to load (a container
+        # without ca-certificates): say so rather than crash the compile.
+        try do
+          {:ok, [cacerts: cacerts.()]}
+        catch
+          kind, why -> {:error, {:no_cacerts, Exception.format_banner(kind, why)}}
+        end
     end
   end
 
@@ -133,7 +160,7 @@ defmodule MaculaQuic.Native.Download do
   defp proxy(nil, _no_proxy), do: nil
 
   defp proxy(url, no_proxy) do
-    case URI.parse(url) do
+    case proxy_uri(url) do
       %URI{host: host, port: port} when is_binary(host) and host != "" ->
         {{String.to_charlist(host), port || 80}, no_proxy}
 
@@ -152,13 +179,19 @@ defmodule MaculaQuic.Native.Download do
     [["HTTP_PROXY", "http_proxy"], ["HTTPS_PROXY", "https_proxy"]]
     |> Enum.map(&first_env(env, &1))
     |> Enum.reject(&is_nil/1)
-    |> Enum.map(&URI.parse(&1).userinfo)
+    |> Enum.map(&proxy_uri(&1).userinfo)
     |> Enum.reject(&is_nil/1)
     |> List.last()
     |> case do
       nil -> []
       userinfo -> [proxy_auth: userinfo_pair(userinfo)]
     end
+  end
+
+  # A proxy given without a scheme (`proxy.corp:3128`, as curl accepts) is an HTTP proxy:
+  # parsed as it is, its host would be read as a scheme and the proxy ignored.
+  defp proxy_uri(url) do
+    if String.contains?(url, "://"), do: URI.parse(url), else: URI.parse("http://" <> url)
   end
 
   defp userinfo_pair(userinfo) do

@@ -59,7 +59,8 @@ defmodule MaculaQuic.Native.Loader do
   environment variables, `System.get_env/0`), `:build_from_source`, `:base_url`,
   `:cache_dir`, `:priv_dir` (the app's priv dir under _build), `:checksum_file`, `:target`
   and `:nif_version` (derived from the running VM), `:max_retries`, `:retry_delay_ms`,
-  `:cargo` (executable) and `:cargo_features` (extra crate features for source builds).
+  `:cargo` (executable) and `:cargo_features` (extra crate features; any make it a source
+  build, since precompiled libraries have none).
   """
   @spec prepare([option()]) :: {:ok, String.t()} | {:error, term()}
   def prepare(opts) do
@@ -85,14 +86,22 @@ defmodule MaculaQuic.Native.Loader do
   end
 
   @doc """
-  The download cache directory: MACULA_QUIC_CACHE_DIR in `env`, else the user cache dir.
+  The download cache directory: MACULA_QUIC_CACHE_DIR in `env`, else the user cache dir (a
+  directory under the system's temporary directory when there is none: no HOME).
   """
   @spec cache_dir(%{optional(String.t()) => String.t()}) :: Path.t()
   def cache_dir(env) do
     case Map.get(env, "MACULA_QUIC_CACHE_DIR") do
       dir when is_binary(dir) and dir != "" -> dir
-      _ -> :filename.basedir(:user_cache, ~c"macula_quic") |> List.to_string()
+      _ -> user_cache_dir()
     end
+  end
+
+  defp user_cache_dir do
+    :filename.basedir(:user_cache, ~c"macula_quic") |> List.to_string()
+  rescue
+    # :filename.basedir/2 raises without HOME (some CI runners and containers).
+    _ -> Path.join(System.tmp_dir!(), "macula_quic_cache")
   end
 
   @doc """
@@ -114,9 +123,11 @@ defmodule MaculaQuic.Native.Loader do
   def format_error(reason), do: message(reason) <> "\n\n" <> remedy(reason)
 
   defp source_build?(opts, env, version) do
-    case Keyword.fetch(opts, :build_from_source) do
-      {:ok, value} -> value == true
-      :error -> build_from_source?(env, configured_build?(opts), version)
+    case {Keyword.fetch(opts, :build_from_source), Keyword.get(opts, :cargo_features, [])} do
+      {{:ok, value}, _} -> value == true
+      # A precompiled library has no extra features (the test suite's hooks): build them.
+      {:error, [_ | _]} -> true
+      {:error, _} -> build_from_source?(env, configured_build?(opts), version)
     end
   end
 
@@ -274,10 +285,17 @@ defmodule MaculaQuic.Native.Loader do
       "No precompiled NIF is published at that address (check MACULA_QUIC_BASE_URL). " <>
         @build_hint
 
+  defp remedy({:http_failed, _, {:no_cacerts, _}}),
+    do:
+      "The system's CA certificates could not be loaded to verify the download: install them " <>
+        "(the ca-certificates package), or set HEX_CACERTS_PATH to a PEM file of trusted CA " <>
+        "certificates. " <> @build_hint
+
   defp remedy({status_or_network, _, _}) when status_or_network in [:http_status, :http_failed],
     do:
-      "Check the network and the HTTPS_PROXY/HTTP_PROXY settings, or put the tarball in the " <>
-        "cache directory (MACULA_QUIC_CACHE_DIR). " <> @build_hint
+      "Check the network and the HTTPS_PROXY/HTTP_PROXY settings (behind a proxy that " <>
+        "intercepts TLS, set HEX_CACERTS_PATH to its CA certificate), or put the tarball in " <>
+        "the cache directory (MACULA_QUIC_CACHE_DIR). " <> @build_hint
 
   defp remedy({:cargo_missing, _}),
     do:

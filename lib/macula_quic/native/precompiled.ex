@@ -38,10 +38,19 @@ defmodule MaculaQuic.Native.Precompiled do
   @spec install(request()) :: {:ok, Path.t()} | {:error, error()}
   def install(request) do
     with {:ok, checksums} <- Checksum.read(request.checksum_file),
+         :ok <- listed(request, checksums),
          {:ok, tarball} <- verified_tarball(request, checksums),
          {:ok, library} <- extract(tarball, request) do
       place(library, request)
     end
+  end
+
+  # An artifact the checksum file does not list can never be installed: say so before any
+  # download (offline, a network error would hide the reason).
+  defp listed(request, checksums) do
+    if Map.has_key?(checksums, request.tarball),
+      do: :ok,
+      else: {:error, {:checksum_missing, request.tarball, request.checksum_file}}
   end
 
   @doc """
@@ -109,8 +118,21 @@ defmodule MaculaQuic.Native.Precompiled do
     Checksum.verify(request.tarball, content, checksums, request.checksum_file)
   end
 
+  # The download has verified, so a cache that cannot be written (a read-only home, say) only
+  # costs the next build another download: say so, and go on.
   defp cache(content, request) do
-    write_atomically(Path.join(request.cache_dir, request.tarball), content)
+    case write_atomically(Path.join(request.cache_dir, request.tarball), content) do
+      :ok ->
+        :ok
+
+      {:error, {:write_failed, path, reason}} ->
+        Mix.shell().info(
+          "macula_quic: could not cache #{path} (#{inspect(reason)}); installing anyway. " <>
+            "Set MACULA_QUIC_CACHE_DIR to a writable directory to keep downloads."
+        )
+
+        :ok
+    end
   end
 
   # Extracts in memory and takes only the expected member, so a hostile archive can neither

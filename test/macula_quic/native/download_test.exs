@@ -34,10 +34,28 @@ defmodule MaculaQuic.Native.DownloadTest do
       %{server: server, ca_file: ca_file}
     end
 
-    test "a server whose CA is not trusted is refused", %{server: server} do
+    test "a server whose CA is not trusted is refused, at once", %{server: server} do
       url = server.base_url <> "/file.bin"
-      assert {:error, {:http_failed, ^url, reason}} = Download.get(url, env: %{}, max_retries: 0)
+      # A retry after a TLS refusal would wait the long backoff: it is not retried.
+      assert {:error, {:http_failed, ^url, reason}} =
+               Download.get(url, env: %{}, retry_delay_ms: 600_000)
+
       assert inspect(reason) =~ "unknown_ca"
+    end
+
+    test "a trust store that cannot be loaded is an error that says what to do", %{
+      server: server
+    } do
+      url = server.base_url <> "/file.bin"
+      no_store = fn -> raise MatchError, term: {:error, :no_cacerts_found} end
+
+      assert {:error, {:http_failed, ^url, {:no_cacerts, why}} = reason} =
+               Download.get(url, env: %{}, cacerts: no_store, retry_delay_ms: 600_000)
+
+      assert why =~ "no_cacerts_found"
+      message = MaculaQuic.Native.Loader.format_error(reason)
+      assert message =~ "ca-certificates"
+      assert message =~ "HEX_CACERTS_PATH"
     end
 
     test "a trusted CA (HEX_CACERTS_PATH) is accepted", %{server: server, ca_file: ca_file} do
@@ -74,6 +92,17 @@ defmodule MaculaQuic.Native.DownloadTest do
 
       assert Download.proxy_auth(env) == [proxy_auth: {~c"user", ~c"p@ss"}]
       assert Download.proxy_auth(%{}) == []
+
+      # Without a scheme (as curl accepts it): an HTTP proxy all the same.
+      bare = %{"HTTPS_PROXY" => "u:pw@proxy.corp:3128", "HTTP_PROXY" => "plain.corp"}
+      loopback = [~c"localhost", ~c"127.0.0.1", ~c"::1"]
+
+      assert Download.proxy_options(bare) == [
+               proxy: {{~c"plain.corp", 80}, loopback},
+               https_proxy: {{~c"proxy.corp", 3128}, loopback}
+             ]
+
+      assert Download.proxy_auth(bare) == [proxy_auth: {~c"u", ~c"pw"}]
     end
 
     test ":httpc accepts them" do

@@ -34,6 +34,19 @@ defmodule MaculaQuic.Native.LoaderTest do
     assert Loader.cache_dir(%{}) ==
              List.to_string(:filename.basedir(:user_cache, ~c"macula_quic"))
 
+    # Without HOME there is no user cache dir (:filename.basedir/2 raises in a VM started
+    # without one): a temporary one.
+    ebin = Path.dirname(:code.which(Loader))
+    code = "IO.write(MaculaQuic.Native.Loader.cache_dir(%{}))"
+
+    assert {dir, 0} =
+             System.cmd("elixir", ["-pa", ebin, "-e", code],
+               env: [{"HOME", nil}, {"XDG_CACHE_HOME", nil}],
+               stderr_to_stdout: true
+             )
+
+    assert dir == Path.join(System.tmp_dir!(), "macula_quic_cache")
+
     assert Loader.base_url(%{"MACULA_QUIC_BASE_URL" => "http://mirror/v1"}, "1.0.0") ==
              "http://mirror/v1"
 
@@ -54,6 +67,13 @@ defmodule MaculaQuic.Native.LoaderTest do
 
     test "MACULA_QUIC_BUILD=1 forces a source build of a release version", ctx do
       opts = source_opts(ctx, version: "0.1.0", env: %{"MACULA_QUIC_BUILD" => "1"})
+      assert {:error, {:cargo_missing, _}} = Loader.prepare(opts)
+      assert_received {:mix_shell, :info, ["Building the macula_quic NIF from source" <> _]}
+    end
+
+    test "extra cargo features (the test suite's hooks) force it: no precompiled library has them",
+         ctx do
+      opts = source_opts(ctx, version: "0.1.0", env: %{}, cargo_features: ["test_hooks"])
       assert {:error, {:cargo_missing, _}} = Loader.prepare(opts)
       assert_received {:mix_shell, :info, ["Building the macula_quic NIF from source" <> _]}
     end

@@ -79,6 +79,18 @@ defmodule MaculaQuic.Native.PrecompiledDownloadTest do
     assert_received {:mix_shell, :info, ["Installing precompiled NIF " <> _]}
   end
 
+  test "a cache that cannot be written does not stop the install: it says so", ctx do
+    # A regular file where the cache directory would go: nothing can be created under it.
+    blocker = Path.join(ctx.tmp_dir, "not_a_dir")
+    File.write!(blocker, "")
+    opts = Keyword.put(ctx.opts, :cache_dir, Path.join(blocker, "cache"))
+
+    assert {:ok, _} = Loader.prepare(opts)
+    assert File.read!(Path.join([ctx.priv, "native", ctx.file_name])) == ctx.library
+    assert_received {:mix_shell, :info, ["macula_quic: could not cache " <> message]}
+    assert message =~ "MACULA_QUIC_CACHE_DIR"
+  end
+
   test "prepare! returns the load path, as MaculaQuic.Native uses it", ctx do
     assert Loader.prepare!(ctx.opts) ==
              "native/libmacula_quic-v0.1.0-nif-2.16-x86_64-unknown-linux-gnu"
@@ -108,8 +120,11 @@ defmodule MaculaQuic.Native.PrecompiledDownloadTest do
     assert message =~ "MACULA_QUIC_BUILD=1"
   end
 
-  test "a missing checksum entry is rejected and nothing is written", ctx do
+  test "a missing checksum entry is rejected, before any download, and nothing is written",
+       ctx do
     :ok = Checksum.write(ctx.checksum_file, %{"something-else.so.tar.gz" => "sha256:00"})
+    # Offline: the reason is still the missing entry, not the network.
+    LoaderHttpServer.stop(ctx.server)
 
     assert Loader.prepare(ctx.opts) ==
              {:error, {:checksum_missing, ctx.tarball_name, ctx.checksum_file}}
@@ -133,7 +148,10 @@ defmodule MaculaQuic.Native.PrecompiledDownloadTest do
 
   test "an unpublished artifact is a clear 404", ctx do
     opts = Keyword.put(ctx.opts, :version, "0.0.9")
-    url = "#{ctx.server.base_url}/libmacula_quic-v0.0.9-nif-2.16-#{@target}.so.tar.gz"
+    name = "libmacula_quic-v0.0.9-nif-2.16-#{@target}.so.tar.gz"
+    url = "#{ctx.server.base_url}/#{name}"
+    # Listed in the checksum file, but not on the server.
+    :ok = Checksum.write(ctx.checksum_file, %{name => "sha256:00"})
 
     assert Loader.prepare(opts) == {:error, {:http_status, url, 404}}
     message = assert_raise(Mix.Error, fn -> Loader.prepare!(opts) end).message
