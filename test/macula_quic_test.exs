@@ -450,22 +450,27 @@ defmodule MaculaQuicTest do
 
       lengths = Stream.cycle([0, 1, 7, 65_536, 0, 100_000, 3])
 
-      got =
-        Enum.reduce_while(lengths, [], fn len, acc ->
+      {got, _short} =
+        Enum.reduce_while(lengths, {[], false}, fn len, {acc, short} ->
           case MaculaQuic.recv(ss, len, 10_000) do
             {:ok, data} ->
               # Length 0 returns what is buffered: never empty, at most the 256 KiB read-ahead.
-              # Otherwise exactly `len` bytes (only the last piece before the FIN may be short).
+              # Otherwise exactly `len` bytes; only the last piece before the FIN may be short.
+              refute short, "a short piece came before the end of the stream"
+
               if len == 0,
                 do: assert(byte_size(data) in 1..262_144),
                 else: assert(byte_size(data) <= len)
 
-              {:cont, [data | acc]}
+              {:cont, {[data | acc], len > 0 and byte_size(data) < len}}
 
             {:error, :peer_send_shutdown} ->
-              {:halt, acc}
+              {:halt, {acc, short}}
           end
         end)
+
+      got =
+        got
         |> Enum.reverse()
         |> IO.iodata_to_binary()
 
@@ -623,8 +628,8 @@ defmodule MaculaQuicTest do
       assert_receive {:sent, 1}, 5_000
       assert_receive {:sent, 2}, 5_000
       # A third would make ~2.7 MiB wait: the sender waits (in its own process).
-      assert wait_until(fn -> Process.info(sender, :status) == {:status, :waiting} end)
-      refute_received {:sent, 3}
+      wait_until_waiting!(sender)
+      refute_receive {:sent, 3}, 200
       {:ok, [send_pend: pend]} = MaculaQuic.getstat(c, [:send_pend])
       assert pend > 2 * 1_048_576 and pend <= 3 * 1_048_576
 

@@ -187,11 +187,33 @@ defmodule MaculaQuic.Native.PrecompiledDownloadTest do
   end
 
   test "network failures are retried, then reported", ctx do
-    LoaderHttpServer.stop(ctx.server)
-    opts = Keyword.put(ctx.opts, :max_retries, 2)
+    # A server that accepts each connection and closes it at once, counting the attempts.
+    {:ok, listen} = :gen_tcp.listen(0, [:binary, active: false, ip: {127, 0, 0, 1}])
+    {:ok, port} = :inet.port(listen)
+    parent = self()
+
+    closer =
+      spawn_link(fn ->
+        Stream.repeatedly(fn -> :gen_tcp.accept(listen) end)
+        |> Enum.each(fn
+          {:ok, socket} ->
+            send(parent, :attempt)
+            :gen_tcp.close(socket)
+
+          {:error, _} ->
+            exit(:normal)
+        end)
+      end)
+
+    on_exit(fn -> Process.exit(closer, :kill) end)
+    opts = Keyword.merge(ctx.opts, max_retries: 2, base_url: "http://127.0.0.1:#{port}")
 
     assert {:error, {:http_failed, url, _reason}} = Loader.prepare(opts)
-    assert url =~ "127.0.0.1:#{ctx.server.port}"
+    assert url =~ "127.0.0.1:#{port}"
+    # The first attempt and two retries.
+    for _ <- 1..3, do: assert_received(:attempt)
+    refute_received :attempt
+    :gen_tcp.close(listen)
     message = assert_raise(Mix.Error, fn -> Loader.prepare!(opts) end).message
     assert message =~ "could not download"
     assert message =~ "HTTPS_PROXY"
