@@ -5,6 +5,18 @@ defmodule MaculaQuic.OwnerTest do
 
   @moduletag :owners
 
+  # Whatever a test leaves open is its owner's, the test process: once that has exited, nothing
+  # may be left on the native side, owner entries included (so the next test's count of them
+  # starts settled).
+  setup do
+    on_exit(fn ->
+      MaculaQuic.Test.Settle.await_clean!(
+        Map.put(MaculaQuic.Test.Settle.zero(), :owners, 0),
+        30_000
+      )
+    end)
+  end
+
   test "an owner is monitored once, whatever it owns; its exit closes what it still owns" do
     {l, port} = listen!()
     parent = self()

@@ -10,6 +10,12 @@ defmodule MaculaQuic.PerIdentityTest do
 
   @moduletag :per_identity
 
+  # Whatever a test leaves open is its owner's, the test process: once that has exited, nothing
+  # may be left on the native side.
+  setup do
+    on_exit(fn -> MaculaQuic.Test.Settle.await_clean!(MaculaQuic.Test.Settle.zero(), 30_000) end)
+  end
+
   # Extra IPv6 addresses put on lo for this module (removed on exit): fd00:6d61:6375::N ("mac").
   @v6_prefix "fd00:6d61:6375::"
   @v6_ns [11, 12, 13, 14, 15]

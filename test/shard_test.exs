@@ -5,6 +5,12 @@ defmodule MaculaQuic.ShardTest do
 
   @moduletag :shards
 
+  # Whatever a test leaves open is its owner's, the test process: once that has exited, nothing
+  # may be left on the native side.
+  setup do
+    on_exit(fn -> MaculaQuic.Test.Settle.await_clean!(MaculaQuic.Test.Settle.zero(), 30_000) end)
+  end
+
   test "a send does the endpoint's work on the sender's own thread when the endpoint is idle" do
     {c, sc, _l, _} = pair!()
     {s, ss} = stream_pair!(c, sc, first: "a")

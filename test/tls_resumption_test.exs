@@ -9,6 +9,12 @@ defmodule MaculaQuic.TlsResumptionTest do
 
   @moduletag :tls
 
+  # Whatever a test leaves open is its owner's, the test process: once that has exited, nothing
+  # may be left on the native side.
+  setup do
+    on_exit(fn -> MaculaQuic.Test.Settle.await_clean!(MaculaQuic.Test.Settle.zero(), 30_000) end)
+  end
+
   test "a reconnect offers the session ticket the server sent" do
     alpn = own_alpn()
     before = MaculaQuic.native_counts()
