@@ -516,10 +516,22 @@ defmodule MaculaQuic.PerIdentityTest do
       assert Enum.all?(results, &(&1 == {:ok, :ok}))
       dropped = socket_drops([port, client_port]) - before
 
-      assert dropped == 0,
-             "#{dropped} datagrams dropped by the listener/client-endpoint sockets " <>
-               "(receive buffer overflow) during 200 concurrent connects, which took " <>
-               "#{div(us, 1000)} ms"
+      summary =
+        "#{dropped} datagrams dropped by the listener/client-endpoint sockets " <>
+          "(receive buffer overflow) during 200 concurrent connects, which took " <>
+          "#{div(us, 1000)} ms"
+
+      # The kernel caps a socket's buffer at net.core.rmem_max: below the 2 MiB asked for, the
+      # buffers are smaller than this test is about, and only the connects are checked.
+      case File.read("/proc/sys/net/core/rmem_max") do
+        {:ok, max} when byte_size(max) > 0 ->
+          if String.to_integer(String.trim(max)) >= 2 * 1_048_576,
+            do: assert(dropped == 0, summary),
+            else: IO.puts("\n  net.core.rmem_max below 2 MiB, drops not checked: #{summary}")
+
+        _ ->
+          assert dropped == 0, summary
+      end
     end
   end
 
