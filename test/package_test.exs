@@ -23,4 +23,18 @@ defmodule MaculaQuic.PackageTest do
     assert Mix.Project.config()[:package][:licenses] == ["Apache-2.0"]
     assert File.read!(Path.join(@root, "LICENSE")) =~ "Apache License"
   end
+
+  test "the release workflow builds exactly the targets and NIF versions the loader downloads" do
+    # Read with patterns rather than a YAML parser (no dependencies): the matrix's lines.
+    workflow = File.read!(Path.join(@root, ".github/workflows/release.yml"))
+    targets = Regex.scan(~r/\{ target: ([\w-]+),/, workflow, capture: :all_but_first)
+
+    [nifs] = Regex.run(~r/^\s*nif: \[(.*)\]/m, workflow, capture: :all_but_first)
+    nifs = Regex.scan(~r/"([\d.]+)"/, nifs, capture: :all_but_first)
+
+    assert Enum.sort(List.flatten(targets)) == Enum.sort(MaculaQuic.Native.Target.targets())
+    assert List.flatten(nifs) == MaculaQuic.Native.Target.nif_versions()
+    # One job publishes, after every build (see the workflow).
+    assert workflow =~ ~r/publish:\n(.*\n)*?\s+needs: build_release/
+  end
 end
