@@ -1,4 +1,5 @@
-%% Flag values for macula_quic, named as in quicer's quicer.hrl so quicer code compiles unchanged.
+%% Flag values for macula_quic, with the names and values of quicer's quicer.hrl. Only the
+%% flags macula_quic takes are defined (no stream start, 0-RTT or event-mask flags).
 
 %% Stream shutdown (macula_quic:async_shutdown_stream/3)
 -define(QUIC_STREAM_SHUTDOWN_FLAG_NONE, 0).

@@ -5,7 +5,9 @@ defmodule MaculaQuic do
   Listeners bind exactly the address you give them, connections and streams are owned by
   processes, and stream data arrives as messages (or through `recv/3`) with back-pressure that
   reaches the peer through QUIC flow control. The same API is available to Erlang as
-  `:macula_quic`, speaking quicer's message protocol.
+  `:macula_quic`. Its owner messages follow quicer's shapes; the functions are this module's,
+  many with quicer's names, and porting quicer code takes the changes README's
+  Compatibility section lists.
 
   ## A round trip
 
@@ -68,9 +70,10 @@ defmodule MaculaQuic do
 
     * `{:quic, :new_stream, stream, %{conn: conn, flags: flags, is_orphan: boolean}}` — sent to
       the process that called `async_accept_stream/2`. `flags` is `1` for a unidirectional
-      stream, else `0`. `is_orphan: true` (quicer's rule): the stream arrived just as the
-      accept that asked for it was withdrawn (an `accept_stream/3` timing out), so it went to
-      the connection's owner instead, passive, rather than being lost.
+      stream, else `0`. `is_orphan: true`: the stream arrived just as the accept that asked
+      for it was withdrawn (an `accept_stream/3` timing out), so it went to the connection's
+      owner instead, passive, rather than being lost. (A stream the peer opens while nobody
+      accepts waits for the next accept; quicer hands it to the owner as an orphan.)
     * `{:quic, :shutdown, conn, error_code}` — the peer closed the connection with an
       application error code.
     * `{:quic, :transport_shutdown, conn, %{status: atom, error: code}}` — the connection ended
@@ -84,7 +87,7 @@ defmodule MaculaQuic do
 
     * `{:quic, :new_conn, conn, info}` — sent to the process that called `async_accept/2`,
       which becomes the connection's owner. The handshake has already completed. `info` has
-      `:remote_addr` and `:local_addr` (`"ip:port"` strings, as in quicer), `:server_name` (the
+      `:remote_addr` and `:local_addr` (`"ip:port"` binaries; quicer's are charlists), `:server_name` (the
       SNI the client sent, or `:undefined`), `:alpns` (the negotiated protocol) and `:version`.
     * `{:quic, :listener_stopped, listener}` — a 3-tuple, as quicer sends it, when the
       listener was closed by a process other than its owner.
@@ -382,8 +385,8 @@ defmodule MaculaQuic do
 
   @doc """
   Completes the server side of a handshake. Connections are delivered by `async_accept/2`
-  with their handshake already complete, so this returns `:ok` at once; it exists so quicer
-  code (`accept`, then `handshake`) runs unchanged.
+  with their handshake already complete, so this returns `:ok` at once; it exists for code
+  written as quicer's is (`accept`, then `handshake`), where quicer's returns `{:ok, conn}`.
 
       {:quic, :new_conn, conn, _info} = receive(do: (msg -> msg))
       :ok = MaculaQuic.handshake(conn)
