@@ -70,9 +70,10 @@ defmodule MaculaQuic do
 
     * `{:quic, :new_stream, stream, %{conn: conn, flags: flags, is_orphan: boolean}}` — sent to
       the process that called `async_accept_stream/2`. `flags` is `1` for a unidirectional
-      stream, else `0`. `is_orphan: true`: the stream arrived just as the accept that asked
-      for it was withdrawn (an `accept_stream/3` timing out), so it went to the connection's
-      owner instead, passive, rather than being lost. (A stream the peer opens while nobody
+      stream, else `0`. `is_orphan: true`: the process whose accept the stream came for has
+      exited, or withdrew the accept just as the stream arrived (an `accept_stream/3` timing
+      out), so it went to the connection's owner instead, passive, rather than being lost;
+      the owner should read or close it. (A stream the peer opens while nobody
       accepts waits for the next accept; quicer hands it to the owner as an orphan.)
     * `{:quic, :shutdown, conn, error_code}` — the peer closed the connection with an
       application error code.

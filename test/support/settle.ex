@@ -7,11 +7,19 @@ defmodule MaculaQuic.Test.Settle do
   def await_clean!(expected, timeout \\ 10_000),
     do: MaculaQuic.Test.Quic.await_counts!(expected, timeout, &flush_quic/0)
 
-  @doc "Drops every `{:quic, ...}` message (3- and 4-tuples) in the mailbox."
+  @doc "Drops every `{:quic, ...}` message (3- and 4-tuples) in the mailbox, closing orphan streams."
   def flush_quic do
     receive do
-      {:quic, _, _, _} -> flush_quic()
-      {:quic, _, _} -> flush_quic()
+      # An orphan stream (its acceptor exited) is this process's: close it, or it stays open.
+      {:quic, :new_stream, s, %{is_orphan: true}} ->
+        MaculaQuic.close_stream(s)
+        flush_quic()
+
+      {:quic, _, _, _} ->
+        flush_quic()
+
+      {:quic, _, _} ->
+        flush_quic()
     after
       0 -> :ok
     end

@@ -628,7 +628,7 @@ fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: Term<'a>, t
     });
     let Some(ready) = ready else { return err(env, atoms::closed()) };
     match ready {
-        Some(Ok((send, recv))) => match StreamRes::start(Some(env), c.clone(), send, recv, owner, opts, |_| {}) {
+        Some(Ok((send, recv))) => match StreamRes::start(Some(env), c.clone(), send, recv, owner, None, opts, |_, _| {}) {
             Some(s) => (atoms::ok(), s).encode(env),
             None => err(env, atoms::closed()),
         },
@@ -647,7 +647,7 @@ fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: Term<'a>, t
                 match opened {
                     Ok((send, recv)) => {
                         // `None`: the caller has exited meanwhile, and `start` aborted the stream.
-                        if let Some(s) = StreamRes::start(None, c.clone(), send, recv, owner, opts, |_| {}) {
+                        if let Some(s) = StreamRes::start(None, c.clone(), send, recv, owner, None, opts, |_, _| {}) {
                             reply.send(move |e| (atoms::ok(), s).encode(e));
                         }
                     }
@@ -717,10 +717,10 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
     (atoms::ok(), id).encode(env)
 }
 
-/// Gives an accepted stream to the process that asked for it (a dead one's stream is aborted).
-/// If that process withdrew its accept as the stream arrived, the stream goes to the
-/// connection's owner as an orphan in passive mode (quicer's rule), so no stream is silently
-/// lost.
+/// Gives an accepted stream to the process that asked for it. If that process has exited, or
+/// withdrew its accept as the stream arrived, the stream goes to the connection's owner as an
+/// orphan in passive mode, so no stream is silently lost (it is aborted only when the owner
+/// has exited too).
 #[allow(clippy::too_many_arguments)]
 fn hand_over(
     c: ResourceArc<ConnRes>,
@@ -732,32 +732,39 @@ fn hand_over(
     reply: Option<Reply>,
     withdrawn: bool,
 ) {
-    if !withdrawn {
-        // Announced before the stream's tasks start, so new_stream precedes its first data.
-        // A dead caller's stream is aborted by StreamRes::start.
-        let conn = c.clone();
-        StreamRes::start(None, c, send, Some(recv), caller, opts, move |s| {
-            let s = s.clone();
-            match reply {
-                Some(r) => {
-                    r.send(move |e| (atoms::ok(), s).encode(e));
-                }
-                None => {
-                    messages::send(&caller, move |e| new_stream_msg(e, s, conn, flags, false));
-                }
-            }
-        });
-        return;
-    }
-    if let Some(r) = reply {
-        r.withdraw();
+    let mut reply = reply;
+    if withdrawn {
+        // The caller gave up on it: it must get no answer now.
+        if let Some(r) = reply.take() {
+            r.withdraw();
+        }
     }
     let owner = c.owner_pid();
     let conn = c.clone();
-    StreamRes::start(None, c, send, Some(recv), owner, options::Stream { active: Active::Off, ..Default::default() }, move |s| {
+    // Announced before the stream's tasks start, so new_stream precedes its first data.
+    let announce = move |s: &ResourceArc<StreamRes>, orphan: bool| {
         let s = s.clone();
-        messages::send(&owner, move |e| new_stream_msg(e, s, conn, flags, true));
-    });
+        match reply {
+            Some(r) if !orphan => {
+                r.send(move |e| (atoms::ok(), s).encode(e));
+            }
+            None if !orphan => {
+                messages::send(&caller, move |e| new_stream_msg(e, s, conn, flags, false));
+            }
+            r => {
+                if let Some(r) = r {
+                    r.withdraw();
+                }
+                messages::send(&owner, move |e| new_stream_msg(e, s, conn, flags, true));
+            }
+        }
+    };
+    if withdrawn {
+        let opts = options::Stream { active: Active::Off, ..Default::default() };
+        StreamRes::start(None, c, send, Some(recv), owner, None, opts, move |s, _| announce(s, true));
+    } else {
+        StreamRes::start(None, c, send, Some(recv), caller, Some(owner), opts, announce);
+    }
 }
 
 fn new_stream_msg<'a>(e: Env<'a>, s: ResourceArc<StreamRes>, conn: ResourceArc<ConnRes>, flags: u32, orphan: bool) -> Term<'a> {

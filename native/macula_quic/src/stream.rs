@@ -233,14 +233,19 @@ impl StreamRes {
     /// `announce` runs (for a live owner) before the tasks start: a message it sends, such as
     /// `new_stream`, is then queued before any data message of the stream. Messages sent from
     /// different threads are not otherwise ordered, and the receive task may run on another.
+    /// Starts a stream owned by `owner`, announced by `announce(res, false)`. If `owner` has
+    /// exited, the stream goes to `orphan_to` instead, passive, announced by
+    /// `announce(res, true)`; with no such process (or none given) it is aborted, silently.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         env: Option<Env>,
         conn: ResourceArc<ConnRes>,
         send: Option<quinn::SendStream>,
         recv: Option<quinn::RecvStream>,
         owner: LocalPid,
+        orphan_to: Option<LocalPid>,
         opts: options::Stream,
-        announce: impl FnOnce(&ResourceArc<StreamRes>),
+        announce: impl FnOnce(&ResourceArc<StreamRes>, bool),
     ) -> Option<ResourceArc<StreamRes>> {
         // Contained first: on a poisoned connection even `side` below panics (see `contain`),
         // and the handles are dropped as this returns.
@@ -300,7 +305,12 @@ impl StreamRes {
             }),
             _live: Live::new(&counters::STREAMS),
         });
-        let monitored = Owner::monitor(env, owner, &res);
+        let mut orphan = false;
+        let mut monitored = Owner::monitor(env, owner, &res);
+        if let (None, Some(fallback)) = (&monitored, orphan_to) {
+            monitored = Owner::monitor(env, fallback, &res);
+            orphan = monitored.is_some();
+        }
         let alive = monitored.is_some();
         {
             let mut st = lock(&res.state);
@@ -312,9 +322,12 @@ impl StreamRes {
                     st.reset_send = Some(0);
                 }
             }
+            if orphan {
+                st.active = Active::Off;
+            }
         }
         if alive {
-            announce(&res);
+            announce(&res, orphan);
         }
         if has_recv {
             res.conn.shard.spawn(recv_loop(res.clone()));
