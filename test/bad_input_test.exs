@@ -589,14 +589,6 @@ defmodule MaculaQuic.BadInputTest do
     await_clean!(%{listeners: 0, connections: 0, streams: 0, tasks: 0}, 10_000)
   end
 
-  defp await_buffered!(stream, n, tries \\ 500) do
-    case MaculaQuic.Native.stream_info(stream) do
-      %{buffered: ^n} -> :ok
-      _ when tries > 0 -> receive(after: (10 -> await_buffered!(stream, n, tries - 1)))
-      info -> flunk("#{n} bytes never buffered: #{inspect(info)}")
-    end
-  end
-
   test "the largest stream counts allowed still connect at once" do
     # Quinn sets up every stream the peer may open when a connection starts, inside connect on
     # the caller's scheduler; at the cap (a u16, as in MsQuic) that stays well under a second.

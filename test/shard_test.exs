@@ -39,6 +39,25 @@ defmodule MaculaQuic.ShardTest do
     assert inline >= 2 * rounds
   end
 
+  test "a recv answer over 1 MiB is built on a runtime worker, never in the call" do
+    mib = 1_048_576
+    {c, sc, _l, _} = pair!()
+    {s, ss} = stream_pair!(c, sc, server: [active: false, read_ahead: 4 * mib], first: "a")
+    payload = :crypto.strong_rand_bytes(3 * mib)
+    :ok = MaculaQuic.send(s, payload)
+    await_buffered!(ss, 1 + 3 * mib)
+    # Up to 1 MiB is copied in the call itself.
+    before = MaculaQuic.native_counts().inline_deferrals
+    assert {:ok, "a" <> head} = MaculaQuic.recv(ss, 1000, 5_000)
+    assert MaculaQuic.native_counts().inline_deferrals == before
+    # More is left to the reader, which the call runs inline and which hands the copy on.
+    assert {:ok, big} = MaculaQuic.recv(ss, 2 * mib, 5_000)
+    assert MaculaQuic.native_counts().inline_deferrals > before
+    assert {:ok, rest} = MaculaQuic.recv(ss, 3 * mib - 999 - 2 * mib, 5_000)
+    assert head <> big <> rest == payload
+    Enum.each([s, ss], &MaculaQuic.close_stream/1)
+  end
+
   test "shards: one per endpoint and per connection, freed with them; client endpoints keep theirs" do
     # Every earlier listener's shard goes once its endpoint's last task has ended.
     endpoints = MaculaQuic.native_counts().client_endpoints

@@ -121,6 +121,15 @@ defmodule MaculaQuic.Test.Quic do
     end
   end
 
+  @doc "Polls until a passive `stream` has exactly `n` bytes buffered (no message says so)."
+  def await_buffered!(stream, n, tries \\ 500) do
+    case MaculaQuic.Native.stream_info(stream) do
+      %{buffered: ^n} -> :ok
+      _ when tries > 0 -> receive(after: (10 -> await_buffered!(stream, n, tries - 1)))
+      info -> flunk("#{n} bytes never buffered: #{inspect(info)}")
+    end
+  end
+
   @doc """
   Polls until `pid` waits in a `receive` (a call of ours waiting for its answer): no message
   says so.

@@ -21,6 +21,9 @@ pub static RUNTIME_RUNS: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: datagrams a call read itself, having sent to a socket of this VM or watched for
 /// the answer (see `inline_watch`).
 pub static INLINE_RECEIVES: AtomicI64 = AtomicI64::new(0);
+/// Cumulative: times a stream's reader, run inside a call, left a large answer to a runtime
+/// worker (see `executor::defer_to_runtime`).
+pub static INLINE_DEFERRALS: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: watches a sending call made for its answer, and watches skipped by a thread
 /// backing off after watches that found nothing (see `inline_watch::watch`).
 pub static INLINE_WATCHES: AtomicI64 = AtomicI64::new(0);

@@ -92,6 +92,17 @@ thread_local! {
     /// The calling process's environment while a NIF runs shards inline, so that tasks can
     /// send messages from a scheduler thread (an owned environment cannot, there).
     static CALLER_ENV: Cell<*mut rustler::sys::ErlNifEnv> = const { Cell::new(std::ptr::null_mut()) };
+    /// Set by a task polled inline whose next step is too long for a scheduler (see
+    /// `defer_to_runtime`).
+    static DEFER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// For a task polled inline (see `in_inline`) whose next step is too long for a scheduler
+/// (copying megabytes into a binary): it calls this, wakes itself and returns `Pending`, and
+/// its shard goes on on a runtime worker, where the task runs that step.
+pub fn defer_to_runtime() {
+    DEFER.with(|d| d.set(true));
+    counters::bump(&counters::INLINE_DEFERRALS);
 }
 
 /// Is inline running switched on? `MACULA_QUIC_INLINE=0` turns it off (every task then runs on
@@ -263,7 +274,8 @@ impl Shard {
                     counted = true;
                 }
                 task.poll();
-                if start.elapsed() >= budget {
+                // A deferring task has queued itself again: the rest is the runtime's.
+                if DEFER.with(|d| d.replace(false)) || start.elapsed() >= budget {
                     out_of_time = true;
                     break;
                 }

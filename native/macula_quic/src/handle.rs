@@ -82,6 +82,7 @@ fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {
         (atoms::watched_sockets().encode(env), spin::watched_count().encode(env)),
         (atoms::inline_watch_us().encode(env), inline_watch::watch_us().encode(env)),
         (atoms::inline_receives().encode(env), counters::get(&counters::INLINE_RECEIVES).encode(env)),
+        (atoms::inline_deferrals().encode(env), counters::get(&counters::INLINE_DEFERRALS).encode(env)),
         (atoms::inline_watches().encode(env), counters::get(&counters::INLINE_WATCHES).encode(env)),
         (atoms::inline_watch_skips().encode(env), counters::get(&counters::INLINE_WATCH_SKIPS).encode(env)),
         (atoms::tls_tickets().encode(env), counters::get(&counters::TLS_TICKETS).encode(env)),

@@ -502,11 +502,31 @@ async fn recv_loop(res: ResourceArc<StreamRes>) {
                 finish_recv(&res, &mut st);
                 break;
             }
-            deliver(&res, &mut st);
-            if st.recv_done {
-                break;
+            // A large answer to a waiting `recv` is not built on a scheduler (see
+            // `INLINE_COPY_MAX`): when this runs inside a call, the runtime takes over first.
+            if executor::in_inline() && st.recv_request.as_ref().is_some_and(|r| large_answer(&st, r.len)) {
+                None
+            } else {
+                deliver(&res, &mut st);
+                if st.recv_done {
+                    break;
+                }
+                Some(wanted_bytes(&st))
             }
-            wanted_bytes(&st)
+        };
+        let Some(want) = want else {
+            let mut deferred = false;
+            poll_fn(|cx| {
+                if deferred {
+                    return Poll::Ready(());
+                }
+                deferred = true;
+                executor::defer_to_runtime();
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            })
+            .await;
+            continue;
         };
         let notified = res.wake_reader.notified();
         if want.is_none() {
@@ -593,9 +613,22 @@ fn take_for_recv(st: &mut State, len: usize) -> Option<Vec<Bytes>> {
 }
 
 /// The most one `recv` returns (`:gen_tcp`'s limit too): its bytes are buffered until they are
-/// all there and then copied into one binary wherever the stream's work runs, which may be a
-/// scheduler, so that copy must stay short (a few milliseconds at most).
+/// all there and then copied into one binary.
 const MAX_RECV: usize = 64 * 1024 * 1024;
+
+/// The largest `recv` answer built where the stream's work happens to run, which may be a
+/// scheduler (the `recv` call itself, or another call running the connection's work inline).
+/// Copying more takes too long there (64 MiB: 8-40 ms, page faults included): a larger answer
+/// is built by the reader on a runtime worker while the caller waits (see
+/// `executor::defer_to_runtime`).
+const INLINE_COPY_MAX: usize = 1024 * 1024;
+
+/// Would a `recv` of `len` bytes be answered now, with more than `INLINE_COPY_MAX` bytes?
+fn large_answer(st: &State, len: usize) -> bool {
+    let ready = !st.buf.is_empty() && (len == 0 || st.buffered >= len || st.recv_end.is_some());
+    let size = if len == 0 { st.buffered.min(st.read_ahead) } else { st.buffered.min(len) };
+    ready && size > INLINE_COPY_MAX
+}
 
 fn to_binary<'a>(env: Env<'a>, chunks: &[Bytes]) -> Term<'a> {
     let len = chunks.iter().map(Bytes::len).sum();
@@ -1215,7 +1248,8 @@ fn stream_recv_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: T
     // driver may hold for a while; see the module doc): it answers from the buffer, which the
     // reader task keeps up to `read_ahead` bytes ahead of demand, or leaves a request for
     // the reader (which then runs inline, after the body, when the shard is free).
-    if let Some(chunks) = take_for_recv(&mut st, len) {
+    // (A large answer goes through the reader, on a runtime worker: see `INLINE_COPY_MAX`.)
+    if let Some(chunks) = (!large_answer(&st, len)).then(|| take_for_recv(&mut st, len)).flatten() {
         let bin = to_binary(env, &chunks);
         // There is room again: let the reader fetch the next chunk while the caller handles this.
         let wake = st.buffered < st.read_ahead && st.recv_end.is_none();
