@@ -673,9 +673,14 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
+    // `end_reason` takes Quinn's connection lock: hold the shard, so its driver does not hold
+    // that lock on another thread meanwhile (when the shard is busy, this waits for at most
+    // one step of the driver, as `open_stream` does).
+    let claim = c.shard.claim();
     if let Some(reason) = c.end_reason() {
         return err(env, reason);
     }
+    drop(claim);
     let caller = env.pid();
     let reply = if tag.is_atom() { None } else { Some(Reply::new(caller, tag)) };
     // The stream may start on a runtime thread: monitor its owner-to-be here, on the scheduler.
