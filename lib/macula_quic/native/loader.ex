@@ -28,7 +28,7 @@ defmodule MaculaQuic.Native.Loader do
           | {:env, %{optional(String.t()) => String.t()}}
           | {:build_from_source, boolean()}
           | {:base_url, String.t()}
-          | {:cache_dir, Path.t()}
+          | {:cache_dir, Path.t() | nil}
           | {:priv_dir, Path.t()}
           | {:checksum_file, Path.t()}
           | {:target, String.t()}
@@ -86,10 +86,10 @@ defmodule MaculaQuic.Native.Loader do
   end
 
   @doc """
-  The download cache directory: MACULA_QUIC_CACHE_DIR in `env`, else the user cache dir (a
-  directory under the system's temporary directory when there is none: no HOME).
+  The download cache directory: MACULA_QUIC_CACHE_DIR in `env`, else the user cache dir, or
+  `nil` (no caching) when there is none (no HOME).
   """
-  @spec cache_dir(%{optional(String.t()) => String.t()}) :: Path.t()
+  @spec cache_dir(%{optional(String.t()) => String.t()}) :: Path.t() | nil
   def cache_dir(env) do
     case Map.get(env, "MACULA_QUIC_CACHE_DIR") do
       dir when is_binary(dir) and dir != "" -> dir
@@ -97,11 +97,13 @@ defmodule MaculaQuic.Native.Loader do
     end
   end
 
+  # :filename.basedir/2 raises without HOME (some CI runners and containers). A shared
+  # directory such as /tmp would be no substitute: another user could create it first, and
+  # plant links where the download is written.
   defp user_cache_dir do
     :filename.basedir(:user_cache, ~c"macula_quic") |> List.to_string()
   rescue
-    # :filename.basedir/2 raises without HOME (some CI runners and containers).
-    _ -> Path.join(System.tmp_dir!(), "macula_quic_cache")
+    _ -> nil
   end
 
   @doc """

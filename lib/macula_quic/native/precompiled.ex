@@ -16,7 +16,7 @@ defmodule MaculaQuic.Native.Precompiled do
           required(:tarball) => String.t(),
           required(:file_name) => String.t(),
           required(:base_url) => String.t(),
-          required(:cache_dir) => Path.t(),
+          required(:cache_dir) => Path.t() | nil,
           required(:native_dir) => Path.t(),
           required(:checksum_file) => Path.t(),
           optional(:download) => [Download.option()]
@@ -31,7 +31,7 @@ defmodule MaculaQuic.Native.Precompiled do
 
   @doc """
   Makes `native_dir/file_name` the verified library from the tarball `tarball`. A cached
-  tarball in `cache_dir` is used when it still verifies; otherwise (absent, or corrupted)
+  tarball in `cache_dir` (`nil`: no cache) is used when it still verifies; otherwise (absent, or corrupted)
   it is downloaded from `base_url/tarball`, verified, then cached. Returns the library's
   path.
   """
@@ -68,6 +68,8 @@ defmodule MaculaQuic.Native.Precompiled do
   """
   @spec url(String.t(), String.t()) :: String.t()
   def url(base_url, tarball), do: String.trim_trailing(base_url, "/") <> "/" <> tarball
+
+  defp verified_tarball(%{cache_dir: nil} = request, checksums), do: download(request, checksums)
 
   defp verified_tarball(request, checksums) do
     cached = Path.join(request.cache_dir, request.tarball)
@@ -120,6 +122,8 @@ defmodule MaculaQuic.Native.Precompiled do
 
   # The download has verified, so a cache that cannot be written (a read-only home, say) only
   # costs the next build another download: say so, and go on.
+  defp cache(_content, %{cache_dir: nil}), do: :ok
+
   defp cache(content, request) do
     case write_atomically(Path.join(request.cache_dir, request.tarball), content) do
       :ok ->

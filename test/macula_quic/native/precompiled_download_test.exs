@@ -91,6 +91,13 @@ defmodule MaculaQuic.Native.PrecompiledDownloadTest do
     assert message =~ "MACULA_QUIC_CACHE_DIR"
   end
 
+  test "without a cache directory (no HOME), it downloads and writes no cache", ctx do
+    opts = Keyword.put(ctx.opts, :cache_dir, nil)
+    assert {:ok, _} = Loader.prepare(opts)
+    assert File.read!(Path.join([ctx.priv, "native", ctx.file_name])) == ctx.library
+    assert LoaderFixtures.files_under(ctx.cache) == []
+  end
+
   test "prepare! returns the load path, as MaculaQuic.Native uses it", ctx do
     assert Loader.prepare!(ctx.opts) ==
              "native/libmacula_quic-v0.1.0-nif-2.16-x86_64-unknown-linux-gnu"
