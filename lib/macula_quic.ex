@@ -755,7 +755,8 @@ defmodule MaculaQuic do
   nor a non-negative integer. A `length` that is not a non-negative integer raises
   `ArgumentError`. Only the calling process waits. An answer of up to 1 MiB is copied into
   its binary within the call; a larger one is built on a native runtime thread while the
-  caller waits (copying 64 MiB took 8–40 ms here, far too long for a scheduler).
+  caller waits (copying 64 MiB took 8–40 ms here, far too long for a scheduler), and once its
+  data is there it is returned whatever the `timeout`.
 
       {:ok, stream} = MaculaQuic.accept_stream(conn, [active: false], 5_000)
       {:ok, <<len::32>>} = MaculaQuic.recv(stream, 4, 5_000)
@@ -793,6 +794,11 @@ defmodule MaculaQuic do
     case native(:stream, stream, fn -> Native.stream_recv(stream, length, ref) end) do
       :wait ->
         await_reply(ref, timeout, fn -> Native.stream_cancel_recv(stream) end)
+
+      # The answer is there, over 1 MiB, and being copied on a runtime thread: it is certain
+      # to come (or the reason the stream failed meanwhile), whatever the timeout.
+      :building ->
+        receive(do: ({^ref, result} -> result))
 
       other ->
         other
@@ -987,8 +993,8 @@ defmodule MaculaQuic do
   0: never), and `watched_sockets`, the sockets it watches (with the watch on, one per client
   endpoint and per open listener). `inline_receives` counts, since the VM started, the
   datagrams calls read themselves (a call that sends to a peer in the same VM receives the
-  datagram there), and `inline_deferrals` the `recv/3` answers over 1 MiB that a call left to
-  a runtime thread to build. `inline_watch_us` is how long a call that sent a datagram also watches its
+  datagram there), and `inline_deferrals` the times a stream's reader, run inside a call, left
+  a `recv/3` answer over 1 MiB to a runtime thread to build. `inline_watch_us` is how long a call that sent a datagram also watches its
   socket for the answer (0, the default: never); `inline_watches` and `inline_watch_skips`
   count the watches made and those skipped by a thread backing off after watches that found
   nothing. `tls_tickets` counts the

@@ -171,8 +171,8 @@ impl Shard {
         let shard = self.clone();
         self.spawn(async move {
             if runtime::guarded(driver).await.is_none() {
-                counters::bump(&counters::DRIVER_PANICS);
                 shard.fail();
+                counters::bump(&counters::DRIVER_PANICS);
             }
             // Only now: while the driver existed, this kept its drop from taking Quinn's lock.
             let kept = {
@@ -260,6 +260,8 @@ impl Shard {
     fn run(self: &Arc<Self>, budget: Duration, runs: &AtomicI64) -> bool {
         let start = Instant::now();
         let mut counted = false;
+        // (A deferral left over from a poll that did not end here must not cut this run short.)
+        DEFER.with(|d| d.set(false));
         loop {
             let Some(held) = self.hold() else {
                 // The runner looks at the queue again after it lets go, so nothing is lost.

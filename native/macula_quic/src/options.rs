@@ -97,7 +97,7 @@ impl Default for Stream {
 
 /// Bounds of a stream's `read_ahead`. Below a packet's worth, `recv(stream, 0)` would return
 /// a few bytes at a time; the top bounds what one stream holds that its owner has not read,
-/// and what `recv(stream, 0)` copies within one NIF call (4 MiB: about a millisecond).
+/// and what one `recv(stream, 0)` returns.
 pub const READ_AHEAD_MIN: usize = 1024;
 pub const READ_AHEAD_MAX: usize = 4 * 1024 * 1024;
 

@@ -226,16 +226,16 @@ impl Owned for StreamRes {
 }
 
 impl StreamRes {
-    /// Creates a stream resource owned by `owner`, and starts its tasks. Returns `None` when the
-    /// owner is already dead (the stream is then aborted), or the connection broken by a panic
-    /// inside Quinn (see `connection`).
+    /// Creates a stream resource owned by `owner`, and starts its tasks, announced by
+    /// `announce(res, false)`. If `owner` has exited, the stream goes to `orphan_to` instead,
+    /// passive, announced by `announce(res, true)`. Returns `None` when neither is alive (the
+    /// stream is then aborted, silently), or the connection is broken by a panic inside Quinn
+    /// (see `connection`). (A process that has just exited counts as alive until the VM has
+    /// told us, through its monitor: its stream is then aborted as its owner's are.)
     ///
     /// `announce` runs (for a live owner) before the tasks start: a message it sends, such as
     /// `new_stream`, is then queued before any data message of the stream. Messages sent from
     /// different threads are not otherwise ordered, and the receive task may run on another.
-    /// Starts a stream owned by `owner`, announced by `announce(res, false)`. If `owner` has
-    /// exited, the stream goes to `orphan_to` instead, passive, announced by
-    /// `announce(res, true)`; with no such process (or none given) it is aborted, silently.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         env: Option<Env>,
@@ -1220,7 +1220,7 @@ fn stream_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<
 }
 
 fn stream_recv_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<'a>) -> Term<'a> {
-    rustler::atoms! { wait, ealready }
+    rustler::atoms! { wait, building, ealready }
     let Ok(len) = usize::try_from(len) else { return err(env, atoms::badarg()) };
     // 64 MiB, as `MaculaQuic.recv/3` checks first: the answer is one binary, copied in one go.
     if len > MAX_RECV {
@@ -1248,8 +1248,10 @@ fn stream_recv_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: T
     // driver may hold for a while; see the module doc): it answers from the buffer, which the
     // reader task keeps up to `read_ahead` bytes ahead of demand, or leaves a request for
     // the reader (which then runs inline, after the body, when the shard is free).
-    // (A large answer goes through the reader, on a runtime worker: see `INLINE_COPY_MAX`.)
-    if let Some(chunks) = (!large_answer(&st, len)).then(|| take_for_recv(&mut st, len)).flatten() {
+    // A large answer goes through the reader, on a runtime worker (see `INLINE_COPY_MAX`):
+    // `:building` tells the caller it is certain to come, so no timeout applies to it.
+    let large = large_answer(&st, len);
+    if let Some(chunks) = (!large).then(|| take_for_recv(&mut st, len)).flatten() {
         let bin = to_binary(env, &chunks);
         // There is room again: let the reader fetch the next chunk while the caller handles this.
         let wake = st.buffered < st.read_ahead && st.recv_end.is_none();
@@ -1265,7 +1267,7 @@ fn stream_recv_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: T
     st.recv_request = Some(RecvRequest { reply: Reply::new(env.pid(), tag), len });
     drop(st);
     s.wake_reader.notify_one();
-    wait().encode(env)
+    if large { building().encode(env) } else { wait().encode(env) }
 }
 
 /// `stream_cancel_recv(Stream)`: `:cancelled` if a pending recv was withdrawn, `:delivered` if
