@@ -302,6 +302,12 @@ defmodule MaculaQuic.TimerFairnessTest do
 
   @moduletag :receive_modes
 
+  # What an earlier module left (connections closing with their owner) finishes first.
+  setup do
+    MaculaQuic.Test.Settle.await_clean!(MaculaQuic.Test.Settle.zero(), 30_000)
+    :ok
+  end
+
   @tag timeout: 120_000
   test "8 streams pushing data do not starve a timer process" do
     {c, sc, _l, _} = pair!()
@@ -377,7 +383,7 @@ defmodule MaculaQuic.BackPressureTest do
     test "a slow :once receiver slows the sender; mailbox, memory and in-flight bytes stay bounded while 1 GiB moves" do
       total = 1024 * 1_048_576
       piece = :binary.copy(:crypto.strong_rand_bytes(1024), 1024)
-      {_c, _sc, s, ss} = streams!(active: :once)
+      {c, sc, l, s, ss} = streams!(active: :once)
       parent = self()
       sent = :atomics.new(1, [])
       received = :atomics.new(1, [])
@@ -428,6 +434,10 @@ defmodule MaculaQuic.BackPressureTest do
       # nowhere near the 1 GiB moved.
       assert max_in_flight <= 32 * 1_048_576
       assert max_mem - base_mem <= 256 * 1_048_576
+      Enum.each([s, ss], &MaculaQuic.close_stream/1)
+      Enum.each([c, sc], &MaculaQuic.close_connection/1)
+      :ok = MaculaQuic.close_listener(l)
+      MaculaQuic.Test.Settle.await_clean!(MaculaQuic.Test.Settle.zero(), 30_000)
     end
   end
 
@@ -476,8 +486,8 @@ defmodule MaculaQuic.BackPressureTest do
   end
 
   defp streams!(server_opts) do
-    {c, sc, _l, _} = pair!()
+    {c, sc, l, _} = pair!()
     {s, ss} = stream_pair!(c, sc, server: server_opts, first: "a")
-    {c, sc, s, ss}
+    {c, sc, l, s, ss}
   end
 end
