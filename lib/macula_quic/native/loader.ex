@@ -76,25 +76,30 @@ defmodule MaculaQuic.Native.Loader do
   end
 
   @doc """
-  Whether to build from source: MACULA_QUIC_BUILD is "1"/"true" in `env`, `configured` is
-  true (the app's `:build_from_source` config), or `version` is a "dev" pre-release.
+  Whether to build from source: MACULA_QUIC_BUILD (or RustlerPrecompiled's
+  RUSTLER_PRECOMPILED_FORCE_BUILD_ALL, for every package) is "1"/"true" in `env`,
+  `configured` is true (the app's `:build_from_source` config), or `version` is a "dev"
+  pre-release.
   """
   @spec build_from_source?(%{optional(String.t()) => String.t()}, boolean(), String.t()) ::
           boolean()
   def build_from_source?(env, configured, version) do
-    Map.get(env, "MACULA_QUIC_BUILD") in @truthy or configured == true or dev_version?(version)
+    Map.get(env, "MACULA_QUIC_BUILD") in @truthy or
+      Map.get(env, "RUSTLER_PRECOMPILED_FORCE_BUILD_ALL") in @truthy or
+      configured == true or dev_version?(version)
   end
 
   @doc """
-  The download cache directory: MACULA_QUIC_CACHE_DIR in `env`, else the user cache dir, or
-  `nil` (no caching) when there is none (no HOME).
+  The download cache directory: MACULA_QUIC_CACHE_DIR in `env`, else RustlerPrecompiled's
+  RUSTLER_PRECOMPILED_GLOBAL_CACHE_PATH (shared by every package, a place to put artifacts
+  ahead of time), else the user cache dir, or `nil` (no caching) when there is none (no HOME).
   """
   @spec cache_dir(%{optional(String.t()) => String.t()}) :: Path.t() | nil
   def cache_dir(env) do
-    case Map.get(env, "MACULA_QUIC_CACHE_DIR") do
-      dir when is_binary(dir) and dir != "" -> dir
-      _ -> user_cache_dir()
-    end
+    ["MACULA_QUIC_CACHE_DIR", "RUSTLER_PRECOMPILED_GLOBAL_CACHE_PATH"]
+    |> Enum.map(&Map.get(env, &1))
+    |> Enum.find(&(is_binary(&1) and &1 != ""))
+    |> Kernel.||(user_cache_dir())
   end
 
   # :filename.basedir/2 raises without HOME (some CI runners and containers). A shared

@@ -25,11 +25,28 @@ defmodule MaculaQuic.Native.LoaderTest do
       assert Loader.build_from_source?(%{"MACULA_QUIC_BUILD" => "1"}, false, "0.1.0")
       assert Loader.build_from_source?(%{"MACULA_QUIC_BUILD" => "true"}, false, "0.1.0")
       assert Loader.build_from_source?(%{}, true, "0.1.0")
+      # RustlerPrecompiled's switch for every package that uses its conventions.
+      assert Loader.build_from_source?(
+               %{"RUSTLER_PRECOMPILED_FORCE_BUILD_ALL" => "1"},
+               false,
+               "0.1.0"
+             )
+
+      refute Loader.build_from_source?(
+               %{"RUSTLER_PRECOMPILED_FORCE_BUILD_ALL" => "0"},
+               false,
+               "0.1.0"
+             )
     end
   end
 
   test "cache dir and base URL come from the environment, with defaults" do
     assert Loader.cache_dir(%{"MACULA_QUIC_CACHE_DIR" => "/srv/cache"}) == "/srv/cache"
+    global = %{"RUSTLER_PRECOMPILED_GLOBAL_CACHE_PATH" => "/nix/artifacts"}
+    assert Loader.cache_dir(global) == "/nix/artifacts"
+
+    assert Loader.cache_dir(Map.put(global, "MACULA_QUIC_CACHE_DIR", "/srv/cache")) ==
+             "/srv/cache"
 
     assert Loader.cache_dir(%{}) ==
              List.to_string(:filename.basedir(:user_cache, ~c"macula_quic"))
