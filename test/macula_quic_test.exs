@@ -386,18 +386,6 @@ defmodule MaculaQuicTest do
       assert {:ok, "late"} = MaculaQuic.recv(ss, 4, 5_000)
     end
 
-    test "a stream whose acceptor has exited goes to the connection's owner, passive, data intact" do
-      {c, sc, _l, _} = pair!()
-      {acceptor, ref} = spawn_monitor(fn -> :ok = MaculaQuic.async_accept_stream(sc) end)
-      assert_receive {:DOWN, ^ref, :process, ^acceptor, :normal}, 5_000
-      {:ok, s} = MaculaQuic.open_stream(c)
-      :ok = MaculaQuic.send(s, "hello")
-      assert_receive {:quic, :new_stream, ss, %{is_orphan: true, conn: ^sc}}, 5_000
-      assert {:ok, "hello"} = MaculaQuic.recv(ss, 5, 5_000)
-      :ok = MaculaQuic.send(ss, "back")
-      assert_receive {:quic, "back", ^s, _}, 5_000
-    end
-
     test "accept_stream/3 on a closed connection" do
       {c, sc, _l, _} = pair!()
       :ok = MaculaQuic.close_connection(c)

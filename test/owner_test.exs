@@ -17,6 +17,23 @@ defmodule MaculaQuic.OwnerTest do
     end)
   end
 
+  test "a stream whose acceptor has exited goes to the connection's owner, passive, data intact" do
+    {c, sc, l, _} = pair!()
+    %{owners: owners} = MaculaQuic.native_counts()
+    {acceptor, ref} = spawn_monitor(fn -> :ok = MaculaQuic.async_accept_stream(sc) end)
+    assert_receive {:DOWN, ^ref, :process, ^acceptor, :normal}, 5_000
+    # The library has seen the exit too (its own monitor): the acceptor is no owner any more.
+    poll_counts!(&(&1.owners == owners), &"the acceptor's exit was not seen: #{inspect(&1)}")
+    {:ok, s} = MaculaQuic.open_stream(c)
+    :ok = MaculaQuic.send(s, "hello")
+    assert_receive {:quic, :new_stream, ss, %{is_orphan: true, conn: ^sc}}, 5_000
+    assert {:ok, "hello"} = MaculaQuic.recv(ss, 5, 5_000)
+    :ok = MaculaQuic.send(ss, "back")
+    assert_receive {:quic, "back", ^s, _}, 5_000
+    Enum.each([s, ss], &MaculaQuic.close_stream/1)
+    Enum.each([c, l], &MaculaQuic.close/1)
+  end
+
   test "an owner is monitored once, whatever it owns; its exit closes what it still owns" do
     {l, port} = listen!()
     parent = self()
