@@ -98,11 +98,21 @@ thread_local! {
 }
 
 /// For a task polled inline (see `in_inline`) whose next step is too long for a scheduler
-/// (copying megabytes into a binary): it calls this, wakes itself and returns `Pending`, and
-/// its shard goes on on a runtime worker, where the task runs that step.
-pub fn defer_to_runtime() {
-    DEFER.with(|d| d.set(true));
-    counters::bump(&counters::INLINE_DEFERRALS);
+/// (copying megabytes into a binary): awaiting this yields once, queued again, with the flag
+/// that makes `Shard::run` stop and leave the shard to a runtime worker, where the task goes on.
+pub async fn defer_to_runtime() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        DEFER.with(|d| d.set(true));
+        counters::bump(&counters::INLINE_DEFERRALS);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
 }
 
 /// Is inline running switched on? `MACULA_QUIC_INLINE=0` turns it off (every task then runs on

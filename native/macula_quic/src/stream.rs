@@ -515,17 +515,7 @@ async fn recv_loop(res: ResourceArc<StreamRes>) {
             }
         };
         let Some(want) = want else {
-            let mut deferred = false;
-            poll_fn(|cx| {
-                if deferred {
-                    return Poll::Ready(());
-                }
-                deferred = true;
-                executor::defer_to_runtime();
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            })
-            .await;
+            executor::defer_to_runtime().await;
             continue;
         };
         let notified = res.wake_reader.notified();
@@ -600,15 +590,21 @@ fn take(st: &mut State, max: usize, exact: bool) -> Vec<Bytes> {
     out
 }
 
+/// The most a passive `recv` of `len` bytes takes from the buffer now (`len`, or for `len` 0
+/// `read_ahead`), or `None` when it has to wait for more.
+fn recv_limit(st: &State, len: usize) -> Option<usize> {
+    if st.buf.is_empty() || !(len == 0 || st.buffered >= len || st.recv_end.is_some()) {
+        return None;
+    }
+    Some(if len == 0 { st.read_ahead } else { len })
+}
+
 /// What a passive `recv` of `len` bytes can take from the buffer now: exactly `len` bytes (fewer
 /// only at the end of the stream), or for `len` 0 whatever is buffered, up to `read_ahead`.
 /// `None` when it has to wait for more. Shared by the `recv` NIF and the reader answering a
 /// waiting `recv`.
 fn take_for_recv(st: &mut State, len: usize) -> Option<Vec<Bytes>> {
-    if st.buf.is_empty() || !(len == 0 || st.buffered >= len || st.recv_end.is_some()) {
-        return None;
-    }
-    let limit = if len == 0 { st.read_ahead } else { len };
+    let limit = recv_limit(st, len)?;
     Some(take(st, limit, len != 0))
 }
 
@@ -625,9 +621,7 @@ const INLINE_COPY_MAX: usize = 1024 * 1024;
 
 /// Would a `recv` of `len` bytes be answered now, with more than `INLINE_COPY_MAX` bytes?
 fn large_answer(st: &State, len: usize) -> bool {
-    let ready = !st.buf.is_empty() && (len == 0 || st.buffered >= len || st.recv_end.is_some());
-    let size = if len == 0 { st.buffered.min(st.read_ahead) } else { st.buffered.min(len) };
-    ready && size > INLINE_COPY_MAX
+    recv_limit(st, len).is_some_and(|limit| limit.min(st.buffered) > INLINE_COPY_MAX)
 }
 
 fn to_binary<'a>(env: Env<'a>, chunks: &[Bytes]) -> Term<'a> {
