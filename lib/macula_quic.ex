@@ -517,13 +517,7 @@ defmodule MaculaQuic do
       {:ok, {"127.0.0.1", port}} = MaculaQuic.peername(conn)
   """
   @spec peername(connection() | stream()) :: {:ok, sockaddr()} | {:error, reason()}
-  def peername(handle) do
-    case Native.handle_kind(handle) do
-      :connection -> conn_query(handle, :peername)
-      :stream -> conn_query(Native.stream_conn(handle), :peername)
-      _ -> bad_handle!("a connection or stream", handle)
-    end
-  end
+  def peername(handle), do: conn_query(conn_of!(handle, "a connection or stream"), :peername)
 
   @doc """
   The local address of a listener, connection or stream, as `{"ip", port}`.
@@ -537,9 +531,7 @@ defmodule MaculaQuic do
   def sockname(handle) do
     case Native.handle_kind(handle) do
       :listener -> Native.listener_sockname(handle)
-      :connection -> conn_query(handle, :sockname)
-      :stream -> conn_query(Native.stream_conn(handle), :sockname)
-      _ -> bad_handle!("a listener, connection or stream", handle)
+      _ -> conn_query(conn_of!(handle, "a listener, connection or stream"), :sockname)
     end
   end
 
@@ -570,12 +562,7 @@ defmodule MaculaQuic do
           {:ok, [{atom(), non_neg_integer()}]} | {:error, reason()}
   def getstat(handle, names) do
     # The handle first: a wrong kind of handle raises whatever the names.
-    conn =
-      case Native.handle_kind(handle) do
-        :connection -> handle
-        :stream -> Native.stream_conn(handle)
-        _ -> bad_handle!("a connection or stream", handle)
-      end
+    conn = conn_of!(handle, "a connection or stream")
 
     with :ok <- check_stat_names(names),
          %{} = stats <- conn_query(conn, :stats) do
@@ -1073,8 +1060,19 @@ defmodule MaculaQuic do
     end
   end
 
+  # The connection a connection or stream handle belongs to; anything else raises
+  # ArgumentError, saying that `expected` was.
+  defp conn_of!(handle, expected) do
+    case Native.handle_kind(handle) do
+      :connection -> handle
+      :stream -> Native.stream_conn(handle)
+      _ -> bad_handle!(expected, handle)
+    end
+  end
+
   # Connection queries read Quinn's state under a lock its driver holds while it works through
-  # packet batches, so the native side answers from the runtime and only this process waits.
+  # packet batches, so the native side answers in turn with the driver (within the call when
+  # the connection is idle, else from the runtime) by a message: only this process waits.
   defp conn_query(conn, what) do
     ref = make_ref()
     :ok = Native.conn_query(conn, what, ref)

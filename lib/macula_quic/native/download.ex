@@ -43,19 +43,19 @@ defmodule MaculaQuic.Native.Download do
     cacerts = Keyword.get(opts, :cacerts, &:public_key.cacerts_get/0)
 
     with :ok <- start_client(env) do
-      attempt(url, {env, cacerts}, 0, max_retries, delay)
+      attempt(fn -> request(url, env, cacerts) end, 0, max_retries, delay)
     end
   end
 
-  defp attempt(url, env, count, max_retries, delay) do
-    case request(url, env) do
+  defp attempt(request, count, max_retries, delay) do
+    case request.() do
       {:ok, body} ->
         {:ok, body}
 
       {:error, reason} = error ->
         if count < max_retries and retryable?(reason) do
           Process.sleep((count + 1) * delay)
-          attempt(url, env, count + 1, max_retries, delay)
+          attempt(request, count + 1, max_retries, delay)
         else
           error
         end
@@ -73,7 +73,7 @@ defmodule MaculaQuic.Native.Download do
 
   defp tls_refused?(_reason), do: false
 
-  defp request(url, {env, cacerts}) do
+  defp request(url, env, cacerts) do
     with {:ok, ssl} <- ssl_options(url, env, cacerts) do
       http_options = [ssl: ssl, connect_timeout: 15_000, timeout: 120_000] ++ proxy_auth(env)
       options = [body_format: :binary]
