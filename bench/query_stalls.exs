@@ -1,7 +1,10 @@
 # How long a connection query holds the calling scheduler while a transfer keeps Quinn's driver
 # busy: 1 GiB moves over one stream while a process times the native part of `getstat`
 # (from 2026-11-25: the hand-over to the runtime, MaculaQuic.Native.conn_query/3; before that:
-# the whole getstat NIF, which read Quinn's state itself), next to a NIF that takes no lock
+# the whole getstat NIF, which read Quinn's state itself) and of `async_accept_stream` on the
+# receiving connection (MaculaQuic.Native.conn_accept_stream/3, withdrawn at once; until
+# 2026-11-27 it asked Quinn whether the connection had ended even when the driver was at work
+# on another thread, waiting for its lock), next to a NIF that takes no lock
 # (MaculaQuic.Native.ping/0) as the control for the OS's own preemption.
 #
 #   MIX_ENV=bench MACULA_QUIC_BUILD=1 mix compile
@@ -28,24 +31,40 @@ defmodule Bench.QueryStalls do
     end)
 
     me = self()
-    prober = spawn_link(fn -> probe(c, me, [], []) end)
+    # Started once the stream is accepted, so that its accepts cannot take the stream.
     ss = receive(do: ({:quic, :new_stream, ss, _} -> ss))
+    prober = spawn_link(fn -> probe(c, sc, me, {[], [], []}) end)
     drain(ss)
     send(prober, :stop)
 
     receive do
-      {:probed, query, ping} ->
+      {:probed, {query, accept, ping}} ->
         IO.puts("getstat, native part: " <> summary(query))
+        IO.puts("async_accept_stream, native part: " <> summary(accept))
         IO.puts("ping (takes no lock): " <> summary(ping))
     end
   end
 
-  defp probe(c, parent, query, ping) do
+  defp probe(c, sc, parent, {query, accept, ping} = acc) do
     receive do
-      :stop -> send(parent, {:probed, Enum.sort(query), Enum.sort(ping)})
+      :stop -> send(parent, {:probed, {Enum.sort(query), Enum.sort(accept), Enum.sort(ping)}})
     after
-      0 -> probe(c, parent, [time_query(c) | query], [time_us(&MaculaQuic.Native.ping/0) | ping])
+      0 ->
+        acc =
+          {[time_query(c) | query], [time_accept(sc) | accept],
+           [time_us(&MaculaQuic.Native.ping/0) | ping]}
+
+        probe(c, sc, parent, acc)
     end
+  end
+
+  defp time_accept(sc) do
+    ref = make_ref()
+    t = System.monotonic_time(:microsecond)
+    {:ok, id} = MaculaQuic.Native.conn_accept_stream(sc, %{}, ref)
+    d = System.monotonic_time(:microsecond) - t
+    :cancelled = MaculaQuic.Native.conn_cancel_accept(sc, id)
+    d
   end
 
   defp time_query(c) do

@@ -474,8 +474,16 @@ defmodule MaculaQuic do
   @spec close_connection(connection()) :: :ok
   def close_connection(conn) do
     owner? = owner?(conn)
+    ref = make_ref()
 
-    case native(:connection, conn, fn -> Native.conn_close(conn, 0) end) do
+    closed =
+      case native(:connection, conn, fn -> Native.conn_close(conn, 0, ref) end) do
+        # Closing waits for the connection's work running on another thread: the answer comes.
+        :wait -> receive(do: ({^ref, result} -> result))
+        other -> other
+      end
+
+    case closed do
       :ok when owner? ->
         receive do
           {:quic, :closed, ^conn, _} -> :ok

@@ -87,4 +87,88 @@ defmodule MaculaQuic.ShardTest do
 
     assert counts.shards == counts.client_endpoints
   end
+
+  describe "calls that ask Quinn about a connection while its driver works on another thread" do
+    # The driver of the connection stalls (see `stall!/3`) for @stall ms, holding Quinn's
+    # connection lock and its shard on a runtime worker. Each call must return long before
+    # that (it used to wait for the lock, holding its scheduler), and its answer then come.
+    @stall 600
+    @quick_us 200_000
+
+    test "open_stream/2 answers by message, and the stream works" do
+      {c, sc, _l, _} = pair!()
+      stall!(c)
+      ref = make_ref()
+      {us, result} = :timer.tc(fn -> MaculaQuic.Native.open_stream(c, %{}, ref) end)
+      assert {result, us < @quick_us} == {:wait, true}, "took #{us} µs"
+      assert_receive {^ref, {:ok, s}}, 5_000
+      :ok = MaculaQuic.async_accept_stream(sc)
+      :ok = MaculaQuic.send(s, "after the stall")
+      assert_receive {:quic, :new_stream, ss, _}, 5_000
+      assert_receive {:quic, "after the stall", ^ss, _}, 5_000
+      MaculaQuic.close_connection(c)
+    end
+
+    test "close_connection/1 returns after the close, the owner's `closed` consumed" do
+      {c, sc, _l, _} = pair!()
+      stall!(c)
+      ref = make_ref()
+      {us, result} = :timer.tc(fn -> MaculaQuic.Native.conn_close(c, 0, ref) end)
+      assert {result, us < @quick_us} == {:wait, true}, "took #{us} µs"
+      assert_receive {^ref, :ok}, 5_000
+      assert_receive {:quic, :closed, ^c, _}, 5_000
+      assert_receive {:quic, :shutdown, ^sc, 0}, 5_000
+
+      # Through the public function: it waits for the answer and consumes `closed`.
+      {c, _sc, _l, _} = pair!()
+      stall!(c)
+      assert :ok = MaculaQuic.close_connection(c)
+      refute_received {:quic, :closed, ^c, _}
+      assert MaculaQuic.close_connection(c) == :ok
+    end
+
+    test "async_accept_stream/2 returns, and the stream comes" do
+      {c, sc, _l, _} = pair!()
+      stall!(sc)
+      {us, result} = :timer.tc(fn -> MaculaQuic.Native.conn_accept_stream(sc, %{}, nil) end)
+      assert {elem(result, 0), us < @quick_us} == {:ok, true}, "took #{us} µs"
+      {:ok, s} = MaculaQuic.open_stream(c)
+      :ok = MaculaQuic.send(s, "x")
+      assert_receive {:quic, :new_stream, ss, _}, 5_000
+      assert_receive {:quic, "x", ^ss, _}, 5_000
+      MaculaQuic.close_connection(c)
+    end
+
+    test "async_accept/2 of a queued connection returns, and new_conn comes" do
+      {l, port} = listen!()
+      tickets = MaculaQuic.native_counts().tls_tickets
+      {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn(), verify: :none], 5_000)
+      # The server's end is queued in the listener once its handshake is over: the session
+      # ticket it sends then is the last of it (the client can return from `connect` before).
+      poll_counts!(&(&1.tls_tickets > tickets), &"no ticket: #{inspect(&1)}")
+      # No handle to the server's end yet: stall its driver through its next datagram to the
+      # client, which answers the client's nudge.
+      {:ok, {ip, client_port}} = MaculaQuic.sockname(c)
+      :ok = MaculaQuic.Native.debug_stall_send_from(port, ip, client_port, @stall, self())
+      :ok = MaculaQuic.Native.debug_nudge_driver(c)
+      assert_receive :driver_stalled, 5_000
+      {us, result} = :timer.tc(fn -> MaculaQuic.Native.listener_accept(l, nil) end)
+      assert {result, us < @quick_us} == {:ok, true}, "took #{us} µs"
+      assert_receive {:quic, :new_conn, sc, %{remote_addr: remote}}, 5_000
+      assert remote == "#{ip}:#{client_port}"
+      same_connection!(c, sc)
+      MaculaQuic.close_connection(c)
+      MaculaQuic.close_listener(l)
+    end
+  end
+
+  # Makes `conn`'s driver send a datagram from a runtime worker and stall inside the send for
+  # `ms`; returns once it stalls.
+  defp stall!(conn, ms \\ @stall) do
+    {:ok, {_, local_port}} = MaculaQuic.sockname(conn)
+    {:ok, {ip, port}} = MaculaQuic.peername(conn)
+    :ok = MaculaQuic.Native.debug_stall_send_from(local_port, ip, port, ms, self())
+    :ok = MaculaQuic.Native.debug_nudge_driver(conn)
+    assert_receive :driver_stalled, 5_000
+  end
 end

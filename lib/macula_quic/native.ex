@@ -116,7 +116,7 @@ defmodule MaculaQuic.Native do
   def handle_owner(_handle), do: nif_error()
   def counters, do: nif_error()
   # Test builds only (crate feature test_hooks): deliberate panics in a NIF, a runtime task, a
-  # stream's reader and writer tasks and Quinn's connection driver.
+  # stream's reader and writer tasks and Quinn's connection driver; a stalled driver.
   def debug_panic, do: nif_error()
   def debug_panic_task(_tag), do: nif_error()
   def debug_panic_reader(_stream), do: nif_error()
@@ -124,6 +124,8 @@ defmodule MaculaQuic.Native do
   def debug_panic_writer(_stream), do: nif_error()
   def debug_panic_driver(_conn), do: nif_error()
   def debug_panic_send_from(_local_port, _ip, _port), do: nif_error()
+  def debug_stall_send_from(_local_port, _ip, _port, _ms, _pid), do: nif_error()
+  def debug_nudge_driver(_conn), do: nif_error()
 
   # Listeners
   def listen(_addr, _port, _opts), do: nif_error()
@@ -134,7 +136,7 @@ defmodule MaculaQuic.Native do
 
   # Connections
   def connect(_host, _port, _opts, _tag, _timeout_ms), do: nif_error()
-  def conn_close(_conn, _code), do: nif_error()
+  def conn_close(_conn, _code, _tag), do: nif_error()
   def conn_shutdown(_conn, _flags, _code), do: nif_error()
   def conn_query(_conn, _what, _tag), do: nif_error()
   def open_stream(_conn, _opts, _tag), do: nif_error()

@@ -405,43 +405,67 @@ async fn finish_connect(
     }
 }
 
-/// `conn_close(Conn, Code)`: closes the connection with an application error code. Returns
-/// `:ok` when this call closed it (the owner will receive `{quic, closed, Conn, _}`, which the
-/// Elixir layer consumes when the owner closes), `:closed` when it had already ended.
+/// `conn_close(Conn, Code, Tag)`: closes the connection with an application error code.
+/// Answers `:ok` when this call closed it (the owner will receive `{quic, closed, Conn, _}`,
+/// which the Elixir layer consumes when the owner closes), `:closed` when it had already ended;
+/// or `:wait`, and later `{Tag, :ok | :closed}`.
 ///
-/// Closing takes Quinn's connection lock. The call first claims the connection's shard, so that
-/// its driver does not run (and hold that lock) meanwhile, and then runs the driver it woke inline:
-/// the CONNECTION_CLOSE leaves from this thread. Only when the shard is busy on another thread
-/// does the call wait for the lock, for at most one driver poll.
+/// Closing takes Quinn's connection lock. The call closes only when it can claim the
+/// connection's shard, so that its driver does not run (and hold that lock) meanwhile, and then
+/// runs the driver it woke inline: the CONNECTION_CLOSE leaves from this thread. When the shard
+/// is busy on another thread, the close goes to a task on the shard and answers from there.
 #[rustler::nif]
-fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64) -> Term<'a> {
+fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64, tag: Term<'a>) -> Term<'a> {
+    rustler::atoms! { wait }
     let Ok(code) = quinn::VarInt::from_u64(code) else { return err(env, atoms::badarg()) };
-    executor::inline(env, || {
-        let _claim = c.shard.claim();
-        conn_close_now(env, &c, code)
+    if c.shard.failed() {
+        // Its driver panicked: it has ended (and its owner has heard so, or will).
+        return atoms::closed().encode(env);
+    }
+    let shard = c.shard.clone();
+    executor::inline(env, || match shard.claim() {
+        Some(_claim) => {
+            let closed_it = close_by_app(&c, code, |owner, res| {
+                let _ = env.send(owner, closed_msg(env, res, false, true));
+            });
+            if closed_it { atoms::ok() } else { atoms::closed() }.encode(env)
+        }
+        None => {
+            let reply = Reply::new(env.pid(), tag);
+            shard.spawn(async move {
+                let _task = Live::new(&counters::TASKS);
+                let closed_it = close_by_app(&c, code, |owner, res| {
+                    messages::send(owner, move |e| closed_msg(e, res, false, true));
+                });
+                reply.send(move |e| if closed_it { atoms::ok() } else { atoms::closed() }.encode(e));
+            });
+            wait().encode(env)
+        }
     })
 }
 
-fn conn_close_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, code: quinn::VarInt) -> Term<'a> {
+/// Closes the connection for the application: false when it had ended already. When this is
+/// what closed it (not a peer close racing it), nothing else is left to report: `tell` sends
+/// the owner `closed` right away, saving the closing caller (who waits for it) a round trip
+/// through the watcher task, and the flag it sets keeps the watcher from sending anything
+/// after. Takes Quinn's connection lock: run it on the connection's shard, or holding it.
+fn close_by_app(c: &ResourceArc<ConnRes>, code: quinn::VarInt, tell: impl FnOnce(&LocalPid, ResourceArc<ConnRes>)) -> bool {
     let mut st = lock(&c.state);
     if c.end_reason().is_some() {
-        return atoms::closed().encode(env);
+        return false;
     }
     st.closed_by_app = true;
     // `quietly`, here and below: see `ConnRes::end_reason`.
     if contain::quietly(|| c.conn.close(code, b"")).is_none() {
-        return atoms::closed().encode(env);
+        return false;
     }
-    // When this call is what closed it (not a peer close racing it), nothing else is left to
-    // report: send `closed` from here, saving the closing caller (who waits for it) a round
-    // trip through the watcher task. The flag keeps the watcher from sending anything after.
     let why = contain::quietly(|| c.conn.close_reason()).flatten();
     if matches!(why, Some(quinn::ConnectionError::LocallyClosed)) && !st.closed_sent {
         st.closed_sent = true;
-        let _ = env.send(&st.owner.pid, closed_msg(env, c.clone(), false, true));
+        tell(&st.owner.pid, c.clone());
         st.owner.release();
     }
-    atoms::ok().encode(env)
+    true
 }
 
 /// `conn_shutdown(Conn, Flags, Code)`: quicer's connection shutdown. SILENT (1) closes without
@@ -585,30 +609,36 @@ pub fn handshake_info<'a>(env: Env<'a>, conn: &quinn::Connection, local: &Socket
 }
 
 /// `open_stream(Conn, Opts, Tag)`: opens a stream owned by the caller. Answers `{:ok, Stream}`
-/// at once when the peer's stream limit allows; otherwise `:wait`, and `{Tag, Result}` once a
-/// stream can be opened.
+/// at once when the call can ask Quinn and the peer's stream limit allows; otherwise `:wait`,
+/// and `{Tag, Result}` once the stream is open (or cannot be).
 ///
-/// The first try takes Quinn's connection lock; like `conn_close`, the call claims the shard
-/// first, so it waits for that lock only when the shard is busy on another thread.
+/// Asking Quinn takes its connection lock, which the connection's driver holds while it works.
+/// So the call asks only when it can claim the connection's shard (no driver of this endpoint
+/// runs meanwhile); when the shard is busy on another thread, the whole open goes to a task
+/// on the shard and the caller waits in its `receive`, never on the lock (`debug_stall_driver/3`
+/// and test/scheduler_test.exs).
 #[rustler::nif]
 fn open_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>, tag: Term<'a>) -> Term<'a> {
-    executor::inline(env, || {
-        let _claim = c.shard.claim();
-        open_stream_now(env, &c, opts, tag)
-    })
-}
-
-fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: Term<'a>, tag: Term<'a>) -> Term<'a> {
-    rustler::atoms! { wait }
     let opts = match options::decode_stream(opts) {
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
+    if c.shard.failed() {
+        return err(env, atoms::closed());
+    }
+    executor::inline(env, || match c.shard.claim() {
+        Some(_claim) => open_stream_now(env, &c, opts, tag),
+        None => open_stream_later(env, &c, opts, tag),
+    })
+}
+
+/// Opens the stream in the call when Quinn has credit for it, else as `open_stream_later`.
+/// The caller holds the connection's shard.
+fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: options::Stream, tag: Term<'a>) -> Term<'a> {
     if let Some(reason) = c.end_reason() {
         return err(env, reason);
     }
-    let owner = env.pid();
-    // Fast path: Quinn opens a stream synchronously when credit is available; poll once.
+    // Quinn opens a stream synchronously when credit is available: poll once.
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
     let ready = contain::quietly(|| {
@@ -628,37 +658,44 @@ fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: Term<'a>, t
     });
     let Some(ready) = ready else { return err(env, atoms::closed()) };
     match ready {
-        Some(Ok((send, recv))) => match StreamRes::start(Some(env), c.clone(), send, recv, owner, None, opts, |_, _| {}) {
+        Some(Ok((send, recv))) => match StreamRes::start(Some(env), c.clone(), send, recv, env.pid(), None, opts, |_, _| {}) {
             Some(s) => (atoms::ok(), s).encode(env),
             None => err(env, atoms::closed()),
         },
         Some(Err(e)) => err(env, error::connection(&e)),
-        None => {
-            let reply = Reply::new(owner, tag);
-            // The stream starts when credit comes, maybe on a runtime thread: monitor here.
-            owner::prepare(env);
-            let c = c.clone();
-            c.shard.clone().spawn(async move {
-                let opened = if opts.unidirectional {
-                    c.conn.open_uni().await.map(|s| (Some(s), None))
-                } else {
-                    c.conn.open_bi().await.map(|(s, r)| (Some(s), Some(r)))
-                };
-                match opened {
-                    Ok((send, recv)) => {
-                        // `None`: the caller has exited meanwhile, and `start` aborted the stream.
-                        if let Some(s) = StreamRes::start(None, c.clone(), send, recv, owner, None, opts, |_, _| {}) {
-                            reply.send(move |e| (atoms::ok(), s).encode(e));
-                        }
-                    }
-                    Err(e) => {
-                        reply.error(error::connection(&e));
-                    }
-                }
-            });
-            wait().encode(env)
-        }
+        None => open_stream_later(env, c, opts, tag),
     }
+}
+
+/// Opens the stream from a task on the connection's shard, once the peer's stream limit allows;
+/// answers `{Tag, Result}`. Returns `:wait`.
+fn open_stream_later<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: options::Stream, tag: Term<'a>) -> Term<'a> {
+    rustler::atoms! { wait }
+    let owner = env.pid();
+    let reply = Reply::new(owner, tag);
+    // The stream may start on a runtime thread: monitor its owner here, on the scheduler.
+    owner::prepare(env);
+    let c = c.clone();
+    c.shard.clone().spawn(async move {
+        let _task = Live::new(&counters::TASKS);
+        let opened = if opts.unidirectional {
+            c.conn.open_uni().await.map(|s| (Some(s), None))
+        } else {
+            c.conn.open_bi().await.map(|(s, r)| (Some(s), Some(r)))
+        };
+        match opened {
+            Ok((send, recv)) => {
+                // `None`: the caller has exited meanwhile, and `start` aborted the stream.
+                if let Some(s) = StreamRes::start(None, c.clone(), send, recv, owner, None, opts, |_, _| {}) {
+                    reply.send(move |e| (atoms::ok(), s).encode(e));
+                }
+            }
+            Err(e) => {
+                reply.error(error::connection(&e));
+            }
+        }
+    });
+    wait().encode(env)
 }
 
 /// `conn_accept_stream(Conn, Opts, Tag | nil)`: the next stream the peer opens goes to the
@@ -673,14 +710,15 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
-    // `end_reason` takes Quinn's connection lock: hold the shard, so its driver does not hold
-    // that lock on another thread meanwhile (when the shard is busy, this waits for at most
-    // one step of the driver, as `open_stream` does).
-    let claim = c.shard.claim();
-    if let Some(reason) = c.end_reason() {
+    // An ended connection is an error at once. `end_reason` takes Quinn's connection lock, so
+    // it is asked only while holding the shard (its driver does not hold that lock meanwhile);
+    // when the shard is busy on another thread, the accept below fails with the same reason.
+    if c.shard.failed() {
+        return err(env, atoms::closed());
+    }
+    if let Some(reason) = c.shard.claim().and_then(|_claim| c.end_reason()) {
         return err(env, reason);
     }
-    drop(claim);
     let caller = env.pid();
     let reply = if tag.is_atom() { None } else { Some(Reply::new(caller, tag)) };
     // The stream may start on a runtime thread: monitor its owner-to-be here, on the scheduler.
@@ -813,6 +851,35 @@ pub fn controlling_process<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, pid: Loca
 #[rustler::nif]
 fn debug_panic_driver(c: ResourceArc<ConnRes>) -> rustler::Atom {
     *lock(&crate::inline_watch::DEBUG_PANIC_SEND) = Some((c.local_port, c.conn.remote_address()));
+    atoms::ok()
+}
+
+/// `debug_stall_send_from(LocalPort, Ip, Port, Ms, Pid)` (test builds only): the next datagram
+/// from the library's socket on `LocalPort` to `Ip:Port` that a runtime worker sends stalls
+/// for `Ms` milliseconds inside the send, after sending `Pid` the atom `driver_stalled`. Sent by
+/// a connection's driver, that holds the connection's lock and its shard meanwhile, on another
+/// thread than the test's: tests use it to prove that the NIFs asking Quinn about a
+/// connection never wait for its driver on the caller's scheduler.
+#[cfg(feature = "test_hooks")]
+#[rustler::nif]
+fn debug_stall_send_from<'a>(local_port: u16, ip: Term<'a>, port: Term<'a>, ms: u64, pid: LocalPid) -> rustler::NifResult<rustler::Atom> {
+    let ip = address::decode_ip(ip).ok_or(rustler::Error::BadArg)?;
+    let port = address::decode_port(port).ok_or(rustler::Error::BadArg)?;
+    let to = SocketAddr::new(ip, port);
+    *lock(&crate::inline_watch::DEBUG_STALL_SEND) = Some((local_port, to, pid, Duration::from_millis(ms)));
+    Ok(atoms::ok())
+}
+
+/// `debug_nudge_driver(Conn)` (test builds only): makes this connection's driver send a
+/// datagram from a runtime worker (it raises the peer's stream limit, from a runtime thread:
+/// Quinn then sends MAX_STREAMS, and the peer acknowledges it).
+#[cfg(feature = "test_hooks")]
+#[rustler::nif]
+fn debug_nudge_driver(c: ResourceArc<ConnRes>) -> rustler::Atom {
+    static LIMIT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(10_000);
+    let limit = quinn::VarInt::from_u32(LIMIT.fetch_add(1, Ordering::Relaxed));
+    let conn = (*c.conn).clone();
+    runtime::get().spawn(async move { conn.set_max_concurrent_bi_streams(limit) });
     atoms::ok()
 }
 

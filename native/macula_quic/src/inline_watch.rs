@@ -136,6 +136,8 @@ impl AsyncUdpSocket for DirectSocket {
     fn try_send(&self, transmit: &Transmit) -> std::io::Result<()> {
         #[cfg(feature = "test_hooks")]
         debug_panic_hook(self.direct.local.port(), transmit.destination);
+        #[cfg(feature = "test_hooks")]
+        debug_stall_hook(self.direct.local.port(), transmit.destination);
         let sent = self.inner.try_send(transmit);
         // A peer in this VM has the datagram already (loopback delivers it inside the send).
         // Waking its endpoint's driver now, rather than once this call's other work is done,
@@ -298,4 +300,30 @@ fn debug_panic_hook(port: u16, to: SocketAddr) {
         drop(armed);
         panic!("macula_quic: deliberate panic while sending (debug_panic_driver/1)");
     }
+}
+
+/// Test builds only: `(local port, destination, who to tell, how long)` for the next datagram
+/// whose send stalls on a runtime worker (see `connection::debug_stall_driver`).
+#[cfg(feature = "test_hooks")]
+pub static DEBUG_STALL_SEND: Mutex<Option<(u16, SocketAddr, rustler::LocalPid, std::time::Duration)>> = Mutex::new(None);
+
+/// Sleeps (once), after telling the test so, when a test asked for a stall on this socket's
+/// next datagram to `to` sent from a runtime worker: a connection's driver then holds the
+/// connection's lock, and its shard, for that long on another thread than the test's.
+#[cfg(feature = "test_hooks")]
+fn debug_stall_hook(port: u16, to: SocketAddr) {
+    // Never a scheduler's thread: the point is a runtime worker busy while a NIF is called.
+    if executor::in_inline() || rustler::thread::is_scheduler_thread() {
+        return;
+    }
+    let mut armed = lock(&DEBUG_STALL_SEND);
+    let Some((p, t, pid, how_long)) = *armed else { return };
+    if (p, t) != (port, to) {
+        return;
+    }
+    *armed = None;
+    drop(armed);
+    rustler::atoms! { driver_stalled }
+    crate::messages::send(&pid, |e| rustler::Encoder::encode(&driver_stalled(), e));
+    std::thread::sleep(how_long);
 }

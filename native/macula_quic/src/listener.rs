@@ -237,16 +237,38 @@ async fn handshake(shared: Arc<Shared>, connecting: quinn::Connecting, shard: Ar
         conn.close(quinn::VarInt::from_u32(0), b"listener closed");
         return;
     }
+    place(&shared, &mut st, conn, shard);
+}
+
+/// A connection ready for an owner goes to the first waiter still alive, or else waits in the
+/// queue. Runs on the connection's shard.
+fn place(shared: &Arc<Shared>, st: &mut State, conn: Contained<quinn::Connection>, shard: Arc<Shard>) {
     while let Some(w) = st.waiters.pop_front() {
         let Waiter { pid, reply, .. } = w;
-        let on_closed = on_delivered_closed(&shared);
-        if ConnRes::start(None, conn.clone(), shared.local, shard.clone(), pid, |res| deliver(res, pid, reply), Some(on_closed)).is_some() {
-            st.delivered_live += 1;
+        if hand_over(shared, st, &conn, &shard, pid, reply) {
             return;
         }
         // That waiter exited while waiting; try the next.
     }
     st.ready.push_back((conn, shard));
+}
+
+/// Starts the connection's handle, owned by `pid`, and tells `pid` (by `reply`, or
+/// `new_conn`). False when `pid` has exited. Runs on the connection's shard.
+fn hand_over(
+    shared: &Arc<Shared>,
+    st: &mut State,
+    conn: &Contained<quinn::Connection>,
+    shard: &Arc<Shard>,
+    pid: LocalPid,
+    reply: Option<Reply>,
+) -> bool {
+    let on_closed = on_delivered_closed(shared);
+    let started = ConnRes::start(None, (**conn).clone(), shared.local, shard.clone(), pid, |res| deliver(res, pid, reply), Some(on_closed));
+    if started.is_some() {
+        st.delivered_live += 1;
+    }
+    started.is_some()
 }
 
 /// Sends `{quic, new_conn, Conn, Info}` (or `{Tag, {:ok, Conn}}`) to the new owner. Runs on a
@@ -349,10 +371,26 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
         st.ready.pop_front();
     }
     if let Some((conn, shard)) = st.ready.pop_front() {
-        // `new_conn` reads the connection's handshake data under its lock: hold its shard, so
-        // its driver does not hold that lock on another thread meanwhile (when the shard is
-        // busy, this waits for at most one step of the driver).
-        let _claim = shard.claim();
+        // `new_conn` reads the connection's handshake data under its lock: hand over while
+        // holding its shard, so that its driver does not hold that lock on another thread
+        // meanwhile; when the shard is busy elsewhere, hand over from a task on the shard.
+        let Some(_claim) = shard.claim() else {
+            let reply = if blocking { Some(Reply::new(caller, tag)) } else { None };
+            let shared = l.shared.clone();
+            shard.clone().spawn(async move {
+                let _task = Live::new(&counters::TASKS);
+                let mut st = lock(&shared.state);
+                if st.closed {
+                    // `close` drained the queue while this was on its way: as it does with
+                    // queued connections (the blocking caller hears `closed` as `reply` drops).
+                    conn.close(quinn::VarInt::from_u32(0), b"listener closed");
+                } else if !hand_over(&shared, &mut st, &conn, &shard, caller, reply) {
+                    // The caller has exited meanwhile: as a connection that has just arrived.
+                    place(&shared, &mut st, conn, shard);
+                }
+            });
+            return atoms::ok().encode(env);
+        };
         let mut reply = atoms::ok().encode(env);
         // The caller is alive (it is calling), so the monitor is set.
         let announce = |res: &ResourceArc<ConnRes>| {
