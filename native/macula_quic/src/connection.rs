@@ -494,12 +494,17 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
 /// `{:error, :badarg}` for another `What`.
 ///
 /// Every one of these reads Quinn's connection state, under the lock Quinn's driver holds while
-/// it processes packet batches, so the read runs on the shard, serialised with the driver: in
-/// this call when the shard is free (the answer is then already in the caller's mailbox), else
-/// on a runtime worker. `bench/query_stalls.exs` (1 GiB moving meanwhile) measured the native
-/// part of `getstat` reading Quinn in the NIF regardless of the driver at p99 78 µs, p99.9
-/// 2.8 ms, max 10 ms (18 calls over 5 ms in 259k), and always handing over to the runtime at
-/// p99 40-44 µs, p99.9 1.7-2.1 ms, max 3.2 ms (none over 5 ms in 8-13k).
+/// it processes packet batches, so the read is serialised with the driver: in this call,
+/// holding the shard, when the shard is free (the answer is then already in the caller's
+/// mailbox), else by a task on the shard. `bench/query_stalls.exs` (1 GiB moving meanwhile)
+/// measured the native part of `getstat` reading Quinn in the NIF regardless of the driver at
+/// p99 78 µs, p99.9 2.8 ms, max 10 ms (18 calls over 5 ms in 259k); always handing over to
+/// the runtime at p99 40-44 µs, p99.9 1.7-2.1 ms; as a task on the shard, run in the call with
+/// whatever else the connection had queued (a driver step, say), at p99 53-115 µs, p99.9
+/// 211-294 µs; answering in the call, leaving the rest to the runtime, at p99 3 µs, p99.9
+/// 26-52 µs (2026-11-27). What remains over 1 ms (0.01-0.02% of calls either way) is the OS
+/// preempting the scheduler thread on the busy two-core host (`perf sched`: the schedulers
+/// waited, runnable, over 1 ms 68 times in 2 s of the transfer).
 #[rustler::nif]
 fn conn_query<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, what: rustler::Atom, tag: Term<'a>) -> Term<'a> {
     rustler::atoms! { peername, sockname, stats }
@@ -512,18 +517,26 @@ fn conn_query<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, what: rustler::Atom, ta
     } else {
         return err(env, atoms::badarg());
     };
-    let reply = Reply::new(env.pid(), tag);
     if c.shard.failed() {
-        reply.error(atoms::closed());
+        let _ = env.send(&env.pid(), (tag, (atoms::error(), atoms::closed())).encode(env));
         return atoms::ok().encode(env);
     }
     let shard = c.shard.clone();
-    executor::inline(env, || {
-        shard.spawn(async move {
-            let _task = Live::new(&counters::TASKS);
-            reply.send(move |e| query.answer(e, &c));
-        })
-    });
+    match shard.claim() {
+        // Holding the shard, no driver of this endpoint holds Quinn's lock: answer now. Not
+        // inside `executor::inline`: whatever the connection has queued meanwhile (a driver
+        // step during a transfer can take milliseconds) is left to the runtime.
+        Some(_claim) => {
+            let _ = env.send(&env.pid(), (tag, query.answer(env, &c)).encode(env));
+        }
+        None => {
+            let reply = Reply::new(env.pid(), tag);
+            shard.spawn(async move {
+                let _task = Live::new(&counters::TASKS);
+                reply.send(move |e| query.answer(e, &c));
+            });
+        }
+    }
     atoms::ok().encode(env)
 }
 
