@@ -16,6 +16,8 @@ MACULA_QUIC_BUILD=1 mix compile >&2
 say "building the raw-Quinn baseline (cargo build --release --example quinn_baseline)"
 cargo build --release --example quinn_baseline --manifest-path native/macula_quic/Cargo.toml >&2
 
+# A fresh copy: `cp -r` into a directory left by an earlier build would nest inside it.
+rm -rf "$work/macula_quic"
 mkdir -p "$work/macula_quic"
 cp -r _build/bench/lib/macula_quic/ebin "$work/macula_quic/ebin"
 cp -rL _build/bench/lib/macula_quic/priv "$work/macula_quic/priv"

@@ -4,14 +4,18 @@
 # the whole getstat NIF, which read Quinn's state itself) and of `async_accept_stream` on the
 # receiving connection (MaculaQuic.Native.conn_accept_stream/3, withdrawn at once; until
 # 2026-11-27 it asked Quinn whether the connection had ended even when the driver was at work
-# on another thread, waiting for its lock), next to a NIF that takes no lock
-# (MaculaQuic.Native.ping/0) as the control for the OS's own preemption.
+# on another thread, waiting for its lock), and a whole 64-byte `send/2` on a second stream of
+# the sending connection (which runs that connection's work, and its peer's, in the call: see
+# bench/README.md, "A driver kept off the schedulers after long steps"), next to a NIF that
+# takes no lock (MaculaQuic.Native.ping/0) as the control for the OS's own preemption.
 #
 #   MIX_ENV=bench MACULA_QUIC_BUILD=1 mix compile
 #   elixir -pa _build/bench/lib/macula_quic/ebin bench/query_stalls.exs
 Code.require_file("lib/util.ex", __DIR__)
 
 defmodule Bench.QueryStalls do
+  @small :binary.copy(<<7>>, 64)
+
   def main do
     cert = Bench.Util.make_cert(Path.join(System.tmp_dir!(), "macula_quic_stalls"))
     tls = [alpn: ["stalls"], certfile: cert.certfile, keyfile: cert.keyfile]
@@ -33,28 +37,56 @@ defmodule Bench.QueryStalls do
     me = self()
     # Started once the stream is accepted, so that its accepts cannot take the stream.
     ss = receive(do: ({:quic, :new_stream, ss, _} -> ss))
-    prober = spawn_link(fn -> probe(c, sc, me, {[], [], []}) end)
+    # A second stream of the sending connection, for small sends: its server end is drained
+    # by a process of its own, accepted before the prober's accepts begin.
+    drainer = spawn_link(fn -> drain_other(sc, me) end)
+    receive(do: (:accepting -> :ok))
+    {:ok, small} = MaculaQuic.open_stream(c)
+    :ok = MaculaQuic.send(small, "first")
+    receive(do: ({:drained, "first"} -> :ok))
+    prober = spawn_link(fn -> probe(c, sc, small, me, {[], [], [], []}) end)
     drain(ss)
     send(prober, :stop)
 
     receive do
-      {:probed, {query, accept, ping}} ->
+      {:probed, {query, accept, sends, ping}} ->
         IO.puts("getstat, native part: " <> summary(query))
         IO.puts("async_accept_stream, native part: " <> summary(accept))
+        IO.puts("64-byte send/2 on the sending connection: " <> summary(sends))
         IO.puts("ping (takes no lock): " <> summary(ping))
     end
+
+    send(drainer, :stop)
   end
 
-  defp probe(c, sc, parent, {query, accept, ping} = acc) do
+  defp probe(c, sc, small, parent, {query, accept, sends, ping} = acc) do
     receive do
-      :stop -> send(parent, {:probed, {Enum.sort(query), Enum.sort(accept), Enum.sort(ping)}})
+      :stop ->
+        sorted = acc |> Tuple.to_list() |> Enum.map(&Enum.sort/1) |> List.to_tuple()
+        send(parent, {:probed, sorted})
     after
       0 ->
         acc =
           {[time_query(c) | query], [time_accept(sc) | accept],
+           [time_us(fn -> :ok = MaculaQuic.send(small, @small) end) | sends],
            [time_us(&MaculaQuic.Native.ping/0) | ping]}
 
-        probe(c, sc, parent, acc)
+        probe(c, sc, small, parent, acc)
+    end
+  end
+
+  defp drain_other(sc, parent) do
+    :ok = MaculaQuic.async_accept_stream(sc, active: true)
+    send(parent, :accepting)
+    s = receive(do: ({:quic, :new_stream, s, _} -> s))
+    receive(do: ({:quic, "first", ^s, _} -> send(parent, {:drained, "first"})))
+    discard(s)
+  end
+
+  defp discard(s) do
+    receive do
+      {:quic, d, ^s, _} when is_binary(d) -> discard(s)
+      :stop -> :ok
     end
   end
 
