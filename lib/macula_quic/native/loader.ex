@@ -7,8 +7,9 @@ defmodule MaculaQuic.Native.Loader do
   #
   # Decision (same conventions as RustlerPrecompiled-based packages):
   #   * build from source when MACULA_QUIC_BUILD is "1"/"true", when
-  #     `config :macula_quic, build_from_source: true`, or when the version is a "-dev"
-  #     pre-release (a git checkout never has release artifacts);
+  #     `config :macula_quic, build_from_source: true` (or RustlerPrecompiled's `force_build`
+  #     or `force_build_all` config, or its RUSTLER_PRECOMPILED_FORCE_BUILD_ALL), or when the
+  #     version is a "-dev" pre-release (a git checkout never has release artifacts);
   #   * otherwise download libmacula_quic-v<vsn>-nif-<nif>-<target>.so.tar.gz from
   #     MACULA_QUIC_BASE_URL (default: the GitHub release of that version) into
   #     MACULA_QUIC_CACHE_DIR (default: the user cache dir), verify it against
@@ -138,9 +139,21 @@ defmodule MaculaQuic.Native.Loader do
     end
   end
 
+  # The app's own `build_from_source`, or RustlerPrecompiled's application config, as its
+  # users write it: `config :rustler_precompiled, :force_build, macula_quic: true` for this
+  # package, `config :rustler_precompiled, force_build_all: true` for every package.
   defp configured_build?(opts) do
     app = Keyword.get(opts, :otp_app, :macula_quic)
-    Application.get_env(app, :build_from_source, false)
+
+    force_build =
+      case Application.get_env(:rustler_precompiled, :force_build) do
+        list when is_list(list) -> List.keyfind(list, app, 0)
+        _ -> nil
+      end
+
+    Application.get_env(app, :build_from_source) == true or
+      Application.get_env(:rustler_precompiled, :force_build_all) == true or
+      force_build == {app, true}
   end
 
   defp dev_version?(version) do

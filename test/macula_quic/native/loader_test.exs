@@ -95,6 +95,45 @@ defmodule MaculaQuic.Native.LoaderTest do
       assert_received {:mix_shell, :info, ["Building the macula_quic NIF from source" <> _]}
     end
 
+    test "RustlerPrecompiled's application config forces it, as for its own packages", ctx do
+      # An app name of the test's own, so that nothing else reads this configuration.
+      app = :macula_quic_loader_config_test
+      # (A download would fail at once: nothing listens there. None is made: there is no
+      # checksum file in this directory, which stops an install first.)
+      base_url = "http://127.0.0.1:9/nothing"
+
+      opts =
+        source_opts(ctx, version: "0.1.0", env: %{}, base_url: base_url)
+        |> Keyword.put(:otp_app, app)
+
+      on_exit(fn -> Application.delete_env(:rustler_precompiled, :force_build) end)
+      on_exit(fn -> Application.delete_env(:rustler_precompiled, :force_build_all) end)
+
+      # A release version with no configuration installs a precompiled library.
+      assert {:error, {:checksum_file_unreadable, _, :enoent}} = Loader.prepare(opts)
+
+      for {key, value} <- [
+            force_build: [
+              other_app: true,
+              "not a keyword": 1,
+              macula_quic_loader_config_test: true
+            ],
+            force_build_all: true
+          ] do
+        Application.put_env(:rustler_precompiled, key, value)
+        assert {:error, {:cargo_missing, _}} = Loader.prepare(opts), inspect({key, value})
+        Application.delete_env(:rustler_precompiled, key)
+      end
+
+      # Another package's switch, or a value that is not `true`, is not this one's.
+      for value <- [[other_app: true], [macula_quic_loader_config_test: "yes"], :not_a_list] do
+        Application.put_env(:rustler_precompiled, :force_build, value)
+
+        assert {:error, {:checksum_file_unreadable, _, :enoent}} = Loader.prepare(opts),
+               inspect(value)
+      end
+    end
+
     test "the build_from_source option forces it too", ctx do
       opts = source_opts(ctx, version: "0.1.0", env: %{}, build_from_source: true)
       assert {:error, {:cargo_missing, _}} = Loader.prepare(opts)
