@@ -108,7 +108,9 @@ defmodule MaculaQuic do
     * `:cacertfile` — PEM file of trusted CA certificates.
     * `:server_name` — (connect) the SNI and the name the certificate must match; defaults to
       the host.
-    * `:local_address` — (connect) the source address, an IP or `{ip, port}`.
+    * `:local_address` — (connect) the source address, an IP or `{ip, port}`. Connects from
+      one address share one UDP socket; one on a port you chose is closed once its last
+      connection has ended.
     * `:session_resumption` — (connect) `true` (the default) or `false`. Connects with the same
       options share a TLS session cache: a server that sent this client a session ticket is
       reconnected with a resumed handshake, which sends, signs and verifies no certificate.
@@ -976,7 +978,7 @@ defmodule MaculaQuic do
 
   @doc """
   Live native objects: listeners, connections and streams not yet freed, runtime tasks, shared
-  client endpoints, registered listener addresses, runtime worker threads and `shards` (one per
+  client endpoints (one per source address; those on an ephemeral port stay), registered listener addresses, runtime worker threads and `shards` (one per
   endpoint and one per connection: see "How the work is scheduled" in the README), `owners`
   (processes that own handles: each is monitored once, while it lives) and `accept_waiters`
   (`async_accept/1` and `accept/3` calls waiting on open listeners; those of processes that

@@ -7,6 +7,7 @@ defmodule MaculaQuic.PerIdentityTest do
   use ExUnit.Case, async: false
 
   import MaculaQuic.PerIdentityHelpers
+  import MaculaQuic.Test.Quic, only: [poll_counts!: 2, wait_until: 1]
 
   @moduletag :per_identity
 
@@ -45,6 +46,12 @@ defmodule MaculaQuic.PerIdentityTest do
   defp port_of(listener) do
     {:ok, {_ip, port}} = MaculaQuic.sockname(listener)
     port
+  end
+
+  # `{:ok, l}` after closing the listener `l` (for a listen that only proves a port is free).
+  defp close_ok(l) do
+    :ok = MaculaQuic.close_listener(l)
+    {:ok, l}
   end
 
   defp connect!(host, port, extra \\ []) do
@@ -287,19 +294,30 @@ defmodule MaculaQuic.PerIdentityTest do
       end
     end
 
-    test "a fixed source port stays bound after its connection closes (README says so)",
+    test "a fixed source port is held while connections use it, and let go after the last",
          %{port: port} do
+      endpoints = MaculaQuic.native_counts().client_endpoints
       {:ok, probe} = :gen_udp.open(0, ip: {127, 0, 0, 14})
       {:ok, {_, fixed}} = :inet.sockname(probe)
       :gen_udp.close(probe)
       conn = connect!("127.0.0.1", port, local_address: {"127.0.0.14", fixed})
       assert {:ok, {"127.0.0.14", ^fixed}} = MaculaQuic.sockname(conn)
       _ = server_view()
-      :ok = MaculaQuic.close(conn)
       assert {:error, :eaddrinuse} = MaculaQuic.listen("127.0.0.14", fixed, alpn: ["t"])
-      # The shared endpoint serves the next connect from that address and port.
+      # A second connect from that address and port shares the endpoint.
       again = connect!("127.0.0.1", port, local_address: {"127.0.0.14", fixed})
       assert {:ok, {"127.0.0.14", ^fixed}} = MaculaQuic.sockname(again)
+      _ = server_view()
+      assert MaculaQuic.native_counts().client_endpoints == endpoints + 1
+      :ok = MaculaQuic.close(conn)
+      # One connection still uses it.
+      assert {:error, :eaddrinuse} = MaculaQuic.listen("127.0.0.14", fixed, alpn: ["t"])
+      :ok = MaculaQuic.close(again)
+      # Once the closed connections have drained, the endpoint goes and its socket closes:
+      # the port can be listened on (no message says when; bounded polling).
+      poll_counts!(&(&1.client_endpoints == endpoints), &"endpoint kept: #{inspect(&1)}")
+      listen = fn -> MaculaQuic.listen("127.0.0.14", fixed, alpn: ["t"]) end
+      assert wait_until(fn -> match?({:ok, _}, with({:ok, l} <- listen.(), do: close_ok(l))) end)
     end
 
     test "without local_address the source is the kernel's choice", %{port: port} do

@@ -309,12 +309,12 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
         Host::Ip(ip) => endpoint::client_endpoint(&SocketAddr::new(*ip, port), opts.local_address).ok(),
         Host::Name(_) => None,
     };
-    let shard = client.as_ref().map(|(_, s)| s.clone());
+    let shard = client.as_ref().map(|(_, s, _)| s.clone());
     let task = async move {
         let _task = Live::new(&counters::TASKS);
         match tokio::time::timeout_at(deadline, dial(host, port, opts, config, client)).await {
-            Ok(Ok((connecting, bound, shard))) => {
-                shard.clone().spawn(finish_connect(connecting, bound, shard, owner, reply, deadline));
+            Ok(Ok((connecting, bound, shard, lease))) => {
+                shard.clone().spawn(finish_connect(connecting, bound, shard, lease, owner, reply, deadline));
             }
             Ok(Err(reason)) => {
                 reply.error(reason);
@@ -333,16 +333,17 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
     atoms::ok().encode(env)
 }
 
-/// Resolves the host and starts the handshake: the connection, and the new shard its driver
-/// runs on (see `executor`). `client` is the client endpoint when the caller has already found
-/// it (for an address); otherwise it is looked up for the resolved address.
+/// Resolves the host and starts the handshake: the connection, its local address, the new
+/// shard its driver runs on (see `executor`) and its lease on the client endpoint (see
+/// `endpoint::Lease`). `client` is the client endpoint when the caller has already found it
+/// (for an address); otherwise it is looked up for the resolved address.
 async fn dial(
     host: Host,
     port: u16,
     opts: options::Connect,
     config: quinn::ClientConfig,
-    client: Option<(quinn::Endpoint, Arc<Shard>)>,
-) -> Result<(quinn::Connecting, SocketAddr, Arc<Shard>), Reason> {
+    client: Option<(quinn::Endpoint, Arc<Shard>, Option<endpoint::Lease>)>,
+) -> Result<(quinn::Connecting, SocketAddr, Arc<Shard>, Option<endpoint::Lease>), Reason> {
     let want_v4 = opts.local_address.map(|(ip, _)| ip.is_ipv4());
     let (remote, default_name) = match &host {
         Host::Ip(ip) => (SocketAddr::new(*ip, port), ip.to_string()),
@@ -360,7 +361,7 @@ async fn dial(
             (pick, name.clone())
         }
     };
-    let (endpoint, _) = match client {
+    let (endpoint, _, lease) = match client {
         Some(found) => found,
         None => endpoint::client_endpoint(&remote, opts.local_address)?,
     };
@@ -368,15 +369,16 @@ async fn dial(
     let server_name = opts.server_name.unwrap_or(default_name);
     let (connecting, shard) = executor::with_new_shard(|| endpoint.connect_with(config, remote, &server_name));
     let connecting = connecting.map_err(|e| error::connect(&e))?;
-    Ok((connecting, bound, shard))
+    Ok((connecting, bound, shard, lease))
 }
 
 /// Waits for the handshake, on the connection's own shard (polling it takes the connection's
-/// lock), and answers the caller.
+/// lock), and answers the caller. The connection keeps `lease` until it has ended.
 async fn finish_connect(
     connecting: quinn::Connecting,
     bound: SocketAddr,
     shard: Arc<Shard>,
+    lease: Option<endpoint::Lease>,
     owner: LocalPid,
     reply: Reply,
     deadline: tokio::time::Instant,
@@ -386,7 +388,8 @@ async fn finish_connect(
         Ok(Ok(conn)) => {
             let conn = Contained::connection(conn);
             shard.keep_until_driver_ends(&conn);
-            match ConnRes::start(None, conn.clone(), bound, shard, owner, |_| {}, None) {
+            let on_closed: Option<OnClosed> = lease.map(|l| Box::new(move || drop(l)) as OnClosed);
+            match ConnRes::start(None, conn.clone(), bound, shard, owner, |_| {}, on_closed) {
                 Some(res) => {
                     if !reply.send(move |e| (atoms::ok(), res).encode(e)) {
                         // The caller is gone; the monitor's down callback closes the connection.

@@ -9,6 +9,10 @@
 //!
 //! Client endpoints are shared: one per local bind address, created on first use and reused by
 //! every later connect, so a burst of connects never creates a burst of sockets and drivers.
+//! Those on an ephemeral port (the usual case) stay for the life of the library; one on a port
+//! the application chose is let go once its last connection has ended, since the application
+//! may want that port back (say, to listen on it).
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::io::IoSliceMut;
@@ -281,17 +285,64 @@ pub fn endpoint(socket: UdpSocket, server: Option<quinn::ServerConfig>) -> Resul
     Ok((ep, shard))
 }
 
-/// The shared client endpoints by local address, each with its shard.
-type ClientEndpoints = Mutex<HashMap<SocketAddr, (quinn::Endpoint, Arc<Shard>)>>;
+/// A shared client endpoint: its shard, and for an application-chosen port, how many
+/// connections use it (see `Lease`).
+struct ClientEndpoint {
+    endpoint: quinn::Endpoint,
+    shard: Arc<Shard>,
+    users: usize,
+    _watch: Option<spin::Watch>,
+}
+
+/// The shared client endpoints by local address.
+type ClientEndpoints = Mutex<HashMap<SocketAddr, ClientEndpoint>>;
 
 fn client_endpoints() -> &'static ClientEndpoints {
     static C: OnceLock<ClientEndpoints> = OnceLock::new();
     C.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// The shared client endpoint for connections from `local` (an IP and port; port 0 means any).
-/// Without a local address, the wildcard of the remote address's family is used.
-pub fn client_endpoint(remote: &SocketAddr, local: Option<(IpAddr, u16)>) -> Result<(quinn::Endpoint, Arc<Shard>), Reason> {
+/// A connection's use of a client endpoint on a port the application chose; the endpoint is
+/// let go once no connection uses it (see `Lease::drop`). Ephemeral-port endpoints need none.
+#[derive(Debug)]
+pub struct Lease {
+    bind: SocketAddr,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let endpoint = {
+            let mut map = lock(client_endpoints());
+            let Some(entry) = map.get_mut(&self.bind) else { return };
+            entry.users -= 1;
+            if entry.users > 0 {
+                return;
+            }
+            entry.endpoint.clone()
+        };
+        // Kept until its connections have drained (their close frames answered, or timed out):
+        // a connect from the same address meanwhile reuses it rather than finding the port
+        // still held by the closing socket. Then let go, unless one did; the socket closes
+        // once Quinn's driver sees the endpoint unused.
+        let bind = self.bind;
+        crate::runtime::spawn(async move {
+            endpoint.wait_idle().await;
+            drop(endpoint);
+            let mut map = lock(client_endpoints());
+            if map.get(&bind).is_some_and(|e| e.users == 0) {
+                map.remove(&bind);
+            }
+        });
+    }
+}
+
+/// The shared client endpoint for connections from `local` (an IP and port; port 0 means any),
+/// with its shard, and for a port the caller chose, a `Lease` the connection keeps until it
+/// ends. Without a local address, the wildcard of the remote address's family is used.
+pub fn client_endpoint(
+    remote: &SocketAddr,
+    local: Option<(IpAddr, u16)>,
+) -> Result<(quinn::Endpoint, Arc<Shard>, Option<Lease>), Reason> {
     let bind = match local {
         Some((ip, port)) => SocketAddr::new(ip, port),
         None if remote.is_ipv4() => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
@@ -301,19 +352,23 @@ pub fn client_endpoint(remote: &SocketAddr, local: Option<(IpAddr, u16)>) -> Res
         return Err(crate::atoms::eaddrnotavail().into());
     }
     let mut map = lock(client_endpoints());
-    if let Some(ep) = map.get(&bind) {
-        return Ok(ep.clone());
-    }
-    let sock = new_socket(&bind).map_err(|e| error::io(&e))?;
-    sock.bind(&bind.into()).map_err(|e| error::io(&e))?;
-    let sock: UdpSocket = sock.into();
-    let watch = spin::watch(&sock);
-    let ep = endpoint(sock, None)?;
-    // Client endpoints are shared and live as long as the library: so does their watch (if
-    // the endpoint failed, the watch was dropped above and its duplicate closed).
-    std::mem::forget(watch);
-    map.insert(bind, ep.clone());
-    Ok(ep)
+    let entry = match map.entry(bind) {
+        Entry::Occupied(found) => found.into_mut(),
+        Entry::Vacant(slot) => {
+            let sock = new_socket(&bind).map_err(|e| error::io(&e))?;
+            sock.bind(&bind.into()).map_err(|e| error::io(&e))?;
+            let sock: UdpSocket = sock.into();
+            // (If the endpoint fails, the watch is dropped here and its duplicate closed.)
+            let watch = spin::watch(&sock);
+            let (endpoint, shard) = endpoint(sock, None)?;
+            slot.insert(ClientEndpoint { endpoint, shard, users: 0, _watch: watch })
+        }
+    };
+    let lease = (bind.port() != 0).then(|| {
+        entry.users += 1;
+        Lease { bind }
+    });
+    Ok((entry.endpoint.clone(), entry.shard.clone(), lease))
 }
 
 pub fn client_endpoint_count() -> usize {
