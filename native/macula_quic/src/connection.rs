@@ -631,8 +631,8 @@ pub fn handshake_info<'a>(env: Env<'a>, conn: &quinn::Connection, local: &Socket
 /// Asking Quinn takes its connection lock, which the connection's driver holds while it works.
 /// So the call asks only when it can claim the connection's shard (no driver of this endpoint
 /// runs meanwhile); when the shard is busy on another thread, the whole open goes to a task
-/// on the shard and the caller waits in its `receive`, never on the lock (`debug_stall_driver/3`
-/// and test/scheduler_test.exs).
+/// on the shard and the caller waits in its `receive`, never on the lock (test/shard_test.exs,
+/// with `debug_stall_send_from/5`).
 #[rustler::nif]
 fn open_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>, tag: Term<'a>) -> Term<'a> {
     let opts = match options::decode_stream(opts) {

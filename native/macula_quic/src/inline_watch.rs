@@ -303,7 +303,7 @@ fn debug_panic_hook(port: u16, to: SocketAddr) {
 }
 
 /// Test builds only: `(local port, destination, who to tell, how long)` for the next datagram
-/// whose send stalls on a runtime worker (see `connection::debug_stall_driver`).
+/// whose send stalls on a runtime worker (see `connection::debug_stall_send_from`).
 #[cfg(feature = "test_hooks")]
 pub static DEBUG_STALL_SEND: Mutex<Option<(u16, SocketAddr, rustler::LocalPid, std::time::Duration)>> = Mutex::new(None);
 
