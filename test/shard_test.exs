@@ -132,6 +132,22 @@ defmodule MaculaQuic.ShardTest do
       MaculaQuic.close_connection(c)
     end
 
+    test "async_accept_stream/2 on a connection that has ended says so at once" do
+      {c, sc, _l, _} = pair!()
+      :ok = MaculaQuic.close_connection(c)
+      assert_receive {:quic, :closed, ^sc, _}, 5_000
+      # What Quinn says when the call can ask it...
+      assert {:error, reason} = MaculaQuic.Native.conn_accept_stream(sc, %{}, nil)
+      # ...and when it cannot, its shard being busy on another thread: the same, from what was
+      # recorded as the owner heard `closed` (the caller may have been handed the connection
+      # after that message went to its previous owner: it would wait for nothing).
+      :ok = MaculaQuic.Native.debug_stall_shard(sc, @stall, self())
+      assert_receive :shard_stalled, 5_000
+
+      assert {:error, ^reason} =
+               quickly!(fn -> MaculaQuic.Native.conn_accept_stream(sc, %{}, nil) end)
+    end
+
     test "async_accept/2 of a queued connection returns, and new_conn comes" do
       {l, c} = queued_and_stalled!()
       {:ok, {ip, client_port}} = MaculaQuic.sockname(c)

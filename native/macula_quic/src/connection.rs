@@ -50,6 +50,9 @@ struct State {
     closed_by_app: bool,
     /// The `closed` message was sent (by `conn_close` or the watcher): nothing follows it.
     closed_sent: bool,
+    /// Why it ended, recorded as `closed` is sent: for calls that cannot ask Quinn (its shard
+    /// busy on another thread) yet must refuse an ended connection at once.
+    ended: Option<Reason>,
 }
 
 pub struct ConnRes {
@@ -117,6 +120,7 @@ impl ConnRes {
                 next_accept: 1,
                 closed_by_app: false,
                 closed_sent: false,
+                ended: None,
             }),
             _live: Live::new(&counters::CONNECTIONS),
         });
@@ -202,6 +206,7 @@ impl WatcherExit {
             return;
         }
         st.closed_sent = true;
+        st.ended = Some(why.map_or_else(|| atoms::closed().into(), error::connection));
         let (owner, by_app) = (st.owner.pid, st.closed_by_app);
         let local = matches!(why, Some(quinn::ConnectionError::LocallyClosed));
         if !local {
@@ -463,8 +468,9 @@ fn close_by_app(c: &ResourceArc<ConnRes>, code: quinn::VarInt, tell: impl FnOnce
         return false;
     }
     let why = contain::quietly(|| c.conn.close_reason()).flatten();
-    if matches!(why, Some(quinn::ConnectionError::LocallyClosed)) && !st.closed_sent {
+    if let Some(why @ quinn::ConnectionError::LocallyClosed) = why.as_ref().filter(|_| !st.closed_sent) {
         st.closed_sent = true;
+        st.ended = Some(error::connection(why));
         tell(&st.owner.pid, c.clone());
         st.owner.release();
     }
@@ -727,12 +733,19 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
         Err(r) => return err(env, r),
     };
     // An ended connection is an error at once. `end_reason` takes Quinn's connection lock, so
-    // it is asked only while holding the shard (its driver does not hold that lock meanwhile);
-    // when the shard is busy on another thread, the accept below fails with the same reason.
+    // Quinn is asked only while holding the shard (its driver does not hold that lock
+    // meanwhile); when the shard is busy on another thread, what the watcher recorded as it
+    // told the owner `closed` answers (the process now calling may have been handed the
+    // connection after that message went to its previous owner). One that ends later fails
+    // the accept task, as one ending just after this call would.
     if c.shard.failed() {
         return err(env, atoms::closed());
     }
-    if let Some(reason) = c.shard.claim().and_then(|_claim| c.end_reason()) {
+    let ended = match c.shard.claim() {
+        Some(_claim) => c.end_reason(),
+        None => lock(&c.state).ended.clone(),
+    };
+    if let Some(reason) = ended {
         return err(env, reason);
     }
     let caller = env.pid();
@@ -884,6 +897,25 @@ fn debug_stall_send_from<'a>(local_port: u16, ip: Term<'a>, port: Term<'a>, ms: 
     let to = SocketAddr::new(ip, port);
     *lock(&crate::inline_watch::DEBUG_STALL_SEND) = Some((local_port, to, pid, Duration::from_millis(ms)));
     Ok(atoms::ok())
+}
+
+/// `debug_stall_shard(Conn, Ms, Pid)` (test builds only): a task on this connection's shard,
+/// run on a runtime worker, sends `Pid` the atom `shard_stalled` and then holds the shard for
+/// `Ms` milliseconds (Quinn's lock stays free). For the calls that, finding the shard busy,
+/// must answer without asking Quinn.
+#[cfg(feature = "test_hooks")]
+#[rustler::nif]
+fn debug_stall_shard(c: ResourceArc<ConnRes>, ms: u64, pid: LocalPid) -> rustler::Atom {
+    rustler::atoms! { shard_stalled }
+    let shard = c.shard.clone();
+    // Spawned from a runtime thread, so that the shard runs there rather than in this call.
+    runtime::spawn(async move {
+        shard.spawn(async move {
+            messages::send(&pid, |e| shard_stalled().encode(e));
+            std::thread::sleep(Duration::from_millis(ms));
+        })
+    });
+    atoms::ok()
 }
 
 /// `debug_nudge_driver(Conn)` (test builds only): makes this connection's driver send a
