@@ -160,37 +160,8 @@ defmodule MaculaQuic.ShardTest do
     end
   end
 
-  describe "a queued connection handed over while its driver works on another thread" do
-    test "goes to the next accept when its acceptor has exited meanwhile" do
-      {l, c} = queued_and_stalled!()
-      me = self()
-
-      acceptor = spawn(fn -> send(me, {:accepted, MaculaQuic.Native.listener_accept(l, nil)}) end)
-
-      ref = Process.monitor(acceptor)
-      assert_receive {:accepted, :ok}, 5_000
-      assert_receive {:DOWN, ^ref, :process, ^acceptor, _}, 5_000
-      # Handed over once the driver's step is done: to nobody, so it waits for the next accept.
-      assert {:ok, sc} = MaculaQuic.accept(l, [], 5_000)
-      same_connection!(c, sc)
-      MaculaQuic.close_connection(c)
-      MaculaQuic.close_listener(l)
-    end
-
-    test "is closed with the listener if that closes meanwhile; a waiting accept hears why" do
-      {l, c} = queued_and_stalled!()
-      ref = make_ref()
-      assert :ok = MaculaQuic.Native.listener_accept(l, ref)
-      :ok = MaculaQuic.close_listener(l)
-      assert_receive {^ref, {:error, :closed}}, 5_000
-      # The client hears the close the listener's queued connections get.
-      assert_receive {:quic, :closed, ^c, _}, 5_000
-    end
-  end
-
   # A connection queued in a new listener (`{listener, client connection}`) whose driver is
-  # stalled on a runtime worker, so that an accept must hand it over from the connection's
-  # shard. The server's end is queued once its handshake is over: the session ticket it sends
+  # stalled on a runtime worker while the accept hands it over. The server's end is queued once its handshake is over: the session ticket it sends
   # then is the last of it (the client can return from `connect` before). With no handle to
   # it, its driver is stalled through its next datagram to the client, which answers the
   # client's nudge.

@@ -58,8 +58,6 @@ struct State {
 pub struct ConnRes {
     /// Contained: on a poisoned connection (see `contain`) dropping the last handle panics.
     pub conn: Contained<quinn::Connection>,
-    /// The local UDP port (the endpoint's), for `sockname`.
-    pub local_port: u16,
     /// The endpoint's bound address; its IP may be the wildcard (a shared client endpoint).
     pub local_bound: SocketAddr,
     /// The source IP the kernel routes to the peer from a wildcard-bound endpoint, looked up
@@ -109,7 +107,6 @@ impl ConnRes {
     ) -> Option<ResourceArc<ConnRes>> {
         let res = ResourceArc::new(ConnRes {
             conn: Contained::connection(conn),
-            local_port: local_bound.port(),
             local_bound,
             routed_ip: OnceLock::new(),
             send_pend: AtomicUsize::new(0),
@@ -151,14 +148,19 @@ impl ConnRes {
     /// The local address as the peer sees it: the path's local IP where Quinn knows it,
     /// else the endpoint's bound address.
     pub fn local_addr(&self) -> SocketAddr {
-        match self.conn.local_ip() {
-            Some(ip) => SocketAddr::new(ip, self.local_port),
-            None if self.local_bound.ip().is_unspecified() => {
-                let routed = self.routed_ip.get_or_init(|| endpoint::route_source(&self.conn.remote_address()));
-                routed.map_or(self.local_bound, |ip| SocketAddr::new(ip, self.local_port))
-            }
-            None => self.local_bound,
-        }
+        local_addr_with(&self.conn, self.local_bound, || {
+            *self.routed_ip.get_or_init(|| endpoint::route_source(&self.conn.remote_address()))
+        })
+    }
+}
+
+/// A connection's local address as the peer sees it: the path's local IP where Quinn knows it,
+/// else, for an endpoint bound to a wildcard, the IP `routed` finds, else the bound address.
+fn local_addr_with(conn: &quinn::Connection, bound: SocketAddr, routed: impl FnOnce() -> Option<IpAddr>) -> SocketAddr {
+    match conn.local_ip() {
+        Some(ip) => SocketAddr::new(ip, bound.port()),
+        None if bound.ip().is_unspecified() => routed().map_or(bound, |ip| SocketAddr::new(ip, bound.port())),
+        None => bound,
     }
 }
 
@@ -600,34 +602,56 @@ fn stats_map<'a>(env: Env<'a>, c: &ConnRes) -> Term<'a> {
     Term::map_from_pairs(env, &terms).unwrap_or_else(|_| atoms::undefined().encode(env))
 }
 
-/// The props of `new_conn` (quicer's keys): version, addresses as "ip:port" strings, the
-/// server name the client asked for, and the negotiated ALPN.
-pub fn handshake_info<'a>(env: Env<'a>, conn: &quinn::Connection, local: &SocketAddr) -> Term<'a> {
-    let hd = conn
-        .handshake_data()
-        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok());
-    let alpn = hd.as_ref().and_then(|h| h.protocol.clone());
-    let name = hd.as_ref().and_then(|h| h.server_name.clone());
-    let alpn_term = match alpn {
-        Some(p) => {
-            let mut b = rustler::NewBinary::new(env, p.len());
-            b.as_mut_slice().copy_from_slice(&p);
-            rustler::Binary::from(b).to_term(env)
+/// What `new_conn` reports about an accepted connection (quicer's keys: version, addresses as
+/// "ip:port" strings, the server name the client asked for, the negotiated ALPN). Read once,
+/// as the handshake ends, on the connection's shard (Quinn keeps it under the connection's
+/// lock), so that handing the connection to an acceptor later asks Quinn nothing: it never
+/// waits for the connection's driver, wherever that runs.
+#[derive(Debug, Clone)]
+pub struct HandshakeInfo {
+    local: SocketAddr,
+    remote: SocketAddr,
+    server_name: Option<String>,
+    alpn: Option<Vec<u8>>,
+}
+
+impl HandshakeInfo {
+    /// Reads it from Quinn: run on the connection's shard. `bound` is the endpoint's address.
+    pub fn read(conn: &quinn::Connection, bound: SocketAddr) -> HandshakeInfo {
+        let hd = conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok());
+        HandshakeInfo {
+            local: local_addr_with(conn, bound, || endpoint::route_source(&conn.remote_address())),
+            remote: conn.remote_address(),
+            server_name: hd.as_ref().and_then(|h| h.server_name.clone()),
+            alpn: hd.and_then(|h| h.protocol),
         }
-        None => atoms::undefined().encode(env),
-    };
-    let name_term = match name {
-        Some(n) => n.encode(env),
-        None => atoms::undefined().encode(env),
-    };
-    let pairs = [
-        (atoms::version().encode(env), 1u32.encode(env)),
-        (atoms::local_addr().encode(env), address::encode_addr_string(env, local)),
-        (atoms::remote_addr().encode(env), address::encode_addr_string(env, &conn.remote_address())),
-        (atoms::server_name().encode(env), name_term),
-        (atoms::alpns().encode(env), alpn_term),
-    ];
-    Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::undefined().encode(env))
+    }
+
+    /// The props map.
+    pub fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        let alpn_term = match &self.alpn {
+            Some(p) => {
+                let mut b = rustler::NewBinary::new(env, p.len());
+                b.as_mut_slice().copy_from_slice(p);
+                rustler::Binary::from(b).to_term(env)
+            }
+            None => atoms::undefined().encode(env),
+        };
+        let name_term = match &self.server_name {
+            Some(n) => n.encode(env),
+            None => atoms::undefined().encode(env),
+        };
+        let pairs = [
+            (atoms::version().encode(env), 1u32.encode(env)),
+            (atoms::local_addr().encode(env), address::encode_addr_string(env, &self.local)),
+            (atoms::remote_addr().encode(env), address::encode_addr_string(env, &self.remote)),
+            (atoms::server_name().encode(env), name_term),
+            (atoms::alpns().encode(env), alpn_term),
+        ];
+        Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| atoms::undefined().encode(env))
+    }
 }
 
 /// `open_stream(Conn, Opts, Tag)`: opens a stream owned by the caller. Answers `{:ok, Stream}`
@@ -879,7 +903,7 @@ pub fn controlling_process<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, pid: Loca
 #[cfg(feature = "test_hooks")]
 #[rustler::nif]
 fn debug_panic_driver(c: ResourceArc<ConnRes>) -> rustler::Atom {
-    *lock(&crate::inline_watch::DEBUG_PANIC_SEND) = Some((c.local_port, c.conn.remote_address()));
+    *lock(&crate::inline_watch::DEBUG_PANIC_SEND) = Some((c.local_bound.port(), c.conn.remote_address()));
     atoms::ok()
 }
 

@@ -16,9 +16,10 @@
 //! - Everything that takes a connection's lock in Quinn (its driver, its streams, waiting for
 //!   its handshake, closing it, reading its stats) runs on that connection's shard, so a task
 //!   polled inline never waits for that lock behind a driver on another thread. NIFs that call
-//!   Quinn directly (`open_stream`, `close_connection`, the connection queries, a listener
-//!   handing over a queued connection) first `claim` the shard; when it is busy elsewhere they
-//!   leave the work to a task on it, which answers the caller by message.
+//!   Quinn directly (`open_stream`, `close_connection`, the connection queries, checking that
+//!   a connection is open for `accept_stream`) first `claim` the shard; when it is busy
+//!   elsewhere they leave the work to a task on it, which answers the caller by message, or
+//!   answer from what the library recorded.
 //! - Inline work is bounded in time and reported to the VM (`consume_timeslice`); what is left
 //!   goes to a tokio worker.
 //! - Wake-ups that come from tokio (a datagram arrived, a timer fired) run the shard on that

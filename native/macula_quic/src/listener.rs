@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::address;
 use crate::atoms;
-use crate::connection::{self, ConnRes};
+use crate::connection::{self, ConnRes, HandshakeInfo};
 use crate::counters::{self, Live};
 use crate::endpoint;
 use crate::contain::{self, Contained};
@@ -50,7 +50,7 @@ struct State {
     waiters: VecDeque<Waiter>,
     /// How many waiters were left the last time those of exited processes were dropped.
     waiters_pruned: usize,
-    ready: VecDeque<(Contained<quinn::Connection>, Arc<Shard>)>,
+    ready: VecDeque<Queued>,
     handshaking: usize,
     /// Delivered connections not yet closed: they keep the socket open after `close`.
     delivered_live: usize,
@@ -133,7 +133,7 @@ fn close(shared: &Arc<Shared>) -> bool {
     // run `Drop`, and `close`, under this lock): whoever closes it holds one, or is its `Drop`,
     // which runs only after the entry let go.
     lock(&shared.owner).release();
-    for (c, shard) in queued {
+    for Queued { conn: c, shard, .. } in queued {
         // On the connection's shard: closing takes its lock, which its driver may hold.
         shard.spawn(async move { c.close(quinn::VarInt::from_u32(0), b"listener closed") });
     }
@@ -194,7 +194,7 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
                 // Queued connections whose driver has panicked (see `connection`) would only be
                 // skipped by `accept`: they give their slots back now rather than when they
                 // reach the front of the queue.
-                st.ready.retain(|(_, shard)| !shard.failed());
+                st.ready.retain(|q| !q.shard.failed());
             }
             if st.ready.len() + st.handshaking >= shared.backlog {
                 drop(st);
@@ -229,66 +229,53 @@ async fn handshake(shared: Arc<Shared>, connecting: quinn::Connecting, shard: Ar
     st.handshaking -= 1;
     let Some(conn) = result.map(Contained::connection) else { return };
     shard.keep_until_driver_ends(&conn);
-    if shard.failed() {
-        // Its driver panicked already (see `connection`): nobody can use it.
-        return;
-    }
+    // (`None`: its driver panicked already, see `connection`; nobody can use it.)
+    let info = contain::quietly(|| HandshakeInfo::read(&conn, shared.local));
+    let Some(info) = info.filter(|_| !shard.failed()) else { return };
     if st.closed {
         conn.close(quinn::VarInt::from_u32(0), b"listener closed");
         return;
     }
-    place(&shared, &mut st, conn, shard);
-}
-
-/// A connection ready for an owner goes to the first waiter still alive, or else waits in the
-/// queue. Runs on the connection's shard.
-fn place(shared: &Arc<Shared>, st: &mut State, conn: Contained<quinn::Connection>, shard: Arc<Shard>) {
+    let queued = Queued { conn, shard, info };
     while let Some(w) = st.waiters.pop_front() {
         let Waiter { pid, reply, .. } = w;
-        if hand_over(shared, st, &conn, &shard, pid, reply) {
+        let on_closed = on_delivered_closed(&shared);
+        let info = queued.info.clone();
+        let deliver = |res: &ResourceArc<ConnRes>| deliver(res, pid, reply, info);
+        if ConnRes::start(None, (*queued.conn).clone(), shared.local, queued.shard.clone(), pid, deliver, Some(on_closed)).is_some() {
+            st.delivered_live += 1;
             return;
         }
         // That waiter exited while waiting; try the next.
     }
-    st.ready.push_back((conn, shard));
+    st.ready.push_back(queued);
 }
 
-/// Starts the connection's handle, owned by `pid`, and tells `pid` (by `reply`, or
-/// `new_conn`). False when `pid` has exited. Runs on the connection's shard.
-fn hand_over(
-    shared: &Arc<Shared>,
-    st: &mut State,
-    conn: &Contained<quinn::Connection>,
-    shard: &Arc<Shard>,
-    pid: LocalPid,
-    reply: Option<Reply>,
-) -> bool {
-    let on_closed = on_delivered_closed(shared);
-    let started = ConnRes::start(None, (**conn).clone(), shared.local, shard.clone(), pid, |res| deliver(res, pid, reply), Some(on_closed));
-    if started.is_some() {
-        st.delivered_live += 1;
-    }
-    started.is_some()
+/// A connection whose handshake is over, waiting for an accept.
+struct Queued {
+    conn: Contained<quinn::Connection>,
+    shard: Arc<Shard>,
+    /// What `new_conn` will say of it, read as its handshake ended: handing it over asks
+    /// Quinn nothing (see `connection::HandshakeInfo`).
+    info: HandshakeInfo,
 }
 
 /// Sends `{quic, new_conn, Conn, Info}` (or `{Tag, {:ok, Conn}}`) to the new owner. Runs on a
 /// runtime thread.
-fn deliver(res: &ResourceArc<ConnRes>, pid: LocalPid, reply: Option<Reply>) {
+fn deliver(res: &ResourceArc<ConnRes>, pid: LocalPid, reply: Option<Reply>, info: HandshakeInfo) {
     let res = res.clone();
     match reply {
         Some(r) => {
             r.send(move |e| (atoms::ok(), res).encode(e));
         }
         None => {
-            messages::send(&pid, move |e| new_conn_msg(e, res));
+            messages::send(&pid, move |e| new_conn_msg(e, res, &info));
         }
     }
 }
 
-fn new_conn_msg(e: Env, res: ResourceArc<ConnRes>) -> Term {
-    let local = res.local_addr();
-    let info = connection::handshake_info(e, &res.conn, &local);
-    (atoms::quic(), atoms::new_conn(), res, info).encode(e)
+fn new_conn_msg<'a>(e: Env<'a>, res: ResourceArc<ConnRes>, info: &HandshakeInfo) -> Term<'a> {
+    (atoms::quic(), atoms::new_conn(), res, info.encode(e)).encode(e)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,43 +354,23 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
     }
     // A queued connection whose Quinn driver has panicked is of no use (see `connection`); its
     // handshake data could not even be read for `new_conn`.
-    while st.ready.front().is_some_and(|(_, shard)| shard.failed()) {
+    while st.ready.front().is_some_and(|q| q.shard.failed()) {
         st.ready.pop_front();
     }
-    if let Some((conn, shard)) = st.ready.pop_front() {
-        // `new_conn` reads the connection's handshake data under its lock: hand over while
-        // holding its shard, so that its driver does not hold that lock on another thread
-        // meanwhile; when the shard is busy elsewhere, hand over from a task on the shard.
-        let Some(_claim) = shard.claim() else {
-            let reply = if blocking { Some(Reply::new(caller, tag)) } else { None };
-            let shared = l.shared.clone();
-            shard.clone().spawn(async move {
-                let _task = Live::new(&counters::TASKS);
-                let mut st = lock(&shared.state);
-                if st.closed {
-                    // `close` drained the queue while this was on its way: as it does with
-                    // queued connections (the blocking caller hears `closed` as `reply` drops).
-                    conn.close(quinn::VarInt::from_u32(0), b"listener closed");
-                } else if !hand_over(&shared, &mut st, &conn, &shard, caller, reply) {
-                    // The caller has exited meanwhile: as a connection that has just arrived.
-                    place(&shared, &mut st, conn, shard);
-                }
-            });
-            return atoms::ok().encode(env);
-        };
+    if let Some(Queued { conn, shard, info }) = st.ready.pop_front() {
+        // Handing over asks Quinn nothing (what `new_conn` says was read as the handshake
+        // ended), so it never waits for the connection's driver on another thread.
         let mut reply = atoms::ok().encode(env);
         // The caller is alive (it is calling), so the monitor is set.
         let announce = |res: &ResourceArc<ConnRes>| {
             if blocking {
                 reply = (atoms::ok(), res.clone()).encode(env);
-            } else if let Some(msg) = contain::quietly(|| new_conn_msg(env, res.clone())) {
-                // (`None`: its driver panicked on another thread meanwhile, poisoning the lock;
-                // the connection then ends, and its owner hears that from its watcher.)
-                let _ = env.send(&caller, msg);
+            } else {
+                let _ = env.send(&caller, new_conn_msg(env, res.clone(), &info));
             }
         };
         let on_closed = on_delivered_closed(&l.shared);
-        if ConnRes::start(Some(env), conn.clone(), l.shared.local, shard.clone(), caller, announce, Some(on_closed)).is_none() {
+        if ConnRes::start(Some(env), (*conn).clone(), l.shared.local, shard.clone(), caller, announce, Some(on_closed)).is_none() {
             // Closed explicitly: its shard keeps references to it until its driver ends (see
             // `executor::Shard::keep_until_driver_ends`), so letting go would not close it.
             shard.spawn(async move { conn.close(quinn::VarInt::from_u32(0), b"accept failed") });
