@@ -352,8 +352,8 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
     if st.closed {
         return err(env, atoms::closed());
     }
-    // A queued connection whose Quinn driver has panicked is of no use (see `connection`); its
-    // handshake data could not even be read for `new_conn`.
+    // A queued connection whose Quinn driver has panicked is of no use (see `connection`):
+    // every call on it would fail.
     while st.ready.front().is_some_and(|q| q.shard.failed()) {
         st.ready.pop_front();
     }
