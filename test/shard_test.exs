@@ -161,19 +161,17 @@ defmodule MaculaQuic.ShardTest do
   end
 
   # A connection queued in a new listener (`{listener, client connection}`) whose driver is
-  # stalled on a runtime worker while the accept hands it over. The server's end is queued once its handshake is over: the session ticket it sends
-  # then is the last of it (the client can return from `connect` before). With no handle to
-  # it, its driver is stalled through its next datagram to the client, which answers the
-  # client's nudge.
+  # stalled on a runtime worker while the accept hands it over. The server's end is queued once
+  # its handshake is over: the session ticket it sends then is the last of it (the client can
+  # return from `connect` before). With no handle to it, its driver is stalled through its next
+  # datagram to the client, which answers the client's nudge.
   defp queued_and_stalled! do
     {l, port} = listen!()
     tickets = MaculaQuic.native_counts().tls_tickets
     {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn(), verify: :none], 5_000)
     poll_counts!(&(&1.tls_tickets > tickets), &"no ticket: #{inspect(&1)}")
-    {:ok, {ip, client_port}} = MaculaQuic.sockname(c)
-    :ok = MaculaQuic.Native.debug_stall_send_from(port, ip, client_port, @stall, self())
-    :ok = MaculaQuic.Native.debug_nudge_driver(c)
-    assert_receive :driver_stalled, 5_000
+    {:ok, client} = MaculaQuic.sockname(c)
+    stall_send!(port, client, c)
     {l, c}
   end
 
@@ -192,12 +190,19 @@ defmodule MaculaQuic.ShardTest do
   end
 
   # Makes `conn`'s driver send a datagram from a runtime worker and stall inside the send for
-  # `ms`; returns once it stalls.
-  defp stall!(conn, ms \\ @stall) do
+  # @stall ms; returns once it stalls.
+  defp stall!(conn) do
     {:ok, {_, local_port}} = MaculaQuic.sockname(conn)
-    {:ok, {ip, port}} = MaculaQuic.peername(conn)
-    :ok = MaculaQuic.Native.debug_stall_send_from(local_port, ip, port, ms, self())
-    :ok = MaculaQuic.Native.debug_nudge_driver(conn)
+    {:ok, peer} = MaculaQuic.peername(conn)
+    stall_send!(local_port, peer, conn)
+  end
+
+  # Stalls, for @stall ms, the next datagram a runtime worker sends from the library's socket
+  # on `local_port` to `{ip, port}`, which nudging the driver of `nudge` (that connection, or
+  # its peer) brings about; returns once it stalls.
+  defp stall_send!(local_port, {ip, port}, nudge) do
+    :ok = MaculaQuic.Native.debug_stall_send_from(local_port, ip, port, @stall, self())
+    :ok = MaculaQuic.Native.debug_nudge_driver(nudge)
     assert_receive :driver_stalled, 5_000
   end
 end

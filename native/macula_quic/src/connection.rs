@@ -434,40 +434,39 @@ fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64, tag: Term<'a
     }
     let shard = c.shard.clone();
     executor::inline(env, || match shard.claim() {
-        Some(_claim) => {
-            let closed_it = close_by_app(&c, code, |owner, res| {
-                let _ = env.send(owner, closed_msg(env, res, false, true));
-            });
-            if closed_it { atoms::ok() } else { atoms::closed() }.encode(env)
-        }
+        Some(_claim) => close_by_app(&c, code, |owner, res| {
+            let _ = env.send(owner, closed_msg(env, res, false, true));
+        })
+        .encode(env),
         None => {
             let reply = Reply::new(env.pid(), tag);
             shard.spawn(async move {
                 let _task = Live::new(&counters::TASKS);
-                let closed_it = close_by_app(&c, code, |owner, res| {
+                let answer = close_by_app(&c, code, |owner, res| {
                     messages::send(owner, move |e| closed_msg(e, res, false, true));
                 });
-                reply.send(move |e| if closed_it { atoms::ok() } else { atoms::closed() }.encode(e));
+                reply.send(move |e| answer.encode(e));
             });
             wait().encode(env)
         }
     })
 }
 
-/// Closes the connection for the application: false when it had ended already. When this is
-/// what closed it (not a peer close racing it), nothing else is left to report: `tell` sends
-/// the owner `closed` right away, saving the closing caller (who waits for it) a round trip
-/// through the watcher task, and the flag it sets keeps the watcher from sending anything
-/// after. Takes Quinn's connection lock: run it on the connection's shard, or holding it.
-fn close_by_app(c: &ResourceArc<ConnRes>, code: quinn::VarInt, tell: impl FnOnce(&LocalPid, ResourceArc<ConnRes>)) -> bool {
+/// Closes the connection for the application: `:ok`, or `:closed` when it had ended already.
+/// When this is what closed it (not a peer close racing it), nothing else is left to report:
+/// `tell` sends the owner `closed` right away, saving the closing caller (who waits for it) a
+/// round trip through the watcher task, and the flag it sets keeps the watcher from sending
+/// anything after. Takes Quinn's connection lock: run it on the connection's shard, or holding
+/// it.
+fn close_by_app(c: &ResourceArc<ConnRes>, code: quinn::VarInt, tell: impl FnOnce(&LocalPid, ResourceArc<ConnRes>)) -> rustler::Atom {
     let mut st = lock(&c.state);
     if c.end_reason().is_some() {
-        return false;
+        return atoms::closed();
     }
     st.closed_by_app = true;
     // `quietly`, here and below: see `ConnRes::end_reason`.
     if contain::quietly(|| c.conn.close(code, b"")).is_none() {
-        return false;
+        return atoms::closed();
     }
     let why = contain::quietly(|| c.conn.close_reason()).flatten();
     if let Some(why @ quinn::ConnectionError::LocallyClosed) = why.as_ref().filter(|_| !st.closed_sent) {
@@ -476,7 +475,7 @@ fn close_by_app(c: &ResourceArc<ConnRes>, code: quinn::VarInt, tell: impl FnOnce
         tell(&st.owner.pid, c.clone());
         st.owner.release();
     }
-    true
+    atoms::ok()
 }
 
 /// `conn_shutdown(Conn, Flags, Code)`: quicer's connection shutdown. SILENT (1) closes without
@@ -916,11 +915,17 @@ fn debug_panic_driver(c: ResourceArc<ConnRes>) -> rustler::Atom {
 #[cfg(feature = "test_hooks")]
 #[rustler::nif]
 fn debug_stall_send_from<'a>(local_port: u16, ip: Term<'a>, port: Term<'a>, ms: u64, pid: LocalPid) -> rustler::NifResult<rustler::Atom> {
-    let ip = address::decode_ip(ip).ok_or(rustler::Error::BadArg)?;
-    let port = address::decode_port(port).ok_or(rustler::Error::BadArg)?;
-    let to = SocketAddr::new(ip, port);
+    let to = debug_socket_addr(ip, port)?;
     *lock(&crate::inline_watch::DEBUG_STALL_SEND) = Some((local_port, to, pid, Duration::from_millis(ms)));
     Ok(atoms::ok())
+}
+
+/// The test hooks' `Ip, Port` arguments.
+#[cfg(feature = "test_hooks")]
+fn debug_socket_addr(ip: Term, port: Term) -> rustler::NifResult<SocketAddr> {
+    let ip = address::decode_ip(ip).ok_or(rustler::Error::BadArg)?;
+    let port = address::decode_port(port).ok_or(rustler::Error::BadArg)?;
+    Ok(SocketAddr::new(ip, port))
 }
 
 /// `debug_stall_shard(Conn, Ms, Pid)` (test builds only): a task on this connection's shard,
@@ -951,7 +956,7 @@ fn debug_nudge_driver(c: ResourceArc<ConnRes>) -> rustler::Atom {
     static LIMIT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(10_000);
     let limit = quinn::VarInt::from_u32(LIMIT.fetch_add(1, Ordering::Relaxed));
     let conn = (*c.conn).clone();
-    runtime::get().spawn(async move { conn.set_max_concurrent_bi_streams(limit) });
+    runtime::spawn(async move { conn.set_max_concurrent_bi_streams(limit) });
     atoms::ok()
 }
 
@@ -961,8 +966,6 @@ fn debug_nudge_driver(c: ResourceArc<ConnRes>) -> rustler::Atom {
 #[cfg(feature = "test_hooks")]
 #[rustler::nif]
 fn debug_panic_send_from<'a>(local_port: u16, ip: Term<'a>, port: Term<'a>) -> rustler::NifResult<rustler::Atom> {
-    let ip = address::decode_ip(ip).ok_or(rustler::Error::BadArg)?;
-    let port = address::decode_port(port).ok_or(rustler::Error::BadArg)?;
-    *lock(&crate::inline_watch::DEBUG_PANIC_SEND) = Some((local_port, SocketAddr::new(ip, port)));
+    *lock(&crate::inline_watch::DEBUG_PANIC_SEND) = Some((local_port, debug_socket_addr(ip, port)?));
     Ok(atoms::ok())
 }
