@@ -634,6 +634,7 @@ defmodule MaculaQuic.BadInputTest do
       reader_panic!(fn ss -> :ok = MaculaQuic.Native.debug_panic_reader(ss) end)
     end
 
+    @tag :inline_only
     test "in a stream's reader run inside the NIF call that woke it: the same, and the VM is unharmed" do
       reader_panic!(fn ss ->
         %{inline_runs: before} = MaculaQuic.native_counts()

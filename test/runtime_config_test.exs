@@ -238,6 +238,7 @@ defmodule MaculaQuic.InlineWatchConfigTest do
     }
   end
 
+  @tag :inline_only
   test "a call that sends to a peer in the same VM reads the datagram itself; no watch by default" do
     # The datagram a call sends is in the peer's socket when the send returns: the call reads
     # it and delivers what it carries. How many of the two datagrams per round trip calls get
@@ -247,12 +248,14 @@ defmodule MaculaQuic.InlineWatchConfigTest do
     assert received > 0.0, "datagrams read inline per round trip: #{received}"
   end
 
+  @tag :inline_only
   test "config :macula_quic, inline_watch_us: n also watches for the answer" do
     assert %{us: 20, received: received, looks: looks, rebind: "ok"} = echo_with(20)
     assert received > 0.0, "datagrams read inline per round trip: #{received}"
     assert looks > 0, "no call watched for its answer"
   end
 
+  @tag :inline_only
   test "a call whose watches find nothing backs off: a peer 2 ms away costs few watches" do
     # Every datagram passes through a relay that holds it 2 ms, as a network would: no answer
     # comes within the 20 µs watch. Without the back-off every send would watch in full.

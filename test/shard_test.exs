@@ -11,6 +11,7 @@ defmodule MaculaQuic.ShardTest do
     on_exit(fn -> MaculaQuic.Test.Settle.await_clean!(MaculaQuic.Test.Settle.zero(), 30_000) end)
   end
 
+  @tag :inline_only
   test "a send does the endpoint's work on the sender's own thread when the endpoint is idle" do
     {c, sc, _l, _} = pair!()
     {s, ss} = stream_pair!(c, sc, first: "a")

@@ -118,9 +118,10 @@ pub async fn defer_to_runtime() {
     .await
 }
 
-/// Is inline running switched on? `MACULA_QUIC_INLINE=0` turns it off (every task then runs on
-/// tokio, as before shards existed), for comparing the two in benchmarks. (In that mode a
-/// panicking connection driver is only caught: `fail` has no tasks of its own to end.)
+/// Is inline running switched on? `MACULA_QUIC_INLINE=0` turns it off, for comparing the two
+/// in benchmarks: shards then run on tokio workers only, and `claim` always finds the shard
+/// busy (so the calls that ask Quinn directly take their deferred path). Tasks still go
+/// through their shards, so a connection's work stays serial and `fail` reaches every task.
 fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("MACULA_QUIC_INLINE").map_or(true, |v| v != "0"))
@@ -160,10 +161,6 @@ impl Shard {
         F: Future<Output = ()> + Send + 'static,
     {
         let fut = runtime::guarded(fut);
-        if !enabled() {
-            runtime::get().spawn(fut);
-            return;
-        }
         // A shard's tasks share one tokio task when they run on a worker; tokio's per-task
         // budget (which makes a resource answer "pending, poll again" after 128 operations)
         // would then spin them here. The shard's own budget bounds them instead.
