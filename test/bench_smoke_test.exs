@@ -1,0 +1,135 @@
+defmodule MaculaQuic.BenchSmokeTest do
+  # The benchmark suite (bin/bench, README's Benchmarks section) is a deliverable of its own:
+  # this runs the whole of it at a tiny scale, raw-Quinn baseline and all, so that a change to
+  # the API or the baseline that breaks it fails here rather than on the next benchmark run.
+  # It checks that every workload ran on every implementation and wrote its report, not
+  # what the figures are (at this scale they are noise).
+  use ExUnit.Case, async: false
+
+  @moduletag :bench_smoke
+  @moduletag timeout: 300_000
+
+  @root Path.expand("..", __DIR__)
+
+  # The rows bin/bench's report has (their sizes follow the scale), and which of raw Quinn,
+  # :ssl and :gen_tcp have a figure in them.
+  @rows [
+    {~r/^bulk: [\d.]+ MiB, active$/, [:quinn, :ssl, :gen_tcp]},
+    {~r/^bulk: [\d.]+ MiB, passive$/, [:quinn, :ssl, :gen_tcp]},
+    {~r/^echo: 64 B$/, [:quinn, :ssl, :gen_tcp]},
+    {~r/^echo: 64 B, send\/2$/, [:quinn, :ssl, :gen_tcp]},
+    {~r/^echo: 4096 B$/, [:quinn, :ssl, :gen_tcp]},
+    {~r/^echo: 4096 B, send\/2$/, [:quinn, :ssl, :gen_tcp]},
+    {~r/^echo: 64 B, two OS processes$/, [:quinn]},
+    {~r/^fanout: 100 × [\d.]+ MiB$/, [:quinn]},
+    {~r/^handshake: sequential$/, [:quinn, :ssl, :gen_tcp]},
+    {~r/^handshake: 16 concurrent$/, [:quinn, :ssl, :gen_tcp]},
+    {~r/^memory: \d+ idle connections$/, [:quinn]}
+  ]
+
+  setup_all do
+    out =
+      Path.join(
+        System.tmp_dir!(),
+        "macula_quic_bench_smoke_#{System.unique_integer([:positive])}"
+      )
+
+    File.mkdir_p!(out)
+    on_exit(fn -> File.rm_rf(out) end)
+    %{out: out, quinn: build_baseline!()}
+  end
+
+  test "bin/bench's suite runs every workload on every implementation and writes its report",
+       %{out: out, quinn: quinn} do
+    env = [
+      {"BENCH_SCALE", "0.01"},
+      {"BENCH_QUINN", quinn},
+      {"BENCH_OUT", out},
+      {"MIX_ENV", nil}
+    ]
+
+    ebin = Path.join(Mix.Project.app_path(), "ebin")
+    script = Path.join(@root, "bench/run.exs")
+
+    {log, status} =
+      System.cmd(System.find_executable("elixir"), ["-pa", ebin, script],
+        cd: @root,
+        env: env,
+        stderr_to_stdout: true
+      )
+
+    assert status == 0, "bench/run.exs exited #{status}:\n#{log}"
+    # It reports progress as it goes.
+    assert log =~ "[bench"
+    md = File.read!(Path.join(out, "latest.md"))
+    json = File.read!(Path.join(out, "latest.json"))
+
+    table = table_rows(md)
+
+    assert map_size(table) == length(@rows), "rows of latest.md: #{inspect(Map.keys(table))}"
+
+    for {pattern, others} <- @rows do
+      {row, cells} =
+        Enum.find(table, fn {name, _} -> name =~ pattern end) ||
+          flunk("no row like #{inspect(pattern)} in latest.md:\n#{md}")
+
+      assert positive?(cells.macula), "#{row}: macula_quic #{inspect(cells.macula)}"
+
+      for who <- others do
+        assert positive?(Map.fetch!(cells, who)),
+               "#{row}: #{who} #{inspect(Map.fetch!(cells, who))}"
+      end
+
+      assert cells.ratio =~ ~r/^\d+\.\d+×$/, "#{row}: ratio #{inspect(cells.ratio)}"
+    end
+
+    # Quinn's segmentation-offload figure beside each bulk row, and the machine line.
+    assert md =~ "udp_tx ios/datagrams macula"
+    assert md =~ ~r/^Machine: \d+ CPUs/m
+
+    for key <- ~w("machine" "results" "mib_s" "rt_s" "hs_s" "bytes_per_conn"),
+        do: assert(json =~ key)
+  end
+
+  # Builds the raw-Quinn baseline (cargo shares the NIF's compiled dependencies: seconds).
+  defp build_baseline! do
+    manifest = Path.join(@root, "native/macula_quic/Cargo.toml")
+
+    {log, status} =
+      System.cmd(
+        "cargo",
+        ~w(build --release --example quinn_baseline --manifest-path) ++ [manifest],
+        stderr_to_stdout: true
+      )
+
+    assert status == 0, "building quinn_baseline failed:\n#{log}"
+    path = Path.join(@root, "native/macula_quic/target/release/examples/quinn_baseline")
+    assert File.exists?(path)
+    path
+  end
+
+  # latest.md's table: row name => the implementations' cells and the macula/Quinn ratio.
+  defp table_rows(md) do
+    for line <- String.split(md, "\n"),
+        [_, name, _unit, macula, quinn, ssl, tcp, ratio | _] <- [String.split(line, "|")],
+        name = String.trim(name),
+        name not in ["workload", "---"],
+        into: %{} do
+      {name,
+       %{
+         macula: String.trim(macula),
+         quinn: String.trim(quinn),
+         ssl: String.trim(ssl),
+         gen_tcp: String.trim(tcp),
+         ratio: String.trim(ratio)
+       }}
+    end
+  end
+
+  defp positive?(cell) do
+    case Float.parse(cell) do
+      {x, _} -> x > 0
+      :error -> false
+    end
+  end
+end
