@@ -8,10 +8,10 @@ defmodule MaculaQuic.ConfigScript do
 
   # Runs `script` in a fresh VM with only the compiled app on its code path (the NIF loads once
   # per VM, with the settings the script puts in the application env first) and returns its
-  # output; a VM that fails fails the test.
-  def run_vm!(script) do
+  # output; a VM that fails fails the test. `env`: environment variables for that VM.
+  def run_vm!(script, env \\ []) do
     ebin = Path.join(Mix.Project.build_path(), "lib/macula_quic/ebin")
-    {out, 0} = System.cmd("elixir", ["-pa", ebin, "-e", script], stderr_to_stdout: true)
+    {out, 0} = System.cmd("elixir", ["-pa", ebin, "-e", script], stderr_to_stdout: true, env: env)
     out
   end
 
@@ -317,5 +317,52 @@ defmodule MaculaQuic.InlineWatchConfigTest do
     out = run_vm!(script)
     assert out =~ "us=0"
     assert out =~ "ignoring inline_watch_us -5"
+  end
+end
+
+defmodule MaculaQuic.ComparisonModeTest do
+  # `MACULA_QUIC_INLINE=0` (README, "How the work is scheduled") is read once per VM, so the
+  # case runs in a fresh VM with it set. The rest of the suite also passes in that mode
+  # (`MACULA_QUIC_INLINE=0 bin/test`), less the tests tagged `:inline_only`.
+  use ExUnit.Case, async: true
+
+  import MaculaQuic.ConfigScript
+
+  test "MACULA_QUIC_INLINE=0: a panic inside Quinn's connection driver ends its calls, as by default" do
+    script = """
+    #{connected_pair()}
+    {:ok, s} = MaculaQuic.open_stream(c, active: false)
+    me = self()
+    waiter = spawn(fn -> send(me, {:recv, MaculaQuic.recv(s, 10, :infinity)}) end)
+    #{until()}
+    waiting = fn ->
+      case Process.info(waiter, :current_function) do
+        {:current_function, {MaculaQuic, _, _}} -> {:ok, :ok}
+        other -> other
+      end
+    end
+    :ok = until.(until, waiting, 500)
+    :ok = MaculaQuic.Native.debug_panic_driver(c)
+    # The client's next datagram (this data) panics inside Quinn's driver.
+    :ok = MaculaQuic.send(s, "boom")
+    shutdown = receive do {:quic, :transport_shutdown, ^c, %{status: st}} -> st after 5_000 -> :none end
+    recv = receive do {:recv, r} -> inspect(r) after 5_000 -> :none end
+    %{inline_runs: inline, driver_panics: panics} = MaculaQuic.native_counts()
+    Enum.each([s], &MaculaQuic.close_stream/1)
+    Enum.each([c, sc, l], &MaculaQuic.close/1)
+    IO.puts("shutdown=\#{shutdown} recv=\#{recv} inline=\#{inline} panics=\#{panics}")
+    """
+
+    out = run_vm!(script, [{"MACULA_QUIC_INLINE", "0"}])
+
+    [_, shutdown, recv, inline, panics] =
+      Regex.run(~r/shutdown=(\S+) recv=(.+) inline=(\d+) panics=(\d+)/, out) ||
+        flunk("no result from the VM: #{out}")
+
+    # Nothing ran inside a call: the mode is on.
+    assert inline == "0"
+    assert panics == "1"
+    assert shutdown == "internal_error"
+    assert recv == "{:error, :internal_error}"
   end
 end
