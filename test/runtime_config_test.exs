@@ -348,7 +348,7 @@ defmodule MaculaQuic.ComparisonModeTest do
     shutdown = receive do {:quic, :transport_shutdown, ^c, %{status: st}} -> st after 5_000 -> :none end
     recv = receive do {:recv, r} -> inspect(r) after 5_000 -> :none end
     %{inline_runs: inline, driver_panics: panics} = MaculaQuic.native_counts()
-    Enum.each([s], &MaculaQuic.close_stream/1)
+    MaculaQuic.close_stream(s)
     Enum.each([c, sc, l], &MaculaQuic.close/1)
     IO.puts("shutdown=\#{shutdown} recv=\#{recv} inline=\#{inline} panics=\#{panics}")
     """
