@@ -22,6 +22,12 @@
 # /sys/module/haltpoll/parameters/guest_halt_poll_ns (how long an idle vCPU of a KVM guest
 # polls before it halts) before the variant's measurement; the value found at the start is put
 # back at the end, also after a failure. A quinn variant takes it too (`quinn:halt_poll_ns=0`).
+# And `ebin=DIR` runs the variant with another build of macula_quic: DIR is what
+# bench/build_rev.sh built (a commit's app and NIF) or that build's `macula_quic/ebin`; the other
+# variants run the current tree's. To compare two commits:
+#
+#   bench/build_rev.sh 7fe5a38 /tmp/old
+#   ROUNDS=6 bin/rounds bulk quinn old:ebin=/tmp/old default
 #
 #   ROUNDS      rounds (default 8)
 #   ROUNDS_OUT  also write the measurements and the summary to this JSON file
@@ -144,6 +150,7 @@ defmodule Bench.Rounds do
         end
       end)
 
+    {ebin, pairs} = Enum.split_with(pairs, fn {k, _} -> k == "ebin" end)
     {host, env} = Enum.split_with(pairs, fn {k, _} -> k == "halt_poll_ns" end)
 
     Enum.each(host, fn {_, v} ->
@@ -153,10 +160,38 @@ defmodule Bench.Rounds do
 
     kind = if String.starts_with?(name, "quinn"), do: :quinn, else: :macula
 
-    if kind == :quinn and env != [],
+    if kind == :quinn and (env != [] or ebin != []),
       do: usage("variant #{name}: raw Quinn takes no environment settings, only halt_poll_ns")
 
-    %{name: name, kind: kind, env: env, host: Map.new(host)}
+    ebin =
+      case ebin do
+        [] -> nil
+        [{_, dir}] -> build_ebin(dir) || usage("variant #{name}: no macula_quic build in #{dir}")
+        _ -> usage("variant #{name}: one ebin= at most")
+      end
+
+    %{name: name, kind: kind, env: env, host: Map.new(host), ebin: ebin}
+  end
+
+  # How the report names a variant's own build: the commit bench/build_rev.sh wrote beside it,
+  # else the directory.
+  defp build_setting(%{ebin: nil}), do: []
+
+  defp build_setting(%{ebin: ebin}) do
+    case File.read(Path.join([ebin, "..", "REVISION"])) do
+      {:ok, sha} -> [{"build", String.slice(String.trim(sha), 0, 12)}]
+      {:error, _} -> [{"ebin", ebin}]
+    end
+  end
+
+  defp build_setting(_quinn), do: []
+
+  # The ebin directory of a build: `dir` itself, or `dir/macula_quic/ebin` (bench/build_rev.sh's
+  # and bench/build.sh's layout); nil when neither holds the app.
+  defp build_ebin(dir) do
+    [dir, Path.join([dir, "macula_quic", "ebin"])]
+    |> Enum.map(&Path.expand/1)
+    |> Enum.find(&File.exists?(Path.join(&1, "macula_quic.app")))
   end
 
   defp usage(msg) do
@@ -177,9 +212,9 @@ defmodule Bench.Rounds do
     end
   end
 
-  defp measure(ctx, %{kind: :macula, env: env}) do
+  defp measure(ctx, %{kind: :macula, env: env} = variant) do
     one = Path.expand("one.exs", __DIR__)
-    argv = ["-pa", ctx.ebin, one, ctx.workload, ctx.cert_dir]
+    argv = ["-pa", variant.ebin || ctx.ebin, one, ctx.workload, ctx.cert_dir]
 
     case System.cmd("elixir", argv, env: env, stderr_to_stdout: true) do
       {out, 0} ->
@@ -232,7 +267,10 @@ defmodule Bench.Rounds do
 
       %{
         variant: v.name,
-        settings: Enum.map_join(v.env ++ Map.to_list(v.host), " ", fn {k, x} -> "#{k}=#{x}" end),
+        settings:
+          Enum.map_join(v.env ++ Map.to_list(v.host) ++ build_setting(v), " ", fn {k, x} ->
+            "#{k}=#{x}"
+          end),
         unit: unit,
         median: median(xs),
         lowest: Enum.min(xs),

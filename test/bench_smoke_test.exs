@@ -91,6 +91,54 @@ defmodule MaculaQuic.BenchSmokeTest do
         do: assert(json =~ key)
   end
 
+  test "bin/rounds runs a variant on another build (ebin=, as bench/build_rev.sh lays it out)",
+       %{out: out, quinn: quinn} do
+    # A stand-in for a commit's build: this build, in build_rev.sh's layout, with its commit file.
+    build = Path.join(out, "other")
+    app = Path.join(build, "macula_quic")
+    File.mkdir_p!(app)
+
+    # (priv/ holds symlinks into the crate's target directory: copied as files, as build_rev.sh does.)
+    for dir <- ~w(ebin priv) do
+      {_, 0} = System.cmd("cp", ["-rL", Path.join(Mix.Project.app_path(), dir), app])
+    end
+
+    File.write!(Path.join(app, "REVISION"), "0123456789abcdef0123456789abcdef01234567\n")
+
+    {log, status} =
+      rounds(["hs", "quinn", "other:ebin=#{build}", "default"], [
+        {"ROUNDS", "1"},
+        {"BENCH_QUINN", quinn}
+      ])
+
+    assert status == 0, "bench/rounds.exs exited #{status}:\n#{log}"
+    # The report names the other build by its commit, and both variants have a figure.
+    assert log =~ ~r/^\| other \| `build=0123456789ab` \| \d+ handshakes\/s/m, log
+    assert log =~ ~r/^\| default \| defaults \| \d+ handshakes\/s/m, log
+
+    # The variant really runs that build: without its NIF it fails, naming the build's path.
+    File.rm_rf!(Path.join(app, "priv"))
+    {log, status} = rounds(["hs", "other:ebin=#{build}"], [{"ROUNDS", "1"}])
+    assert status != 0
+    assert log =~ "could not load the NIF library #{app}/priv/native/", log
+
+    # A directory without a build is refused before anything runs.
+    {log, status} = rounds(["hs", "quinn", "x:ebin=#{Path.join(out, "none")}"], [])
+    assert status == 2
+    assert log =~ "variant x: no macula_quic build in"
+  end
+
+  defp rounds(args, env) do
+    ebin = Path.join(Mix.Project.app_path(), "ebin")
+    script = Path.join(@root, "bench/rounds.exs")
+
+    System.cmd(System.find_executable("elixir"), [script | args],
+      cd: @root,
+      env: [{"BENCH_EBIN", ebin}, {"MIX_ENV", nil} | env],
+      stderr_to_stdout: true
+    )
+  end
+
   # Builds the raw-Quinn baseline (cargo shares the NIF's compiled dependencies: seconds).
   defp build_baseline! do
     manifest = Path.join(@root, "native/macula_quic/Cargo.toml")
