@@ -170,9 +170,10 @@ defmodule MaculaQuic.InlineWatchConfigTest do
   # saw it, the runs of connection work per round trip done inside calls (`inline_runs`) and on
   # runtime workers (`runtime_runs`), and whether the listener's port can be bound again once
   # the listener has closed.
-  defp echo_with(setting) do
+  defp echo_with(setting, spin_us \\ nil) do
     script = """
     #{put_env(:inline_watch_us, setting)}
+    #{put_env(:runtime_spin_us, spin_us)}
     #{connected_pair()}
     echo = spawn_link(fn ->
       receive do :go -> :ok end
@@ -196,10 +197,10 @@ defmodule MaculaQuic.InlineWatchConfigTest do
       receive do {:quic, ^msg, ^s, _} -> :ok end
     end
     for _ <- 1..100, do: ping.()
-    %{inline_runs: i0, runtime_runs: r0, inline_receives: d0} = MaculaQuic.native_counts()
+    %{inline_runs: i0, runtime_runs: r0, inline_receives: d0, runtime_watch_hits: h0} = MaculaQuic.native_counts()
     for _ <- 1..500, do: ping.()
     %{inline_runs: i1, runtime_runs: r1, inline_receives: d1, inline_watch_us: us,
-      inline_watches: w1, inline_watch_skips: k1} = MaculaQuic.native_counts()
+      inline_watches: w1, inline_watch_skips: k1, runtime_watch_hits: h1} = MaculaQuic.native_counts()
     :ok = MaculaQuic.close_connection(c)
     # Both ends closed by their owners, not left to a close datagram that a busy host may drop.
     send(echo, {:close, self()})
@@ -216,14 +217,14 @@ defmodule MaculaQuic.InlineWatchConfigTest do
     end
     :ok = until.(until, released, 500)
     {rebind, _} = :gen_udp.open(port, ip: {127, 0, 0, 1})
-    IO.puts("us=\#{us} inline=\#{(i1 - i0) / 500} runtime=\#{(r1 - r0) / 500} received=\#{(d1 - d0) / 500} looks=\#{w1 + k1} rebind=\#{rebind}")
+    IO.puts("us=\#{us} inline=\#{(i1 - i0) / 500} runtime=\#{(r1 - r0) / 500} received=\#{(d1 - d0) / 500} looks=\#{w1 + k1} hits=\#{(h1 - h0) / 500} rebind=\#{rebind}")
     """
 
     out = run_vm!(script)
 
-    [_, us, inline, runtime, received, looks, rebind] =
+    [_, us, inline, runtime, received, looks, hits, rebind] =
       Regex.run(
-        ~r/us=(\d+) inline=(\S+) runtime=(\S+) received=(\S+) looks=(\d+) rebind=(\S+)/,
+        ~r/us=(\d+) inline=(\S+) runtime=(\S+) received=(\S+) looks=(\d+) hits=(\S+) rebind=(\S+)/,
         out
       ) ||
         flunk("no result from the VM: #{out}")
@@ -234,6 +235,7 @@ defmodule MaculaQuic.InlineWatchConfigTest do
       runtime: String.to_float(runtime),
       received: String.to_float(received),
       looks: String.to_integer(looks),
+      hits: String.to_float(hits),
       rebind: rebind
     }
   end
@@ -253,6 +255,17 @@ defmodule MaculaQuic.InlineWatchConfigTest do
     assert %{us: 20, received: received, looks: looks, rebind: "ok"} = echo_with(20)
     assert received > 0.0, "datagrams read inline per round trip: #{received}"
     assert looks > 0, "no call watched for its answer"
+  end
+
+  @tag :inline_only
+  test "the runtime's socket watch leaves a call the datagram it sent to a peer in the same VM" do
+    # With a 5 ms watch a runtime worker that runs out of work looks at the sockets for 5 ms
+    # before it sleeps. Before calls claimed the sockets they send to, its watch ended at the
+    # datagram a call had just sent to its peer (and went to take it): about every other round
+    # trip. Now it watches on, and the calls read their datagrams.
+    assert %{hits: hits, received: received} = echo_with(nil, 5_000)
+    assert hits < 0.05, "watches ended at a datagram, per round trip: #{hits}"
+    assert received > 1.5, "datagrams read inline per round trip: #{received}"
   end
 
   @tag :inline_only

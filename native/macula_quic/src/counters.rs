@@ -28,6 +28,9 @@ pub static INLINE_DEFERRALS: AtomicI64 = AtomicI64::new(0);
 /// backing off after watches that found nothing (see `inline_watch::watch`).
 pub static INLINE_WATCHES: AtomicI64 = AtomicI64::new(0);
 pub static INLINE_WATCH_SKIPS: AtomicI64 = AtomicI64::new(0);
+/// Cumulative: runtime workers' socket watches that ended at a datagram waiting on a socket no
+/// call had claimed (see `spin`).
+pub static RUNTIME_WATCH_HITS: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: TLS 1.3 session tickets clients stored, and tickets they took to offer a
 /// resumed handshake (see `tls::CountingSessionStore`).
 pub static TLS_TICKETS: AtomicI64 = AtomicI64::new(0);

@@ -98,6 +98,9 @@ struct Direct {
     fd: UdpSocket,
     state: UdpSocketState,
     waker: Mutex<Option<Waker>>,
+    /// Marked when a call is about to send a datagram here that it then reads itself, so that
+    /// the runtime's socket watch leaves that datagram to the call (see `spin`).
+    claim: Option<spin::Claim>,
 }
 
 /// An endpoint's socket as Quinn sees it when the watch is on: tokio's socket, with a receive
@@ -123,7 +126,8 @@ pub fn wrap(inner: Arc<dyn AsyncUdpSocket>, fd: UdpSocket) -> std::io::Result<Ar
     fd.set_nonblocking(true)?;
     let local = fd.local_addr()?;
     let state = UdpSocketState::new((&fd).into())?;
-    let direct = Arc::new(Direct { local, fd, state, waker: Mutex::new(None) });
+    let claim = spin::claim_for(local);
+    let direct = Arc::new(Direct { local, fd, state, waker: Mutex::new(None), claim });
     let registered = SOCKETS.add(direct.clone());
     Ok(Arc::new(DirectSocket { registered, inner, direct }))
 }
@@ -138,13 +142,17 @@ impl AsyncUdpSocket for DirectSocket {
         debug_panic_hook(self.direct.local.port(), transmit.destination);
         #[cfg(feature = "test_hooks")]
         debug_stall_hook(self.direct.local.port(), transmit.destination);
+        let inline = executor::in_inline();
+        if inline && spin::spin_us() > 0 {
+            claim(transmit.destination);
+        }
         let sent = self.inner.try_send(transmit);
         // A peer in this VM has the datagram already (loopback delivers it inside the send).
         // Waking its endpoint's driver now, rather than once this call's other work is done,
         // queues it to run in this call before a runtime worker (woken by the same datagram)
         // takes it. Only the sockets bound to the destination are looked at. With the watch on,
         // the call is then marked to watch this socket, where the answer will come.
-        if sent.is_ok() && executor::in_inline() {
+        if sent.is_ok() && inline {
             wake_ready(transmit.destination);
             if watch_us() > 0 {
                 mark_sent(&self.direct);
@@ -281,6 +289,17 @@ fn wake_ready(to: SocketAddr) {
     for (_, d) in SOCKETS.lock().iter() {
         if d.receives(to) {
             d.wake_if_ready();
+        }
+    }
+}
+
+/// Claims each of the library's sockets bound to `to` for the calling NIF, which is about to
+/// send a datagram there and read it (see `spin`). Before the send: loopback delivers the
+/// datagram inside it, and a worker's watch that saw it unclaimed would go after it.
+fn claim(to: SocketAddr) {
+    for (_, d) in SOCKETS.lock().iter() {
+        if let Some(claim) = d.claim.as_ref().filter(|_| d.receives(to)) {
+            claim.mark();
         }
     }
 }
