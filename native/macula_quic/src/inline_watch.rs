@@ -143,17 +143,19 @@ impl AsyncUdpSocket for DirectSocket {
         #[cfg(feature = "test_hooks")]
         debug_stall_hook(self.direct.local.port(), transmit.destination);
         let inline = executor::in_inline();
-        if inline && spin::spin_us() > 0 {
-            claim(transmit.destination);
-        }
+        // The library's sockets bound to the destination (a peer in this VM), claimed before
+        // the send: loopback delivers the datagram inside it, and a runtime worker's socket
+        // watch that saw it unclaimed would go after it (see `spin`).
+        let peers = if inline { claim_peers(transmit.destination) } else { Vec::new() };
         let sent = self.inner.try_send(transmit);
-        // A peer in this VM has the datagram already (loopback delivers it inside the send).
-        // Waking its endpoint's driver now, rather than once this call's other work is done,
-        // queues it to run in this call before a runtime worker (woken by the same datagram)
-        // takes it. Only the sockets bound to the destination are looked at. With the watch on,
-        // the call is then marked to watch this socket, where the answer will come.
+        // A peer in this VM has the datagram already. Waking its endpoint's driver now, rather
+        // than once this call's other work is done, queues it to run in this call before a
+        // runtime worker (woken by the same datagram) takes it. With the watch on, the call is
+        // then marked to watch this socket, where the answer will come.
         if sent.is_ok() && inline {
-            wake_ready(transmit.destination);
+            for d in &peers {
+                d.wake_if_ready();
+            }
             if watch_us() > 0 {
                 mark_sent(&self.direct);
             }
@@ -284,24 +286,20 @@ impl Direct {
     }
 }
 
-/// Wakes the driver of each endpoint whose socket is bound to `to` and has a datagram waiting.
-fn wake_ready(to: SocketAddr) {
+/// The library's sockets bound to `to` (usually none: the peer is elsewhere), each claimed for
+/// the calling NIF, which is about to send a datagram there and read it. Only an address
+/// comparison per socket; a `Vec` allocates only for a match.
+fn claim_peers(to: SocketAddr) -> Vec<Arc<Direct>> {
+    let mut peers = Vec::new();
     for (_, d) in SOCKETS.lock().iter() {
         if d.receives(to) {
-            d.wake_if_ready();
+            if let Some(claim) = &d.claim {
+                claim.mark();
+            }
+            peers.push(d.clone());
         }
     }
-}
-
-/// Claims each of the library's sockets bound to `to` for the calling NIF, which is about to
-/// send a datagram there and read it (see `spin`). Before the send: loopback delivers the
-/// datagram inside it, and a worker's watch that saw it unclaimed would go after it.
-fn claim(to: SocketAddr) {
-    for (_, d) in SOCKETS.lock().iter() {
-        if let Some(claim) = d.claim.as_ref().filter(|_| d.receives(to)) {
-            claim.mark();
-        }
-    }
+    peers
 }
 
 /// Test builds only: `(local port, destination)` of the next datagram whose send panics (see

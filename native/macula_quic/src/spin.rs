@@ -22,8 +22,9 @@
 //! worker to take the datagram the call was about to read, or to sleep just before the next
 //! one, whose arrival then woke it: on a host whose idle vCPUs halt, an interrupt that the
 //! sending scheduler pays for inside its `sendmsg`. Measured with 64-byte echo between two
-//! processes of one VM: 0.58× → 0.68× raw Quinn by median at the default 20 µs, and with a
-//! 250 µs watch 0.67× → 0.79× (ten fresh-VM rounds each). A datagram from elsewhere that lands
+//! processes of one VM: 0.62× → 0.70× raw Quinn by median at the default 20 µs, and with a
+//! 250 µs watch 0.65× → 0.80× (eight fresh-VM rounds against the build before; bench/README
+//! has those and the trial builds' rounds). A datagram from elsewhere that lands
 //! on a claimed socket waits for the window to pass (at most 100 µs, and only while no other
 //! worker sleeps in the kernel's poll, which it would wake).
 //!
