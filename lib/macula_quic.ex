@@ -984,13 +984,14 @@ defmodule MaculaQuic do
   (`async_accept/1` and `accept/3` calls waiting on open listeners; those of processes that
   have exited are dropped as more arrive, and all when the listener closes). Two counts
   are cumulative since the VM started: `inline_runs`, the times a call ran a connection's work on
-  the caller's own thread, and `runtime_runs`, the times a runtime worker did. Three describe
+  the caller's own thread, and `runtime_runs`, the times a runtime worker did. Four describe
   the runtime's socket watch (see "How the work is scheduled" in the README):
   `runtime_spin_us`, how long a worker watches the sockets before it sleeps (20 µs by default;
   0: never), `watched_sockets`, the sockets it watches (with the watch on, one per client
-  endpoint and per open listener), and `runtime_watch_hits`, since the VM started, the watches
+  endpoint and per open listener), and, since the VM started, `runtime_watch_hits`, the watches
   that ended at a datagram (a datagram a call sent to a peer in the same VM, and reads itself,
-  does not end one). `inline_receives` counts, since the VM started, the
+  does not end one), and `runtime_watch_extensions`, the watches that went on past
+  `runtime_spin_us` because calls in the VM were exchanging datagrams (at most 1 ms each). `inline_receives` counts, since the VM started, the
   datagrams calls read themselves (a call that sends to a peer in the same VM receives the
   datagram there), and `inline_deferrals` the times a stream's reader, run inside a call, left
   a `recv/3` answer over 1 MiB to a runtime thread to build. `inline_watch_us` is how long a call that sent a datagram also watches its

@@ -31,6 +31,9 @@ pub static INLINE_WATCH_SKIPS: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: runtime workers' socket watches that ended at a datagram waiting on a socket no
 /// call had claimed (see `spin`).
 pub static RUNTIME_WATCH_HITS: AtomicI64 = AtomicI64::new(0);
+/// Cumulative: runtime workers' socket watches that went on past `runtime_spin_us` because
+/// calls in this VM were exchanging datagrams (see `spin`).
+pub static RUNTIME_WATCH_EXTENSIONS: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: TLS 1.3 session tickets clients stored, and tickets they took to offer a
 /// resumed handshake (see `tls::CountingSessionStore`).
 pub static TLS_TICKETS: AtomicI64 = AtomicI64::new(0);
