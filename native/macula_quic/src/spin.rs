@@ -35,7 +35,10 @@
 //! one VM: 0.68× → 0.83× raw Quinn by median (eight fresh-VM rounds); bulk, which sends from
 //! runtime workers and claims little, and handshakes within the noise. It costs CPU only while
 //! such traffic flows: up to a core while it is steady, and at 200 round trips/s a few percent
-//! of one (`bench/sparse_cpu.exs`). With `spin_us` 0 nothing watches at all.
+//! of one (`bench/sparse_cpu.exs`). With `spin_us` 0 nothing watches at all. A watch ends early
+//! when work waits in the runtime's global queue (spawned from outside the runtime: a shard a
+//! call left over, a large send), which a watching worker would otherwise leave waiting; timers
+//! still fire only once a worker parks, up to `LOCAL_WATCH_MAX` late while both watch.
 //!
 //! The check is a non-blocking peek on a duplicate of each socket's descriptor: it reads
 //! nothing, and the endpoint's own receive loop takes the datagram. Between looks the worker
@@ -147,6 +150,11 @@ pub fn before_park() {
     loop {
         let t = Instant::now();
         if t >= until {
+            break;
+        }
+        // Work handed to the runtime from outside it (a shard a call could not finish, a large
+        // send) waits in its global queue for a worker that is not watching: stop for it.
+        if crate::runtime::get().metrics().global_queue_depth() > 0 {
             break;
         }
         // The other worker may be looking too: skip a turn rather than wait for it.
