@@ -77,7 +77,7 @@ struct Watched {
     claim: Claim,
 }
 
-/// A socket's claim: when (`now_ns`, plus one so that 0 means never) a call last sent a
+/// A socket's claim: when (`ns`, plus one so that 0 means never) a call last sent a
 /// datagram there that it reads itself.
 #[derive(Clone, Debug, Default)]
 pub struct Claim(Arc<AtomicU64>);
@@ -85,7 +85,7 @@ pub struct Claim(Arc<AtomicU64>);
 impl Claim {
     /// A call is about to send a datagram to this socket, and to read it.
     pub fn mark(&self) {
-        self.0.store(now_ns() + 1, Ordering::Relaxed);
+        self.0.store(ns(Instant::now()) + 1, Ordering::Relaxed);
     }
 
     fn recent(&self, now: u64) -> bool {
@@ -94,10 +94,10 @@ impl Claim {
     }
 }
 
-/// Nanoseconds since the first call (a cheap timestamp an atomic can hold).
-fn now_ns() -> u64 {
+/// `at` as nanoseconds since the first call (a timestamp an atomic can hold).
+fn ns(at: Instant) -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
-    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    at.saturating_duration_since(*BASE.get_or_init(Instant::now)).as_nanos() as u64
 }
 
 /// The claim of the watched socket bound to `local`, for the in-call receive to mark. The socket
@@ -147,6 +147,7 @@ pub fn before_park() {
     let start = Instant::now();
     let mut until = start + spin;
     let mut extended = false;
+    let runtime = crate::runtime::get().metrics();
     loop {
         let t = Instant::now();
         if t >= until {
@@ -154,12 +155,12 @@ pub fn before_park() {
         }
         // Work handed to the runtime from outside it (a shard a call could not finish, a large
         // send) waits in its global queue for a worker that is not watching: stop for it.
-        if crate::runtime::get().metrics().global_queue_depth() > 0 {
+        if runtime.global_queue_depth() > 0 {
             break;
         }
         // The other worker may be looking too: skip a turn rather than wait for it.
         if let Some(watched) = WATCHED.try_lock() {
-            let now = now_ns();
+            let now = ns(t);
             let mut claimed = false;
             for (_, w) in watched.iter() {
                 if w.claim.recent(now) {
