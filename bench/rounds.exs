@@ -184,8 +184,6 @@ defmodule Bench.Rounds do
     end
   end
 
-  defp build_setting(_quinn), do: []
-
   # The ebin directory of a build: `dir` itself, or `dir/macula_quic/ebin` (bench/build_rev.sh's
   # and bench/build.sh's layout); nil when neither holds the app.
   defp build_ebin(dir) do

@@ -88,13 +88,10 @@ defmodule Bench.Threads do
       status = File.read!(Path.join(base, "status"))
       [_, vol] = Regex.run(~r/\nvoluntary_ctxt_switches:\s+(\d+)/, status)
       [_, invol] = Regex.run(~r/\nnonvoluntary_ctxt_switches:\s+(\d+)/, status)
-      # Fields 14 and 15 of stat (utime, stime), counted after the parenthesised name.
-      [_, after_name] = base |> Path.join("stat") |> File.read!() |> String.split(") ", parts: 2)
-      [utime, stime] = after_name |> String.split() |> Enum.slice(11, 2)
 
       {tid,
        {Bench.Util.thread_kind(comm), String.to_integer(vol), String.to_integer(invol),
-        String.to_integer(utime) + String.to_integer(stime)}}
+        Bench.Util.cpu_ticks(Path.join(base, "stat"))}}
     end
   end
 

@@ -171,6 +171,43 @@ defmodule Bench.Macula do
     Map.merge(stats, %{inline_runs_per_rt: inline / n, runtime_runs_per_rt: runtime / n})
   end
 
+  @doc """
+  Sparse request/response: `rate` paced `size`-byte round trips per second for `seconds` (the
+  i-th starts at i/rate s, so the runtime goes idle in between), `async_send/2` on both ends.
+  Returns the round trips, the wall time and the CPU clock ticks the VM used meanwhile
+  (`Bench.Util.cpu_ticks/0`; bench/sparse_cpu.exs).
+  """
+  def echo_paced(cert, size, rate, seconds) do
+    {l, c, sc} = pair(cert)
+    tx = &MaculaQuic.async_send/2
+
+    server =
+      spawn_link(fn ->
+        :ok = MaculaQuic.async_accept_stream(sc, active: true)
+        ss = receive(do: ({:quic, :new_stream, ss, _} -> ss))
+        echo_loop(ss, tx)
+      end)
+
+    {:ok, s} = MaculaQuic.open_stream(c, active: true)
+    msg = :binary.copy(<<1>>, size)
+    for _ <- 1..50, do: round_trip(s, msg, size, tx)
+    n = round(rate * seconds)
+    ticks0 = Bench.Util.cpu_ticks()
+    t0 = now_us()
+
+    for i <- 1..n do
+      round_trip(s, msg, size, tx)
+      wait_ms = div(t0 + div(i * 1_000_000, rate) - now_us(), 1000)
+      if wait_ms > 0, do: Process.sleep(wait_ms)
+    end
+
+    wall_us = now_us() - t0
+    ticks = Bench.Util.cpu_ticks() - ticks0
+    send(server, :stop)
+    teardown(l, c, sc)
+    %{round_trips: n, wall_us: wall_us, cpu_ticks: ticks}
+  end
+
   defp round_trip(s, msg, size, tx) do
     :ok = tx.(s, msg)
     await_bytes(s, size)

@@ -181,6 +181,17 @@ defmodule Bench.Util do
       else: (Enum.at(sorted, div(n, 2) - 1) + Enum.at(sorted, div(n, 2))) / 2
   end
 
+  @doc """
+  CPU clock ticks (10 ms on Linux) a process or thread has used, user and system, from its
+  `stat` file (`/proc/self/stat`, or `/proc/self/task/TID/stat` for one thread): fields 14 and
+  15, counted after the parenthesised name (which may hold spaces).
+  """
+  def cpu_ticks(stat_path \\ "/proc/self/stat") do
+    [_, after_name] = stat_path |> File.read!() |> String.split(") ", parts: 2)
+    [utime, stime] = after_name |> String.split() |> Enum.slice(11, 2)
+    String.to_integer(utime) + String.to_integer(stime)
+  end
+
   @doc "Resident set size of this OS process (VM + native), bytes, from /proc/self/status."
   def rss_bytes do
     case File.read("/proc/self/status") do
