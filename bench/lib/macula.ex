@@ -140,18 +140,9 @@ defmodule Bench.Macula do
   Both ends receive in active mode.
   """
   def echo(cert, size, seconds, how) do
-    {l, c, sc} = pair(cert)
     me = self()
     tx = if how == :send, do: &MaculaQuic.send/2, else: &MaculaQuic.async_send/2
-
-    server =
-      spawn_link(fn ->
-        :ok = MaculaQuic.async_accept_stream(sc, active: true)
-        ss = receive(do: ({:quic, :new_stream, ss, _} -> ss))
-        echo_loop(ss, tx)
-      end)
-
-    {:ok, s} = MaculaQuic.open_stream(c, active: true)
+    {l, c, sc, server, s} = echo_pair(cert, tx)
     msg = :binary.copy(<<1>>, size)
     for _ <- 1..100, do: round_trip(s, msg, size, tx)
     runs0 = MaculaQuic.native_counts()
@@ -178,17 +169,8 @@ defmodule Bench.Macula do
   (`Bench.Util.cpu_ticks/0`; bench/sparse_cpu.exs).
   """
   def echo_paced(cert, size, rate, seconds) do
-    {l, c, sc} = pair(cert)
     tx = &MaculaQuic.async_send/2
-
-    server =
-      spawn_link(fn ->
-        :ok = MaculaQuic.async_accept_stream(sc, active: true)
-        ss = receive(do: ({:quic, :new_stream, ss, _} -> ss))
-        echo_loop(ss, tx)
-      end)
-
-    {:ok, s} = MaculaQuic.open_stream(c, active: true)
+    {l, c, sc, server, s} = echo_pair(cert, tx)
     msg = :binary.copy(<<1>>, size)
     for _ <- 1..50, do: round_trip(s, msg, size, tx)
     n = round(rate * seconds)
@@ -206,6 +188,22 @@ defmodule Bench.Macula do
     send(server, :stop)
     teardown(l, c, sc)
     %{round_trips: n, wall_us: wall_us, cpu_ticks: ticks}
+  end
+
+  # A connection whose accepting end echoes, with `tx`, what arrives on the stream the other end
+  # opens: `{listener, client connection, server connection, echoing process, client stream}`.
+  defp echo_pair(cert, tx) do
+    {l, c, sc} = pair(cert)
+
+    server =
+      spawn_link(fn ->
+        :ok = MaculaQuic.async_accept_stream(sc, active: true)
+        ss = receive(do: ({:quic, :new_stream, ss, _} -> ss))
+        echo_loop(ss, tx)
+      end)
+
+    {:ok, s} = MaculaQuic.open_stream(c, active: true)
+    {l, c, sc, server, s}
   end
 
   defp round_trip(s, msg, size, tx) do
