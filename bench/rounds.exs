@@ -2,7 +2,8 @@
 # measurement in a fresh OS process (bench/one.exs for macula_quic, quinn_baseline for raw
 # Quinn). For settings that only take effect when the NIF loads, and for comparisons finer than
 # bin/bench's five runs can tell apart: the host drifts by tens of percent within minutes, so
-# variants are compared within a round, and the summary gives each variant's median, its
+# variants are compared within a round (each round starting one variant further along the
+# list, so that no variant always goes first), and the summary gives each variant's median, its
 # range, and its median ratio to raw Quinn's measurement of the same round, followed by a table
 # of every round's figures (also printed, for the rounds done, when a measurement fails).
 #
@@ -69,7 +70,7 @@ defmodule Bench.Rounds do
         Enum.reduce(1..rounds, [], fn r, done ->
           row =
             try do
-              for v <- variants do
+              for v <- rotate(variants, r - 1) do
                 set_host(v.host)
                 x = measure(ctx, v)
                 progress("round #{r}/#{rounds} #{v.name}: #{fmt(x)}")
@@ -110,6 +111,14 @@ defmodule Bench.Rounds do
       File.write!(out, Bench.Util.json(report))
       progress("wrote #{out}")
     end
+  end
+
+  # Round r measures the variants starting with the r-th (in the order given, wrapping round), so
+  # that none always runs first or right after the same one: the host drifts within a round
+  # too, and a fixed order would lean the same way every round.
+  defp rotate(variants, r) do
+    {head, tail} = Enum.split(variants, rem(r, length(variants)))
+    tail ++ head
   end
 
   defp parse_args([workload | [_ | _] = variants]) do

@@ -107,11 +107,15 @@ defmodule MaculaQuic.BenchSmokeTest do
 
     {log, status} =
       rounds(["hs", "quinn", "other:ebin=#{build}", "default"], [
-        {"ROUNDS", "1"},
+        {"ROUNDS", "2"},
         {"BENCH_QUINN", quinn}
       ])
 
     assert status == 0, "bench/rounds.exs exited #{status}:\n#{log}"
+    # Each round starts one variant further along the list.
+    order = fn r -> Regex.scan(~r/round #{r}\/2 (\w+): \d/, log, capture: :all_but_first) end
+    assert order.(1) == [["quinn"], ["other"], ["default"]], log
+    assert order.(2) == [["other"], ["default"], ["quinn"]], log
     # The report names the other build by its commit, and both variants have a figure.
     assert log =~ ~r/^\| other \| `build=0123456789ab` \| \d+ handshakes\/s/m, log
     assert log =~ ~r/^\| default \| defaults \| \d+ handshakes\/s/m, log
