@@ -273,13 +273,16 @@ defmodule Bench.Run do
     res =
       measure("echo #{size}B, two OS processes", :rt_s, [
         {"macula",
-         fn -> with_server(macula_server, &Bench.Macula.echo_remote(&1, size, secs)) end},
+         fn ->
+           Bench.Util.with_server(macula_server, fn port, _os_pid ->
+             Bench.Macula.echo_remote(port, size, secs)
+           end)
+         end},
         {"quinn",
          fn ->
-           with_server(
-             quinn_server,
-             &quinn(ctx, "echo", size: size, seconds: secs, peer_port: &1)
-           )
+           Bench.Util.with_server(quinn_server, fn port, _os_pid ->
+             quinn(ctx, "echo", size: size, seconds: secs, peer_port: port)
+           end)
          end}
       ])
 
@@ -289,36 +292,6 @@ defmodule Bench.Run do
       :latency_us,
       Map.new(["macula", "quinn"], fn n -> {n, res[n] && [res[n][:p50_us], res[n][:p99_us]]} end)
     )
-  end
-
-  # Runs `fun.(port)` against a server started from `{executable, args}` that prints
-  # {"port":N} when it listens, and stops the server afterwards by closing its standard input.
-  defp with_server({exe, args}, fun) do
-    port = Port.open({:spawn_executable, exe}, [:binary, :exit_status, {:line, 4096}, args: args])
-
-    try do
-      fun.(await_listening(port))
-    after
-      Port.close(port)
-    end
-  end
-
-  defp await_listening(port) do
-    receive do
-      {^port, {:data, {:eol, line}}} ->
-        case Regex.run(~r/"port":(\d+)/, line) do
-          [_, n] -> String.to_integer(n)
-          nil -> await_listening(port)
-        end
-
-      {^port, {:data, {:noeol, _}}} ->
-        await_listening(port)
-
-      {^port, {:exit_status, status}} ->
-        raise "echo server exited (#{status}) before it listened"
-    after
-      30_000 -> raise "echo server did not listen within 30 s"
-    end
   end
 
   def fanout(ctx) do

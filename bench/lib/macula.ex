@@ -171,10 +171,36 @@ defmodule Bench.Macula do
   def echo_paced(cert, size, rate, seconds) do
     tx = &MaculaQuic.async_send/2
     {l, c, sc, server, s} = echo_pair(cert, tx)
+    r = paced(s, size, rate, seconds, fn -> Bench.Util.cpu_ticks() end)
+    send(server, :stop)
+    teardown(l, c, sc)
+    r
+  end
+
+  @doc """
+  `echo_paced/4` with the echoing end in another OS process (`serve_echo/1`, listening on
+  `port`, OS process `os_pid`): as a node serving peers elsewhere sees it. Returns the CPU
+  ticks of this VM (`cpu_ticks`) and of the echoing one (`peer_cpu_ticks`) as well.
+  """
+  def echo_paced_remote(port, os_pid, size, rate, seconds) do
+    c = connect(port)
+    {:ok, s} = MaculaQuic.open_stream(c, active: true)
+    peer_stat = "/proc/#{os_pid}/stat"
+    ticks = fn -> {Bench.Util.cpu_ticks(), Bench.Util.cpu_ticks(peer_stat)} end
+    r = paced(s, size, rate, seconds, ticks)
+    :ok = MaculaQuic.close_connection(c)
+    {own, peer} = r.cpu_ticks
+    %{r | cpu_ticks: own} |> Map.put(:peer_cpu_ticks, peer)
+  end
+
+  # The paced loop of echo_paced/4 and echo_paced_remote/5 on the client stream `s`; `ticks`
+  # reads the CPU clock(s) around it (a number, or a tuple of numbers).
+  defp paced(s, size, rate, seconds, ticks) do
+    tx = &MaculaQuic.async_send/2
     msg = :binary.copy(<<1>>, size)
     for _ <- 1..50, do: round_trip(s, msg, size, tx)
     n = round(rate * seconds)
-    ticks0 = Bench.Util.cpu_ticks()
+    ticks0 = ticks.()
     t0 = now_us()
 
     for i <- 1..n do
@@ -184,11 +210,11 @@ defmodule Bench.Macula do
     end
 
     wall_us = now_us() - t0
-    ticks = Bench.Util.cpu_ticks() - ticks0
-    send(server, :stop)
-    teardown(l, c, sc)
-    %{round_trips: n, wall_us: wall_us, cpu_ticks: ticks}
+    %{round_trips: n, wall_us: wall_us, cpu_ticks: diff_ticks(ticks.(), ticks0)}
   end
+
+  defp diff_ticks({a, b}, {a0, b0}), do: {a - a0, b - b0}
+  defp diff_ticks(a, a0), do: a - a0
 
   # A connection whose accepting end echoes, with `tx`, what arrives on the stream the other end
   # opens: `{listener, client connection, server connection, echoing process, client stream}`.

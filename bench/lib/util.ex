@@ -192,6 +192,42 @@ defmodule Bench.Util do
     String.to_integer(utime) + String.to_integer(stime)
   end
 
+  @doc """
+  Runs `fun.(listen_port, os_pid)` against a server started from `{executable, args}` that
+  prints `{"port":N}` once it listens (bench/echo_server.exs, `quinn_baseline echo
+  role=server`), and stops the server afterwards by closing its standard input. `os_pid` is the
+  server's OS process (its CPU is in `/proc/OS_PID/stat`).
+  """
+  def with_server({exe, args}, fun) do
+    port = Port.open({:spawn_executable, exe}, [:binary, :exit_status, {:line, 4096}, args: args])
+
+    try do
+      listen_port = await_listening(port)
+      {:os_pid, os_pid} = Port.info(port, :os_pid)
+      fun.(listen_port, os_pid)
+    after
+      Port.close(port)
+    end
+  end
+
+  defp await_listening(port) do
+    receive do
+      {^port, {:data, {:eol, line}}} ->
+        case Regex.run(~r/"port":(\d+)/, line) do
+          [_, n] -> String.to_integer(n)
+          nil -> await_listening(port)
+        end
+
+      {^port, {:data, {:noeol, _}}} ->
+        await_listening(port)
+
+      {^port, {:exit_status, status}} ->
+        raise "echo server exited (#{status}) before it listened"
+    after
+      30_000 -> raise "echo server did not listen within 30 s"
+    end
+  end
+
   @doc "Resident set size of this OS process (VM + native), bytes, from /proc/self/status."
   def rss_bytes do
     case File.read("/proc/self/status") do
