@@ -70,7 +70,8 @@ defmodule Bench.Rounds do
         Enum.reduce(1..rounds, [], fn r, done ->
           row =
             try do
-              for v <- rotate(variants, r - 1) do
+              # Round r starts with the r-th variant (see Bench.Util.rotate/2).
+              for v <- Bench.Util.rotate(variants, r - 1) do
                 set_host(v.host)
                 x = measure(ctx, v)
                 progress("round #{r}/#{rounds} #{v.name}: #{fmt(x)}")
@@ -111,14 +112,6 @@ defmodule Bench.Rounds do
       File.write!(out, Bench.Util.json(report))
       progress("wrote #{out}")
     end
-  end
-
-  # Round r measures the variants starting with the r-th (in the order given, wrapping round), so
-  # that none always runs first or right after the same one: the host drifts within a round
-  # too, and a fixed order would lean the same way every round.
-  defp rotate(variants, r) do
-    {head, tail} = Enum.split(variants, rem(r, length(variants)))
-    tail ++ head
   end
 
   defp parse_args([workload | [_ | _] = variants]) do

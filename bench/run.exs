@@ -76,11 +76,13 @@ defmodule Bench.Run do
 
   ## Running and summarising
 
-  # Runs each implementation's function `repeat()` times, interleaved (a, b, c, a, b, c, ...),
-  # and keeps the run with the median `key` for each.
+  # Runs each implementation's function `repeat()` times, interleaved, each repeat starting one
+  # implementation further along (a, b, c, b, c, a, c, a, b, ...: the host drifts within a
+  # repeat too, and a fixed order would lean the same way every time), and keeps the run with
+  # the median `key` for each.
   defp measure(label, key, impls) do
     runs =
-      for i <- 1..repeat(), {name, fun} <- impls, reduce: %{} do
+      for i <- 1..repeat(), {name, fun} <- Bench.Util.rotate(impls, i - 1), reduce: %{} do
         acc ->
           r = fun.()
           progress("#{label} #{name} [#{i}/#{repeat()}]: #{key}=#{fmt(r[key] * 1.0)}#{extra(r)}")

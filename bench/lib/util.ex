@@ -228,6 +228,19 @@ defmodule Bench.Util do
     end
   end
 
+  @doc """
+  `list` rotated left by `n`: the order in which the n-th (from 0) repeat or round measures
+  its variants, so that none always runs first or right after the same one (the host drifts
+  within a round too, and a fixed order would lean the same way every round).
+
+      iex> Bench.Util.rotate([:a, :b, :c], 1)
+      [:b, :c, :a]
+  """
+  def rotate(list, n) do
+    {head, tail} = Enum.split(list, rem(n, length(list)))
+    tail ++ head
+  end
+
   @doc "Resident set size of this OS process (VM + native), bytes, from /proc/self/status."
   def rss_bytes do
     case File.read("/proc/self/status") do
