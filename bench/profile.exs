@@ -8,7 +8,8 @@
 #   elixir bench/profile.exs quinn WORKLOAD DIR    # the raw-Quinn baseline under perf
 #   elixir bench/profile.exs report WORKLOAD DIR   # the table (stdout and DIR/report.md)
 #
-# WORKLOAD is bulk (active receiver), echo (64 B, async_send) or handshake (sequential).
+# WORKLOAD is bulk (active receiver), passive (the same transfer read with recv/2; raw Quinn
+# runs its one bulk workload for both), echo (64 B, async_send) or handshake (sequential).
 # The tool is perf: CPU time from sampling every thread of the process at PROFILE_FREQ Hz
 # (default 2000), and every context switch of those threads (a thread going to sleep, to be
 # woken later, or being preempted: costs the CPU columns show as "kernel" and "BEAM").
@@ -26,7 +27,7 @@ Code.require_file("lib/perf.ex", __DIR__)
 defmodule Bench.Profile do
   import Bench.Util, only: [progress: 1]
 
-  @workloads ~w(bulk echo handshake)
+  @workloads ~w(bulk passive echo handshake)
 
   def main([step, workload, dir]) when workload in @workloads do
     File.mkdir_p!(dir)
@@ -41,7 +42,7 @@ defmodule Bench.Profile do
   def main(_) do
     IO.puts(
       :stderr,
-      "usage: elixir bench/profile.exs macula|quinn|report bulk|echo|handshake DIR"
+      "usage: elixir bench/profile.exs macula|quinn|report bulk|passive|echo|handshake DIR"
     )
 
     System.halt(2)
@@ -58,11 +59,11 @@ defmodule Bench.Profile do
   defp run, do: System.get_env("PROFILE_RUN", "1")
 
   # Sizes: the same for both implementations.
-  defp params("bulk"), do: %{bytes: 512 * Bench.Util.mib()}
+  defp params(w) when w in ["bulk", "passive"], do: %{bytes: 512 * Bench.Util.mib()}
   defp params("echo"), do: %{size: 64, seconds: 3.0}
   defp params("handshake"), do: %{concurrency: 1, seconds: 3.0}
 
-  defp unit("bulk"), do: "MiB"
+  defp unit(w) when w in ["bulk", "passive"], do: "MiB"
   defp unit("echo"), do: "round trip"
   defp unit("handshake"), do: "handshake"
 
@@ -93,16 +94,17 @@ defmodule Bench.Profile do
     progress("macula_quic #{workload}: #{fmt(units)} #{unit(workload)}s")
   end
 
-  defp warm_up("bulk", _), do: %{bytes: 8 * Bench.Util.mib()}
+  defp warm_up(w, _) when w in ["bulk", "passive"], do: %{bytes: 8 * Bench.Util.mib()}
   defp warm_up(_, p), do: %{p | seconds: 0.3}
 
   defp run_macula("bulk", cert, p), do: Bench.Macula.bulk(cert, p.bytes, :active)
+  defp run_macula("passive", cert, p), do: Bench.Macula.bulk(cert, p.bytes, :passive)
   defp run_macula("echo", cert, p), do: Bench.Macula.echo(cert, p.size, p.seconds, :async_send)
 
   defp run_macula("handshake", cert, p),
     do: Bench.Macula.handshake(cert, p.concurrency, p.seconds)
 
-  defp units("bulk", r), do: r.bytes / Bench.Util.mib()
+  defp units(w, r) when w in ["bulk", "passive"], do: r.bytes / Bench.Util.mib()
   defp units("echo", r), do: r.round_trips
   defp units("handshake", r), do: r.handshakes
 
@@ -119,7 +121,7 @@ defmodule Bench.Profile do
     bin = System.get_env("BENCH_QUINN") || raise "BENCH_QUINN is not set (run bin/profile)"
 
     args =
-      [workload, "cert=#{cert.certfile}", "key=#{cert.keyfile}"] ++
+      [quinn_workload(workload), "cert=#{cert.certfile}", "key=#{cert.keyfile}"] ++
         Enum.map(params(workload), fn {k, v} -> "#{k}=#{v}" end)
 
     argv =
@@ -135,6 +137,11 @@ defmodule Bench.Profile do
     File.write!(Path.join(dir, "quinn.#{run()}.units"), "#{units}\n")
     progress("raw Quinn #{workload}: #{fmt(units)} #{unit(workload)}s")
   end
+
+  # The baseline's reader takes Quinn's chunks as they come: one workload for both ways of
+  # receiving.
+  defp quinn_workload("passive"), do: "bulk"
+  defp quinn_workload(w), do: w
 
   ## The report
 

@@ -10,7 +10,7 @@
 #   elixir -pa _build/bench/lib/macula_quic/ebin bench/threads.exs WORKLOAD [SECONDS]
 #
 # WORKLOAD: macula_handshake, ssl_handshake, tcp_handshake (sequential), macula_echo (64 B,
-# async_send), macula_bulk (512 MiB, active). SECONDS (default 3) is the length of the timed
+# async_send), macula_bulk (512 MiB, active), macula_passive (the same, read with recv/2). SECONDS (default 3) is the length of the timed
 # workloads. bin/bench's build (or `MIX_ENV=bench MACULA_QUIC_BUILD=1 mix compile`) provides
 # the ebin directory.
 Code.require_file("lib/util.ex", __DIR__)
@@ -18,7 +18,7 @@ Code.require_file("lib/macula.ex", __DIR__)
 Code.require_file("lib/tcp.ex", __DIR__)
 
 defmodule Bench.Threads do
-  @workloads ~w(macula_handshake ssl_handshake tcp_handshake macula_echo macula_bulk)
+  @workloads ~w(macula_handshake ssl_handshake tcp_handshake macula_echo macula_bulk macula_passive)
 
   def main([workload | rest]) when workload in @workloads do
     seconds =
@@ -66,8 +66,11 @@ defmodule Bench.Threads do
   defp run("macula_echo", cert, s, _),
     do: {Bench.Macula.echo(cert, 64, s, :async_send).round_trips, "round trip"}
 
-  defp run("macula_bulk", cert, _, mib) do
-    r = Bench.Macula.bulk(cert, mib * Bench.Util.mib(), :active)
+  defp run("macula_bulk", cert, _, mib), do: bulk(cert, mib, :active)
+  defp run("macula_passive", cert, _, mib), do: bulk(cert, mib, :passive)
+
+  defp bulk(cert, mib, mode) do
+    r = Bench.Macula.bulk(cert, mib * Bench.Util.mib(), mode)
     {r.bytes / Bench.Util.mib(), "MiB"}
   end
 
