@@ -119,8 +119,10 @@ defmodule MaculaQuic do
     * `:idle_timeout_ms` (0 disables), `:keep_alive_interval_ms`, `:handshake_idle_timeout_ms`,
       `:peer_bidi_stream_count`, `:peer_unidi_stream_count` (at most 65,535, as in MsQuic:
       Quinn sets up every stream the peer may open when a connection starts),
-      `:stream_recv_window` (bytes per stream), `:conn_recv_window` (bytes per connection),
-      `:send_window`.
+      `:stream_recv_window` (bytes per stream the peer may send ahead of what the stream's
+      reader has taken; default 2.5 MiB, twice Quinn's own default, so that a passive
+      receiver's peer goes on sending while the receiving process waits for a scheduler),
+      `:conn_recv_window` (bytes per connection), `:send_window`.
     * `:backlog` — (listen) connections that may wait for an acceptor, handshakes in progress
       included (default 1024). Beyond it a new connection is refused: its `connect/4` returns
       `{:error, :connection_refused}`.
@@ -131,7 +133,7 @@ defmodule MaculaQuic do
   `sni` for `server_name`.
 
   Stream options (`open_stream/2`, `async_accept_stream/2`, `accept_stream/3`): `:active`
-  (`true | false | :once | integer`, default `true`), `:read_ahead` (bytes, default 256 KiB;
+  (`true | false | :once | integer`, default `true`), `:read_ahead` (bytes, default 512 KiB;
   see `setopt/3`) and `:unidirectional` (or quicer's `open_flag: 1`; it means nothing to the
   accepts, which take whatever stream comes). quicer's `:start_flag` and `:quic_event_mask` are
   accepted (integers) and ignored: a stream starts with its first write.
@@ -739,7 +741,7 @@ defmodule MaculaQuic do
   @doc """
   Receives from a passive stream (`active: false`).
 
-  `length` 0 returns whatever is buffered (up to the stream's `read_ahead`, 256 KiB unless
+  `length` 0 returns whatever is buffered (up to the stream's `read_ahead`, 512 KiB unless
   set), or the next chunk to arrive. A passive stream's native side reads up to `read_ahead`
   ahead of `recv`, so that `recv` usually answers at once; beyond that the peer waits for
   flow-control credit. `length` > 0 returns
@@ -810,12 +812,13 @@ defmodule MaculaQuic do
       values subtract) and when it reaches zero the owner gets
       `{:quic, :passive, stream, :undefined}`; `false` is passive (use `recv/3`). Data read but
       not yet delivered is delivered first when the stream turns active, in order.
-    * `:read_ahead` — bytes, 1024 to 4 MiB (default 256 KiB): how far a passive stream reads
+    * `:read_ahead` — bytes, 1024 to 4 MiB (default 512 KiB): how far a passive stream reads
       ahead of `recv/3`, and the most `recv(stream, 0, timeout)` returns at once. It bounds
-      what a passive stream whose owner does not read holds (on top of Quinn's receive
-      window, `:stream_recv_window`): a node with many such streams can set it lower. More
-      is not faster: in 1 GiB transfers 512 KiB to 2 MiB ran at 0.91–1.02× the default's
-      rate, 128 KiB at 0.93× (see `bench/README.md`). An active stream is unaffected: it
+      what a passive stream whose owner does not read holds (on top of the connection's
+      `:stream_recv_window`, 2.5 MiB unless set): a node with many such streams can set it
+      lower. The default goes with that window: in 1 GiB transfers, 512 KiB and 2.5 MiB ran
+      at 0.78–0.80× raw Quinn against 0.66–0.69× with 256 KiB and Quinn's 1.25 MB, and
+      either alone did not help (see `bench/README.md`). An active stream is unaffected: it
       holds one message's worth (up to 64 KiB). A smaller value takes effect as the owner
       reads what is already buffered.
 

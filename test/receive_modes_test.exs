@@ -160,7 +160,7 @@ defmodule MaculaQuic.ReceiveModesTest do
       data = :crypto.strong_rand_bytes(total)
       :ok = MaculaQuic.async_send(s, data)
 
-      # With the default (256 KiB) the sender would stall near 320 KiB.
+      # With the default (512 KiB) the sender would stall near 576 KiB.
       assert wait_until(fn -> taken(c, total) >= 1_048_576 end),
              "the reader did not read 1 MiB ahead: #{taken(c, total)} bytes taken"
 
@@ -183,17 +183,34 @@ defmodule MaculaQuic.ReceiveModesTest do
       assert IO.iodata_to_binary([first, second | rest]) == data
     end
 
-    test "defaults to 256 KiB; out of range or ill-typed values are refused" do
+    test "an unread passive stream lets the peer send its read_ahead and the 2.5 MiB stream window ahead" do
+      # No window given: the library's default, twice Quinn's 1.25 MB. The sender's Quinn may
+      # take what the reader has read (512 KiB ahead, plus the first byte) and the window on
+      # top; with Quinn's window it would stop by 1.25 MB + 512 KiB.
+      {c, sc, _l, _} = pair!()
+      {s, ss} = stream_pair!(c, sc, server: [active: false], first: "a")
+      assert {:ok, "a"} = MaculaQuic.recv(ss, 1, 5_000)
+      total = 8 * 1_048_576
+      :ok = MaculaQuic.async_send(s, :binary.copy(<<1>>, total))
+      bound = 1 + 524_288 + 2_621_440
+
+      assert wait_until(fn -> taken(c, total) >= 2_400_000 end),
+             "the sender stopped at #{taken(c, total)} bytes"
+
+      assert taken(c, total) <= bound
+    end
+
+    test "defaults to 512 KiB; out of range or ill-typed values are refused" do
       {c, sc, _l, _} = pair!()
       {_s, ss} = stream_pair!(c, sc, server: [active: false])
-      assert {:ok, 262_144} = MaculaQuic.getopt(ss, :read_ahead)
+      assert {:ok, 524_288} = MaculaQuic.getopt(ss, :read_ahead)
 
       for bad <- [0, 1023, 4_194_305, -1, 1.0e6, :big, "1024"] do
         assert {:error, {:bad_option, :read_ahead}} = MaculaQuic.setopt(ss, :read_ahead, bad)
         assert {:error, {:bad_option, :read_ahead}} = MaculaQuic.open_stream(c, read_ahead: bad)
       end
 
-      assert {:ok, 262_144} = MaculaQuic.getopt(ss, :read_ahead)
+      assert {:ok, 524_288} = MaculaQuic.getopt(ss, :read_ahead)
       :ok = MaculaQuic.setopt(ss, :read_ahead, 4_194_304)
       assert {:ok, 4_194_304} = MaculaQuic.getopt(ss, :read_ahead)
       assert {:ok, s2} = MaculaQuic.open_stream(c, read_ahead: 1024)

@@ -1,17 +1,17 @@
 //! Raw-Quinn baseline for the benchmark suite (`bin/bench`): the same workloads the Elixir
-//! benchmarks run through macula_quic, done directly with Quinn, with the same TLS and
-//! transport settings as the NIF (see `src/tls.rs`): rustls 0.23 with the ring provider, TLS 1.3
-//! only, a client that accepts any server certificate but checks handshake signatures, Quinn's
-//! default transport config (plus the idle timeout the benchmark passes to both), a tokio
-//! multi-thread runtime with as many workers as the NIF's (one per core, at most 4), a shared
-//! client endpoint bound to 0.0.0.0:0 and a listener bound to 127.0.0.1 with SO_REUSEADDR, both
-//! asking for 2 MiB socket buffers (as `src/endpoint.rs` does), and one client configuration
-//! for every connect (the NIF caches its configurations per option set too). The handshake
-//! workload measures full TLS handshakes: its client keeps no session tickets, as macula_quic's
-//! benchmark connects with `session_resumption: false`. (With tickets kept, whether a reconnect
-//! resumes depends on whether the last connection lived long enough to receive one: raw Quinn's
-//! closes at once and hardly ever did, while macula_quic's resumed 29% of its handshakes before
-//! both were made full; `bin/calls handshake` counts the server's signatures.)
+//! benchmarks run through macula_quic, done directly with Quinn, with the same TLS and transport
+//! settings as the NIF (see `src/tls.rs`): rustls 0.23 with the ring provider, TLS 1.3 only, a
+//! client that accepts any server certificate but checks handshake signatures, Quinn's default
+//! transport config with the NIF's stream window (2.5 MiB; plus the idle timeout the benchmark
+//! passes to both), a tokio multi-thread runtime with as many workers as the NIF's (one per core,
+//! at most 4), a shared client endpoint bound to 0.0.0.0:0 and a listener bound to 127.0.0.1 with
+//! SO_REUSEADDR, both asking for 2 MiB socket buffers (as `src/endpoint.rs` does), and one client
+//! configuration for every connect (the NIF caches its configurations per option set too). The
+//! handshake workload measures full TLS handshakes: its client keeps no session tickets, as
+//! macula_quic's benchmark connects with `session_resumption: false`. (With tickets kept, whether a
+//! reconnect resumes depends on whether the last connection lived long enough to receive one: raw
+//! Quinn's closes at once and hardly ever did, while macula_quic's resumed 29% of its handshakes
+//! before both were made full; `bin/calls handshake` counts the server's signatures.)
 //!
 //! Not part of the NIF. Usage:
 //!
@@ -52,6 +52,8 @@ fn provider() -> Arc<CryptoProvider> {
 
 fn transport(a: &Args) -> quinn::TransportConfig {
     let mut c = quinn::TransportConfig::default();
+    // The NIF's stream window (`tls::STREAM_RECV_WINDOW`, 2.5 MiB), or `stream_window=` bytes.
+    c.stream_receive_window(quinn::VarInt::from_u64(arg_u64(a, "stream_window", 2560 * 1024)).unwrap());
     if let Some(ms) = a.get("idle_timeout_ms").and_then(|v| v.parse::<u64>().ok()) {
         let t = if ms == 0 { None } else { Some(quinn::VarInt::from_u64(ms).unwrap().into()) };
         c.max_idle_timeout(t);

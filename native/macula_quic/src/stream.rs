@@ -56,14 +56,17 @@ pub const MAX_CHUNK: usize = 64 * 1024;
 /// returns, unless the stream's `read_ahead` option says otherwise. Reading ahead lets the
 /// reader fetch the next data while the owner handles what `recv` just returned (with a single
 /// 64 KiB chunk the two took turns and most `recv`s waited for the reader); returning up to
-/// this much at once means fewer `recv` calls, each a possible wake-up. Measured on 512 MiB
-/// passive transfers: 240-300 MiB/s with one 64 KiB chunk, 300-350 MiB/s with this. Bounded
-/// per stream; past it the peer waits for flow-control credit. Neither more nor less was
-/// faster: in 1 GiB passive transfers (8 to 12 interleaved rounds) 128 KiB ran at 0.93x of
-/// this one's rate, 512 KiB at 1.00x, 1 MiB at 0.91x and 1.02x in two sets, 2 MiB at 0.99x.
-/// What a stream's owner has not read is bounded by this on top of Quinn's window; the
-/// stream's `read_ahead` option sets it lower (or higher) per stream.
-pub const PASSIVE_READ_AHEAD: usize = 4 * MAX_CHUNK;
+/// this much at once means fewer `recv` calls, each a possible wake-up (256 KiB against one
+/// 64 KiB chunk: 300-350 against 240-300 MiB/s on 512 MiB transfers). 512 KiB goes with the
+/// larger stream window (see `tls::STREAM_RECV_WINDOW`): the receiving process gets the CPU
+/// in spells, a few milliseconds apart while the runtime's workers are busy, and drains as much
+/// per spell as each `recv` returns; the window lets the sender go on meanwhile. Neither
+/// helps alone: in 1 GiB passive transfers (eight fresh-VM rounds, macula/Quinn by median)
+/// 0.66x with 256 KiB and Quinn's 1.25 MB window, 0.67x with 1 MiB alone, 0.66x with a 4 MiB
+/// window alone, 0.80x with 512 KiB and 2.5 MiB (0.75-0.78x with 1 MiB and 2.5-8 MiB).
+/// What a stream's owner has not read is bounded by this on top of the window; the stream's
+/// `read_ahead` option sets it lower (or higher) per stream.
+pub const PASSIVE_READ_AHEAD: usize = 8 * MAX_CHUNK;
 
 /// Bytes of `async_send` data that may wait in a stream's queue before `async_send` refuses
 /// more with `{:error, :send_queue_full}`. Blocking `send` is bounded by its caller waiting.

@@ -97,10 +97,19 @@ fn self_signed() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>
     Ok((vec![ck.cert.der().clone()], key))
 }
 
+/// How much of a stream's data the peer may send ahead of what the stream's reader has taken
+/// (`stream_recv_window`'s default): 2.5 MiB, twice Quinn's 1.25 MB. A process receiving in
+/// passive mode is not always running (on a busy node its scheduler gets the CPU in spells a
+/// few milliseconds apart), and with Quinn's window the sender stalled meanwhile; see
+/// `stream::PASSIVE_READ_AHEAD` for the measurements. Active streams are read as data arrives
+/// and are not held up by it.
+pub const STREAM_RECV_WINDOW: u32 = 2560 * 1024;
+
 pub fn transport_config(t: &Transport) -> Result<quinn::TransportConfig, Reason> {
     use quinn::VarInt;
     let var = |name: &str, v: u64| VarInt::from_u64(v).map_err(|_| bad_option(name));
     let mut c = quinn::TransportConfig::default();
+    c.stream_receive_window(VarInt::from_u32(STREAM_RECV_WINDOW));
     if let Some(ms) = t.idle_timeout_ms {
         // 0 means "no idle timeout", as in quicer.
         let timeout = if ms == 0 { None } else { Some(var("idle_timeout_ms", ms)?.into()) };
