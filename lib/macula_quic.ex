@@ -842,7 +842,7 @@ defmodule MaculaQuic do
   `:read_ahead` the read-ahead in bytes (see `setopt/3`).
 
       {:ok, :once} = MaculaQuic.getopt(stream, :active)
-      {:ok, 262_144} = MaculaQuic.getopt(stream, :read_ahead)
+      {:ok, 524_288} = MaculaQuic.getopt(stream, :read_ahead)
   """
   @spec getopt(stream(), :active) :: {:ok, active()} | {:error, reason()}
   @spec getopt(stream(), :read_ahead) :: {:ok, pos_integer()} | {:error, reason()}
