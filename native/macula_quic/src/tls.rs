@@ -109,7 +109,6 @@ pub fn transport_config(t: &Transport) -> Result<quinn::TransportConfig, Reason>
     use quinn::VarInt;
     let var = |name: &str, v: u64| VarInt::from_u64(v).map_err(|_| bad_option(name));
     let mut c = quinn::TransportConfig::default();
-    c.stream_receive_window(VarInt::from_u32(STREAM_RECV_WINDOW));
     if let Some(ms) = t.idle_timeout_ms {
         // 0 means "no idle timeout", as in quicer.
         let timeout = if ms == 0 { None } else { Some(var("idle_timeout_ms", ms)?.into()) };
@@ -124,9 +123,10 @@ pub fn transport_config(t: &Transport) -> Result<quinn::TransportConfig, Reason>
     if let Some(n) = t.peer_unidi_stream_count {
         c.max_concurrent_uni_streams(var("peer_unidi_stream_count", n)?);
     }
-    if let Some(n) = t.stream_recv_window {
-        c.stream_receive_window(var("stream_recv_window", n)?);
-    }
+    c.stream_receive_window(match t.stream_recv_window {
+        Some(n) => var("stream_recv_window", n)?,
+        None => VarInt::from_u32(STREAM_RECV_WINDOW),
+    });
     if let Some(n) = t.conn_recv_window {
         c.receive_window(var("conn_recv_window", n)?);
     }
