@@ -33,10 +33,7 @@ defmodule Bench.BulkPattern do
 
   defp run(cert, mode) do
     window = env_int("STREAM_RECV_WINDOW")
-    {l, port} = Bench.Macula.listen(cert, if(window, do: [stream_recv_window: window], else: []))
-    :ok = MaculaQuic.async_accept(l)
-    c = Bench.Macula.connect(port)
-    sc = receive(do: ({:quic, :new_conn, sc, _} -> sc))
+    {l, c, sc} = Bench.Macula.pair(cert, if(window, do: [stream_recv_window: window], else: []))
     read_ahead = env_int("READ_AHEAD")
     opts = [active: mode == :active] ++ if(read_ahead, do: [read_ahead: read_ahead], else: [])
     :ok = MaculaQuic.async_accept_stream(sc, opts)
@@ -47,9 +44,8 @@ defmodule Bench.BulkPattern do
     us = now() - t0
     if n != @total, do: raise("received #{n} of #{@total} bytes")
     send(sender, :stop)
-    MaculaQuic.close_connection(c)
-    MaculaQuic.close_connection(sc)
-    MaculaQuic.close_listener(l)
+    # (Also empties the mailbox, whose length the next transfer's report counts.)
+    Bench.Macula.teardown(l, c, sc)
     "#{Bench.Util.fmt(Bench.Util.mib_s(n, us))} MiB/s; " <> report(mode, stats, us)
   end
 

@@ -26,16 +26,20 @@ defmodule Bench.Macula do
     c
   end
 
-  # A listener and one connection; the caller owns both ends of the connection.
-  defp pair(cert) do
-    {l, port} = listen(cert)
+  @doc """
+  A listener (with `listen_opts` on top of `listen/2`'s) and one connection to it:
+  `{listener, client connection, server connection}`; the caller owns both ends.
+  """
+  def pair(cert, listen_opts \\ []) do
+    {l, port} = listen(cert, listen_opts)
     :ok = MaculaQuic.async_accept(l)
     c = connect(port)
     sc = receive(do: ({:quic, :new_conn, sc, _} -> sc))
     {l, c, sc}
   end
 
-  defp teardown(l, c, sc) do
+  @doc "Closes what `pair/2` opened and drops what is left in the caller's mailbox."
+  def teardown(l, c, sc) do
     MaculaQuic.close_connection(c)
     MaculaQuic.close_connection(sc)
     MaculaQuic.close_listener(l)
