@@ -996,18 +996,18 @@ defmodule MaculaQuic do
   endpoint and per open listener), and, since the VM started, `runtime_watch_hits`, the watches
   that ended at a datagram (a datagram a call sent to a peer in the same VM, and reads itself,
   does not end one), and `runtime_watch_extensions`, the watches that went on past
-  `runtime_spin_us` because calls in the VM were exchanging datagrams (at most 1 ms each). `inline_receives` counts, since the VM started, the
-  datagrams calls read themselves (a call that sends to a peer in the same VM receives the
-  datagram there), and `inline_deferrals` the times a stream's reader, run inside a call, left
-  a `recv/3` answer over 1 MiB to a runtime thread to build. `inline_watch_us` is how long a call that sent a datagram also watches its
-  socket for the answer (0, the default: never); `inline_watches` and `inline_watch_skips`
-  count the watches made and those skipped by a thread backing off after watches that found
-  nothing. `tls_tickets` counts the
-  TLS session tickets clients have received and kept, and `tls_resumptions` the connects that
-  offered one to resume a session (see `:session_resumption` under Options), both since the VM
-  started, and `driver_panics` the connections whose Quinn driver panicked (a bug in Quinn: the
-  connection then ends, see "Errors, bad input and faults" in the README). For monitoring and
-  leak tests.
+  `runtime_spin_us` because calls in the VM were exchanging datagrams (at most 1 ms each).
+  `inline_receives` counts, since the VM started, the datagrams calls read themselves (a call
+  that sends to a peer in the same VM receives the datagram there), and `inline_deferrals` the
+  times a stream's reader, run inside a call, left a `recv/3` answer over 1 MiB to a runtime
+  thread to build. `inline_watch_us` is how long a call that sent a datagram also watches its
+  socket for the answer (0, the default: never); `inline_watches` and `inline_watch_skips` count
+  the watches made and those skipped by a thread backing off after watches that found nothing.
+  `tls_tickets` counts the TLS session tickets clients have received and kept, and
+  `tls_resumptions` the connects that offered one to resume a session (see `:session_resumption`
+  under Options), both since the VM started, and `driver_panics` the connections whose Quinn
+  driver panicked (a bug in Quinn: the connection then ends, see "Errors, bad input and faults"
+  in the README). For monitoring and leak tests.
 
       iex> %{listeners: n} = MaculaQuic.native_counts()
       iex> is_integer(n)
