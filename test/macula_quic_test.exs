@@ -577,9 +577,11 @@ defmodule MaculaQuicTest do
     end
 
     test "send_pend counts bytes waiting for the peer's flow-control credit" do
-      # The listener grants 64 KiB per stream; its side reads nothing until told to.
+      # The listener grants 64 KiB per stream; its side reads nothing until told to, except
+      # what its passive reader reads ahead (set to 256 KiB here: the default, 512 KiB, would
+      # take the whole 500 KB send below and leave nothing waiting).
       {c, sc, _l, _} = pair!(listen: [stream_recv_window: 65_536])
-      {s, ss} = stream_pair!(c, sc, server: [active: false])
+      {s, ss} = stream_pair!(c, sc, server: [active: false, read_ahead: 262_144])
       assert {:ok, "hello"} = MaculaQuic.recv(ss, 5, 5_000)
       assert {:ok, [send_pend: 0]} = MaculaQuic.getstat(c, [:send_pend])
 
@@ -608,10 +610,10 @@ defmodule MaculaQuicTest do
   describe "send/2's back-pressure" do
     test "returns while at most 2 MiB wait for the peer, waits beyond that, and resumes as the peer reads" do
       # The listener grants 64 KiB per stream; its side reads nothing until told to, except
-      # what its passive reader reads ahead (256 KiB). So Quinn takes at most ~320 KiB of
-      # the 1 MiB pieces below, and the rest waits in our queue.
+      # what its passive reader reads ahead (256 KiB, set here). So Quinn takes at most
+      # ~320 KiB of the 1 MiB pieces below, and the rest waits in our queue.
       {c, sc, _l, _} = pair!(listen: [stream_recv_window: 65_536])
-      {s, ss} = stream_pair!(c, sc, server: [active: false])
+      {s, ss} = stream_pair!(c, sc, server: [active: false, read_ahead: 262_144])
       assert {:ok, "hello"} = MaculaQuic.recv(ss, 5, 5_000)
       piece = :binary.copy("m", 1_048_576)
       parent = self()
