@@ -14,7 +14,8 @@
 #   bin/rounds hs quinn default 'sbwt:ERL_AFLAGS=+sbwt very_long'
 #
 # WORKLOAD: echo (64 B, async_send/2), echo_send (64 B, send/2), echo4096, bulk (1 GiB,
-# active), passive (1 GiB, recv/3), hs (sequential handshakes), hs16 (16 at a time); each is
+# active), passive (1 GiB, recv/3), hs (sequential handshakes), hs16 (16 at a time), fanout
+# (100 streams × 10 MiB on one connection); each is
 # defined once for both sides in bench/lib/workloads.ex.
 # VARIANT: `quinn` (raw Quinn; so is any name starting with "quinn"), or
 # NAME[:VAR=VALUE[,VAR=VALUE...]], macula_quic with those

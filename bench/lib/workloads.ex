@@ -14,7 +14,8 @@ defmodule Bench.Workloads do
     "bulk" => %{kind: :bulk, bytes: @gib, mode: :active},
     "passive" => %{kind: :bulk, bytes: @gib, mode: :passive},
     "hs" => %{kind: :handshake, concurrency: 1, seconds: 2.0},
-    "hs16" => %{kind: :handshake, concurrency: 16, seconds: 2.0}
+    "hs16" => %{kind: :handshake, concurrency: 16, seconds: 2.0},
+    "fanout" => %{kind: :fanout, streams: 100, bytes: 10 * 1024 * 1024}
   }
 
   @doc "The workloads' names."
@@ -29,6 +30,7 @@ defmodule Bench.Workloads do
       %{kind: :echo} = w -> Bench.Macula.echo(cert, w.size, w.seconds, w.how).rt_s
       %{kind: :bulk} = w -> Bench.Macula.bulk(cert, w.bytes, w.mode).mib_s
       %{kind: :handshake} = w -> Bench.Macula.handshake(cert, w.concurrency, w.seconds).hs_s
+      %{kind: :fanout} = w -> Bench.Macula.fanout(cert, w.streams, w.bytes).mib_s
     end
   end
 
@@ -46,10 +48,14 @@ defmodule Bench.Workloads do
 
       %{kind: :handshake} = w ->
         {"handshake", [concurrency: w.concurrency, seconds: w.seconds], :hs_s}
+
+      %{kind: :fanout} = w ->
+        {"fanout", [streams: w.streams, bytes: w.bytes], :mib_s}
     end
   end
 
   defp unit_of(:echo), do: "round trips/s"
   defp unit_of(:bulk), do: "MiB/s"
   defp unit_of(:handshake), do: "handshakes/s"
+  defp unit_of(:fanout), do: "MiB/s"
 end
