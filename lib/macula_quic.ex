@@ -122,9 +122,9 @@ defmodule MaculaQuic do
       `:stream_recv_window` (bytes per stream the peer may send ahead of what the stream's
       reader has taken; default 2.5 MiB, twice Quinn's own default, so that a passive
       receiver's peer goes on sending while the receiving process waits for a scheduler),
-      `:conn_recv_window` (bytes per connection, across its streams; unbounded unless set,
-      as in Quinn: a node whose peers may open streams it leaves unread can bound what they
-      hold with it), `:send_window`.
+      `:conn_recv_window` (bytes per connection the peer may send ahead of what all its
+      streams have taken together, streams not yet accepted included; default 64 MiB, or the
+      stream window if that is larger; Quinn's own default is unbounded), `:send_window`.
     * `:backlog` — (listen) connections that may wait for an acceptor, handshakes in progress
       included (default 1024). Beyond it a new connection is refused: its `connect/4` returns
       `{:error, :connection_refused}`.

@@ -226,6 +226,75 @@ defmodule MaculaQuic.ReceiveModesTest do
     end
   end
 
+  describe "the connection window" do
+    # What a peer may send ahead of what a connection's streams have taken, across all of them.
+    # The server here accepts none of the client's streams, so all that is sent waits unread
+    # in the server's Quinn, and the client's Quinn takes no more than the window allows.
+
+    defp open_and_send!(c, streams, each) do
+      for _ <- 1..streams do
+        {:ok, s} = MaculaQuic.open_stream(c)
+        :ok = MaculaQuic.async_send(s, :binary.copy(<<2>>, each))
+        s
+      end
+    end
+
+    # What the client's Quinn has taken once it has taken at least `low` bytes and then stalled:
+    # the same figure on two looks 100 ms apart (no message says that flow control closed).
+    # Waiting for `low` first keeps a slow start on a busy host from passing for a stall.
+    defp settled_taken!(c, total, low) do
+      assert wait_until(fn -> taken(c, total) >= low end, 1_000),
+             "the senders stopped at #{taken(c, total)} bytes, short of #{low}"
+
+      settle(c, total, -1, 100)
+    end
+
+    defp settle(c, total, last, tries) do
+      now = taken(c, total)
+
+      cond do
+        now == last -> now
+        tries == 0 -> flunk("the senders never stalled (#{now} bytes taken)")
+        true -> receive(after: (100 -> settle(c, total, now, tries - 1)))
+      end
+    end
+
+    test "defaults to 64 MiB: unread streams together hold no more" do
+      # With Quinn's default (unbounded) 30 streams would take 30 × 2.5 MiB = 75 MiB.
+      {c, _sc, _l, _} = pair!()
+      each = 3 * 1_048_576
+      _streams = open_and_send!(c, 30, each)
+      taken = settled_taken!(c, 30 * each, 63 * 1_048_576)
+      assert taken <= 64 * 1_048_576, "#{taken} bytes taken"
+    end
+
+    test "conn_recv_window sets it; a stream window larger than the default widens it" do
+      {c, _sc, _l, _} = pair!(listen: [conn_recv_window: 4 * 1_048_576])
+      _streams = open_and_send!(c, 4, 2 * 1_048_576)
+      taken = settled_taken!(c, 8 * 1_048_576, 3 * 1_048_576)
+      assert taken <= 4 * 1_048_576, "#{taken} bytes taken"
+
+      # One stream with a 72 MiB window may use all of it: the connection's window follows.
+      {c, _sc, _l, _} = pair!(listen: [stream_recv_window: 72 * 1_048_576])
+      total = 80 * 1_048_576
+      {:ok, s} = MaculaQuic.open_stream(c)
+      piece = :binary.copy(<<3>>, 8 * 1_048_576)
+
+      # In 8 MiB async_sends, each once no more than 8 MiB waits (async_send takes 16 MiB at
+      # most), so that what waits is what the client's Quinn has not taken.
+      for n <- 1..10 do
+        # total - taken: the bytes waiting (send_pend).
+        assert wait_until(fn -> n <= 2 or total - taken(c, total) <= 8 * 1_048_576 end, 1_000),
+               "piece #{n}: #{total - taken(c, total)} bytes waiting"
+
+        :ok = MaculaQuic.async_send(s, piece)
+      end
+
+      taken = settled_taken!(c, total, 70 * 1_048_576)
+      assert taken <= 72 * 1_048_576, "#{taken} bytes taken"
+    end
+  end
+
   describe "switching modes" do
     test "passive -> active after a partial recv delivers the rest, in order" do
       {_c, _sc, s, ss} = streams!(active: false)

@@ -53,7 +53,12 @@ fn provider() -> Arc<CryptoProvider> {
 fn transport(a: &Args) -> quinn::TransportConfig {
     let mut c = quinn::TransportConfig::default();
     // The NIF's stream window (`tls::STREAM_RECV_WINDOW`, 2.5 MiB), or `stream_window=` bytes.
-    c.stream_receive_window(quinn::VarInt::from_u64(arg_u64(a, "stream_window", 2560 * 1024)).unwrap());
+    let stream_window = arg_u64(a, "stream_window", 2560 * 1024);
+    c.stream_receive_window(quinn::VarInt::from_u64(stream_window).unwrap());
+    // The NIF's connection window (`tls::CONN_RECV_WINDOW`, 64 MiB, or the stream window if
+    // larger), or `conn_window=` bytes.
+    let conn_window = arg_u64(a, "conn_window", (64 << 20).max(stream_window));
+    c.receive_window(quinn::VarInt::from_u64(conn_window).unwrap());
     if let Some(ms) = a.get("idle_timeout_ms").and_then(|v| v.parse::<u64>().ok()) {
         let t = if ms == 0 { None } else { Some(quinn::VarInt::from_u64(ms).unwrap().into()) };
         c.max_idle_timeout(t);
