@@ -154,6 +154,22 @@ defmodule MaculaQuicTest do
       Enum.each(Enum.zip([c1, c2, c3], [s1, s2, s3]), fn {c, sc} -> same_connection!(c, sc) end)
     end
 
+    test "a client that connects and closes at once is still handed over, then closed" do
+      # Its close often reaches the server with the end of the handshake: the server's
+      # connection is then closed by the time the listener looks at it, and still counts as
+      # connected (as with quicer, and as `:gen_tcp.accept/1` returns a socket whose peer
+      # has closed).
+      {l, port} = listen!()
+
+      for _ <- 1..20 do
+        :ok = MaculaQuic.async_accept(l)
+        {:ok, c} = MaculaQuic.connect("127.0.0.1", port, [alpn: alpn(), verify: :none], 5_000)
+        :ok = MaculaQuic.close_connection(c)
+        assert_receive {:quic, :new_conn, sc, _}, 5_000
+        assert_receive {:quic, :closed, ^sc, _}, 5_000
+      end
+    end
+
     test "new_conn goes to the caller of async_accept, which becomes the owner" do
       {l, port} = listen!()
       parent = self()

@@ -6,9 +6,9 @@
 //! Props}` last. The watcher holds the resource while the connection is open; once it ends,
 //! nothing native holds it and garbage collection frees it.
 //!
-//! If Quinn's driver of an established connection panics (a bug in Quinn; during the handshake
-//! that aborts the VM inside Quinn, see `contain`), the connection is broken for good and will
-//! never say it closed. Its tasks then end as after a panic (see `executor::Shard::fail`):
+//! If Quinn's driver of an established connection panics (a bug in Quinn; during an outgoing
+//! connection's handshake that aborts the VM inside Quinn, see `contain`), the connection is
+//! broken for good and will never say it closed. Its tasks then end as after a panic (see `executor::Shard::fail`):
 //! calls waiting on it get `{:error, :internal_error}`, its streams end, and the watcher
 //! reports `{quic, transport_shutdown, C, %{status => internal_error, error => 1}}` and
 //! `closed`. Later calls answer as for a closed connection. The peer is not told; it sees the

@@ -15,13 +15,20 @@
 //! panics at most once; each drop runs inside `catch_unwind`. Quinn calls made from our own
 //! destructors go through `quietly`.
 //!
-//! What this cannot reach: Quinn runs each driver inside a task of its own that drops the
-//! driver while a panic in it unwinds, before any code of ours can catch it. An endpoint's
-//! driver takes the lock as it drops, and so does a connection's driver while the connection's
-//! only other reference is Quinn's (during the handshake; from its end until the driver ends
-//! the shard keeps two more, see `executor::Shard::keep_until_driver_ends`): a second panic,
-//! and the process aborts. Tried with test hooks panicking in a send during a connect and in an
-//! endpoint's receive; only Quinn can change that.
+//! Quinn runs each driver inside a task of its own that drops the driver while a panic in it
+//! unwinds, before any code of ours can catch it. A connection's driver takes the lock as it
+//! drops when its reference is one of the connection's last two (Quinn counts them). So we hold
+//! two more wherever we can: from the end of the handshake until the driver ends the shard
+//! keeps them (`executor::Shard::keep_until_driver_ends`), and an accepted connection's
+//! handshake holds them from its start (`listener::start_handshake` takes the connection out
+//! of Quinn's `Connecting` at once).
+//!
+//! What this cannot reach: an outgoing connection's handshake, whose only other reference is
+//! the `Connecting`'s (Quinn hands out the connection early only to a client resuming with
+//! 0-RTT), and an endpoint's driver, which takes the lock whenever it drops: a panic inside
+//! Quinn there is a second panic as it unwinds, and the process aborts. Tried with test hooks
+//! panicking in a send during a connect and in an endpoint's receive; only Quinn can change
+//! that.
 use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::panic::{catch_unwind, AssertUnwindSafe};

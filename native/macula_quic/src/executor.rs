@@ -548,8 +548,8 @@ impl quinn::Runtime for ShardRuntime {
 
     fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
         // Quinn spawns nothing but drivers: each connection's (on its new shard), and the
-        // endpoint's. (A panic in an endpoint's driver, or in a connection's before its
-        // handshake completes, aborts inside Quinn's own task: see `contain`.)
+        // endpoint's. (A panic in an endpoint's driver, or in an outgoing connection's before
+        // its handshake completes, aborts inside Quinn's own task: see `contain`.)
         match NEXT_SHARD.with(|n| n.borrow().clone()) {
             Some(shard) => shard.spawn_driver(future),
             None => self.shard.spawn(future),

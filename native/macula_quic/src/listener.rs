@@ -209,25 +209,68 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
 
 /// Accepts the connection attempt: Quinn starts the connection and spawns its driver, on a new
 /// shard (see `executor`), where the handshake is then awaited.
+///
+/// The connection is taken out of Quinn's `Connecting` at once (`into_0rtt`, which always
+/// succeeds for an incoming connection and changes nothing on the wire: nothing is sent on it
+/// before the handshake ends), so that the handshake holds references to it of its own. With
+/// only the `Connecting`'s, a panic inside Quinn's driver during the handshake (a bug in Quinn,
+/// perhaps one a peer's packets trigger) aborted the VM: see `contain`. Done inside
+/// `with_new_shard`, before the new shard's first run, so that it never waits for the driver.
 fn start_handshake(shared: &Arc<Shared>, incoming: quinn::Incoming) {
-    let (accepted, shard) = executor::with_new_shard(|| incoming.accept());
+    let (accepted, shard) = executor::with_new_shard(|| {
+        incoming.accept().map(|connecting| connecting.into_0rtt().map(|(conn, done)| (Contained::connection(conn), done)))
+    });
     match accepted {
-        Ok(connecting) => shard.clone().spawn(handshake(shared.clone(), connecting, shard)),
-        Err(_) => lock(&shared.state).handshaking -= 1,
+        Ok(Ok((conn, done))) => {
+            let slot = Handshaking { shared: shared.clone(), counted: true };
+            shard.clone().spawn(handshake(shared.clone(), slot, conn, done, shard))
+        }
+        // (`into_0rtt` fails only for outgoing connections; dropping it closes the connection.)
+        Ok(Err(_)) | Err(_) => lock(&shared.state).handshaking -= 1,
     }
 }
 
-async fn handshake(shared: Arc<Shared>, connecting: quinn::Connecting, shard: Arc<Shard>) {
+/// A handshake's place in the listener's `backlog`, given back as it ends (`end`), or when its
+/// task is dropped unfinished: the connection's driver panicked, and `executor::Shard::fail`
+/// drops the shard's tasks.
+struct Handshaking {
+    shared: Arc<Shared>,
+    counted: bool,
+}
+
+impl Handshaking {
+    fn end(mut self, st: &mut State) {
+        st.handshaking -= 1;
+        self.counted = false;
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        if self.counted {
+            lock(&self.shared.state).handshaking -= 1;
+        }
+    }
+}
+
+async fn handshake(shared: Arc<Shared>, slot: Handshaking, conn: Contained<quinn::Connection>, done: quinn::ZeroRttAccepted, shard: Arc<Shard>) {
     let _task = Live::new(&counters::TASKS);
     let mut stop = shared.stop.subscribe();
-    let result = tokio::select! {
-        r = tokio::time::timeout(shared.handshake_timeout, connecting) => r.ok().and_then(Result::ok),
-        // Dropping the handshake closes the connection.
-        _ = stop.wait_for(|closed| *closed) => None,
+    let ended = tokio::select! {
+        r = tokio::time::timeout(shared.handshake_timeout, done) => r.is_ok(),
+        // Dropping the connection (our references are the last but the driver's) closes it.
+        _ = stop.wait_for(|closed| *closed) => false,
     };
+    // `done` resolves when the handshake ends either way. A failed one leaves a close reason;
+    // so does one that completed and was closed at once (a client that connects and closes),
+    // which still goes to an acceptor, as it did when the `Connecting` said it connected.
+    // (`None`: Quinn panicked; see `contain`.)
+    let failed = !ended || contain::quietly(|| conn.close_reason().is_some() && !handshake_complete(&conn)).unwrap_or(true);
     let mut st = lock(&shared.state);
-    st.handshaking -= 1;
-    let Some(conn) = result.map(Contained::connection) else { return };
+    slot.end(&mut st);
+    if failed {
+        return;
+    }
     shard.keep_until_driver_ends(&conn);
     // (`None`: its driver panicked already, see `connection`; nobody can use it.)
     let info = contain::quietly(|| HandshakeInfo::read(&conn, shared.local));
@@ -249,6 +292,15 @@ async fn handshake(shared: Arc<Shared>, connecting: quinn::Connecting, shard: Ar
         // That waiter exited while waiting; try the next.
     }
     st.ready.push_back(queued);
+}
+
+/// Did the connection's TLS handshake complete? TLS exports keying material only once it has
+/// (before, rustls answers `HandshakeNotComplete`), and still can after the connection closed.
+/// Quinn tells a completed handshake from a failed one only through the `Connecting` that
+/// `start_handshake` gives up. Takes Quinn's lock: run it on the connection's shard.
+fn handshake_complete(conn: &quinn::Connection) -> bool {
+    let mut probe = [0u8; 1];
+    conn.export_keying_material(&mut probe, b"macula_quic handshake complete", b"").is_ok()
 }
 
 /// A connection whose handshake is over, waiting for an accept.
