@@ -215,7 +215,9 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
 /// before the handshake ends), so that the handshake holds references to it of its own. With
 /// only the `Connecting`'s, a panic inside Quinn's driver during the handshake (a bug in Quinn,
 /// perhaps one a peer's packets trigger) aborted the VM: see `contain`. Done inside
-/// `with_new_shard`, before the new shard's first run, so that it never waits for the driver.
+/// `with_new_shard`, right after Quinn spawned the driver and before its first run (the new
+/// shard runs once this task yields, or after the NIF running it inline), so that the lock it
+/// takes is free and a panic in that first run finds the references held.
 fn start_handshake(shared: &Arc<Shared>, incoming: quinn::Incoming) {
     let (accepted, shard) = executor::with_new_shard(|| {
         incoming.accept().map(|connecting| connecting.into_0rtt().map(|(conn, done)| (Contained::connection(conn), done)))
