@@ -184,7 +184,7 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             _ = stop.wait_for(|closed| *closed) => None,
         };
         let Some(incoming) = incoming else { break };
-        {
+        let slot = {
             let mut st = lock(&shared.state);
             if st.closed {
                 incoming.refuse();
@@ -201,9 +201,9 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
                 incoming.refuse();
                 continue;
             }
-            st.handshaking += 1;
-        }
-        start_handshake(&shared, incoming);
+            Handshaking::take(&shared, &mut st)
+        };
+        start_handshake(&shared, slot, incoming);
     }
 }
 
@@ -218,29 +218,33 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
 /// `with_new_shard`, right after Quinn spawned the driver and before its first run (the new
 /// shard runs once this task yields, or after the NIF running it inline), so that the lock it
 /// takes is free and a panic in that first run finds the references held.
-fn start_handshake(shared: &Arc<Shared>, incoming: quinn::Incoming) {
+fn start_handshake(shared: &Arc<Shared>, slot: Handshaking, incoming: quinn::Incoming) {
     let (accepted, shard) = executor::with_new_shard(|| {
         incoming.accept().map(|connecting| connecting.into_0rtt().map(|(conn, done)| (Contained::connection(conn), done)))
     });
-    match accepted {
-        Ok(Ok((conn, done))) => {
-            let slot = Handshaking { shared: shared.clone(), counted: true };
-            shard.clone().spawn(handshake(shared.clone(), slot, conn, done, shard))
-        }
-        // (`into_0rtt` fails only for outgoing connections; dropping it closes the connection.)
-        Ok(Err(_)) | Err(_) => lock(&shared.state).handshaking -= 1,
+    // Otherwise `slot`, dropped, gives its place back. (`into_0rtt` fails only for outgoing
+    // connections; dropping what it returns closes the connection.)
+    if let Ok(Ok((conn, done))) = accepted {
+        shard.clone().spawn(handshake(shared.clone(), slot, conn, done, shard));
     }
 }
 
-/// A handshake's place in the listener's `backlog`, given back as it ends (`end`), or when its
-/// task is dropped unfinished: the connection's driver panicked, and `executor::Shard::fail`
-/// drops the shard's tasks.
+/// A handshake's place in the listener's `backlog` (counted in `State::handshaking`), given
+/// back as it ends (`end`) or whenever it is dropped first: the handshake could not start, or
+/// its task was dropped unfinished (the connection's driver panicked, and
+/// `executor::Shard::fail` drops the shard's tasks).
 struct Handshaking {
     shared: Arc<Shared>,
     counted: bool,
 }
 
 impl Handshaking {
+    /// Takes a place (the caller holds the listener's state lock, `st`).
+    fn take(shared: &Arc<Shared>, st: &mut State) -> Self {
+        st.handshaking += 1;
+        Handshaking { shared: shared.clone(), counted: true }
+    }
+
     fn end(mut self, st: &mut State) {
         st.handshaking -= 1;
         self.counted = false;
