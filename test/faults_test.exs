@@ -365,13 +365,13 @@ defmodule MaculaQuic.FaultsTest do
 
   # The peer's receive buffer is full once the passive server end has data buffered that it
   # does not read; poll Quinn's stream counters on the connection until they stop moving.
-  defp wait_until_flow_blocked!(peer_stream, last \\ -1, tries \\ 500) do
-    {:ok, [recv_oct: n]} = MaculaQuic.getstat(peer_stream, [:recv_oct])
-
-    cond do
-      n == last and n > 0 -> :ok
-      tries == 0 -> flunk("the sender never blocked")
-      true -> receive(after: (50 -> wait_until_flow_blocked!(peer_stream, n, tries - 1)))
+  defp wait_until_flow_blocked!(peer_stream) do
+    read = fn ->
+      {:ok, [recv_oct: n]} = MaculaQuic.getstat(peer_stream, [:recv_oct])
+      n
     end
+
+    await_settled!(read, 50, 500, fn _ -> "the sender never blocked" end, &(&1 > 0))
+    :ok
   end
 end

@@ -246,17 +246,12 @@ defmodule MaculaQuic.ReceiveModesTest do
       assert wait_until(fn -> taken(c, total) >= low end, 1_000),
              "the senders stopped at #{taken(c, total)} bytes, short of #{low}"
 
-      settle(c, total, -1, 100)
-    end
-
-    defp settle(c, total, last, tries) do
-      now = taken(c, total)
-
-      cond do
-        now == last -> now
-        tries == 0 -> flunk("the senders never stalled (#{now} bytes taken)")
-        true -> receive(after: (100 -> settle(c, total, now, tries - 1)))
-      end
+      await_settled!(
+        fn -> taken(c, total) end,
+        100,
+        100,
+        &"the senders never stalled (#{&1} bytes taken)"
+      )
     end
 
     test "defaults to 64 MiB: unread streams together hold no more" do

@@ -187,6 +187,30 @@ defmodule MaculaQuic.Test.Quic do
     end
   end
 
+  @doc """
+  Reads `read.()` every `every` ms until it gives the same value twice in a row and
+  `settled?` holds for it (a figure that stopped moving: a sender stalled on flow control, with
+  no message to say so), and returns that value; fails with `failure.(last)` after `tries` more
+  reads.
+  """
+  def await_settled!(read, every, tries, failure, settled? \\ fn _ -> true end),
+    do: await_settled!(read, every, tries, failure, settled?, :none)
+
+  defp await_settled!(read, every, tries, failure, settled?, last) do
+    now = read.()
+
+    cond do
+      now == last and settled?.(now) ->
+        now
+
+      tries == 0 ->
+        flunk(failure.(now))
+
+      true ->
+        receive(after: (every -> await_settled!(read, every, tries - 1, failure, settled?, now)))
+    end
+  end
+
   # Calls `look` (`{:ok, value}` when done, else `{:wait, last}`) every `every` ms until it is
   # done or `deadline` (monotonic ms) has passed: `{:ok, value}` or `{:timeout, last}`. Bounded
   # polling for what no message announces, rather than a guessed delay.
