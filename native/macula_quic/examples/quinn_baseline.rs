@@ -2,10 +2,11 @@
 //! benchmarks run through macula_quic, done directly with Quinn, with the same TLS and transport
 //! settings as the NIF (see `src/tls.rs`): rustls 0.23 with the ring provider, TLS 1.3 only, a
 //! client that accepts any server certificate but checks handshake signatures, Quinn's default
-//! transport config with the NIF's stream window (2.5 MiB; plus the idle timeout the benchmark
-//! passes to both), a tokio multi-thread runtime with as many workers as the NIF's (one per core,
+//! transport config with the NIF's default windows (`src/flow.rs`, which this file includes:
+//! 2.5 MiB per stream, 64 MiB per connection; plus the idle timeout the benchmark passes to
+//! both), a tokio multi-thread runtime with as many workers as the NIF's (one per core,
 //! at most 4), a shared client endpoint bound to 0.0.0.0:0 and a listener bound to 127.0.0.1 with
-//! SO_REUSEADDR, both asking for 2 MiB socket buffers (as `src/endpoint.rs` does), and one client
+//! SO_REUSEADDR, both asking for 2 MiB socket buffers (`flow::SOCKET_BUFFER`), and one client
 //! configuration for every connect (the NIF caches its configurations per option set too). The
 //! handshake workload measures full TLS handshakes: its client keeps no session tickets, as
 //! macula_quic's benchmark connects with `session_resumption: false`. (With tickets kept, whether a
@@ -20,6 +21,11 @@
 //!     quinn_baseline echo peer_port=N cert=PEM key=PEM     # the client of such a server
 //!
 //! Prints one JSON object per line with the results.
+// The library's default windows and socket buffers, from the very file the NIF compiles, so
+// that both run with the same ones (the example cannot reach the cdylib's private modules).
+#[path = "../src/flow.rs"]
+mod flow;
+
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,12 +58,11 @@ fn provider() -> Arc<CryptoProvider> {
 
 fn transport(a: &Args) -> quinn::TransportConfig {
     let mut c = quinn::TransportConfig::default();
-    // The NIF's stream window (`tls::STREAM_RECV_WINDOW`, 2.5 MiB), or `stream_window=` bytes.
-    let stream_window = arg_u64(a, "stream_window", 2560 * 1024);
+    // The NIF's stream window, or `stream_window=` bytes.
+    let stream_window = arg_u64(a, "stream_window", flow::STREAM_RECV_WINDOW);
     c.stream_receive_window(quinn::VarInt::from_u64(stream_window).unwrap());
-    // The NIF's connection window (`tls::CONN_RECV_WINDOW`, 64 MiB, or the stream window if
-    // larger), or `conn_window=` bytes.
-    let conn_window = arg_u64(a, "conn_window", (64 << 20).max(stream_window));
+    // The NIF's connection window for that stream window, or `conn_window=` bytes.
+    let conn_window = arg_u64(a, "conn_window", flow::conn_recv_window(stream_window));
     c.receive_window(quinn::VarInt::from_u64(conn_window).unwrap());
     if let Some(ms) = a.get("idle_timeout_ms").and_then(|v| v.parse::<u64>().ok()) {
         let t = if ms == 0 { None } else { Some(quinn::VarInt::from_u64(ms).unwrap().into()) };
@@ -145,13 +150,10 @@ struct Pair {
     client_cfg: quinn::ClientConfig,
 }
 
-/// The NIF's socket buffer request (`SOCKET_BUFFER` in src/endpoint.rs).
-const SOCKET_BUFFER: usize = 2 * 1024 * 1024;
-
 fn udp_socket(addr: SocketAddr) -> socket2::Socket {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP)).unwrap();
-    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_recv_buffer_size(flow::SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(flow::SOCKET_BUFFER);
     s.bind(&addr.into()).unwrap();
     s
 }

@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{self, Reason};
 use crate::executor::{Shard, ShardRuntime};
+use crate::flow;
 use crate::spin;
 use crate::util::lock;
 
@@ -193,17 +194,12 @@ pub fn registered_count() -> usize {
     lock(registry()).len()
 }
 
-/// Socket buffer sizes asked of the kernel (which caps them at net.core.rmem_max/wmem_max).
-/// The defaults (~208 KiB) overflow when a shared socket takes a burst of handshakes or a
-/// fast stream: every datagram lost there costs a retransmission timeout.
-const SOCKET_BUFFER: usize = 2 * 1024 * 1024;
-
 fn new_socket(addr: &SocketAddr) -> std::io::Result<Socket> {
     let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
     let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
     // Best effort: a smaller buffer only costs performance.
-    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_recv_buffer_size(flow::SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(flow::SOCKET_BUFFER);
     if addr.is_ipv6() {
         // A specific IPv6 address is v6-only; `::` is dual-stack, as the original library's
         // users rely on (its IPv4 peers arrive as ::ffff:a.b.c.d; `address::canonical_ip`

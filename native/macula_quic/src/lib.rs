@@ -7,6 +7,7 @@
 //! - `messages`: sending terms to Erlang processes from runtime threads; request replies.
 //! - `owner`: the process that owns a handle; one monitor per owning process follows it.
 //! - `address`, `options`, `tls`: decoding what callers pass in.
+//! - `flow`: the default flow-control windows and socket buffers (shared with the baseline).
 //! - `endpoint`: UDP sockets (exact binds, the bound-address registry, shared client endpoints).
 //! - `listener`, `connection`, `stream`: the three handle kinds, one resource each.
 //! - `contain`: keeping a panic inside Quinn from becoming two, which would abort the VM.
@@ -21,6 +22,7 @@ mod counters;
 mod endpoint;
 mod error;
 mod executor;
+mod flow;
 mod handle;
 mod inline_watch;
 mod listener;

@@ -58,7 +58,7 @@ pub const MAX_CHUNK: usize = 64 * 1024;
 /// 64 KiB chunk the two took turns and most `recv`s waited for the reader); returning up to
 /// this much at once means fewer `recv` calls, each a possible wake-up (256 KiB against one
 /// 64 KiB chunk: 300-350 against 240-300 MiB/s on 512 MiB transfers). 512 KiB goes with the
-/// larger stream window (see `tls::STREAM_RECV_WINDOW`): the receiving process gets the CPU
+/// larger stream window (see `flow::STREAM_RECV_WINDOW`): the receiving process gets the CPU
 /// in spells, a few milliseconds apart while the runtime's workers are busy, and drains as much
 /// per spell as each `recv` returns; the window lets the sender go on meanwhile. Neither
 /// helps alone: in 1 GiB passive transfers (eight fresh-VM rounds, macula/Quinn by median)

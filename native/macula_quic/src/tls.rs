@@ -17,6 +17,7 @@ use rustls::{DigitallySignedStruct, NamedGroup, RootCertStore, SignatureScheme};
 
 use crate::counters;
 use crate::error::{bad_option, Reason};
+use crate::flow;
 use crate::options::{PemFile, Tls, Transport, Unreadable, Verify};
 use crate::util::lock;
 
@@ -97,25 +98,6 @@ fn self_signed() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>
     Ok((vec![ck.cert.der().clone()], key))
 }
 
-/// How much of a stream's data the peer may send ahead of what the stream's reader has taken
-/// (`stream_recv_window`'s default): 2.5 MiB, twice Quinn's 1.25 MB. A process receiving in
-/// passive mode is not always running (on a busy node its scheduler gets the CPU in spells a
-/// few milliseconds apart), and with Quinn's window the sender stalled meanwhile; see
-/// `stream::PASSIVE_READ_AHEAD` for the measurements. Active streams are read as data arrives
-/// and are not held up by it.
-pub const STREAM_RECV_WINDOW: u32 = 2560 * 1024;
-
-/// How much the peer may send ahead of what all of a connection's streams have taken
-/// together (`conn_recv_window`'s default), unless the stream window is larger: 64 MiB.
-/// Quinn's own default is unbounded, which leaves the data a peer can park in streams the
-/// application does not read (or has not accepted) bounded only by the stream count times the
-/// stream window: 100 + 100 streams at 2.5 MiB, 500 MiB per connection. Why not MsQuic's
-/// 16 MiB: it cost 100 streams moving data at once a tenth of their throughput, 32 MiB a
-/// little, 64 MiB nothing measurable (eight fresh-VM rounds, bench/README), while raw Quinn
-/// was not held back at 16 MiB; most likely more data waits in Quinn's buffers here, the
-/// connection's stream readers taking theirs in turns on its shard.
-pub const CONN_RECV_WINDOW: u64 = 64 * 1024 * 1024;
-
 pub fn transport_config(t: &Transport) -> Result<quinn::TransportConfig, Reason> {
     use quinn::VarInt;
     let var = |name: &str, v: u64| VarInt::from_u64(v).map_err(|_| bad_option(name));
@@ -134,9 +116,9 @@ pub fn transport_config(t: &Transport) -> Result<quinn::TransportConfig, Reason>
     if let Some(n) = t.peer_unidi_stream_count {
         c.max_concurrent_uni_streams(var("peer_unidi_stream_count", n)?);
     }
-    let stream_window = t.stream_recv_window.unwrap_or(u64::from(STREAM_RECV_WINDOW));
+    let stream_window = t.stream_recv_window.unwrap_or(flow::STREAM_RECV_WINDOW);
     c.stream_receive_window(var("stream_recv_window", stream_window)?);
-    let conn_window = t.conn_recv_window.unwrap_or(CONN_RECV_WINDOW.max(stream_window));
+    let conn_window = t.conn_recv_window.unwrap_or_else(|| flow::conn_recv_window(stream_window));
     c.receive_window(var("conn_recv_window", conn_window)?);
     if let Some(n) = t.send_window {
         c.send_window(n);
