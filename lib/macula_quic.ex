@@ -398,7 +398,7 @@ defmodule MaculaQuic do
       {:quic, :new_conn, conn, _info} = receive(do: (msg -> msg))
       :ok = MaculaQuic.handshake(conn)
   """
-  @spec handshake(connection(), timeout()) :: :ok | {:error, reason()}
+  @spec handshake(connection(), timeout()) :: :ok
   def handshake(conn, _timeout \\ 5_000) do
     check_handle!(:connection, conn)
     :ok

@@ -88,8 +88,8 @@ defmodule :macula_quic do
           {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
   @spec accept(MaculaQuic.listener(), MaculaQuic.options(), timeout()) ::
           {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
-  @spec handshake(MaculaQuic.connection()) :: :ok | {:error, MaculaQuic.reason()}
-  @spec handshake(MaculaQuic.connection(), timeout()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec handshake(MaculaQuic.connection()) :: :ok
+  @spec handshake(MaculaQuic.connection(), timeout()) :: :ok
   @spec close_listener(MaculaQuic.listener()) :: :ok
   @spec connect(MaculaQuic.host(), :inet.port_number(), MaculaQuic.options()) ::
           {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}

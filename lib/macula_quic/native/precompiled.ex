@@ -91,7 +91,8 @@ defmodule MaculaQuic.Native.Precompiled do
         missing
 
       {:error, cached_error} ->
-        File.rm(cached)
+        # Best effort: a cached file that cannot be removed is overwritten by the download.
+        _ = File.rm(cached)
 
         case download(request, checksums) do
           {:ok, content} -> {:ok, content}
@@ -178,7 +179,8 @@ defmodule MaculaQuic.Native.Precompiled do
       :ok
     else
       error ->
-        File.rm(tmp)
+        # Best effort: the write's own error is the one to report.
+        _ = File.rm(tmp)
         error
     end
   end

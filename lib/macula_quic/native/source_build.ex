@@ -132,7 +132,8 @@ defmodule MaculaQuic.Native.SourceBuild do
       {:ok, destination}
     else
       {:error, reason} ->
-        File.rm(tmp)
+        # Best effort: the copy's or rename's error is the one to report.
+        _ = File.rm(tmp)
         {:error, {:write_failed, destination, reason}}
     end
   end

@@ -106,11 +106,17 @@ defmodule Mix.Tasks.MaculaQuic.Checksum do
   end
 
   defp fetch({tarball, file_name}, source, opts) do
-    with {:ok, content} <- read(tarball, source, opts),
-         {:ok, _library} <- Precompiled.library_from_tarball(content, tarball, file_name) do
-      {:ok, tarball, Checksum.sha256(content)}
-    else
+    case read(tarball, source, opts) do
+      {:ok, content} -> {:ok, tarball, checked_sum(content, tarball, file_name)}
       {:error, :unavailable, where} -> {:unavailable, tarball, where}
+      {:error, reason} -> Mix.raise(Loader.format_error(reason))
+    end
+  end
+
+  # A tarball is summed only if it holds the library it should.
+  defp checked_sum(content, tarball, file_name) do
+    case Precompiled.library_from_tarball(content, tarball, file_name) do
+      {:ok, _library} -> Checksum.sha256(content)
       {:error, reason} -> Mix.raise(Loader.format_error(reason))
     end
   end
