@@ -551,7 +551,8 @@ defmodule MaculaQuic do
 
   @stat_names ~w(recv_cnt recv_oct send_cnt send_oct send_pend udp_tx_ios udp_rx_ios rtt_us
                  min_rtt_us cwnd congestion_events lost_packets lost_bytes sent_packets mtu
-                 stream_frames_tx stream_frames_rx)a
+                 stream_frames_tx stream_frames_rx data_blocked_tx data_blocked_rx
+                 stream_data_blocked_tx stream_data_blocked_rx)a
 
   @doc """
   Connection counters from Quinn, by name, in the order asked.
@@ -562,8 +563,12 @@ defmodule MaculaQuic do
   unacknowledged bytes), `:udp_tx_ios`,
   `:udp_rx_ios` (system calls; fewer than datagrams means segmentation offload),
   `:rtt_us`, `:min_rtt_us`, `:cwnd`, `:congestion_events`, `:lost_packets`, `:lost_bytes`,
-  `:sent_packets`, `:mtu`, `:stream_frames_tx`, `:stream_frames_rx`. A stream handle reports its
-  connection's counters. An unknown name (or `names` not a proper list) gives
+  `:sent_packets`, `:mtu`, `:stream_frames_tx`, `:stream_frames_rx`, and the flow-control
+  stalls: `:data_blocked_tx`/`:stream_data_blocked_tx` count the times this end's sending was
+  held back by the peer's connection window or a stream's window (QUIC's DATA_BLOCKED and
+  STREAM_DATA_BLOCKED frames, one per limit reached), `:data_blocked_rx`/`:stream_data_blocked_rx`
+  the times the peer said so of its own sending (a receiver here that reads too slowly, or a
+  window set too small). A stream handle reports its connection's counters. An unknown name (or `names` not a proper list) gives
   `{:error, {:bad_stat, name}}`; a handle that is not a connection or stream raises
   `ArgumentError` (whatever the names). Quinn keeps the counters under a lock its driver holds
   while it works, so they are read in turn with the driver: within this call when the

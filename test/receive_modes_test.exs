@@ -288,6 +288,43 @@ defmodule MaculaQuic.ReceiveModesTest do
       taken = settled_taken!(c, total, 70 * 1_048_576)
       assert taken <= 72 * 1_048_576, "#{taken} bytes taken"
     end
+
+    test "getstat counts the stalls: a stream's window, then the connection's, at both ends" do
+      {c, sc, _l, _} = pair!(listen: [conn_recv_window: 4 * 1_048_576])
+
+      stalls = fn conn ->
+        names = [
+          :stream_data_blocked_tx,
+          :stream_data_blocked_rx,
+          :data_blocked_tx,
+          :data_blocked_rx
+        ]
+
+        {:ok, kv} = MaculaQuic.getstat(conn, names)
+        Map.new(kv)
+      end
+
+      # One unread 3 MiB stream: its 2.5 MiB window stops it, within the connection's 4 MiB.
+      _ = open_and_send!(c, 1, 3 * 1_048_576)
+      settled_taken!(c, 3 * 1_048_576, 2 * 1_048_576)
+
+      assert wait_until(fn -> stalls.(sc).stream_data_blocked_rx >= 1 end),
+             "the server heard of no stream stall: #{inspect(stalls.(sc))}"
+
+      assert %{stream_data_blocked_tx: st, data_blocked_tx: 0} = stalls.(c)
+      assert st >= 1
+
+      # Two more: 2.5 + 2 + 2 MiB is past the connection's 4 MiB, which stops them.
+      _ = open_and_send!(c, 2, 2 * 1_048_576)
+      settled_taken!(c, 7 * 1_048_576, 3 * 1_048_576)
+
+      assert wait_until(fn -> stalls.(sc).data_blocked_rx >= 1 end),
+             "the server heard of no connection stall: #{inspect(stalls.(sc))}"
+
+      assert stalls.(c).data_blocked_tx >= 1
+      # The server sent nothing, so it was never held back.
+      assert %{stream_data_blocked_tx: 0, data_blocked_tx: 0} = stalls.(sc)
+    end
   end
 
   describe "switching modes" do

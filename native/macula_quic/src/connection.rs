@@ -573,10 +573,11 @@ fn stats_map<'a>(env: Env<'a>, c: &ConnRes) -> Term<'a> {
     rustler::atoms! {
         recv_cnt, recv_oct, send_cnt, send_oct, send_pend, udp_tx_ios, udp_rx_ios, rtt_us, min_rtt_us,
         cwnd, congestion_events, lost_packets, lost_bytes, sent_packets, mtu, stream_frames_tx,
-        stream_frames_rx,
+        stream_frames_rx, data_blocked_tx, data_blocked_rx, stream_data_blocked_tx,
+        stream_data_blocked_rx,
     }
     let s = c.conn.stats();
-    let pairs: [(rustler::Atom, u64); 17] = [
+    let pairs: [(rustler::Atom, u64); 21] = [
         (recv_cnt(), s.udp_rx.datagrams),
         (recv_oct(), s.udp_rx.bytes),
         (send_cnt(), s.udp_tx.datagrams),
@@ -596,6 +597,13 @@ fn stats_map<'a>(env: Env<'a>, c: &ConnRes) -> Term<'a> {
         (mtu(), s.path.current_mtu as u64),
         (stream_frames_tx(), s.frame_tx.stream),
         (stream_frames_rx(), s.frame_rx.stream),
+        // A sender tells its peer once per limit that flow control holds it back: these count
+        // the times a connection's window (DATA_BLOCKED) or a stream's (STREAM_DATA_BLOCKED)
+        // stopped the sending side, as sent by this end and as heard from the peer.
+        (data_blocked_tx(), s.frame_tx.data_blocked),
+        (data_blocked_rx(), s.frame_rx.data_blocked),
+        (stream_data_blocked_tx(), s.frame_tx.stream_data_blocked),
+        (stream_data_blocked_rx(), s.frame_rx.stream_data_blocked),
     ];
     let terms: Vec<(Term, Term)> = pairs.iter().map(|(k, v)| (k.encode(env), v.encode(env))).collect();
     Term::map_from_pairs(env, &terms).unwrap_or_else(|_| atoms::undefined().encode(env))
