@@ -316,8 +316,8 @@ defmodule Bench.Macula do
   end
 
   @doc "Workload 3: `streams` concurrent streams of `per` bytes each on one connection."
-  def fanout(cert, streams, per) do
-    {l, c, sc} = pair(cert)
+  def fanout(cert, streams, per, listen_opts \\ []) do
+    {l, c, sc} = pair(cert, listen_opts)
     me = self()
     receivers = for _ <- 1..streams, do: receiver(sc, :active, [], me)
     piece = :binary.copy(<<7>>, min(per, mib()))
@@ -331,10 +331,22 @@ defmodule Bench.Macula do
 
     for s <- senders, do: receive(do: ({:sent, ^s} -> :ok))
     if total != streams * per, do: raise("fanout: received #{total} of #{streams * per} bytes")
+    # How often flow control held the sender back, as the receiving end heard it.
+    {:ok, [data_blocked_rx: blocked, stream_data_blocked_rx: stream_blocked]} =
+      MaculaQuic.getstat(sc, [:data_blocked_rx, :stream_data_blocked_rx])
+
     for p <- senders ++ receivers, do: send(p, :stop)
     teardown(l, c, sc)
     us = t1 - t0
-    %{streams: streams, bytes: total, seconds: us / 1.0e6, mib_s: Bench.Util.mib_s(total, us)}
+
+    %{
+      streams: streams,
+      bytes: total,
+      seconds: us / 1.0e6,
+      mib_s: Bench.Util.mib_s(total, us),
+      data_blocked: blocked,
+      stream_data_blocked: stream_blocked
+    }
   end
 
   @doc "Workload 4: connect + close_connection, `conc` at a time, for `seconds`."

@@ -369,13 +369,18 @@ async fn fanout(a: Args) {
             let _ = send.stopped().await;
         }));
     }
-    let (total, _sc) = server.await.unwrap();
+    let (total, sc) = server.await.unwrap();
     let dt = t0.elapsed();
     assert_eq!(total, streams * bytes);
+    // How often flow control held the sender back, as the receiving end heard it (macula_quic's
+    // getstat data_blocked_rx and stream_data_blocked_rx).
+    let rx = sc.stats().frame_rx;
     println!(
-        "{{\"workload\":\"fanout\",\"streams\":{streams},\"bytes\":{total},\"seconds\":{:.6},\"mib_s\":{:.2}}}",
+        "{{\"workload\":\"fanout\",\"streams\":{streams},\"bytes\":{total},\"seconds\":{:.6},\"mib_s\":{:.2},\"data_blocked\":{},\"stream_data_blocked\":{}}}",
         dt.as_secs_f64(),
-        mib_s(total, dt)
+        mib_s(total, dt),
+        rx.data_blocked,
+        rx.stream_data_blocked
     );
     cc.close(0u32.into(), b"");
     for w in writers {

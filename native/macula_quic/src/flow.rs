@@ -19,8 +19,10 @@ pub const STREAM_RECV_WINDOW: u64 = 2560 * 1024;
 /// stream count times the stream window: 100 + 100 streams at 2.5 MiB, 500 MiB per connection.
 /// Why not MsQuic's 16 MiB: it cost 100 streams moving data at once a tenth of their
 /// throughput, 32 MiB a little, 64 MiB nothing measurable (eight fresh-VM rounds, bench/README),
-/// while raw Quinn was not held back at 16 MiB; most likely more data waits in Quinn's buffers
-/// here, the connection's stream readers taking theirs in turns on its shard.
+/// while raw Quinn was not held back at 16 MiB: here more data waits unread in Quinn's buffers
+/// (at 16 MiB the sender reached the window 1-3 times per transfer, raw Quinn's never; why,
+/// most likely the connection's stream readers taking theirs in turns on its shard, is not
+/// traced).
 pub const CONN_RECV_WINDOW: u64 = 64 * 1024 * 1024;
 
 /// The connection window that goes with a stream window when none is given: a single stream
