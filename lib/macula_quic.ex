@@ -566,11 +566,11 @@ defmodule MaculaQuic do
   `:sent_packets`, `:mtu`, `:stream_frames_tx`, `:stream_frames_rx`, and the flow-control
   stalls: `:data_blocked_tx`/`:stream_data_blocked_tx` count the times this end's sending was
   held back by the peer's connection window or a stream's window (QUIC's DATA_BLOCKED and
-  STREAM_DATA_BLOCKED frames, one per limit reached), `:data_blocked_rx`/`:stream_data_blocked_rx`
-  the times the peer said so of its own sending (a receiver here that reads too slowly, or a
-  window set too small). A stream handle reports its connection's counters. An unknown name (or `names` not a proper list) gives
-  `{:error, {:bad_stat, name}}`; a handle that is not a connection or stream raises
-  `ArgumentError` (whatever the names). Quinn keeps the counters under a lock its driver holds
+  STREAM_DATA_BLOCKED frames, one per limit reached), `:data_blocked_rx` and
+  `:stream_data_blocked_rx` the times the peer said so of its own sending (a receiver here
+  that reads too slowly, or a window set too small). A stream handle reports its connection's
+  counters. An unknown name (or `names` not a proper list) gives `{:error, {:bad_stat, name}}`;
+  a handle that is not a connection or stream raises `ArgumentError` (whatever the names). Quinn keeps the counters under a lock its driver holds
   while it works, so they are read in turn with the driver: within this call when the
   connection is idle, else by a runtime worker while only the calling process waits, never by
   a scheduler waiting for the lock. A closed connection still answers, with its last counters.
