@@ -20,9 +20,9 @@ pub const STREAM_RECV_WINDOW: u64 = 2560 * 1024;
 /// Why not MsQuic's 16 MiB: it cost 100 streams moving data at once a tenth of their
 /// throughput, 32 MiB a little, 64 MiB nothing measurable (eight fresh-VM rounds, bench/README),
 /// while raw Quinn was not held back at 16 MiB: here more data waits unread in Quinn's buffers
-/// (at 16 MiB the sender reached the window 1-3 times per transfer, raw Quinn's never; why,
-/// most likely the connection's stream readers taking theirs in turns on its shard, is not
-/// traced).
+/// (at 16 MiB the sender reached the window 1-5 times per transfer, raw Quinn's never), left
+/// there while the connection's stream readers take their turns on its shard (with readers
+/// off the shard, in a trial, it reached it 0-1 times; bench/README).
 pub const CONN_RECV_WINDOW: u64 = 64 * 1024 * 1024;
 
 /// The connection window that goes with a stream window when none is given: a single stream
