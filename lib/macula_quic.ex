@@ -570,10 +570,10 @@ defmodule MaculaQuic do
   `:stream_data_blocked_rx` the times the peer said so of its own sending (a receiver here
   that reads too slowly, or a window set too small). A stream handle reports its connection's
   counters. An unknown name (or `names` not a proper list) gives `{:error, {:bad_stat, name}}`;
-  a handle that is not a connection or stream raises `ArgumentError` (whatever the names). Quinn keeps the counters under a lock its driver holds
-  while it works, so they are read in turn with the driver: within this call when the
-  connection is idle, else by a runtime worker while only the calling process waits, never by
-  a scheduler waiting for the lock. A closed connection still answers, with its last counters.
+  a handle that is not a connection or stream raises `ArgumentError` (whatever the names).
+  Quinn keeps the counters under a lock its driver holds while it works, so they are read in
+  turn with the driver: within this call when the connection is idle, else by a runtime worker
+  while only the calling process waits, never by a scheduler waiting for the lock. A closed connection still answers, with its last counters.
 
       {:ok, [send_oct: sent, recv_oct: received]} = MaculaQuic.getstat(conn, [:send_oct, :recv_oct])
   """

@@ -8,11 +8,11 @@
 //!
 //! If Quinn's driver of an established connection panics (a bug in Quinn; during an outgoing
 //! connection's handshake that aborts the VM inside Quinn, see `contain`), the connection is
-//! broken for good and will never say it closed. Its tasks then end as after a panic (see `executor::Shard::fail`):
-//! calls waiting on it get `{:error, :internal_error}`, its streams end, and the watcher
-//! reports `{quic, transport_shutdown, C, %{status => internal_error, error => 1}}` and
-//! `closed`. Later calls answer as for a closed connection. The peer is not told; it sees the
-//! connection go idle.
+//! broken for good and will never say it closed. Its tasks then end as after a panic (see
+//! `executor::Shard::fail`): calls waiting on it get `{:error, :internal_error}`, its streams
+//! end, and the watcher reports `{quic, transport_shutdown, C, %{status => internal_error,
+//! error => 1}}` and `closed`. Later calls answer as for a closed connection. The peer is not
+//! told; it sees the connection go idle.
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
