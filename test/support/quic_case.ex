@@ -214,6 +214,13 @@ defmodule MaculaQuic.Test.Quic do
   # Calls `look` (`{:ok, value}` when done, else `{:wait, last}`) every `every` ms until it is
   # done or `deadline` (monotonic ms) has passed: `{:ok, value}` or `{:timeout, last}`. Bounded
   # polling for what no message announces, rather than a guessed delay.
+  @doc """
+  Calls `look.()` every `every` ms until it returns `{:ok, value}` (then `{:ok, value}`), for at
+  most `timeout` ms (then `{:timeout, last}`, where `{:wait, last}` was its last answer).
+  """
+  def poll_until(look, every, timeout),
+    do: poll(look, every, System.monotonic_time(:millisecond) + timeout)
+
   defp poll(look, every, deadline) do
     case look.() do
       {:ok, value} ->
