@@ -261,6 +261,7 @@ defmodule MaculaQuic.InlineWatchConfigTest do
   end
 
   @tag :inline_only
+  @tag :timing
   test "the runtime's socket watch leaves a call the datagram it sent to a peer in the same VM" do
     # With a 5 ms watch a runtime worker that runs out of work looks at the sockets for 5 ms
     # before it sleeps. Before calls claimed the sockets they send to, its watch ended at the

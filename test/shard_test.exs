@@ -12,6 +12,7 @@ defmodule MaculaQuic.ShardTest do
   end
 
   @tag :inline_only
+  @tag :timing
   test "a send does the endpoint's work on the sender's own thread when the endpoint is idle" do
     {c, sc, _l, _} = pair!()
     {s, ss} = stream_pair!(c, sc, first: "a")

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use rustler::Env;
 
+use crate::chaos;
 use crate::contain::Contained;
 use crate::counters::{self, Live};
 use crate::inline_watch;
@@ -286,6 +287,7 @@ impl Shard {
                     counted = true;
                 }
                 task.poll();
+                chaos::pause();
                 // A deferring task has queued itself again: the rest is the runtime's.
                 if DEFER.with(|d| d.replace(false)) || start.elapsed() >= budget {
                     out_of_time = true;

@@ -13,9 +13,11 @@
 //! - `contain`: keeping a panic inside Quinn from becoming two, which would abort the VM.
 //! - `error`: mapping Quinn/rustls/io errors to atoms callers can match on.
 //! - `counters`: live-object counters the test suite uses to prove nothing leaks.
+//! - `chaos`: random pauses that widen race windows, for `bin/chaos` (test builds only).
 
 mod address;
 mod atoms;
+mod chaos;
 mod connection;
 mod contain;
 mod counters;

@@ -20,6 +20,7 @@ pub fn send<F>(pid: &LocalPid, build: F) -> bool
 where
     F: for<'a> FnOnce(Env<'a>) -> Term<'a>,
 {
+    crate::chaos::pause();
     if rustler::thread::is_scheduler_thread() {
         return send_from_scheduler(pid, build);
     }
@@ -102,6 +103,7 @@ impl Reply {
     where
         F: for<'a> FnOnce(Env<'a>) -> Term<'a>,
     {
+        crate::chaos::pause();
         match self.inner.take() {
             Some(p) => p.send(build),
             None => false,
