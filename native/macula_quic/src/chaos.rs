@@ -4,8 +4,9 @@
 //! Why: a race between a runtime thread and a BEAM process can need a window of microseconds
 //! (a test that acted on a counter a moment before the task it waited for had ended failed once
 //! in many CI runs). Pausing the threads at random where their work becomes visible to
-//! processes (between a shard's task polls, before a message is sent) widens such windows, so
-//! a suite run finds in minutes what CI would find in weeks.
+//! processes (between a shard's task polls, as a runtime worker picks up a shard, before a
+//! message is sent, as an owner's exit is handled) widens such windows, so a suite run finds in
+//! minutes what CI would find in weeks.
 
 #[cfg(feature = "test_hooks")]
 mod imp {

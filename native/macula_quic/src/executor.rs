@@ -257,6 +257,7 @@ impl Shard {
         }
         let shard = self.clone();
         runtime::get().spawn(async move {
+            chaos::pause();
             shard.scheduled.store(false, Ordering::Release);
             while !shard.run(TOKIO_BUDGET, &counters::RUNTIME_RUNS) {
                 tokio::task::yield_now().await;

@@ -57,6 +57,7 @@ impl Resource for OwnerRes {
     const IMPLEMENTS_DOWN: bool = true;
 
     fn down<'a>(&'a self, _env: Env<'a>, pid: LocalPid, _mon: Monitor) {
+        crate::chaos::pause();
         let handles = lock(&self.entry.handles).take().unwrap_or_default();
         {
             let mut owners = lock(&OWNERS);
@@ -65,6 +66,7 @@ impl Resource for OwnerRes {
             }
         }
         for h in handles.values() {
+            crate::chaos::pause();
             h.owner_down(pid);
         }
     }
