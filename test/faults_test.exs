@@ -198,7 +198,14 @@ defmodule MaculaQuic.FaultsTest do
   @payload 8_192
 
   test "#{@clients} clients at once, #{@streams} streams each, echo byte-exact" do
-    {l, port} = listen!("127.0.0.1", peer_bidi_stream_count: @streams * 2)
+    # The listener waits for a handshake as long as its clients do (60 s, not its default 10 s):
+    # on a slow host 500 at once can take longer than 10 s, and it would then give up on some.
+    {l, port} =
+      listen!("127.0.0.1",
+        peer_bidi_stream_count: @streams * 2,
+        handshake_idle_timeout_ms: 60_000
+      )
+
     acceptor = spawn_link(fn -> accept_loop(l) end)
     :ok = MaculaQuic.controlling_process(l, acceptor)
     parent = self()
