@@ -30,7 +30,8 @@ mod imp {
             let mut x = s.get();
             if x == 0 {
                 let clock = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-                x = clock ^ SEEDS.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed) | 1;
+                // (Never 0: xorshift would stay there.)
+                x = (clock ^ SEEDS.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)) | 1;
             }
             x ^= x << 13;
             x ^= x >> 7;
