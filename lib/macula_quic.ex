@@ -573,7 +573,8 @@ defmodule MaculaQuic do
   a handle that is not a connection or stream raises `ArgumentError` (whatever the names).
   Quinn keeps the counters under a lock its driver holds while it works, so they are read in
   turn with the driver: within this call when the connection is idle, else by a runtime worker
-  while only the calling process waits, never by a scheduler waiting for the lock. A closed connection still answers, with its last counters.
+  while only the calling process waits, never by a scheduler waiting for the lock. A closed
+  connection still answers, with its last counters.
 
       {:ok, [send_oct: sent, recv_oct: received]} = MaculaQuic.getstat(conn, [:send_oct, :recv_oct])
   """

@@ -148,7 +148,7 @@ defmodule MaculaQuic.Test.Quic do
   """
   def wait_until(fun, tries \\ 250) do
     look = fn -> if fun.(), do: {:ok, true}, else: {:wait, false} end
-    match?({:ok, _}, poll(look, 10, System.monotonic_time(:millisecond) + tries * 10))
+    match?({:ok, _}, poll_until(look, 10, tries * 10))
   end
 
   @doc """
@@ -181,7 +181,7 @@ defmodule MaculaQuic.Test.Quic do
     end
 
     # Native state changes on runtime threads, with no message to wait for.
-    case poll(look, 20, System.monotonic_time(:millisecond) + timeout) do
+    case poll_until(look, 20, timeout) do
       {:ok, counts} -> counts
       {:timeout, counts} -> flunk(failure.(counts))
     end
