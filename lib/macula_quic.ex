@@ -993,7 +993,10 @@ defmodule MaculaQuic do
   endpoint and one per connection: see "How the work is scheduled" in the README), `owners`
   (processes that own handles: each is monitored once, while it lives) and `accept_waiters`
   (`async_accept/1` and `accept/3` calls waiting on open listeners; those of processes that
-  have exited are dropped as more arrive, and all when the listener closes). Two counts
+  have exited are dropped as more arrive, and all when the listener closes), and
+  `received_buffers`, the library's buffers that received binaries of 16 to 64 KiB point into
+  (see "Receive modes and back-pressure" in the README; each is freed, or kept for reuse, when
+  the BEAM frees the last binary that refers to it). Two counts
   are cumulative since the VM started: `inline_runs`, the times a call ran a connection's work on
   the caller's own thread, and `runtime_runs`, the times a runtime worker did. Four describe
   the runtime's socket watch (see "How the work is scheduled" in the README):

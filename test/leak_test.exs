@@ -81,6 +81,90 @@ defmodule MaculaQuic.LeakTest do
 
   # One batch of clients, concurrently. A third close properly, a third are killed while
   # sending, a third exit without closing anything.
+  # received.rs: payloads of 16 KiB up to one 64 KiB chunk are copied into the library's own
+  # buffers (64 KiB ones from a pool), which the binaries point into; smaller and larger ones
+  # are ordinary BEAM binaries.
+  test "large received binaries: byte-exact, untouched while their buffers' pool is reused, freed with the last reference" do
+    await_counts!(%{received_buffers: 0}, 30_000)
+    {c, sc, l, _port} = pair!()
+    {s, ss} = stream_pair!(c, sc, server: [active: false], first: "x")
+    {:ok, "x"} = MaculaQuic.recv(ss, 1, 5_000)
+    me = self()
+    # 64 KiB (pooled), 20,000 B (a buffer of its own), 100 B and 200,000 B (BEAM binaries).
+    lens = [65_536, 20_000, 100, 200_000]
+    round = Enum.sum(lens)
+    data = :crypto.strong_rand_bytes(4 * round)
+    sender = spawn_link(fn -> send(me, {:sent, MaculaQuic.send(s, data)}) end)
+    receiver = spawn_link(fn -> receiver_loop(ss, []) end)
+    :ok = MaculaQuic.controlling_process(ss, receiver)
+
+    # Round 1: the receiver holds all it got; two buffers are alive, one per round's 64 KiB and
+    # 20,000-byte payloads.
+    send(receiver, {:recv, me, lens, :keep})
+    assert_receive {:got, got}, 10_000
+    assert got == binary_part(data, 0, round)
+    assert MaculaQuic.native_counts().received_buffers == 2
+
+    # The receiver keeps only a 1000-byte part of the 64 KiB payload (the whole buffer stays
+    # alive for it) and drops the rest; three more rounds go through the pool meanwhile.
+    send(receiver, {:keep_part, me, 100, 1000})
+    assert_receive :kept, 5_000
+    await_counts!(%{received_buffers: 1})
+
+    for n <- 1..3 do
+      send(receiver, {:recv, me, lens, :drop})
+      assert_receive {:got, got}, 10_000
+      assert got == binary_part(data, n * round, round)
+    end
+
+    assert_receive {:sent, :ok}, 10_000
+    send(receiver, {:kept, me})
+    assert_receive {:kept, part}, 5_000
+    assert part == binary_part(data, 100, 1000)
+
+    # The last reference goes with the receiver: so does the buffer.
+    unlink_and_stop(receiver)
+    unlink_and_stop(sender)
+    await_counts!(%{received_buffers: 0})
+
+    # Small payloads never take a buffer.
+    {:ok, s2} = MaculaQuic.open_stream(c)
+    :ok = MaculaQuic.async_accept_stream(sc, active: true)
+    :ok = MaculaQuic.send(s2, "small")
+    assert_receive {:quic, :new_stream, ss2, _}, 5_000
+    assert_receive {:quic, "small", ^ss2, _}, 5_000
+    assert MaculaQuic.native_counts().received_buffers == 0
+
+    :ok = MaculaQuic.close_connection(c)
+    :ok = MaculaQuic.close_listener(l)
+    MaculaQuic.Test.Settle.await_clean!(MaculaQuic.Test.Settle.zero())
+  end
+
+  defp receiver_loop(ss, kept) do
+    receive do
+      {:recv, from, lens, keep} ->
+        bins = for len <- lens, do: elem({:ok, _} = MaculaQuic.recv(ss, len, 10_000), 1)
+        send(from, {:got, :binary.copy(IO.iodata_to_binary(bins))})
+        receiver_loop(ss, if(keep == :keep, do: bins, else: kept))
+
+      {:keep_part, from, at, len} ->
+        part = binary_part(hd(kept), at, len)
+        send(from, :kept)
+        receiver_loop(ss, [part])
+
+      {:kept, from} ->
+        send(from, {:kept, :binary.copy(hd(kept))})
+        receiver_loop(ss, kept)
+    end
+  end
+
+  defp unlink_and_stop(pid) do
+    ref = Process.monitor(pid)
+    Process.unlink(pid)
+    Process.exit(pid, :kill)
+    assert_receive {:DOWN, ^ref, _, _, _}, 5_000
+  end
+
   defp run_batch(port, range) do
     parent = self()
 

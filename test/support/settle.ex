@@ -26,5 +26,13 @@ defmodule MaculaQuic.Test.Settle do
   end
 
   @doc "All live counters at zero (client endpoints and runtime workers are shared, and stay)."
-  def zero, do: %{listeners: 0, connections: 0, streams: 0, tasks: 0, bound_addresses: 0}
+  def zero,
+    do: %{
+      listeners: 0,
+      connections: 0,
+      streams: 0,
+      tasks: 0,
+      bound_addresses: 0,
+      received_buffers: 0
+    }
 end

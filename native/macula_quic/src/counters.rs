@@ -14,6 +14,9 @@ pub static ACCEPT_WAITERS: AtomicI64 = AtomicI64::new(0);
 /// Executors (see `executor`): one per endpoint (listener or shared client endpoint) and one
 /// per connection.
 pub static SHARDS: AtomicI64 = AtomicI64::new(0);
+/// Buffers of the library's own that received binaries point into (see `received`), until the
+/// BEAM frees the last binary that refers to one.
+pub static RECEIVED_BUFFERS: AtomicI64 = AtomicI64::new(0);
 /// Cumulative, not live: times a NIF ran a shard's work on its own thread, and times a
 /// runtime worker did. Their ratio shows how often sends leave without a thread hand-off.
 pub static INLINE_RUNS: AtomicI64 = AtomicI64::new(0);

@@ -76,6 +76,7 @@ fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {
         (atoms::bound_addresses().encode(env), endpoint::registered_count().encode(env)),
         (atoms::runtime_workers().encode(env), runtime::worker_count().encode(env)),
         (atoms::shards().encode(env), counters::get(&counters::SHARDS).encode(env)),
+        (atoms::received_buffers().encode(env), counters::get(&counters::RECEIVED_BUFFERS).encode(env)),
         (atoms::inline_runs().encode(env), counters::get(&counters::INLINE_RUNS).encode(env)),
         (atoms::runtime_runs().encode(env), counters::get(&counters::RUNTIME_RUNS).encode(env)),
         (atoms::runtime_spin_us().encode(env), spin::spin_us().encode(env)),

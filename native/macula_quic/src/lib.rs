@@ -31,6 +31,7 @@ mod listener;
 mod messages;
 mod options;
 mod owner;
+mod received;
 mod runtime;
 mod spin;
 mod stream;

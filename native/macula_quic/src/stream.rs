@@ -33,7 +33,7 @@ use std::sync::Mutex;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use rustler::{Binary, Encoder, Env, LocalPid, NewBinary, NifResult, OwnedEnv, Resource, ResourceArc, Term};
+use rustler::{Binary, Encoder, Env, LocalPid, NifResult, OwnedEnv, Resource, ResourceArc, Term};
 use tokio::sync::Notify;
 
 use crate::atoms;
@@ -45,6 +45,7 @@ use crate::executor;
 use crate::messages::{self, Reply};
 use crate::options::{self, Active, ActiveSetting};
 use crate::owner::{Owned, Owner};
+use crate::received;
 use crate::runtime;
 use crate::util::lock;
 
@@ -627,18 +628,6 @@ fn large_answer(st: &State, len: usize) -> bool {
     recv_limit(st, len).is_some_and(|limit| limit.min(st.buffered) > INLINE_COPY_MAX)
 }
 
-fn to_binary<'a>(env: Env<'a>, chunks: &[Bytes]) -> Term<'a> {
-    let len = chunks.iter().map(Bytes::len).sum();
-    let mut bin = NewBinary::new(env, len);
-    let dst = bin.as_mut_slice();
-    let mut at = 0;
-    for c in chunks {
-        dst[at..at + c.len()].copy_from_slice(c);
-        at += c.len();
-    }
-    Binary::from(bin).to_term(env)
-}
-
 fn ended(st: &State) -> bool {
     st.buf.is_empty() && st.recv_end.is_some()
 }
@@ -655,7 +644,7 @@ fn deliver(res: &ResourceArc<StreamRes>, st: &mut State) {
             let flags = if ended(st) && st.recv_end == Some(RecvEnd::Fin) { RECV_FLAG_FIN } else { 0 };
             let pid = st.owner.pid;
             let r = res.clone();
-            messages::send(&pid, move |e| (atoms::quic(), to_binary(e, &chunks), r, flags).encode(e));
+            messages::send(&pid, move |e| (atoms::quic(), received::binary(e, &chunks), r, flags).encode(e));
             st.active = match st.active {
                 Active::Once => Active::Off,
                 Active::Count(1) => {
@@ -671,7 +660,7 @@ fn deliver(res: &ResourceArc<StreamRes>, st: &mut State) {
         if let Some(req) = st.recv_request.take() {
             if let Some(chunks) = take_for_recv(st, req.len) {
                 let kept = chunks.clone();
-                if !req.reply.send(move |e| (atoms::ok(), to_binary(e, &chunks)).encode(e)) {
+                if !req.reply.send(move |e| (atoms::ok(), received::binary(e, &chunks)).encode(e)) {
                     // The caller exited while it waited: the data stays, in order, for the
                     // next `recv` (sharing the bytes, not copying them).
                     st.buffered += kept.iter().map(Bytes::len).sum::<usize>();
@@ -1249,7 +1238,7 @@ fn stream_recv_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: T
     // `:building` tells the caller it is certain to come, so no timeout applies to it.
     let large = large_answer(&st, len);
     if let Some(chunks) = (!large).then(|| take_for_recv(&mut st, len)).flatten() {
-        let bin = to_binary(env, &chunks);
+        let bin = received::binary(env, &chunks);
         // There is room again: let the reader fetch the next chunk while the caller handles this.
         let wake = st.buffered < st.read_ahead && st.recv_end.is_none();
         drop(st);
