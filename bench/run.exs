@@ -173,7 +173,9 @@ defmodule Bench.Run do
       )
       |> Map.merge(%{
         macula_ios_per_datagram: picked["macula"][:ios_per_datagram],
-        quinn_ios_per_datagram: res["quinn"] && res["quinn"][:ios_per_datagram]
+        quinn_ios_per_datagram: res["quinn"] && res["quinn"][:ios_per_datagram],
+        macula_faults_per_mib: picked["macula"][:faults_per_mib],
+        quinn_faults_per_mib: res["quinn"] && res["quinn"][:faults_per_mib]
       })
     end
   end
@@ -386,7 +388,7 @@ defmodule Bench.Run do
       r.results
       |> Enum.filter(&(&1.workload == "bulk"))
       |> Enum.map(fn x ->
-        "- bulk #{x.variant}: udp_tx ios/datagrams macula #{fmt(x.macula_ios_per_datagram)}, Quinn #{fmt(x.quinn_ios_per_datagram)} (below 1: GSO batches several datagrams per sendmsg)"
+        "- bulk #{x.variant}: udp_tx ios/datagrams macula #{fmt(x.macula_ios_per_datagram)}, Quinn #{fmt(x.quinn_ios_per_datagram)} (below 1: GSO batches several datagrams per sendmsg); minor page faults per MiB macula #{fmt(x.macula_faults_per_mib)}, Quinn #{fmt(x.quinn_faults_per_mib)} (the whole OS process, both ends)"
       end)
 
     lat =

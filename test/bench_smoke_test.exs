@@ -83,8 +83,10 @@ defmodule MaculaQuic.BenchSmokeTest do
       assert cells.ratio =~ ~r/^\d+\.\d+×$/, "#{row}: ratio #{inspect(cells.ratio)}"
     end
 
-    # Quinn's segmentation-offload figure beside each bulk row, and the machine line.
+    # Quinn's segmentation-offload figure and both sides' page faults beside each bulk row, and
+    # the machine line.
     assert md =~ "udp_tx ios/datagrams macula"
+    assert md =~ ~r/minor page faults per MiB macula [\d.]+, Quinn [\d.]+/
     assert md =~ ~r/^Machine: \d+ CPUs/m
 
     for key <- ~w("machine" "results" "mib_s" "rt_s" "hs_s" "bytes_per_conn"),

@@ -112,11 +112,13 @@ defmodule Bench.Macula do
     r = receiver(sc, mode, stream_opts, me)
     {:ok, before} = MaculaQuic.getstat(c, [:udp_tx_ios, :send_cnt])
     piece = :binary.copy(<<7>>, mib())
+    faults0 = Bench.Util.minor_faults()
     Bench.Util.mark(:start)
     t0 = now_us()
     s = sender(c, total, piece, me)
     {n, msgs, t1} = receive(do: ({:received, ^r, n, m, t1} -> {n, m, t1}))
     Bench.Util.mark(:stop)
+    faults = Bench.Util.minor_faults() - faults0
     {:ok, aft} = MaculaQuic.getstat(c, [:udp_tx_ios, :send_cnt])
     receive(do: ({:sent, ^s} -> :ok))
     if n != total, do: raise("bulk: received #{n} of #{total} bytes")
@@ -134,7 +136,8 @@ defmodule Bench.Macula do
       bytes_per_message: div(n, max(msgs, 1)),
       udp_tx_ios: ios,
       udp_tx_datagrams: dgrams,
-      ios_per_datagram: ios / max(dgrams, 1)
+      ios_per_datagram: ios / max(dgrams, 1),
+      faults_per_mib: faults / (n / mib())
     }
   end
 

@@ -604,6 +604,22 @@ defmodule Bench.Util do
     |> parse_flat_json()
   end
 
+  @doc """
+  Minor page faults of this OS process so far (`minflt`, field 10 of `/proc/self/stat`; 0 where
+  there is no such file). Bulk transfers report them per MiB, as raw Quinn's baseline does: an
+  allocator that keeps touching fresh memory shows there.
+  """
+  def minor_faults do
+    # The command name (field 2) may hold spaces; the fields after its last ")" don't.
+    with {:ok, stat} <- File.read("/proc/self/stat"),
+         rest = stat |> String.split(")") |> List.last(),
+         {n, _} <- Integer.parse(Enum.at(String.split(rest), 7, "")) do
+      n
+    else
+      _ -> 0
+    end
+  end
+
   @doc "Decodes one flat JSON object line (numbers and strings only), as the baseline prints."
   def parse_flat_json(line) do
     Regex.scan(~r/"(\w+)":\s*("([^"]*)"|-?[0-9.eE+-]+)/, line)
