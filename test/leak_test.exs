@@ -79,8 +79,6 @@ defmodule MaculaQuic.LeakTest do
     assert after_run.rss - base.rss < 96 * 1_048_576
   end
 
-  # One batch of clients, concurrently. A third close properly, a third are killed while
-  # sending, a third exit without closing anything.
   # received.rs: payloads of 16 KiB up to one 64 KiB chunk are copied into the library's own
   # buffers (64 KiB ones from a pool), which the binaries point into; smaller and larger ones
   # are ordinary BEAM binaries.
@@ -165,6 +163,8 @@ defmodule MaculaQuic.LeakTest do
     assert_receive {:DOWN, ^ref, _, _, _}, 5_000
   end
 
+  # One batch of clients, concurrently. A third close properly, a third are killed while
+  # sending, a third exit without closing anything.
   defp run_batch(port, range) do
     parent = self()
 

@@ -6,9 +6,10 @@
 //! (a resource binary): the BEAM frees the binary as usual, and the buffer goes back to a
 //! small pool here. Why: during a bulk transfer a runtime thread makes a 64 KiB binary for
 //! every message, and the BEAM's binary allocator, used from a thread that is not one of its
-//! schedulers, kept giving its carriers back to the OS and mapping new ones: about 70 page
-//! faults per MiB received, on top of raw Quinn's 30 (`perf stat -e page-faults`). A buffer
-//! from the pool has its pages already.
+//! schedulers, kept giving its carriers back to the OS and mapping new ones: 98 minor page
+//! faults per MiB received in a 1 GiB transfer, against raw Quinn's 30, and 3 with the pool
+//! (`perf stat -e page-faults`; bench/README.md, "The third host"). A buffer from the pool has
+//! its pages already.
 //!
 //! The data is still copied once (Quinn hands it over as one `Bytes` per packet, and a
 //! process gets one contiguous binary); only where it is copied to changes.
