@@ -957,10 +957,10 @@ defmodule MaculaQuic.BadInputTest do
   ]
   defp note_call(notable, outcome, face, name, args, where) do
     if outcome == :waited or (outcome == :ok and name in @makes_handles) do
-      line =
-        "#{where}: #{outcome} #{inspect(face)}.#{name}(#{Enum.map_join(args, ", ", &show/1)})"
-
-      Enum.take([line | notable], @notable_calls)
+      Enum.take(
+        ["#{outcome} #{describe_call(face, name, args, where)}" | notable],
+        @notable_calls
+      )
     else
       notable
     end
@@ -986,7 +986,7 @@ defmodule MaculaQuic.BadInputTest do
         send(parent, {tag, result})
       end)
 
-    call = fn -> "#{where}: #{inspect(face)}.#{name}(#{Enum.map_join(args, ", ", &show/1)})" end
+    call = fn -> describe_call(face, name, args, where) end
     wait = if name in @may_block, do: @block_wait, else: @hang_wait
 
     receive do
@@ -1012,6 +1012,9 @@ defmodule MaculaQuic.BadInputTest do
         end
     end
   end
+
+  defp describe_call(face, name, args, where),
+    do: "#{where}: #{inspect(face)}.#{name}(#{Enum.map_join(args, ", ", &show/1)})"
 
   # Short enough to read in a failure message (inspect does not shorten integers).
   defp show(term), do: term |> inspect(limit: 6, printable_limit: 60) |> String.slice(0, 200)
