@@ -54,6 +54,41 @@ const INLINE_BUDGET: Duration = Duration::from_micros(100);
 /// Most time a tokio worker runs one shard before yielding to its other tasks.
 const TOKIO_BUDGET: Duration = Duration::from_millis(2);
 
+/// A time budget that reads the clock once per task polled, and nowhere else: a reading costs
+/// ~40 ns here, and a 64-byte echo round trip polls about ten tasks in six shard runs, where
+/// reading it at every start, check and end took 27 readings (a uprobe count on the scheduler
+/// threads: 18 of them ours, 5 Quinn's own).
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    start: Instant,
+    deadline: Instant,
+    /// The last reading.
+    now: Instant,
+}
+
+impl Budget {
+    fn new(length: Duration) -> Budget {
+        let now = Instant::now();
+        Budget { start: now, deadline: now + length, now }
+    }
+
+    /// Reads the clock: is there time left?
+    fn tick(&mut self) -> bool {
+        self.now = Instant::now();
+        self.now < self.deadline
+    }
+
+    /// Was there time left at the last reading?
+    fn left(&self) -> bool {
+        self.now < self.deadline
+    }
+
+    /// Time spent by the last reading.
+    fn spent(&self) -> Duration {
+        self.now.saturating_duration_since(self.start)
+    }
+}
+
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// One connection's or one endpoint's executor.
@@ -259,18 +294,17 @@ impl Shard {
         runtime::get().spawn(async move {
             chaos::pause();
             shard.scheduled.store(false, Ordering::Release);
-            while !shard.run(TOKIO_BUDGET, &counters::RUNTIME_RUNS) {
+            while !shard.run(&mut Budget::new(TOKIO_BUDGET), &counters::RUNTIME_RUNS) {
                 tokio::task::yield_now().await;
             }
         });
     }
 
-    /// Polls queued tasks for at most `budget`. Returns true when the queue was empty at the
-    /// end (or another thread is running the shard and will see it), false when the budget ran
-    /// out with tasks left. `runs` (`inline_runs` or `runtime_runs`) counts the call if it
-    /// polled anything.
-    fn run(self: &Arc<Self>, budget: Duration, runs: &AtomicI64) -> bool {
-        let start = Instant::now();
+    /// Polls queued tasks until `budget` runs out (at least one task, if any is queued).
+    /// Returns true when the queue was empty at the end (or another thread is running the shard
+    /// and will see it), false when the budget ran out with tasks left. `runs` (`inline_runs`
+    /// or `runtime_runs`) counts the call if it polled anything.
+    fn run(self: &Arc<Self>, budget: &mut Budget, runs: &AtomicI64) -> bool {
         let mut counted = false;
         // (A deferral left over from a poll that did not end here must not cut this run short.)
         DEFER.with(|d| d.set(false));
@@ -290,7 +324,7 @@ impl Shard {
                 task.poll();
                 chaos::pause();
                 // A deferring task has queued itself again: the rest is the runtime's.
-                if DEFER.with(|d| d.replace(false)) || start.elapsed() >= budget {
+                if DEFER.with(|d| d.replace(false)) || !budget.tick() {
                     out_of_time = true;
                     break;
                 }
@@ -439,14 +473,14 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
     let _scope = Scope(CALLER_ENV.with(|c| c.get()));
     inline_watch::take_sent();
     let out = f();
-    let start = Instant::now();
+    let mut budget = Budget::new(INLINE_BUDGET);
     let mut entered = None;
     let mut watched = false;
     loop {
         let mut woken = take_woken();
         // Once this call's work is done: if it sent a datagram and has time left, watch for the
         // answer (once), and receive it here when it comes (see `inline_watch`).
-        if woken.is_empty() && !watched && inline_watch::watch_us() > 0 && start.elapsed() < INLINE_BUDGET {
+        if woken.is_empty() && !watched && inline_watch::watch_us() > 0 && budget.tick() {
             let sent = inline_watch::take_sent();
             if !sent.is_empty() {
                 watched = true;
@@ -463,12 +497,12 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
             entered = Some(runtime::get().enter());
         }
         for shard in woken {
-            let left = INLINE_BUDGET.saturating_sub(start.elapsed());
-            if left.is_zero() {
+            // (As of the last task polled: every poll reads the clock.)
+            if !budget.left() {
                 shard.schedule();
                 continue;
             }
-            if !shard.run(left, &counters::INLINE_RUNS) {
+            if !shard.run(&mut budget, &counters::INLINE_RUNS) {
                 shard.schedule();
             }
         }
@@ -478,7 +512,7 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
         // sending in a loop is preempted in time like any other busy process: a NIF call
         // otherwise counts as a single reduction, and a sender doing up to `INLINE_BUDGET` of
         // Quinn's work per call would keep its scheduler from the processes queued behind it.
-        let percent = (start.elapsed().as_micros() / 10).clamp(1, 100) as i32;
+        let percent = (budget.spent().as_micros() / 10).clamp(1, 100) as i32;
         rustler::schedule::consume_timeslice(env, percent);
     }
     out
