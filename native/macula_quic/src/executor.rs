@@ -484,7 +484,10 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
             let sent = inline_watch::take_sent();
             if !sent.is_empty() {
                 watched = true;
-                if inline_watch::watch(&sent) {
+                let found = inline_watch::watch(&sent);
+                // The watch took time the budget (and the VM's accounting) must count.
+                budget.tick();
+                if found {
                     woken = take_woken();
                 }
             }
