@@ -25,15 +25,16 @@
 //!
 //! To read outside tokio's readiness tracking (which only a runtime worker's poll of the OS
 //! updates), each endpoint's socket is wrapped: its receive reads the socket directly first,
-//! and only when that finds nothing does it ask tokio to wait (keeping the waker, so that a
-//! call can wake the driver). The runtime workers still poll the sockets too; a worker that
-//! finds the datagram already taken just waits again.
+//! and only when that finds nothing (or the read before it came back short, so the socket
+//! was empty a moment ago) does it ask tokio to wait, keeping the waker so that a call can
+//! wake the driver. The runtime workers still poll the sockets too; a worker that finds the
+//! datagram already taken just waits again.
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::io::{ErrorKind, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -98,6 +99,9 @@ struct Direct {
     fd: UdpSocket,
     state: UdpSocketState,
     waker: Mutex<Option<Waker>>,
+    /// The last direct read came back short (fewer datagrams than asked for): the socket was
+    /// empty a moment ago, and the next look goes straight to waiting (see `poll_recv`).
+    drained: AtomicBool,
     /// Marked when a call is about to send a datagram here that it then reads itself, so that
     /// the runtime's socket watch leaves that datagram to the call (see `spin`).
     claim: Option<spin::Claim>,
@@ -127,7 +131,7 @@ pub fn wrap(inner: Arc<dyn AsyncUdpSocket>, fd: UdpSocket) -> std::io::Result<Ar
     let local = fd.local_addr()?;
     let state = UdpSocketState::new((&fd).into())?;
     let claim = spin::claim_for(local);
-    let direct = Arc::new(Direct { local, fd, state, waker: Mutex::new(None), claim });
+    let direct = Arc::new(Direct { local, fd, state, waker: Mutex::new(None), drained: AtomicBool::new(false), claim });
     let registered = SOCKETS.add(direct.clone());
     Ok(Arc::new(DirectSocket { registered, inner, direct }))
 }
@@ -175,17 +179,34 @@ impl AsyncUdpSocket for DirectSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<std::io::Result<usize>> {
-        match self.direct.state.recv((&self.direct.fd).into(), bufs, meta) {
-            Ok(n) => {
-                if executor::in_inline() {
-                    counters::bump(&counters::INLINE_RECEIVES);
-                }
-                return Poll::Ready(Ok(n));
+        // The waker first: a call that sends here from now on wakes this driver (`wake`), also
+        // while it is still deciding below, and the driver then looks again.
+        {
+            let mut slot = lock(&self.direct.waker);
+            if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *slot = Some(cx.waker().clone());
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(e) => return Poll::Ready(Err(e)),
         }
-        *lock(&self.direct.waker) = Some(cx.waker().clone());
+        // Quinn reads until a read finds nothing. After a short read that last read would be a
+        // system call for nothing (two of the six a 64-byte echo round trip cost the sending
+        // scheduler), so it is skipped once: whatever arrived since wakes the driver anyway, a
+        // call's datagram through `wake` (which clears `drained`), any other through tokio's
+        // readiness, which `inner` registers for.
+        if !self.direct.drained.swap(false, Ordering::AcqRel) {
+            match self.direct.state.recv((&self.direct.fd).into(), bufs, meta) {
+                Ok(n) => {
+                    if executor::in_inline() {
+                        counters::bump(&counters::INLINE_RECEIVES);
+                    }
+                    if n < meta.len().min(bufs.len()) {
+                        self.direct.drained.store(true, Ordering::Release);
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
         self.inner.poll_recv(cx, bufs, meta)
     }
 
@@ -278,8 +299,10 @@ impl Direct {
         spin::has_datagram(&self.fd) && self.wake()
     }
 
-    /// Wakes the endpoint's driver if it waits for a datagram. True when it woke it.
+    /// Wakes the endpoint's driver if it waits for a datagram (its next look reads the socket).
+    /// True when it woke it.
     fn wake(&self) -> bool {
+        self.drained.store(false, Ordering::Release);
         match lock(&self.waker).take() {
             Some(waker) => {
                 waker.wake();
