@@ -4,8 +4,11 @@
 # bin/bench's five runs can tell apart: the host drifts by tens of percent within minutes, so
 # variants are compared within a round (each round starting one variant further along the
 # list, so that no variant always goes first), and the summary gives each variant's median, its
-# range, and its median ratio to raw Quinn's measurement of the same round, followed by a table
-# of every round's figures (also printed, for the rounds done, when a measurement fails).
+# range, its median ratio to raw Quinn's measurement of the same round and, for each macula_quic
+# variant after the first, its median ratio to the first one's in the same round and in how
+# many rounds it was higher ("paired": the fairest comparison of two builds or settings when the
+# host drifts), followed by a table of every round's figures (also printed, for the rounds done,
+# when a measurement fails).
 #
 # Run it with bin/rounds (which builds what it needs):
 #
@@ -257,6 +260,7 @@ defmodule Bench.Rounds do
   # setting with its own baseline), or the first one listed.
   defp summarize(workload, variants, results) do
     unit = Bench.Workloads.unit(workload)
+    first = Enum.find(variants, &(&1.kind == :macula))
 
     for {v, i} <- Enum.with_index(variants) do
       xs = Enum.map(results, & &1[v.name])
@@ -277,10 +281,20 @@ defmodule Bench.Rounds do
         lowest: Enum.min(xs),
         highest: Enum.max(xs),
         vs_quinn: ratio,
-        baseline: quinn && quinn.name
+        baseline: quinn && quinn.name,
+        paired: paired(v, first, results)
       }
     end
   end
+
+  # A macula_quic variant against the first one listed, round by round: the median of their
+  # ratio and in how many rounds this one was higher (nil for the first and for raw Quinn).
+  defp paired(%{kind: :macula, name: name}, %{name: first}, results) when name != first do
+    ratios = Enum.map(results, &(&1[name] / &1[first]))
+    %{against: first, median: median(ratios), higher: Enum.count(ratios, &(&1 > 1))}
+  end
+
+  defp paired(_variant, _first, _results), do: nil
 
   defp baseline_for(variants, i) do
     quinns = for {v, j} <- Enum.with_index(variants), v.kind == :quinn, do: {v, j}
@@ -300,8 +314,8 @@ defmodule Bench.Rounds do
     head = """
     #{workload}, #{rounds} interleaved round(s), a fresh OS process per measurement; #{m.nproc} CPUs (#{m.cpu_model}), Linux #{m.kernel}, cpuidle #{m.cpuidle}; OTP #{m.otp}, Elixir #{m.elixir}, Quinn #{m.quinn}.
 
-    | variant | settings | median | lowest–highest | vs raw Quinn in the same round (median) |
-    |---|---|---:|---:|---:|
+    | variant | settings | median | lowest–highest | vs raw Quinn in the same round (median) | paired: vs the first macula_quic variant in the same round (median; higher in) |
+    |---|---|---:|---:|---:|---:|
     """
 
     rows =
@@ -313,7 +327,17 @@ defmodule Bench.Rounds do
 
         settings = if s.settings == "", do: "defaults", else: "`#{s.settings}`"
 
-        "| #{s.variant} | #{settings} | #{fmt(s.median)} #{s.unit} | #{fmt(s.lowest)}–#{fmt(s.highest)} | #{ratio} |\n"
+        paired =
+          case s.paired do
+            nil ->
+              "–"
+
+            p ->
+              "#{:erlang.float_to_binary(p.median, decimals: 3)} of #{p.against}; " <>
+                "higher in #{p.higher} of #{rounds}"
+          end
+
+        "| #{s.variant} | #{settings} | #{fmt(s.median)} #{s.unit} | #{fmt(s.lowest)}–#{fmt(s.highest)} | #{ratio} | #{paired} |\n"
       end
 
     head <> Enum.join(rows)

@@ -122,6 +122,9 @@ defmodule MaculaQuic.BenchSmokeTest do
     # decimals when below 100, as on a slow host).
     assert log =~ ~r/^\| other \| `build=0123456789ab` \| [\d.]+ handshakes\/s/m, log
     assert log =~ ~r/^\| default \| defaults \| [\d.]+ handshakes\/s/m, log
+    # Each macula_quic variant after the first is compared with it round by round (paired).
+    assert log =~ ~r/^\| default \|.*\| [\d.]+ of other; higher in [0-2] of 2 \|$/m, log
+    assert log =~ ~r/^\| other \|.*× of quinn \| – \|$/m, log
 
     # The variant really runs that build: without its NIF it fails, naming the build's path.
     File.rm_rf!(Path.join(app, "priv"))
