@@ -58,7 +58,8 @@ const TOKIO_BUDGET: Duration = Duration::from_millis(2);
 /// ~40 ns here, and a 64-byte echo round trip polls about ten tasks in six shard runs, where
 /// reading it at every start, check and end made 18 of the 32 readings per round trip on the
 /// scheduler threads (a uprobe count; 5 were Quinn's own, 9 the VM's).
-#[derive(Debug, Clone, Copy)]
+// Not `Copy`: it is passed by `&mut` so that every shard run in a call shares its readings.
+#[derive(Debug)]
 struct Budget {
     start: Instant,
     deadline: Instant,
