@@ -40,7 +40,7 @@ defmodule Bench.Calls do
       theirs = baseline(workload, cert, quinn, dir)
       IO.puts(report(workload, mine, theirs))
     after
-      System.cmd("perf", ["probe", "-q", "-d", "#{@group}:*"], stderr_to_stdout: true)
+      Bench.Perf.remove_probes(@group)
     end
   end
 
@@ -52,49 +52,9 @@ defmodule Bench.Calls do
   ## Probes
 
   defp add_probes(tag, binary) do
-    symbols = text_symbols(binary)
-    shift = text_shift(binary)
-
-    for {name, _, re} <- @functions do
-      addr =
-        Enum.find_value(symbols, fn {a, sym} -> if Regex.match?(re, sym), do: a end) ||
-          raise "#{binary}: no symbol matches #{inspect(re)}"
-
-      # uprobes take an offset in the file; nm gives the address the code is loaded at.
-      spec = "#{@group}:#{tag}_#{name}=0x#{Integer.to_string(addr - shift, 16)}"
-
-      {out, status} =
-        System.cmd("perf", ["probe", "-q", "-x", binary, "-a", spec], stderr_to_stdout: true)
-
-      if status != 0, do: raise("perf probe #{spec} failed: #{out}")
-    end
+    for {name, _, re} <- @functions,
+        do: Bench.Perf.add_probe(@group, "#{tag}_#{name}", binary, re)
   end
-
-  # The code symbols of `binary`: [{address, mangled name}].
-  defp text_symbols(binary) do
-    {out, 0} = System.cmd("nm", [binary])
-
-    for line <- String.split(out, "\n"),
-        [a, t, sym] <- [String.split(line, " ", parts: 3)],
-        t in ["t", "T"],
-        do: {String.to_integer(a, 16), sym}
-  end
-
-  # Load address minus file offset of the executable segment.
-  defp text_shift(binary) do
-    {out, 0} = System.cmd("readelf", ["-lW", binary])
-
-    out
-    |> String.split("\n")
-    |> Enum.find_value(fn line ->
-      case String.split(line) do
-        ["LOAD", off, vaddr | rest] -> if "E" in rest, do: hex(vaddr) - hex(off)
-        _ -> nil
-      end
-    end)
-  end
-
-  defp hex("0x" <> h), do: String.to_integer(h, 16)
 
   defp events(tag) do
     Enum.map(@functions, fn {name, _, _} -> "#{@group}:#{tag}_#{name}" end) ++

@@ -167,7 +167,7 @@ defmodule Bench.Profile do
     md = """
     ## Profile: #{workload} (perf, CPU µs per #{u})
 
-    #{date}. #{Bench.Util.machine() |> machine_line()}
+    #{date}. #{Bench.Util.machine_line()}
     Command: `#{settings()}bin/profile #{workload}` (#{length(mruns)} runs of each side, interleaved, pooled).
     macula_quic: #{fmt(mu)} #{u}s, per-run totals #{range.(mruns)} µs; raw Quinn: #{fmt(qu)} #{u}s,
     per-run totals #{range.(qruns)} µs.
@@ -195,10 +195,6 @@ defmodule Bench.Profile do
     File.write!(Path.join(dir, "report.md"), md)
     IO.puts("\n" <> md)
   end
-
-  defp machine_line(m),
-    do:
-      "Machine: #{m.nproc} CPUs (#{m.cpu_model}), Linux #{m.kernel}, cpuidle #{m.cpuidle}; OTP #{m.otp}, Elixir #{m.elixir}, #{m.rustc}."
 
   # Every run's samples and units added up (runs are interleaved, macula then Quinn, to spread
   # the host's drift over both), each run's total per unit, to show the spread, and the context

@@ -2,8 +2,9 @@ defmodule Bench.Perf do
   @moduledoc false
   # perf attached to this VM so that it sees only the measured region: started with its events
   # disabled, then enabled and disabled through its control FIFO (each command acknowledged, so
-  # nothing between the marks is missed). Used by bench/profile.exs (perf record) and
-  # bench/calls.exs (perf stat).
+  # nothing between the marks is missed). Used by bench/profile.exs (perf record),
+  # bench/calls.exs (perf stat) and bench/handshake_phases.exs (perf record of uprobes); and
+  # the uprobes those two place on functions of the NIF and of the raw-Quinn baseline.
 
   @doc """
   Starts `perf ARGS -D -1 --control … -p <this VM>` and returns a marker for
@@ -62,4 +63,57 @@ defmodule Bench.Perf do
 
     unless String.starts_with?(out, "ack"), do: raise("perf did not acknowledge #{cmd}: #{out}")
   end
+
+  ## Uprobes
+
+  @doc """
+  Places a uprobe `group:name` on the first code symbol of `binary` whose mangled name (as `nm`
+  prints it) matches `re`, with `perf probe`. Raises when none matches or perf refuses.
+  """
+  def add_probe(group, name, binary, re) do
+    addr =
+      Enum.find_value(text_symbols(binary), fn {a, sym} -> if Regex.match?(re, sym), do: a end) ||
+        raise "#{binary}: no symbol matches #{inspect(re)}"
+
+    # uprobes take an offset in the file; nm gives the address the code is loaded at.
+    spec = "#{group}:#{name}=0x#{Integer.to_string(addr - text_shift(binary), 16)}"
+
+    {out, status} =
+      System.cmd("perf", ["probe", "-q", "-x", binary, "-a", spec], stderr_to_stdout: true)
+
+    if status != 0, do: raise("perf probe #{spec} failed: #{out}")
+    :ok
+  end
+
+  @doc "Removes every uprobe of `group` (none placed is fine)."
+  def remove_probes(group) do
+    System.cmd("perf", ["probe", "-q", "-d", "#{group}:*"], stderr_to_stdout: true)
+    :ok
+  end
+
+  # The code symbols of `binary`: [{address, mangled name}].
+  defp text_symbols(binary) do
+    {out, 0} = System.cmd("nm", [binary])
+
+    for line <- String.split(out, "\n"),
+        [a, t, sym] <- [String.split(line, " ", parts: 3)],
+        t in ["t", "T"],
+        do: {String.to_integer(a, 16), sym}
+  end
+
+  # Load address minus file offset of the executable segment.
+  defp text_shift(binary) do
+    {out, 0} = System.cmd("readelf", ["-lW", binary])
+
+    out
+    |> String.split("\n")
+    |> Enum.find_value(fn line ->
+      case String.split(line) do
+        ["LOAD", off, vaddr | rest] -> if "E" in rest, do: hex(vaddr) - hex(off)
+        _ -> nil
+      end
+    end)
+  end
+
+  defp hex("0x" <> h), do: String.to_integer(h, 16)
 end

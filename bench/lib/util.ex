@@ -413,6 +413,14 @@ defmodule Bench.Util do
 
   ## Machine
 
+  @doc "`machine/0` in one line, for the reports of bin/profile and bin/phases."
+  def machine_line do
+    m = machine()
+
+    "Machine: #{m.nproc} CPUs (#{m.cpu_model}), Linux #{m.kernel}, cpuidle #{m.cpuidle}; " <>
+      "OTP #{m.otp}, Elixir #{m.elixir}, #{m.rustc}."
+  end
+
   def machine do
     cpu =
       case File.read("/proc/cpuinfo") do
