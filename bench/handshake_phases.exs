@@ -11,18 +11,21 @@
 #   BENCH_RUNTIME_SPIN_US=0 bin/phases   # macula_quic's runtime settings, as bin/bench takes them
 #
 # A cycle runs from one ClientHello to the next; the phases in it:
-#   1. the ClientHello built -> the server takes it (the client's Initial sent and received,
-#      the listener's endpoint accepting it)
+#   1. the ClientHello built -> the server takes it (the client's Initial sent and read, the
+#      listener's endpoint accepting it)
 #   2. the server's key exchange, signature and flight (ServerHello to its Finished)
-#   3. the server's flight -> the client takes it (sent, received, decrypted)
-#   4. the client reads the certificate
-#   5. the client checks the server's signature
-#   6. the client's Finished -> the next ClientHello: the client's Finished sent, the
+#   3. the server's Finished -> the client takes the ServerHello (the flight sent and read)
+#   4. the client's key exchange (ServerHello to EncryptedExtensions)
+#   5. the client reads the certificate
+#   6. the client checks the server's signature
+#   7. the client's Finished -> the next ClientHello: the client's Finished sent, the
 #      connection handed to the application, closed, and the next connect started
-# Times are medians over the cycles in which every step came once and in order, pooled over
-# the runs (the two sides' runs alternate: one run of each moves by ±20% on a shared VM). Each
-# probe costs both sides a microsecond or two. Needs perf and root (uprobes); the probes are removed
-# at the end, also when a step fails.
+# Phases 1 and 3 are split at the first datagram sent after their start and the first one read
+# after that (the sendmsg and recvmmsg tracepoints), and macula_quic's phase 7 at its close and
+# connect NIFs. Times are medians over the cycles in which every step came once and in order,
+# pooled over the runs (the two sides' runs alternate: one run of each moves by ±20% on a
+# shared VM). Each probe costs both sides a microsecond or two. Needs perf and root (uprobes);
+# the probes are removed at the end, also when a step fails.
 Code.require_file("lib/util.ex", __DIR__)
 Code.require_file("lib/macula.ex", __DIR__)
 Code.require_file("lib/perf.ex", __DIR__)
@@ -39,13 +42,15 @@ defmodule Bench.HandshakePhases do
     {"ch", ~r/6client2hs27emit_client_hello_for_retry17h/},
     {"sch", Regex.compile!("server\\.\\.hs\\.\\.ExpectClientHello" <> @state)},
     {"sfl", ~r/12client_hello19emit_finished_tls1317h/},
+    {"csh", Regex.compile!("client\\.\\.hs\\.\\.ExpectServerHello" <> @state)},
     {"cee", Regex.compile!("client\\.\\.tls13\\.\\.ExpectEncryptedExtensions" <> @state)},
     {"ccv", Regex.compile!("client\\.\\.tls13\\.\\.ExpectCertificateVerify" <> @state)},
     {"cfin", Regex.compile!("client\\.\\.tls13\\.\\.ExpectFinished" <> @state)}
   ]
 
-  # Where macula_quic's part of phase 6 goes: probes on the bodies of its close and connect
-  # NIFs (rustler runs each in a closure; connect's is the task it starts, polled in the call).
+  # Where macula_quic's part of the last phase goes: probes on the bodies of its close and
+  # connect NIFs (rustler runs each in a closure; connect's is the task it starts, which the
+  # call polls).
   @nif_steps [
     {"close",
      ~r/^_ZN11macula_quic10connection.*nif_func7wrapper.*10conn_close28_\$u7b\$\$u7b\$closure\$u7d\$\$u7d\$17h/},
@@ -53,20 +58,44 @@ defmodule Bench.HandshakePhases do
      ~r/^_ZN11macula_quic10connection.*nif_func7wrapper.*7connect28_\$u7b\$\$u7b\$closure\$u7d\$\$u7d\$17h/}
   ]
 
+  # Datagrams sent and read (the system calls' tracepoints), to split the phases that carry
+  # the handshake from one end to the other.
+  @syscalls ~w(syscalls:sys_enter_sendmsg syscalls:sys_exit_recvmmsg)
+
+  # {label, from step, to step} (indices into a cycle's times: the steps, then the next
+  # ClientHello at 7), and the rows that split a phase: {label, how}.
   @phases [
-    "1. ClientHello built → the server takes it",
-    "2. the server's key exchange, signature and flight",
-    "3. the server's flight → the client takes it",
-    "4. the client reads the certificate",
-    "5. the client checks the signature",
-    "6. the client's Finished → the next ClientHello (connection handed over, closed, next connect)"
+    {"1. ClientHello built → the server takes it", 0, 1},
+    {"2. the server's key exchange, signature and flight", 1, 2},
+    {"3. the server's Finished → the client takes the ServerHello", 2, 3},
+    {"4. the client's key exchange", 3, 4},
+    {"5. the client reads the certificate", 4, 5},
+    {"6. the client checks the signature", 5, 6},
+    {"7. the client's Finished → the next ClientHello (connection handed over, closed, next connect)",
+     6, 7}
   ]
 
-  # Phase 6 in macula_quic, split by its NIFs' probes.
+  @splits %{
+    0 => [
+      {"1a. ClientHello → the first datagram after it sent (the Initial)", {:to_tx, 0}},
+      {"1b. → read from a socket", {:tx_rx, 0}},
+      {"1c. → the server takes the ClientHello", {:rx_to, 0, 1}}
+    ],
+    2 => [
+      {"3a. the server's Finished → the first datagram after it sent", {:to_tx, 2}},
+      {"3b. → read from a socket", {:tx_rx, 2}},
+      {"3c. → the client takes the ServerHello", {:rx_to, 2, 3}}
+    ]
+  }
+
+  # The last phase in macula_quic, split by its NIFs' probes (indices 8 and 9 in its cycles).
   @nif_phases [
-    "6a. (macula_quic) Finished → `close_connection/1`'s NIF: the connection's answer sent, its process woken, `connect/4` returned",
-    "6b. (macula_quic) → `connect/4`'s task: the close, and the next `connect/4` up to its NIF's task",
-    "6c. (macula_quic) → the next ClientHello: the new connection's key share and ClientHello"
+    {"7a. (macula_quic) Finished → `close_connection/1`'s NIF: the connection's answer sent, its process woken, `connect/4` returned",
+     6, 8},
+    {"7b. (macula_quic) → `connect/4`'s task: the close, and the next `connect/4` up to its NIF's task",
+     8, 9},
+    {"7c. (macula_quic) → the next ClientHello: the new connection's key share and ClientHello",
+     9, 7}
   ]
 
   @seconds 2.0
@@ -110,69 +139,123 @@ defmodule Bench.HandshakePhases do
   # One run of each side: {handshakes/s under the probes, cycles}.
   defp macula(cert, dir, i, n) do
     out = Path.join(dir, "macula.data")
-    Bench.Util.set_marker(Bench.Perf.attach(~w(record -q -e #{@group}:m_* -o #{out}), dir))
+    Bench.Util.set_marker(Bench.Perf.attach(record_args("m", out), dir))
     progress("run #{i} of #{n}: macula_quic, #{@seconds} s of sequential handshakes")
     r = Bench.Macula.handshake(cert, 1, @seconds)
-    {r.hs_s, cycles(out, @steps ++ @nif_steps)}
+    {r.hs_s, cycles(out, @nif_steps)}
   end
 
   defp baseline(cert, quinn, dir, i, n) do
     progress("run #{i} of #{n}: raw Quinn, #{@seconds} s of sequential handshakes")
     out = Path.join(dir, "quinn.data")
     args = ["handshake", "cert=#{cert.certfile}", "key=#{cert.keyfile}", "seconds=#{@seconds}"]
-    {json, 0} = System.cmd("perf", ~w(record -q -e #{@group}:q_* -o #{out} -- #{quinn}) ++ args)
-    {Bench.Util.parse_last_json(json).hs_s, cycles(out, @steps)}
+    {json, 0} = System.cmd("perf", record_args("q", out) ++ ["--", quinn | args])
+    {Bench.Util.parse_last_json(json).hs_s, cycles(out, [])}
   end
 
-  # The cycles in perf's record: for each, the times (µs) of the steps in order and of the next
-  # ClientHello. A cycle counts only if each of `steps` came once, in order.
-  defp cycles(file, steps) do
-    {out, 0} = System.cmd("perf", ~w(script -i #{file} -F time,event), stderr_to_stdout: true)
-    names = Enum.map(steps, &elem(&1, 0))
+  defp record_args(tag, out),
+    do: ~w(record -q -e #{@group}:#{tag}_* -o #{out}) ++ Enum.flat_map(@syscalls, &["-e", &1])
+
+  # The cycles in perf's record: for each, the times (µs) of the steps in order, of the next
+  # ClientHello and of the `extra` steps (in their order, after the Finished), and the datagrams
+  # sent and read meanwhile ({time, :tx | :rx, thread name}). A cycle counts only if each step
+  # came once, in order.
+  defp cycles(file, extra) do
+    {out, 0} =
+      System.cmd("perf", ~w(script -i #{file} -F comm,time,event,trace), stderr_to_stdout: true)
+
+    names = Enum.map(@steps ++ extra, &elem(&1, 0))
 
     out
     |> String.split("\n")
-    |> Enum.flat_map(fn line ->
-      case Regex.run(~r/([\d.]+):\s+#{@group}:[mq]_(\w+):/, line) do
-        [_, t, name] -> [{String.to_float(t) * 1.0e6, name}]
-        nil -> []
-      end
-    end)
+    |> Enum.flat_map(&event/1)
     |> Enum.chunk_while(
       [],
       fn
-        {_, "ch"} = e, acc -> {:cont, Enum.reverse(acc), [e]}
+        {_, "ch", _} = e, acc -> {:cont, Enum.reverse(acc), [e]}
         e, acc -> {:cont, [e | acc]}
       end,
       fn acc -> {:cont, Enum.reverse(acc), []} end
     )
     |> Enum.chunk_every(2, 1, :discard)
-    |> Enum.flat_map(fn [steps, [{next, "ch"} | _]] ->
-      if Enum.map(steps, &elem(&1, 1)) == names,
-        do: [Enum.map(steps, &elem(&1, 0)) ++ [next]],
-        else: []
+    |> Enum.flat_map(fn [events, [{next, "ch", _} | _]] ->
+      {steps, io} = Enum.split_with(events, fn {_, name, _} -> is_binary(name) end)
+
+      if Enum.map(steps, &elem(&1, 1)) == names do
+        {main, nifs} = steps |> Enum.map(&elem(&1, 0)) |> Enum.split(length(@steps))
+        [%{t: List.to_tuple(main ++ [next] ++ nifs), io: io}]
+      else
+        []
+      end
     end)
+  end
+
+  # One line of `perf script`: a step {time, name, thread}, a datagram sent or read {time, :tx |
+  # :rx, thread}, or nothing (a read that found none, anything else).
+  defp event(line) do
+    case Regex.run(~r/^\s*(\S+)\s+([\d.]+):\s+(\S+):\s*(.*)$/, line) do
+      [_, comm, t, ev, rest] ->
+        t = String.to_float(t) * 1.0e6
+
+        case ev do
+          "#{@group}:" <> <<_tag, "_", name::binary>> -> [{t, name, comm}]
+          "syscalls:sys_enter_sendmsg" -> [{t, :tx, comm}]
+          "syscalls:sys_exit_recvmmsg" -> if datagrams?(rest), do: [{t, :rx, comm}], else: []
+          _ -> []
+        end
+
+      nil ->
+        []
+    end
+  end
+
+  # recvmmsg's return value, as perf prints it: a count of datagrams, or an error (negative).
+  defp datagrams?("0x" <> hex) do
+    case Integer.parse(String.trim(hex), 16) do
+      {n, _} -> n > 0 and n < 0x8000000000000000
+      :error -> false
+    end
+  end
+
+  defp datagrams?(_), do: false
+
+  # The first datagram sent (:tx) or read (:rx) at or after `t` in a cycle: {time, thread}.
+  defp first(%{io: io}, kind, t) do
+    Enum.find_value(io, fn {at, k, comm} -> if k == kind and at >= t, do: {at, comm} end)
+  end
+
+  # The duration one row measures in one cycle (nil when the cycle lacks the datagram it needs).
+  defp span(c, {from, to}) when is_integer(from), do: elem(c.t, to) - elem(c.t, from)
+
+  defp span(c, {:to_tx, from}) do
+    case first(c, :tx, elem(c.t, from)) do
+      {at, _} -> at - elem(c.t, from)
+      nil -> nil
+    end
+  end
+
+  defp span(c, {:tx_rx, from}) do
+    with {tx, _} <- first(c, :tx, elem(c.t, from)), {rx, _} <- first(c, :rx, tx), do: rx - tx
+  end
+
+  defp span(c, {:rx_to, from, to}) do
+    with {tx, _} <- first(c, :tx, elem(c.t, from)),
+         {rx, _} <- first(c, :rx, tx),
+         do: elem(c.t, to) - rx
   end
 
   defp report(mine, theirs) do
     {m, q} = {Enum.flat_map(mine, &elem(&1, 1)), Enum.flat_map(theirs, &elem(&1, 1))}
-
-    # Phase i runs from step i to the next (the last one to the next cycle's ClientHello).
-    phase = fn i -> fn c -> Enum.at(c, i + 1) - Enum.at(c, i) end end
-    last = fn c -> List.last(c) - Enum.at(c, 5) end
+    row = fn label, how -> row(label, median(m, how), median(q, how)) end
 
     rows =
-      for i <- 0..(length(@phases) - 1) do
-        f = if i == 5, do: last, else: phase.(i)
-        {a, b} = {median(m, f), median(q, f)}
-        "| #{Enum.at(@phases, i)} | #{fmt(a)} | #{fmt(b)} | #{signed(a - b)} |"
-      end
+      Enum.with_index(@phases)
+      |> Enum.flat_map(fn {{label, from, to}, i} ->
+        [row.(label, {from, to}) | for({l, how} <- Map.get(@splits, i, []), do: row.(l, how))]
+      end)
 
-    nif_rows =
-      for {label, i} <- Enum.with_index(@nif_phases, 5),
-          do: "| #{label} | #{fmt(median(m, phase.(i)))} | – | |"
-
-    total = fn c -> List.last(c) - hd(c) end
+    nif_rows = for {label, from, to} <- @nif_phases, do: row(label, median(m, {from, to}), nil)
+    total = {0, 7}
     {a, b} = {median(m, total), median(q, total)}
     rates = fn runs -> Enum.map_join(runs, ", ", &fmt(round(elem(&1, 0)))) end
 
@@ -184,6 +267,7 @@ defmodule Bench.HandshakePhases do
         "Command: `bin/phases` (#{length(mine)} runs of each side, interleaved, pooled).",
         "macula_quic: #{length(m)} cycles, #{rates.(mine)} handshakes/s in its runs under the " <>
           "probes; raw Quinn: #{length(q)} cycles, #{rates.(theirs)} handshakes/s.",
+        "The Initial left from: #{senders(m)} (macula_quic); #{senders(q)} (raw Quinn).",
         "",
         "| phase | macula_quic | raw Quinn | difference |",
         "|---|---:|---:|---:|"
@@ -195,11 +279,34 @@ defmodule Bench.HandshakePhases do
     )
   end
 
-  defp median([], _), do: 0
+  defp row(label, a, nil), do: "| #{label} | #{fmt(a)} | – | |"
+  defp row(label, a, b), do: "| #{label} | #{fmt(a)} | #{fmt(b)} | #{signed(a - b)} |"
 
-  defp median(cycles, f) do
-    ds = cycles |> Enum.map(f) |> Enum.sort()
-    round(Enum.at(ds, div(length(ds), 2)))
+  # Which threads sent the first datagram after the ClientHello: "2_scheduler 93%, …".
+  defp senders(cycles) do
+    sent = for c <- cycles, {_, comm} <- [first(c, :tx, elem(c.t, 0))], do: kind(comm)
+    n = max(length(sent), 1)
+
+    sent
+    |> Enum.frequencies()
+    |> Enum.sort_by(&(-elem(&1, 1)))
+    |> Enum.map_join(", ", fn {k, c} -> "#{k} #{round(100 * c / n)}%" end)
+  end
+
+  defp kind(comm) do
+    cond do
+      comm =~ ~r/^\d+_scheduler$/ -> "a BEAM scheduler"
+      comm in ["macula_quic", "tokio-rt-worker"] -> "a runtime worker"
+      true -> comm
+    end
+  end
+
+  # The median over the cycles that have what `how` measures; nil when none has.
+  defp median(cycles, how) do
+    case cycles |> Enum.map(&span(&1, how)) |> Enum.reject(&is_nil/1) |> Enum.sort() do
+      [] -> nil
+      ds -> round(Enum.at(ds, div(length(ds), 2)))
+    end
   end
 
   defp signed(x) when x >= 0, do: "+" <> fmt(x)
