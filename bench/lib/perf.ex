@@ -78,8 +78,10 @@ defmodule Bench.Perf do
     # uprobes take an offset in the file; nm gives the address the code is loaded at.
     spec = "#{group}:#{name}=0x#{Integer.to_string(addr - text_shift(binary), 16)}"
 
+    # (Not quiet: when perf refuses, its message says why, e.g. a probe another tool left on
+    # the same build.)
     {out, status} =
-      System.cmd("perf", ["probe", "-q", "-x", binary, "-a", spec], stderr_to_stdout: true)
+      System.cmd("perf", ["probe", "-x", binary, "-a", spec], stderr_to_stdout: true)
 
     if status != 0, do: raise("perf probe #{spec} failed: #{out}")
     :ok
