@@ -52,8 +52,11 @@ defmodule Bench.Calls do
   ## Probes
 
   defp add_probes(tag, binary) do
-    for {name, _, re} <- @functions,
-        do: Bench.Perf.add_probe(@group, "#{tag}_#{name}", binary, re)
+    Bench.Perf.add_probes(
+      @group,
+      binary,
+      for({name, _, re} <- @functions, do: {"#{tag}_#{name}", re})
+    )
   end
 
   defp events(tag) do

@@ -108,9 +108,8 @@ defmodule Bench.HandshakePhases do
     Bench.Util.configure_runtime()
 
     try do
-      for {tag, bin, steps} <- [{"m", nif, @steps ++ @nif_steps}, {"q", quinn, @steps}],
-          {name, re} <- steps do
-        Bench.Perf.add_probe(@group, "#{tag}_#{name}", bin, re)
+      for {tag, bin, steps} <- [{"m", nif, @steps ++ @nif_steps}, {"q", quinn, @steps}] do
+        Bench.Perf.add_probes(@group, bin, for({name, re} <- steps, do: {"#{tag}_#{name}", re}))
       end
 
       progress("macula_quic: warm-up")

@@ -67,23 +67,30 @@ defmodule Bench.Perf do
   ## Uprobes
 
   @doc """
-  Places a uprobe `group:name` on the first code symbol of `binary` whose mangled name (as `nm`
-  prints it) matches `re`, with `perf probe`. Raises when none matches or perf refuses.
+  Places a uprobe `group:name` for each `{name, re}` in `probes`, on the first code symbol of
+  `binary` whose mangled name (as `nm` prints it) matches `re`, with `perf probe`. Raises when
+  none matches or perf refuses.
   """
-  def add_probe(group, name, binary, re) do
-    addr =
-      Enum.find_value(text_symbols(binary), fn {a, sym} -> if Regex.match?(re, sym), do: a end) ||
-        raise "#{binary}: no symbol matches #{inspect(re)}"
+  def add_probes(group, binary, probes) do
+    symbols = text_symbols(binary)
+    shift = text_shift(binary)
 
-    # uprobes take an offset in the file; nm gives the address the code is loaded at.
-    spec = "#{group}:#{name}=0x#{Integer.to_string(addr - text_shift(binary), 16)}"
+    for {name, re} <- probes do
+      addr =
+        Enum.find_value(symbols, fn {a, sym} -> if Regex.match?(re, sym), do: a end) ||
+          raise "#{binary}: no symbol matches #{inspect(re)}"
 
-    # (Not quiet: when perf refuses, its message says why, e.g. a probe another tool left on
-    # the same build.)
-    {out, status} =
-      System.cmd("perf", ["probe", "-x", binary, "-a", spec], stderr_to_stdout: true)
+      # uprobes take an offset in the file; nm gives the address the code is loaded at.
+      spec = "#{group}:#{name}=0x#{Integer.to_string(addr - shift, 16)}"
 
-    if status != 0, do: raise("perf probe #{spec} failed: #{out}")
+      # (Not quiet: when perf refuses, its message says why, e.g. a probe another tool left on
+      # the same build.)
+      {out, status} =
+        System.cmd("perf", ["probe", "-x", binary, "-a", spec], stderr_to_stdout: true)
+
+      if status != 0, do: raise("perf probe #{spec} failed: #{out}")
+    end
+
     :ok
   end
 
