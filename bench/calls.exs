@@ -33,15 +33,13 @@ defmodule Bench.Calls do
     quinn = Path.join(dir, "quinn_baseline")
     nif = Path.join(dir, "macula_quic/priv/native/libmacula_quic.so")
 
-    try do
+    Bench.Perf.with_probes(@group, fn ->
       add_probes("m", nif)
       add_probes("q", quinn)
       mine = macula(workload, cert, dir)
       theirs = baseline(workload, cert, quinn, dir)
       IO.puts(report(workload, mine, theirs))
-    after
-      Bench.Perf.remove_probes(@group)
-    end
+    end)
   end
 
   def main(_) do

@@ -107,7 +107,7 @@ defmodule Bench.HandshakePhases do
 
     Bench.Util.configure_runtime()
 
-    try do
+    Bench.Perf.with_probes(@group, fn ->
       for {tag, bin, steps} <- [{"m", nif, @steps ++ @nif_steps}, {"q", quinn, @steps}] do
         Bench.Perf.add_probes(@group, bin, for({name, re} <- steps, do: {"#{tag}_#{name}", re}))
       end
@@ -125,9 +125,7 @@ defmodule Bench.HandshakePhases do
       text = report(mine, theirs)
       IO.puts(text)
       File.write!(Path.join(dir, "report.md"), text <> "\n")
-    after
-      Bench.Perf.remove_probes(@group)
-    end
+    end)
   end
 
   def main(_) do
@@ -302,9 +300,9 @@ defmodule Bench.HandshakePhases do
 
   # The median over the cycles that have what `how` measures; nil when none has.
   defp median(cycles, how) do
-    case cycles |> Enum.map(&span(&1, how)) |> Enum.reject(&is_nil/1) |> Enum.sort() do
+    case cycles |> Enum.map(&span(&1, how)) |> Enum.reject(&is_nil/1) do
       [] -> nil
-      ds -> round(Enum.at(ds, div(length(ds), 2)))
+      ds -> round(Bench.Util.median(ds))
     end
   end
 

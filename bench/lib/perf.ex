@@ -94,6 +94,17 @@ defmodule Bench.Perf do
     :ok
   end
 
+  @doc """
+  Runs `fun` (which places uprobes of `group` with `add_probes/3` and measures with them) and
+  removes every uprobe of `group` after it, also when it fails: a probe left behind would make
+  the next tool's `perf probe` on the same build refuse.
+  """
+  def with_probes(group, fun) do
+    fun.()
+  after
+    remove_probes(group)
+  end
+
   @doc "Removes every uprobe of `group` (none placed is fine)."
   def remove_probes(group) do
     System.cmd("perf", ["probe", "-q", "-d", "#{group}:*"], stderr_to_stdout: true)
