@@ -499,11 +499,16 @@ defmodule MaculaQuic.TimerFairnessTest do
     )
   end
 
+  # The bounds are `assert_bounds/1`'s, so that the check and the assertions cannot drift apart.
+  defp within_bounds?(r) do
+    assert_bounds(r)
+    true
+  rescue
+    ExUnit.AssertionError -> false
+  end
+
   # A blocked scheduler would show as lateness of the whole transfer (seconds); single
   # outliers come from the OS sharing 2 cores with tokio's threads.
-  defp within_bounds?(r),
-    do: r.ticks > 10 and r.p50 < 5_000 and r.p95 < 30_000 and r.max < 250_000
-
   defp assert_bounds(r) do
     assert r.ticks > 10
     assert r.p50 < 5_000
