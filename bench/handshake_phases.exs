@@ -21,7 +21,8 @@
 #   7. the client's Finished -> the next ClientHello: the client's Finished sent, the
 #      connection handed to the application, closed, and the next connect started
 # Phases 1 and 3 are split at the first datagram sent after their start and the first one read
-# after that (the sendmsg and recvmmsg tracepoints), and macula_quic's phase 7 at its close and
+# after that (the sendmsg and recvmmsg tracepoints); phase 7 on both sides where Quinn makes the
+# next connection (`Endpoint::connect_with`), and in macula_quic once more at its close and
 # connect NIFs. Times are medians over the cycles in which every step came once and in order,
 # pooled over the runs (the two sides' runs alternate: one run of each moves by ±20% on a
 # shared VM). Each probe costs both sides a microsecond or two. Needs perf and root (uprobes);
@@ -58,6 +59,12 @@ defmodule Bench.HandshakePhases do
      ~r/^_ZN11macula_quic10connection.*nif_func7wrapper.*7connect28_\$u7b\$\$u7b\$closure\$u7d\$\$u7d\$17h/}
   ]
 
+  # Where the next connection begins, on both sides: Quinn's `Endpoint::connect_with`, which
+  # makes the connection (its key share and ClientHello follow). Splits the last phase into the
+  # hand-over of the finished connection (to a BEAM process, or to raw Quinn's task), its close
+  # and the next connect's start, and the new connection's own work.
+  @next_step {"cw", ~r/5quinn8endpoint8Endpoint12connect_with17h/}
+
   # Datagrams sent and read (the system calls' tracepoints), to split the phases that carry
   # the handshake from one end to the other.
   @syscalls ~w(syscalls:sys_enter_sendmsg syscalls:sys_exit_recvmmsg)
@@ -85,18 +92,23 @@ defmodule Bench.HandshakePhases do
       {"3a. the server's Finished → the first datagram after it sent", {:to_tx, 2}},
       {"3b. → read from a socket", {:tx_rx, 2}},
       {"3c. → the client takes the ServerHello", {:rx_to, 2, 3}}
+    ],
+    # The last phase, split where the next connection is made; in macula_quic the first part
+    # once more at its close and connect NIFs (indices 8 and 9 in its cycles, `connect_with`
+    # at 10).
+    6 => [
+      {"7a. the client's Finished → the next connection made (Quinn's `connect_with`): the connection handed to its caller, closed, the next connect started",
+       {:to_next, 6}},
+      {"7a-1. (macula_quic) → `close_connection/1`'s NIF: the connection's answer sent, its process woken, `connect/4` returned",
+       {:macula, 6, 8}},
+      {"7a-2. (macula_quic) → `connect/4`'s task: the close, and the next `connect/4` up to its NIF's task",
+       {:macula, 8, 9}},
+      {"7a-3. (macula_quic) → `connect_with`: the task finds the client endpoint and calls Quinn",
+       {:macula, 9, 10}},
+      {"7b. → the next ClientHello: the new connection, its key share and ClientHello",
+       {:from_next, 7}}
     ]
   }
-
-  # The last phase in macula_quic, split by its NIFs' probes (indices 8 and 9 in its cycles).
-  @nif_phases [
-    {"7a. (macula_quic) Finished → `close_connection/1`'s NIF: the connection's answer sent, its process woken, `connect/4` returned",
-     6, 8},
-    {"7b. (macula_quic) → `connect/4`'s task: the close, and the next `connect/4` up to its NIF's task",
-     8, 9},
-    {"7c. (macula_quic) → the next ClientHello: the new connection's key share and ClientHello",
-     9, 7}
-  ]
 
   @seconds 2.0
 
@@ -108,7 +120,10 @@ defmodule Bench.HandshakePhases do
     Bench.Util.configure_runtime()
 
     Bench.Perf.with_probes(@group, fn ->
-      for {tag, bin, steps} <- [{"m", nif, @steps ++ @nif_steps}, {"q", quinn, @steps}] do
+      for {tag, bin, steps} <- [
+            {"m", nif, @steps ++ @nif_steps ++ [@next_step]},
+            {"q", quinn, @steps ++ [@next_step]}
+          ] do
         Bench.Perf.add_probes(@group, bin, for({name, re} <- steps, do: {"#{tag}_#{name}", re}))
       end
 
@@ -139,7 +154,7 @@ defmodule Bench.HandshakePhases do
     Bench.Util.set_marker(Bench.Perf.attach(record_args("m", out), dir))
     progress("run #{i} of #{n}: macula_quic, #{@seconds} s of sequential handshakes")
     r = Bench.Macula.handshake(cert, 1, @seconds)
-    {r.hs_s, cycles(out, @nif_steps)}
+    {r.hs_s, cycles(out, @nif_steps ++ [@next_step], :macula)}
   end
 
   defp baseline(cert, quinn, dir, i, n) do
@@ -147,7 +162,7 @@ defmodule Bench.HandshakePhases do
     out = Path.join(dir, "quinn.data")
     args = ["handshake", "cert=#{cert.certfile}", "key=#{cert.keyfile}", "seconds=#{@seconds}"]
     {json, 0} = System.cmd("perf", record_args("q", out) ++ ["--", quinn | args])
-    {Bench.Util.parse_last_json(json).hs_s, cycles(out, [])}
+    {Bench.Util.parse_last_json(json).hs_s, cycles(out, [@next_step], :quinn)}
   end
 
   defp record_args(tag, out),
@@ -155,9 +170,9 @@ defmodule Bench.HandshakePhases do
 
   # The cycles in perf's record: for each, the times (µs) of the steps in order, of the next
   # ClientHello and of the `extra` steps (in their order, after the Finished), and the datagrams
-  # sent and read meanwhile ({time, :tx | :rx, thread name}). A cycle counts only if each step
-  # came once, in order.
-  defp cycles(file, extra) do
+  # sent and read meanwhile ({time, :tx | :rx, thread name}), and which side's (`:macula` or
+  # `:quinn`). A cycle counts only if each step came once, in order.
+  defp cycles(file, extra, side) do
     {out, 0} =
       System.cmd("perf", ~w(script -i #{file} -F comm,time,event,trace), stderr_to_stdout: true)
 
@@ -180,7 +195,8 @@ defmodule Bench.HandshakePhases do
 
       if Enum.map(steps, &elem(&1, 1)) == names do
         {main, nifs} = steps |> Enum.map(&elem(&1, 0)) |> Enum.split(length(@steps))
-        [%{t: List.to_tuple(main ++ [next] ++ nifs), io: io}]
+        # (`@next_step` is the last of `extra` on both sides.)
+        [%{t: List.to_tuple(main ++ [next] ++ nifs), io: io, next: List.last(nifs), side: side}]
       else
         []
       end
@@ -224,6 +240,14 @@ defmodule Bench.HandshakePhases do
   # The duration one row measures in one cycle (nil when the cycle lacks the datagram it needs).
   defp span(c, {from, to}) when is_integer(from), do: elem(c.t, to) - elem(c.t, from)
 
+  defp span(c, {:to_next, from}), do: c.next - elem(c.t, from)
+  defp span(c, {:from_next, to}), do: elem(c.t, to) - c.next
+
+  # A step only macula_quic's cycles have (its NIFs'): nil for raw Quinn's.
+  defp span(%{side: :macula} = c, {:macula, from, to}), do: elem(c.t, to) - elem(c.t, from)
+
+  defp span(_, {:macula, _, _}), do: nil
+
   defp span(c, {:to_tx, from}) do
     case first(c, :tx, elem(c.t, from)) do
       {at, _} -> at - elem(c.t, from)
@@ -251,7 +275,6 @@ defmodule Bench.HandshakePhases do
         [row.(label, {from, to}) | for({l, how} <- Map.get(@splits, i, []), do: row.(l, how))]
       end)
 
-    nif_rows = for {label, from, to} <- @nif_phases, do: row(label, median(m, {from, to}), nil)
     total = {0, 7}
     {a, b} = {median(m, total), median(q, total)}
     rates = fn runs -> Enum.map_join(runs, ", ", &fmt(round(elem(&1, 0)))) end
@@ -270,7 +293,6 @@ defmodule Bench.HandshakePhases do
         "|---|---:|---:|---:|"
       ] ++
         rows ++
-        nif_rows ++
         ["| **one handshake** | **#{fmt(a)}** | **#{fmt(b)}** | **#{difference(a, b)}** |"],
       "\n"
     )
