@@ -9,7 +9,8 @@
 #   elixir bench/profile.exs report WORKLOAD DIR   # the table (stdout and DIR/report.md)
 #
 # WORKLOAD is bulk (active receiver), passive (the same transfer read with recv/2; raw Quinn
-# runs its one bulk workload for both), echo (64 B, async_send) or handshake (sequential).
+# runs its one bulk workload for both), echo (64 B, async_send) handshake (sequential) or handshake16 (16
+# connecting processes at once).
 # The tool is perf: CPU time from sampling every thread of the process at PROFILE_FREQ Hz
 # (default 2000), and every context switch of those threads (a thread going to sleep, to be
 # woken later, or being preempted: costs the CPU columns show as "kernel" and "BEAM").
@@ -27,7 +28,7 @@ Code.require_file("lib/perf.ex", __DIR__)
 defmodule Bench.Profile do
   import Bench.Util, only: [progress: 1]
 
-  @workloads ~w(bulk passive echo handshake)
+  @workloads ~w(bulk passive echo handshake handshake16)
 
   def main([step, workload, dir]) when workload in @workloads do
     File.mkdir_p!(dir)
@@ -42,7 +43,7 @@ defmodule Bench.Profile do
   def main(_) do
     IO.puts(
       :stderr,
-      "usage: elixir bench/profile.exs macula|quinn|report bulk|passive|echo|handshake DIR"
+      "usage: elixir bench/profile.exs macula|quinn|report bulk|passive|echo|handshake|handshake16 DIR"
     )
 
     System.halt(2)
@@ -62,10 +63,11 @@ defmodule Bench.Profile do
   defp params(w) when w in ["bulk", "passive"], do: %{bytes: 512 * Bench.Util.mib()}
   defp params("echo"), do: %{size: 64, seconds: 3.0}
   defp params("handshake"), do: %{concurrency: 1, seconds: 3.0}
+  defp params("handshake16"), do: %{concurrency: 16, seconds: 3.0}
 
   defp unit(w) when w in ["bulk", "passive"], do: "MiB"
   defp unit("echo"), do: "round trip"
-  defp unit("handshake"), do: "handshake"
+  defp unit(w) when w in ["handshake", "handshake16"], do: "handshake"
 
   defp cert(dir), do: Bench.Util.make_cert(Path.join(dir, "cert"))
 
@@ -101,12 +103,12 @@ defmodule Bench.Profile do
   defp run_macula("passive", cert, p), do: Bench.Macula.bulk(cert, p.bytes, :passive)
   defp run_macula("echo", cert, p), do: Bench.Macula.echo(cert, p.size, p.seconds, :async_send)
 
-  defp run_macula("handshake", cert, p),
+  defp run_macula(w, cert, p) when w in ["handshake", "handshake16"],
     do: Bench.Macula.handshake(cert, p.concurrency, p.seconds)
 
   defp units(w, r) when w in ["bulk", "passive"], do: r.bytes / Bench.Util.mib()
   defp units("echo", r), do: r.round_trips
-  defp units("handshake", r), do: r.handshakes
+  defp units(w, r) when w in ["handshake", "handshake16"], do: r.handshakes
 
   # perf sees only the measured region (see Bench.Perf).
   defp perf_marker(dir) do
@@ -141,6 +143,7 @@ defmodule Bench.Profile do
   # The baseline's reader takes Quinn's chunks as they come: one workload for both ways of
   # receiving.
   defp quinn_workload("passive"), do: "bulk"
+  defp quinn_workload("handshake16"), do: "handshake"
   defp quinn_workload(w), do: w
 
   ## The report
