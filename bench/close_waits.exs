@@ -27,7 +27,7 @@ defmodule Bench.CloseWaits do
     Bench.Util.configure_runtime()
     cert = Bench.Util.make_cert(Path.join(System.tmp_dir!(), "macula_quic_close_waits"))
     {l, port} = Bench.Macula.listen(cert)
-    acceptor = spawn_link(fn -> accept_loop(l) end)
+    acceptor = spawn_link(fn -> Bench.Macula.accept_loop(l) end)
     progress("#{n} sequential handshakes, each closed as close_connection/1 does")
     for _ <- 1..100, do: close(Bench.Macula.connect(port, session_resumption: false))
     closes = for _ <- 1..n, do: close(Bench.Macula.connect(port, session_resumption: false))
@@ -75,21 +75,6 @@ defmodule Bench.CloseWaits do
         ["- median of the whole close: #{total} µs"],
       "\n"
     )
-  end
-
-  defp accept_loop(l) do
-    case MaculaQuic.async_accept(l) do
-      :ok -> accept_wait(l)
-      {:error, :closed} -> :ok
-    end
-  end
-
-  defp accept_wait(l) do
-    receive do
-      {:quic, :new_conn, _, _} -> accept_loop(l)
-      :stop -> :ok
-      _other -> accept_wait(l)
-    end
   end
 
   defp now, do: System.monotonic_time(:microsecond)

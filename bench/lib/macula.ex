@@ -394,7 +394,12 @@ defmodule Bench.Macula do
     end
   end
 
-  defp accept_loop(l) do
+  @doc """
+  Accepts connections on `l` for as long as it is open, or until the process gets `:stop`,
+  dropping every other message (the accepted connections' own messages): the accepting end of
+  the handshake workloads.
+  """
+  def accept_loop(l) do
     # The listener may be closed under us at the end of a run while a last new_conn was
     # still on its way here.
     case MaculaQuic.async_accept(l) do
