@@ -22,6 +22,7 @@ defmodule Bench.CloseWaits do
       case args do
         [] -> 3000
         [count] -> String.to_integer(count)
+        _ -> raise ArgumentError, "usage: bench/close_waits.exs [HANDSHAKES]"
       end
 
     Bench.Util.configure_runtime()
@@ -44,13 +45,23 @@ defmodule Bench.CloseWaits do
     answer = MaculaQuic.Native.conn_close(c, 0, ref)
     t1 = now()
 
-    case answer do
-      :wait -> receive(do: ({^ref, _} -> :ok))
-      _ -> :ok
-    end
+    result =
+      case answer do
+        :wait -> receive(do: ({^ref, result} -> result))
+        other -> other
+      end
 
     t2 = now()
-    receive(do: ({:quic, :closed, ^c, _} -> :ok))
+
+    # As close_connection/1: `closed` comes only when this call closed it (`:ok`).
+    if result == :ok do
+      receive do
+        {:quic, :closed, ^c, _} -> :ok
+      after
+        5_000 -> raise "no closed message for #{inspect(c)}"
+      end
+    end
+
     {answer, t1 - t0, t2 - t1, now() - t2}
   end
 
