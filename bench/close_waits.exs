@@ -15,7 +15,7 @@ Code.require_file("lib/util.ex", __DIR__)
 Code.require_file("lib/macula.ex", __DIR__)
 
 defmodule Bench.CloseWaits do
-  import Bench.Util, only: [progress: 1]
+  import Bench.Util, only: [now_us: 0, progress: 1]
 
   def main(args) do
     n =
@@ -41,9 +41,9 @@ defmodule Bench.CloseWaits do
   # for the answer after `:wait`, µs until the owner's `closed` message was there}.
   defp close(c) do
     ref = make_ref()
-    t0 = now()
+    t0 = now_us()
     answer = MaculaQuic.Native.conn_close(c, 0, ref)
-    t1 = now()
+    t1 = now_us()
 
     result =
       case answer do
@@ -51,7 +51,7 @@ defmodule Bench.CloseWaits do
         other -> other
       end
 
-    t2 = now()
+    t2 = now_us()
 
     # As close_connection/1: `closed` comes only when this call closed it (`:ok`).
     if result == :ok do
@@ -62,7 +62,7 @@ defmodule Bench.CloseWaits do
       end
     end
 
-    {answer, t1 - t0, t2 - t1, now() - t2}
+    {answer, t1 - t0, t2 - t1, now_us() - t2}
   end
 
   defp report(closes, n) do
@@ -87,8 +87,6 @@ defmodule Bench.CloseWaits do
       "\n"
     )
   end
-
-  defp now, do: System.monotonic_time(:microsecond)
 end
 
 Bench.CloseWaits.main(System.argv())
