@@ -534,6 +534,33 @@ defmodule MaculaQuic do
   def peername(handle), do: conn_query(conn_of!(handle, "a connection or stream"), :peername)
 
   @doc """
+  The application protocol the two ends agreed on in the handshake (ALPN), as a binary: the
+  one name of this end's `:alpn` list that the server chose (a server picks the first of its
+  own list that the client offers). A client that offers several protocols learns here which
+  one it got; an acceptor also finds it in `new_conn`'s `:alpns`. Also answers once the
+  connection has closed. As quicer's `negotiated_protocol/1`.
+
+      {:ok, "echo"} = MaculaQuic.negotiated_protocol(conn)
+  """
+  @spec negotiated_protocol(connection() | stream()) :: {:ok, binary()} | {:error, reason()}
+  def negotiated_protocol(handle),
+    do: conn_query(conn_of!(handle, "a connection or stream"), :negotiated_protocol)
+
+  @doc """
+  The peer's certificate, DER-encoded (its end-entity certificate, without the chain). A
+  client always has the server's, also with `verify: :none`, where nobody checked it; an
+  accepted connection has the client's only when its listener asked for one (`verify:
+  :verify_peer`, mutual TLS), else `{:error, :no_peercert}`. Also answers once the connection
+  has closed. As quicer's `peercert/1`; `:public_key.pkix_decode_cert(der, :otp)` decodes it,
+  to read the subject a mutual-TLS listener's client was identified by, say.
+
+      {:ok, der} = MaculaQuic.peercert(conn)
+      {:error, :no_peercert} = MaculaQuic.peercert(accepted_conn_without_client_cert)
+  """
+  @spec peercert(connection() | stream()) :: {:ok, binary()} | {:error, :no_peercert | reason()}
+  def peercert(handle), do: conn_query(conn_of!(handle, "a connection or stream"), :peercert)
+
+  @doc """
   The local address of a listener, connection or stream, as `{"ip", port}`.
 
       iex> {:ok, l} = MaculaQuic.listen("::1", 0, alpn: ["demo"])
@@ -621,6 +648,20 @@ defmodule MaculaQuic do
       end
 
     checked(result, :connection, conn)
+  end
+
+  @doc """
+  The stream's QUIC stream ID (RFC 9000, section 2.1), the same number at both ends: its
+  lowest bit says which side opened it (0 the client, 1 the server), the next whether it is
+  bidirectional (0) or unidirectional (2), and the rest counts the streams of that kind (a
+  client's first bidirectional stream is 0, its second 4, its first unidirectional one 2).
+  Also answers once the stream has closed. As quicer's `get_stream_id/1`.
+
+      {:ok, 0} = MaculaQuic.get_stream_id(first_client_stream)
+  """
+  @spec get_stream_id(stream()) :: {:ok, non_neg_integer()}
+  def get_stream_id(stream) do
+    {:ok, native(:stream, stream, fn -> Native.stream_info(stream) end).stream_id}
   end
 
   @doc """

@@ -375,6 +375,91 @@ defmodule MaculaQuicTest do
     end
   end
 
+  describe "negotiated_protocol/1 and peercert/1" do
+    test "the protocol the server chose, on both ends, through a stream, after the close" do
+      # The server picks the first of its own list that the client offers.
+      {c, sc, _l, _} = pair!(listen: [alpn: ["b", "test"]], connect: [alpn: ["a", "test", "b"]])
+      assert MaculaQuic.negotiated_protocol(c) == {:ok, "b"}
+      assert MaculaQuic.negotiated_protocol(sc) == {:ok, "b"}
+      {s, ss} = stream_pair!(c, sc)
+      assert MaculaQuic.negotiated_protocol(s) == {:ok, "b"}
+      assert MaculaQuic.negotiated_protocol(ss) == {:ok, "b"}
+
+      :ok = MaculaQuic.close_connection(c)
+      assert MaculaQuic.negotiated_protocol(c) == {:ok, "b"}
+
+      {c2, _sc2, _l2, _} = pair!(connect: [alpn: ["a", "test"]])
+      assert MaculaQuic.negotiated_protocol(c2) == {:ok, "test"}
+      :ok = MaculaQuic.close_connection(c2)
+    end
+
+    test "a client has the server's certificate; a listener the client's only with mutual TLS",
+         %{certs: certs} do
+      {c, sc, _l, _} = pair!(listen: [certfile: certs.cert, keyfile: certs.key])
+      # verify: :none: nobody checked it, but it is there.
+      assert MaculaQuic.peercert(c) == {:ok, certs.cert_der}
+      {s, _ss} = stream_pair!(c, sc)
+      assert MaculaQuic.peercert(s) == {:ok, certs.cert_der}
+      assert MaculaQuic.peercert(sc) == {:error, :no_peercert}
+      :ok = MaculaQuic.close_connection(c)
+      assert MaculaQuic.peercert(c) == {:ok, certs.cert_der}
+
+      [{:Certificate, client_der, _}] = :public_key.pem_decode(File.read!(certs.client_cert))
+
+      {c, sc, _l, _} =
+        pair!(
+          listen: [
+            certfile: certs.cert,
+            keyfile: certs.key,
+            verify: :verify_peer,
+            cacertfile: certs.client_ca
+          ],
+          connect: [certfile: certs.client_cert, keyfile: certs.client_key]
+        )
+
+      assert MaculaQuic.peercert(sc) == {:ok, client_der}
+      assert MaculaQuic.peercert(c) == {:ok, certs.cert_der}
+      # What a mutual-TLS listener decodes to know who connected.
+      assert {:OTPCertificate, _, _, _} = :public_key.pkix_decode_cert(client_der, :otp)
+      :ok = MaculaQuic.close_connection(c)
+    end
+
+    test "anything but a connection or a stream is an ArgumentError" do
+      {l, _port} = listen!()
+
+      for bad <- [l, :conn, make_ref(), "x"] do
+        assert_raise ArgumentError, fn -> MaculaQuic.negotiated_protocol(bad) end
+        assert_raise ArgumentError, fn -> MaculaQuic.peercert(bad) end
+      end
+
+      :ok = MaculaQuic.close_listener(l)
+    end
+  end
+
+  describe "get_stream_id/1" do
+    test "QUIC's stream IDs, the same at both ends: who opened it, which kind, how many before" do
+      {c, sc, _l, _} = pair!()
+      {s0, ss0} = stream_pair!(c, sc)
+      {s4, ss4} = stream_pair!(c, sc)
+      {u2, su2} = stream_pair!(c, sc, client: [unidirectional: true])
+      {s1, ss1} = stream_pair!(sc, c)
+
+      for {a, b, id} <- [{s0, ss0, 0}, {s4, ss4, 4}, {u2, su2, 2}, {s1, ss1, 1}] do
+        assert MaculaQuic.get_stream_id(a) == {:ok, id}
+        assert MaculaQuic.get_stream_id(b) == {:ok, id}
+      end
+
+      :ok = MaculaQuic.close_stream(s4)
+      assert MaculaQuic.get_stream_id(s4) == {:ok, 4}
+
+      for bad <- [c, :stream, make_ref()] do
+        assert_raise ArgumentError, fn -> MaculaQuic.get_stream_id(bad) end
+      end
+
+      :ok = MaculaQuic.close_connection(c)
+    end
+  end
+
   describe "streams" do
     test "data, FIN flag, peer_send_shutdown and stream_closed" do
       {c, sc, _l, _} = pair!()

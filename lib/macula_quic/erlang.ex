@@ -34,10 +34,13 @@ defmodule :macula_quic do
     close_connection: 1,
     async_shutdown_connection: 3,
     peername: 1,
+    negotiated_protocol: 1,
+    peercert: 1,
     sockname: 1,
     getstat: 2,
     open_stream: 1,
     open_stream: 2,
+    get_stream_id: 1,
     async_accept_stream: 1,
     async_accept_stream: 2,
     accept_stream: 1,
@@ -100,6 +103,10 @@ defmodule :macula_quic do
           :ok | {:error, MaculaQuic.reason()}
   @spec peername(MaculaQuic.connection() | MaculaQuic.stream()) ::
           {:ok, MaculaQuic.sockaddr()} | {:error, MaculaQuic.reason()}
+  @spec negotiated_protocol(MaculaQuic.connection() | MaculaQuic.stream()) ::
+          {:ok, binary()} | {:error, MaculaQuic.reason()}
+  @spec peercert(MaculaQuic.connection() | MaculaQuic.stream()) ::
+          {:ok, binary()} | {:error, :no_peercert | MaculaQuic.reason()}
   @spec sockname(MaculaQuic.handle()) ::
           {:ok, MaculaQuic.sockaddr()} | {:error, MaculaQuic.reason()}
   @spec getstat(MaculaQuic.connection() | MaculaQuic.stream(), [atom()]) ::
@@ -108,6 +115,7 @@ defmodule :macula_quic do
           {:ok, MaculaQuic.stream()} | {:error, MaculaQuic.reason()}
   @spec open_stream(MaculaQuic.connection(), MaculaQuic.options()) ::
           {:ok, MaculaQuic.stream()} | {:error, MaculaQuic.reason()}
+  @spec get_stream_id(MaculaQuic.stream()) :: {:ok, non_neg_integer()}
   @spec async_accept_stream(MaculaQuic.connection()) :: :ok | {:error, MaculaQuic.reason()}
   @spec async_accept_stream(MaculaQuic.connection(), MaculaQuic.options()) ::
           :ok | {:error, MaculaQuic.reason()}

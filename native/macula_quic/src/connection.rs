@@ -499,8 +499,9 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
 }
 
 /// `conn_query(Conn, What, Tag)`: answers `{Tag, Result}` from a task on the connection's
-/// shard, where `What` is `:peername` or `:sockname` (`{:ok, {"ip", port}}`) or `:stats` (every
-/// counter Quinn keeps, as a map of atoms to integers). Returns `:ok` at once, or
+/// shard, where `What` is `:peername` or `:sockname` (`{:ok, {"ip", port}}`), `:stats` (every
+/// counter Quinn keeps, as a map of atoms to integers), `:negotiated_protocol` (`{:ok, Alpn}`)
+/// or `:peercert` (`{:ok, Der}` or `{:error, :no_peercert}`). Returns `:ok` at once, or
 /// `{:error, :badarg}` for another `What`.
 ///
 /// Every one of these reads Quinn's connection state, under the lock Quinn's driver holds while
@@ -517,13 +518,17 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
 /// waited, runnable, over 1 ms 68 times in 2 s of the transfer).
 #[rustler::nif]
 fn conn_query<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, what: rustler::Atom, tag: Term<'a>) -> Term<'a> {
-    rustler::atoms! { peername, sockname, stats }
+    rustler::atoms! { peername, sockname, stats, negotiated_protocol, peercert }
     let query = if what == peername() {
         Query::Peername
     } else if what == sockname() {
         Query::Sockname
     } else if what == stats() {
         Query::Stats
+    } else if what == negotiated_protocol() {
+        Query::Protocol
+    } else if what == peercert() {
+        Query::Peercert
     } else {
         return err(env, atoms::badarg());
     };
@@ -555,17 +560,54 @@ enum Query {
     Peername,
     Sockname,
     Stats,
+    Protocol,
+    Peercert,
 }
 
 impl Query {
     /// Builds the answer. Runs on the connection's shard (it reads Quinn under its lock).
     fn answer<'a>(self, env: Env<'a>, c: &ConnRes) -> Term<'a> {
+        rustler::atoms! { no_protocol, no_peercert }
         match self {
             Query::Peername => (atoms::ok(), address::encode_addr(env, &c.conn.remote_address())).encode(env),
             Query::Sockname => (atoms::ok(), address::encode_addr(env, &c.local_addr())).encode(env),
             Query::Stats => stats_map(env, c),
+            // Connections reach their owners with the handshake done, so both ends have agreed
+            // on one of the names offered (both sides require `:alpn`); `no_protocol` is there
+            // for completeness, not expected.
+            Query::Protocol => match negotiated_protocol(&c.conn) {
+                Some(p) => (atoms::ok(), binary_term(env, &p)).encode(env),
+                None => err(env, no_protocol()),
+            },
+            Query::Peercert => match peer_certificate(&c.conn) {
+                Some(der) => (atoms::ok(), binary_term(env, &der)).encode(env),
+                None => err(env, no_peercert()),
+            },
         }
     }
+}
+
+/// The ALPN name the handshake settled on.
+fn negotiated_protocol(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
+}
+
+/// The peer's end-entity certificate (DER): a server always sends one; a client only when the
+/// listener asks for it (`verify: :verify_peer`). Quinn hands out the whole chain as rustls
+/// gave it, the end entity first.
+fn peer_certificate(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    chain.first().map(|c| c.as_ref().to_vec())
+}
+
+/// A fresh binary holding `bytes`.
+fn binary_term<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
+    let mut b = rustler::NewBinary::new(env, bytes.len());
+    b.as_mut_slice().copy_from_slice(bytes);
+    rustler::Binary::from(b).to_term(env)
 }
 
 /// Every counter Quinn keeps (and our `send_pend`), as a map of atoms to integers.
@@ -639,11 +681,7 @@ impl HandshakeInfo {
     /// The props map.
     pub fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
         let alpn_term = match &self.alpn {
-            Some(p) => {
-                let mut b = rustler::NewBinary::new(env, p.len());
-                b.as_mut_slice().copy_from_slice(p);
-                rustler::Binary::from(b).to_term(env)
-            }
+            Some(p) => binary_term(env, p),
             None => atoms::undefined().encode(env),
         };
         let name_term = match &self.server_name {
