@@ -159,7 +159,8 @@ defmodule MaculaQuic do
     * A closed handle is not bad input: calls that need a live one (sends, receives, opening
       or accepting) return `{:error, :closed}` (or why it ended), closing it again is `:ok`,
       and queries still answer (`sockname/1`, `peername/1`, `getstat/2` with the last
-      addresses and counters; `getopt/2` and `setopt/3`).
+      addresses and counters; `negotiated_protocol/1`, `peercert/1`, `get_stream_id/1`,
+      `getopt/2` and `setopt/3`).
     * Input is bounded before it is read: strings (addresses, names, paths) up to 4096
       bytes, DER certificates and keys up to 1 MiB, PEM files up to 1 MiB (and only regular
       files: a FIFO or a device gives `{:certfile, :einval}`), ALPN lists up to 256 names.
@@ -478,12 +479,27 @@ defmodule MaculaQuic do
       :ok = MaculaQuic.close_connection(conn)
   """
   @spec close_connection(connection()) :: :ok
-  def close_connection(conn) do
+  def close_connection(conn), do: close_connection(conn, 0, 0)
+
+  @doc """
+  Closes a connection as `close_connection/1` does, with quicer's `flags`
+  (`connection_shutdown_none/0`, or `connection_shutdown_silent/0`, which Quinn cannot honour:
+  the peer is always told) and an application `error_code` the peer receives as
+  `{:quic, :shutdown, conn, error_code}`. When the caller is the owner it waits for and
+  consumes `{:quic, :closed, conn, _}`. Flags other than 0 or 1, and an `error_code` that is
+  not an integer in `0..2^62-1` (a QUIC varint), give `{:error, :badarg}`; closing a closed
+  connection is `:ok`.
+
+      :ok = MaculaQuic.close_connection(conn, MaculaQuic.connection_shutdown_none(), 42)
+  """
+  @spec close_connection(connection(), 0 | 1, non_neg_integer()) :: :ok | {:error, :badarg}
+  def close_connection(conn, flags, error_code)
+      when flags in [0, 1] and is_integer(error_code) and error_code in 0..@max_varint do
     owner? = owner?(conn)
     ref = make_ref()
 
     closed =
-      case native(:connection, conn, fn -> Native.conn_close(conn, 0, ref) end) do
+      case native(:connection, conn, fn -> Native.conn_close(conn, error_code, ref) end) do
         # Closing waits for the connection's work running on another thread: the answer comes.
         :wait -> receive(do: ({^ref, result} -> result))
         other -> other
@@ -500,6 +516,11 @@ defmodule MaculaQuic do
       _ ->
         :ok
     end
+  end
+
+  def close_connection(conn, _flags, _error_code) do
+    check_handle!(:connection, conn)
+    {:error, :badarg}
   end
 
   @doc """

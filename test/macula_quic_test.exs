@@ -643,6 +643,38 @@ defmodule MaculaQuicTest do
       assert {:error, _} = MaculaQuic.open_stream(c)
     end
 
+    test "close_connection/3: the peer sees the error code; the closing owner's closed is consumed" do
+      {c, sc, _l, _} = pair!()
+      :ok = MaculaQuic.close_connection(c, MaculaQuic.connection_shutdown_none(), 4242)
+      refute_received {:quic, :closed, ^c, _}
+      assert_receive {:quic, :shutdown, ^sc, 4242}, 5_000
+      assert_receive {:quic, :closed, ^sc, %{is_app_closing: false}}, 5_000
+      assert :ok = MaculaQuic.close_connection(c, 0, 1)
+      assert {:error, _} = MaculaQuic.open_stream(c)
+
+      # SILENT is accepted; Quinn tells the peer all the same.
+      {c, sc, _l, _} = pair!()
+      :ok = MaculaQuic.close_connection(c, MaculaQuic.connection_shutdown_silent(), 7)
+      assert_receive {:quic, :shutdown, ^sc, 7}, 5_000
+
+      {c, _sc, _l, _} = pair!()
+
+      for {flags, code} <- [
+            {2, 0},
+            {-1, 0},
+            {0, -1},
+            {0, Bitwise.bsl(1, 62)},
+            {:none, 0},
+            {0, "1"}
+          ] do
+        assert MaculaQuic.close_connection(c, flags, code) == {:error, :badarg}
+      end
+
+      assert {:ok, _} = MaculaQuic.open_stream(c)
+      assert_raise ArgumentError, fn -> MaculaQuic.close_connection(:conn, 0, 0) end
+      :ok = MaculaQuic.close_connection(c)
+    end
+
     test "idle timeout is reported as transport_shutdown connection_idle" do
       {c, _sc, _l, _} = pair!(listen: [idle_timeout_ms: 200], connect: [idle_timeout_ms: 200])
       assert_receive {:quic, :transport_shutdown, ^c, %{status: :connection_idle}}, 5_000

@@ -32,6 +32,7 @@ defmodule :macula_quic do
     connect: 3,
     connect: 4,
     close_connection: 1,
+    close_connection: 3,
     async_shutdown_connection: 3,
     peername: 1,
     negotiated_protocol: 1,
@@ -99,6 +100,8 @@ defmodule :macula_quic do
   @spec connect(MaculaQuic.host(), :inet.port_number(), MaculaQuic.options(), timeout()) ::
           {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
   @spec close_connection(MaculaQuic.connection()) :: :ok
+  @spec close_connection(MaculaQuic.connection(), 0 | 1, non_neg_integer()) ::
+          :ok | {:error, :badarg}
   @spec async_shutdown_connection(MaculaQuic.connection(), 0 | 1, non_neg_integer()) ::
           :ok | {:error, MaculaQuic.reason()}
   @spec peername(MaculaQuic.connection() | MaculaQuic.stream()) ::
