@@ -1076,9 +1076,11 @@ defmodule MaculaQuic do
   the watches made and those skipped by a thread backing off after watches that found nothing.
   `tls_tickets` counts the TLS session tickets clients have received and kept, and
   `tls_resumptions` the connects that offered one to resume a session (see `:session_resumption`
-  under Options), both since the VM started, and `driver_panics` the connections whose Quinn
+  under Options), both since the VM started, `driver_panics` the connections whose Quinn
   driver panicked (a bug in Quinn: the connection then ends, see "Errors, bad input and faults"
-  in the README). For monitoring and leak tests.
+  in the README), and `socket_panics` the panics stopped in the library's own socket code (a
+  bug in it: that datagram is lost or read another way, and the connection carries on). For
+  monitoring and leak tests.
 
       iex> %{listeners: n} = MaculaQuic.native_counts()
       iex> is_integer(n)

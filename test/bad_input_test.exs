@@ -663,6 +663,34 @@ defmodule MaculaQuic.BadInputTest do
     others_work_then_clean!(c, sc, l, [s, ss])
   end
 
+  describe "a panic in the library's own socket code (called by Quinn with its locks held)" do
+    test "stays there: a datagram is lost or read the other way, the connections carry on" do
+      {c, sc, l, _} = pair!()
+      {s, ss} = stream_pair!(c, sc)
+      assert collect!(ss, 5) == "hello"
+      {:ok, {_, client_port}} = MaculaQuic.sockname(c)
+      {:ok, {_, listener_port}} = MaculaQuic.sockname(l)
+      before = MaculaQuic.native_counts().socket_panics
+
+      # The client's next three sends and reads panic in our code, then the listener's; a panic
+      # that reached Quinn would poison its lock and, as Quinn drops the driver, abort the VM.
+      for {port, n} <- [{client_port, 3}, {listener_port, 6}] do
+        :ok = MaculaQuic.Native.debug_panic_socket(port, 3)
+        data = :crypto.strong_rand_bytes(300_000)
+        :ok = MaculaQuic.send(s, data)
+        assert collect!(ss, byte_size(data)) == data
+        :ok = MaculaQuic.send(ss, "back")
+        assert collect!(s, 4) == "back"
+        poll_counts!(&(&1.socket_panics == before + n), &"socket panics: #{inspect(&1)}")
+      end
+
+      assert {:ok, [send_cnt: n]} = MaculaQuic.getstat(c, [:send_cnt])
+      assert n > 0
+      assert MaculaQuic.Native.ping() == :ok
+      others_work_then_clean!(c, sc, l, [s, ss])
+    end
+  end
+
   describe "a panic inside Quinn's connection driver (the connection's lock held, so poisoned)" do
     test "the owner hears the connection end, its calls fail as on a closed one, nothing else is harmed" do
       {c, sc, l, _} = pair!()

@@ -116,7 +116,8 @@ defmodule MaculaQuic.Native do
   def handle_owner(_handle), do: nif_error()
   def counters, do: nif_error()
   # Test builds only (crate feature test_hooks): deliberate panics in a NIF, a runtime task, a
-  # stream's reader and writer tasks and Quinn's connection driver; a stalled driver.
+  # stream's reader and writer tasks, Quinn's connection driver and the library's socket code;
+  # a stalled driver.
   def debug_panic, do: nif_error()
   def debug_panic_task(_tag), do: nif_error()
   def debug_panic_reader(_stream), do: nif_error()
@@ -124,6 +125,7 @@ defmodule MaculaQuic.Native do
   def debug_panic_writer(_stream), do: nif_error()
   def debug_panic_driver(_conn), do: nif_error()
   def debug_panic_send_from(_local_port, _ip, _port), do: nif_error()
+  def debug_panic_socket(_local_port, _count), do: nif_error()
   def debug_stall_send_from(_local_port, _ip, _port, _ms, _pid), do: nif_error()
   def debug_nudge_driver(_conn), do: nif_error()
   def debug_stall_shard(_conn, _ms, _pid), do: nif_error()

@@ -952,6 +952,18 @@ fn debug_panic_driver(c: ResourceArc<ConnRes>) -> rustler::Atom {
     atoms::ok()
 }
 
+/// `debug_panic_socket(LocalPort, Count)` (test builds only): the next `Count` sends and direct
+/// reads of the library's socket on `LocalPort` panic in the library's own socket code, which
+/// Quinn calls with a connection's or the endpoint's lock held. Tests use it to prove that such
+/// a panic stays there (`contain::in_socket`): the datagram is lost or read the other way, and
+/// nothing else happens.
+#[cfg(feature = "test_hooks")]
+#[rustler::nif]
+fn debug_panic_socket(local_port: u16, count: u32) -> rustler::Atom {
+    *lock(&crate::inline_watch::DEBUG_SOCKET_PANICS) = (count > 0).then_some((local_port, count));
+    atoms::ok()
+}
+
 /// `debug_stall_send_from(LocalPort, Ip, Port, Ms, Pid)` (test builds only): the next datagram
 /// from the library's socket on `LocalPort` to `Ip:Port` that a runtime worker sends stalls
 /// for `Ms` milliseconds inside the send, after sending `Pid` the atom `driver_stalled`. Sent by

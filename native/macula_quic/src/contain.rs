@@ -23,6 +23,9 @@
 //! handshake holds them from its start (`listener::start_handshake` takes the connection out
 //! of Quinn's `Connecting` at once).
 //!
+//! Our own code that Quinn calls with those locks held (the sockets' sends and receives) keeps
+//! its panics to itself (`in_socket`): only a panic in Quinn's own code poisons them.
+//!
 //! What this cannot reach: an outgoing connection's handshake, whose only other reference is
 //! the `Connecting`'s (Quinn hands out the connection early only to a client resuming with
 //! 0-RTT), and an endpoint's driver, which takes the lock whenever it drops: a panic inside
@@ -82,6 +85,20 @@ impl<T: std::fmt::Debug> std::fmt::Debug for Contained<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.value.fmt(f)
     }
+}
+
+/// Runs `f`, a part of the library's own socket code (sending, receiving) that Quinn calls with
+/// a connection's or an endpoint's lock held. A panic there must not unwind into Quinn: it
+/// would poison that lock, and Quinn drops its driver while the panic unwinds, whose drop takes
+/// the lock again and panics a second time, which aborts the process (see above; an endpoint's
+/// driver always takes its lock as it drops). So it stops here: `None`, counted in
+/// `socket_panics`, and the caller goes on as if the datagram were lost or not there yet.
+pub fn in_socket<R>(f: impl FnOnce() -> R) -> Option<R> {
+    let out = catch_unwind(AssertUnwindSafe(f)).ok();
+    if out.is_none() {
+        crate::counters::bump(&crate::counters::SOCKET_PANICS);
+    }
+    out
 }
 
 /// Runs `f` (a Quinn call from one of our destructors), containing a panic: `None` if it

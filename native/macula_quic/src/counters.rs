@@ -42,6 +42,9 @@ pub static RUNTIME_WATCH_EXTENSIONS: AtomicI64 = AtomicI64::new(0);
 pub static TLS_TICKETS: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: Quinn connection drivers that panicked (see `executor::Shard::fail`).
 pub static DRIVER_PANICS: AtomicI64 = AtomicI64::new(0);
+/// Cumulative: panics in the library's own socket code, which Quinn calls with a connection's
+/// or an endpoint's lock held, stopped there (see `contain::in_socket`).
+pub static SOCKET_PANICS: AtomicI64 = AtomicI64::new(0);
 pub static TLS_RESUMPTIONS: AtomicI64 = AtomicI64::new(0);
 
 /// Counts one live object of a kind for as long as it exists.

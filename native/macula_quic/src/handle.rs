@@ -90,6 +90,7 @@ fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {
         (atoms::inline_watch_skips().encode(env), counters::get(&counters::INLINE_WATCH_SKIPS).encode(env)),
         (atoms::tls_tickets().encode(env), counters::get(&counters::TLS_TICKETS).encode(env)),
         (atoms::driver_panics().encode(env), counters::get(&counters::DRIVER_PANICS).encode(env)),
+        (atoms::socket_panics().encode(env), counters::get(&counters::SOCKET_PANICS).encode(env)),
         (atoms::tls_resumptions().encode(env), counters::get(&counters::TLS_RESUMPTIONS).encode(env)),
     ];
     Term::map_from_pairs(env, &pairs).map_err(|_| rustler::Error::BadArg)

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
+use crate::contain;
 use crate::counters;
 use crate::executor;
 use crate::spin;
@@ -142,10 +143,54 @@ impl AsyncUdpSocket for DirectSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> std::io::Result<()> {
+        // Outside `in_socket`: this hook stands for a panic in Quinn's own code.
         #[cfg(feature = "test_hooks")]
         debug_panic_hook(self.direct.local.port(), transmit.destination);
         #[cfg(feature = "test_hooks")]
         debug_stall_hook(self.direct.local.port(), transmit.destination);
+        // A panic in our part of the send stops in `in_socket`, and the datagram counts as lost
+        // (as quinn-udp itself treats a failed `sendmsg`): QUIC's loss recovery sends its
+        // frames again.
+        contain::in_socket(|| self.send(transmit)).unwrap_or(Ok(()))
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<std::io::Result<usize>> {
+        // If the direct read found nothing, or panicked (stopped in `in_socket`), tokio's
+        // readiness path reads instead.
+        if let Some(Some(ready)) = contain::in_socket(|| self.recv_direct(cx, bufs, meta)) {
+            return ready;
+        }
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+impl DirectSocket {
+    /// `try_send`'s work: claims the datagram for a call in this VM that will read it, sends it,
+    /// and wakes the receiving endpoint's driver.
+    fn send(&self, transmit: &Transmit) -> std::io::Result<()> {
+        #[cfg(feature = "test_hooks")]
+        debug_socket_panic_hook(self.direct.local.port());
         let inline = executor::in_inline();
         // The library's sockets bound to the destination (a peer in this VM), claimed before
         // the send: loopback delivers the datagram inside it, and a runtime worker's socket
@@ -173,12 +218,16 @@ impl AsyncUdpSocket for DirectSocket {
         sent
     }
 
-    fn poll_recv(
+    /// `poll_recv`'s direct read: `Some` with what it read (or its error), `None` when the
+    /// socket is to be waited on through tokio's readiness.
+    fn recv_direct(
         &self,
         cx: &mut Context,
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
-    ) -> Poll<std::io::Result<usize>> {
+    ) -> Option<Poll<std::io::Result<usize>>> {
+        #[cfg(feature = "test_hooks")]
+        debug_socket_panic_hook(self.direct.local.port());
         // The waker first: a call that sends here from now on wakes this driver (`wake`), also
         // while it is still deciding below, and the driver then looks again.
         {
@@ -201,29 +250,13 @@ impl AsyncUdpSocket for DirectSocket {
                     if n < meta.len().min(bufs.len()) {
                         self.direct.drained.store(true, Ordering::Release);
                     }
-                    return Poll::Ready(Ok(n));
+                    return Some(Poll::Ready(Ok(n)));
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+                Err(e) => return Some(Poll::Ready(Err(e))),
             }
         }
-        self.inner.poll_recv(cx, bufs, meta)
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-
-    fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
-    }
-
-    fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
-    }
-
-    fn may_fragment(&self) -> bool {
-        self.inner.may_fragment()
+        None
     }
 }
 
@@ -350,6 +383,23 @@ fn debug_panic_hook(port: u16, to: SocketAddr) {
         *armed = None;
         drop(armed);
         panic!("macula_quic: deliberate panic while sending (debug_panic_driver/1)");
+    }
+}
+
+/// Test builds only: `(local port, how many)`: the next sends and direct reads of the library's
+/// socket on that port panic in the library's own socket code (see `contain::in_socket`).
+#[cfg(feature = "test_hooks")]
+pub static DEBUG_SOCKET_PANICS: Mutex<Option<(u16, u32)>> = Mutex::new(None);
+
+#[cfg(feature = "test_hooks")]
+fn debug_socket_panic_hook(port: u16) {
+    let mut armed = lock(&DEBUG_SOCKET_PANICS);
+    if let Some((p, left)) = *armed {
+        if p == port {
+            *armed = if left > 1 { Some((p, left - 1)) } else { None };
+            drop(armed);
+            panic!("macula_quic: deliberate panic in the socket code (debug_panic_socket/2)");
+        }
     }
 }
 
