@@ -940,9 +940,57 @@ defmodule MaculaQuic.BadInputTest do
       e in ExUnit.AssertionError ->
         # A leak here has been seen once and not reproduced: say which calls could have left it.
         calls = notable |> Enum.reverse() |> Enum.join("\n    ")
-        message = "#{e.message}\n  the last calls that made handles or were killed:\n    #{calls}"
+
+        message =
+          "#{e.message}\n  who owns what is left:\n    #{owners_report()}" <>
+            "\n  the last calls that made handles or were killed:\n    #{calls}"
+
         reraise %{e | message: message}, __STACKTRACE__
     end
+  end
+
+  test "debug_owners/0, which the randomized test's leak report uses: each owner and its handles" do
+    {c, sc, l, port} = pair!()
+    {s, _ss} = stream_pair!(c, sc)
+    parent = self()
+
+    other =
+      spawn_link(fn ->
+        {:ok, l2} = MaculaQuic.listen("127.0.0.1", 0, alpn: alpn())
+        send(parent, {:listening, l2})
+        receive(do: (:stop -> :ok))
+      end)
+
+    assert_receive {:listening, l2}, 5_000
+    {:ok, {_, port2}} = MaculaQuic.sockname(l2)
+    owners = Map.new(MaculaQuic.Native.debug_owners())
+    mine = Enum.join(owners[self()], "\n")
+    assert mine =~ "listener on 127.0.0.1:#{port}"
+    assert length(Regex.scan(~r/^connection on /m, mine)) == 2
+    assert mine =~ ~r/^stream 0 \(bidirectional, opened by this side\)/m
+    assert mine =~ ~r/^stream 0 \(bidirectional, opened by the peer\)/m
+    assert owners[other] == ["listener on 127.0.0.1:#{port2}"]
+    send(other, :stop)
+    :ok = MaculaQuic.close_stream(s)
+    Enum.each([c, sc, l], &MaculaQuic.close/1)
+  end
+
+  # Every process the library monitors as an owner, and a line about each handle it owns.
+  defp owners_report do
+    me = self()
+
+    MaculaQuic.Native.debug_owners()
+    |> Enum.map(fn {pid, handles} ->
+      who =
+        cond do
+          pid == me -> "the test process"
+          Process.alive?(pid) -> "a live process"
+          true -> "a dead process"
+        end
+
+      "#{inspect(pid)} (#{who}): " <> Enum.join(handles, "; ")
+    end)
+    |> Enum.join("\n    ")
   end
 
   # Kept apart from the test body so that, once it returns, nothing on the test's stack refers

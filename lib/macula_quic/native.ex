@@ -126,6 +126,7 @@ defmodule MaculaQuic.Native do
   def debug_panic_driver(_conn), do: nif_error()
   def debug_panic_send_from(_local_port, _ip, _port), do: nif_error()
   def debug_panic_socket(_local_port, _count), do: nif_error()
+  def debug_owners, do: nif_error()
   def debug_stall_send_from(_local_port, _ip, _port, _ms, _pid), do: nif_error()
   def debug_nudge_driver(_conn), do: nif_error()
   def debug_stall_shard(_conn, _ms, _pid), do: nif_error()

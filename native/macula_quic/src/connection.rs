@@ -77,6 +77,18 @@ pub struct ConnRes {
 impl Resource for ConnRes {}
 
 impl Owned for ConnRes {
+    fn describe(&self) -> String {
+        let st = lock(&self.state);
+        format!(
+            "connection on {}: closed_by_app={} closed_sent={} ended={} driver_failed={}",
+            self.local_bound,
+            st.closed_by_app,
+            st.closed_sent,
+            st.ended.is_some(),
+            self.shard.failed()
+        )
+    }
+
     fn owner_down(&self, pid: LocalPid) {
         // The owner exited: close with code 0 so the peer learns at once, instead of waiting
         // for the idle timeout. The watcher then ends and the resource can be freed. Closing

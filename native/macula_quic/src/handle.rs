@@ -62,6 +62,14 @@ fn handle_kind<'a>(env: Env<'a>, handle: Term<'a>) -> Term<'a> {
     }
 }
 
+/// `debug_owners()` (test builds only): `[{Pid, [Description]}]`, every monitored process and a
+/// line about each handle it owns, for leak tests to say what was left and who holds it.
+#[cfg(feature = "test_hooks")]
+#[rustler::nif]
+fn debug_owners() -> Vec<(rustler::LocalPid, Vec<String>)> {
+    crate::owner::describe_owners()
+}
+
 /// `counters()`: live native objects, for leak tests and observability.
 #[rustler::nif]
 fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {

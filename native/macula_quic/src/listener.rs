@@ -90,6 +90,10 @@ impl Resource for ListenerRes {}
 /// Before, dropping the last reference closed it, and a listener held only in a variable the
 /// caller no longer used could close under a connect when something garbage-collected the caller.
 impl Owned for ListenerRes {
+    fn describe(&self) -> String {
+        format!("listener on {}", self.shared.local)
+    }
+
     fn owner_down(&self, pid: LocalPid) {
         let owned = lock(&self.shared.owner).pid == pid;
         if owned {

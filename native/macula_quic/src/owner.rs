@@ -28,17 +28,28 @@ pub trait Owned: Resource {
     /// `pid` exited. The handle shuts down if `pid` still owns it (it may have just been handed
     /// to another process).
     fn owner_down(&self, pid: LocalPid);
+
+    /// What the handle is and where it stands, in a line: for diagnostics (`describe_owners`,
+    /// which only test builds call).
+    #[cfg_attr(not(feature = "test_hooks"), allow(dead_code))]
+    fn describe(&self) -> String;
 }
 
 /// What an entry keeps of a handle: a reference, so that an open handle belongs to its owner
 /// until it closes, whether or not anything else refers to it.
 trait Registered: Send + Sync {
     fn owner_down(&self, pid: LocalPid);
+    #[cfg_attr(not(feature = "test_hooks"), allow(dead_code))]
+    fn describe(&self) -> String;
 }
 
 impl<T: Owned> Registered for ResourceArc<T> {
     fn owner_down(&self, pid: LocalPid) {
         (**self).owner_down(pid)
+    }
+
+    fn describe(&self) -> String {
+        (**self).describe()
     }
 }
 
@@ -75,12 +86,12 @@ impl Resource for OwnerRes {
 /// The handles of one owning process, keyed by their address. `None` once the process is dead:
 /// nothing more can register.
 struct Entry {
-    handles: Mutex<Option<HashMap<usize, Box<dyn Registered>>>>,
+    handles: Mutex<Option<HashMap<usize, Arc<dyn Registered>>>>,
     _live: Live,
 }
 
 impl Entry {
-    fn add(&self, key: usize, handle: Box<dyn Registered>) -> bool {
+    fn add(&self, key: usize, handle: Arc<dyn Registered>) -> bool {
         match lock(&self.handles).as_mut() {
             Some(hs) => {
                 hs.insert(key, handle);
@@ -115,6 +126,23 @@ fn entry_for(env: Option<Env>, pid: LocalPid) -> Option<Arc<Entry>> {
     Some(entry)
 }
 
+/// Every monitored process with a line about each handle it owns, for finding what a leak test
+/// found left over (test builds' `debug_owners/0`). Copies what it needs under each lock and
+/// describes the handles after, so that it never holds a registry's lock while it takes a
+/// handle's (the order elsewhere is the other way round).
+#[cfg(feature = "test_hooks")]
+pub fn describe_owners() -> Vec<(LocalPid, Vec<String>)> {
+    let entries: Vec<(LocalPid, Arc<Entry>)> = lock(&OWNERS).iter().map(|(pid, r)| (*pid, r.entry.clone())).collect();
+    entries
+        .into_iter()
+        .map(|(pid, entry)| {
+            let handles: Vec<Arc<dyn Registered>> =
+                lock(&entry.handles).as_ref().map(|hs| hs.values().cloned().collect()).unwrap_or_default();
+            (pid, handles.iter().map(|h| h.describe()).collect())
+        })
+        .collect()
+}
+
 /// Makes sure the calling process is monitored, from its own NIF (a scheduler), before a runtime
 /// thread hands it a connection or stream: the monitor is then not set on the runtime thread.
 pub fn prepare(env: Env) {
@@ -141,7 +169,7 @@ impl Owner {
     pub fn monitor<T: Owned>(env: Option<Env>, pid: LocalPid, handle: &ResourceArc<T>) -> Option<Owner> {
         let entry = entry_for(env, pid)?;
         let key = key(handle);
-        entry.add(key, Box::new(handle.clone())).then_some(Owner { pid, entry: Some(entry), key })
+        entry.add(key, Arc::new(handle.clone())).then_some(Owner { pid, entry: Some(entry), key })
     }
 
     /// Hands the handle to `new_pid`, for the calling process (`env`'s), which must own it:
@@ -155,7 +183,7 @@ impl Owner {
         }
         let Some(new) = entry_for(Some(env), new_pid) else { return Err(atoms::closed()) };
         if let Some(old) = self.entry.take() {
-            if !new.add(self.key, Box::new(handle.clone())) {
+            if !new.add(self.key, Arc::new(handle.clone())) {
                 self.entry = Some(old);
                 return Err(atoms::closed());
             }

@@ -213,6 +213,27 @@ enum SendCmd {
 impl Resource for StreamRes {}
 
 impl Owned for StreamRes {
+    fn describe(&self) -> String {
+        let st = lock(&self.state);
+        format!(
+            "stream {} ({}, opened by {}) of the connection on {}: recv_done={} send_done={} \
+             closed_sent={} conn_lost={} silenced={} end_reported={} stop_recv={:?} reset_send={:?} buffered={}",
+            self.id,
+            if self.bidi { "bidirectional" } else { "unidirectional" },
+            if self.local { "this side" } else { "the peer" },
+            self.conn.local_bound,
+            st.recv_done,
+            st.send_done,
+            st.closed_sent,
+            st.conn_lost,
+            st.silenced,
+            st.end_reported,
+            st.stop_recv,
+            st.reset_send,
+            st.buffered
+        )
+    }
+
     fn owner_down(&self, pid: LocalPid) {
         // The owner exited: abort both directions (code 0) so the peer is not left waiting, and
         // let the tasks end, which frees the stream.
