@@ -479,7 +479,7 @@ defmodule MaculaQuic do
       :ok = MaculaQuic.close_connection(conn)
   """
   @spec close_connection(connection()) :: :ok
-  def close_connection(conn), do: close_connection(conn, 0, 0)
+  def close_connection(conn), do: close_with(conn, 0)
 
   @doc """
   Closes a connection as `close_connection/1` does, with quicer's `flags`
@@ -494,7 +494,17 @@ defmodule MaculaQuic do
   """
   @spec close_connection(connection(), 0 | 1, non_neg_integer()) :: :ok | {:error, :badarg}
   def close_connection(conn, flags, error_code)
-      when flags in [0, 1] and is_integer(error_code) and error_code in 0..@max_varint do
+      when flags in [0, 1] and is_integer(error_code) and error_code in 0..@max_varint,
+      do: close_with(conn, error_code)
+
+  def close_connection(conn, _flags, _error_code) do
+    check_handle!(:connection, conn)
+    {:error, :badarg}
+  end
+
+  # Closes with an application error code (a valid varint) and, for the owner, consumes the
+  # `closed` message.
+  defp close_with(conn, error_code) do
     owner? = owner?(conn)
     ref = make_ref()
 
@@ -516,11 +526,6 @@ defmodule MaculaQuic do
       _ ->
         :ok
     end
-  end
-
-  def close_connection(conn, _flags, _error_code) do
-    check_handle!(:connection, conn)
-    {:error, :badarg}
   end
 
   @doc """
