@@ -94,7 +94,7 @@ impl<T: std::fmt::Debug> std::fmt::Debug for Contained<T> {
 /// driver always takes its lock as it drops). So it stops here: `None`, counted in
 /// `socket_panics`, and the caller goes on as if the datagram were lost or not there yet.
 pub fn in_socket<R>(f: impl FnOnce() -> R) -> Option<R> {
-    let out = catch_unwind(AssertUnwindSafe(f)).ok();
+    let out = quietly(f);
     if out.is_none() {
         crate::counters::bump(&crate::counters::SOCKET_PANICS);
     }
