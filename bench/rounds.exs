@@ -16,7 +16,8 @@
 #   ROUNDS=8 bin/rounds echo quinn default spin0:BENCH_RUNTIME_SPIN_US=0
 #   bin/rounds hs quinn default 'sbwt:ERL_AFLAGS=+sbwt very_long'
 #
-# WORKLOAD: echo (64 B, async_send/2), echo_send (64 B, send/2), echo4096, bulk (1 GiB,
+# WORKLOAD: echo (64 B, async_send/2), echo_send (64 B, send/2), echo4096, echo2p (64 B with
+# the echoing end in a second OS process, as bin/bench's "two OS processes" row), bulk (1 GiB,
 # active), passive (1 GiB, recv/3), hs (sequential handshakes), hs16 (16 at a time), fanout
 # (100 streams × 10 MiB on one connection); each is
 # defined once for both sides in bench/lib/workloads.ex.
@@ -207,14 +208,7 @@ defmodule Bench.Rounds do
     System.halt(2)
   end
 
-  defp measure(ctx, %{kind: :quinn}) do
-    {workload, params, key} = Bench.Workloads.quinn(ctx.workload)
-
-    case Bench.Util.run_quinn(ctx.quinn, workload, ctx.cert, params) do
-      %{^key => x} when is_number(x) -> x
-      other -> raise "quinn_baseline printed no #{key}: #{inspect(other)}"
-    end
-  end
+  defp measure(ctx, %{kind: :quinn}), do: Bench.Workloads.quinn(ctx.workload, ctx.quinn, ctx.cert)
 
   defp measure(ctx, %{kind: :macula, env: env} = variant) do
     one = Path.expand("one.exs", __DIR__)
