@@ -1076,8 +1076,8 @@ defmodule MaculaQuic do
   `inline_receives` counts, since the VM started, the datagrams calls read themselves (a call
   that sends to a peer in the same VM receives the datagram there), and `inline_deferrals` the
   times a stream's reader, run inside a call, left a `recv/3` answer over 1 MiB to a runtime
-  thread to build. `inline_watch_us` is how long a call that sent a datagram also watches its
-  socket for the answer (0, the default: never); `inline_watches` and `inline_watch_skips` count
+  thread to build. `inline_watch_us` is how long a call that sent a datagram to a peer outside
+  this VM also watches its socket for the answer (0, the default: never); `inline_watches` and `inline_watch_skips` count
   the watches made and those skipped by a thread backing off after watches that found nothing.
   `tls_tickets` counts the TLS session tickets clients have received and kept, and
   `tls_resumptions` the connects that offered one to resume a session (see `:session_resumption`

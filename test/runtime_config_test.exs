@@ -254,10 +254,97 @@ defmodule MaculaQuic.InlineWatchConfigTest do
   end
 
   @tag :inline_only
-  test "config :macula_quic, inline_watch_us: n also watches for the answer" do
-    assert %{us: 20, received: received, looks: looks, rebind: "ok"} = echo_with(20)
+  test "config :macula_quic, inline_watch_us: n does not watch for a peer in the same VM" do
+    # That peer's answer comes in the peer's own call, which reads it and delivers it itself:
+    # a watch would only wait. (With the peer elsewhere, see the tests below.)
+    assert %{us: 20, received: received, looks: 0, rebind: "ok"} = echo_with(20)
     assert received > 0.0, "datagrams read inline per round trip: #{received}"
-    assert looks > 0, "no call watched for its answer"
+  end
+
+  @tag :inline_only
+  test "config :macula_quic, inline_watch_us: n receives an answer from another OS process in the call" do
+    # The echoing end is a second VM, so no call of this one reads what it sends: without the
+    # watch every answer waits for a runtime worker (inline_receives stays 0). With it, a call
+    # that sent watches its socket for the answer, which the other VM sends within tens of µs
+    # on an idle host, and reads it itself.
+    ebin = Path.join(Mix.Project.build_path(), "lib/macula_quic/ebin")
+
+    server = """
+    {:ok, l} = MaculaQuic.listen("127.0.0.1", 0, alpn: ["t"])
+    {:ok, {_, port}} = MaculaQuic.sockname(l)
+    # Echoes on the first stream of every connection (the test connects twice).
+    spawn_link(fn ->
+      :ok = MaculaQuic.async_accept(l)
+      loop = fn loop ->
+        receive do
+          {:quic, :new_conn, sc, _} ->
+            :ok = MaculaQuic.async_accept_stream(sc, active: true)
+            :ok = MaculaQuic.async_accept(l)
+            loop.(loop)
+          {:quic, d, ss, _} when is_binary(d) -> :ok = MaculaQuic.async_send(ss, d); loop.(loop)
+          _ -> loop.(loop)
+        end
+      end
+      loop.(loop)
+    end)
+    IO.puts("port=" <> Integer.to_string(port))
+    # Until the test closes this VM's standard input.
+    _ = IO.read(:stdio, :eof)
+    """
+
+    vm =
+      Port.open({:spawn_executable, System.find_executable("elixir")}, [
+        :binary,
+        {:line, 1024},
+        args: ["-pa", ebin, "-e", server]
+      ])
+
+    port =
+      receive do
+        {^vm, {:data, {:eol, "port=" <> n}}} -> n
+      after
+        30_000 -> flunk("the echoing VM did not listen")
+      end
+
+    try do
+      # Pings until an answer is read in the call (at most `max`). A watch that finds nothing
+      # makes the thread skip its next ones (the back-off), so a slow start could leave few
+      # watches in a fixed count; 1 ms (the most the setting takes) leaves the other VM time
+      # to answer on a loaded host.
+      pings = fn setting, max ->
+        script = """
+        #{put_env(:inline_watch_us, setting)}
+        {:ok, c} = MaculaQuic.connect("127.0.0.1", #{port}, [alpn: ["t"], verify: :none], 5_000)
+        {:ok, s} = MaculaQuic.open_stream(c, active: true)
+        ping = fn ->
+          :ok = MaculaQuic.async_send(s, "ping")
+          receive do {:quic, "ping", ^s, _} -> :ok end
+        end
+        for _ <- 1..20, do: ping.()
+        %{inline_watches: w0, inline_watch_skips: k0, inline_receives: d0} = MaculaQuic.native_counts()
+        received = fn -> MaculaQuic.native_counts().inline_receives - d0 end
+        n = Enum.find(1..#{max}, #{max}, fn _ -> ping.(); received.() > 0 end)
+        %{inline_watches: w1, inline_watch_skips: k1} = MaculaQuic.native_counts()
+        :ok = MaculaQuic.close_connection(c)
+        IO.puts("pings=\#{n} looks=\#{w1 - w0 + k1 - k0} received=\#{received.()}")
+        """
+
+        out = run_vm!(script)
+
+        [_, looks, received] =
+          Regex.run(~r/looks=(\d+) received=(\d+)/, out) || flunk("no result from the VM: #{out}")
+
+        {String.to_integer(looks), String.to_integer(received), out}
+      end
+
+      # Without the setting: no call looks, none reads an answer.
+      assert {0, 0, _} = pings.(nil, 200)
+      {looks, received, out} = pings.(1000, 2000)
+      assert looks > 0, "no call watched for its answer: #{out}"
+      assert received > 0, "no answer was read in the call: #{out}"
+    after
+      Port.close(vm)
+    end
   end
 
   @tag :inline_only

@@ -23,7 +23,8 @@ defmodule MaculaQuic.Native do
   @on_load :__load_nif__
 
   # Microseconds a runtime worker watches the sockets before it sleeps (runtime_spin_us), and
-  # a call that sent a datagram watches them for the answer (inline_watch_us).
+  # a call that sent a datagram to a peer outside this VM watches them for the answer
+  # (inline_watch_us).
   @default_spin_us 20
   @default_inline_watch_us 0
 
@@ -59,8 +60,9 @@ defmodule MaculaQuic.Native do
   #     most 4);
   #   runtime_spin_us: 0..1000 µs a worker watches the sockets before it sleeps (0: never);
   #     default @default_spin_us;
-  #   inline_watch_us: 0..1000 µs a call that sent a datagram watches the sockets for the
-  #     answer, to receive it in the same call (0: never); default @default_inline_watch_us.
+  #   inline_watch_us: 0..1000 µs a call that sent a datagram to a peer outside this VM
+  #     watches the sockets for the answer, to receive it in the same call (0: never); default
+  #     @default_inline_watch_us.
   # See "How the work is scheduled" in README.
   defp runtime_workers, do: setting(:runtime_workers, 1..64, 0, "sizing for the host")
 
