@@ -1077,8 +1077,10 @@ defmodule MaculaQuic do
   that sends to a peer in the same VM receives the datagram there), and `inline_deferrals` the
   times a stream's reader, run inside a call, left a `recv/3` answer over 1 MiB to a runtime
   thread to build. `inline_watch_us` is how long a call that sent a datagram to a peer outside
-  this VM also watches its socket for the answer (0, the default: never); `inline_watches` and `inline_watch_skips` count
-  the watches made and those skipped by a thread backing off after watches that found nothing.
+  this VM also watches its socket for the answer (0, the default: never); `inline_watches` and
+  `inline_watch_skips` count the watches made and those skipped by a thread backing off after
+  watches that brought no answer, and `inline_watch_unanswered` the watches that found only
+  datagrams that sent no process a message (acknowledgements, say).
   `tls_tickets` counts the TLS session tickets clients have received and kept, and
   `tls_resumptions` the connects that offered one to resume a session (see `:session_resumption`
   under Options), both since the VM started, `driver_panics` the connections whose Quinn

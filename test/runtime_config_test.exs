@@ -262,7 +262,7 @@ defmodule MaculaQuic.InlineWatchConfigTest do
   end
 
   @tag :inline_only
-  test "config :macula_quic, inline_watch_us: n receives an answer from another OS process in the call" do
+  test "config :macula_quic, inline_watch_us: n receives an answer from another OS process in the call; a datagram that is no answer backs off" do
     # The echoing end is a second VM, so no call of this one reads what it sends: without the
     # watch every answer waits for a runtime worker (inline_receives stays 0). With it, a call
     # that sent watches its socket for the answer, which the other VM sends within tens of µs
@@ -342,6 +342,39 @@ defmodule MaculaQuic.InlineWatchConfigTest do
       {looks, received, out} = pings.(1000, 2000)
       assert looks > 0, "no call watched for its answer: #{out}"
       assert received > 0, "no answer was read in the call: #{out}"
+
+      # A datagram that reaches no process (here the echo, on a passive stream nobody reads;
+      # in a one-way stream, an acknowledgement) ends a watch but is no answer: the back-off
+      # counts it as finding nothing. Before, every send then watched and caught the echo, and
+      # a process sending one way went at the pace of the peer's acknowledgements.
+      script = """
+      #{put_env(:inline_watch_us, 1000)}
+      {:ok, c} = MaculaQuic.connect("127.0.0.1", #{port}, [alpn: ["t"], verify: :none], 5_000)
+      {:ok, s} = MaculaQuic.open_stream(c, active: false)
+      # Paced (a pause, not a wait for anything), so that each send leaves in its own call
+      # rather than with the previous ones from a runtime worker.
+      send = fn -> :ok = MaculaQuic.send(s, "ping"); Process.sleep(1) end
+      for _ <- 1..20, do: send.()
+      %{inline_watches: w0, inline_watch_skips: k0, inline_watch_unanswered: u0} = MaculaQuic.native_counts()
+      for _ <- 1..200, do: send.()
+      %{inline_watches: w1, inline_watch_skips: k1, inline_watch_unanswered: u1} = MaculaQuic.native_counts()
+      :ok = MaculaQuic.close_connection(c)
+      IO.puts("watches=\#{w1 - w0} skips=\#{k1 - k0} unanswered=\#{u1 - u0}")
+      """
+
+      out = run_vm!(script)
+
+      [watches, skips, unanswered] =
+        case Regex.run(~r/watches=(\d+) skips=(\d+) unanswered=(\d+)/, out) do
+          [_ | counts] -> Enum.map(counts, &String.to_integer/1)
+          nil -> flunk("no result from the VM: #{out}")
+        end
+
+      assert watches + skips > 0, out
+      # Most looks skipped: the watches' finds did not reset the back-off. (Those finds are
+      # `unanswered`; on a slow host a watch may also find nothing at all, which backs off too.)
+      assert watches * 4 < watches + skips, out
+      assert unanswered <= watches, out
     after
       Port.close(vm)
     end

@@ -28,9 +28,13 @@ pub static INLINE_RECEIVES: AtomicI64 = AtomicI64::new(0);
 /// worker (see `executor::defer_to_runtime`).
 pub static INLINE_DEFERRALS: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: watches a sending call made for its answer, and watches skipped by a thread
-/// backing off after watches that found nothing (see `inline_watch::watch`).
+/// backing off after watches that brought no answer (see `inline_watch::begin`).
 pub static INLINE_WATCHES: AtomicI64 = AtomicI64::new(0);
 pub static INLINE_WATCH_SKIPS: AtomicI64 = AtomicI64::new(0);
+/// Cumulative: watches that found a datagram which sent no process a message (an
+/// acknowledgement, say): counted as finding nothing by the back-off (see
+/// `inline_watch::Watch::end`).
+pub static INLINE_WATCH_UNANSWERED: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: runtime workers' socket watches that ended at a datagram waiting on a socket no
 /// call had claimed (see `spin`).
 pub static RUNTIME_WATCH_HITS: AtomicI64 = AtomicI64::new(0);

@@ -41,6 +41,7 @@ use crate::chaos;
 use crate::contain::Contained;
 use crate::counters::{self, Live};
 use crate::inline_watch;
+use crate::messages;
 use crate::runtime;
 use crate::util::lock;
 
@@ -477,20 +478,32 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
     let mut budget = Budget::new(INLINE_BUDGET);
     let mut entered = None;
     let mut watched = false;
+    // This call's watch for its answer, and the messages this thread had sent when it began.
+    let mut watch: Option<(inline_watch::Watch, u64)> = None;
     loop {
         let mut woken = take_woken();
-        // Once this call's work is done: if it sent a datagram and has time left, watch for the
-        // answer (once), and receive it here when it comes (see `inline_watch`).
+        // Once this call's work is done: if it sent a datagram to a peer outside the VM and has
+        // time left, watch for the answer, and receive it here when it comes (see
+        // `inline_watch`).
         if woken.is_empty() && !watched && inline_watch::watch_us() > 0 && budget.tick() {
-            let sent = inline_watch::take_sent();
-            if !sent.is_empty() {
-                watched = true;
-                let found = inline_watch::watch(&sent);
+            watched = true;
+            watch = inline_watch::begin(inline_watch::take_sent()).map(|w| (w, messages::sent_in_calls()));
+        }
+        if woken.is_empty() {
+            if let Some((mut w, before)) = watch.take() {
+                // The watch goes on until what it found has sent a process a message (an
+                // answer), or its time is up: a datagram that carried nothing for a process
+                // (an acknowledgement, which the peer may send before its answer) does not end
+                // it.
+                let answered = messages::sent_in_calls() > before;
+                if !answered && w.next() {
+                    woken = take_woken();
+                    watch = Some((w, before));
+                } else {
+                    w.end(answered);
+                }
                 // The watch took time the budget (and the VM's accounting) must count.
                 budget.tick();
-                if found {
-                    woken = take_woken();
-                }
             }
         }
         if woken.is_empty() {

@@ -17,13 +17,15 @@
 //! handshakes, bulk, and echo with the peer in another OS process no worse.
 //!
 //! With `inline_watch_us` set, a call that sent a datagram to a peer outside this VM also
-//! watches the socket it sent on, for up to that long, for the answer. A peer in this VM is not
-//! watched for: its answer comes in its own call, which reads it and delivers it itself (as
-//! above). With the peer in another OS process on the same host the answer often comes within
-//! tens of microseconds, and the call that reads it spares its process a wake-up (64-byte echo
-//! 0.66× → 0.82× raw Quinn by median at 50 µs). Off by default: across a network the answer
-//! never comes that soon, and the library cannot tell which peers are near; a thread whose
-//! watches keep finding nothing backs off (see `watch`). README's "Tuning: receiving in the
+//! watches the socket it sent on, for up to that long, for the answer: a datagram whose work
+//! sends a process a message (one that carries nothing for a process, such as an
+//! acknowledgement, is received and the watch goes on). A peer in this VM is not watched for:
+//! its answer comes in its own call, which reads it and delivers it itself (as above). With the
+//! peer in another OS process on the same host the answer often comes within tens of
+//! microseconds, and the call that reads it spares its process a wake-up (64-byte echo
+//! 0.63-0.68× → 0.79-0.84× raw Quinn by median at 50 µs). Off by default: across a network the
+//! answer never comes that soon, and the library cannot tell which peers are near; a thread
+//! whose watches bring no answer backs off (see `begin`). README's "Tuning: receiving in the
 //! sending call" sums up the measurements, bench/README.md has them in full.
 //!
 //! To read outside tokio's readiness tracking (which only a runtime worker's poll of the OS
@@ -81,12 +83,6 @@ pub fn take_sent() -> Sent {
 
 /// Sockets a call sent on, to watch for the answers.
 pub struct Sent(Vec<Weak<Direct>>);
-
-impl Sent {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
 
 fn mark_sent(d: &Arc<Direct>) {
     SENT.with(|s| {
@@ -267,37 +263,69 @@ impl DirectSocket {
     }
 }
 
-/// Watches the sockets the call sent on for up to `inline_watch_us`; wakes the driver of each
-/// whose socket has a datagram waiting. True when it woke one (its shard is then queued to run
-/// in the calling NIF, see `executor::inline`).
+/// Starts the watch of a call that sent datagrams on `sent`'s sockets, for up to
+/// `inline_watch_us`, unless this thread is backing off (counted in `inline_watch_skips`) or
+/// the sockets are gone. `executor::inline` runs it (`Watch::next`) and ends it.
 ///
 /// A thread whose watches keep finding nothing (a peer across a network, whose answer never
 /// comes within microseconds) backs off: after n empty watches in a row it skips the next
 /// 2^n - 1 (at most 1023), so that such sends cost next to nothing, and one watch that finds
 /// an answer puts it back to watching every time.
-pub fn watch(sent: &Sent) -> bool {
+pub fn begin(sent: Sent) -> Option<Watch> {
     let sockets: Vec<Arc<Direct>> = sent.0.iter().filter_map(Weak::upgrade).collect();
     if sockets.is_empty() {
-        return false;
+        return None;
     }
     if !backoff_allows() {
         counters::bump(&counters::INLINE_WATCH_SKIPS);
-        return false;
+        return None;
     }
     counters::bump(&counters::INLINE_WATCHES);
     let until = Instant::now() + Duration::from_micros(watch_us());
-    let woke = loop {
-        let mut woke = false;
-        for d in &sockets {
-            woke |= d.wake_if_ready();
+    Some(Watch { sockets, until, found: false })
+}
+
+/// A call's watch for its answer.
+pub struct Watch {
+    sockets: Vec<Arc<Direct>>,
+    until: Instant,
+    /// Some look found a datagram.
+    found: bool,
+}
+
+impl Watch {
+    /// Watches the sockets until a datagram waits on one of them, and wakes its endpoint's
+    /// driver (true: that shard is then queued to run in the calling NIF), or until the
+    /// watch's time is up (false).
+    pub fn next(&mut self) -> bool {
+        loop {
+            let mut woke = false;
+            for d in &self.sockets {
+                woke |= d.wake_if_ready();
+            }
+            if woke {
+                self.found = true;
+                return true;
+            }
+            if Instant::now() >= self.until {
+                return false;
+            }
+            std::hint::spin_loop();
         }
-        if woke || Instant::now() >= until {
-            break woke;
+    }
+
+    /// Ends the watch: `answer` when what it found sent a process a message. Only an answer
+    /// resets the back-off; a watch that found only datagrams that carried nothing for a
+    /// process (acknowledgements, say) counts as finding nothing, and in
+    /// `inline_watch_unanswered`. Without that, a process streaming small messages one way to a
+    /// peer outside the VM would wait after each send for the acknowledgement, and send at
+    /// their pace (in one of four runs at 50 µs, 32k messages/s against 0.5-0.9M).
+    pub fn end(self, answer: bool) {
+        backoff_record(answer);
+        if self.found && !answer {
+            counters::bump(&counters::INLINE_WATCH_UNANSWERED);
         }
-        std::hint::spin_loop();
-    };
-    backoff_record(woke);
-    woke
+    }
 }
 
 thread_local! {

@@ -3,7 +3,7 @@
 //! A NIF that starts async work takes a reply tag from the caller (a fresh reference) and
 //! returns at once; the task later sends `{Tag, Result}`. The caller waits in a `receive`,
 //! which blocks the calling process, never a scheduler.
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use rustler::env::SavedTerm;
 use rustler::{Encoder, Env, LocalPid, OwnedEnv, Term};
@@ -12,6 +12,15 @@ thread_local! {
     // One reusable environment per runtime thread: `send_and_clear` empties it after each
     // message, so messages cost no allocation of an environment of their own.
     static SEND_ENV: RefCell<OwnedEnv> = RefCell::new(OwnedEnv::new());
+    /// Messages this scheduler thread has sent inside calls (see `sent_in_calls`).
+    static SENT_IN_CALLS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How many messages this thread has sent to processes from inside calls (shards run in a
+/// NIF): `executor::inline` compares it around the work a watch found, to tell an answer that
+/// reached a process from a datagram that carried none (an acknowledgement).
+pub fn sent_in_calls() -> u64 {
+    SENT_IN_CALLS.with(|n| n.get())
 }
 
 /// Sends the term `build` makes to `pid`, from a runtime thread or from a shard running inline
@@ -40,6 +49,7 @@ where
     let marker = ();
     if let Some(env) = crate::executor::caller_env(&marker) {
         let msg = build(env);
+        SENT_IN_CALLS.with(|n| n.set(n.get() + 1));
         return env.send(pid, msg).is_ok();
     }
     let mut owned = OwnedEnv::new();
