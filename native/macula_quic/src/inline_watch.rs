@@ -23,7 +23,7 @@
 //! its answer comes in its own call, which reads it and delivers it itself (as above). With the
 //! peer in another OS process on the same host the answer often comes within tens of
 //! microseconds, and the call that reads it spares its process a wake-up (64-byte echo
-//! 0.63-0.68× → 0.79-0.84× raw Quinn by median at 50 µs). Off by default: across a network the
+//! 0.60-0.68× → 0.79-0.92× raw Quinn by median at 50 µs). Off by default: across a network the
 //! answer never comes that soon, and the library cannot tell which peers are near; a thread
 //! whose watches bring no answer backs off (see `begin`). README's "Tuning: receiving in the
 //! sending call" sums up the measurements, bench/README.md has them in full.
