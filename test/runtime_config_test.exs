@@ -344,9 +344,10 @@ defmodule MaculaQuic.InlineWatchConfigTest do
       assert received > 0, "no answer was read in the call: #{out}"
 
       # A datagram that reaches no process (here the echo, on a passive stream nobody reads;
-      # in a one-way stream, an acknowledgement) ends a watch but is no answer: the back-off
-      # counts it as finding nothing. Before, every send then watched and caught the echo, and
-      # a process sending one way went at the pace of the peer's acknowledgements.
+      # in a one-way stream, an acknowledgement) is no answer: the watch goes on past it, and
+      # the back-off counts the watch as bringing nothing. Before, such a find reset the
+      # back-off, every send watched and caught the echo, and a process sending one way went
+      # at the pace of the peer's acknowledgements.
       script = """
       #{put_env(:inline_watch_us, 1000)}
       {:ok, c} = MaculaQuic.connect("127.0.0.1", #{port}, [alpn: ["t"], verify: :none], 5_000)
