@@ -31,11 +31,7 @@ defmodule Bench.OneWay do
       end
 
     cert = Bench.Util.make_cert(Path.join(System.tmp_dir!(), "macula_quic_one_way_cert"))
-    ebin = :code.lib_dir(:macula_quic, :ebin) |> to_string()
-    me = Path.expand(__ENV__.file)
-
-    sink =
-      {System.find_executable("elixir"), ["-pa", ebin, me, "sink", cert.certfile, cert.keyfile]}
+    sink = Bench.Util.elixir_vm(Path.expand(__ENV__.file), ["sink", cert.certfile, cert.keyfile])
 
     Bench.Util.with_server(sink, fn port, _os_pid ->
       c = Bench.Macula.connect(port)

@@ -266,13 +266,8 @@ defmodule Bench.Run do
   defp echo_two_processes(ctx, secs) do
     size = 64
     progress("echo: #{size}-byte round trips, echoing end in another OS process")
-    cert_args = [ctx.cert.certfile, ctx.cert.keyfile]
-    ebin = :code.lib_dir(:macula_quic, :ebin) |> to_string()
-    server = Path.expand("echo_server.exs", __DIR__)
-    macula_server = {System.find_executable("elixir"), ["-pa", ebin, server | cert_args]}
-
-    quinn_server =
-      {ctx.quinn, ["echo", "role=server", "cert=#{ctx.cert.certfile}", "key=#{ctx.cert.keyfile}"]}
+    macula_server = Bench.Util.macula_echo_server(ctx.cert)
+    quinn_server = Bench.Util.quinn_echo_server(ctx.quinn, ctx.cert)
 
     res =
       measure("echo #{size}B, two OS processes", :rt_s, [
@@ -342,15 +337,11 @@ defmodule Bench.Run do
     n = scaled_count(10_000, 100)
     progress("idle memory: #{n} connections (both ends in one OS process), fresh process each")
     script = Path.expand("memory.exs", __DIR__)
-    ebin = :code.lib_dir(:macula_quic, :ebin) |> to_string()
 
     macula = fn ->
-      {out, 0} =
-        System.cmd(
-          System.find_executable("elixir"),
-          ["-pa", ebin, script, ctx.cert.certfile, ctx.cert.keyfile, "#{n}"],
-          stderr_to_stdout: true
-        )
+      {exe, args} = Bench.Util.elixir_vm(script, [ctx.cert.certfile, ctx.cert.keyfile, "#{n}"])
+
+      {out, 0} = System.cmd(exe, args, stderr_to_stdout: true)
 
       parse_last_json(out)
     end

@@ -193,6 +193,26 @@ defmodule Bench.Util do
   end
 
   @doc """
+  `{executable, args}` that runs the Elixir `script` with `args` in a second VM with this VM's
+  build of macula_quic on its code path (its runtime settings come with the environment).
+  """
+  def elixir_vm(script, args) do
+    ebin = :code.lib_dir(:macula_quic, :ebin) |> to_string()
+    {System.find_executable("elixir"), ["-pa", ebin, script | args]}
+  end
+
+  @doc """
+  The echoing ends of the 64-byte echo with the peer in another OS process, for
+  `with_server/2`: bench/echo_server.exs in a second VM (`elixir_vm/2`), and raw Quinn's
+  baseline `bin` with `role=server`.
+  """
+  def macula_echo_server(cert),
+    do: elixir_vm(Path.expand("../echo_server.exs", __DIR__), [cert.certfile, cert.keyfile])
+
+  def quinn_echo_server(bin, cert),
+    do: {bin, ["echo", "role=server", "cert=#{cert.certfile}", "key=#{cert.keyfile}"]}
+
+  @doc """
   Runs `fun.(listen_port, os_pid)` against a server started from `{executable, args}` that
   prints `{"port":N}` once it listens (bench/echo_server.exs, `quinn_baseline echo
   role=server`), and stops the server afterwards by closing its standard input. `os_pid` is the

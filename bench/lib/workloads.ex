@@ -48,9 +48,7 @@ defmodule Bench.Workloads do
     out =
       case @workloads[name] do
         %{kind: :echo_remote} ->
-          server = {bin, ["echo", "role=server", "cert=#{cert.certfile}", "key=#{cert.keyfile}"]}
-
-          Bench.Util.with_server(server, fn port, _os_pid ->
+          Bench.Util.with_server(Bench.Util.quinn_echo_server(bin, cert), fn port, _os_pid ->
             Bench.Util.run_quinn(bin, workload, cert, params ++ [peer_port: port])
           end)
 
@@ -85,13 +83,7 @@ defmodule Bench.Workloads do
   # macula_quic's `echo2p`: the echoing end is bench/echo_server.exs in a second VM, with this
   # VM's build of the library and, by inheritance, its runtime settings (BENCH_*, ERL_AFLAGS).
   defp macula_remote(cert, size, seconds) do
-    ebin = :code.lib_dir(:macula_quic, :ebin) |> to_string()
-    script = Path.expand("../echo_server.exs", __DIR__)
-
-    server =
-      {System.find_executable("elixir"), ["-pa", ebin, script, cert.certfile, cert.keyfile]}
-
-    Bench.Util.with_server(server, fn port, _os_pid ->
+    Bench.Util.with_server(Bench.Util.macula_echo_server(cert), fn port, _os_pid ->
       Bench.Macula.echo_remote(port, size, seconds).rt_s
     end)
   end
