@@ -1079,8 +1079,10 @@ defmodule MaculaQuic do
   thread to build. `inline_watch_us` is how long a call that sent a datagram to a peer outside
   this VM also watches its socket for the answer (0, the default: never); `inline_watches` and
   `inline_watch_skips` count the watches made and those skipped by a thread backing off after
-  watches that brought no answer, and `inline_watch_unanswered` the watches that found only
-  datagrams that sent no process a message (acknowledgements, say).
+  watches that brought no answer, `inline_watch_far` the calls not watched for because their
+  connection's smallest round trip is over twice `inline_watch_us`, and
+  `inline_watch_unanswered` the watches that found only datagrams that sent no process a
+  message (acknowledgements, say).
   `tls_tickets` counts the TLS session tickets clients have received and kept, and
   `tls_resumptions` the connects that offered one to resume a session (see `:session_resumption`
   under Options), both since the VM started, `driver_panics` the connections whose Quinn

@@ -416,21 +416,24 @@ defmodule MaculaQuic.InlineWatchConfigTest do
     assert extensions > 0, "no watch went on past runtime_spin_us"
   end
 
-  @tag :inline_only
-  test "a call whose watches find nothing backs off: a peer 2 ms away costs few watches" do
-    # Every datagram passes through a relay that holds it 2 ms, as a network would: no answer
-    # comes within the 20 µs watch. Without the back-off every send would watch in full.
+  # Echoes "ping"/"pong" 400 times over one connection whose datagrams all pass through a
+  # relay (a process of this VM with a `:gen_udp` socket) that holds each for `delay_ms`, as a
+  # network would, with `inline_watch_us` at 1000. One process makes both ends' calls, so no
+  # answer can come while a call watches. Returns the calls' watches, skips and "too far" counts
+  # over the 800 sends, and the runtime watch's extensions.
+  defp relayed_with(delay_ms) do
     script = """
-    #{put_env(:inline_watch_us, 20)}
+    #{put_env(:inline_watch_us, 1000)}
     {:ok, l} = MaculaQuic.listen("127.0.0.1", 0, alpn: ["t"])
     {:ok, {_, port}} = MaculaQuic.sockname(l)
     {:ok, r} = :gen_udp.open(0, [:binary, ip: {127, 0, 0, 1}, active: true])
     {:ok, rport} = :inet.port(r)
+    out = fn msg -> if #{delay_ms} > 0, do: Process.send_after(self(), msg, #{delay_ms}), else: send(self(), msg) end
     relay = spawn_link(fn ->
       loop = fn loop, client ->
         receive do
-          {:udp, ^r, _ip, ^port, d} -> Process.send_after(self(), {:out, client, d}, 2); loop.(loop, client)
-          {:udp, ^r, ip, p, d} -> Process.send_after(self(), {:out, port, d}, 2); loop.(loop, {ip, p})
+          {:udp, ^r, _ip, ^port, d} -> out.({:out, client, d}); loop.(loop, client)
+          {:udp, ^r, ip, p, d} -> out.({:out, port, d}); loop.(loop, {ip, p})
           {:out, {ip, p}, d} -> :gen_udp.send(r, ip, p, d); loop.(loop, client)
           {:out, p, d} -> :gen_udp.send(r, {127, 0, 0, 1}, p, d); loop.(loop, client)
         end
@@ -446,31 +449,55 @@ defmodule MaculaQuic.InlineWatchConfigTest do
     :ok = MaculaQuic.send(s, "x")
     ss = receive do {:quic, :new_stream, ss, _} -> ss end
     receive do {:quic, "x", ^ss, _} -> :ok end
-    %{inline_watches: w0, inline_watch_skips: k0, runtime_watch_extensions: e0} = MaculaQuic.native_counts()
+    %{inline_watches: w0, inline_watch_skips: k0, inline_watch_far: f0, runtime_watch_extensions: e0} = MaculaQuic.native_counts()
     for _ <- 1..400 do
       :ok = MaculaQuic.async_send(s, "ping")
       receive do {:quic, "ping", ^ss, _} -> :ok end
       :ok = MaculaQuic.async_send(ss, "pong")
       receive do {:quic, "pong", ^s, _} -> :ok end
     end
-    %{inline_watches: w1, inline_watch_skips: k1, runtime_watch_extensions: e1} = MaculaQuic.native_counts()
-    IO.puts("watches=\#{w1 - w0} skips=\#{k1 - k0} ext=\#{e1 - e0}")
+    %{inline_watches: w1, inline_watch_skips: k1, inline_watch_far: f1, runtime_watch_extensions: e1} = MaculaQuic.native_counts()
+    {:ok, [min_rtt_us: rtt]} = MaculaQuic.getstat(c, [:min_rtt_us])
+    IO.puts("watches=\#{w1 - w0} skips=\#{k1 - k0} far=\#{f1 - f0} ext=\#{e1 - e0} rtt=\#{rtt}")
     """
 
     out = run_vm!(script)
 
-    [_, watches, skips, ext] =
-      Regex.run(~r/watches=(\d+) skips=(\d+) ext=(\d+)/, out) ||
-        flunk("no result from the VM: #{out}")
+    case Regex.run(~r/watches=(\d+) skips=(\d+) far=(\d+) ext=(\d+) rtt=(\d+)/, out) do
+      [_ | counts] ->
+        [watches, skips, far, ext, rtt] = Enum.map(counts, &String.to_integer/1)
+        %{watches: watches, skips: skips, far: far, extensions: ext, min_rtt_us: rtt}
 
-    {watches, skips} = {String.to_integer(watches), String.to_integer(skips)}
+      nil ->
+        flunk("no result from the VM: #{out}")
+    end
+  end
+
+  @tag :inline_only
+  test "a call whose watches find no answer backs off" do
+    # The relay passes datagrams on at once: the connection's smallest round trip is well
+    # within the 1 ms watch, so calls watch, but the answers come only after the call (the
+    # same process makes them). Without the back-off every send would watch in full.
+    %{watches: watches, skips: skips} = r = relayed_with(0)
     # Calls that sent a datagram themselves (some of the 800 sends; a runtime worker sends the
     # rest, and Quinn's acknowledgements) looked: most of those looks were skipped.
-    assert watches + skips >= 20, "watches #{watches}, skipped #{skips}"
-    assert watches * 4 < watches + skips, "watches #{watches}, skipped #{skips}"
+    assert watches + skips >= 20, inspect(r)
+    assert watches * 4 < watches + skips, inspect(r)
+    assert %{far: 0} = r
     # Nothing a call sends reaches a socket of the library directly (the relay is in between):
     # no claims, so no runtime watch went on past its 20 µs.
-    assert ext == "0"
+    assert %{extensions: 0} = r
+  end
+
+  @tag :inline_only
+  test "a peer whose round trip is over twice inline_watch_us is not watched for" do
+    # The relay holds each datagram 2 ms, so the smallest round trip (over 4 ms) is more than
+    # twice the 1 ms watch: no answer can come within it, and no call watches (nor counts
+    # towards the back-off); each counts as too far instead.
+    %{watches: watches, skips: skips, far: far, min_rtt_us: rtt} = r = relayed_with(2)
+    assert rtt >= 4000, inspect(r)
+    assert watches + skips == 0, inspect(r)
+    assert far >= 20, inspect(r)
   end
 
   test "a bad inline_watch_us is ignored with a warning" do

@@ -61,7 +61,8 @@ defmodule MaculaQuic.Native do
   #   runtime_spin_us: 0..1000 µs a worker watches the sockets before it sleeps (0: never);
   #     default @default_spin_us;
   #   inline_watch_us: 0..1000 µs a call that sent a datagram to a peer outside this VM
-  #     watches the sockets for the answer, to receive it in the same call (0: never); default
+  #     watches the sockets for the answer, to receive it in the same call (0: never; only on
+  #     connections whose smallest round trip is at most twice this); default
   #     @default_inline_watch_us.
   # See "How the work is scheduled" in README.
   defp runtime_workers, do: setting(:runtime_workers, 1..64, 0, "sizing for the host")

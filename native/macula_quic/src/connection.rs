@@ -27,6 +27,7 @@ use crate::atoms;
 use crate::counters::{self, Live};
 use crate::contain::{self, Contained};
 use crate::endpoint;
+use crate::inline_watch;
 use crate::error::{self, Reason};
 use crate::executor::{self, Shard};
 use crate::messages::{self, Reply};
@@ -344,7 +345,7 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
         }
     };
     match shard {
-        Some(shard) => executor::inline(env, || shard.spawn(task)),
+        Some(shard) => executor::inline(env, None, || shard.spawn(task)),
         None => {
             runtime::spawn(task);
         }
@@ -445,7 +446,7 @@ fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64, tag: Term<'a
         return atoms::closed().encode(env);
     }
     let shard = c.shard.clone();
-    executor::inline(env, || match shard.claim() {
+    executor::inline(env, inline_watch::watch_on(&c.conn), || match shard.claim() {
         Some(_claim) => close_by_app(&c, code, |owner, res| {
             let _ = env.send(owner, closed_msg(env, res, false, true));
         })
@@ -506,7 +507,7 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
     // Closing takes Quinn's connection lock: on the shard, serialised with the drivers (inline
     // here when the shard is free). The owner hears `closed` from the watcher either way.
     let conn = c.conn.clone();
-    executor::inline(env, || c.shard.spawn(async move { conn.close(code, b"") }));
+    executor::inline(env, inline_watch::watch_on(&c.conn), || c.shard.spawn(async move { conn.close(code, b"") }));
     atoms::ok().encode(env)
 }
 
@@ -729,7 +730,7 @@ fn open_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>, tag: T
     if c.shard.failed() {
         return err(env, atoms::closed());
     }
-    executor::inline(env, || match c.shard.claim() {
+    executor::inline(env, inline_watch::watch_on(&c.conn), || match c.shard.claim() {
         Some(_claim) => open_stream_now(env, &c, opts, tag),
         None => open_stream_later(env, &c, opts, tag),
     })

@@ -457,8 +457,9 @@ impl Drop for Claim<'_> {
 /// Runs `f` (the body of a NIF), then the tasks it woke, on this thread, bounded by
 /// `INLINE_BUDGET`; what is left runs on tokio. Shards woken while those run (a new
 /// connection's, say) are run too, within the same budget. Call only from a NIF on a normal
-/// scheduler, with no locks held by the caller.
-pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
+/// scheduler, with no locks held by the caller. `watch_on`: the connection the call is made on
+/// (`inline_watch::watch_on`), whose distance decides whether the call watches for its answer.
+pub fn inline<R>(env: Env, watch_on: Option<quinn::Connection>, f: impl FnOnce() -> R) -> R {
     if !enabled() || in_inline() {
         return f();
     }
@@ -480,6 +481,7 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
     let mut watched = false;
     // This call's watch for its answer, and the messages this thread had sent when it began.
     let mut watch: Option<(inline_watch::Watch, u64)> = None;
+    let mut watch_on = watch_on;
     loop {
         let mut woken = take_woken();
         // Once this call's work is done: if it sent a datagram to a peer outside the VM and has
@@ -487,7 +489,7 @@ pub fn inline<R>(env: Env, f: impl FnOnce() -> R) -> R {
         // `inline_watch`).
         if woken.is_empty() && !watched && inline_watch::watch_us() > 0 && budget.tick() {
             watched = true;
-            watch = inline_watch::begin(inline_watch::take_sent()).map(|w| (w, messages::sent_in_calls()));
+            watch = inline_watch::begin(inline_watch::take_sent(), watch_on.take()).map(|w| (w, messages::sent_in_calls()));
         }
         if woken.is_empty() {
             if let Some((mut w, before)) = watch.take() {

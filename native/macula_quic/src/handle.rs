@@ -97,6 +97,7 @@ fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {
         (atoms::inline_watches().encode(env), counters::get(&counters::INLINE_WATCHES).encode(env)),
         (atoms::inline_watch_skips().encode(env), counters::get(&counters::INLINE_WATCH_SKIPS).encode(env)),
         (atoms::inline_watch_unanswered().encode(env), counters::get(&counters::INLINE_WATCH_UNANSWERED).encode(env)),
+        (atoms::inline_watch_far().encode(env), counters::get(&counters::INLINE_WATCH_FAR).encode(env)),
         (atoms::tls_tickets().encode(env), counters::get(&counters::TLS_TICKETS).encode(env)),
         (atoms::driver_panics().encode(env), counters::get(&counters::DRIVER_PANICS).encode(env)),
         (atoms::socket_panics().encode(env), counters::get(&counters::SOCKET_PANICS).encode(env)),

@@ -23,10 +23,12 @@
 //! its answer comes in its own call, which reads it and delivers it itself (as above). With the
 //! peer in another OS process on the same host the answer often comes within tens of
 //! microseconds, and the call that reads it spares its process a wake-up (64-byte echo
-//! 0.60-0.68× → 0.79-0.92× raw Quinn by median at 50 µs). Off by default: across a network the
-//! answer never comes that soon, and the library cannot tell which peers are near; a thread
-//! whose watches bring no answer backs off (see `begin`). README's "Tuning: receiving in the
-//! sending call" sums up the measurements, bench/README.md has them in full.
+//! 0.60-0.68× → 0.79-0.92× raw Quinn by median at 50 µs). Across a network the answer never
+//! comes that soon: a call watches only on a connection whose smallest round trip is at most
+//! twice the watch, and a thread whose watches bring no answer backs off (see `begin`). Off by
+//! default: a watch spends its scheduler's time waiting, and the gains were measured for one
+//! request/response chain at a time. README's "Tuning: receiving in the sending call" sums up
+//! the measurements, bench/README.md has them in full.
 //!
 //! To read outside tokio's readiness tracking (which only a runtime worker's poll of the OS
 //! updates), each endpoint's socket is wrapped: its receive reads the socket directly first,
@@ -263,17 +265,43 @@ impl DirectSocket {
     }
 }
 
-/// Starts the watch of a call that sent datagrams on `sent`'s sockets, for up to
-/// `inline_watch_us`, unless this thread is backing off (counted in `inline_watch_skips`) or
-/// the sockets are gone. `executor::inline` runs it (`Watch::next`) and ends it.
+/// The connection a call is made on, for `executor::inline` to decide whether the call may
+/// watch (see `begin`): `None` while the setting is 0, so that the calls pay nothing for it then.
+pub fn watch_on(conn: &quinn::Connection) -> Option<quinn::Connection> {
+    (watch_us() > 0).then(|| conn.clone())
+}
+
+/// Starts the watch of a call on `conn` that sent datagrams on `sent`'s sockets, for up to
+/// `inline_watch_us`, unless the connection's peer is too far for an answer to come within
+/// it (counted in `inline_watch_far`), this thread is backing off (counted in
+/// `inline_watch_skips`) or the sockets are gone. `executor::inline` runs it (`Watch::next`)
+/// and ends it. A call with no connection (a connect, whose answer is a handshake that takes
+/// longer than any watch) does not watch.
 ///
-/// A thread whose watches bring no answer (a peer across a network, whose answer never comes
-/// within microseconds, or one that only acknowledges) backs off: after n such watches in a
-/// row it skips the next 2^n - 1 (at most 1023), so that such sends cost next to nothing, and
-/// one watch that brings an answer puts it back to watching every time.
-pub fn begin(sent: Sent) -> Option<Watch> {
+/// Too far: the smallest round-trip time Quinn has measured on the connection (from the
+/// handshake on, ack delays left out) is over twice the watch. No answer can come sooner than
+/// a round trip, so a watch for such a peer (across a network) could only wait. Twice, because
+/// without watches that measure includes the runtime worker's wake-up for each datagram, which
+/// a watch removes: with the peer in another OS process on the same host it was 25-29 µs
+/// without watches and 14 µs with them (50 µs) here, so a 20 µs watch judged by the
+/// measure alone would never start.
+///
+/// A thread whose watches bring no answer (a near peer that answers late, or one that only
+/// acknowledges) backs off: after n such watches in a row it skips the next 2^n - 1 (at most
+/// 1023), so that such sends cost next to nothing, and one watch that brings an answer puts it
+/// back to watching every time.
+pub fn begin(sent: Sent, conn: Option<quinn::Connection>) -> Option<Watch> {
     let sockets: Vec<Arc<Direct>> = sent.0.iter().filter_map(Weak::upgrade).collect();
     if sockets.is_empty() {
+        return None;
+    }
+    let conn = conn?;
+    let watch = Duration::from_micros(watch_us());
+    // `quietly`: on a connection whose lock a panic inside Quinn has poisoned (see `contain`),
+    // `stats` panics; such a connection is not watched for.
+    let near = contain::quietly(|| conn.stats().path.min_rtt).is_some_and(|rtt| rtt <= 2 * watch);
+    if !near {
+        counters::bump(&counters::INLINE_WATCH_FAR);
         return None;
     }
     if !backoff_allows() {
@@ -281,7 +309,7 @@ pub fn begin(sent: Sent) -> Option<Watch> {
         return None;
     }
     counters::bump(&counters::INLINE_WATCHES);
-    let until = Instant::now() + Duration::from_micros(watch_us());
+    let until = Instant::now() + watch;
     Some(Watch { sockets, until, found: false })
 }
 
