@@ -36,7 +36,7 @@ pub static INLINE_WATCH_SKIPS: AtomicI64 = AtomicI64::new(0);
 /// `inline_watch::Watch::end`).
 pub static INLINE_WATCH_UNANSWERED: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: calls that sent a datagram to a peer outside this VM and did not watch for the
-/// answer because the connection's smallest round-trip time is longer than the watch (see
+/// answer because the connection's smallest round-trip time is over twice the watch (see
 /// `inline_watch::begin`).
 pub static INLINE_WATCH_FAR: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: runtime workers' socket watches that ended at a datagram waiting on a socket no

@@ -267,6 +267,9 @@ impl DirectSocket {
 
 /// The connection a call is made on, for `executor::inline` to decide whether the call may
 /// watch (see `begin`): `None` while the setting is 0, so that the calls pay nothing for it then.
+/// Dropping the clone never takes Quinn's lock (only a connection's last reference does, and
+/// the call's handle keeps its own for the whole call), so it cannot panic on a poisoned
+/// connection (see `contain`), also while a panic in the call unwinds.
 pub fn watch_on(conn: &quinn::Connection) -> Option<quinn::Connection> {
     (watch_us() > 0).then(|| conn.clone())
 }
@@ -282,8 +285,8 @@ pub fn watch_on(conn: &quinn::Connection) -> Option<quinn::Connection> {
 /// handshake on, ack delays left out) is over twice the watch. No answer can come sooner than
 /// a round trip, so a watch for such a peer (across a network) could only wait. Twice, because
 /// without watches that measure includes the runtime worker's wake-up for each datagram, which
-/// a watch removes: with the peer in another OS process on the same host it was 25-29 µs
-/// without watches and 14 µs with them (50 µs) here, so a 20 µs watch judged by the
+/// a watch removes: with the peer in another OS process on the same host it was 20-37 µs
+/// without watches and 13-14 µs with them (at 50 µs) here, so a 20 µs watch judged by the
 /// measure alone would never start.
 ///
 /// A thread whose watches bring no answer (a near peer that answers late, or one that only
