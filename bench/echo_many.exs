@@ -35,7 +35,10 @@ defmodule Bench.EchoMany do
       end
 
     cert = Bench.Util.make_cert(Path.join(System.tmp_dir!(), "macula_quic_echo_many_cert"))
-    server = Bench.Util.elixir_vm(Path.expand(__ENV__.file), ["serve", cert.certfile, cert.keyfile])
+
+    server =
+      Bench.Util.elixir_vm(Path.expand(__ENV__.file), ["serve", cert.certfile, cert.keyfile])
+
     Bench.Util.with_server(server, fn port, _os_pid -> measure(port, procs, seconds) end)
   end
 
