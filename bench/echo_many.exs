@@ -17,14 +17,8 @@ Bench.Util.configure_runtime()
 defmodule Bench.EchoMany do
   @msg :binary.copy(<<1>>, 64)
 
-  def main(["serve", certfile, keyfile]) do
-    {l, port} = Bench.Macula.listen(%{certfile: certfile, keyfile: keyfile})
-    spawn_link(fn -> accept(l) end)
-    IO.puts(~s({"port":#{port}}))
-    # Until the measuring VM closes this one's standard input.
-    _ = IO.read(:stdio, :eof)
-    System.halt(0)
-  end
+  def main(["serve", certfile, keyfile]),
+    do: Bench.Macula.serve_until_eof(%{certfile: certfile, keyfile: keyfile}, &accept/1)
 
   def main(args) do
     [procs, seconds] =

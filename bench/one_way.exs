@@ -14,14 +14,8 @@ Code.require_file("lib/macula.ex", __DIR__)
 Bench.Util.configure_runtime()
 
 defmodule Bench.OneWay do
-  def main(["sink", certfile, keyfile]) do
-    {l, port} = Bench.Macula.listen(%{certfile: certfile, keyfile: keyfile})
-    spawn_link(fn -> sink(l) end)
-    IO.puts(~s({"port":#{port}}))
-    # Until the sending VM closes this one's standard input.
-    _ = IO.read(:stdio, :eof)
-    System.halt(0)
-  end
+  def main(["sink", certfile, keyfile]),
+    do: Bench.Macula.serve_until_eof(%{certfile: certfile, keyfile: keyfile}, &sink/1)
 
   def main(args) do
     n =

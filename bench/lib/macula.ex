@@ -286,11 +286,17 @@ defmodule Bench.Macula do
   prints `{"port":N}`, then echoes every stream of each connection (one connection at a time)
   until standard input closes.
   """
-  def serve_echo(cert) do
+  def serve_echo(cert), do: serve_until_eof(cert, &serve_echo_loop/1)
+
+  @doc """
+  The serving end of a benchmark run in a second VM (see `Bench.Util.with_server/2`): listens
+  with `cert`, runs `serve.(listener)` in a linked process, prints `{"port":N}`, and halts the
+  VM once standard input closes (the measuring VM closes it when it is done).
+  """
+  def serve_until_eof(cert, serve) do
     {l, port} = listen(cert)
+    spawn_link(fn -> serve.(l) end)
     IO.puts(~s({"port":#{port}}))
-    spawn_link(fn -> serve_echo_loop(l) end)
-    # The benchmark stops this server by closing its standard input.
     _ = IO.read(:stdio, :eof)
     System.halt(0)
   end
