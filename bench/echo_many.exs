@@ -6,6 +6,10 @@
 #
 #   BENCH_INLINE_WATCH_US=50 elixir -pa EBIN bench/echo_many.exs [PROCESSES [SECONDS]]
 #
+# With BUSY=N, N more processes of this VM spin on plain Erlang work (counting) for the same
+# time, and the script prints their work per second too: what the echo costs the node's other
+# processes, such as the scheduler time a watch holds while it waits.
+#
 # PROCESSES defaults to 16, SECONDS to 3. EBIN: bin/bench's build (or `bench/build.sh DIR`, then
 # DIR/macula_quic/ebin). The echoing VM runs this script with `serve CERTFILE KEYFILE` (one
 # process per connection, unlike bench/echo_server.exs, which serves one connection at a time)
@@ -40,10 +44,12 @@ defmodule Bench.EchoMany do
     me = self()
     clients = for _ <- 1..procs, do: spawn_link(fn -> client(me, port) end)
     for c <- clients, do: receive(do: ({:ready, ^c} -> :ok))
+    busy = for _ <- 1..String.to_integer(System.get_env("BUSY", "0")), do: spawn_link(&busy/0)
     c0 = MaculaQuic.native_counts()
     deadline = System.monotonic_time(:microsecond) + seconds * 1_000_000
-    for c <- clients, do: send(c, {:go, deadline})
+    for c <- clients ++ busy, do: send(c, {:go, me, deadline})
     results = for c <- clients, do: receive(do: ({:done, ^c, n, rtt} -> {n, rtt}))
+    work = Enum.sum(for b <- busy, do: receive(do: ({:busy, ^b, n} -> n)))
     c1 = MaculaQuic.native_counts()
     for c <- clients, do: send(c, :close)
     {counts, rtts} = Enum.unzip(results)
@@ -54,9 +60,28 @@ defmodule Bench.EchoMany do
         "round_trips_per_s=#{round(Enum.sum(counts) / seconds)} " <>
         "watches=#{d.(:inline_watches)} skips=#{d.(:inline_watch_skips)} " <>
         "far=#{d.(:inline_watch_far)} inline_receives=#{d.(:inline_receives)} " <>
-        "min_rtt_us=#{Enum.min(rtts)}-#{Enum.max(rtts)}"
+        "min_rtt_us=#{Enum.min(rtts)}-#{Enum.max(rtts)}" <>
+        if(busy == [],
+          do: "",
+          else: " busy=#{length(busy)} busy_work_per_s=#{round(work / seconds)}"
+        )
     )
   end
+
+  # Counts in steps of 1,000 until the deadline: plain Erlang work, as a node's other processes do.
+  defp busy do
+    {parent, deadline} = receive(do: ({:go, p, d} -> {p, d}))
+    send(parent, {:busy, self(), count_until(deadline, 0)})
+  end
+
+  defp count_until(deadline, n) do
+    if System.monotonic_time(:microsecond) < deadline,
+      do: count_until(deadline, n + count(1000)),
+      else: n
+  end
+
+  defp count(0), do: 0
+  defp count(k), do: 1 + count(k - 1)
 
   # One request/response chain: warms up, waits for the start, echoes until the deadline.
   defp client(parent, port) do
@@ -64,7 +89,7 @@ defmodule Bench.EchoMany do
     {:ok, s} = MaculaQuic.open_stream(c, active: true)
     for _ <- 1..200, do: round_trip(s)
     send(parent, {:ready, self()})
-    deadline = receive(do: ({:go, d} -> d))
+    deadline = receive(do: ({:go, _, d} -> d))
     n = echo_until(s, deadline, 0)
     {:ok, [min_rtt_us: rtt]} = MaculaQuic.getstat(c, [:min_rtt_us])
     send(parent, {:done, self(), n, rtt})
