@@ -459,7 +459,7 @@ impl Drop for Claim<'_> {
 /// connection's, say) are run too, within the same budget. Call only from a NIF on a normal
 /// scheduler, with no locks held by the caller. `watch_on`: the connection the call is made on
 /// (`inline_watch::watch_on`), whose distance decides whether the call watches for its answer.
-pub fn inline<R>(env: Env, watch_on: Option<quinn::Connection>, f: impl FnOnce() -> R) -> R {
+pub fn inline<R>(env: Env, mut watch_on: Option<quinn::Connection>, f: impl FnOnce() -> R) -> R {
     if !enabled() || in_inline() {
         return f();
     }
@@ -481,7 +481,6 @@ pub fn inline<R>(env: Env, watch_on: Option<quinn::Connection>, f: impl FnOnce()
     let mut watched = false;
     // This call's watch for its answer, and the messages this thread had sent when it began.
     let mut watch: Option<(inline_watch::Watch, u64)> = None;
-    let mut watch_on = watch_on;
     loop {
         let mut woken = take_woken();
         // Once this call's work is done: if it sent a datagram to a peer outside the VM and has
