@@ -12,10 +12,12 @@
 //! - `listener`, `connection`, `stream`: the three handle kinds, one resource each.
 //! - `contain`: keeping a panic inside Quinn from becoming two, which would abort the VM.
 //! - `error`: mapping Quinn/rustls/io errors to atoms callers can match on.
+//! - `alloc`: the global allocator (over-aligned blocks without `posix_memalign`).
 //! - `counters`: live-object counters the test suite uses to prove nothing leaks.
 //! - `chaos`: random pauses that widen race windows, for `bin/chaos` (test builds only).
 
 mod address;
+mod alloc;
 mod atoms;
 mod chaos;
 mod connection;
@@ -39,6 +41,9 @@ mod tls;
 mod util;
 
 use rustler::{Env, Term};
+
+#[global_allocator]
+static GLOBAL: alloc::Alloc = alloc::Alloc;
 
 /// Load data is `{workers, spin_us, inline_watch_us}`: the runtime's worker-thread count (0:
 /// size for the host), how long a worker watches the sockets before it sleeps, and how long a
