@@ -1056,8 +1056,10 @@ defmodule MaculaQuic do
 
   @doc """
   Live native objects: listeners, connections and streams not yet freed, runtime tasks, shared
-  client endpoints (one per source address; those on an ephemeral port stay), registered listener addresses, runtime worker threads and `shards` (one per
-  endpoint and one per connection: see "How the work is scheduled" in the README), `owners`
+  client endpoints (one per source address; those on an ephemeral port stay), registered
+  listener addresses, runtime worker threads, `shards` (one per endpoint and one per
+  connection: see "How the work is scheduled" in the README) and `shard_runners` (the runtime
+  tasks that run shards on runtime workers: at most one per shard, ended when it goes), `owners`
   (processes that own handles: each is monitored once, while it lives) and `accept_waiters`
   (`async_accept/1` and `accept/3` calls waiting on open listeners; those of processes that
   have exited are dropped as more arrive, and all when the listener closes), and

@@ -55,6 +55,7 @@ defmodule MaculaQuic.LeakTest do
             tasks: 0,
             bound_addresses: 0,
             shards: endpoints,
+            shard_runners: endpoints,
             # Every client, handler and the acceptor has exited; this test process owned the
             # listener once and is still alive.
             owners: owners_base + 1
@@ -72,6 +73,7 @@ defmodule MaculaQuic.LeakTest do
 
     assert counts.connections == 0 and counts.streams == 0 and counts.listeners == 0
     assert counts.shards == counts.client_endpoints
+    assert counts.shard_runners <= counts.shards
     assert counts.tasks == 0 and counts.bound_addresses == 0
     assert counts.owners <= owners_base + 1
     # Memory returns to its starting level, within allocator slack.

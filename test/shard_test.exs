@@ -89,11 +89,21 @@ defmodule MaculaQuic.ShardTest do
 
     # The listener's endpoint, and each end of the connection.
     assert during.shards == during.client_endpoints + 1 + 2
+    # The runtime tasks that run shards on runtime workers: at most one each.
+    assert during.shard_runners <= during.shards
 
     counts =
-      await_counts!(%{listeners: 0, connections: 0, streams: 0, shards: during.client_endpoints})
+      await_counts!(%{
+        listeners: 0,
+        connections: 0,
+        streams: 0,
+        shards: during.client_endpoints,
+        # A shard's runner ends when the shard goes.
+        shard_runners: during.client_endpoints
+      })
 
     assert counts.shards == counts.client_endpoints
+    assert counts.shard_runners <= counts.shards
   end
 
   describe "calls that ask Quinn about a connection while its driver works on another thread" do

@@ -14,6 +14,9 @@ pub static ACCEPT_WAITERS: AtomicI64 = AtomicI64::new(0);
 /// Executors (see `executor`): one per endpoint (listener or shared client endpoint) and one
 /// per connection.
 pub static SHARDS: AtomicI64 = AtomicI64::new(0);
+/// Shards' runners on tokio (see `executor::Shard::schedule`): at most one per shard, spawned
+/// the first time the shard runs on a runtime worker and ended when the shard goes.
+pub static SHARD_RUNNERS: AtomicI64 = AtomicI64::new(0);
 /// Buffers of the library's own that received binaries point into (see `received`), until the
 /// BEAM frees the last binary that refers to one.
 pub static RECEIVED_BUFFERS: AtomicI64 = AtomicI64::new(0);

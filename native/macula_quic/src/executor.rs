@@ -99,8 +99,10 @@ pub struct Shard {
     queue: Mutex<VecDeque<Arc<Task>>>,
     /// Some thread is polling this shard's tasks.
     running: AtomicBool,
-    /// A tokio task that will run this shard is spawned and has not started yet.
+    /// The shard's runner (see `schedule`) is asked to run it and has not started yet.
     scheduled: AtomicBool,
+    /// The shard's runner on tokio, once there is one.
+    runner: Mutex<Runner>,
     /// Every task spawned here that may still exist, so `fail` can wake them all.
     tasks: Mutex<TaskList>,
     /// Quinn's driver on this shard panicked (see `fail`).
@@ -185,6 +187,7 @@ impl Shard {
             queue: Mutex::new(VecDeque::new()),
             running: AtomicBool::new(false),
             scheduled: AtomicBool::new(false),
+            runner: Mutex::new(Runner::None),
             tasks: Mutex::new(TaskList::default()),
             failed: AtomicBool::new(false),
             kept: Mutex::new(Kept::default()),
@@ -287,19 +290,34 @@ impl Shard {
         }
     }
 
-    /// Runs the shard on a tokio worker, unless that is already arranged.
+    /// Runs the shard on a tokio worker, unless that is already arranged: wakes the shard's
+    /// runner, a tokio task that lives as long as the shard (it is spawned the first time).
+    ///
+    /// Why one task for the shard's life rather than one per schedule: a tokio task is a
+    /// 128-byte-aligned allocation, which glibc's `posix_memalign` serves from its arena, not
+    /// its per-thread cache. Under callgrind a 64-byte echo scheduled ~5 shards per round trip
+    /// on tokio, and their spawns cost ~8,000 instructions per round trip in malloc, free and
+    /// tokio's task setup (`bin/instructions echo`, bench/README). Waking a task costs none of it.
     fn schedule(self: &Arc<Self>) {
         if self.scheduled.swap(true, Ordering::AcqRel) {
             return;
         }
-        let shard = self.clone();
-        runtime::get().spawn(async move {
-            chaos::pause();
-            shard.scheduled.store(false, Ordering::Release);
-            while !shard.run(&mut Budget::new(TOKIO_BUDGET), &counters::RUNTIME_RUNS) {
-                tokio::task::yield_now().await;
+        let mut r = lock(&self.runner);
+        match &mut *r {
+            Runner::None => {
+                *r = Runner::Spawned(None);
+                drop(r);
+                runtime::get().spawn(run_on_tokio(Arc::downgrade(self)));
             }
-        });
+            Runner::Spawned(waiting) => {
+                // No waker: the runner is running, and looks at `scheduled` before it waits.
+                let waker = waiting.take();
+                drop(r);
+                if let Some(w) = waker {
+                    w.wake();
+                }
+            }
+        }
     }
 
     /// Polls queued tasks until `budget` runs out (at least one task, if any is queued).
@@ -350,6 +368,78 @@ impl Shard {
         }
         let prev = CURRENT.with(|c| c.replace(Arc::as_ptr(self)));
         Some(Held { shard: self, prev })
+    }
+}
+
+/// A shard's runner on tokio (see `Shard::schedule`).
+#[derive(Debug)]
+enum Runner {
+    /// Not spawned yet, or it ended by a panic (the next `schedule` spawns another).
+    None,
+    /// Spawned; with its waker while it waits to be scheduled.
+    Spawned(Option<Waker>),
+}
+
+/// The shard's runner: waits until the shard is scheduled, runs it on this tokio worker in
+/// `TOKIO_BUDGET` slices, and waits again. It holds the shard only weakly while it waits, so
+/// that the shard (and everything its tasks hold) goes when its last user lets go; the shard's
+/// `Drop` then wakes it to end.
+async fn run_on_tokio(shard: Weak<Shard>) {
+    // Should anything here panic, the next `schedule` must spawn a new runner (and run what is
+    // queued now), as it did when every schedule spawned a task.
+    struct Respawn(Weak<Shard>);
+    impl Drop for Respawn {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                return;
+            }
+            if let Some(shard) = self.0.upgrade() {
+                *lock(&shard.runner) = Runner::None;
+                shard.scheduled.store(false, Ordering::Release);
+                if !lock(&shard.queue).is_empty() {
+                    shard.schedule();
+                }
+            }
+        }
+    }
+    let _respawn = Respawn(shard.clone());
+    let _live = Live::new(&counters::SHARD_RUNNERS);
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            let Some(s) = shard.upgrade() else { return Poll::Ready(None) };
+            let mut r = lock(&s.runner);
+            // Read under the lock that `schedule` takes after setting it: either it is seen
+            // here, or `schedule` finds the waker stored here and wakes it.
+            if s.scheduled.load(Ordering::Acquire) {
+                drop(r);
+                return Poll::Ready(Some(s));
+            }
+            *r = Runner::Spawned(Some(cx.waker().clone()));
+            drop(r);
+            // (If this was the last reference, the shard's `Drop` wakes the waker just stored.)
+            drop(s);
+            Poll::Pending
+        })
+        .await;
+        let Some(strong) = next else { return };
+        chaos::pause();
+        strong.scheduled.store(false, Ordering::Release);
+        while !strong.run(&mut Budget::new(TOKIO_BUDGET), &counters::RUNTIME_RUNS) {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        // Ends the runner, if it waits (see `run_on_tokio`).
+        let waiting = match &mut *lock(&self.runner) {
+            Runner::Spawned(w) => w.take(),
+            Runner::None => None,
+        };
+        if let Some(w) = waiting {
+            w.wake();
+        }
     }
 }
 

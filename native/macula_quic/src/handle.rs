@@ -84,6 +84,7 @@ fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {
         (atoms::bound_addresses().encode(env), endpoint::registered_count().encode(env)),
         (atoms::runtime_workers().encode(env), runtime::worker_count().encode(env)),
         (atoms::shards().encode(env), counters::get(&counters::SHARDS).encode(env)),
+        (atoms::shard_runners().encode(env), counters::get(&counters::SHARD_RUNNERS).encode(env)),
         (atoms::received_buffers().encode(env), counters::get(&counters::RECEIVED_BUFFERS).encode(env)),
         (atoms::inline_runs().encode(env), counters::get(&counters::INLINE_RUNS).encode(env)),
         (atoms::runtime_runs().encode(env), counters::get(&counters::RUNTIME_RUNS).encode(env)),
