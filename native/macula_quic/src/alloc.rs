@@ -4,11 +4,11 @@
 //! Why: tokio allocates every task 128-byte aligned (its header is cache-line padded), and
 //! glibc serves `posix_memalign` from its arena under a lock, never from its per-thread cache;
 //! the split and the later free of the slack make it several times the cost of a `malloc`.
-//! Shards are run on tokio by spawning a task (`executor::Shard::schedule`), about five times per
-//! 64-byte echo round trip under callgrind, and those spawns cost ~8,000 instructions per round
-//! trip in malloc, free and tokio's setup (`bin/instructions echo`, bench/README). A
-//! `malloc(size + align)` block small enough for glibc's cache is taken and given back without
-//! the lock.
+//! Under callgrind, `posix_memalign` under tokio's task spawns was 5,700 instructions per 64-byte
+//! echo round trip, ~1,100 per spawn (`bin/instructions echo`, bench/README); shards now keep
+//! one task each (`executor::Shard::schedule`), and this covers the spawns that remain (per
+//! connection, per request). A `malloc(size + align)` block small enough for glibc's cache is
+//! taken and given back without the lock.
 use std::alloc::{GlobalAlloc, Layout, System};
 
 pub struct Alloc;

@@ -294,10 +294,10 @@ impl Shard {
     /// runner, a tokio task that lives as long as the shard (it is spawned the first time).
     ///
     /// Why one task for the shard's life rather than one per schedule: a tokio task is a
-    /// 128-byte-aligned allocation, which glibc's `posix_memalign` serves from its arena, not
-    /// its per-thread cache. Under callgrind a 64-byte echo scheduled ~5 shards per round trip
-    /// on tokio, and their spawns cost ~8,000 instructions per round trip in malloc, free and
-    /// tokio's task setup (`bin/instructions echo`, bench/README). Waking a task costs none of it.
+    /// 128-byte-aligned allocation (see `alloc`), plus its setup and free, at every datagram
+    /// that reaches a runtime worker. Under callgrind, where a 64-byte echo scheduled ~5 shards
+    /// per round trip on tokio, the spawns cost ~8,000 instructions per round trip
+    /// (`bin/instructions echo`, bench/README). Waking a task costs none of it.
     fn schedule(self: &Arc<Self>) {
         if self.scheduled.swap(true, Ordering::AcqRel) {
             return;
