@@ -385,14 +385,12 @@ enum Runner {
 /// that the shard (and everything its tasks hold) goes when its last user lets go; the shard's
 /// `Drop` then wakes it to end.
 async fn run_on_tokio(shard: Weak<Shard>) {
-    // Should anything here panic, the next `schedule` must spawn a new runner (and run what is
-    // queued now), as it did when every schedule spawned a task.
+    // Should this end while the shard lives (a panic here; tokio dropping its tasks), the next
+    // `schedule` must spawn a new runner (and what is queued now must run), as it did when every
+    // schedule spawned a task. (At its ordinary end the shard is gone.)
     struct Respawn(Weak<Shard>);
     impl Drop for Respawn {
         fn drop(&mut self) {
-            if !std::thread::panicking() {
-                return;
-            }
             if let Some(shard) = self.0.upgrade() {
                 *lock(&shard.runner) = Runner::None;
                 shard.scheduled.store(false, Ordering::Release);
