@@ -1,5 +1,6 @@
-//! The library's global allocator: the system's, except that over-aligned blocks are carved out
-//! of ordinary `malloc` blocks instead of coming from `posix_memalign`.
+//! The library's global allocator on Linux with glibc (elsewhere the system's, unchanged): the
+//! system's, except that over-aligned blocks are carved out of ordinary `malloc` blocks instead
+//! of coming from `posix_memalign`.
 //!
 //! Why: tokio allocates every task 128-byte aligned (its header is cache-line padded), and
 //! glibc serves `posix_memalign` from its arena under a lock, never from its per-thread cache;
@@ -13,7 +14,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 
 pub struct Alloc;
 
-/// `malloc`'s alignment on every target the library is built for.
+/// `malloc`'s alignment with glibc on 64-bit targets (8 on 32-bit ones, where blocks aligned to
+/// 16 then keep `posix_memalign`, and the carving's offset is still at least a word).
 const MALLOC_ALIGN: usize = 16;
 
 /// Blocks up to this size (with the slack) go through `malloc`; larger ones, rare, keep
@@ -35,8 +37,8 @@ unsafe impl GlobalAlloc for Alloc {
         if raw.is_null() {
             return raw;
         }
-        // At least `MALLOC_ALIGN` (16) bytes past `raw`, so the word before the block can hold
-        // `raw` for `dealloc`.
+        // At least malloc's own alignment (8 or 16 bytes) past `raw`, so the word before the
+        // block can hold `raw` for `dealloc`.
         let offset = layout.align() - (raw as usize & (layout.align() - 1));
         let block = raw.add(offset);
         (block as *mut *mut u8).sub(1).write(raw);

@@ -12,11 +12,12 @@
 //! - `listener`, `connection`, `stream`: the three handle kinds, one resource each.
 //! - `contain`: keeping a panic inside Quinn from becoming two, which would abort the VM.
 //! - `error`: mapping Quinn/rustls/io errors to atoms callers can match on.
-//! - `alloc`: the global allocator (over-aligned blocks without `posix_memalign`).
+//! - `alloc`: the global allocator on glibc (over-aligned blocks without `posix_memalign`).
 //! - `counters`: live-object counters the test suite uses to prove nothing leaks.
 //! - `chaos`: random pauses that widen race windows, for `bin/chaos` (test builds only).
 
 mod address;
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod alloc;
 mod atoms;
 mod chaos;
@@ -42,6 +43,8 @@ mod util;
 
 use rustler::{Env, Term};
 
+// glibc's aligned allocations are what `alloc` avoids; other targets keep their allocator.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[global_allocator]
 static GLOBAL: alloc::Alloc = alloc::Alloc;
 
