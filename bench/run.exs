@@ -43,6 +43,8 @@ defmodule Bench.Run do
 
     t0 = System.monotonic_time(:millisecond)
     ctx = %{cert: cert, quinn: quinn}
+    crypto = crypto(ctx)
+    progress("cryptography: #{crypto}")
 
     rows =
       try do
@@ -62,6 +64,7 @@ defmodule Bench.Run do
       repeat: repeat(),
       settings: Bench.Util.settings(),
       cert: "ECDSA P-256 self-signed (#{cert.via}), TLS 1.3 only, client verify none",
+      crypto: crypto,
       elapsed_seconds: elapsed,
       date: DateTime.utc_now() |> DateTime.truncate(:second) |> DateTime.to_iso8601(),
       results: rows
@@ -72,6 +75,27 @@ defmodule Bench.Run do
     File.write!(Path.join(out, "latest.md"), md)
     progress("done in #{fmt(elapsed)} s; wrote #{Path.join(out, "latest.json")} and latest.md")
     IO.puts("\n" <> md)
+  end
+
+  # The cipher suite and key exchange group each side's handshakes use, for the report: raw
+  # Quinn's from its rustls configurations (which have the NIF's settings; Quinn does not expose
+  # a connection's TLS session, so macula_quic's cannot be asked), `:ssl`'s from a connection. A
+  # probe that fails says so in the report instead of stopping the run.
+  defp crypto(ctx) do
+    quic =
+      probe(fn ->
+        r = Bench.Util.run_quinn(ctx.quinn, "suite", ctx.cert, [])
+        "#{r.cipher_suite}, #{r.group}"
+      end)
+
+    ssl = probe(fn -> Bench.Tcp.ssl_suite(ctx.cert) end)
+    "QUIC (raw Quinn's TLS configuration, the NIF's settings): #{quic}; :ssl: #{ssl}"
+  end
+
+  defp probe(f) do
+    f.()
+  rescue
+    e -> "unknown (#{Exception.message(e)})"
   end
 
   ## Running and summarising
@@ -364,7 +388,7 @@ defmodule Bench.Run do
     ## macula_quic benchmarks (#{r.date})
 
     Machine: #{m.nproc} CPUs (#{m.cpu_model}), #{m.mem_total_gib} GiB, Linux #{m.kernel}, cpuidle #{m.cpuidle}; OTP #{m.otp} (erts #{m.erts}), Elixir #{m.elixir}, #{m.rustc}, Quinn #{m.quinn}.
-    Loopback, both ends in one OS process per implementation (except the "two OS processes" row); BENCH_SCALE=#{r.scale}, median of #{r.repeat}; settings: #{r.settings}; #{r.cert}. Suite time #{fmt(r.elapsed_seconds)} s.
+    Loopback, both ends in one OS process per implementation (except the "two OS processes" row); BENCH_SCALE=#{r.scale}, median of #{r.repeat}; settings: #{r.settings}; #{r.cert}; #{r.crypto}. Suite time #{fmt(r.elapsed_seconds)} s.
 
     | workload | unit | macula_quic | raw Quinn | :ssl | :gen_tcp | macula/Quinn | each run | macula/ssl | target |
     |---|---|---:|---:|---:|---:|---:|---:|---:|---|

@@ -88,8 +88,14 @@ defmodule MaculaQuic.BenchSmokeTest do
     assert md =~ "udp_tx ios/datagrams macula"
     assert md =~ ~r/minor page faults per MiB macula [\d.]+, Quinn [\d.]+/
     assert md =~ ~r/^Machine: \d+ CPUs/m
+    # The cryptography each side's handshakes agree on, asked of each (not written down):
+    # TLS 1.3 suites only, and a key exchange group for raw Quinn's.
+    assert md =~
+             ~r/QUIC \(raw Quinn's TLS configuration, the NIF's settings\): TLS13_\w+, \w+;/
 
-    for key <- ~w("machine" "results" "mib_s" "rt_s" "hs_s" "bytes_per_conn"),
+    assert md =~ ~r/:ssl: (aes|chacha)\w+\/sha\d+, \w+ offered/
+
+    for key <- ~w("machine" "crypto" "results" "mib_s" "rt_s" "hs_s" "bytes_per_conn"),
         do: assert(json =~ key)
   end
 

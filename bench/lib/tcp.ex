@@ -77,6 +77,26 @@ defmodule Bench.Tcp do
     Bench.Util.flush()
   end
 
+  @doc """
+  What one `:ssl` connection with the benchmark's options negotiates: `"cipher/prf"` (such as
+  `"aes_256_gcm/sha384"`) and the group the client offers a key share for, OTP's first default
+  one (OTP 25 does not report the group a TLS 1.3 connection used). bin/bench prints it next
+  to raw Quinn's (`quinn_baseline suite`), so that the comparison's cryptography is on record.
+  """
+  def ssl_suite(cert) do
+    {ls, c, s} = pair(:ssl, cert)
+    info = :ssl.connection_information(c, [:selected_cipher_suite])
+    teardown(:ssl, ls, c, s)
+
+    suite =
+      case info do
+        {:ok, [selected_cipher_suite: %{cipher: cipher, prf: prf}]} -> "#{cipher}/#{prf}"
+        other -> "unknown (#{inspect(other)})"
+      end
+
+    "#{suite}, #{hd(:ssl.groups(:default))} offered"
+  end
+
   @doc "Workload 1: `total` bytes one way; the receiver uses {active, N} or passive recv."
   def bulk(t, cert, total, mode) do
     {ls, c, s} = pair(t, cert)

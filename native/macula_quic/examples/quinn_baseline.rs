@@ -17,6 +17,7 @@
 //! Not part of the NIF. Usage:
 //!
 //!     quinn_baseline <bulk|echo|fanout|handshake|memory> cert=PEM key=PEM [name=value ...]
+//!     quinn_baseline suite cert=PEM key=PEM     # the cipher suite and group its handshakes use
 //!     quinn_baseline echo role=server cert=PEM key=PEM     # the echoing end alone
 //!     quinn_baseline echo peer_port=N cert=PEM key=PEM     # the client of such a server
 //!
@@ -71,7 +72,7 @@ fn transport(a: &Args) -> quinn::TransportConfig {
     c
 }
 
-fn server_config(a: &Args) -> quinn::ServerConfig {
+fn rustls_server(a: &Args) -> rustls::ServerConfig {
     let cert_pem = std::fs::read(&a["cert"]).expect("cert");
     let key_pem = std::fs::read(&a["key"]).expect("key");
     let chain: Vec<CertificateDer<'static>> =
@@ -84,13 +85,17 @@ fn server_config(a: &Args) -> quinn::ServerConfig {
         .with_single_cert(chain, key)
         .unwrap();
     cfg.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicServerConfig::try_from(cfg).unwrap();
+    cfg
+}
+
+fn server_config(a: &Args) -> quinn::ServerConfig {
+    let quic = QuicServerConfig::try_from(rustls_server(a)).unwrap();
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(Arc::new(transport(a)));
     server
 }
 
-fn client_config(a: &Args, resumption: bool) -> quinn::ClientConfig {
+fn rustls_client(resumption: bool) -> rustls::ClientConfig {
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -101,10 +106,47 @@ fn client_config(a: &Args, resumption: bool) -> quinn::ClientConfig {
         cfg.resumption = rustls::client::Resumption::disabled();
     }
     cfg.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicClientConfig::try_from(cfg).unwrap();
+    cfg
+}
+
+fn client_config(a: &Args, resumption: bool) -> quinn::ClientConfig {
+    let quic = QuicClientConfig::try_from(rustls_client(resumption)).unwrap();
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
     client.transport_config(Arc::new(transport(a)));
     client
+}
+
+/// What the handshakes agree on with these configurations: the cipher suite and key exchange
+/// group. Quinn does not expose its TLS session, so this runs rustls's own handshake between the
+/// very client and server configurations the workloads hand Quinn (in memory; TLS over QUIC
+/// chooses both the same way, from the same lists). `bin/bench` prints it next to what `:ssl`
+/// negotiated, so that readers can see both sides use the same cryptography.
+fn suite(a: Args) {
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut client = rustls::ClientConnection::new(Arc::new(rustls_client(false)), name).unwrap();
+    let mut server = rustls::ServerConnection::new(Arc::new(rustls_server(&a))).unwrap();
+    let mut flight = Vec::new();
+    // TLS 1.3 needs two flights each way; the bound only guards against a loop that never ends.
+    for _ in 0..10 {
+        if !client.is_handshaking() && !server.is_handshaking() {
+            break;
+        }
+        flight.clear();
+        client.write_tls(&mut flight).unwrap();
+        server.read_tls(&mut &flight[..]).unwrap();
+        server.process_new_packets().unwrap();
+        flight.clear();
+        server.write_tls(&mut flight).unwrap();
+        client.read_tls(&mut &flight[..]).unwrap();
+        client.process_new_packets().unwrap();
+    }
+    let suite = client.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite()));
+    let group = client.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()));
+    println!(
+        "{{\"workload\":\"suite\",\"cipher_suite\":\"{}\",\"group\":\"{}\"}}",
+        suite.unwrap_or_default(),
+        group.unwrap_or_default()
+    );
 }
 
 /// Same as the NIF's `verify: :none`: any certificate, but handshake signatures are checked.
@@ -536,8 +578,9 @@ fn main() {
             "fanout" => fanout(args).await,
             "handshake" => handshake(args).await,
             "memory" => memory(args).await,
+            "suite" => suite(args),
             other => {
-                eprintln!("unknown workload {other:?}: bulk | echo | fanout | handshake | memory");
+                eprintln!("unknown workload {other:?}: bulk | echo | fanout | handshake | memory | suite");
                 std::process::exit(2);
             }
         }
