@@ -1065,9 +1065,12 @@ defmodule MaculaQuic do
   have exited are dropped as more arrive, and all when the listener closes), and
   `received_buffers`, the library's buffers that received binaries of 16 to 64 KiB point into
   (see "Receive modes and back-pressure" in the README; each is freed, or kept for reuse, when
-  the BEAM frees the last binary that refers to it). Two counts
-  are cumulative since the VM started: `inline_runs`, the times a call ran a connection's work on
-  the caller's own thread, and `runtime_runs`, the times a runtime worker did. Four describe
+  the BEAM frees the last binary that refers to it). Three counts are cumulative since the VM
+  started: `inline_runs`, the times a call ran a connection's work on the caller's own thread,
+  `runtime_runs`, the times a runtime worker did, and `direct_writes`, the sends of up to 16 KiB
+  (not finishing the stream) whose data Quinn took within the `send` call itself, when nothing
+  of the stream's was queued before them and no other thread was running the connection's work
+  (the others are handed to Quinn by the stream's writer task). Four describe
   the runtime's socket watch (see "How the work is scheduled" in the README):
   `runtime_spin_us`, how long a worker watches the sockets before it sleeps (20 µs by default;
   0: never), `watched_sockets`, the sockets it watches (with the watch on, one per client

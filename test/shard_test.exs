@@ -18,17 +18,56 @@ defmodule MaculaQuic.ShardTest do
     {s, ss} = stream_pair!(c, sc, first: "a")
     assert_receive {:quic, "a", ^ss, _}, 5_000
     rounds = 200
-    # Each send wakes its stream's writer. When nothing else runs the endpoint at that moment,
-    # the send runs the writer and Quinn's driver itself, and (the peer being in this VM)
-    # receives the datagram it sent and runs the peer's side too: about three inline runs per
-    # send (1110-1208 for the 400 sends alone, at the defaults). A worker watching the sockets
+    # When nothing else runs the endpoint at that moment, each send hands its data to Quinn
+    # itself (a direct write: the stream's writer is not woken), runs Quinn's driver, and (the
+    # peer being in this VM) receives the datagram it sent and runs the peer's side too: about
+    # three inline runs per send (1110-1208 for the 400 sends alone, at the defaults). A worker watching the sockets
     # (runtime_spin_us) sometimes has the endpoint when a send comes, and then keeps its work;
     # on a host busy with other work it can take most of it (189 inline and 679 runtime runs in
     # one CI run). So: at least one inline run per send on average, in one of three tries
-    # (with no inline running, every try has none).
+    # (with no inline running, every try has none); and at least half the sends written
+    # directly, in one of the tries.
     tries = Enum.map(1..3, fn _ -> inline_runs(s, ss, rounds) end)
-    IO.puts("\n  #{2 * rounds} sends, per try: #{inspect(tries)} (inline runs, runtime runs)")
-    assert Enum.any?(tries, fn {inline, _} -> inline >= 2 * rounds end), inspect(tries)
+
+    IO.puts(
+      "\n  #{2 * rounds} sends, per try: #{inspect(tries)} (inline runs, runtime runs, direct writes)"
+    )
+
+    assert Enum.any?(tries, fn {inline, _, _} -> inline >= 2 * rounds end), inspect(tries)
+    assert Enum.any?(tries, fn {_, _, direct} -> direct >= rounds end), inspect(tries)
+  end
+
+  @tag :inline_only
+  test "small sends past the peer's window: written directly while Quinn takes them, queued behind once it does not, delivered whole and in order" do
+    # The receiver reads nothing until the sender blocks: Quinn takes the sends while the
+    # stream's window (2.5 MiB) and the receiver's read-ahead (512 KiB) last, one send then
+    # finds no credit and is queued (part of it taken, or none), and every later one queues
+    # behind it until `send/2` blocks with 2 MiB waiting. Reading then lets the writer hand the
+    # queue over.
+    {c, sc, _l, _} = pair!()
+    {s, ss} = stream_pair!(c, sc, server: [active: false], first: "a")
+    assert {:ok, "a"} = MaculaQuic.recv(ss, 1, 5_000)
+    pieces = 6 * 1024
+    piece = fn i -> <<i::32, :binary.copy(<<rem(i, 251)>>, 1020)::binary>> end
+    %{direct_writes: before} = MaculaQuic.native_counts()
+    test = self()
+
+    sender =
+      spawn_link(fn ->
+        for i <- 1..pieces, do: :ok = MaculaQuic.send(s, piece.(i))
+        send(test, :sent)
+      end)
+
+    MaculaQuic.Test.Quic.wait_until_waiting!(sender)
+    refute_received :sent
+    direct = MaculaQuic.native_counts().direct_writes - before
+    IO.puts("\n  #{pieces} sends of 1 KiB past the window: #{direct} written directly")
+    # Taken in the call, some; past the window (3 MiB of 6), none.
+    assert direct > 0 and direct < div(pieces, 2) + 64, "direct writes: #{direct} of #{pieces}"
+    assert {:ok, got} = MaculaQuic.recv(ss, 1024 * pieces, 30_000)
+    assert_receive :sent, 5_000
+    assert got == IO.iodata_to_binary(Enum.map(1..pieces, piece))
+    Enum.each([s, ss], &MaculaQuic.close_stream/1)
   end
 
   # `rounds` round trips of one send each way; the inline and runtime runs they took.
@@ -44,7 +83,9 @@ defmodule MaculaQuic.ShardTest do
     end
 
     after_ = MaculaQuic.native_counts()
-    {after_.inline_runs - before.inline_runs, after_.runtime_runs - before.runtime_runs}
+
+    {after_.inline_runs - before.inline_runs, after_.runtime_runs - before.runtime_runs,
+     after_.direct_writes - before.direct_writes}
   end
 
   test "a recv answer over 1 MiB is built on a runtime worker, never in the call; it comes whatever the timeout" do

@@ -19,7 +19,7 @@ rustler::atoms! {
     is_handshake_completed, is_peer_acked, is_app_closing, is_conn_shutdown,
     is_shutdown_by_app, is_closed_remotely, stream_id, is_peer_accepted,
     listeners, connections, streams, tasks, client_endpoints, bound_addresses, runtime_workers,
-    shards, shard_runners, received_buffers, inline_runs, runtime_runs, runtime_spin_us, watched_sockets, owners, inline_watch_us,
+    shards, shard_runners, received_buffers, inline_runs, runtime_runs, direct_writes, runtime_spin_us, watched_sockets, owners, inline_watch_us,
     inline_receives, inline_deferrals, inline_watches, inline_watch_skips, inline_watch_unanswered, inline_watch_far, runtime_watch_hits, runtime_watch_extensions, accept_waiters, driver_panics, socket_panics,
     tls_tickets,
     tls_resumptions,

@@ -24,6 +24,9 @@ pub static RECEIVED_BUFFERS: AtomicI64 = AtomicI64::new(0);
 /// runtime worker did. Their ratio shows how often sends leave without a thread hand-off.
 pub static INLINE_RUNS: AtomicI64 = AtomicI64::new(0);
 pub static RUNTIME_RUNS: AtomicI64 = AtomicI64::new(0);
+/// Cumulative: small sends whose data Quinn took within the `send` call itself, without the
+/// stream's writer task (see `stream::write_now`).
+pub static DIRECT_WRITES: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: datagrams a call read itself, having sent to a socket of this VM or watched for
 /// the answer (see `inline_watch`).
 pub static INLINE_RECEIVES: AtomicI64 = AtomicI64::new(0);

@@ -88,6 +88,7 @@ fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {
         (atoms::received_buffers().encode(env), counters::get(&counters::RECEIVED_BUFFERS).encode(env)),
         (atoms::inline_runs().encode(env), counters::get(&counters::INLINE_RUNS).encode(env)),
         (atoms::runtime_runs().encode(env), counters::get(&counters::RUNTIME_RUNS).encode(env)),
+        (atoms::direct_writes().encode(env), counters::get(&counters::DIRECT_WRITES).encode(env)),
         (atoms::runtime_spin_us().encode(env), spin::spin_us().encode(env)),
         (atoms::watched_sockets().encode(env), spin::watched_count().encode(env)),
         (atoms::runtime_watch_hits().encode(env), counters::get(&counters::RUNTIME_WATCH_HITS).encode(env)),

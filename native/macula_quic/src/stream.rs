@@ -13,24 +13,26 @@
 //! (before the change) or to the new one (after it).
 //!
 //! Sending puts data (without copying large binaries) into an ordered queue that the writer
-//! task hands to Quinn as flow-control credit allows. The NIF bodies never call into Quinn's
-//! connection themselves: Quinn's driver holds the connection lock while it processes and
-//! encrypts whole batches of packets, and a scheduler waiting on that lock stalls every process
-//! on it (the timer test in receive_modes_test measured p95 lateness growing from ~4 ms to
-//! 16-30 ms when sends wrote into Quinn from the NIF while the driver ran elsewhere). Instead
-//! the NIFs that wake a stream's tasks (`send`, `recv`, `setopt active`, shutdown, close) then
-//! run them, and the Quinn driver they wake, on the calling thread when the connection's shard
-//! is free (see `executor`): serialised with the driver, so no lock is contended, and bounded in
-//! time. Blocking `send` returns once at most `SEND_AHEAD` bytes wait for Quinn, its own
-//! included, or, when it finishes the stream, once Quinn has the FIN (waiting for its reply
-//! until then); the fire-and-forget `async_send` data in the queue is bounded by
-//! `ASYNC_QUEUE_LIMIT` bytes.
+//! task hands to Quinn as flow-control credit allows. The NIF bodies call into Quinn's
+//! connection only while holding its shard (see `executor::Shard::claim`): Quinn's driver holds
+//! the connection lock while it processes and encrypts whole batches of packets, and a
+//! scheduler waiting on that lock stalls every process on it (the timer test in
+//! receive_modes_test measured p95 lateness growing from ~4 ms to 16-30 ms when sends wrote
+//! into Quinn from the NIF while the driver ran elsewhere). So a small send with nothing queued
+//! before it hands its data to Quinn itself when the shard is free (`write_now`), and otherwise
+//! queues it for the writer; the NIFs that wake a stream's tasks (`send`, `recv`, `setopt
+//! active`, shutdown, close) then run them, and the Quinn driver they wake, on the calling
+//! thread when the connection's shard is free (see `executor`): serialised with the driver, so
+//! no lock is contended, and bounded in time. Blocking `send` returns once at most `SEND_AHEAD`
+//! bytes wait for Quinn, its own included, or, when it finishes the stream, once Quinn has the
+//! FIN (waiting for its reply until then); the fire-and-forget `async_send` data in the queue
+//! is bounded by `ASYNC_QUEUE_LIMIT` bytes.
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use rustler::{Binary, Encoder, Env, LocalPid, NifResult, OwnedEnv, Resource, ResourceArc, Term};
@@ -1018,13 +1020,22 @@ fn err<'a>(env: Env<'a>, reason: impl Encoder) -> Term<'a> {
 #[rustler::nif]
 fn stream_send<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>, tag: Term<'a>, fin: bool) -> Term<'a> {
     if data.len() <= INLINE_SEND_MAX {
-        executor::inline(env, inline_watch::watch_on(&s.conn.conn), || stream_send_now(env, s, data, tag, fin))
+        executor::inline(env, inline_watch::watch_on(&s.conn.conn), || stream_send_now(env, s, data, tag, fin, true))
     } else {
-        stream_send_now(env, s, data, tag, fin)
+        stream_send_now(env, s, data, tag, fin, false)
     }
 }
 
-fn stream_send_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>, tag: Term<'a>, fin: bool) -> Term<'a> {
+/// Queues a send, or with `now` (a small send, whose caller runs the connection's work inline)
+/// first tries to hand it to Quinn directly (see `write_now`).
+fn stream_send_now<'a>(
+    env: Env<'a>,
+    s: ResourceArc<StreamRes>,
+    data: Binary<'a>,
+    tag: Term<'a>,
+    fin: bool,
+    now: bool,
+) -> Term<'a> {
     rustler::atoms! { wait }
     let Some(side) = &s.send else {
         return err(env, atoms::einval());
@@ -1038,11 +1049,19 @@ fn stream_send_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>
     if is_async && sd.queued > 0 && sd.queued + len > ASYNC_QUEUE_LIMIT {
         return err(env, atoms::send_queue_full());
     }
-    let bytes = payload(env, data);
+    let mut bytes = payload(env, data);
+    sd.queued_total += bytes.len() as u64;
+    // A small send with nothing queued before it goes to Quinn from here; what Quinn does not
+    // take (no flow-control credit, an error) is queued for the writer as before.
+    if now && !fin {
+        sd.taken_total += write_now(&s, &mut sd, &mut bytes) as u64;
+        if bytes.is_empty() {
+            return atoms::ok().encode(env);
+        }
+    }
     if is_async {
         sd.queued += bytes.len();
     }
-    sd.queued_total += bytes.len() as u64;
     s.conn.send_pend.fetch_add(bytes.len(), Ordering::Relaxed);
     // A blocking send whose data fits within `SEND_AHEAD` with what waits before it is answered
     // now; otherwise the writer answers it once the queue has drained that far. One that
@@ -1057,6 +1076,36 @@ fn stream_send_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>
     drop(sd);
     s.wake_writer.notify_one();
     if answered { atoms::ok().encode(env) } else { wait().encode(env) }
+}
+
+/// Hands `bytes` to Quinn in the calling NIF, when nothing waits in the queue before them and
+/// the connection's shard is free here (so no driver holds Quinn's connection lock meanwhile,
+/// see `executor::Shard::claim`); returns how many bytes Quinn took (from the front of `bytes`).
+///
+/// Why: queueing a small send and waking the writer task to hand it over cost, per send, a
+/// `Notify` wake-up, a task poll and the writer's `select!` (which registers with the `Notify`
+/// again and polls Quinn's `stopped` future under the connection's lock), all on the same
+/// thread a moment later. The writer stays asleep when this takes everything; Quinn's own
+/// wake-up of the connection's driver still runs the driver inline when the claim ends.
+///
+/// With no credit Quinn takes nothing, and with an error (the stream stopped or finished, the
+/// connection lost) it leaves `bytes` alone: the queue and the writer then handle both as
+/// before (the writer registers for Quinn's wake-up when it finds no credit, and reports the
+/// error). The waker given here is never used for that: Quinn keeps it only when it takes
+/// nothing, and the writer, woken next, replaces it with its own.
+fn write_now(s: &StreamRes, sd: &mut SendSide, bytes: &mut Bytes) -> usize {
+    if !sd.queue.is_empty() || bytes.is_empty() || s.conn.shard.failed() {
+        return 0;
+    }
+    let Some(stream) = sd.stream.as_mut() else { return 0 };
+    let Some(_claim) = s.conn.shard.claim() else { return 0 };
+    let before = bytes.len();
+    let mut cx = Context::from_waker(Waker::noop());
+    let _ = pin!(stream.write_chunks(std::slice::from_mut(bytes))).poll(&mut cx);
+    if bytes.is_empty() {
+        counters::bump(&counters::DIRECT_WRITES);
+    }
+    before - bytes.len()
 }
 
 /// Queues a FIN after whatever data is queued. False when the send side has already ended.
