@@ -158,6 +158,57 @@ pub async fn defer_to_runtime() {
     .await
 }
 
+/// A shard task's own waker, recorded at its first poll, so that a NIF that gives the task work
+/// (a stream's reader or writer) can wake it.
+///
+/// Why not a `tokio::sync::Notify`: a task waiting on one registers with it at every wait and
+/// unregisters at every wake-up (its waiter list is behind a lock), and a stream's reader waits
+/// once per message it delivers. A shard task's waker never changes (it is the task itself, see
+/// `Task::poll`), so recording it once is enough, and a task that re-checks its state at every
+/// poll needs nothing more: a wake-up that comes while it runs queues it to run again (see
+/// `Task::wake_by_ref`), so none is lost. (The stored waker holds the task, and the task's future
+/// may hold what holds this; the cycle ends when the future does.)
+#[derive(Debug, Default)]
+pub struct TaskWaker(std::sync::OnceLock<Waker>);
+
+impl TaskWaker {
+    /// Records the polling task's waker (the first time; later calls change nothing).
+    pub async fn bind(&self) {
+        std::future::poll_fn(|cx| {
+            self.0.get_or_init(|| cx.waker().clone());
+            Poll::Ready(())
+        })
+        .await
+    }
+
+    /// Wakes the task, once it has bound (before that, its first poll is still to come).
+    pub fn wake(&self) {
+        if let Some(w) = self.0.get() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+/// Polls `f` once more after the task's next wake-up, whoever wakes it: `f`'s result if it is
+/// ready at either poll, else `None` after the wake-up. For a task bound to a `TaskWaker`, to
+/// wait for its own work (`f` registers with what it polls) or for any other wake-up (its NIFs).
+/// With `poll_again` false, the wake-up returns `None` without polling `f` again.
+pub async fn until_woken<T>(poll_again: bool, mut f: impl FnMut(&mut Context) -> Poll<T>) -> Option<T> {
+    let mut first = true;
+    std::future::poll_fn(|cx| {
+        let woken = !std::mem::replace(&mut first, false);
+        if woken && !poll_again {
+            return Poll::Ready(None);
+        }
+        match f(cx) {
+            Poll::Ready(out) => Poll::Ready(Some(out)),
+            Poll::Pending if woken => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
 /// Is inline running switched on? `MACULA_QUIC_INLINE=0` turns it off, for comparing the two
 /// in benchmarks: shards then run on tokio workers only, and `claim` always finds the shard
 /// busy (so the calls that ask Quinn directly take their deferred path). Tasks still go

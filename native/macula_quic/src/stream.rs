@@ -28,7 +28,7 @@
 //! FIN (waiting for its reply until then); the fire-and-forget `async_send` data in the queue
 //! is bounded by `ASYNC_QUEUE_LIMIT` bytes.
 use std::collections::VecDeque;
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -36,14 +36,13 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use rustler::{Binary, Encoder, Env, LocalPid, NifResult, OwnedEnv, Resource, ResourceArc, Term};
-use tokio::sync::Notify;
 
 use crate::atoms;
 use crate::connection::ConnRes;
 use crate::contain::{self, Contained};
 use crate::counters::{self, Live};
 use crate::error::{self, Reason};
-use crate::executor;
+use crate::executor::{self, TaskWaker};
 use crate::inline_watch;
 use crate::messages::{self, Reply};
 use crate::options::{self, Active, ActiveSetting};
@@ -196,8 +195,9 @@ pub struct StreamRes {
     /// True when this side opened the stream.
     pub local: bool,
     state: Mutex<State>,
-    wake_reader: Notify,
-    wake_writer: Notify,
+    /// The reader's and the writer's wakers, for the NIFs that give them work.
+    wake_reader: TaskWaker,
+    wake_writer: TaskWaker,
     /// Quinn's receive side, `None` for a send-only stream; taken when the reader ends.
     recv_stream: Option<Mutex<Option<Contained<quinn::RecvStream>>>>,
     /// `None` for a receive-only stream.
@@ -248,8 +248,8 @@ impl Owned for StreamRes {
         st.stop_recv.get_or_insert(0);
         st.reset_send.get_or_insert(0);
         drop(st);
-        self.wake_reader.notify_one();
-        self.wake_writer.notify_one();
+        self.wake_reader.wake();
+        self.wake_writer.wake();
     }
 }
 
@@ -317,8 +317,8 @@ impl StreamRes {
                 #[cfg(feature = "test_hooks")]
                 debug_panic_writer: false,
             }),
-            wake_reader: Notify::new(),
-            wake_writer: Notify::new(),
+            wake_reader: TaskWaker::default(),
+            wake_writer: TaskWaker::default(),
             recv_stream: recv.map(|r| Mutex::new(Some(r))),
             send: send.map(|stream| {
                 Mutex::new(SendSide {
@@ -510,6 +510,8 @@ fn read_locked(res: &StreamRes, st: &mut State, max: usize, cx: &mut Context) ->
 async fn recv_loop(res: ResourceArc<StreamRes>) {
     let _task = Live::new(&counters::TASKS);
     let _exit = ReaderExit(res.clone());
+    // Before the first look at the state: a NIF that changes it afterwards finds the waker.
+    res.wake_reader.bind().await;
     loop {
         let want = {
             let mut st = lock(&res.state);
@@ -546,23 +548,22 @@ async fn recv_loop(res: ResourceArc<StreamRes>) {
             executor::defer_to_runtime().await;
             continue;
         };
-        let notified = res.wake_reader.notified();
         if want.is_none() {
-            notified.await;
+            // Until a NIF gives the reader something to do.
+            executor::until_woken(false, |_| Poll::<()>::Pending).await;
             continue;
         }
-        tokio::select! {
-            // The wanted amount is computed again under the lock: `stream_recv` may have read
-            // or taken data since.
-            _ = poll_fn(|cx| {
-                let mut st = lock(&res.state);
-                match wanted_bytes(&st) {
-                    Some(max) => read_locked(&res, &mut st, max, cx),
-                    None => Poll::Ready(()),
-                }
-            }) => {}
-            _ = notified => {}
-        }
+        // Reads, and when Quinn has nothing, waits for it (or for a NIF's wake-up) and reads once
+        // more. The wanted amount is computed again under the lock: `stream_recv` may have read
+        // or taken data since.
+        executor::until_woken(true, |cx| {
+            let mut st = lock(&res.state);
+            match wanted_bytes(&st) {
+                Some(max) => read_locked(&res, &mut st, max, cx),
+                None => Poll::Ready(()),
+            }
+        })
+        .await;
     }
     // Let Quinn's stream go now (dropping it stops it if it has not ended), not when the
     // resource is garbage collected. `_exit` answers a pending `recv` as it drops.
@@ -881,9 +882,9 @@ async fn send_loop(res: ResourceArc<StreamRes>) {
     let Some(stopped) = lock(side).stream.as_ref().map(|s| s.stopped()) else { return };
     let mut exit = WriterExit { res: res.clone(), ended: false };
     let mut stopped = Box::pin(stopped);
+    // Before the first look at the state: a NIF that changes it afterwards finds the waker.
+    res.wake_writer.bind().await;
     let failure: Reason = loop {
-        // Registered before the checks below, so a wake-up between them is not lost.
-        let notified = res.wake_writer.notified();
         #[cfg(feature = "test_hooks")]
         if lock(&res.state).debug_panic_writer {
             panic!("macula_quic: deliberate panic in a stream writer (debug_panic_writer/1)");
@@ -898,14 +899,20 @@ async fn send_loop(res: ResourceArc<StreamRes>) {
             }
             break atoms::closed().into();
         }
-        tokio::select! {
-            biased;
-            _ = notified => continue,
-            peer = &mut stopped => break stopped_reason(&res, peer),
-            done = poll_fn(|cx| poll_queue(&mut lock(side), &res.conn.send_pend, cx)) => match done {
-                Ok(()) => break atoms::closed().into(),
-                Err(e) => break write_reason(&res, &e),
-            },
+        // Hands the queue to Quinn, then waits for Quinn (credit, the peer's STOP_SENDING) or a
+        // NIF's wake-up; after a wake-up the checks above come first (a reset before more data).
+        let step = executor::until_woken(false, |cx| {
+            if let Poll::Ready(peer) = stopped.as_mut().poll(cx) {
+                return Poll::Ready(Err(peer));
+            }
+            poll_queue(&mut lock(side), &res.conn.send_pend, cx).map(Ok)
+        })
+        .await;
+        match step {
+            None => continue,
+            Some(Err(peer)) => break stopped_reason(&res, peer),
+            Some(Ok(Ok(()))) => break atoms::closed().into(),
+            Some(Ok(Err(e))) => break write_reason(&res, &e),
         }
     };
     exit.ended = true;
@@ -1074,7 +1081,7 @@ fn stream_send_now<'a>(
     }
     sd.queue.push_back(SendCmd::Data { bytes, fin, is_async });
     drop(sd);
-    s.wake_writer.notify_one();
+    s.wake_writer.wake();
     if answered { atoms::ok().encode(env) } else { wait().encode(env) }
 }
 
@@ -1083,9 +1090,8 @@ fn stream_send_now<'a>(
 /// see `executor::Shard::claim`); returns how many bytes Quinn took (from the front of `bytes`).
 ///
 /// Why: queueing a small send and waking the writer task to hand it over cost, per send, a
-/// `Notify` wake-up, a task poll and the writer's `select!` (which registers with the `Notify`
-/// again and polls Quinn's `stopped` future under the connection's lock), all on the same
-/// thread a moment later. The writer stays asleep when this takes everything; Quinn's own
+/// wake-up, a task poll and the writer's checks and polls (Quinn's `stopped` future among them,
+/// under the connection's lock), all on the same thread a moment later. The writer stays asleep when this takes everything; Quinn's own
 /// wake-up of the connection's driver still runs the driver inline when the claim ends.
 ///
 /// With no credit Quinn takes nothing, and with an error (the stream stopped or finished, the
@@ -1116,7 +1122,7 @@ fn queue_finish(s: &StreamRes, side: &Mutex<SendSide>) -> bool {
     }
     sd.queue.push_back(SendCmd::Finish);
     drop(sd);
-    s.wake_writer.notify_one();
+    s.wake_writer.wake();
     true
 }
 
@@ -1150,11 +1156,11 @@ fn stream_shutdown_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, flags: u32, 
     let mut st = lock(&s.state);
     if flags & ABORT_SEND != 0 && s.send.is_some() && !st.send_done {
         st.reset_send = Some(code);
-        s.wake_writer.notify_one();
+        s.wake_writer.wake();
     }
     if flags & ABORT_RECEIVE != 0 && !st.recv_done {
         st.stop_recv = Some(code);
-        s.wake_reader.notify_one();
+        s.wake_reader.wake();
     }
     atoms::ok().encode(env)
 }
@@ -1174,7 +1180,7 @@ fn stream_close_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
     st.silenced = true;
     if !st.recv_done {
         st.stop_recv.get_or_insert(0);
-        s.wake_reader.notify_one();
+        s.wake_reader.wake();
     }
     atoms::ok().encode(env)
 }
@@ -1219,12 +1225,12 @@ fn apply_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>, on
         if let Some(req) = st.recv_request.take() {
             drop(st);
             req.reply.error(atoms::einval());
-            s.wake_reader.notify_one();
+            s.wake_reader.wake();
             return atoms::ok().encode(env);
         }
     }
     drop(st);
-    s.wake_reader.notify_one();
+    s.wake_reader.wake();
     atoms::ok().encode(env)
 }
 
@@ -1248,7 +1254,7 @@ fn stream_set_read_ahead<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Ter
         st.read_ahead = n;
         drop(st);
         if grew {
-            s.wake_reader.notify_one();
+            s.wake_reader.wake();
         }
         atoms::ok().encode(env)
     })
@@ -1314,7 +1320,7 @@ fn stream_recv_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: T
         let wake = st.buffered < st.read_ahead && st.recv_end.is_none();
         drop(st);
         if wake {
-            s.wake_reader.notify_one();
+            s.wake_reader.wake();
         }
         return (atoms::ok(), bin).encode(env);
     }
@@ -1323,7 +1329,7 @@ fn stream_recv_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: T
     }
     st.recv_request = Some(RecvRequest { reply: Reply::new(env.pid(), tag), len });
     drop(st);
-    s.wake_reader.notify_one();
+    s.wake_reader.wake();
     if large { building().encode(env) } else { wait().encode(env) }
 }
 
@@ -1395,7 +1401,7 @@ fn stream_info<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> NifResult<Term<'a
 #[rustler::nif]
 fn debug_panic_reader(s: ResourceArc<StreamRes>) -> rustler::Atom {
     lock(&s.state).debug_panic = true;
-    s.wake_reader.notify_one();
+    s.wake_reader.wake();
     atoms::ok()
 }
 
@@ -1405,7 +1411,7 @@ fn debug_panic_reader(s: ResourceArc<StreamRes>) -> rustler::Atom {
 #[rustler::nif]
 fn debug_panic_writer(s: ResourceArc<StreamRes>) -> rustler::Atom {
     lock(&s.state).debug_panic_writer = true;
-    s.wake_writer.notify_one();
+    s.wake_writer.wake();
     atoms::ok()
 }
 
@@ -1417,7 +1423,7 @@ fn debug_panic_writer(s: ResourceArc<StreamRes>) -> rustler::Atom {
 fn debug_panic_reader_inline(env: Env, s: ResourceArc<StreamRes>) -> rustler::Atom {
     executor::inline(env, inline_watch::watch_on(&s.conn.conn), || {
         lock(&s.state).debug_panic = true;
-        s.wake_reader.notify_one();
+        s.wake_reader.wake();
     });
     atoms::ok()
 }
