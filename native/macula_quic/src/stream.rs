@@ -403,8 +403,9 @@ enum ReadOutcome {
 ///
 /// Quinn hands out data in packet-sized chunks; this gathers every chunk that is already
 /// available into one batch (without copying), and also notices a FIN that arrived with them, so
-/// the last data message can carry the FIN flag. On `Pending`, Quinn keeps `cx`'s waker.
-fn poll_available(recv: &mut quinn::RecvStream, max: usize, cx: &mut Context) -> Poll<ReadOutcome> {
+/// the last data message can carry the FIN flag. On `Pending`, Quinn keeps `cx`'s waker; so it
+/// does when data comes back because Quinn had no more (`armed`, the second value).
+fn poll_available(recv: &mut quinn::RecvStream, max: usize, cx: &mut Context) -> Poll<(ReadOutcome, bool)> {
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut total = 0usize;
     loop {
@@ -415,18 +416,20 @@ fn poll_available(recv: &mut quinn::RecvStream, max: usize, cx: &mut Context) ->
                 total += chunk.bytes.len();
                 chunks.push(chunk.bytes);
                 if total >= max {
-                    return Poll::Ready(ReadOutcome::Data(chunks, false));
+                    return Poll::Ready((ReadOutcome::Data(chunks, false), false));
                 }
             }
-            Poll::Ready(Ok(None)) => return Poll::Ready(ReadOutcome::Data(chunks, true)),
+            Poll::Ready(Ok(None)) => return Poll::Ready((ReadOutcome::Data(chunks, true), false)),
             // Data read before an error is still delivered; the error shows on the next read.
-            Poll::Ready(Err(_)) if !chunks.is_empty() => return Poll::Ready(ReadOutcome::Data(chunks, false)),
-            Poll::Ready(Err(quinn::ReadError::Reset(code))) => return Poll::Ready(ReadOutcome::Reset(code.into_inner())),
-            Poll::Ready(Err(quinn::ReadError::ConnectionLost(why))) => {
-                return Poll::Ready(ReadOutcome::Lost(error::connection(&why)))
+            Poll::Ready(Err(_)) if !chunks.is_empty() => return Poll::Ready((ReadOutcome::Data(chunks, false), false)),
+            Poll::Ready(Err(quinn::ReadError::Reset(code))) => {
+                return Poll::Ready((ReadOutcome::Reset(code.into_inner()), false))
             }
-            Poll::Ready(Err(_)) => return Poll::Ready(ReadOutcome::Lost(atoms::closed().into())),
-            Poll::Pending if !chunks.is_empty() => return Poll::Ready(ReadOutcome::Data(chunks, false)),
+            Poll::Ready(Err(quinn::ReadError::ConnectionLost(why))) => {
+                return Poll::Ready((ReadOutcome::Lost(error::connection(&why)), false))
+            }
+            Poll::Ready(Err(_)) => return Poll::Ready((ReadOutcome::Lost(atoms::closed().into()), false)),
+            Poll::Pending if !chunks.is_empty() => return Poll::Ready((ReadOutcome::Data(chunks, false), true)),
             Poll::Pending => return Poll::Pending,
         }
     }
@@ -491,17 +494,18 @@ fn absorb(st: &mut State, outcome: ReadOutcome) {
     }
 }
 
-/// Reads up to `max` bytes from Quinn into the buffer, if Quinn has any. The reader task reads
-/// this way, holding the state lock and then the stream's lock (the order every path that takes
-/// both uses).
-fn read_locked(res: &StreamRes, st: &mut State, max: usize, cx: &mut Context) -> Poll<()> {
-    let Some(rs) = &res.recv_stream else { return Poll::Ready(()) };
+/// Reads up to `max` bytes from Quinn into the buffer, if Quinn has any; ready with whether
+/// Quinn kept `cx`'s waker (see `poll_available`). Only the reader task reads (the NIFs answer
+/// from the buffer), holding the state lock and then the stream's lock (the order every path
+/// that takes both uses).
+fn read_locked(res: &StreamRes, st: &mut State, max: usize, cx: &mut Context) -> Poll<bool> {
+    let Some(rs) = &res.recv_stream else { return Poll::Ready(false) };
     let mut guard = lock(rs);
-    let Some(recv) = guard.as_mut() else { return Poll::Ready(()) };
+    let Some(recv) = guard.as_mut() else { return Poll::Ready(false) };
     match poll_available(recv, max, cx) {
-        Poll::Ready(outcome) => {
+        Poll::Ready((outcome, armed)) => {
             absorb(st, outcome);
-            Poll::Ready(())
+            Poll::Ready(armed)
         }
         Poll::Pending => Poll::Pending,
     }
@@ -512,7 +516,14 @@ async fn recv_loop(res: ResourceArc<StreamRes>) {
     let _exit = ReaderExit(res.clone());
     // Before the first look at the state: a NIF that changes it afterwards finds the waker.
     res.wake_reader.bind().await;
+    // The last read, in this same run of the loop, ended with Quinn keeping the task's waker
+    // (it had no more data). Quinn then wakes the task when more comes, and the next read can
+    // wait for that instead of asking again at once (a read takes Quinn's connection lock and
+    // registers the waker anew: one per message delivered). Only valid until the task next
+    // waits: a wake-up it takes, whoever made it, may have been Quinn's.
+    let mut armed = false;
     loop {
+        let fresh = std::mem::take(&mut armed);
         let want = {
             let mut st = lock(&res.state);
             #[cfg(feature = "test_hooks")]
@@ -553,17 +564,23 @@ async fn recv_loop(res: ResourceArc<StreamRes>) {
             executor::until_woken(false, |_| Poll::<()>::Pending).await;
             continue;
         }
-        // Reads, and when Quinn has nothing, waits for it (or for a NIF's wake-up) and reads once
-        // more. The wanted amount is computed again under the lock: `stream_recv` may have read
-        // or taken data since.
-        executor::until_woken(true, |cx| {
+        // Reads (unless Quinn is known to have nothing), and when Quinn has nothing, waits for it
+        // (or for a NIF's wake-up) and reads once more. The wanted amount is computed again under
+        // the lock: `stream_recv` may have taken data since.
+        let mut skip = fresh;
+        let read = executor::until_woken(true, |cx| {
+            if std::mem::take(&mut skip) {
+                return Poll::Pending;
+            }
             let mut st = lock(&res.state);
             match wanted_bytes(&st) {
                 Some(max) => read_locked(&res, &mut st, max, cx),
-                None => Poll::Ready(()),
+                None => Poll::Ready(false),
             }
         })
         .await;
+        // `None`: the read after the wake-up found nothing, so Quinn keeps the waker again.
+        armed = read.unwrap_or(true);
     }
     // Let Quinn's stream go now (dropping it stops it if it has not ended), not when the
     // resource is garbage collected. `_exit` answers a pending `recv` as it drops.
