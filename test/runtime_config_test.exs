@@ -459,22 +459,19 @@ defmodule MaculaQuic.InlineWatchConfigTest do
     :ok = MaculaQuic.send(s, "x")
     ss = receive do {:quic, :new_stream, ss, _} -> ss end
     receive do {:quic, "x", ^ss, _} -> :ok end
-    # A few exchanges before counting, so that each end has measured a round trip of its own
-    # data: the server's only sample so far is its handshake's, which a paused thread (under
-    # bin/chaos) can make longer than twice the watch.
-    for _ <- 1..5 do
-      :ok = MaculaQuic.async_send(s, "warm")
-      receive do {:quic, "warm", ^ss, _} -> :ok end
-      :ok = MaculaQuic.async_send(ss, "warm")
-      receive do {:quic, "warm", ^s, _} -> :ok end
-    end
-    %{inline_watches: w0, inline_watch_skips: k0, inline_watch_far: f0, runtime_watch_extensions: e0} = MaculaQuic.native_counts()
-    for _ <- 1..400 do
+    # One message each way: the client's `ping`, the server's `pong`.
+    exchange = fn ->
       :ok = MaculaQuic.async_send(s, "ping")
       receive do {:quic, "ping", ^ss, _} -> :ok end
       :ok = MaculaQuic.async_send(ss, "pong")
       receive do {:quic, "pong", ^s, _} -> :ok end
     end
+    # A few exchanges before counting, so that each end has measured a round trip of its own
+    # data: the server's only sample so far is its handshake's, which a paused thread (under
+    # bin/chaos) can make longer than twice the watch.
+    for _ <- 1..5, do: exchange.()
+    %{inline_watches: w0, inline_watch_skips: k0, inline_watch_far: f0, runtime_watch_extensions: e0} = MaculaQuic.native_counts()
+    for _ <- 1..400, do: exchange.()
     %{inline_watches: w1, inline_watch_skips: k1, inline_watch_far: f1, runtime_watch_extensions: e1} = MaculaQuic.native_counts()
     {:ok, [min_rtt_us: rtt]} = MaculaQuic.getstat(c, [:min_rtt_us])
     IO.puts("watches=\#{w1 - w0} skips=\#{k1 - k0} far=\#{f1 - f0} ext=\#{e1 - e0} rtt=\#{rtt}")
