@@ -21,12 +21,12 @@ defmodule MaculaQuic.ShardTest do
     # When nothing else runs the endpoint at that moment, each send hands its data to Quinn
     # itself (a direct write: the stream's writer is not woken), runs Quinn's driver, and (the
     # peer being in this VM) receives the datagram it sent and runs the peer's side too: about
-    # three inline runs per send (1110-1208 for the 400 sends alone, at the defaults). A worker watching the sockets
-    # (runtime_spin_us) sometimes has the endpoint when a send comes, and then keeps its work;
-    # on a host busy with other work it can take most of it (189 inline and 679 runtime runs in
-    # one CI run). So: at least one inline run per send on average, in one of three tries
-    # (with no inline running, every try has none); and at least half the sends written
-    # directly, in one of the tries.
+    # three inline runs per send (1110-1208 for the 400 sends alone, at the defaults). A worker
+    # watching the sockets (runtime_spin_us) sometimes has the endpoint when a send comes, and
+    # then keeps its work; on a host busy with other work it can take most of it (189 inline and
+    # 679 runtime runs in one CI run). So: at least one inline run per send on average, in one of
+    # three tries (with no inline running, every try has none); and at least half the sends
+    # written directly, in one of the tries.
     tries = Enum.map(1..3, fn _ -> inline_runs(s, ss, rounds) end)
 
     IO.puts(

@@ -523,7 +523,8 @@ async fn recv_loop(res: ResourceArc<StreamRes>) {
     // waits: a wake-up it takes, whoever made it, may have been Quinn's.
     let mut armed = false;
     loop {
-        let fresh = std::mem::take(&mut armed);
+        // Taken at the top, so that every path below that waits without reading clears it.
+        let mut skip = std::mem::take(&mut armed);
         let want = {
             let mut st = lock(&res.state);
             #[cfg(feature = "test_hooks")]
@@ -567,7 +568,6 @@ async fn recv_loop(res: ResourceArc<StreamRes>) {
         // Reads (unless Quinn is known to have nothing), and when Quinn has nothing, waits for it
         // (or for a NIF's wake-up) and reads once more. The wanted amount is computed again under
         // the lock: `stream_recv` may have taken data since.
-        let mut skip = fresh;
         let read = executor::until_woken(true, |cx| {
             if std::mem::take(&mut skip) {
                 return Poll::Pending;
@@ -1108,8 +1108,9 @@ fn stream_send_now<'a>(
 ///
 /// Why: queueing a small send and waking the writer task to hand it over cost, per send, a
 /// wake-up, a task poll and the writer's checks and polls (Quinn's `stopped` future among them,
-/// under the connection's lock), all on the same thread a moment later. The writer stays asleep when this takes everything; Quinn's own
-/// wake-up of the connection's driver still runs the driver inline when the claim ends.
+/// under the connection's lock), all on the same thread a moment later. The writer stays asleep
+/// when this takes everything; Quinn's own wake-up of the connection's driver still runs the
+/// driver inline when the claim ends.
 ///
 /// With no credit Quinn takes nothing, and with an error (the stream stopped or finished, the
 /// connection lost) it leaves `bytes` alone: the queue and the writer then handle both as
