@@ -4,11 +4,11 @@
 # bin/bench's five runs can tell apart: the host drifts by tens of percent within minutes, so
 # variants are compared within a round (each round starting one variant further along the
 # list, so that no variant always goes first), and the summary gives each variant's median, its
-# range, its median ratio to raw Quinn's measurement of the same round and, for each macula_quic
-# variant after the first, its median ratio to the first one's in the same round and in how
-# many rounds it was higher ("paired": the fairest comparison of two builds or settings when the
-# host drifts), followed by a table of every round's figures (also printed, for the rounds done,
-# when a measurement fails).
+# range, its median ratio to raw Quinn's measurement of the same round and, for each variant
+# after the first of its kind (macula_quic, or raw Quinn), its median ratio to that first one's
+# in the same round and in how many rounds it was higher ("paired": the fairest comparison of
+# two builds or settings when the host drifts), followed by a table of every round's figures
+# (also printed, for the rounds done, when a measurement fails).
 #
 # Run it with bin/rounds (which builds what it needs):
 #
@@ -27,7 +27,8 @@
 # ERL_AFLAGS, ...). One more VAR, `halt_poll_ns`, is a host setting: as root, it writes
 # /sys/module/haltpoll/parameters/guest_halt_poll_ns (how long an idle vCPU of a KVM guest
 # polls before it halts) before the variant's measurement; the value found at the start is put
-# back at the end, also after a failure. A quinn variant takes it too (`quinn:halt_poll_ns=0`).
+# back at the end, also after a failure. A quinn variant takes it too (`quinn:halt_poll_ns=0`),
+# and `bin=PATH`: another build of the baseline (`quinn_pgo:bin=/tmp/pgo/quinn_baseline`).
 # And `ebin=DIR` runs the variant with another build of macula_quic: DIR is what
 # bench/build_rev.sh built (a commit's app and NIF) or that build's `macula_quic/ebin`; the other
 # variants run the current tree's. To compare two commits:
@@ -161,6 +162,7 @@ defmodule Bench.Rounds do
       end)
 
     {ebin, pairs} = Enum.split_with(pairs, fn {k, _} -> k == "ebin" end)
+    {bin, pairs} = Enum.split_with(pairs, fn {k, _} -> k == "bin" end)
     {host, env} = Enum.split_with(pairs, fn {k, _} -> k == "halt_poll_ns" end)
 
     Enum.each(host, fn {_, v} ->
@@ -171,7 +173,22 @@ defmodule Bench.Rounds do
     kind = if String.starts_with?(name, "quinn"), do: :quinn, else: :macula
 
     if kind == :quinn and (env != [] or ebin != []),
-      do: usage("variant #{name}: raw Quinn takes no environment settings, only halt_poll_ns")
+      do: usage("variant #{name}: raw Quinn takes only halt_poll_ns and bin settings")
+
+    if kind == :macula and bin != [],
+      do: usage("variant #{name}: bin= names a raw-Quinn baseline; macula_quic takes ebin=")
+
+    bin =
+      case bin do
+        [] ->
+          nil
+
+        [{_, path}] ->
+          executable(path) || usage("variant #{name}: #{path} is not an executable file")
+
+        _ ->
+          usage("variant #{name}: one bin= at most")
+      end
 
     ebin =
       case ebin do
@@ -180,11 +197,21 @@ defmodule Bench.Rounds do
         _ -> usage("variant #{name}: one ebin= at most")
       end
 
-    %{name: name, kind: kind, env: env, host: Map.new(host), ebin: ebin}
+    %{name: name, kind: kind, env: env, host: Map.new(host), ebin: ebin, bin: bin}
+  end
+
+  defp executable(path) do
+    path = Path.expand(path)
+
+    case File.stat(path) do
+      {:ok, %{type: :regular, mode: mode}} when Bitwise.band(mode, 0o111) != 0 -> path
+      _ -> nil
+    end
   end
 
   # How the report names a variant's own build: the commit bench/build_rev.sh wrote beside it,
   # else the directory.
+  defp build_setting(%{bin: bin}) when bin != nil, do: [{"bin", bin}]
   defp build_setting(%{ebin: nil}), do: []
 
   defp build_setting(%{ebin: ebin}) do
@@ -211,7 +238,8 @@ defmodule Bench.Rounds do
     System.halt(2)
   end
 
-  defp measure(ctx, %{kind: :quinn}), do: Bench.Workloads.quinn(ctx.workload, ctx.quinn, ctx.cert)
+  defp measure(ctx, %{kind: :quinn} = variant),
+    do: Bench.Workloads.quinn(ctx.workload, variant.bin || ctx.quinn, ctx.cert)
 
   defp measure(ctx, %{kind: :macula, env: env} = variant) do
     one = Path.expand("one.exs", __DIR__)
@@ -257,7 +285,11 @@ defmodule Bench.Rounds do
   # setting with its own baseline), or the first one listed.
   defp summarize(workload, variants, results) do
     unit = Bench.Workloads.unit(workload)
-    first = Enum.find(variants, &(&1.kind == :macula))
+
+    firsts = %{
+      macula: Enum.find(variants, &(&1.kind == :macula)),
+      quinn: Enum.find(variants, &(&1.kind == :quinn))
+    }
 
     for {v, i} <- Enum.with_index(variants) do
       xs = Enum.map(results, & &1[v.name])
@@ -279,14 +311,15 @@ defmodule Bench.Rounds do
         highest: Enum.max(xs),
         vs_quinn: ratio,
         baseline: quinn && quinn.name,
-        paired: paired(v, first, results)
+        paired: paired(v, firsts[v.kind], results)
       }
     end
   end
 
-  # A macula_quic variant against the first one listed, round by round: the median of their
-  # ratio and in how many rounds this one was higher (nil for the first and for raw Quinn).
-  defp paired(%{kind: :macula, name: name}, %{name: first}, results) when name != first do
+  # A variant against the first one of its kind listed (macula_quic, or raw Quinn: builds of the
+  # baseline), round by round: the median of their ratio and in how many rounds this one was
+  # higher (nil for the first of each kind).
+  defp paired(%{name: name}, %{name: first}, results) when name != first do
     ratios = Enum.map(results, &(&1[name] / &1[first]))
     %{against: first, median: median(ratios), higher: Enum.count(ratios, &(&1 > 1))}
   end
@@ -311,7 +344,7 @@ defmodule Bench.Rounds do
     head = """
     #{workload}, #{rounds} interleaved round(s), a fresh OS process per measurement; #{m.nproc} CPUs (#{m.cpu_model}), Linux #{m.kernel}, cpuidle #{m.cpuidle}; OTP #{m.otp}, Elixir #{m.elixir}, Quinn #{m.quinn}.
 
-    | variant | settings | median | lowest–highest | vs raw Quinn in the same round (median) | paired: vs the first macula_quic variant in the same round (median; higher in) |
+    | variant | settings | median | lowest–highest | vs raw Quinn in the same round (median) | paired: vs the first variant of its kind (macula_quic or raw Quinn) in the same round (median; higher in) |
     |---|---|---:|---:|---:|---:|
     """
 
