@@ -1070,14 +1070,17 @@ defmodule MaculaQuic do
   `runtime_runs`, the times a runtime worker did, and `direct_writes`, the sends of up to 16 KiB
   (not finishing the stream) whose data Quinn took within the `send` call itself, when nothing
   of the stream's was queued before them and no other thread was running the connection's work
-  (the others are handed to Quinn by the stream's writer task). Four describe
+  (the others are handed to Quinn by the stream's writer task). Six describe
   the runtime's socket watch (see "How the work is scheduled" in the README):
   `runtime_spin_us`, how long a worker watches the sockets before it sleeps (20 µs by default;
-  0: never), `watched_sockets`, the sockets it watches (with the watch on, one per client
-  endpoint and per open listener), and, since the VM started, `runtime_watch_hits`, the watches
-  that ended at a datagram (a datagram a call sent to a peer in the same VM, and reads itself,
-  does not end one), and `runtime_watch_extensions`, the watches that went on past
-  `runtime_spin_us` because calls in the VM were exchanging datagrams (at most 1 ms each).
+  0: never), `runtime_spin_max_us`, the longest a worker's watch grows to while its watches
+  catch work (500 µs by default; never below `runtime_spin_us`), `watched_sockets`, the sockets
+  it watches (with the watch on, one per client endpoint and per open listener), and, since the
+  VM started, `runtime_watch_hits`, the watches that ended at a datagram (a datagram a call sent
+  to a peer in the same VM, and reads itself, does not end one), `runtime_watch_extensions`, the
+  watches that went on past `runtime_spin_us` because calls in the VM were exchanging datagrams
+  (at most 1 ms each), and `runtime_watches_grown`, the watches longer than `runtime_spin_us`
+  because the worker's watches before had caught work.
   `inline_receives` counts, since the VM started, the datagrams calls read themselves (a call
   that sends to a peer in the same VM receives the datagram there), and `inline_deferrals` the
   times a stream's reader, run inside a call, left a `recv/3` answer over 1 MiB to a runtime

@@ -27,6 +27,15 @@ defmodule MaculaQuic.ConfigScript do
     """
   end
 
+  # The integers captured by `regex` from a VM's output, or a failed test that shows the
+  # output when the VM printed no such line.
+  def counts!(out, regex) do
+    case Regex.run(regex, out) do
+      [_ | counts] -> Enum.map(counts, &String.to_integer/1)
+      nil -> ExUnit.Assertions.flunk("no result from the VM: #{out}")
+    end
+  end
+
   # Script lines that bind `until`: native state has no message to wait for, so
   # `until.(until, check, n)` polls `check` every 10 ms, at most n more times, until it gives
   # {:ok, v}, and returns v (or the last other result).
@@ -154,6 +163,55 @@ defmodule MaculaQuic.RuntimeConfigTest do
     assert {20, 2, "1", _} = watch_with(nil)
     assert {20, 2, "1", out} = watch_with(:fast)
     assert out =~ "ignoring runtime_spin_us :fast"
+  end
+
+  # Starts a VM with `runtime_spin_max_us` set (unless nil) and moves 16 MiB over one stream
+  # (one process sends and, in active mode, receives). Returns the longest watch as the NIF
+  # saw it, the watches that ran longer than `runtime_spin_us` meanwhile, and anything logged.
+  defp growth_with(setting) do
+    script = """
+    #{put_env(:runtime_spin_max_us, setting)}
+    #{connected_pair()}
+    :ok = MaculaQuic.async_accept_stream(sc, active: true)
+    {:ok, s} = MaculaQuic.open_stream(c)
+    piece = :binary.copy("x", 1_048_576)
+    %{runtime_watches_grown: g0} = MaculaQuic.native_counts()
+    for _ <- 1..16, do: :ok = MaculaQuic.send(s, piece)
+    drain = fn drain, n ->
+      if n < 16 * 1_048_576 do
+        receive do
+          {:quic, d, _ss, _} when is_binary(d) -> drain.(drain, n + byte_size(d))
+          {:quic, :new_stream, _, _} -> drain.(drain, n)
+        after
+          10_000 -> n
+        end
+      else
+        n
+      end
+    end
+    got = drain.(drain, 0)
+    %{runtime_watches_grown: g1, runtime_spin_max_us: max} = MaculaQuic.native_counts()
+    :ok = MaculaQuic.close_connection(c)
+    IO.puts("got=\#{got} max=\#{max} grown=\#{g1 - g0}")
+    """
+
+    out = run_vm!(script)
+
+    [got, max, grown] = counts!(out, ~r/got=(\d+) max=(\d+) grown=(\d+)/)
+
+    assert got == 16 * 1_048_576, "received #{got} bytes: #{out}"
+    {max, grown, out}
+  end
+
+  test "a worker's watch grows while its watches catch work, up to runtime_spin_max_us" do
+    # By default up to 500 µs; a steady transfer keeps the workers' watches catching datagrams.
+    assert {500, grown, _} = growth_with(nil)
+    assert grown > 0, "no watch grew past runtime_spin_us in a 16 MiB transfer"
+    # A limit at runtime_spin_us (20), or below it, means no growth.
+    assert {20, 0, _} = growth_with(20)
+    assert {20, 0, _} = growth_with(5)
+    assert {500, _, out} = growth_with(:fast)
+    assert out =~ "ignoring runtime_spin_max_us :fast"
   end
 end
 
@@ -391,11 +449,7 @@ defmodule MaculaQuic.InlineWatchConfigTest do
 
       out = run_vm!(script)
 
-      [watches, skips, unanswered] =
-        case Regex.run(~r/watches=(\d+) skips=(\d+) unanswered=(\d+)/, out) do
-          [_ | counts] -> Enum.map(counts, &String.to_integer/1)
-          nil -> flunk("no result from the VM: #{out}")
-        end
+      [watches, skips, unanswered] = counts!(out, ~r/watches=(\d+) skips=(\d+) unanswered=(\d+)/)
 
       assert watches + skips > 0, out
       # Most looks skipped: the watches' finds did not reset the back-off. (Those finds are

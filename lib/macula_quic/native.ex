@@ -26,6 +26,8 @@ defmodule MaculaQuic.Native do
   # a call that sent a datagram to a peer outside this VM watches them for the answer
   # (inline_watch_us).
   @default_spin_us 20
+  # The longest a worker's watch grows to while its watches catch work (runtime_spin_max_us).
+  @default_spin_max_us 500
   @default_inline_watch_us 0
 
   # Where this build's library is, relative to the priv dir and without extension (tests read
@@ -46,20 +48,27 @@ defmodule MaculaQuic.Native do
       priv ->
         path = :filename.join(priv, @lib_path)
 
-        case :erlang.load_nif(path, {runtime_workers(), runtime_spin_us(), inline_watch_us()}) do
+        case :erlang.load_nif(
+               path,
+               {runtime_workers(), runtime_spin_us(), runtime_spin_max_us(), inline_watch_us()}
+             ) do
           :ok -> :ok
           {:error, reason} -> nif_load_failed(path, reason)
         end
     end
   end
 
-  # The runtime settings, passed to the NIF as load data `{workers, spin_us, inline_watch_us}`,
+  # The runtime settings, passed to the NIF as load data
+  # `{workers, spin_us, spin_max_us, inline_watch_us}`,
   # from the application env (read with :application, not Application, because on_load may run
   # before Elixir's own application env helpers are usable):
   #   runtime_workers: 1..64 worker threads; default 0, "size for the host" (one per core, at
   #     most 4);
   #   runtime_spin_us: 0..1000 µs a worker watches the sockets before it sleeps (0: never);
   #     default @default_spin_us;
+  #   runtime_spin_max_us: 0..1000 µs the watch grows to while a worker's watches catch work
+  #     (doubling after each that does, halving after each that does not; below
+  #     runtime_spin_us: no growth); default @default_spin_max_us;
   #   inline_watch_us: 0..1000 µs a call that sent a datagram to a peer outside this VM
   #     watches the sockets for the answer, to receive it in the same call (0: never; only on
   #     connections whose smallest round trip is at most twice this); default
@@ -69,6 +78,15 @@ defmodule MaculaQuic.Native do
 
   defp runtime_spin_us,
     do: setting(:runtime_spin_us, 0..1000, @default_spin_us, "using #{@default_spin_us}")
+
+  defp runtime_spin_max_us,
+    do:
+      setting(
+        :runtime_spin_max_us,
+        0..1000,
+        @default_spin_max_us,
+        "using #{@default_spin_max_us}"
+      )
 
   defp inline_watch_us,
     do:

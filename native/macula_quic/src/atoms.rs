@@ -20,7 +20,7 @@ rustler::atoms! {
     is_shutdown_by_app, is_closed_remotely, stream_id, is_peer_accepted,
     listeners, connections, streams, tasks, client_endpoints, bound_addresses, runtime_workers,
     shards, shard_runners, received_buffers, inline_runs, runtime_runs, direct_writes, runtime_spin_us, watched_sockets, owners, inline_watch_us,
-    inline_receives, inline_deferrals, inline_watches, inline_watch_skips, inline_watch_unanswered, inline_watch_far, runtime_watch_hits, runtime_watch_extensions, accept_waiters, driver_panics, socket_panics,
+    inline_receives, inline_deferrals, inline_watches, inline_watch_skips, inline_watch_unanswered, inline_watch_far, runtime_watch_hits, runtime_watch_extensions, runtime_spin_max_us, runtime_watches_grown, accept_waiters, driver_panics, socket_panics,
     tls_tickets,
     tls_resumptions,
 }

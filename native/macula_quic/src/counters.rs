@@ -51,6 +51,9 @@ pub static RUNTIME_WATCH_HITS: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: runtime workers' socket watches that went on past `runtime_spin_us` because
 /// calls in this VM were exchanging datagrams (see `spin`).
 pub static RUNTIME_WATCH_EXTENSIONS: AtomicI64 = AtomicI64::new(0);
+/// Cumulative: runtime workers' socket watches longer than `runtime_spin_us` because the
+/// worker's watches before had caught work (see `spin`).
+pub static RUNTIME_WATCHES_GROWN: AtomicI64 = AtomicI64::new(0);
 /// Cumulative: TLS 1.3 session tickets clients stored, and tickets they took to offer a
 /// resumed handshake (see `tls::CountingSessionStore`).
 pub static TLS_TICKETS: AtomicI64 = AtomicI64::new(0);

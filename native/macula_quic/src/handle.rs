@@ -93,6 +93,8 @@ fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {
         (atoms::watched_sockets().encode(env), spin::watched_count().encode(env)),
         (atoms::runtime_watch_hits().encode(env), counters::get(&counters::RUNTIME_WATCH_HITS).encode(env)),
         (atoms::runtime_watch_extensions().encode(env), counters::get(&counters::RUNTIME_WATCH_EXTENSIONS).encode(env)),
+        (atoms::runtime_spin_max_us().encode(env), spin::spin_max_us().encode(env)),
+        (atoms::runtime_watches_grown().encode(env), counters::get(&counters::RUNTIME_WATCHES_GROWN).encode(env)),
         (atoms::inline_watch_us().encode(env), inline_watch::watch_us().encode(env)),
         (atoms::inline_receives().encode(env), counters::get(&counters::INLINE_RECEIVES).encode(env)),
         (atoms::inline_deferrals().encode(env), counters::get(&counters::INLINE_DEFERRALS).encode(env)),

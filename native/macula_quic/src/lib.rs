@@ -48,14 +48,15 @@ use rustler::{Env, Term};
 #[global_allocator]
 static GLOBAL: alloc::Alloc = alloc::Alloc;
 
-/// Load data is `{workers, spin_us, inline_watch_us}`: the runtime's worker-thread count (0:
-/// size for the host), how long a worker watches the sockets before it sleeps, and how long a
-/// call that sent a datagram watches them for the answer, both in microseconds (0: never).
-/// Anything else leaves the defaults (size for the host, no watching).
+/// Load data is `{workers, spin_us, spin_max_us, inline_watch_us}`: the runtime's worker-thread
+/// count (0: size for the host), how long a worker watches the sockets before it sleeps and the
+/// longest that watch grows to, and how long a call that sent a datagram watches them for the
+/// answer, all in microseconds (0: never). Anything else leaves the defaults (size for the
+/// host, no watching).
 fn on_load(_env: Env, info: Term) -> bool {
-    if let Ok((workers, spin_us, inline_watch_us)) = info.decode::<(usize, u64, u64)>() {
+    if let Ok((workers, spin_us, spin_max_us, inline_watch_us)) = info.decode::<(usize, u64, u64, u64)>() {
         runtime::configure(workers);
-        spin::configure(spin_us);
+        spin::configure(spin_us, spin_max_us);
         inline_watch::configure(inline_watch_us);
     }
     true

@@ -40,6 +40,20 @@
 //! call left over, a large send), which a watching worker would otherwise leave waiting; timers
 //! still fire only once a worker parks, up to `LOCAL_WATCH_MAX` late while both watch.
 //!
+//! A worker whose watches keep catching work watches longer: after a watch that ended at a
+//! datagram or at work in the global queue the next one is twice as long, up to
+//! `spin_max_us` (500 µs by default, `runtime_spin_max_us`), and after one that caught nothing
+//! it is half as long, down to `spin_us`. Why: in a steady flow (a bulk transfer, a peer in
+//! another OS process answering requests) the next datagram comes tens of µs after a worker
+//! runs out of work, and on a host whose idle vCPUs halt a sleeping worker takes about as long
+//! again to wake. Fresh-VM rounds on such a host against the flat watch (bench/README, "A
+//! runtime watch that grows"): bulk +20% (higher in 8 of 8), 64-byte echo with the peer in
+//! another OS process 2×, the rest within 2%. A flat 500 µs watch gained bulk about as much but
+//! cost a quiet node far more CPU (`bench/sparse_cpu.exs`, peer elsewhere, 200 round trips/s:
+//! +9% of a core against at most +4%);
+//! halving on a miss keeps a quiet node's watches short, and resetting at once to `spin_us`
+//! instead gave bulk only +11%. Each worker keeps its own length.
+//!
 //! The check is a non-blocking peek on a duplicate of each socket's descriptor: it reads
 //! nothing, and the endpoint's own receive loop takes the datagram. Between looks the worker
 //! yields its CPU: on a small host a BEAM scheduler with work to do would otherwise wait for
@@ -47,6 +61,7 @@
 //! runtime's workers, and more CPU per MiB than with no watch at all). A listener's duplicate
 //! is closed when the listener retires its socket, before the address is released, so a
 //! closed listener's socket never outlives it.
+use std::cell::Cell;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -56,6 +71,16 @@ use crate::util::{Registered, Registry};
 
 /// How long a worker watches before it parks, in microseconds (0: never; set at load).
 static SPIN_US: AtomicU64 = AtomicU64::new(0);
+
+/// The longest a worker's watch grows to while its watches catch work, in microseconds (set at
+/// load, never below `SPIN_US`).
+static SPIN_MAX_US: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// This worker's next watch, in microseconds: grows and shrinks with what its watches catch
+    /// (see the top of this file). 0 until its first watch.
+    static WATCH_US: Cell<u64> = const { Cell::new(0) };
+}
 
 /// How long after a call claimed a socket (see `Claim`) the watch leaves its datagrams alone.
 /// The call reads the datagram within microseconds; this bounds how long one from elsewhere
@@ -107,13 +132,19 @@ pub fn claim_for(local: SocketAddr) -> Option<Claim> {
     WATCHED.lock().iter().find(|(_, w)| w.local == Some(local)).map(|(_, w)| w.claim.clone())
 }
 
-/// Sets the watch time (from the NIF's load data), before the runtime starts.
-pub fn configure(us: u64) {
+/// Sets the watch time and the longest it grows to (from the NIF's load data), before the
+/// runtime starts. A `max_us` below `us` means no growth.
+pub fn configure(us: u64, max_us: u64) {
     SPIN_US.store(us, Ordering::Relaxed);
+    SPIN_MAX_US.store(max_us.max(us), Ordering::Relaxed);
 }
 
 pub fn spin_us() -> u64 {
     SPIN_US.load(Ordering::Relaxed)
+}
+
+pub fn spin_max_us() -> u64 {
+    SPIN_MAX_US.load(Ordering::Relaxed)
 }
 
 /// A socket being watched; dropping it stops the watch and closes the duplicate (no worker is
@@ -139,14 +170,26 @@ pub fn watched_count() -> usize {
     WATCHED.lock().len()
 }
 
-/// The runtime's `on_thread_park` hook: returns when a watched socket that no call has claimed
-/// has a datagram waiting, or after `spin_us`, or, while calls claim sockets, `spin_us` after
-/// the last claim (at most `LOCAL_WATCH_MAX` in all).
+/// The runtime's `on_thread_park` hook: watches for this worker's current length (`spin_us`,
+/// grown while its watches catch work; see the top of this file), then sets the next one.
 pub fn before_park() {
-    let spin = Duration::from_micros(spin_us());
+    let (base, max) = (spin_us(), spin_max_us());
+    let len = WATCH_US.with(Cell::get).min(max).max(base);
+    if len > base {
+        crate::counters::bump(&crate::counters::RUNTIME_WATCHES_GROWN);
+    }
+    let next = if look(Duration::from_micros(len)) { len.saturating_mul(2) } else { len / 2 };
+    WATCH_US.with(|w| w.set(next.min(max).max(base)));
+}
+
+/// Watches the sockets: returns true when a watched socket that no call has claimed has a
+/// datagram waiting, or work waits in the runtime's global queue; false after `spin`, or, while
+/// calls claim sockets, `spin` after the last claim (at most `LOCAL_WATCH_MAX` in all).
+fn look(spin: Duration) -> bool {
     let start = Instant::now();
     let mut until = start + spin;
     let mut extended = false;
+    let mut caught = false;
     let runtime = crate::runtime::get().metrics();
     loop {
         let t = Instant::now();
@@ -156,6 +199,7 @@ pub fn before_park() {
         // Work handed to the runtime from outside it (a shard a call could not finish, a large
         // send) waits in its global queue for a worker that is not watching: stop for it.
         if runtime.global_queue_depth() > 0 {
+            caught = true;
             break;
         }
         // The other worker may be looking too: skip a turn rather than wait for it.
@@ -167,7 +211,7 @@ pub fn before_park() {
                     claimed = true;
                 } else if has_datagram(&w.socket) {
                     crate::counters::bump(&crate::counters::RUNTIME_WATCH_HITS);
-                    return;
+                    return true;
                 }
             }
             // Calls in this VM are exchanging datagrams: stay awake for the next one.
@@ -183,6 +227,7 @@ pub fn before_park() {
     if extended {
         crate::counters::bump(&crate::counters::RUNTIME_WATCH_EXTENSIONS);
     }
+    caught
 }
 
 /// Is a datagram waiting on `s`? A peek that does not block (whether or not the socket is in
