@@ -13,6 +13,7 @@
 #   BENCH_OUT     output directory (default bench/results)
 #   BENCH_RUNTIME_WORKERS  macula_quic's runtime worker threads (default: sized for the host)
 #   BENCH_RUNTIME_SPIN_US  how long its workers watch the sockets before sleeping (default 20)
+#   BENCH_RUNTIME_SPIN_MAX_US  the longest that watch grows to while it catches work (default 500)
 #   BENCH_INLINE_WATCH_US  how long a call that sent watches the sockets for the answer (default 0)
 Code.require_file("lib/util.ex", __DIR__)
 Code.require_file("lib/macula.ex", __DIR__)

@@ -8,9 +8,10 @@ defmodule Bench.Util do
   def mib, do: @mib
 
   @doc """
-  Applies BENCH_RUNTIME_WORKERS, BENCH_RUNTIME_SPIN_US and BENCH_INLINE_WATCH_US to
-  macula_quic's configuration (`runtime_workers`, `runtime_spin_us`, `inline_watch_us`). Call
-  it before the first MaculaQuic call: the NIF reads them when it loads.
+  Applies BENCH_RUNTIME_WORKERS, BENCH_RUNTIME_SPIN_US, BENCH_RUNTIME_SPIN_MAX_US and
+  BENCH_INLINE_WATCH_US to macula_quic's configuration (`runtime_workers`, `runtime_spin_us`,
+  `runtime_spin_max_us`, `inline_watch_us`). Call it before the first MaculaQuic call: the NIF
+  reads them when it loads.
   """
   def configure_runtime do
     for {_var, key, n} <- runtime_vars(), do: Application.put_env(:macula_quic, key, n)
@@ -42,6 +43,7 @@ defmodule Bench.Util do
     for {var, key} <- [
           {"BENCH_RUNTIME_WORKERS", :runtime_workers},
           {"BENCH_RUNTIME_SPIN_US", :runtime_spin_us},
+          {"BENCH_RUNTIME_SPIN_MAX_US", :runtime_spin_max_us},
           {"BENCH_INLINE_WATCH_US", :inline_watch_us}
         ],
         v = System.get_env(var),
