@@ -400,10 +400,8 @@ defmodule MaculaQuic.InlineWatchConfigTest do
 
         out = run_vm!(script)
 
-        [_, looks, received] =
-          Regex.run(~r/looks=(\d+) received=(\d+)/, out) || flunk("no result from the VM: #{out}")
-
-        {String.to_integer(looks), String.to_integer(received), out}
+        [looks, received] = counts!(out, ~r/looks=(\d+) received=(\d+)/)
+        {looks, received, out}
       end
 
       # Without the setting: no call looks, none reads an answer.
@@ -533,14 +531,10 @@ defmodule MaculaQuic.InlineWatchConfigTest do
 
     out = run_vm!(script)
 
-    case Regex.run(~r/watches=(\d+) skips=(\d+) far=(\d+) ext=(\d+) rtt=(\d+)/, out) do
-      [_ | counts] ->
-        [watches, skips, far, ext, rtt] = Enum.map(counts, &String.to_integer/1)
-        %{watches: watches, skips: skips, far: far, extensions: ext, min_rtt_us: rtt}
+    [watches, skips, far, ext, rtt] =
+      counts!(out, ~r/watches=(\d+) skips=(\d+) far=(\d+) ext=(\d+) rtt=(\d+)/)
 
-      nil ->
-        flunk("no result from the VM: #{out}")
-    end
+    %{watches: watches, skips: skips, far: far, extensions: ext, min_rtt_us: rtt}
   end
 
   @tag :inline_only
