@@ -178,27 +178,20 @@ defmodule Bench.Rounds do
     if kind == :macula and bin != [],
       do: usage("variant #{name}: bin= names a raw-Quinn baseline; macula_quic takes ebin=")
 
-    bin =
-      case bin do
-        [] ->
-          nil
-
-        [{_, path}] ->
-          executable(path) || usage("variant #{name}: #{path} is not an executable file")
-
-        _ ->
-          usage("variant #{name}: one bin= at most")
-      end
-
-    ebin =
-      case ebin do
-        [] -> nil
-        [{_, dir}] -> build_ebin(dir) || usage("variant #{name}: no macula_quic build in #{dir}")
-        _ -> usage("variant #{name}: one ebin= at most")
-      end
-
+    bin = one_path(name, "bin", bin, &executable/1, "is not an executable file")
+    ebin = one_path(name, "ebin", ebin, &build_ebin/1, "holds no macula_quic build")
     %{name: name, kind: kind, env: env, host: Map.new(host), ebin: ebin, bin: bin}
   end
+
+  # A variant's `key=PATH` setting (given at most once), resolved by `resolve` (nil when the
+  # path is not what it should be, which stops the run with `why`); nil when not given.
+  defp one_path(_name, _key, [], _resolve, _why), do: nil
+
+  defp one_path(name, key, [{_, path}], resolve, why),
+    do: resolve.(path) || usage("variant #{name}: #{key}=#{path} #{why}")
+
+  defp one_path(name, key, _more, _resolve, _why),
+    do: usage("variant #{name}: one #{key}= at most")
 
   defp executable(path) do
     path = Path.expand(path)
