@@ -50,9 +50,9 @@
 //! runtime watch that grows"): bulk +20% (higher in 8 of 8), 64-byte echo with the peer in
 //! another OS process 2×, the rest within 2%. A flat 500 µs watch gained bulk about as much but
 //! cost a quiet node far more CPU (`bench/sparse_cpu.exs`, peer elsewhere, 200 round trips/s:
-//! +9% of a core against at most +4%);
-//! halving on a miss keeps a quiet node's watches short, and resetting at once to `spin_us`
-//! instead gave bulk only +11%. Each worker keeps its own length.
+//! +9% of a core against at most +4%); halving on a miss keeps a quiet node's watches short,
+//! and resetting at once to `spin_us` instead gave bulk only +11%. Each worker keeps its own
+//! length.
 //!
 //! The check is a non-blocking peek on a duplicate of each socket's descriptor: it reads
 //! nothing, and the endpoint's own receive loop takes the datagram. Between looks the worker
