@@ -178,17 +178,17 @@ defmodule Bench.Rounds do
     if kind == :macula and bin != [],
       do: usage("variant #{name}: bin= names a raw-Quinn baseline; macula_quic takes ebin=")
 
-    bin = one_path(name, "bin", bin, &executable/1, "is not an executable file")
-    ebin = one_path(name, "ebin", ebin, &build_ebin/1, "holds no macula_quic build")
+    bin = one_path(name, "bin", bin, &executable/1, &"#{&1} is not an executable file")
+    ebin = one_path(name, "ebin", ebin, &build_ebin/1, &"no macula_quic build in #{&1}")
     %{name: name, kind: kind, env: env, host: Map.new(host), ebin: ebin, bin: bin}
   end
 
   # A variant's `key=PATH` setting (given at most once), resolved by `resolve` (nil when the
-  # path is not what it should be, which stops the run with `why`); nil when not given.
+  # path is not what it should be, which stops the run with `why.(path)`); nil when not given.
   defp one_path(_name, _key, [], _resolve, _why), do: nil
 
-  defp one_path(name, key, [{_, path}], resolve, why),
-    do: resolve.(path) || usage("variant #{name}: #{key}=#{path} #{why}")
+  defp one_path(name, _key, [{_, path}], resolve, why),
+    do: resolve.(path) || usage("variant #{name}: #{why.(path)}")
 
   defp one_path(name, key, _more, _resolve, _why),
     do: usage("variant #{name}: one #{key}= at most")
