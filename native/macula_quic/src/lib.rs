@@ -12,13 +12,10 @@
 //! - `listener`, `connection`, `stream`: the three handle kinds, one resource each.
 //! - `contain`: keeping a panic inside Quinn from becoming two, which would abort the VM.
 //! - `error`: mapping Quinn/rustls/io errors to atoms callers can match on.
-//! - `alloc`: the global allocator on glibc (over-aligned blocks without `posix_memalign`).
 //! - `counters`: live-object counters the test suite uses to prove nothing leaks.
 //! - `chaos`: random pauses that widen race windows, for `bin/chaos` (test builds only).
 
 mod address;
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-mod alloc;
 mod atoms;
 mod chaos;
 mod connection;
@@ -43,10 +40,17 @@ mod util;
 
 use rustler::{Env, Term};
 
-// glibc's aligned allocations are what `alloc` avoids; other targets keep their allocator.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+// mimalloc on Linux, where it was measured (other targets keep the system's allocator). Why:
+// runtime workers and BEAM schedulers free each other's allocations all the time (Quinn's
+// datagram buffers and packet records, our message buffers), and glibc's malloc serves such
+// frees under the lock of the arena they came from: in a bulk transfer most of the runtime
+// workers' sleeps were waits for an arena lock. With mimalloc, fresh-VM rounds against glibc
+// (bench/README.md, "Allocation: glibc's arena locks, and mimalloc"): bulk +7-11%, 16
+// handshakes at once +9-11%, the rest level; an idle connection costs ~8% more memory. The
+// crate's `.cargo/config.toml` has mimalloc commit its arenas as they are used.
+#[cfg(target_os = "linux")]
 #[global_allocator]
-static GLOBAL: alloc::Alloc = alloc::Alloc;
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Load data is `{workers, spin_us, spin_max_us, inline_watch_us}`: the runtime's worker-thread
 /// count (0: size for the host), how long a worker watches the sockets before it sleeps and the
