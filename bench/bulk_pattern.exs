@@ -94,7 +94,8 @@ defmodule Bench.BulkPattern do
       {:ok, d} ->
         passive(ss, n + byte_size(d), [byte_size(d) | now_sizes], waits)
 
-      :wait ->
+      # :building: an answer over 1 MiB, copied on a runtime thread (`read_ahead` above 1 MiB).
+      wait when wait in [:wait, :building] ->
         receive do
           {^ref, {:ok, d}} ->
             passive(ss, n + byte_size(d), now_sizes, [{now() - t, byte_size(d)} | waits])
