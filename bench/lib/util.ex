@@ -376,7 +376,8 @@ defmodule Bench.Util do
       sym =~ ~r/mem(move|cpy|set)/ ->
         "memcpy/memmove"
 
-      sym =~ ~r/malloc|free|_int_|realloc|unlink_chunk|tcache/ ->
+      # glibc's malloc, and mimalloc's (the NIF's allocator on Linux: `mi_*`, `_mi_*`).
+      sym =~ ~r/malloc|free|_int_|realloc|unlink_chunk|tcache/ or sym =~ ~r/^_*mi_/ ->
         "malloc/free"
 
       sym =~ ~r/quinn/ ->
