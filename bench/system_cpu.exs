@@ -13,7 +13,7 @@
 # quinn (one side only, e.g. under `perf stat -a` to count system calls). MIB: the transfer's
 # size (default 2048). ROUNDS: default 3. The baseline is BENCH_QUINN, else cargo's release
 # build of examples/quinn_baseline.rs (`bin/bench` builds both; so does `bench/build.sh DIR`).
-# bench/README.md's "Bulk: the whole machine's accounting" cites it.
+# bench/README.md's "Allocation: glibc's arena locks, and mimalloc" cites it.
 Code.require_file("lib/util.ex", __DIR__)
 Code.require_file("lib/macula.ex", __DIR__)
 

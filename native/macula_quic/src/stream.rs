@@ -406,8 +406,9 @@ enum ReadOutcome {
 /// Quinn hands out data in packet-sized chunks; this appends every chunk that is already
 /// available to `into` (the stream's buffer: no copy, and no vector of its own per read, which
 /// with ~50 chunks per 64 KiB grew by reallocation several times per read), and also notices a
-/// FIN that arrived with them, so the last data message can carry the FIN flag. On `Pending`, Quinn keeps `cx`'s waker; so it
-/// does when data comes back because Quinn had no more (`armed`, the second value).
+/// FIN that arrived with them, so the last data message can carry the FIN flag. On `Pending`,
+/// Quinn keeps `cx`'s waker; so it does when data comes back because Quinn had no more
+/// (`armed`, the second value).
 fn poll_available(
     recv: &mut quinn::RecvStream,
     into: &mut VecDeque<Bytes>,
