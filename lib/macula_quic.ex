@@ -464,11 +464,39 @@ defmodule MaculaQuic do
     with {:ok, map} <- Options.to_map(opts),
          {:ok, timeout_ms} <- timeout_value(timeout),
          map = Options.read_pem_files(map),
-         :ok <- Native.connect(charlist_to_binary(host), port, map, ref, native_ms(timeout_ms)) do
+         {:ok, watch_us} <-
+           connect_started(
+             Native.connect(charlist_to_binary(host), port, map, ref, native_ms(timeout_ms))
+           ) do
       # The native side enforces the timeout and always answers.
-      receive do
-        {^ref, result} -> result
-      end
+      await_connect(ref, watch_us)
+    end
+  end
+
+  defp connect_started(:ok), do: {:ok, 0}
+  defp connect_started({:watch, us}), do: {:ok, us}
+  defp connect_started(error), do: error
+
+  # With `watch_us` > 0 (the only connect in flight, after quick handshakes: see
+  # `connect_watch_us` under "How the work is scheduled" in README), the caller looks at its
+  # mailbox for the answer, letting the other processes run in between, for up to that long,
+  # so that its scheduler does not go to sleep just before the answer comes; then it waits.
+  defp await_connect(ref, 0), do: receive(do: ({^ref, result} -> result))
+
+  defp await_connect(ref, watch_us),
+    do: watch_connect(ref, System.monotonic_time(:microsecond) + watch_us)
+
+  defp watch_connect(ref, until) do
+    receive do
+      {^ref, result} -> result
+    after
+      0 ->
+        if System.monotonic_time(:microsecond) < until do
+          :erlang.yield()
+          watch_connect(ref, until)
+        else
+          await_connect(ref, 0)
+        end
     end
   end
 
@@ -1091,6 +1119,12 @@ defmodule MaculaQuic do
   connection's smallest round trip is over twice `inline_watch_us`, and
   `inline_watch_unanswered` the watches that found only datagrams that sent no process a
   message (acknowledgements, say).
+  `connects` counts the `connect/4` calls waiting for their answer now, `connect_watch_us` is
+  how long a connecting caller watches its mailbox for the answer before it waits (1000 µs by
+  default; 0: never), and `connect_watches` counts the connects, since the VM started, whose
+  caller watched: those that were the only connect in flight when they started, after a last
+  successful handshake that took no longer than `connect_watch_us` (see "How the work is
+  scheduled" in the README).
   `tls_tickets` counts the TLS session tickets clients have received and kept, and
   `tls_resumptions` the connects that offered one to resume a session (see `:session_resumption`
   under Options), both since the VM started, `driver_panics` the connections whose Quinn

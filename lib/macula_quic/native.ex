@@ -29,6 +29,8 @@ defmodule MaculaQuic.Native do
   # The longest a worker's watch grows to while its watches catch work (runtime_spin_max_us).
   @default_spin_max_us 500
   @default_inline_watch_us 0
+  # Microseconds a connecting caller watches its mailbox for the answer (connect_watch_us).
+  @default_connect_watch_us 1000
 
   # Where this build's library is, relative to the priv dir and without extension (tests read
   # the built library from there).
@@ -50,7 +52,8 @@ defmodule MaculaQuic.Native do
 
         case :erlang.load_nif(
                path,
-               {runtime_workers(), runtime_spin_us(), runtime_spin_max_us(), inline_watch_us()}
+               {runtime_workers(), runtime_spin_us(), runtime_spin_max_us(), inline_watch_us(),
+                connect_watch_us()}
              ) do
           :ok -> :ok
           {:error, reason} -> nif_load_failed(path, reason)
@@ -59,7 +62,7 @@ defmodule MaculaQuic.Native do
   end
 
   # The runtime settings, passed to the NIF as load data
-  # `{workers, spin_us, spin_max_us, inline_watch_us}`,
+  # `{workers, spin_us, spin_max_us, inline_watch_us, connect_watch_us}`,
   # from the application env (read with :application, not Application, because on_load may run
   # before Elixir's own application env helpers are usable):
   #   runtime_workers: 1..64 worker threads; default 0, "size for the host" (one per core, at
@@ -72,7 +75,10 @@ defmodule MaculaQuic.Native do
   #   inline_watch_us: 0..1000 µs a call that sent a datagram to a peer outside this VM
   #     watches the sockets for the answer, to receive it in the same call (0: never; only on
   #     connections whose smallest round trip is at most twice this); default
-  #     @default_inline_watch_us.
+  #     @default_inline_watch_us;
+  #   connect_watch_us: 0..10_000 µs a connecting caller watches its mailbox for the answer
+  #     before it waits in receive (0: never; only when it is the only connect in flight and
+  #     the last handshake that succeeded took no longer); default @default_connect_watch_us.
   # See "How the work is scheduled" in README.
   defp runtime_workers, do: setting(:runtime_workers, 1..64, 0, "sizing for the host")
 
@@ -95,6 +101,15 @@ defmodule MaculaQuic.Native do
         0..1000,
         @default_inline_watch_us,
         "using #{@default_inline_watch_us}"
+      )
+
+  defp connect_watch_us,
+    do:
+      setting(
+        :connect_watch_us,
+        0..10_000,
+        @default_connect_watch_us,
+        "using #{@default_connect_watch_us}"
       )
 
   # A bad value is ignored with a warning that says what was expected and what happens instead.

@@ -23,4 +23,5 @@ rustler::atoms! {
     inline_receives, inline_deferrals, inline_watches, inline_watch_skips, inline_watch_unanswered, inline_watch_far, runtime_watch_hits, runtime_watch_extensions, runtime_spin_max_us, runtime_watches_grown, accept_waiters, driver_panics, socket_panics,
     tls_tickets,
     tls_resumptions,
+    connect_watch_us, connect_watches, connects, watch,
 }

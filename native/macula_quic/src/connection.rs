@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 
 use crate::address::{self, Host};
 use crate::atoms;
+use crate::connect_watch;
 use crate::counters::{self, Live};
 use crate::contain::{self, Contained};
 use crate::endpoint;
@@ -295,9 +296,11 @@ fn err<'a>(env: Env<'a>, reason: impl Encoder) -> Term<'a> {
     (atoms::error(), reason).encode(env)
 }
 
-/// `connect(Host, Port, Opts, Tag, TimeoutMs)`: starts a connection and returns `:ok`; the
-/// caller later receives `{Tag, {:ok, Conn} | {:error, Reason}}`. Bad arguments are answered at
-/// once with `{:error, Reason}`. The timeout covers resolution and the handshake.
+/// `connect(Host, Port, Opts, Tag, TimeoutMs)`: starts a connection and returns `:ok`, or
+/// `{:watch, Us}` when the caller should watch its mailbox for the answer for up to `Us`
+/// microseconds before it waits (see `connect_watch`); the caller later receives `{Tag, {:ok,
+/// Conn} | {:error, Reason}}`. Bad arguments are answered at once with `{:error, Reason}`. The
+/// timeout covers resolution and the handshake.
 #[rustler::nif]
 fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag: Term<'a>, timeout_ms: u64) -> Term<'a> {
     let Some(host) = address::decode_host(host) else { return err(env, atoms::bad_address()) };
@@ -313,10 +316,10 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
         Ok(c) => c,
         Err(r) => return err(env, r),
     };
-    let reply = Reply::new(env.pid(), tag);
-    let owner = env.pid();
     // The connection may start on a runtime thread: monitor its owner here, on the scheduler.
     owner::prepare(env);
+    let (in_flight, watch_us) = connect_watch::begin();
+    let caller = Caller { owner: env.pid(), reply: Reply::new(env.pid(), tag), in_flight };
     let timeout = Duration::from_millis(timeout_ms.clamp(1, u32::MAX as u64));
     let timeout = opts.handshake_timeout.map_or(timeout, |h| h.min(timeout));
     let deadline = tokio::time::Instant::now() + timeout;
@@ -334,14 +337,10 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
         let _task = Live::new(&counters::TASKS);
         match tokio::time::timeout_at(deadline, dial(host, port, opts, config, client)).await {
             Ok(Ok((connecting, bound, shard, lease))) => {
-                shard.clone().spawn(finish_connect(connecting, bound, shard, lease, owner, reply, deadline));
+                shard.clone().spawn(finish_connect(connecting, bound, shard, lease, caller, deadline));
             }
-            Ok(Err(reason)) => {
-                reply.error(reason);
-            }
-            Err(_) => {
-                reply.error(atoms::timeout());
-            }
+            Ok(Err(reason)) => caller.error(reason),
+            Err(_) => caller.error(atoms::timeout()),
         }
     };
     match shard {
@@ -350,7 +349,28 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
             runtime::spawn(task);
         }
     }
-    atoms::ok().encode(env)
+    if watch_us > 0 {
+        (atoms::watch(), watch_us).encode(env)
+    } else {
+        atoms::ok().encode(env)
+    }
+}
+
+/// Who waits for a connect's answer: the new connection's owner, the reply, and the connect's
+/// mark as in flight, held until the answer goes (the caller may be watching its mailbox for
+/// it, see `connect_watch`).
+struct Caller {
+    owner: LocalPid,
+    reply: Reply,
+    in_flight: connect_watch::InFlight,
+}
+
+impl Caller {
+    /// Answers an error, the connect no longer in flight.
+    fn error<R: Encoder + Send + 'static>(self, reason: R) {
+        drop(self.in_flight);
+        self.reply.error(reason);
+    }
 }
 
 /// Resolves the host and starts the handshake: the connection, its local address, the new
@@ -399,11 +419,11 @@ async fn finish_connect(
     bound: SocketAddr,
     shard: Arc<Shard>,
     lease: Option<endpoint::Lease>,
-    owner: LocalPid,
-    reply: Reply,
+    caller: Caller,
     deadline: tokio::time::Instant,
 ) {
     let _task = Live::new(&counters::TASKS);
+    let Caller { owner, reply, in_flight } = caller;
     match tokio::time::timeout_at(deadline, connecting).await {
         Ok(Ok(conn)) => {
             let conn = Contained::connection(conn);
@@ -411,6 +431,7 @@ async fn finish_connect(
             let on_closed: Option<OnClosed> = lease.map(|l| Box::new(move || drop(l)) as OnClosed);
             match ConnRes::start(None, conn.clone(), bound, shard, owner, |_| {}, on_closed) {
                 Some(res) => {
+                    in_flight.succeeded();
                     if !reply.send(move |e| (atoms::ok(), res).encode(e)) {
                         // The caller is gone; the monitor's down callback closes the connection.
                     }
@@ -419,10 +440,12 @@ async fn finish_connect(
             }
         }
         Ok(Err(e)) => {
+            drop(in_flight);
             reply.error(error::connection(&e));
         }
         // Dropping the handshake closes the connection.
         Err(_) => {
+            drop(in_flight);
             reply.error(atoms::timeout());
         }
     }

@@ -63,6 +63,9 @@ pub static DRIVER_PANICS: AtomicI64 = AtomicI64::new(0);
 /// or an endpoint's lock held, stopped there (see `contain::in_socket`).
 pub static SOCKET_PANICS: AtomicI64 = AtomicI64::new(0);
 pub static TLS_RESUMPTIONS: AtomicI64 = AtomicI64::new(0);
+/// Cumulative: connects whose caller was told to watch its mailbox for the answer (see
+/// `connect_watch`).
+pub static CONNECT_WATCHES: AtomicI64 = AtomicI64::new(0);
 
 /// Counts one live object of a kind for as long as it exists.
 #[derive(Debug)]

@@ -2,6 +2,7 @@
 use rustler::{Encoder, Env, LocalPid, NifResult, ResourceArc, Term};
 
 use crate::atoms;
+use crate::connect_watch;
 use crate::connection::{self, ConnRes};
 use crate::counters;
 use crate::endpoint;
@@ -106,6 +107,9 @@ fn counters<'a>(env: Env<'a>) -> NifResult<Term<'a>> {
         (atoms::driver_panics().encode(env), counters::get(&counters::DRIVER_PANICS).encode(env)),
         (atoms::socket_panics().encode(env), counters::get(&counters::SOCKET_PANICS).encode(env)),
         (atoms::tls_resumptions().encode(env), counters::get(&counters::TLS_RESUMPTIONS).encode(env)),
+        (atoms::connect_watch_us().encode(env), connect_watch::watch_us().encode(env)),
+        (atoms::connect_watches().encode(env), counters::get(&counters::CONNECT_WATCHES).encode(env)),
+        (atoms::connects().encode(env), connect_watch::in_flight().encode(env)),
     ];
     Term::map_from_pairs(env, &pairs).map_err(|_| rustler::Error::BadArg)
 }

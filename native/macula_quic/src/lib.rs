@@ -10,6 +10,7 @@
 //! - `flow`: the default flow-control windows and socket buffers (shared with the baseline).
 //! - `endpoint`: UDP sockets (exact binds, the bound-address registry, shared client endpoints).
 //! - `listener`, `connection`, `stream`: the three handle kinds, one resource each.
+//! - `connect_watch`: a connecting caller watching its mailbox for the answer before it sleeps.
 //! - `contain`: keeping a panic inside Quinn from becoming two, which would abort the VM.
 //! - `error`: mapping Quinn/rustls/io errors to atoms callers can match on.
 //! - `counters`: live-object counters the test suite uses to prove nothing leaks.
@@ -18,6 +19,7 @@
 mod address;
 mod atoms;
 mod chaos;
+mod connect_watch;
 mod connection;
 mod contain;
 mod counters;
@@ -52,16 +54,19 @@ use rustler::{Env, Term};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Load data is `{workers, spin_us, spin_max_us, inline_watch_us}`: the runtime's worker-thread
-/// count (0: size for the host), how long a worker watches the sockets before it sleeps and the
-/// longest that watch grows to, and how long a call that sent a datagram watches them for the
-/// answer, all in microseconds (0: never). Anything else leaves the defaults (size for the
-/// host, no watching).
+/// Load data is `{workers, spin_us, spin_max_us, inline_watch_us, connect_watch_us}`: the
+/// runtime's worker-thread count (0: size for the host), how long a worker watches the sockets
+/// before it sleeps and the longest that watch grows to, how long a call that sent a datagram
+/// watches them for the answer, and how long a connecting caller watches its mailbox, all in
+/// microseconds (0: never). Anything else leaves the defaults (size for the host, no watching).
 fn on_load(_env: Env, info: Term) -> bool {
-    if let Ok((workers, spin_us, spin_max_us, inline_watch_us)) = info.decode::<(usize, u64, u64, u64)>() {
+    if let Ok((workers, spin_us, spin_max_us, inline_watch_us, connect_watch_us)) =
+        info.decode::<(usize, u64, u64, u64, u64)>()
+    {
         runtime::configure(workers);
         spin::configure(spin_us, spin_max_us);
         inline_watch::configure(inline_watch_us);
+        connect_watch::configure(connect_watch_us);
     }
     true
 }
