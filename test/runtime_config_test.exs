@@ -654,7 +654,7 @@ defmodule MaculaQuic.ConnectWatchConfigTest do
     {:ok, silent} = :gen_udp.open(0, ip: {127, 0, 0, 1})
     {:ok, silent_port} = :inet.port(silent)
     me = self()
-    spawn(fn -> send(me, {:silent, MaculaQuic.connect("127.0.0.1", silent_port, opts, 500)}) end)
+    spawn(fn -> send(me, {:silent, MaculaQuic.connect("127.0.0.1", silent_port, opts, 2_000)}) end)
     1 = until.(until, fn -> case MaculaQuic.native_counts().connects do
       1 -> {:ok, 1}
       n -> n
