@@ -423,31 +423,24 @@ async fn finish_connect(
     deadline: tokio::time::Instant,
 ) {
     let _task = Live::new(&counters::TASKS);
-    let Caller { owner, reply, in_flight } = caller;
     match tokio::time::timeout_at(deadline, connecting).await {
         Ok(Ok(conn)) => {
             let conn = Contained::connection(conn);
             shard.keep_until_driver_ends(&conn);
             let on_closed: Option<OnClosed> = lease.map(|l| Box::new(move || drop(l)) as OnClosed);
-            match ConnRes::start(None, conn.clone(), bound, shard, owner, |_| {}, on_closed) {
+            match ConnRes::start(None, conn.clone(), bound, shard, caller.owner, |_| {}, on_closed) {
                 Some(res) => {
-                    in_flight.succeeded();
-                    if !reply.send(move |e| (atoms::ok(), res).encode(e)) {
+                    caller.in_flight.succeeded();
+                    if !caller.reply.send(move |e| (atoms::ok(), res).encode(e)) {
                         // The caller is gone; the monitor's down callback closes the connection.
                     }
                 }
                 None => conn.close(quinn::VarInt::from_u32(0), b"owner exited"),
             }
         }
-        Ok(Err(e)) => {
-            drop(in_flight);
-            reply.error(error::connection(&e));
-        }
+        Ok(Err(e)) => caller.error(error::connection(&e)),
         // Dropping the handshake closes the connection.
-        Err(_) => {
-            drop(in_flight);
-            reply.error(atoms::timeout());
-        }
+        Err(_) => caller.error(atoms::timeout()),
     }
 }
 
