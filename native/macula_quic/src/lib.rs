@@ -9,11 +9,15 @@
 //! - `address`, `options`, `tls`: decoding what callers pass in.
 //! - `flow`: the default flow-control windows and socket buffers (shared with the baseline).
 //! - `endpoint`: UDP sockets (exact binds, the bound-address registry, shared client endpoints).
-//! - `listener`, `connection`, `stream`: the three handle kinds, one resource each.
+//! - `listener`, `connection`, `stream`: the three handle kinds, one resource each; `handle`:
+//!   the NIFs any handle takes, and the diagnostics.
+//! - `received`: received stream data as binaries (in our own buffers from 16 KiB).
+//! - `inline_watch`: receiving the answer in the call that sent the question.
 //! - `connect_watch`: a connecting caller watching its mailbox for the answer before it sleeps.
 //! - `contain`: keeping a panic inside Quinn from becoming two, which would abort the VM.
 //! - `error`: mapping Quinn/rustls/io errors to atoms callers can match on.
 //! - `counters`: live-object counters the test suite uses to prove nothing leaks.
+//! - `atoms`, `util`: the atoms messages and results use; small shared helpers.
 //! - `chaos`: random pauses that widen race windows, for `bin/chaos` (test builds only).
 
 mod address;
