@@ -64,7 +64,8 @@ defmodule MaculaQuic do
       now passive.
     * `{:quic, :stream_closed, stream, props}` — both directions are done. `props` is a map
       with `:is_conn_shutdown`, `:is_app_closing`, `:is_shutdown_by_app`,
-      `:is_closed_remotely`, `:error` and `:status`.
+      `:is_closed_remotely`, `:error` and `:status`. `shutdown_stream/4` consumes it when the
+      owner shuts the stream down.
 
   Connection owner:
 
@@ -82,7 +83,7 @@ defmodule MaculaQuic do
       `:tls_error`, `:reset`, ...
     * `{:quic, :closed, conn, %{is_handshake_completed: true, is_peer_acked: boolean,
       is_app_closing: boolean}}` — always the last message about a connection.
-      `close_connection/1` consumes it when the owner closes.
+      `close_connection/1` and `shutdown_connection/1` consume it when the owner closes.
 
   Listener owner and acceptors:
 
@@ -507,7 +508,7 @@ defmodule MaculaQuic do
       :ok = MaculaQuic.close_connection(conn)
   """
   @spec close_connection(connection()) :: :ok
-  def close_connection(conn), do: close_with(conn, 0)
+  def close_connection(conn), do: close_and_wait(conn, 0)
 
   @doc """
   Closes a connection as `close_connection/1` does, with quicer's `flags`
@@ -523,16 +524,22 @@ defmodule MaculaQuic do
   @spec close_connection(connection(), 0 | 1, non_neg_integer()) :: :ok | {:error, :badarg}
   def close_connection(conn, flags, error_code)
       when flags in [0, 1] and is_integer(error_code) and error_code in 0..@max_varint,
-      do: close_with(conn, error_code)
+      do: close_and_wait(conn, error_code)
 
   def close_connection(conn, _flags, _error_code) do
     check_handle!(:connection, conn)
     {:error, :badarg}
   end
 
+  # `close_connection/1,3`: `:ok` also when `closed` has not come after `@close_wait`.
+  defp close_and_wait(conn, error_code) do
+    _ = close_with(conn, error_code, @close_wait)
+    :ok
+  end
+
   # Closes with an application error code (a valid varint) and, for the owner, consumes the
-  # `closed` message.
-  defp close_with(conn, error_code) do
+  # `closed` message, waiting up to `timeout` for it.
+  defp close_with(conn, error_code, timeout) do
     owner? = owner?(conn)
     ref = make_ref()
 
@@ -548,7 +555,7 @@ defmodule MaculaQuic do
         receive do
           {:quic, :closed, ^conn, _} -> :ok
         after
-          @close_wait -> :ok
+          timeout -> {:error, :timeout}
         end
 
       _ ->
@@ -573,6 +580,48 @@ defmodule MaculaQuic do
   end
 
   def async_shutdown_connection(conn, _flags, _error_code) do
+    check_handle!(:connection, conn)
+    {:error, :badarg}
+  end
+
+  @doc """
+  Closes a connection with application error code 0 and waits up to `timeout` (5 s by
+  default) for it to close: as `shutdown_connection/4` with `connection_shutdown_none/0`.
+  quicer's `shutdown_connection/1,2`.
+
+      :ok = MaculaQuic.shutdown_connection(conn)
+  """
+  @spec shutdown_connection(connection(), timeout()) :: :ok | {:error, reason()}
+  def shutdown_connection(conn, timeout \\ 5_000),
+    do: shutdown_connection(conn, connection_shutdown_none(), 0, timeout)
+
+  @doc """
+  Closes a connection as `close_connection/3` does, with quicer's `flags` and an application
+  `error_code` the peer receives as `{:quic, :shutdown, conn, error_code}`, and, when the
+  caller is the owner, waits up to `timeout` (5 s by default) for the owner's
+  `{:quic, :closed, conn, _}` and consumes it. As quicer's `shutdown_connection/3,4` (and
+  `close_connection/4`).
+
+  Returns `:ok`, or `{:error, :timeout}` if `closed` did not come in time (the connection is
+  closing all the same). Unlike `close_connection/3`, which returns `:ok` after its own 5 s
+  wait, the timeout is reported. Closing a closed connection, and a caller that is not the
+  owner, return `:ok` without waiting. Flags other than 0 or 1, an `error_code` that is not an
+  integer in `0..2^62-1` (a QUIC varint), and a `timeout` that is neither `:infinity` nor a
+  non-negative integer give `{:error, :badarg}`.
+
+      :ok = MaculaQuic.shutdown_connection(conn, MaculaQuic.connection_shutdown_none(), 42, 1_000)
+  """
+  @spec shutdown_connection(connection(), 0 | 1, non_neg_integer(), timeout()) ::
+          :ok | {:error, reason()}
+  def shutdown_connection(conn, flags, error_code, timeout \\ 5_000)
+
+  def shutdown_connection(conn, flags, error_code, timeout)
+      when flags in [0, 1] and is_integer(error_code) and error_code in 0..@max_varint do
+    with {:ok, timeout} <- checked(timeout_value(timeout), :connection, conn),
+         do: close_with(conn, error_code, timeout)
+  end
+
+  def shutdown_connection(conn, _flags, _error_code, _timeout) do
     check_handle!(:connection, conn)
     {:error, :badarg}
   end
@@ -990,6 +1039,64 @@ defmodule MaculaQuic do
   def async_shutdown_stream(stream, _flags, _error_code) do
     check_handle!(:stream, stream)
     {:error, :badarg}
+  end
+
+  @doc """
+  Shuts a stream down gracefully (FIN after queued data, error code 0) and waits up to
+  `timeout` for it to end in both directions: as `shutdown_stream/4` with
+  `stream_shutdown_graceful/0`. quicer's `shutdown_stream/1,2` (and `close_stream/1,2`, which
+  quicer defines the same way); the default `timeout` is quicer's, `:infinity`.
+
+      :ok = MaculaQuic.shutdown_stream(stream, 5_000)
+  """
+  @spec shutdown_stream(stream(), timeout()) :: :ok | {:error, reason()}
+  def shutdown_stream(stream, timeout \\ :infinity),
+    do: shutdown_stream(stream, stream_shutdown_graceful(), 0, timeout)
+
+  @doc """
+  Shuts a stream down as `async_shutdown_stream/3` does, then, when the caller is the stream's
+  owner, waits up to `timeout` for the stream to end in both directions and consumes the
+  owner's `{:quic, :stream_closed, stream, props}`. As quicer's `shutdown_stream/4` (and
+  `close_stream/4`).
+
+  Both directions must end: after a graceful shutdown the peer must finish (or reset) its own
+  side too, and on a passive stream the owner must have read to its end; `stream_closed` comes
+  only then. Returns `:ok` once it came (at once if it already had), `{:error, :timeout}` if
+  it did not come in time (the shutdown stands), or what `async_shutdown_stream/3` returns
+  when that fails, such as `{:error, :closed}` for a graceful shutdown of a sending side that
+  has already ended. A caller that is not the owner, and any caller after `close_stream/1`
+  (the owner hears nothing more), gets `:ok` once the shutdown has started, without waiting.
+  Bad flags or `error_code` give `{:error, :badarg}`, as does a `timeout` that is neither
+  `:infinity` nor a non-negative integer; a handle that is not a stream raises
+  `ArgumentError`.
+
+      :ok = MaculaQuic.shutdown_stream(stream, MaculaQuic.stream_shutdown_abort(), 7, 5_000)
+  """
+  @spec shutdown_stream(stream(), non_neg_integer(), non_neg_integer(), timeout()) ::
+          :ok | {:error, reason()}
+  def shutdown_stream(stream, flags, error_code, timeout) do
+    with {:ok, timeout} <- checked(timeout_value(timeout), :stream, stream) do
+      # Read before the shutdown, so that a `stream_closed` it causes is known to be ours.
+      info = native(:stream, stream, fn -> Native.stream_info(stream) end)
+
+      case async_shutdown_stream(stream, flags, error_code) do
+        :ok when info.owner == self() and not info.silenced ->
+          await_stream_closed(stream, if(info.closed, do: 0, else: timeout), info.closed)
+
+        other ->
+          other
+      end
+    end
+  end
+
+  # The owner's `stream_closed` for `stream`; when it was sent before the shutdown, it is taken
+  # if it is still in the mailbox, and either way that is `:ok`.
+  defp await_stream_closed(stream, timeout, already_sent?) do
+    receive do
+      {:quic, :stream_closed, ^stream, _props} -> :ok
+    after
+      timeout -> if already_sent?, do: :ok, else: {:error, :timeout}
+    end
   end
 
   @doc """

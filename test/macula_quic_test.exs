@@ -760,6 +760,150 @@ defmodule MaculaQuicTest do
     end
   end
 
+  describe "shutdown_stream/1,2,4 and shutdown_connection/1,2,3,4 (quicer's blocking shutdowns)" do
+    test "a graceful shutdown_stream waits for the peer's side too, and consumes stream_closed" do
+      {c, sc, _l, _} = pair!()
+      {s, ss} = stream_pair!(c, sc)
+      assert collect!(ss, 5) == "hello"
+
+      # The peer has not finished its side: the wait runs out, and the shutdown stands.
+      assert {:error, :timeout} = MaculaQuic.shutdown_stream(s, 100)
+      assert_receive {:quic, :peer_send_shutdown, ^ss, :undefined}, 5_000
+      :ok = MaculaQuic.async_shutdown_stream(ss, MaculaQuic.stream_shutdown_graceful(), 0)
+      assert_receive {:quic, :stream_closed, ^s, %{is_closed_remotely: true}}, 5_000
+
+      # A peer process that finishes its side once ours has: shutdown_stream returns then.
+      {s2, ss2} = stream_pair!(c, sc)
+      assert collect!(ss2, 5) == "hello"
+      test = self()
+
+      peer =
+        spawn_link(fn ->
+          receive do
+            {:quic, :peer_send_shutdown, ^ss2, :undefined} ->
+              :ok =
+                MaculaQuic.async_shutdown_stream(ss2, MaculaQuic.stream_shutdown_graceful(), 0)
+
+              send(test, :peer_finished)
+          end
+        end)
+
+      :ok = MaculaQuic.controlling_process(ss2, peer)
+      assert :ok = MaculaQuic.shutdown_stream(s2, 5_000)
+      assert_receive :peer_finished, 5_000
+      refute_received {:quic, :stream_closed, ^s2, _}
+      # Its sending side has ended: a second graceful shutdown is refused at once.
+      assert {:error, :closed} = MaculaQuic.shutdown_stream(s2, 5_000)
+      assert {:error, :closed} = :macula_quic.shutdown_stream(s2)
+    end
+
+    test "shutdown_stream/4 aborts, returns once the stream has ended, and checks its arguments" do
+      {c, sc, _l, _} = pair!()
+      {s, ss} = stream_pair!(c, sc)
+      _ = collect!(ss, 5)
+      assert :ok = MaculaQuic.shutdown_stream(s, MaculaQuic.stream_shutdown_abort(), 7, 5_000)
+      refute_received {:quic, :stream_closed, ^s, _}
+      assert_receive {:quic, :peer_send_aborted, ^ss, 7}, 5_000
+      assert_receive {:quic, :peer_receive_aborted, ^ss, 7}, 5_000
+      # Ended already: no wait (a wait for a second stream_closed would time out).
+      assert :ok = MaculaQuic.shutdown_stream(s, MaculaQuic.stream_shutdown_abort(), 7, 1_000)
+      assert :ok = :macula_quic.shutdown_stream(s, MaculaQuic.stream_shutdown_abort(), 7, 1_000)
+
+      # After close_stream/1 the owner hears nothing more: no wait either.
+      {s2, ss2} = stream_pair!(c, sc)
+      _ = collect!(ss2, 5)
+      :ok = MaculaQuic.close_stream(s2)
+      assert :ok = MaculaQuic.shutdown_stream(s2, MaculaQuic.stream_shutdown_abort(), 1, 1_000)
+
+      # A caller that is not the owner does not wait, and the owner still gets stream_closed.
+      {s3, ss3} = stream_pair!(c, sc)
+      _ = collect!(ss3, 5)
+      test = self()
+
+      spawn_link(fn ->
+        send(
+          test,
+          {:other,
+           MaculaQuic.shutdown_stream(s3, MaculaQuic.stream_shutdown_abort(), 3, :infinity)}
+        )
+      end)
+
+      assert_receive {:other, :ok}, 5_000
+      assert_receive {:quic, :stream_closed, ^s3, _}, 5_000
+      assert_receive {:quic, :peer_send_aborted, ^ss3, 3}, 5_000
+
+      {s4, _ss4} = stream_pair!(c, sc)
+
+      for {flags, code, timeout} <- [
+            {0, 0, 1_000},
+            {3, 0, 1_000},
+            {2, -1, 1_000},
+            {2, Bitwise.bsl(1, 62), 1_000},
+            {2, 0, -1},
+            {2, 0, :soon},
+            {:abort, 0, 1_000}
+          ] do
+        assert MaculaQuic.shutdown_stream(s4, flags, code, timeout) == {:error, :badarg}
+      end
+
+      assert {:error, :badarg} = MaculaQuic.shutdown_stream(s4, 1.5)
+      assert_raise ArgumentError, fn -> MaculaQuic.shutdown_stream(c, 2, 0, 1_000) end
+      assert_raise ArgumentError, fn -> MaculaQuic.shutdown_stream(:stream, 2, 0, :bad) end
+      # Nothing above touched it: it still carries data.
+      :ok = MaculaQuic.send(s4, "still open")
+    end
+
+    test "shutdown_connection closes, consumes the owner's closed, and checks its arguments" do
+      {c, sc, _l, _} = pair!()
+      assert :ok = MaculaQuic.shutdown_connection(c)
+      refute_received {:quic, :closed, ^c, _}
+      assert_receive {:quic, :shutdown, ^sc, 0}, 5_000
+      assert_receive {:quic, :closed, ^sc, _}, 5_000
+      # Closed already: `:ok` at once.
+      assert :ok = MaculaQuic.shutdown_connection(c, 0)
+      assert {:error, _} = MaculaQuic.open_stream(c)
+
+      {c, sc, _l, _} = pair!()
+      assert :ok = :macula_quic.shutdown_connection(c, MaculaQuic.connection_shutdown_none(), 42)
+      refute_received {:quic, :closed, ^c, _}
+      assert_receive {:quic, :shutdown, ^sc, 42}, 5_000
+
+      {c, sc, _l, _} = pair!()
+      assert :ok = MaculaQuic.shutdown_connection(c, 1, 43, 1_000)
+      assert_receive {:quic, :shutdown, ^sc, 43}, 5_000
+
+      # A caller that is not the owner does not wait; the owner gets closed.
+      {c, sc, _l, _} = pair!()
+      test = self()
+
+      spawn_link(fn ->
+        send(test, {:other, MaculaQuic.shutdown_connection(c, 0, 44, :infinity)})
+      end)
+
+      assert_receive {:other, :ok}, 5_000
+      assert_receive {:quic, :closed, ^c, _}, 5_000
+      assert_receive {:quic, :shutdown, ^sc, 44}, 5_000
+
+      {c, _sc, _l, _} = pair!()
+
+      for {flags, code, timeout} <- [
+            {2, 0, 1_000},
+            {0, -1, 1_000},
+            {0, Bitwise.bsl(1, 62), 1_000},
+            {0, 0, -5},
+            {0, 0, "1000"}
+          ] do
+        assert MaculaQuic.shutdown_connection(c, flags, code, timeout) == {:error, :badarg}
+      end
+
+      assert {:error, :badarg} = MaculaQuic.shutdown_connection(c, :later)
+      assert {:ok, _} = MaculaQuic.open_stream(c)
+      assert_raise ArgumentError, fn -> MaculaQuic.shutdown_connection(:conn) end
+      assert_raise ArgumentError, fn -> MaculaQuic.shutdown_connection(:conn, 0, 0, :bad) end
+      :ok = MaculaQuic.close_connection(c)
+    end
+  end
+
   describe "send/2's back-pressure" do
     test "returns while at most 2 MiB wait for the peer, waits beyond that, and resumes as the peer reads" do
       # The listener grants 64 KiB per stream; its side reads nothing until told to, except

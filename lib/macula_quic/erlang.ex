@@ -34,6 +34,10 @@ defmodule :macula_quic do
     close_connection: 1,
     close_connection: 3,
     async_shutdown_connection: 3,
+    shutdown_connection: 1,
+    shutdown_connection: 2,
+    shutdown_connection: 3,
+    shutdown_connection: 4,
     peername: 1,
     negotiated_protocol: 1,
     peercert: 1,
@@ -56,6 +60,9 @@ defmodule :macula_quic do
     getopt: 2,
     close_stream: 1,
     async_shutdown_stream: 3,
+    shutdown_stream: 1,
+    shutdown_stream: 2,
+    shutdown_stream: 4,
     handoff_stream: 2,
     handoff_stream: 3,
     controlling_process: 2,
@@ -104,6 +111,13 @@ defmodule :macula_quic do
           :ok | {:error, :badarg}
   @spec async_shutdown_connection(MaculaQuic.connection(), 0 | 1, non_neg_integer()) ::
           :ok | {:error, MaculaQuic.reason()}
+  @spec shutdown_connection(MaculaQuic.connection()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec shutdown_connection(MaculaQuic.connection(), timeout()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec shutdown_connection(MaculaQuic.connection(), 0 | 1, non_neg_integer()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec shutdown_connection(MaculaQuic.connection(), 0 | 1, non_neg_integer(), timeout()) ::
+          :ok | {:error, MaculaQuic.reason()}
   @spec peername(MaculaQuic.connection() | MaculaQuic.stream()) ::
           {:ok, MaculaQuic.sockaddr()} | {:error, MaculaQuic.reason()}
   @spec negotiated_protocol(MaculaQuic.connection() | MaculaQuic.stream()) ::
@@ -146,6 +160,10 @@ defmodule :macula_quic do
           {:ok, pos_integer()} | {:error, MaculaQuic.reason()}
   @spec close_stream(MaculaQuic.stream()) :: :ok
   @spec async_shutdown_stream(MaculaQuic.stream(), non_neg_integer(), non_neg_integer()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec shutdown_stream(MaculaQuic.stream()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec shutdown_stream(MaculaQuic.stream(), timeout()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec shutdown_stream(MaculaQuic.stream(), non_neg_integer(), non_neg_integer(), timeout()) ::
           :ok | {:error, MaculaQuic.reason()}
   @spec handoff_stream(MaculaQuic.stream(), pid()) :: :ok | {:error, MaculaQuic.reason()}
   @spec handoff_stream(MaculaQuic.stream(), pid(), MaculaQuic.options()) ::

@@ -1420,7 +1420,7 @@ fn stream_conn(s: ResourceArc<StreamRes>) -> ResourceArc<ConnRes> {
 /// `stream_info(Stream)`: `%{stream_id: Id, ...}` for diagnostics and tests.
 #[rustler::nif]
 fn stream_info<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> NifResult<Term<'a>> {
-    rustler::atoms! { bidirectional, local, active, buffered, queued, owner }
+    rustler::atoms! { bidirectional, local, active, buffered, queued, owner, silenced }
     let queued_bytes = s.send.as_ref().map_or(0, |side| lock(side).queued);
     let st = lock(&s.state);
     let pairs = [
@@ -1432,6 +1432,8 @@ fn stream_info<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> NifResult<Term<'a
         (queued().encode(env), queued_bytes.encode(env)),
         (owner().encode(env), st.owner.pid.encode(env)),
         (atoms::closed().encode(env), st.closed_sent.encode(env)),
+        // After `stream_close`: the owner hears nothing more (`shutdown_stream` must not wait).
+        (silenced().encode(env), st.silenced.encode(env)),
     ];
     Term::map_from_pairs(env, &pairs).map_err(|_| rustler::Error::BadArg)
 }
