@@ -85,6 +85,19 @@ defmodule MaculaQuic do
       is_app_closing: boolean}}` — always the last message about a connection.
       `close_connection/1` and `shutdown_connection/1` consume it when the owner closes.
 
+  Connection owner, when the connection was made with `datagram_receive_enabled: true`:
+
+    * `{:quic, :dgram_state_changed, conn, %{dgram_send_enabled: boolean, dgram_max_len:
+      bytes}}` — first, once the connection is delivered: whether the peer accepts datagrams
+      (it turned reception on too), and the largest this end may send it now (0 if it does
+      not; the limit may grow as larger packets are found to pass).
+    * `{:quic, data, conn, 0}` — a datagram the peer sent with `send_dgram/2` (a binary; the
+      handle is the connection, which tells it from stream data). Datagrams are delivered as
+      they arrive, with no back-pressure (datagrams have no flow control): between the network
+      and the owner, Quinn buffers at most 1.25 MB and drops the oldest when the owner's
+      connection falls behind, but a process that stops reading lets its mailbox grow, so turn
+      reception on only where the owner keeps up. None comes after `closed`.
+
   Listener owner and acceptors:
 
     * `{:quic, :new_conn, conn, info}` — sent to the process that called `async_accept/2`,
@@ -126,6 +139,13 @@ defmodule MaculaQuic do
       `:conn_recv_window` (bytes per connection the peer may send ahead of what all its
       streams have taken together, streams not yet accepted included; default 64 MiB, or the
       stream window if that is larger; Quinn's own default is unbounded), `:send_window`.
+    * `:datagram_receive_enabled` — `true` (or quicer's `1`) to accept QUIC datagrams from the
+      peer and deliver them to the connection's owner, and to send them with `send_dgram/2`
+      (see "Messages to the owner"). Default `false`, as in quicer: the peer is told datagrams
+      are not accepted (its `send_dgram/2` returns `{:error, :unsupported_by_peer}`), and this
+      end's `send_dgram/2` returns `{:error, :datagrams_disabled}` (unlike quicer's: Quinn
+      sends datagrams only on a connection that accepts them). On a listener it applies to
+      every connection it accepts.
     * `:backlog` — (listen) connections that may wait for an acceptor, handshakes in progress
       included (default 1024). Beyond it a new connection is refused: its `connect/4` returns
       `{:error, :connection_refused}`.
@@ -717,6 +737,42 @@ defmodule MaculaQuic do
     with :ok <- check_stat_names(names),
          %{} = stats <- conn_query(conn, :stats) do
       {:ok, Enum.map(names, &{&1, Map.fetch!(stats, &1)})}
+    end
+  end
+
+  @doc """
+  Sends `data` as one QUIC datagram (RFC 9221) on `conn`.
+
+  A datagram is unreliable and unordered: it travels in a single packet, is never
+  retransmitted, and may be lost or overtake others; use a stream for anything that must
+  arrive. Both ends of the connection must have been made with `datagram_receive_enabled:
+  true` (on `listen/2,3` or `connect/4`): the peer then gets `{:quic, data, conn, 0}` (see
+  "Messages to the owner"). Any process may send on a connection, not only its owner.
+
+  Returns `:ok` once Quinn has queued the datagram; it leaves with the connection's next
+  packet. Quinn's send buffer for datagrams is bounded (1 MiB): when the congestion window
+  holds queued datagrams back and the buffer is full, the call waits (the calling process, not
+  a scheduler) until there is room, rather than dropping older datagrams, so a sender that
+  outruns the path is slowed down.
+
+  Errors: `{:error, :datagrams_disabled}` when this end was made without the option (Quinn
+  sends datagrams only on a connection that accepts them; MsQuic, and so quicer, does not ask
+  that), `{:error, :unsupported_by_peer}` when the peer does not accept datagrams,
+  `{:error, :too_large}` when `data` does not fit in one packet (the peer's limit and the
+  path's packet size decide: `dgram_max_len` in `dgram_state_changed` fits, and the limit can
+  only grow from there), or why the connection ended (`{:error, :closed}`, ...). `data` that is
+  not iodata raises `ArgumentError`, as does a handle that is not a connection.
+
+      :ok = MaculaQuic.send_dgram(conn, "position 12,7")
+  """
+  @spec send_dgram(connection(), iodata()) :: :ok | {:error, reason()}
+  def send_dgram(conn, data) do
+    bin = iodata!(data)
+    ref = make_ref()
+
+    case native(:connection, conn, fn -> Native.conn_send_dgram(conn, bin, ref) end) do
+      :wait -> receive(do: ({^ref, result} -> result))
+      other -> other
     end
   end
 

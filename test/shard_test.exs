@@ -165,6 +165,17 @@ defmodule MaculaQuic.ShardTest do
       MaculaQuic.close_connection(c)
     end
 
+    test "send_dgram/2 answers by message, and the datagram arrives" do
+      on = [datagram_receive_enabled: true]
+      {c, sc, _l, _} = pair!(listen: on, connect: on)
+      stall!(c)
+      ref = make_ref()
+      assert :wait = quickly!(fn -> MaculaQuic.Native.conn_send_dgram(c, "stalled", ref) end)
+      assert_receive {^ref, :ok}, 5_000
+      assert_receive {:quic, "stalled", ^sc, 0}, 5_000
+      MaculaQuic.close_connection(c)
+    end
+
     test "close_connection/1 returns after the close, the owner's `closed` consumed" do
       {c, sc, _l, _} = pair!()
       stall!(c)

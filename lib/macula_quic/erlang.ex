@@ -43,6 +43,7 @@ defmodule :macula_quic do
     peercert: 1,
     sockname: 1,
     getstat: 2,
+    send_dgram: 2,
     open_stream: 1,
     open_stream: 2,
     get_stream_id: 1,
@@ -128,6 +129,7 @@ defmodule :macula_quic do
           {:ok, MaculaQuic.sockaddr()} | {:error, MaculaQuic.reason()}
   @spec getstat(MaculaQuic.connection() | MaculaQuic.stream(), [atom()]) ::
           {:ok, [{atom(), non_neg_integer()}]} | {:error, MaculaQuic.reason()}
+  @spec send_dgram(MaculaQuic.connection(), iodata()) :: :ok | {:error, MaculaQuic.reason()}
   @spec open_stream(MaculaQuic.connection()) ::
           {:ok, MaculaQuic.stream()} | {:error, MaculaQuic.reason()}
   @spec open_stream(MaculaQuic.connection(), MaculaQuic.options()) ::

@@ -102,6 +102,25 @@ defmodule MaculaQuic.Interop.AioquicTest do
     describe "our listener, aioquic client over #{family}" do
       @describetag family: family
 
+      test "datagrams both ways: aioquic's are delivered to the owner and echoed", %{
+        certs: certs
+      } do
+        {_pid, _l, port} = our_listener(unquote(ip), certs, datagram_receive_enabled: true)
+        py = aioquic_client(unquote(ip), port, certs, datagrams: true)
+        Py.await(py, %{"event" => "connected"})
+        {conn, _info} = new_conn()
+
+        assert_receive {:echo, {:quic, :dgram_state_changed, ^conn, %{dgram_send_enabled: true}}},
+                       @wait
+
+        for i <- 1..3 do
+          data = "datagram #{i} from aioquic"
+          Py.call(py, %{cmd: "datagram", data: data})
+          assert_receive {:echo_datagram, ^conn, ^data}, @wait
+          assert %{"data" => ^data} = Py.await(py, %{"event" => "datagram"})
+        end
+      end
+
       test "ALPN and #{@streams} bidirectional streams echoing 1 MiB byte-exact", %{certs: certs} do
         {_pid, _l, port} = our_listener(unquote(ip), certs)
         py = aioquic_client(unquote(ip), port, certs)
@@ -223,6 +242,38 @@ defmodule MaculaQuic.Interop.AioquicTest do
 
     describe "aioquic server, our client over #{family}" do
       @describetag family: family
+
+      test "datagrams both ways, echoed by aioquic; none to an aioquic that does not accept them",
+           %{certs: certs} do
+        py = aioquic_server(unquote(ip), certs, datagrams: true)
+        on = [datagram_receive_enabled: true]
+        assert {:ok, conn} = our_client(unquote(ip), py.listen_port, certs, on)
+        Py.await(py, %{"event" => "connected"})
+
+        assert_receive {:quic, :dgram_state_changed, ^conn,
+                        %{dgram_send_enabled: true, dgram_max_len: max}},
+                       @wait
+
+        assert max >= 1_000
+        :ok = MaculaQuic.send_dgram(conn, "datagram from macula_quic")
+        assert %{"data" => "datagram from macula_quic"} = Py.await(py, %{"event" => "datagram"})
+        # aioquic's echo, and one it sends of its own.
+        assert_receive {:quic, "datagram from macula_quic", ^conn, 0}, @wait
+        Py.call(py, %{cmd: "datagram", data: "datagram from aioquic"})
+        assert_receive {:quic, "datagram from aioquic", ^conn, 0}, @wait
+        MaculaQuic.close_connection(conn)
+
+        # An aioquic server without datagrams: we are told, and may not send.
+        py = aioquic_server(unquote(ip), certs)
+        assert {:ok, conn} = our_client(unquote(ip), py.listen_port, certs, on)
+
+        assert_receive {:quic, :dgram_state_changed, ^conn,
+                        %{dgram_send_enabled: false, dgram_max_len: 0}},
+                       @wait
+
+        assert {:error, :unsupported_by_peer} = MaculaQuic.send_dgram(conn, "x")
+        MaculaQuic.close_connection(conn)
+      end
 
       test "ALPN and #{@streams} bidirectional streams echoing 1 MiB byte-exact", %{certs: certs} do
         py = aioquic_server(unquote(ip), certs)

@@ -27,6 +27,7 @@ use crate::atoms;
 use crate::connect_watch;
 use crate::counters::{self, Live};
 use crate::contain::{self, Contained};
+use crate::datagram;
 use crate::endpoint;
 use crate::inline_watch;
 use crate::error::{self, Reason};
@@ -110,6 +111,9 @@ impl ConnRes {
     /// `announce` runs (for a live owner) before the watcher starts, so a message it sends
     /// (`new_conn`) reaches the owner before the connection's `shutdown`/`closed` messages.
     /// `on_closed` (if the connection starts) runs on a runtime thread when it has closed.
+    /// `datagrams`: the connection was made with `datagram_receive_enabled`, and its owner
+    /// receives them (see `datagram`).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         env: Option<Env>,
         conn: quinn::Connection,
@@ -118,6 +122,7 @@ impl ConnRes {
         owner: LocalPid,
         announce: impl FnOnce(&ResourceArc<ConnRes>),
         on_closed: Option<OnClosed>,
+        datagrams: bool,
     ) -> Option<ResourceArc<ConnRes>> {
         let res = ResourceArc::new(ConnRes {
             conn: Contained::connection(conn),
@@ -139,11 +144,30 @@ impl ConnRes {
         lock(&res.state).owner = owner;
         announce(&res);
         res.shard.spawn(watch(res.clone(), on_closed));
+        if datagrams {
+            datagram::start_reader(&res);
+        }
         Some(res)
     }
 
     pub fn owner_pid(&self) -> LocalPid {
         lock(&self.state).owner.pid
+    }
+
+    /// Sends the owner of the moment the message `build` makes (given the connection's handle),
+    /// unless `closed` has gone: nothing about a connection follows that. Sent holding the state
+    /// lock, as the watcher's messages are, so that `controlling_process` never leaves a message
+    /// with an owner that has just handed the connection over. Returns whether it was sent.
+    pub fn tell_owner<F>(res: &ResourceArc<ConnRes>, build: F) -> bool
+    where
+        F: for<'a> FnOnce(Env<'a>, ResourceArc<ConnRes>) -> Term<'a>,
+    {
+        let st = lock(&res.state);
+        if st.closed_sent {
+            return false;
+        }
+        let r = res.clone();
+        messages::send(&st.owner.pid, move |e| build(e, r))
     }
 
     /// Why the connection can no longer be used (`None` while it is open): Quinn's reason, or
@@ -319,7 +343,7 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
     // The connection may start on a runtime thread: monitor its owner here, on the scheduler.
     owner::prepare(env);
     let (in_flight, watch_us) = connect_watch::begin();
-    let caller = Caller { owner: env.pid(), reply: Reply::new(env.pid(), tag), in_flight };
+    let caller = Caller { owner: env.pid(), reply: Reply::new(env.pid(), tag), in_flight, datagrams: opts.transport.datagrams };
     let timeout = Duration::from_millis(timeout_ms.clamp(1, u32::MAX as u64));
     let timeout = opts.handshake_timeout.map_or(timeout, |h| h.min(timeout));
     let deadline = tokio::time::Instant::now() + timeout;
@@ -363,6 +387,8 @@ struct Caller {
     owner: LocalPid,
     reply: Reply,
     in_flight: connect_watch::InFlight,
+    /// The connect's `datagram_receive_enabled`.
+    datagrams: bool,
 }
 
 impl Caller {
@@ -428,7 +454,7 @@ async fn finish_connect(
             let conn = Contained::connection(conn);
             shard.keep_until_driver_ends(&conn);
             let on_closed: Option<OnClosed> = lease.map(|l| Box::new(move || drop(l)) as OnClosed);
-            match ConnRes::start(None, conn.clone(), bound, shard, caller.owner, |_| {}, on_closed) {
+            match ConnRes::start(None, conn.clone(), bound, shard, caller.owner, |_| {}, on_closed, caller.datagrams) {
                 Some(res) => {
                     caller.in_flight.succeeded();
                     if !caller.reply.send(move |e| (atoms::ok(), res).encode(e)) {

@@ -11,6 +11,7 @@
 //! - `endpoint`: UDP sockets (exact binds, the bound-address registry, shared client endpoints).
 //! - `listener`, `connection`, `stream`: the three handle kinds, one resource each; `handle`:
 //!   the NIFs any handle takes, and the diagnostics.
+//! - `datagram`: QUIC datagrams on a connection (sending, and the reader that delivers them).
 //! - `received`: received stream data as binaries (in our own buffers from 16 KiB).
 //! - `inline_watch`: receiving the answer in the call that sent the question.
 //! - `connect_watch`: a connecting caller watching its mailbox for the answer before it sleeps.
@@ -27,6 +28,7 @@ mod connect_watch;
 mod connection;
 mod contain;
 mod counters;
+mod datagram;
 mod endpoint;
 mod error;
 mod executor;

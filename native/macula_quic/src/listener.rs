@@ -67,6 +67,8 @@ struct Shared {
     local: SocketAddr,
     backlog: usize,
     handshake_timeout: Duration,
+    /// `datagram_receive_enabled`: accepted connections deliver datagrams to their owners.
+    datagrams: bool,
     state: Mutex<State>,
     /// Tells the accept task and handshakes in progress that the listener is closed.
     stop: watch::Sender<bool>,
@@ -295,7 +297,7 @@ async fn handshake(shared: Arc<Shared>, slot: Handshaking, conn: Contained<quinn
         let on_closed = on_delivered_closed(&shared);
         let info = queued.info.clone();
         let deliver = |res: &ResourceArc<ConnRes>| deliver(res, pid, reply, info);
-        if ConnRes::start(None, (*queued.conn).clone(), shared.local, queued.shard.clone(), pid, deliver, Some(on_closed)).is_some() {
+        if ConnRes::start(None, (*queued.conn).clone(), shared.local, queued.shard.clone(), pid, deliver, Some(on_closed), shared.datagrams).is_some() {
             st.delivered_live += 1;
             return;
         }
@@ -373,6 +375,7 @@ fn start(env: Env, addr: SocketAddr, opts: options::Listen) -> Result<ResourceAr
         local,
         backlog: opts.backlog.unwrap_or(DEFAULT_BACKLOG),
         handshake_timeout: opts.handshake_timeout.unwrap_or(connection::DEFAULT_HANDSHAKE_TIMEOUT),
+        datagrams: opts.transport.datagrams,
         state: Mutex::new(State {
             waiters: VecDeque::new(),
             waiters_pruned: 0,
@@ -432,7 +435,7 @@ fn listener_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>)
             }
         };
         let on_closed = on_delivered_closed(&l.shared);
-        if ConnRes::start(Some(env), (*conn).clone(), l.shared.local, shard.clone(), caller, announce, Some(on_closed)).is_none() {
+        if ConnRes::start(Some(env), (*conn).clone(), l.shared.local, shard.clone(), caller, announce, Some(on_closed), l.shared.datagrams).is_none() {
             // Closed explicitly: its shard keeps references to it until its driver ends (see
             // `executor::Shard::keep_until_driver_ends`), so letting go would not close it.
             shard.spawn(async move { conn.close(quinn::VarInt::from_u32(0), b"accept failed") });

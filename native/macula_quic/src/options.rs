@@ -48,6 +48,10 @@ pub struct Transport {
     pub stream_recv_window: Option<u64>,
     pub conn_recv_window: Option<u64>,
     pub send_window: Option<u64>,
+    /// `datagram_receive_enabled`: the connection accepts QUIC datagrams from the peer and
+    /// delivers them to its owner (see `datagram`). Off by default, as in quicer: the peer is
+    /// then told datagrams are not accepted, and its sends fail at once.
+    pub datagrams: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -133,6 +137,16 @@ fn uint(name: &str, v: Term, max: u64) -> Result<u64, Reason> {
 
 fn boolean(name: &str, v: Term) -> Result<bool, Reason> {
     v.decode::<bool>().map_err(|_| bad_option(name))
+}
+
+/// A boolean, or quicer's `0`/`1` for one (its QUIC settings are MsQuic's integer flags).
+fn flag(name: &str, v: Term) -> Result<bool, Reason> {
+    match v.decode::<u8>() {
+        Ok(0) => Ok(false),
+        Ok(1) => Ok(true),
+        Ok(_) => Err(bad_option(name)),
+        Err(_) => boolean(name, v),
+    }
 }
 
 fn string(name: &str, v: Term) -> Result<String, Reason> {
@@ -298,6 +312,7 @@ fn common(name: &str, v: Term, tls: &mut Tls, t: &mut Transport) -> Result<bool,
             t.conn_recv_window = Some(uint(name, v, MAX_VARINT)?)
         }
         "send_window" => t.send_window = Some(uint(name, v, MAX_VARINT)?),
+        "datagram_receive_enabled" => t.datagrams = flag(name, v)?,
         _ => return Ok(false),
     }
     Ok(true)

@@ -123,6 +123,11 @@ pub fn transport_config(t: &Transport) -> Result<quinn::TransportConfig, Reason>
     if let Some(n) = t.send_window {
         c.send_window(n);
     }
+    // Quinn accepts datagrams unless told otherwise, and keeps up to its buffer's worth that
+    // nobody reads. Without the option nothing would read them: say so to the peer instead.
+    if !t.datagrams {
+        c.datagram_receive_buffer_size(None);
+    }
     Ok(c)
 }
 

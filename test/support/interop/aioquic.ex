@@ -88,13 +88,14 @@ defmodule MaculaQuic.Test.Aioquic do
   @doc """
   Starts an aioquic server on `host` (port 0) and waits until it listens.
 
-  Options: `:alpn` (list), `:cert`, `:key`, `:echo` (boolean).
+  Options: `:alpn` (list), `:cert`, `:key`, `:echo` (boolean), `:datagrams` (boolean: accept
+  datagrams).
   """
   def server(host, opts) do
     args =
       ["server", "--host", host, "--alpn", Enum.join(Keyword.fetch!(opts, :alpn), ",")] ++
         ["--cert", Keyword.fetch!(opts, :cert), "--key", Keyword.fetch!(opts, :key)] ++
-        if(Keyword.get(opts, :echo, false), do: ["--echo"], else: [])
+        flag_arg("--echo", opts[:echo]) ++ flag_arg("--datagrams", opts[:datagrams])
 
     peer = start(:server, args)
     %{"port" => port} = await(peer, %{"event" => "listening"})
@@ -106,19 +107,24 @@ defmodule MaculaQuic.Test.Aioquic do
   `%{"event" => "connected"}` or `%{"event" => "connect_failed"}`.
 
   Options: `:alpn` (list), `:cafile` (verify the server against it; without it, no
-  verification), `:server_name`.
+  verification), `:server_name`, `:datagrams` (boolean: accept datagrams).
   """
   def client(host, port, opts) do
     args =
       ["client", "--host", host, "--port", to_string(port)] ++
         ["--alpn", Enum.join(Keyword.fetch!(opts, :alpn), ",")] ++
-        opt_arg("--cafile", opts[:cafile]) ++ opt_arg("--server-name", opts[:server_name])
+        opt_arg("--cafile", opts[:cafile]) ++
+        opt_arg("--server-name", opts[:server_name]) ++
+        flag_arg("--datagrams", opts[:datagrams])
 
     start(:client, args)
   end
 
   defp opt_arg(_name, nil), do: []
   defp opt_arg(name, value), do: [name, value]
+
+  defp flag_arg(name, true), do: [name]
+  defp flag_arg(_name, _), do: []
 
   defp start(role, args) do
     port =

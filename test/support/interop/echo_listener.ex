@@ -9,7 +9,8 @@ defmodule MaculaQuic.Test.EchoListener do
       `new_stream` (which must not happen);
     * `{:echo_done, stream, %{length:, sha256:, data:, flags_seen:}}` when a stream's peer
       finished sending (right after `{:echo, {:quic, :peer_send_shutdown, stream, _}}`);
-      `:data` is the received bytes when they are at most 4 KiB, else `nil`.
+      `:data` is the received bytes when they are at most 4 KiB, else `nil`;
+    * `{:echo_datagram, conn, data}` for every datagram, which it sends back.
 
   `run/2` executes a function in the listener process (the owner of every connection and
   stream it accepted) and returns its result.
@@ -28,7 +29,7 @@ defmodule MaculaQuic.Test.EchoListener do
         {:ok, {_, port}} = MaculaQuic.sockname(listener)
         :ok = MaculaQuic.async_accept(listener)
         send(test, {ref, listener, port})
-        loop(%{listener: listener, test: test, streams: %{}})
+        loop(%{listener: listener, test: test, streams: %{}, conns: %{}})
       end)
 
     receive do
@@ -54,6 +55,12 @@ defmodule MaculaQuic.Test.EchoListener do
     receive do
       {:run, from, ref, fun} ->
         send(from, {ref, fun.()})
+        loop(state)
+
+      # A datagram (its handle is a connection): echoed, and reported.
+      {:quic, data, conn, 0} when is_binary(data) and is_map_key(state.conns, conn) ->
+        send(state.test, {:echo_datagram, conn, data})
+        :ok = MaculaQuic.send_dgram(conn, data)
         loop(state)
 
       {:quic, data, stream, flags} when is_binary(data) ->
@@ -90,7 +97,7 @@ defmodule MaculaQuic.Test.EchoListener do
         send(state.test, {:echo, msg})
         :ok = MaculaQuic.async_accept_stream(conn)
         :ok = MaculaQuic.async_accept(state.listener)
-        loop(state)
+        loop(%{state | conns: Map.put(state.conns, conn, true)})
 
       {:quic, :new_stream, stream, %{conn: conn, flags: flags}} = msg ->
         send(state.test, {:echo, msg})

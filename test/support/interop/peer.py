@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """An aioquic peer for macula_quic's interop tests (test/interop).
 
-    peer.py server --host ::1 --port 0 --alpn a,b --cert c.pem --key k.pem [--echo]
-    peer.py client --host 127.0.0.1 --port N --alpn a [--cafile ca.pem] [--server-name n]
+    peer.py server --host ::1 --port 0 --alpn a,b --cert c.pem --key k.pem [--echo] [--datagrams]
+    peer.py client --host 127.0.0.1 --port N --alpn a [--cafile ca.pem] [--server-name n] [--datagrams]
 
 It prints one JSON object per line on stdout (events) and reads one JSON object per line on
 stdin (commands), so a test drives it step by step without sleeping. End of stdin ends the
@@ -18,6 +18,7 @@ Events ("event" key):
   stream_reset  {conn, stream_id, error_code}            RESET_STREAM from the peer
   stop_sending  {conn, stream_id, error_code}            STOP_SENDING from the peer
   terminated    {conn, error_code, frame_type, reason, application, by_self}
+  datagram      {conn, data}                             a datagram from the peer (as text)
   opened        {conn, stream_id}                        answer to "open"
   sent          {conn, stream_id, length, sha256}        answer to "send"
   ok            {}                                       answer to other commands
@@ -30,10 +31,12 @@ Commands ("cmd" key; "conn" picks a connection by number, default the latest):
   reset  {stream_id, code}             RESET_STREAM
   stop   {stream_id, code}             STOP_SENDING
   close  {code, reason}                close the connection with an application error code
+  datagram {data}                      send a datagram (text)
   ping   {}                            answered with "ok" (ordering barrier)
 
 With --echo (server), bytes received on a bidirectional stream the peer opened are sent back
-on it, and the peer's FIN is echoed too.
+on it, and the peer's FIN is echoed too; so are datagrams. With --datagrams the peer accepts
+datagrams (RFC 9221: it sends max_datagram_frame_size).
 """
 
 import argparse
@@ -84,6 +87,11 @@ class Peer(QuicConnectionProtocol):
         elif isinstance(event, events.StreamReset):
             emit("stream_reset", conn=self.index, stream_id=event.stream_id,
                  error_code=event.error_code)
+        elif isinstance(event, events.DatagramFrameReceived):
+            emit("datagram", conn=self.index, data=event.data.decode("latin-1"))
+            if Peer.echo:
+                self._quic.send_datagram_frame(event.data)
+                self.transmit()
         elif isinstance(event, events.StopSendingReceived):
             emit("stop_sending", conn=self.index, stream_id=event.stream_id,
                  error_code=event.error_code)
@@ -149,6 +157,9 @@ class Peer(QuicConnectionProtocol):
             self.closing = True
             quic.close(error_code=cmd.get("code", 0), reason_phrase=cmd.get("reason", ""))
             emit("ok")
+        elif name == "datagram":
+            quic.send_datagram_frame(cmd.get("data", "").encode("latin-1"))
+            emit("ok")
         elif name == "ping":
             emit("ok")
         else:
@@ -163,6 +174,7 @@ def configuration(args, is_client):
         max_data=64 * 1024 * 1024,
         max_stream_data=16 * 1024 * 1024,
         idle_timeout=30.0,
+        max_datagram_frame_size=65536 if args.datagrams else None,
     )
     if is_client:
         if args.cafile:
@@ -234,6 +246,7 @@ def main():
     parser.add_argument("--cafile")
     parser.add_argument("--server-name")
     parser.add_argument("--echo", action="store_true")
+    parser.add_argument("--datagrams", action="store_true")
     parser.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args()
     try:

@@ -1,0 +1,220 @@
+defmodule MaculaQuic.DatagramTest do
+  # Not async: the last test reads the library's global counters.
+  use ExUnit.Case, async: false
+  import MaculaQuic.Test.Quic
+
+  @moduletag :datagrams
+
+  @on [datagram_receive_enabled: true]
+
+  # Whatever a test leaves open is its owner's, the test process: once that has exited, nothing
+  # may be left on the native side (the datagram readers are tasks, and hold their connections).
+  setup do
+    on_exit(fn -> MaculaQuic.Test.Settle.await_clean!(MaculaQuic.Test.Settle.zero(), 30_000) end)
+  end
+
+  for addr <- ["127.0.0.1", "::1"] do
+    test "datagrams both ways over #{addr}, after dgram_state_changed at both ends" do
+      {c, sc, l, _} = pair!(addr: unquote(addr), listen: @on, connect: @on)
+
+      for conn <- [c, sc] do
+        assert_receive {:quic, :dgram_state_changed, ^conn,
+                        %{dgram_send_enabled: true, dgram_max_len: max}},
+                       5_000
+
+        # Quinn's floor for a peer that accepts datagrams, and at most a loopback packet.
+        assert max >= 1_000 and max < 65_536
+      end
+
+      assert :ok = MaculaQuic.send_dgram(c, "ping")
+      assert_receive {:quic, "ping", ^sc, 0}, 5_000
+      # iodata, from the server's end.
+      assert :ok = MaculaQuic.send_dgram(sc, ["po", ?n, "g"])
+      assert_receive {:quic, "pong", ^c, 0}, 5_000
+      # Empty datagrams are datagrams too.
+      assert :ok = MaculaQuic.send_dgram(c, "")
+      assert_receive {:quic, "", ^sc, 0}, 5_000
+      # Streams are unaffected, and tell their data apart by the handle.
+      {s, ss} = stream_pair!(c, sc, first: "on a stream")
+      assert_receive {:quic, "on a stream", ^ss, _}, 5_000
+      Enum.each([s, ss], &MaculaQuic.close_stream/1)
+      Enum.each([c, l], &MaculaQuic.close/1)
+    end
+  end
+
+  test "a datagram of dgram_max_len arrives whole; one over any packet's size is too large" do
+    {c, sc, l, _} = pair!(listen: @on, connect: @on)
+    assert_receive {:quic, :dgram_state_changed, ^c, %{dgram_max_len: max}}, 5_000
+    payload = :crypto.strong_rand_bytes(max)
+    assert :ok = MaculaQuic.send_dgram(c, payload)
+    assert_receive {:quic, ^payload, ^sc, 0}, 5_000
+    # The limit grows as Quinn finds larger packets pass, up to its largest UDP payload (1452
+    # bytes, which also holds the packet's header and the datagram's frame).
+    assert {:error, :too_large} = MaculaQuic.send_dgram(c, :binary.copy("x", 1_452))
+    # Over any packet's size, refused before it is copied.
+    assert {:error, :too_large} = MaculaQuic.send_dgram(c, :binary.copy("x", 70_000))
+    # The connection goes on.
+    assert :ok = MaculaQuic.send_dgram(c, "still here")
+    assert_receive {:quic, "still here", ^sc, 0}, 5_000
+    Enum.each([c, l], &MaculaQuic.close/1)
+  end
+
+  test "without the option at both ends there are no datagrams, and the end without it is told nothing" do
+    # Only the client accepts datagrams.
+    {c, sc, l, _} = pair!(connect: @on)
+    # The client hears the server does not accept them...
+    assert_receive {:quic, :dgram_state_changed, ^c,
+                    %{dgram_send_enabled: false, dgram_max_len: 0}},
+                   5_000
+
+    assert {:error, :unsupported_by_peer} = MaculaQuic.send_dgram(c, "to a server that refuses")
+    # ...while the server, made without the option, may not send them (Quinn's rule) and is
+    # told nothing of them.
+    assert {:error, :datagrams_disabled} = MaculaQuic.send_dgram(sc, "to the client")
+    refute_received {:quic, :dgram_state_changed, ^sc, _}
+    Enum.each([c, l], &MaculaQuic.close/1)
+
+    # The default at both ends.
+    {c, sc, l, _} = pair!()
+    assert {:error, :datagrams_disabled} = MaculaQuic.send_dgram(c, "x")
+    assert {:error, :datagrams_disabled} = MaculaQuic.send_dgram(sc, "x")
+    refute_received {:quic, :dgram_state_changed, _, _}
+    Enum.each([c, l], &MaculaQuic.close/1)
+
+    # quicer's 1 and 0 are taken for true and false.
+    {c, sc, l, _} =
+      pair!(listen: [datagram_receive_enabled: 1], connect: [datagram_receive_enabled: 0])
+
+    assert_receive {:quic, :dgram_state_changed, ^sc, %{dgram_send_enabled: false}}, 5_000
+    assert {:error, :datagrams_disabled} = MaculaQuic.send_dgram(c, "zero")
+    assert {:error, :unsupported_by_peer} = MaculaQuic.send_dgram(sc, "one")
+    Enum.each([c, l], &MaculaQuic.close/1)
+  end
+
+  test "datagrams go to the owner of the moment, and none follows closed" do
+    {c, sc, l, _} = pair!(listen: @on, connect: @on)
+    # The listener's accept loop is a task too: with it gone, the count of tasks falls to 0 once
+    # the connection's are over (its delivered connection lives on).
+    :ok = MaculaQuic.close_listener(l)
+    test = self()
+
+    # A new owner of the server's end collects what comes until `closed`, then what follows
+    # until the library's tasks for the connection are gone.
+    owner =
+      spawn_link(fn ->
+        receive do: (:go -> :ok)
+        send(test, {:collected, collect([])})
+      end)
+
+    :ok = MaculaQuic.controlling_process(sc, owner)
+    send(owner, :go)
+    # A burst, then the client closes with datagrams still on their way.
+    for i <- 1..200, do: :ok = MaculaQuic.send_dgram(c, <<i::32>>)
+    :ok = MaculaQuic.close_connection(c, 0, 7)
+    assert_receive {:collected, {got, after_closed}}, 10_000
+    # Over loopback at this rate they arrive (a few lost would not be wrong, none is usual).
+    assert length(got) > 0
+    assert Enum.all?(got, &match?(<<i::32>> when i in 1..200, &1))
+    assert after_closed == []
+    # Nothing of it reached the old owner.
+    refute_received {:quic, <<_::32>>, ^sc, 0}
+  end
+
+  defp collect(acc) do
+    receive do
+      {:quic, :dgram_state_changed, _, _} ->
+        collect(acc)
+
+      {:quic, data, _conn, 0} when is_binary(data) ->
+        collect([data | acc])
+
+      {:quic, :shutdown, _, 7} ->
+        collect(acc)
+
+      {:quic, :closed, _, _} ->
+        # The connection's tasks (its datagram reader among them) end; nothing may come after.
+        MaculaQuic.Test.Quic.await_counts!(%{tasks: 0}, 10_000)
+
+        late =
+          receive do
+            {:quic, data, _, 0} when is_binary(data) -> [data]
+          after
+            0 -> []
+          end
+
+        {Enum.reverse(acc), late}
+    after
+      10_000 -> {Enum.reverse(acc), [:no_closed]}
+    end
+  end
+
+  test "a sender that floods gets :ok for every datagram, and the connection stays usable" do
+    {c, sc, l, _} = pair!(listen: @on, connect: @on)
+    assert_receive {:quic, :dgram_state_changed, ^c, %{dgram_max_len: max}}, 5_000
+    # 8 MiB of datagrams from a loop: more than Quinn's 1 MiB send buffer, which fills when
+    # the sender outruns the path, and the call then waits for room instead of Quinn dropping
+    # what it had queued.
+    payload = :binary.copy("d", max)
+    n = div(8 * 1_048_576, max)
+    assert Enum.all?(1..n, fn _ -> MaculaQuic.send_dgram(c, payload) == :ok end)
+    # Each arrives whole; stop at the first sign that the burst is over.
+    received = count_datagrams(sc, payload, 0)
+    assert received > 0 and received <= n
+    IO.puts("\n  #{n} datagrams of #{max} bytes sent, #{received} received")
+    assert :ok = MaculaQuic.send_dgram(c, "after the flood")
+    assert_receive {:quic, "after the flood", ^sc, 0}, 5_000
+    Enum.each([c, l], &MaculaQuic.close/1)
+  end
+
+  defp count_datagrams(sc, payload, n) do
+    receive do
+      {:quic, ^payload, ^sc, 0} ->
+        count_datagrams(sc, payload, n + 1)
+
+      {:quic, other, ^sc, 0} when is_binary(other) ->
+        flunk("a datagram changed: #{byte_size(other)} bytes")
+    after
+      1_000 -> n
+    end
+  end
+
+  test "bad input: wrong handles and data raise, bad option values are refused, ended connections say so" do
+    {c, sc, l, _} = pair!(listen: @on, connect: @on)
+    {s, ss} = stream_pair!(c, sc)
+
+    assert_raise ArgumentError, ~r/expected a connection handle, got: .* \(a stream\)/, fn ->
+      MaculaQuic.send_dgram(s, "x")
+    end
+
+    assert_raise ArgumentError, ~r/\(a listener\)/, fn -> MaculaQuic.send_dgram(l, "x") end
+
+    assert_raise ArgumentError, ~r/not a macula_quic handle/, fn ->
+      MaculaQuic.send_dgram(:c, "x")
+    end
+
+    assert_raise ArgumentError, ~r/expected iodata/, fn -> MaculaQuic.send_dgram(c, :atom) end
+    assert_raise ArgumentError, ~r/expected iodata/, fn -> MaculaQuic.send_dgram(c, [1000]) end
+
+    for bad <- [2, -1, "yes", :maybe, 1.0] do
+      assert {:error, {:bad_option, :datagram_receive_enabled}} =
+               MaculaQuic.listen("127.0.0.1", 0, alpn: alpn(), datagram_receive_enabled: bad)
+
+      assert {:error, {:bad_option, :datagram_receive_enabled}} =
+               MaculaQuic.connect(
+                 "127.0.0.1",
+                 1,
+                 [alpn: alpn(), datagram_receive_enabled: bad],
+                 1_000
+               )
+    end
+
+    Enum.each([s, ss], &MaculaQuic.close_stream/1)
+    :ok = MaculaQuic.close_connection(c)
+    assert {:error, :closed} = MaculaQuic.send_dgram(c, "x")
+    assert_receive {:quic, :closed, ^sc, _}, 5_000
+    assert {:error, {:shutdown, 0}} = MaculaQuic.send_dgram(sc, "x")
+    # The Erlang face is the same function.
+    assert {:error, :closed} = :macula_quic.send_dgram(c, "x")
+    MaculaQuic.close(l)
+  end
+end
