@@ -92,11 +92,12 @@ defmodule MaculaQuic do
       (it turned reception on too), and the largest this end may send it now (0 if it does
       not; the limit may grow as larger packets are found to pass).
     * `{:quic, data, conn, 0}` — a datagram the peer sent with `send_dgram/2` (a binary; the
-      handle is the connection, which tells it from stream data). Datagrams are delivered as
-      they arrive, with no back-pressure (datagrams have no flow control): between the network
-      and the owner, Quinn buffers at most 1.25 MB and drops the oldest when the owner's
-      connection falls behind, but a process that stops reading lets its mailbox grow, so turn
-      reception on only where the owner keeps up. None comes after `closed`.
+      handle is the connection, which tells it from stream data), delivered by the
+      connection's `:datagram_active` mode (`true` unless set; see `setopt/3`). Datagrams have
+      no flow control, so a slow owner cannot slow its peer: in `true` mode its mailbox grows,
+      while with `:once` or `N` what waits is bounded (one held datagram, and Quinn's 1.25 MB
+      buffer, which drops the oldest). None comes after `closed`.
+    * `{:quic, :passive, conn, :undefined}` — a `:datagram_active` budget ran out.
 
   Listener owner and acceptors:
 
@@ -141,11 +142,14 @@ defmodule MaculaQuic do
       stream window if that is larger; Quinn's own default is unbounded), `:send_window`.
     * `:datagram_receive_enabled` — `true` (or quicer's `1`) to accept QUIC datagrams from the
       peer and deliver them to the connection's owner, and to send them with `send_dgram/2`
-      (see "Messages to the owner"). Default `false`, as in quicer: the peer is told datagrams
-      are not accepted (its `send_dgram/2` returns `{:error, :unsupported_by_peer}`), and this
-      end's `send_dgram/2` returns `{:error, :datagrams_disabled}` (unlike quicer's: Quinn
-      sends datagrams only on a connection that accepts them). On a listener it applies to
-      every connection it accepts.
+      (see "Messages to the owner"). Default `false`, as in quicer: the peer is told
+      datagrams are not accepted (its `send_dgram/2` returns `{:error,
+      :unsupported_by_peer}`), and this end's `send_dgram/2` returns `{:error,
+      :datagrams_disabled}` (unlike quicer's: Quinn sends datagrams only on a connection that
+      accepts them). On a listener it applies to every connection it accepts.
+    * `:datagram_active` — with `:datagram_receive_enabled`, how datagrams are delivered to
+      the owner at first: `true` (the default), `false`, `:once` or `N`, as with `setopt/3`.
+      Without it, `{:error, {:bad_option, :datagram_active}}`.
     * `:backlog` — (listen) connections that may wait for an acceptor, handshakes in progress
       included (default 1024). Beyond it a new connection is refused: its `connect/4` returns
       `{:error, :connection_refused}`.
@@ -702,7 +706,8 @@ defmodule MaculaQuic do
   @stat_names ~w(recv_cnt recv_oct send_cnt send_oct send_pend udp_tx_ios udp_rx_ios rtt_us
                  min_rtt_us cwnd congestion_events lost_packets lost_bytes sent_packets mtu
                  stream_frames_tx stream_frames_rx data_blocked_tx data_blocked_rx
-                 stream_data_blocked_tx stream_data_blocked_rx)a
+                 stream_data_blocked_tx stream_data_blocked_rx datagram_frames_tx
+                 datagram_frames_rx)a
 
   @doc """
   Connection counters from Quinn, by name, in the order asked.
@@ -713,7 +718,8 @@ defmodule MaculaQuic do
   unacknowledged bytes), `:udp_tx_ios`,
   `:udp_rx_ios` (system calls; fewer than datagrams means segmentation offload),
   `:rtt_us`, `:min_rtt_us`, `:cwnd`, `:congestion_events`, `:lost_packets`, `:lost_bytes`,
-  `:sent_packets`, `:mtu`, `:stream_frames_tx`, `:stream_frames_rx`, and the flow-control
+  `:sent_packets`, `:mtu`, `:stream_frames_tx`, `:stream_frames_rx`, `:datagram_frames_tx`,
+  `:datagram_frames_rx` (QUIC datagrams sent and received, see `send_dgram/2`), and the flow-control
   stalls: `:data_blocked_tx`/`:stream_data_blocked_tx` count the times this end's sending was
   held back by the peer's connection window or a stream's window (QUIC's DATA_BLOCKED and
   STREAM_DATA_BLOCKED frames, one per limit reached), `:data_blocked_rx` and
@@ -1013,7 +1019,7 @@ defmodule MaculaQuic do
   end
 
   @doc """
-  Sets a stream option.
+  Sets a stream option, or a connection's `:datagram_active`.
 
     * `:active` — `true`, `false`, `:once` or an integer `N`, with `:inet` semantics: `:once`
       delivers one data message then turns passive; `N` adds to the message budget (negative
@@ -1030,37 +1036,56 @@ defmodule MaculaQuic do
       holds one message's worth (up to 64 KiB). A smaller value takes effect as the owner
       reads what is already buffered.
 
+  On a connection made with `datagram_receive_enabled: true`:
+
+    * `:datagram_active` — `true`, `false`, `:once` or an integer `N`, as `:active` is for a
+      stream, for the connection's datagrams (`{:quic, data, conn, 0}`): `:once` delivers one
+      then stops, `N` adds to a budget and `{:quic, :passive, conn, :undefined}` says it ran
+      out, `false` delivers none. While delivery is stopped, one datagram is held for the owner
+      and Quinn keeps at most 1.25 MB more, dropping the oldest: so `:once` or `N` bound what
+      a slow owner's datagrams cost, where `true` (the default) lets its mailbox grow. On a
+      connection without datagrams it gives `{:error, :datagrams_disabled}`.
+
   Anything else gives `{:error, {:bad_option, name}}`, as does a value out of range.
 
       :ok = MaculaQuic.setopt(stream, :active, 10)
       :ok = MaculaQuic.setopt(stream, :read_ahead, 1_048_576)
+      :ok = MaculaQuic.setopt(conn, :datagram_active, :once)
   """
   @spec setopt(stream(), :active, active()) :: :ok | {:error, reason()}
   @spec setopt(stream(), :read_ahead, pos_integer()) :: :ok | {:error, reason()}
-  def setopt(stream, :active, value),
-    do: native(:stream, stream, fn -> Native.stream_set_active(stream, value) end)
-
-  def setopt(stream, :read_ahead, value),
-    do: native(:stream, stream, fn -> Native.stream_set_read_ahead(stream, value) end)
-
-  def setopt(stream, name, _value), do: checked({:error, {:bad_option, name}}, :stream, stream)
+  @spec setopt(connection(), :datagram_active, active()) :: :ok | {:error, reason()}
+  def setopt(handle, name, value) do
+    case {Native.handle_kind(handle), name} do
+      {:stream, :active} -> Native.stream_set_active(handle, value)
+      {:stream, :read_ahead} -> Native.stream_set_read_ahead(handle, value)
+      {:connection, :datagram_active} -> Native.conn_set_dgram_active(handle, value)
+      {kind, _} when kind in [:stream, :connection] -> {:error, {:bad_option, name}}
+      _ -> bad_handle!("a stream or connection", handle)
+    end
+  end
 
   @doc """
   Reads a stream option: `:active` gives the current mode (`true | false | :once | N`),
-  `:read_ahead` the read-ahead in bytes (see `setopt/3`).
+  `:read_ahead` the read-ahead in bytes; or a connection's `:datagram_active` (see
+  `setopt/3`).
 
       {:ok, :once} = MaculaQuic.getopt(stream, :active)
       {:ok, 524_288} = MaculaQuic.getopt(stream, :read_ahead)
+      {:ok, true} = MaculaQuic.getopt(conn, :datagram_active)
   """
   @spec getopt(stream(), :active) :: {:ok, active()} | {:error, reason()}
   @spec getopt(stream(), :read_ahead) :: {:ok, pos_integer()} | {:error, reason()}
-  def getopt(stream, :active),
-    do: {:ok, native(:stream, stream, fn -> Native.stream_get_active(stream) end)}
-
-  def getopt(stream, :read_ahead),
-    do: {:ok, native(:stream, stream, fn -> Native.stream_get_read_ahead(stream) end)}
-
-  def getopt(stream, name), do: checked({:error, {:bad_option, name}}, :stream, stream)
+  @spec getopt(connection(), :datagram_active) :: {:ok, active()} | {:error, reason()}
+  def getopt(handle, name) do
+    case {Native.handle_kind(handle), name} do
+      {:stream, :active} -> {:ok, Native.stream_get_active(handle)}
+      {:stream, :read_ahead} -> {:ok, Native.stream_get_read_ahead(handle)}
+      {:connection, :datagram_active} -> Native.conn_get_dgram_active(handle)
+      {kind, _} when kind in [:stream, :connection] -> {:error, {:bad_option, name}}
+      _ -> bad_handle!("a stream or connection", handle)
+    end
+  end
 
   @doc """
   Closes a stream: the sending side finishes after queued data, the receiving side stops

@@ -1,6 +1,7 @@
 defmodule MaculaQuic.DatagramTest do
   # Not async: the last test reads the library's global counters.
   use ExUnit.Case, async: false
+  import Bitwise
   import MaculaQuic.Test.Quic
 
   @moduletag :datagrams
@@ -175,6 +176,68 @@ defmodule MaculaQuic.DatagramTest do
         flunk("a datagram changed: #{byte_size(other)} bytes")
     after
       1_000 -> n
+    end
+  end
+
+  test "datagram_active: a passive owner's datagrams wait, bounded, newest kept; :once and N deliver that many" do
+    {c, sc, l, _} = pair!(listen: @on ++ [datagram_active: false], connect: @on)
+    assert {:ok, false} = MaculaQuic.getopt(sc, :datagram_active)
+    assert {:ok, true} = MaculaQuic.getopt(c, :datagram_active)
+    # A flood of 2,000 datagrams of 1,000 bytes (2 MB) while the owner takes none.
+    for i <- 1..2_000, do: :ok = MaculaQuic.send_dgram(c, <<i::32, 0::size(996 * 8)>>)
+    # Every one reaches the server's Quinn (loopback loses none at this rate), which keeps
+    # what its buffer holds.
+    assert wait_until(fn -> frames_rx(sc) >= 2_000 end, 500), "#{frames_rx(sc)} arrived"
+    refute_received {:quic, <<_::32, _::binary>>, ^sc, 0}
+    :ok = MaculaQuic.setopt(sc, :datagram_active, true)
+    got = for <<i::32, _::binary>> <- drain(sc, []), do: i
+    IO.puts("\n  2000 datagrams sent to a passive owner, #{length(got)} delivered once active")
+    # One held, and what Quinn's 1.25 MB buffer kept: not all of them, and the newest.
+    assert length(got) > 0 and length(got) <= 1 + div(1_250_000, 1_000)
+    assert Enum.max(got) > 1_300
+
+    # :once delivers one and stops.
+    :ok = MaculaQuic.setopt(sc, :datagram_active, :once)
+    for d <- ["x", "y", "z"], do: :ok = MaculaQuic.send_dgram(c, d)
+    assert wait_until(fn -> frames_rx(sc) >= 2_003 end, 500), "#{frames_rx(sc)} arrived"
+    assert_receive {:quic, first, ^sc, 0} when first in ["x", "y", "z"]
+    refute_received {:quic, _, ^sc, 0}
+    assert {:ok, false} = MaculaQuic.getopt(sc, :datagram_active)
+    # N adds to a budget; when it runs out the owner is told.
+    :ok = MaculaQuic.setopt(sc, :datagram_active, 2)
+    assert_receive {:quic, second, ^sc, 0}, 5_000
+    assert_receive {:quic, third, ^sc, 0}, 5_000
+    assert Enum.sort([first, second, third]) == ["x", "y", "z"]
+    assert_receive {:quic, :passive, ^sc, :undefined}, 5_000
+    # A negative N that brings the budget to zero stops delivery at once, and says so.
+    :ok = MaculaQuic.setopt(sc, :datagram_active, 5)
+    :ok = MaculaQuic.setopt(sc, :datagram_active, -5)
+    assert_received {:quic, :passive, ^sc, :undefined}
+    assert {:ok, false} = MaculaQuic.getopt(sc, :datagram_active)
+
+    for bad <- [:always, 1 <<< 40, "true"] do
+      assert {:error, {:bad_option, :datagram_active}} =
+               MaculaQuic.setopt(sc, :datagram_active, bad)
+    end
+
+    # Without datagrams the option means nothing: refused.
+    assert {:error, {:bad_option, :datagram_active}} =
+             MaculaQuic.listen("127.0.0.1", 0, alpn: alpn(), datagram_active: :once)
+
+    Enum.each([c, l], &MaculaQuic.close/1)
+  end
+
+  defp frames_rx(conn) do
+    {:ok, [datagram_frames_rx: n]} = MaculaQuic.getstat(conn, [:datagram_frames_rx])
+    n
+  end
+
+  # The datagrams that come to `conn` until none has for a second.
+  defp drain(conn, acc) do
+    receive do
+      {:quic, data, ^conn, 0} when is_binary(data) -> drain(conn, [data | acc])
+    after
+      1_000 -> Enum.reverse(acc)
     end
   end
 

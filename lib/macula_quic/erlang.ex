@@ -160,6 +160,10 @@ defmodule :macula_quic do
           {:ok, MaculaQuic.active()} | {:error, MaculaQuic.reason()}
   @spec getopt(MaculaQuic.stream(), :read_ahead) ::
           {:ok, pos_integer()} | {:error, MaculaQuic.reason()}
+  @spec setopt(MaculaQuic.connection(), :datagram_active, MaculaQuic.active()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec getopt(MaculaQuic.connection(), :datagram_active) ::
+          {:ok, MaculaQuic.active()} | {:error, MaculaQuic.reason()}
   @spec close_stream(MaculaQuic.stream()) :: :ok
   @spec async_shutdown_stream(MaculaQuic.stream(), non_neg_integer(), non_neg_integer()) ::
           :ok | {:error, MaculaQuic.reason()}

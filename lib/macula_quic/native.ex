@@ -183,6 +183,8 @@ defmodule MaculaQuic.Native do
   def conn_accept_stream(_conn, _opts, _tag), do: nif_error()
   def conn_cancel_accept(_conn, _id), do: nif_error()
   def conn_send_dgram(_conn, _binary, _tag), do: nif_error()
+  def conn_set_dgram_active(_conn, _active), do: nif_error()
+  def conn_get_dgram_active(_conn), do: nif_error()
 
   # Streams
   def stream_send(_stream, _binary, _tag, _fin), do: nif_error()

@@ -56,6 +56,8 @@ struct State {
     /// Why it ended, recorded as `closed` is sent: for calls that cannot ask Quinn (its shard
     /// busy on another thread) yet must refuse an ended connection at once.
     ended: Option<Reason>,
+    /// How datagrams reach the owner (see `datagram`); `None` when the connection takes none.
+    dgram: Option<datagram::Delivery>,
 }
 
 pub struct ConnRes {
@@ -72,6 +74,8 @@ pub struct ConnRes {
     /// This connection's shard, where its tasks run: its Quinn driver, its streams' readers
     /// and writers, its watcher (see `executor`).
     pub shard: Arc<Shard>,
+    /// Wakes the datagram reader when the owner's datagram mode changes (see `datagram`).
+    pub dgram_wake: tokio::sync::Notify,
     state: Mutex<State>,
     _live: Live,
 }
@@ -112,7 +116,7 @@ impl ConnRes {
     /// (`new_conn`) reaches the owner before the connection's `shutdown`/`closed` messages.
     /// `on_closed` (if the connection starts) runs on a runtime thread when it has closed.
     /// `datagrams`: the connection was made with `datagram_receive_enabled`, and its owner
-    /// receives them (see `datagram`).
+    /// receives them in that mode (see `datagram`).
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         env: Option<Env>,
@@ -122,7 +126,7 @@ impl ConnRes {
         owner: LocalPid,
         announce: impl FnOnce(&ResourceArc<ConnRes>),
         on_closed: Option<OnClosed>,
-        datagrams: bool,
+        datagrams: Option<Active>,
     ) -> Option<ResourceArc<ConnRes>> {
         let res = ResourceArc::new(ConnRes {
             conn: Contained::connection(conn),
@@ -130,6 +134,7 @@ impl ConnRes {
             routed_ip: OnceLock::new(),
             send_pend: AtomicUsize::new(0),
             shard,
+            dgram_wake: tokio::sync::Notify::new(),
             state: Mutex::new(State {
                 owner: Owner::unmonitored(owner),
                 accepts: HashMap::new(),
@@ -137,6 +142,7 @@ impl ConnRes {
                 closed_by_app: false,
                 closed_sent: false,
                 ended: None,
+                dgram: datagrams.map(datagram::Delivery::new),
             }),
             _live: Live::new(&counters::CONNECTIONS),
         });
@@ -144,7 +150,7 @@ impl ConnRes {
         lock(&res.state).owner = owner;
         announce(&res);
         res.shard.spawn(watch(res.clone(), on_closed));
-        if datagrams {
+        if datagrams.is_some() {
             datagram::start_reader(&res);
         }
         Some(res)
@@ -154,20 +160,15 @@ impl ConnRes {
         lock(&self.state).owner.pid
     }
 
-    /// Sends the owner of the moment the message `build` makes (given the connection's handle),
-    /// unless `closed` has gone: nothing about a connection follows that. Sent holding the state
-    /// lock, as the watcher's messages are, so that `controlling_process` never leaves a message
-    /// with an owner that has just handed the connection over. Returns whether it was sent.
-    pub fn tell_owner<F>(res: &ResourceArc<ConnRes>, build: F) -> bool
-    where
-        F: for<'a> FnOnce(Env<'a>, ResourceArc<ConnRes>) -> Term<'a>,
-    {
-        let st = lock(&res.state);
-        if st.closed_sent {
-            return false;
-        }
-        let r = res.clone();
-        messages::send(&st.owner.pid, move |e| build(e, r))
+    /// Runs `f` with the connection's datagram delivery (`None` without datagrams), the owner of
+    /// the moment, and whether `closed` has gone, under the state lock. `datagram` sends its
+    /// messages inside `f`, as the watcher does under the same lock: so each goes to the owner
+    /// of the moment (never to one that has just handed the connection over), and none follows
+    /// `closed`.
+    pub fn with_datagrams<R>(&self, f: impl FnOnce(Option<&mut datagram::Delivery>, LocalPid, bool) -> R) -> R {
+        let mut st = lock(&self.state);
+        let (owner, closed) = (st.owner.pid, st.closed_sent);
+        f(st.dgram.as_mut(), owner, closed)
     }
 
     /// Why the connection can no longer be used (`None` while it is open): Quinn's reason, or
@@ -343,7 +344,7 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
     // The connection may start on a runtime thread: monitor its owner here, on the scheduler.
     owner::prepare(env);
     let (in_flight, watch_us) = connect_watch::begin();
-    let caller = Caller { owner: env.pid(), reply: Reply::new(env.pid(), tag), in_flight, datagrams: opts.transport.datagrams };
+    let caller = Caller { owner: env.pid(), reply: Reply::new(env.pid(), tag), in_flight, datagrams: opts.datagrams() };
     let timeout = Duration::from_millis(timeout_ms.clamp(1, u32::MAX as u64));
     let timeout = opts.handshake_timeout.map_or(timeout, |h| h.min(timeout));
     let deadline = tokio::time::Instant::now() + timeout;
@@ -387,8 +388,8 @@ struct Caller {
     owner: LocalPid,
     reply: Reply,
     in_flight: connect_watch::InFlight,
-    /// The connect's `datagram_receive_enabled`.
-    datagrams: bool,
+    /// The connect's datagram mode (`options::Connect::datagrams`).
+    datagrams: Option<Active>,
 }
 
 impl Caller {
@@ -671,10 +672,10 @@ fn stats_map<'a>(env: Env<'a>, c: &ConnRes) -> Term<'a> {
         recv_cnt, recv_oct, send_cnt, send_oct, send_pend, udp_tx_ios, udp_rx_ios, rtt_us, min_rtt_us,
         cwnd, congestion_events, lost_packets, lost_bytes, sent_packets, mtu, stream_frames_tx,
         stream_frames_rx, data_blocked_tx, data_blocked_rx, stream_data_blocked_tx,
-        stream_data_blocked_rx,
+        stream_data_blocked_rx, datagram_frames_tx, datagram_frames_rx,
     }
     let s = c.conn.stats();
-    let pairs: [(rustler::Atom, u64); 21] = [
+    let pairs: [(rustler::Atom, u64); 23] = [
         (recv_cnt(), s.udp_rx.datagrams),
         (recv_oct(), s.udp_rx.bytes),
         (send_cnt(), s.udp_tx.datagrams),
@@ -701,6 +702,9 @@ fn stats_map<'a>(env: Env<'a>, c: &ConnRes) -> Term<'a> {
         (data_blocked_rx(), s.frame_rx.data_blocked),
         (stream_data_blocked_tx(), s.frame_tx.stream_data_blocked),
         (stream_data_blocked_rx(), s.frame_rx.stream_data_blocked),
+        // QUIC datagrams (see `datagram`): those received include any Quinn dropped unread.
+        (datagram_frames_tx(), s.frame_tx.datagram),
+        (datagram_frames_rx(), s.frame_rx.datagram),
     ];
     let terms: Vec<(Term, Term)> = pairs.iter().map(|(k, v)| (k.encode(env), v.encode(env))).collect();
     Term::map_from_pairs(env, &terms).unwrap_or_else(|_| atoms::undefined().encode(env))

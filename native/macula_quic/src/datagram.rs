@@ -5,12 +5,17 @@
 //! the connection tell its peer that it accepts datagrams, and a reader task on the
 //! connection's shard hands each one to the owner of the moment as `{quic, Bin, C, 0}`, after a
 //! first `{quic, dgram_state_changed, C, #{dgram_send_enabled, dgram_max_len}}` saying whether
-//! the peer accepts them in turn. Nothing follows `closed` (`ConnRes::tell_owner`). Between
-//! the network and the reader, Quinn keeps at most its receive buffer's worth (1.25 MB),
-//! dropping the oldest when the reader falls behind; the reader forwards each datagram as it
-//! comes, as a stream in `active: true` does, so a process that cannot keep up should not turn
-//! reception on. Quinn sends datagrams only on a connection that accepts them too (MsQuic lets
-//! one that does not send), so the option is needed at both ends.
+//! the peer accepts them in turn. Nothing follows `closed` (`ConnRes::with_datagrams`). Quinn
+//! sends datagrams only on a connection that accepts them too (MsQuic lets one that does not
+//! send), so the option is needed at both ends.
+//!
+//! Datagrams have no flow control, so a receiver cannot slow its peer; what it can bound is
+//! what waits for it. The owner's `datagram_active` mode works as a stream's `active`: `true`
+//! delivers each as it comes (the mailbox then grows if the owner falls behind), `:once` and
+//! `N` deliver that many and then stop, `false` delivers none. While delivery is stopped the
+//! reader holds one datagram and reads no more, and Quinn keeps at most its receive buffer's
+//! worth (1.25 MB), dropping the oldest: a passive owner's datagrams cost bounded memory, and
+//! the newest of them wait for it.
 //!
 //! Sending (`conn_send_dgram`) waits, in the calling process, for room in Quinn's bounded send
 //! buffer (1 MiB) when the connection's congestion window holds datagrams back, instead of
@@ -21,7 +26,7 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use rustler::{Binary, Encoder, Env, ResourceArc, Term};
+use rustler::{Binary, Encoder, Env, LocalPid, ResourceArc, Term};
 
 use crate::atoms;
 use crate::connection::ConnRes;
@@ -30,7 +35,8 @@ use crate::counters::{self, Live};
 use crate::error::{self, Reason};
 use crate::executor;
 use crate::inline_watch;
-use crate::messages::Reply;
+use crate::messages::{self, Reply};
+use crate::options::{self, Active, ActiveSetting};
 
 rustler::atoms! { dgram_state_changed, dgram_send_enabled, dgram_max_len, unsupported_by_peer, too_large, datagrams_disabled, wait }
 
@@ -38,25 +44,148 @@ rustler::atoms! { dgram_state_changed, dgram_send_enabled, dgram_max_len, unsupp
 /// refused before it is copied.
 const MAX_DATAGRAM: usize = 65_535;
 
+/// A connection's datagram delivery: the owner's mode, and the datagram read while delivery
+/// was stopped. Kept in the connection's state, under its lock (see `ConnRes::with_datagrams`).
+#[derive(Debug)]
+pub struct Delivery {
+    active: Active,
+    held: Option<Bytes>,
+}
+
+impl Delivery {
+    pub fn new(active: Active) -> Delivery {
+        Delivery { active, held: None }
+    }
+}
+
 /// Starts the reader of a connection whose owner receives datagrams. It holds the connection
 /// until the connection has ended and Quinn's buffered datagrams are drained.
 pub fn start_reader(res: &ResourceArc<ConnRes>) {
     res.shard.spawn(read(res.clone()));
 }
 
+/// What the reader does next.
+enum Step {
+    Read,
+    /// Delivery is stopped with a datagram held: wait for the owner's next mode.
+    Wait,
+    End,
+}
+
 async fn read(res: ResourceArc<ConnRes>) {
     let _task = Live::new(&counters::TASKS);
     // Runs on the shard, so asking Quinn never waits for its driver on another thread.
     let max = res.conn.max_datagram_size();
-    ConnRes::tell_owner(&res, move |e, c| state_changed_msg(e, c, max));
-    // Quinn hands out what it buffered before the connection ended, then the error.
-    while let Ok(data) = res.conn.read_datagram().await {
-        ConnRes::tell_owner(&res, move |e, c| {
-            let mut bin = rustler::NewBinary::new(e, data.len());
-            bin.as_mut_slice().copy_from_slice(&data);
-            (atoms::quic(), Binary::from(bin), c, 0u32).encode(e)
+    let r = res.clone();
+    res.with_datagrams(|_, owner, closed| {
+        if !closed {
+            messages::send(&owner, move |e| state_changed_msg(e, r, max));
+        }
+    });
+    loop {
+        // Registered before the state is read, so a mode set in between still wakes it.
+        let mut changed = pin!(res.dgram_wake.notified());
+        changed.as_mut().enable();
+        let step = res.with_datagrams(|d, owner, closed| match d {
+            Some(d) if !closed => {
+                if d.active != Active::Off {
+                    if let Some(data) = d.held.take() {
+                        deliver(&res, d, owner, data);
+                    }
+                }
+                if d.held.is_some() {
+                    Step::Wait
+                } else {
+                    Step::Read
+                }
+            }
+            _ => Step::End,
         });
+        match step {
+            Step::End => return,
+            Step::Wait => {
+                tokio::select! {
+                    _ = changed => {}
+                    // The held datagram goes with the connection.
+                    _ = res.conn.closed() => return,
+                }
+            }
+            // Quinn hands out what it buffered before the connection ended, then the error.
+            Step::Read => match res.conn.read_datagram().await {
+                Ok(data) => res.with_datagrams(|d, owner, closed| match d {
+                    Some(d) if !closed && d.active != Active::Off => deliver(&res, d, owner, data),
+                    Some(d) if !closed => d.held = Some(data),
+                    _ => {}
+                }),
+                Err(_) => return,
+            },
+        }
     }
+}
+
+/// Sends `data` to the owner and counts it against the mode (under the state lock).
+fn deliver(res: &ResourceArc<ConnRes>, d: &mut Delivery, owner: LocalPid, data: Bytes) {
+    let r = res.clone();
+    messages::send(&owner, move |e| {
+        let mut bin = rustler::NewBinary::new(e, data.len());
+        bin.as_mut_slice().copy_from_slice(&data);
+        (atoms::quic(), Binary::from(bin), r, 0u32).encode(e)
+    });
+    d.active = match d.active {
+        Active::Once => Active::Off,
+        Active::Count(1) => {
+            let r = res.clone();
+            messages::send(&owner, move |e| passive_msg(e, r));
+            Active::Off
+        }
+        Active::Count(n) => Active::Count(n - 1),
+        other => other,
+    };
+}
+
+/// `{quic, passive, C, undefined}`: a `datagram_active` count ran out.
+fn passive_msg(e: Env, c: ResourceArc<ConnRes>) -> Term {
+    (atoms::quic(), atoms::passive(), c, atoms::undefined()).encode(e)
+}
+
+/// `conn_set_dgram_active(Conn, Active)`: the owner's `datagram_active` mode, with `:inet`'s
+/// `active` semantics. An `N` that brings the count to zero or below stops delivery and says so
+/// (`{quic, passive, C, undefined}` to the owner). `{:error, :datagrams_disabled}` on a
+/// connection that takes no datagrams.
+#[rustler::nif]
+fn conn_set_dgram_active<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, value: Term<'a>) -> Term<'a> {
+    let Some(setting) = options::decode_active(value) else {
+        return err(env, error::bad_option("datagram_active"));
+    };
+    executor::inline(env, None, || {
+        let set = c.with_datagrams(|d, owner, closed| {
+            let Some(d) = d else { return Err(Reason::from(datagrams_disabled())) };
+            let mode = setting.apply(d.active).map_err(|_| error::bad_option("datagram_active"))?;
+            if matches!(setting, ActiveSetting::Add(_)) && mode == Active::Off && d.active != Active::Off && !closed {
+                let _ = env.send(&owner, passive_msg(env, c.clone()));
+            }
+            d.active = mode;
+            Ok(())
+        });
+        match set {
+            Ok(()) => {
+                // The reader may be waiting with a datagram held.
+                c.dgram_wake.notify_waiters();
+                atoms::ok().encode(env)
+            }
+            Err(r) => err(env, r),
+        }
+    })
+}
+
+/// `conn_get_dgram_active(Conn)`: `true | false | :once | N`, or `{:error,
+/// :datagrams_disabled}`.
+#[rustler::nif]
+fn conn_get_dgram_active<'a>(env: Env<'a>, c: ResourceArc<ConnRes>) -> Term<'a> {
+    c.with_datagrams(|d, _, _| match d {
+        Some(d) => (atoms::ok(), options::encode_active(env, d.active)).encode(env),
+        None => err(env, datagrams_disabled()),
+    })
 }
 
 /// quicer's `{quic, dgram_state_changed, C, #{dgram_send_enabled, dgram_max_len}}`: whether

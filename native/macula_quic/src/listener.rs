@@ -67,8 +67,8 @@ struct Shared {
     local: SocketAddr,
     backlog: usize,
     handshake_timeout: Duration,
-    /// `datagram_receive_enabled`: accepted connections deliver datagrams to their owners.
-    datagrams: bool,
+    /// How accepted connections deliver datagrams to their owners (`None`: they take none).
+    datagrams: Option<options::Active>,
     state: Mutex<State>,
     /// Tells the accept task and handshakes in progress that the listener is closed.
     stop: watch::Sender<bool>,
@@ -375,7 +375,7 @@ fn start(env: Env, addr: SocketAddr, opts: options::Listen) -> Result<ResourceAr
         local,
         backlog: opts.backlog.unwrap_or(DEFAULT_BACKLOG),
         handshake_timeout: opts.handshake_timeout.unwrap_or(connection::DEFAULT_HANDSHAKE_TIMEOUT),
-        datagrams: opts.transport.datagrams,
+        datagrams: opts.datagrams(),
         state: Mutex::new(State {
             waiters: VecDeque::new(),
             waiters_pruned: 0,

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use rustler::types::map::MapIterator;
-use rustler::{Atom, Term};
+use rustler::{Atom, Encoder, Env, Term};
 
 use crate::address::{decode_ip, decode_port, decode_string};
 use crate::atoms;
@@ -74,6 +74,7 @@ pub struct Listen {
     pub transport: Transport,
     pub handshake_timeout: Option<Duration>,
     pub backlog: Option<usize>,
+    pub datagram_active: Option<Active>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -83,6 +84,39 @@ pub struct Connect {
     pub server_name: Option<String>,
     pub local_address: Option<(IpAddr, u16)>,
     pub handshake_timeout: Option<Duration>,
+    pub datagram_active: Option<Active>,
+}
+
+impl Listen {
+    /// How the connections' datagrams are delivered (see `datagram`); `None` without them.
+    pub fn datagrams(&self) -> Option<Active> {
+        datagrams(&self.transport, self.datagram_active)
+    }
+}
+
+impl Connect {
+    /// How the connection's datagrams are delivered (see `datagram`); `None` without them.
+    pub fn datagrams(&self) -> Option<Active> {
+        datagrams(&self.transport, self.datagram_active)
+    }
+}
+
+fn datagrams(t: &Transport, active: Option<Active>) -> Option<Active> {
+    t.datagrams.then(|| active.unwrap_or(Active::On))
+}
+
+/// `datagram_active`: an `active` value, meaningful only with `datagram_receive_enabled`.
+fn datagram_active(v: Term) -> Result<Active, Reason> {
+    let setting = decode_active(v).ok_or_else(|| bad_option("datagram_active"))?;
+    setting.apply(Active::Off).map_err(|_| bad_option("datagram_active"))
+}
+
+/// A `datagram_active` without `datagram_receive_enabled` would do nothing: refused.
+fn check_datagram_active(t: &Transport, active: Option<Active>) -> Result<(), Reason> {
+    match active {
+        Some(_) if !t.datagrams => Err(bad_option("datagram_active")),
+        _ => Ok(()),
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -254,6 +288,16 @@ pub fn decode_active(v: Term) -> Option<ActiveSetting> {
     }
 }
 
+/// An `active` mode as callers see it: `true | false | :once | N`.
+pub fn encode_active(env: Env, a: Active) -> Term {
+    match a {
+        Active::On => true.encode(env),
+        Active::Off => false.encode(env),
+        Active::Once => atoms::once().encode(env),
+        Active::Count(n) => n.encode(env),
+    }
+}
+
 /// An `active` option as given: a mode, or an integer to add to the counter (`:inet` semantics).
 #[derive(Clone, Copy, Debug)]
 pub enum ActiveSetting {
@@ -331,10 +375,12 @@ pub fn decode_listen(map: Term) -> Result<Listen, Reason> {
         match name {
             "handshake_idle_timeout_ms" => o.handshake_timeout = Some(handshake_timeout(name, v)?),
             "backlog" => o.backlog = Some(uint(name, v, 1 << 20)?.max(1) as usize),
+            "datagram_active" => o.datagram_active = Some(datagram_active(v)?),
             _ => return Err(bad_option(name)),
         }
         Ok(())
     })?;
+    check_datagram_active(&o.transport, o.datagram_active)?;
     if o.tls.alpn.is_empty() {
         return Err(Reason::Tagged(atoms::missing_option(), alpn_atom()));
     }
@@ -352,10 +398,12 @@ pub fn decode_connect(map: Term) -> Result<Connect, Reason> {
             "server_name" | "sni" => o.server_name = Some(string(name, v)?),
             "session_resumption" => o.tls.resumption = Some(boolean(name, v)?),
             "local_address" => o.local_address = Some(local_address(v)?),
+            "datagram_active" => o.datagram_active = Some(datagram_active(v)?),
             _ => return Err(bad_option(name)),
         }
         Ok(())
     })?;
+    check_datagram_active(&o.transport, o.datagram_active)?;
     if o.tls.alpn.is_empty() {
         return Err(Reason::Tagged(atoms::missing_option(), alpn_atom()));
     }

@@ -1280,7 +1280,7 @@ fn apply_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>, on
 /// `stream_get_active(Stream)`: `true | false | :once | N`.
 #[rustler::nif]
 fn stream_get_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
-    encode_active(env, lock(&s.state).active)
+    options::encode_active(env, lock(&s.state).active)
 }
 
 /// `stream_set_read_ahead(Stream, Bytes)`: the `read_ahead` option. A larger value lets the
@@ -1309,14 +1309,6 @@ fn stream_get_read_ahead<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a
     lock(&s.state).read_ahead.encode(env)
 }
 
-fn encode_active(env: Env, a: Active) -> Term {
-    match a {
-        Active::On => true.encode(env),
-        Active::Off => false.encode(env),
-        Active::Once => atoms::once().encode(env),
-        Active::Count(n) => n.encode(env),
-    }
-}
 
 /// `stream_recv(Stream, Length, Tag)`: passive receive. Answers at once with `{:ok, Bin}` or
 /// `{:error, Reason}` when it can, else `:wait` and later `{Tag, Result}`.
@@ -1401,7 +1393,7 @@ fn stream_handoff<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, pid: LocalPid) ->
     let previous = st.active;
     st.active = Active::Off;
     st.handoff_paused = true;
-    (atoms::ok(), encode_active(env, previous)).encode(env)
+    (atoms::ok(), options::encode_active(env, previous)).encode(env)
 }
 
 pub fn controlling_process<'a>(env: Env<'a>, s: &ResourceArc<StreamRes>, pid: LocalPid) -> Term<'a> {
@@ -1427,7 +1419,7 @@ fn stream_info<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> NifResult<Term<'a
         (atoms::stream_id().encode(env), s.id.encode(env)),
         (bidirectional().encode(env), s.bidi.encode(env)),
         (local().encode(env), s.local.encode(env)),
-        (active().encode(env), encode_active(env, st.active)),
+        (active().encode(env), options::encode_active(env, st.active)),
         (buffered().encode(env), st.buffered.encode(env)),
         (queued().encode(env), queued_bytes.encode(env)),
         (owner().encode(env), st.owner.pid.encode(env)),
