@@ -718,11 +718,11 @@ defmodule MaculaQuic do
   unacknowledged bytes), `:udp_tx_ios`,
   `:udp_rx_ios` (system calls; fewer than datagrams means segmentation offload),
   `:rtt_us`, `:min_rtt_us`, `:cwnd`, `:congestion_events`, `:lost_packets`, `:lost_bytes`,
-  `:sent_packets`, `:mtu`, `:stream_frames_tx`, `:stream_frames_rx`, `:datagram_frames_tx`,
-  `:datagram_frames_rx` (QUIC datagrams sent and received, see `send_dgram/2`), and the flow-control
-  stalls: `:data_blocked_tx`/`:stream_data_blocked_tx` count the times this end's sending was
-  held back by the peer's connection window or a stream's window (QUIC's DATA_BLOCKED and
-  STREAM_DATA_BLOCKED frames, one per limit reached), `:data_blocked_rx` and
+  `:sent_packets`, `:mtu`, `:stream_frames_tx`, `:stream_frames_rx`, `:datagram_frames_tx`
+  and `:datagram_frames_rx` (QUIC datagrams sent and received, see `send_dgram/2`), and the
+  flow-control stalls: `:data_blocked_tx`/`:stream_data_blocked_tx` count the times this
+  end's sending was held back by the peer's connection window or a stream's window (QUIC's
+  DATA_BLOCKED and STREAM_DATA_BLOCKED frames, one per limit reached), `:data_blocked_rx` and
   `:stream_data_blocked_rx` the times the peer said so of its own sending (a receiver here
   that reads too slowly, or a window set too small). A stream handle reports its connection's
   counters. An unknown name (or `names` not a proper list) gives `{:error, {:bad_stat, name}}`;
