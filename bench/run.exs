@@ -8,7 +8,8 @@
 #   BENCH_SCALE   sizes/counts multiplier (default 1.0: 1 GiB bulk, 100 x 10 MiB fan-out,
 #                 10,000 idle connections, 2 s timed runs); e.g. 0.05 for a quick run
 #   BENCH_REPEAT  runs per measurement, the median is reported (default 5; 1 when scale < 1)
-#   BENCH_ONLY    comma-separated subset of bulk,echo,fanout,handshake,memory
+#   BENCH_ONLY    comma-separated subset of bulk,echo,fanout,handshake,memory (echo includes
+#                 the two-OS-processes and the datagram rows)
 #   BENCH_QUINN   path of the quinn_baseline binary (set by bin/bench)
 #   BENCH_OUT     output directory (default bench/results)
 #   BENCH_RUNTIME_WORKERS  macula_quic's runtime worker threads (default: sized for the host)
@@ -268,7 +269,29 @@ defmodule Bench.Run do
       )
     end
     |> List.flatten()
-    |> Kernel.++([echo_two_processes(ctx, secs)])
+    |> Kernel.++([echo_two_processes(ctx, secs), dgram_echo(ctx, secs)])
+  end
+
+  # 64-byte QUIC datagram round trips on one connection (`send_dgram/2`; raw Quinn's
+  # `send_datagram`/`read_datagram`), one in flight: no target, there to show what the datagram
+  # path costs. A datagram not back within a second counts as lost.
+  defp dgram_echo(ctx, secs) do
+    size = 64
+    progress("echo: #{size}-byte datagram round trips on one connection, #{fmt(secs)} s per run")
+
+    res =
+      measure("echo #{size}B datagrams", :rt_s, [
+        {"macula", fn -> Bench.Macula.dgram_echo(ctx.cert, size, secs) end},
+        {"quinn", fn -> quinn(ctx, "dgram_echo", size: size, seconds: secs) end}
+      ])
+
+    "echo"
+    |> row("#{size} B datagrams", "round trips/s", :rt_s, res, nil)
+    |> Map.put(
+      :latency_us,
+      Map.new(["macula", "quinn"], fn n -> {n, res[n] && [res[n][:p50_us], res[n][:p99_us]]} end)
+    )
+    |> Map.put(:lost, Map.new(["macula", "quinn"], fn n -> {n, res[n] && res[n][:lost]} end))
   end
 
   # The plain-UDP echo rates (median) and, within each interleaved run, what macula_quic and
@@ -433,6 +456,11 @@ defmodule Bench.Run do
         "- echo #{x.variant}, the floor without QUIC: two BEAM processes echoing plain UDP datagrams did #{fmt(f.gen_udp)} round trips/s through `:gen_udp` and #{fmt(f.socket)} through `:socket` (woken via `enif_select`); within each run macula did #{ratio_range(f.macula_vs_socket_runs)} and raw Quinn #{ratio_range(f.quinn_vs_socket_runs)} of `:socket`'s rate"
       end
 
+    lost =
+      for %{lost: %{"macula" => m, "quinn" => q}} = x <- r.results do
+        "- echo #{x.variant}: lost (not back within a second) macula #{m || "–"}, Quinn #{q || "–"}"
+      end
+
     resumed =
       for %{macula_resumptions_per_hs: n} = x <- r.results, is_number(n) do
         "- handshake #{x.variant}: full TLS handshakes everywhere (macula connects with `session_resumption: false` and resumed #{fmt(n * 1.0)} per handshake; raw Quinn's client keeps no tickets; `:ssl`'s client asks for none)"
@@ -452,7 +480,7 @@ defmodule Bench.Run do
     head <>
       Enum.join(lines, "\n") <>
       "\n\n" <>
-      Enum.join(ios ++ lat ++ inline ++ floor ++ resumed ++ halting, "\n") <>
+      Enum.join(ios ++ lat ++ lost ++ inline ++ floor ++ resumed ++ halting, "\n") <>
       "\n\n\"each run\": macula/Quinn within each of the #{r.repeat} interleaved runs, lowest–highest. " <>
       "macula echo uses `async_send/2` on both ends; the \"send/2\" row uses the blocking `send/2`. " <>
       "Memory is resident memory (VM + native, VmRSS) per connection with both ends in the process.\n"

@@ -21,6 +21,7 @@ defmodule MaculaQuic.BenchSmokeTest do
     {~r/^echo: 4096 B$/, [:quinn, :ssl, :gen_tcp]},
     {~r/^echo: 4096 B, send\/2$/, [:quinn, :ssl, :gen_tcp]},
     {~r/^echo: 64 B, two OS processes$/, [:quinn]},
+    {~r/^echo: 64 B datagrams$/, [:quinn]},
     {~r/^fanout: 100 × [\d.]+ MiB$/, [:quinn]},
     {~r/^handshake: sequential$/, [:quinn, :ssl, :gen_tcp]},
     {~r/^handshake: 16 concurrent$/, [:quinn, :ssl, :gen_tcp]},

@@ -267,6 +267,62 @@ defmodule Bench.Macula do
   end
 
   @doc """
+  Datagram echo: `size`-byte QUIC datagram round trips on one connection for `seconds`, the
+  accepting end's owner (a process of its own) echoing each with `send_dgram/2`. A datagram not
+  back within a second counts as lost (`:lost`) and the next one goes; over loopback with one
+  in flight none is.
+  """
+  def dgram_echo(cert, size, seconds) do
+    on = [datagram_receive_enabled: true]
+    {l, port} = listen(cert, on)
+    :ok = MaculaQuic.async_accept(l)
+    c = connect(port, on)
+    sc = receive(do: ({:quic, :new_conn, sc, _} -> sc))
+
+    server =
+      spawn_link(fn ->
+        receive(do: (:go -> :ok))
+        dgram_echo_loop(sc)
+      end)
+
+    :ok = MaculaQuic.controlling_process(sc, server)
+    send(server, :go)
+    msg = :binary.copy(<<1>>, size)
+    Process.put(:dgram_lost, 0)
+    for _ <- 1..100, do: dgram_round_trip(c, msg)
+    Process.put(:dgram_lost, 0)
+    stats = Bench.Util.time_round_trips(seconds, fn -> dgram_round_trip(c, msg) end)
+    lost = Process.delete(:dgram_lost)
+    send(server, :stop)
+    teardown(l, c, sc)
+    Map.put(stats, :lost, lost)
+  end
+
+  defp dgram_round_trip(c, msg) do
+    :ok = MaculaQuic.send_dgram(c, msg)
+
+    receive do
+      {:quic, ^msg, ^c, 0} -> :ok
+    after
+      1_000 -> Process.put(:dgram_lost, Process.get(:dgram_lost) + 1)
+    end
+  end
+
+  defp dgram_echo_loop(sc) do
+    receive do
+      {:quic, d, ^sc, 0} when is_binary(d) ->
+        :ok = MaculaQuic.send_dgram(sc, d)
+        dgram_echo_loop(sc)
+
+      :stop ->
+        :ok
+
+      _ ->
+        dgram_echo_loop(sc)
+    end
+  end
+
+  @doc """
   Workload 2 with the echoing end in another OS process (`serve_echo/1`, listening on `port`):
   `size`-byte round trips from this VM for `seconds`, `async_send/2` on both ends.
   """

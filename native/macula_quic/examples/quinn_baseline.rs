@@ -386,6 +386,58 @@ async fn echo(a: Args) {
     cc.close(0u32.into(), b"");
 }
 
+/// `size`-byte datagram echo round trips on one connection for `seconds`, one in flight (the
+/// benchmark's "64 B datagrams" row): the accepting end echoes each datagram it reads. One not
+/// back within a second counts as lost, and the next goes.
+async fn dgram_echo(a: Args) {
+    let size = arg_u64(&a, "size", 64) as usize;
+    let secs = arg_f64(&a, "seconds", 2.0);
+    let p = endpoints(&a);
+    let (cc, sc) = tokio::join!(p.connect(), p.accept());
+    tokio::spawn(async move {
+        while let Ok(d) = sc.read_datagram().await {
+            if sc.send_datagram(d).is_err() {
+                break;
+            }
+        }
+    });
+    let msg = Bytes::from(vec![1u8; size]);
+    for _ in 0..100 {
+        dgram_round_trip(&cc, &msg).await;
+    }
+    let mut lost = 0u64;
+    let mut lat: Vec<u64> = Vec::with_capacity(1 << 20);
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs_f64(secs);
+    loop {
+        let t = Instant::now();
+        if t >= end {
+            break;
+        }
+        if !dgram_round_trip(&cc, &msg).await {
+            lost += 1;
+        }
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    let dt = t0.elapsed();
+    let n = lat.len();
+    lat.sort_unstable();
+    println!(
+        "{{\"workload\":\"dgram_echo\",\"size\":{size},\"round_trips\":{n},\"seconds\":{:.6},\"rt_s\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"lost\":{lost}}}",
+        dt.as_secs_f64(),
+        n as f64 / dt.as_secs_f64(),
+        percentile(&lat, 50.0) as f64 / 1000.0,
+        percentile(&lat, 99.0) as f64 / 1000.0
+    );
+    cc.close(0u32.into(), b"");
+}
+
+/// One datagram out and its echo back; false when none came back within a second.
+async fn dgram_round_trip(cc: &quinn::Connection, msg: &Bytes) -> bool {
+    cc.send_datagram(msg.clone()).unwrap();
+    tokio::time::timeout(Duration::from_secs(1), cc.read_datagram()).await.is_ok()
+}
+
 /// Workload 3: `streams` concurrent streams of `bytes` each on one connection.
 async fn fanout(a: Args) {
     let streams = arg_u64(&a, "streams", 100);
@@ -575,12 +627,13 @@ fn main() {
         match workload.as_str() {
             "bulk" => bulk(args).await,
             "echo" => echo(args).await,
+            "dgram_echo" => dgram_echo(args).await,
             "fanout" => fanout(args).await,
             "handshake" => handshake(args).await,
             "memory" => memory(args).await,
             "suite" => suite(args),
             other => {
-                eprintln!("unknown workload {other:?}: bulk | echo | fanout | handshake | memory | suite");
+                eprintln!("unknown workload {other:?}: bulk | echo | dgram_echo | fanout | handshake | memory | suite");
                 std::process::exit(2);
             }
         }
