@@ -95,8 +95,8 @@ defmodule MaculaQuic do
       handle is the connection, which tells it from stream data), delivered by the
       connection's `:datagram_active` mode (`true` unless set; see `setopt/3`). Datagrams have
       no flow control, so a slow owner cannot slow its peer: in `true` mode its mailbox grows,
-      while with `:once` or `N` what waits is bounded (one held datagram, and Quinn's 1.25 MB
-      buffer, which drops the oldest). None comes after `closed`.
+      while with `:once` or `N` what waits is bounded (one held datagram, and Quinn's
+      `:datagram_receive_buffer`, which drops the oldest). None comes after `closed`.
     * `{:quic, :passive, conn, :undefined}` — a `:datagram_active` budget ran out.
 
   Listener owner and acceptors:
@@ -150,6 +150,12 @@ defmodule MaculaQuic do
     * `:datagram_active` — with `:datagram_receive_enabled`, how datagrams are delivered to
       the owner at first: `true` (the default), `false`, `:once` or `N`, as with `setopt/3`.
       Without it, `{:error, {:bad_option, :datagram_active}}`.
+    * `:datagram_receive_buffer` — with `:datagram_receive_enabled`, the bytes of received
+      datagrams Quinn keeps while the owner takes none (2,048 to 64 MiB; default 1.25 MB,
+      Quinn's), the oldest dropped first. Quinn counts a datagram as its length plus 32 bytes,
+      and a kept datagram keeps the whole packet it came in alive, so a peer sending empty
+      datagrams in full-size packets can make that cost up to about 45 times the figure (some
+      57 MB at the default): a node with many passive owners should set it lower.
     * `:backlog` — (listen) connections that may wait for an acceptor, handshakes in progress
       included (default 1024). Beyond it a new connection is refused: its `connect/4` returns
       `{:error, :connection_refused}`.
@@ -746,6 +752,9 @@ defmodule MaculaQuic do
     end
   end
 
+  # No QUIC packet carries more than this (the NIF refuses it too).
+  @max_datagram 65_535
+
   @doc """
   Sends `data` as one QUIC datagram (RFC 9221) on `conn`.
 
@@ -765,21 +774,35 @@ defmodule MaculaQuic do
   sends datagrams only on a connection that accepts them; MsQuic, and so quicer, does not ask
   that), `{:error, :unsupported_by_peer}` when the peer does not accept datagrams,
   `{:error, :too_large}` when `data` does not fit in one packet (the peer's limit and the
-  path's packet size decide: `dgram_max_len` in `dgram_state_changed` fits, and the limit can
-  only grow from there), or why the connection ended (`{:error, :closed}`, ...). `data` that is
-  not iodata raises `ArgumentError`, as does a handle that is not a connection.
+  path's packet size decide; `dgram_max_len` in `dgram_state_changed` tells the limit when the
+  connection was delivered, and it moves with the path: up as larger packets are found to
+  pass, down if they stop passing; about 1,160 bytes fit on any path that carries QUIC at
+  all), or why the connection ended (`{:error, :closed}`, ...). `data` that is not iodata
+  raises `ArgumentError`, as does a handle that is not a connection; iodata of over 64 KiB is
+  refused with `{:error, :too_large}` before it is copied.
 
       :ok = MaculaQuic.send_dgram(conn, "position 12,7")
   """
   @spec send_dgram(connection(), iodata()) :: :ok | {:error, reason()}
   def send_dgram(conn, data) do
-    bin = iodata!(data)
-    ref = make_ref()
+    # No packet carries more: a large iolist is measured, not flattened, before it is refused.
+    if is_list(data) and iodata_size!(data) > @max_datagram do
+      checked({:error, :too_large}, :connection, conn)
+    else
+      bin = iodata!(data)
+      ref = make_ref()
 
-    case native(:connection, conn, fn -> Native.conn_send_dgram(conn, bin, ref) end) do
-      :wait -> receive(do: ({^ref, result} -> result))
-      other -> other
+      case native(:connection, conn, fn -> Native.conn_send_dgram(conn, bin, ref) end) do
+        :wait -> receive(do: ({^ref, result} -> result))
+        other -> other
+      end
     end
+  end
+
+  defp iodata_size!(data) do
+    :erlang.iolist_size(data)
+  rescue
+    ArgumentError -> raise ArgumentError, "expected iodata, got: #{inspect(data, limit: 10)}"
   end
 
   # `{:error, {:bad_stat, x}}` for the first name that is not a statistic (an improper tail, or
@@ -1042,8 +1065,9 @@ defmodule MaculaQuic do
       stream, for the connection's datagrams (`{:quic, data, conn, 0}`): `:once` delivers one
       then stops, `N` adds to a budget and `{:quic, :passive, conn, :undefined}` says it ran
       out, `false` delivers none. While delivery is stopped, one datagram is held for the owner
-      and Quinn keeps at most 1.25 MB more, dropping the oldest: so `:once` or `N` bound what
-      a slow owner's datagrams cost, where `true` (the default) lets its mailbox grow. On a
+      and Quinn keeps at most `:datagram_receive_buffer` more (1.25 MB unless set; see that
+      option for what it costs), dropping the oldest: so `:once` or `N` bound what a slow
+      owner's datagrams cost, where `true` (the default) lets its mailbox grow. On a
       connection without datagrams it gives `{:error, :datagrams_disabled}`.
 
   Anything else gives `{:error, {:bad_option, name}}`, as does a value out of range.

@@ -14,13 +14,18 @@
 //! delivers each as it comes (the mailbox then grows if the owner falls behind), `:once` and
 //! `N` deliver that many and then stop, `false` delivers none. While delivery is stopped the
 //! reader holds one datagram and reads no more, and Quinn keeps at most its receive buffer's
-//! worth (1.25 MB), dropping the oldest: a passive owner's datagrams cost bounded memory, and
-//! the newest of them wait for it.
+//! worth (`datagram_receive_buffer`, 1.25 MB unless set), dropping the oldest: a passive
+//! owner's datagrams cost bounded memory, and the newest of them wait for it. Bounded, but not
+//! by the buffer's figure alone: Quinn counts a datagram as its length plus 32 bytes, while its
+//! bytes keep alive the whole UDP packet it came in (Quinn slices packets, it does not copy
+//! them). A peer sending empty datagrams in full-size packets could so pin about 45 times the
+//! buffer (some 57 MB at the default); a smaller buffer lowers that in proportion.
 //!
 //! Sending (`conn_send_dgram`) waits, in the calling process, for room in Quinn's bounded send
 //! buffer (1 MiB) when the connection's congestion window holds datagrams back, instead of
 //! letting Quinn drop the oldest queued ones to make room: a sender that outruns the path is
-//! slowed down, and what it was told was queued is sent.
+//! slowed down. (Quinn still drops queued datagrams that no longer fit when the path's packet
+//! size shrinks, and those queued when the connection closes.)
 use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
@@ -43,6 +48,11 @@ rustler::atoms! { dgram_state_changed, dgram_send_enabled, dgram_max_len, unsupp
 /// No QUIC packet carries more (a UDP payload is at most 65,527 bytes): anything larger is
 /// refused before it is copied.
 const MAX_DATAGRAM: usize = 65_535;
+
+/// Datagrams the reader delivers before it yields (`executor::yield_once`): with many waiting in
+/// Quinn (an owner turning active after a passive spell) every read is ready at once, and one
+/// poll would deliver them all, on a scheduler thread when the shard runs inline in a call.
+const DELIVERIES_PER_POLL: u32 = 16;
 
 /// A connection's datagram delivery: the owner's mode, and the datagram read while delivery
 /// was stopped. Kept in the connection's state, under its lock (see `ConnRes::with_datagrams`).
@@ -82,7 +92,12 @@ async fn read(res: ResourceArc<ConnRes>) {
             messages::send(&owner, move |e| state_changed_msg(e, r, max));
         }
     });
+    let mut delivered = 0u32;
     loop {
+        if delivered >= DELIVERIES_PER_POLL {
+            delivered = 0;
+            executor::yield_once().await;
+        }
         // Registered before the state is read, so a mode set in between still wakes it.
         let mut changed = pin!(res.dgram_wake.notified());
         changed.as_mut().enable();
@@ -91,6 +106,7 @@ async fn read(res: ResourceArc<ConnRes>) {
                 if d.active != Active::Off {
                     if let Some(data) = d.held.take() {
                         deliver(&res, d, owner, data);
+                        delivered += 1;
                     }
                 }
                 if d.held.is_some() {
@@ -112,11 +128,14 @@ async fn read(res: ResourceArc<ConnRes>) {
             }
             // Quinn hands out what it buffered before the connection ended, then the error.
             Step::Read => match res.conn.read_datagram().await {
-                Ok(data) => res.with_datagrams(|d, owner, closed| match d {
-                    Some(d) if !closed && d.active != Active::Off => deliver(&res, d, owner, data),
-                    Some(d) if !closed => d.held = Some(data),
-                    _ => {}
-                }),
+                Ok(data) => {
+                    delivered += 1;
+                    res.with_datagrams(|d, owner, closed| match d {
+                        Some(d) if !closed && d.active != Active::Off => deliver(&res, d, owner, data),
+                        Some(d) if !closed => d.held = Some(data),
+                        _ => {}
+                    })
+                }
                 Err(_) => return,
             },
         }
@@ -189,8 +208,9 @@ fn conn_get_dgram_active<'a>(env: Env<'a>, c: ResourceArc<ConnRes>) -> Term<'a> 
 }
 
 /// quicer's `{quic, dgram_state_changed, C, #{dgram_send_enabled, dgram_max_len}}`: whether
-/// the peer accepts datagrams, and the largest one this end may send it now (0 if none). The
-/// largest can grow later, as Quinn finds the path takes larger packets.
+/// the peer accepts datagrams, and the largest one this end may send it now (0 if none). That
+/// moves with the path's packet size: up as Quinn finds larger packets pass, down again if
+/// they stop passing.
 fn state_changed_msg(e: Env, c: ResourceArc<ConnRes>, max: Option<usize>) -> Term {
     let props = Term::map_from_pairs(
         e,

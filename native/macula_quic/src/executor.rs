@@ -158,6 +158,23 @@ pub async fn defer_to_runtime() {
     .await
 }
 
+/// Yields once: the task is queued again behind the shard's other tasks, and `Shard::run`
+/// checks its budget before polling it again. For a task whose loop can go on for long without
+/// waiting (its steps all ready), which one poll would otherwise run whole, on a scheduler
+/// thread when the shard runs inline.
+pub async fn yield_once() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
 /// A shard task's own waker, recorded at its first poll, so that a NIF that gives the task work
 /// (a stream's reader or writer) can wake it.
 ///

@@ -52,6 +52,9 @@ pub struct Transport {
     /// delivers them to its owner (see `datagram`). Off by default, as in quicer: the peer is
     /// then told datagrams are not accepted, and its sends fail at once.
     pub datagrams: bool,
+    /// `datagram_receive_buffer`: bytes of received datagrams Quinn keeps for the owner (see
+    /// `datagram`); Quinn's default when unset.
+    pub datagram_buffer: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -105,16 +108,30 @@ fn datagrams(t: &Transport, active: Option<Active>) -> Option<Active> {
     t.datagrams.then(|| active.unwrap_or(Active::On))
 }
 
+/// Bounds of `datagram_receive_buffer`: room for one datagram at least, and no more than a
+/// stream window's worth.
+pub const DATAGRAM_BUFFER_MIN: u64 = 2048;
+pub const DATAGRAM_BUFFER_MAX: u64 = 64 * 1024 * 1024;
+
+fn datagram_buffer(v: Term) -> Result<u64, Reason> {
+    match v.decode::<u64>() {
+        Ok(n) if (DATAGRAM_BUFFER_MIN..=DATAGRAM_BUFFER_MAX).contains(&n) => Ok(n),
+        _ => Err(bad_option("datagram_receive_buffer")),
+    }
+}
+
 /// `datagram_active`: an `active` value, meaningful only with `datagram_receive_enabled`.
 fn datagram_active(v: Term) -> Result<Active, Reason> {
     let setting = decode_active(v).ok_or_else(|| bad_option("datagram_active"))?;
     setting.apply(Active::Off).map_err(|_| bad_option("datagram_active"))
 }
 
-/// A `datagram_active` without `datagram_receive_enabled` would do nothing: refused.
+/// `datagram_active` or `datagram_receive_buffer` without `datagram_receive_enabled` would do
+/// nothing: refused.
 fn check_datagram_active(t: &Transport, active: Option<Active>) -> Result<(), Reason> {
-    match active {
-        Some(_) if !t.datagrams => Err(bad_option("datagram_active")),
+    match (active, t.datagram_buffer) {
+        (Some(_), _) if !t.datagrams => Err(bad_option("datagram_active")),
+        (_, Some(_)) if !t.datagrams => Err(bad_option("datagram_receive_buffer")),
         _ => Ok(()),
     }
 }
@@ -357,6 +374,7 @@ fn common(name: &str, v: Term, tls: &mut Tls, t: &mut Transport) -> Result<bool,
         }
         "send_window" => t.send_window = Some(uint(name, v, MAX_VARINT)?),
         "datagram_receive_enabled" => t.datagrams = flag(name, v)?,
+        "datagram_receive_buffer" => t.datagram_buffer = Some(datagram_buffer(v)?),
         _ => return Ok(false),
     }
     Ok(true)

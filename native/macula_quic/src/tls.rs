@@ -127,6 +127,8 @@ pub fn transport_config(t: &Transport) -> Result<quinn::TransportConfig, Reason>
     // nobody reads. Without the option nothing would read them: say so to the peer instead.
     if !t.datagrams {
         c.datagram_receive_buffer_size(None);
+    } else if let Some(n) = t.datagram_buffer {
+        c.datagram_receive_buffer_size(Some(n as usize));
     }
     Ok(c)
 }
