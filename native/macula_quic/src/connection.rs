@@ -489,7 +489,7 @@ fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64, tag: Term<'a
         return atoms::closed().encode(env);
     }
     let shard = c.shard.clone();
-    executor::inline(env, inline_watch::watch_on(&c.conn), || match shard.claim() {
+    executor::inline(env, inline_watch::watch_on(&c), || match shard.claim() {
         Some(_claim) => close_by_app(&c, code, |owner, res| {
             let _ = env.send(owner, closed_msg(env, res, false, true));
         })
@@ -550,7 +550,7 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
     // Closing takes Quinn's connection lock: on the shard, serialised with the drivers (inline
     // here when the shard is free). The owner hears `closed` from the watcher either way.
     let conn = c.conn.clone();
-    executor::inline(env, inline_watch::watch_on(&c.conn), || c.shard.spawn(async move { conn.close(code, b"") }));
+    executor::inline(env, inline_watch::watch_on(&c), || c.shard.spawn(async move { conn.close(code, b"") }));
     atoms::ok().encode(env)
 }
 
@@ -776,7 +776,7 @@ fn open_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>, tag: T
     if c.shard.failed() {
         return err(env, atoms::closed());
     }
-    executor::inline(env, inline_watch::watch_on(&c.conn), || match c.shard.claim() {
+    executor::inline(env, inline_watch::watch_on(&c), || match c.shard.claim() {
         Some(_claim) => open_stream_now(env, &c, opts, tag),
         None => open_stream_later(env, &c, opts, tag),
     })

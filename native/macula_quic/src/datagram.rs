@@ -240,7 +240,7 @@ fn conn_send_dgram<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, data: Binary<'a>, 
         return err(env, atoms::closed());
     }
     let data = Bytes::copy_from_slice(data.as_slice());
-    executor::inline(env, inline_watch::watch_on(&c.conn), || match c.shard.claim() {
+    executor::inline(env, inline_watch::watch_on(&c), || match c.shard.claim() {
         Some(_claim) => send_now(env, &c, data, tag),
         None => send_later(env, &c, data, tag),
     })

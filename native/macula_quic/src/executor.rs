@@ -615,7 +615,7 @@ impl Drop for Claim<'_> {
 /// connection's, say) are run too, within the same budget. Call only from a NIF on a normal
 /// scheduler, with no locks held by the caller. `watch_on`: the connection the call is made on
 /// (`inline_watch::watch_on`), whose distance decides whether the call watches for its answer.
-pub fn inline<R>(env: Env, mut watch_on: Option<quinn::Connection>, f: impl FnOnce() -> R) -> R {
+pub fn inline<R>(env: Env, mut watch_on: Option<inline_watch::WatchOn>, f: impl FnOnce() -> R) -> R {
     if !enabled() || in_inline() {
         return f();
     }

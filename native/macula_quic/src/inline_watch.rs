@@ -49,6 +49,7 @@ use std::time::{Duration, Instant};
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
+use crate::connection::ConnRes;
 use crate::contain;
 use crate::counters;
 use crate::executor;
@@ -265,19 +266,27 @@ impl DirectSocket {
     }
 }
 
+/// The connection a call is made on, and its shard, for `executor::inline` to decide whether
+/// the call may watch (see `begin`).
+pub struct WatchOn {
+    conn: quinn::Connection,
+    shard: Arc<executor::Shard>,
+}
+
 /// The connection a call is made on, for `executor::inline` to decide whether the call may
 /// watch (see `begin`): `None` while the setting is 0, so that the calls pay nothing for it then.
 /// Dropping the clone never takes Quinn's lock (only a connection's last reference does, and
 /// the call's handle keeps its own for the whole call), so it cannot panic on a poisoned
 /// connection (see `contain`), also while a panic in the call unwinds.
-pub fn watch_on(conn: &quinn::Connection) -> Option<quinn::Connection> {
-    (watch_us() > 0).then(|| conn.clone())
+pub fn watch_on(c: &ConnRes) -> Option<WatchOn> {
+    (watch_us() > 0).then(|| WatchOn { conn: (*c.conn).clone(), shard: c.shard.clone() })
 }
 
 /// Starts the watch of a call on `conn` that sent datagrams on `sent`'s sockets, for up to
 /// `inline_watch_us`, unless the connection's peer is too far for an answer to come within
 /// it (counted in `inline_watch_far`), this thread is backing off (counted in
-/// `inline_watch_skips`) or the sockets are gone. `executor::inline` runs it (`Watch::next`)
+/// `inline_watch_skips`), the connection's shard is busy on another thread (whose worker is
+/// awake to take the answer), or the sockets are gone. `executor::inline` runs it (`Watch::next`)
 /// and ends it. A call with no connection (a connect, whose answer is a handshake that takes
 /// longer than any watch) does not watch.
 ///
@@ -293,16 +302,22 @@ pub fn watch_on(conn: &quinn::Connection) -> Option<quinn::Connection> {
 /// acknowledges) backs off: after n such watches in a row it skips the next 2^n - 1 (at most
 /// 1023), so that such sends cost next to nothing, and one watch that brings an answer puts it
 /// back to watching every time.
-pub fn begin(sent: Sent, conn: Option<quinn::Connection>) -> Option<Watch> {
+pub fn begin(sent: Sent, on: Option<WatchOn>) -> Option<Watch> {
     let sockets: Vec<Arc<Direct>> = sent.0.iter().filter_map(Weak::upgrade).collect();
     if sockets.is_empty() {
         return None;
     }
-    let conn = conn?;
+    let on = on?;
     let watch = Duration::from_micros(watch_us());
+    // Quinn's round-trip time is read under its connection lock, which the connection's driver
+    // holds while it works: only while this thread holds the connection's shard, so that no
+    // driver runs meanwhile (a call never waits for that lock). Busy on another thread, the
+    // shard's worker is awake and takes the answer: no watch then (and none counted: the
+    // counters are for the watch's own decisions).
+    let _claim = on.shard.claim()?;
     // `quietly`: on a connection whose lock a panic inside Quinn has poisoned (see `contain`),
     // `stats` panics; such a connection is not watched for.
-    let near = contain::quietly(|| conn.stats().path.min_rtt).is_some_and(|rtt| rtt <= 2 * watch);
+    let near = contain::quietly(|| on.conn.stats().path.min_rtt).is_some_and(|rtt| rtt <= 2 * watch);
     if !near {
         counters::bump(&counters::INLINE_WATCH_FAR);
         return None;

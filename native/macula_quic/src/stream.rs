@@ -1069,7 +1069,7 @@ fn err<'a>(env: Env<'a>, reason: impl Encoder) -> Term<'a> {
 #[rustler::nif]
 fn stream_send<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, data: Binary<'a>, tag: Term<'a>, fin: bool) -> Term<'a> {
     if data.len() <= INLINE_SEND_MAX {
-        executor::inline(env, inline_watch::watch_on(&s.conn.conn), || stream_send_now(env, s, data, tag, fin, true))
+        executor::inline(env, inline_watch::watch_on(&s.conn), || stream_send_now(env, s, data, tag, fin, true))
     } else {
         stream_send_now(env, s, data, tag, fin, false)
     }
@@ -1173,7 +1173,7 @@ fn queue_finish(s: &StreamRes, side: &Mutex<SendSide>) -> bool {
 /// data), ABORT_SEND=2 (RESET_STREAM), ABORT_RECEIVE=4 (STOP_SENDING), ABORT=6, IMMEDIATE=8.
 #[rustler::nif]
 fn stream_shutdown<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, flags: u32, code: u64) -> Term<'a> {
-    executor::inline(env, inline_watch::watch_on(&s.conn.conn), || stream_shutdown_now(env, s, flags, code))
+    executor::inline(env, inline_watch::watch_on(&s.conn), || stream_shutdown_now(env, s, flags, code))
 }
 
 fn stream_shutdown_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, flags: u32, code: u64) -> Term<'a> {
@@ -1212,7 +1212,7 @@ fn stream_shutdown_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, flags: u32, 
 /// owner about this stream.
 #[rustler::nif]
 fn stream_close<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
-    executor::inline(env, inline_watch::watch_on(&s.conn.conn), || stream_close_now(env, s))
+    executor::inline(env, inline_watch::watch_on(&s.conn), || stream_close_now(env, s))
 }
 
 fn stream_close_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
@@ -1231,7 +1231,7 @@ fn stream_close_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
 /// `stream_setopt_active(Stream, Active)`.
 #[rustler::nif]
 fn stream_set_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>) -> Term<'a> {
-    executor::inline(env, inline_watch::watch_on(&s.conn.conn), || apply_active(env, s, value, false))
+    executor::inline(env, inline_watch::watch_on(&s.conn), || apply_active(env, s, value, false))
 }
 
 /// `stream_handoff_resume(Stream, Active)`: the end of `handoff_stream`, which sets the mode
@@ -1240,7 +1240,7 @@ fn stream_set_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a
 /// data waiting and nobody told).
 #[rustler::nif]
 fn stream_handoff_resume<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>) -> Term<'a> {
-    executor::inline(env, inline_watch::watch_on(&s.conn.conn), || apply_active(env, s, value, true))
+    executor::inline(env, inline_watch::watch_on(&s.conn), || apply_active(env, s, value, true))
 }
 
 /// Sets the active mode; with `only_if_paused`, only while `handoff_stream` has it paused.
@@ -1291,7 +1291,7 @@ fn stream_set_read_ahead<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Ter
     let Some(n) = options::decode_read_ahead(value) else {
         return err(env, error::bad_option("read_ahead"));
     };
-    executor::inline(env, inline_watch::watch_on(&s.conn.conn), || {
+    executor::inline(env, inline_watch::watch_on(&s.conn), || {
         let mut st = lock(&s.state);
         let grew = n > st.read_ahead;
         st.read_ahead = n;
@@ -1314,7 +1314,7 @@ fn stream_get_read_ahead<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a
 /// `{:error, Reason}` when it can, else `:wait` and later `{Tag, Result}`.
 #[rustler::nif]
 fn stream_recv<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<'a>) -> Term<'a> {
-    executor::inline(env, inline_watch::watch_on(&s.conn.conn), || stream_recv_now(env, s, len, tag))
+    executor::inline(env, inline_watch::watch_on(&s.conn), || stream_recv_now(env, s, len, tag))
 }
 
 fn stream_recv_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: Term<'a>) -> Term<'a> {
@@ -1458,7 +1458,7 @@ fn debug_panic_writer(s: ResourceArc<StreamRes>) -> rustler::Atom {
 #[cfg(feature = "test_hooks")]
 #[rustler::nif]
 fn debug_panic_reader_inline(env: Env, s: ResourceArc<StreamRes>) -> rustler::Atom {
-    executor::inline(env, inline_watch::watch_on(&s.conn.conn), || {
+    executor::inline(env, inline_watch::watch_on(&s.conn), || {
         lock(&s.state).debug_panic = true;
         s.wake_reader.wake();
     });
