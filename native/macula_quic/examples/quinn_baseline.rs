@@ -373,17 +373,22 @@ async fn echo(a: Args) {
         r.read_exact(&mut back).await.unwrap();
         lat.push(t.elapsed().as_nanos() as u64);
     }
-    let dt = t0.elapsed();
+    report_round_trips("echo", size, lat, t0.elapsed(), "");
+    cc.close(0u32.into(), b"");
+}
+
+/// Prints a round-trip workload's result line from its latencies (ns) and the time it took;
+/// `extra` goes at the end of the object (`,"lost":0`).
+fn report_round_trips(workload: &str, size: usize, mut lat: Vec<u64>, dt: Duration, extra: &str) {
     let n = lat.len();
     lat.sort_unstable();
     println!(
-        "{{\"workload\":\"echo\",\"size\":{size},\"round_trips\":{n},\"seconds\":{:.6},\"rt_s\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1}}}",
+        "{{\"workload\":\"{workload}\",\"size\":{size},\"round_trips\":{n},\"seconds\":{:.6},\"rt_s\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1}{extra}}}",
         dt.as_secs_f64(),
         n as f64 / dt.as_secs_f64(),
         percentile(&lat, 50.0) as f64 / 1000.0,
         percentile(&lat, 99.0) as f64 / 1000.0
     );
-    cc.close(0u32.into(), b"");
 }
 
 /// `size`-byte datagram echo round trips on one connection for `seconds`, one in flight (the
@@ -419,16 +424,7 @@ async fn dgram_echo(a: Args) {
         }
         lat.push(t.elapsed().as_nanos() as u64);
     }
-    let dt = t0.elapsed();
-    let n = lat.len();
-    lat.sort_unstable();
-    println!(
-        "{{\"workload\":\"dgram_echo\",\"size\":{size},\"round_trips\":{n},\"seconds\":{:.6},\"rt_s\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"lost\":{lost}}}",
-        dt.as_secs_f64(),
-        n as f64 / dt.as_secs_f64(),
-        percentile(&lat, 50.0) as f64 / 1000.0,
-        percentile(&lat, 99.0) as f64 / 1000.0
-    );
+    report_round_trips("dgram_echo", size, lat, t0.elapsed(), &format!(",\"lost\":{lost}"));
     cc.close(0u32.into(), b"");
 }
 

@@ -144,18 +144,10 @@ thread_local! {
 /// (copying megabytes into a binary): awaiting this yields once, queued again, with the flag
 /// that makes `Shard::run` stop and leave the shard to a runtime worker, where the task goes on.
 pub async fn defer_to_runtime() {
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            return Poll::Ready(());
-        }
-        yielded = true;
-        DEFER.with(|d| d.set(true));
-        counters::bump(&counters::INLINE_DEFERRALS);
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    })
-    .await
+    // (Set as the task is first polled, when it yields.)
+    DEFER.with(|d| d.set(true));
+    counters::bump(&counters::INLINE_DEFERRALS);
+    yield_once().await
 }
 
 /// Yields once: the task is queued again behind the shard's other tasks, and `Shard::run`
