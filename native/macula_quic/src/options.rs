@@ -108,10 +108,10 @@ fn datagrams(t: &Transport, active: Option<Active>) -> Option<Active> {
     t.datagrams.then(|| active.unwrap_or(Active::On))
 }
 
-/// Bounds of `datagram_receive_buffer`: room for one datagram at least, and no more than a
-/// stream window's worth.
-pub const DATAGRAM_BUFFER_MIN: u64 = 2048;
-pub const DATAGRAM_BUFFER_MAX: u64 = 64 * 1024 * 1024;
+/// Bounds of `datagram_receive_buffer`: room for one datagram at least, and no more than the
+/// default connection window (`flow::CONN_RECV_WINDOW`).
+const DATAGRAM_BUFFER_MIN: u64 = 2048;
+const DATAGRAM_BUFFER_MAX: u64 = 64 * 1024 * 1024;
 
 fn datagram_buffer(v: Term) -> Result<u64, Reason> {
     match v.decode::<u64>() {
@@ -128,7 +128,7 @@ fn datagram_active(v: Term) -> Result<Active, Reason> {
 
 /// `datagram_active` or `datagram_receive_buffer` without `datagram_receive_enabled` would do
 /// nothing: refused.
-fn check_datagram_active(t: &Transport, active: Option<Active>) -> Result<(), Reason> {
+fn check_datagram_options(t: &Transport, active: Option<Active>) -> Result<(), Reason> {
     match (active, t.datagram_buffer) {
         (Some(_), _) if !t.datagrams => Err(bad_option("datagram_active")),
         (_, Some(_)) if !t.datagrams => Err(bad_option("datagram_receive_buffer")),
@@ -398,7 +398,7 @@ pub fn decode_listen(map: Term) -> Result<Listen, Reason> {
         }
         Ok(())
     })?;
-    check_datagram_active(&o.transport, o.datagram_active)?;
+    check_datagram_options(&o.transport, o.datagram_active)?;
     if o.tls.alpn.is_empty() {
         return Err(Reason::Tagged(atoms::missing_option(), alpn_atom()));
     }
@@ -421,7 +421,7 @@ pub fn decode_connect(map: Term) -> Result<Connect, Reason> {
         }
         Ok(())
     })?;
-    check_datagram_active(&o.transport, o.datagram_active)?;
+    check_datagram_options(&o.transport, o.datagram_active)?;
     if o.tls.alpn.is_empty() {
         return Err(Reason::Tagged(atoms::missing_option(), alpn_atom()));
     }
