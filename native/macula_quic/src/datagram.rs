@@ -41,7 +41,8 @@ use crate::error::{self, Reason};
 use crate::executor;
 use crate::inline_watch;
 use crate::messages::{self, Reply};
-use crate::options::{self, Active, ActiveSetting};
+use crate::options::{self, Active};
+use crate::received;
 
 rustler::atoms! { dgram_state_changed, dgram_send_enabled, dgram_max_len, unsupported_by_peer, too_large, datagrams_disabled, wait }
 
@@ -145,21 +146,13 @@ async fn read(res: ResourceArc<ConnRes>) {
 /// Sends `data` to the owner and counts it against the mode (under the state lock).
 fn deliver(res: &ResourceArc<ConnRes>, d: &mut Delivery, owner: LocalPid, data: Bytes) {
     let r = res.clone();
-    messages::send(&owner, move |e| {
-        let mut bin = rustler::NewBinary::new(e, data.len());
-        bin.as_mut_slice().copy_from_slice(&data);
-        (atoms::quic(), Binary::from(bin), r, 0u32).encode(e)
-    });
-    d.active = match d.active {
-        Active::Once => Active::Off,
-        Active::Count(1) => {
-            let r = res.clone();
-            messages::send(&owner, move |e| passive_msg(e, r));
-            Active::Off
-        }
-        Active::Count(n) => Active::Count(n - 1),
-        other => other,
-    };
+    messages::send(&owner, move |e| (atoms::quic(), received::binary(e, std::slice::from_ref(&data)), r, 0u32).encode(e));
+    let (next, spent) = d.active.after_message();
+    if spent {
+        let r = res.clone();
+        messages::send(&owner, move |e| passive_msg(e, r));
+    }
+    d.active = next;
 }
 
 /// `{quic, passive, C, undefined}`: a `datagram_active` count ran out.
@@ -180,7 +173,7 @@ fn conn_set_dgram_active<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, value: Term<
         let set = c.with_datagrams(|d, owner, closed| {
             let Some(d) = d else { return Err(Reason::from(datagrams_disabled())) };
             let mode = setting.apply(d.active).map_err(|_| error::bad_option("datagram_active"))?;
-            if matches!(setting, ActiveSetting::Add(_)) && mode == Active::Off && d.active != Active::Off && !closed {
+            if setting.ran_out(d.active, mode) && !closed {
                 let _ = env.send(&owner, passive_msg(env, c.clone()));
             }
             d.active = mode;

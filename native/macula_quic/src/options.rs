@@ -29,6 +29,19 @@ pub enum Active {
 
 pub const ACTIVE_MAX: i64 = i16::MAX as i64;
 
+impl Active {
+    /// The mode after one message was delivered in it, and whether that spent an `N` budget
+    /// (the owner is then told `{quic, passive, Handle, undefined}`).
+    pub fn after_message(self) -> (Active, bool) {
+        match self {
+            Active::Once => (Active::Off, false),
+            Active::Count(1) => (Active::Off, true),
+            Active::Count(n) => (Active::Count(n - 1), false),
+            other => (other, false),
+        }
+    }
+}
+
 /// The most streams of each direction a peer may be allowed to open at once (see `common`).
 pub const MAX_STREAM_COUNT: u64 = u16::MAX as u64;
 
@@ -323,6 +336,13 @@ pub enum ActiveSetting {
 }
 
 impl ActiveSetting {
+    /// Did this setting, taking the mode from `before` to `after`, spend the budget? An `N` that
+    /// brings the count to zero or below turns delivery off and, as in `:inet`, says so
+    /// (`{quic, passive, Handle, undefined}`); setting `false` says nothing.
+    pub fn ran_out(self, before: Active, after: Active) -> bool {
+        matches!(self, ActiveSetting::Add(_)) && after == Active::Off && before != Active::Off
+    }
+
     /// Applies this setting to the current mode. `Err` when the counter would exceed
     /// `ACTIVE_MAX`.
     pub fn apply(self, current: Active) -> Result<Active, ()> {

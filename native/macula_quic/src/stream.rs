@@ -46,7 +46,7 @@ use crate::error::{self, Reason};
 use crate::executor::{self, TaskWaker};
 use crate::inline_watch;
 use crate::messages::{self, Reply};
-use crate::options::{self, Active, ActiveSetting};
+use crate::options::{self, Active};
 use crate::owner::{Owned, Owner};
 use crate::received;
 use crate::runtime;
@@ -712,16 +712,12 @@ fn deliver(res: &ResourceArc<StreamRes>, st: &mut State) {
             messages::send(&pid, |e| (atoms::quic(), received::binary(e, &chunks), r, flags).encode(e));
             chunks.clear();
             MESSAGE_CHUNKS.with(|v| *v.borrow_mut() = chunks);
-            st.active = match st.active {
-                Active::Once => Active::Off,
-                Active::Count(1) => {
-                    let r = res.clone();
-                    messages::send(&pid, move |e| (atoms::quic(), atoms::passive(), r, atoms::undefined()).encode(e));
-                    Active::Off
-                }
-                Active::Count(n) => Active::Count(n - 1),
-                other => other,
-            };
+            let (next, spent) = st.active.after_message();
+            if spent {
+                let r = res.clone();
+                messages::send(&pid, move |e| (atoms::quic(), atoms::passive(), r, atoms::undefined()).encode(e));
+            }
+            st.active = next;
             continue;
         }
         if let Some(req) = st.recv_request.take() {
@@ -1259,7 +1255,7 @@ fn apply_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>, on
     // `{active, N}` that brings the counter to zero or below turns the stream passive and, as
     // in `:inet`, says so: to the owner (who may not be the caller, as at the end of a
     // handoff), and under the lock, like every message about the stream.
-    if matches!(setting, ActiveSetting::Add(_)) && mode == Active::Off && st.active != Active::Off {
+    if setting.ran_out(st.active, mode) {
         let _ = env.send(&st.owner.pid, (atoms::quic(), atoms::passive(), s.clone(), atoms::undefined()));
     }
     st.active = mode;
