@@ -76,6 +76,9 @@ defmodule MaculaQuic do
       out), so it went to the connection's owner instead, passive, rather than being lost;
       the owner should read or close it. (A stream the peer opens while nobody
       accepts waits for the next accept; quicer hands it to the owner as an orphan.)
+    * `{:quic, :connected, conn, %{is_resumed: false, alpns: alpn}}` — only when
+      `async_handshake/1` asks for it (quicer sends it when a handshake completes; here
+      connections are delivered with it complete).
     * `{:quic, :shutdown, conn, error_code}` — the peer closed the connection with an
       application error code.
     * `{:quic, :transport_shutdown, conn, %{status: atom, error: code}}` — the connection ended
@@ -437,6 +440,36 @@ defmodule MaculaQuic do
   end
 
   @doc """
+  Tells the connection's owner that its handshake is complete, as quicer's `async_handshake/1`
+  does: the owner receives `{:quic, :connected, conn, %{is_resumed: false, alpns: alpn}}`, with
+  the negotiated ALPN as a binary. Connections are delivered with their handshake already
+  complete, so the message is sent at once; this exists for code written as quicer's is, which
+  calls `async_handshake/1` on `new_conn` and goes on when `connected` arrives.
+
+  Returns `:ok`, or, once the owner has received `{:quic, :closed, conn, _}` (the message never
+  follows it), why the connection ended, such as `{:error, :closed}` or
+  `{:error, {:shutdown, code}}`. `is_resumed` is always `false`: Quinn does not report whether
+  TLS resumed a session. Works on either end's connections; a handle that is not a connection
+  raises `ArgumentError`.
+
+      {:quic, :new_conn, conn, _info} = receive(do: (msg -> msg))
+      :ok = MaculaQuic.async_handshake(conn)
+      {:quic, :connected, ^conn, %{alpns: "demo"}} = receive(do: (msg -> msg))
+  """
+  @spec async_handshake(connection()) :: :ok | {:error, reason()}
+  def async_handshake(conn) do
+    check_handle!(:connection, conn)
+
+    alpn =
+      case conn_query(conn, :negotiated_protocol) do
+        {:ok, alpn} -> alpn
+        {:error, _} -> :undefined
+      end
+
+    Native.conn_connected(conn, alpn)
+  end
+
+  @doc """
   Closes a listener: it stops accepting, handshakes in progress are aborted, and connections
   it had queued but not delivered are closed. Connections already delivered keep running, like
   accepted TCP sockets when their listen socket closes; the UDP port stays bound for them, so
@@ -467,6 +500,21 @@ defmodule MaculaQuic do
     end
 
     :ok
+  end
+
+  @doc """
+  quicer's `close_listener/2`: closes the listener as `close_listener/1` does, which returns
+  once it is closed (within about a second), so the `timeout` is never reached here. A
+  `timeout` that is neither `:infinity` nor a non-negative integer gives `{:error, :badarg}`.
+
+      :ok = MaculaQuic.close_listener(listener, 5_000)
+  """
+  @spec close_listener(listener(), timeout()) :: :ok | {:error, :badarg}
+  def close_listener(listener, timeout) do
+    case checked(timeout_value(timeout), :listener, listener) do
+      {:ok, _} -> close_listener(listener)
+      error -> error
+    end
   end
 
   ## Connections
@@ -560,6 +608,40 @@ defmodule MaculaQuic do
     check_handle!(:connection, conn)
     {:error, :badarg}
   end
+
+  @doc """
+  quicer's other name for `shutdown_connection/4`: closes with `flags` and an application
+  `error_code` and, when the caller is the owner, waits up to `timeout` for `closed` (returning
+  `{:error, :timeout}` if it does not come). `close_connection/1,3` differ: they return `:ok`
+  after a wait of their own.
+
+      :ok = MaculaQuic.close_connection(conn, MaculaQuic.connection_shutdown_none(), 42, 1_000)
+  """
+  @spec close_connection(connection(), 0 | 1, non_neg_integer(), timeout()) ::
+          :ok | {:error, reason()}
+  def close_connection(conn, flags, error_code, timeout),
+    do: shutdown_connection(conn, flags, error_code, timeout)
+
+  @doc """
+  Shuts a connection down with application error code 0 and returns at once: quicer's
+  `async_close_connection/1`, as `async_shutdown_connection/3` with
+  `connection_shutdown_none/0`. The owner later gets `{:quic, :closed, conn, _}`.
+
+      :ok = MaculaQuic.async_close_connection(conn)
+  """
+  @spec async_close_connection(connection()) :: :ok | {:error, reason()}
+  def async_close_connection(conn),
+    do: async_shutdown_connection(conn, connection_shutdown_none(), 0)
+
+  @doc """
+  quicer's other name for `async_shutdown_connection/3`.
+
+      :ok = MaculaQuic.async_close_connection(conn, MaculaQuic.connection_shutdown_none(), 42)
+  """
+  @spec async_close_connection(connection(), 0 | 1, non_neg_integer()) ::
+          :ok | {:error, reason()}
+  def async_close_connection(conn, flags, error_code),
+    do: async_shutdown_connection(conn, flags, error_code)
 
   # `close_connection/1,3`: `:ok` also when `closed` has not come after `@close_wait`.
   defp close_and_wait(conn, error_code) do
@@ -1119,6 +1201,38 @@ defmodule MaculaQuic do
   """
   @spec close_stream(stream()) :: :ok
   def close_stream(stream), do: native(:stream, stream, fn -> Native.stream_close(stream) end)
+
+  @doc """
+  quicer's `close_stream/2`: a graceful shutdown that waits up to `timeout`, the same as
+  `shutdown_stream/2`. Unlike `close_stream/1`, the owner goes on receiving the stream's
+  messages, and the caller waits for both directions to end.
+
+      :ok = MaculaQuic.close_stream(stream, 5_000)
+  """
+  @spec close_stream(stream(), timeout()) :: :ok | {:error, reason()}
+  def close_stream(stream, timeout), do: shutdown_stream(stream, timeout)
+
+  @doc """
+  quicer's `close_stream/4`, another name for `shutdown_stream/4`.
+
+      :ok = MaculaQuic.close_stream(stream, MaculaQuic.stream_shutdown_abort(), 7, 5_000)
+  """
+  @spec close_stream(stream(), non_neg_integer(), non_neg_integer(), timeout()) ::
+          :ok | {:error, reason()}
+  def close_stream(stream, flags, error_code, timeout),
+    do: shutdown_stream(stream, flags, error_code, timeout)
+
+  @doc """
+  Shuts a stream down gracefully (FIN after queued data) and returns at once: quicer's
+  `async_shutdown_stream/1`, as `async_shutdown_stream/3` with `stream_shutdown_graceful/0`
+  and error code 0. The owner later gets `{:quic, :stream_closed, stream, _}` once the peer has
+  finished its side too.
+
+      :ok = MaculaQuic.async_shutdown_stream(stream)
+  """
+  @spec async_shutdown_stream(stream()) :: :ok | {:error, reason()}
+  def async_shutdown_stream(stream),
+    do: async_shutdown_stream(stream, stream_shutdown_graceful(), 0)
 
   @doc """
   Shuts down one or both directions of a stream with quicer's `flags`:

@@ -298,6 +298,11 @@ defmodule MaculaQuic.BadInputTest do
         {:recv, [s, 0, 10], {:error, :einval}},
         {:async_shutdown_stream, [s, 3, 0], {:error, :badarg}},
         {:async_shutdown_stream, [s, 16, 0], {:error, :badarg}},
+        {:close_stream, [s, 16, 0, 1_000], {:error, :badarg}},
+        {:close_stream, [s, 1, 0, :never], {:error, :badarg}},
+        {:close_listener, [l, :soon], {:error, :badarg}},
+        {:close_connection, [c, 0, -1, 1_000], {:error, :badarg}},
+        {:async_close_connection, [c, 2, 0], {:error, :badarg}},
         {:async_shutdown_stream, [s, 1 <<< 40, 0], {:error, :badarg}},
         {:async_shutdown_stream, [s, 2, 1 <<< 62], {:error, :badarg}},
         {:async_shutdown_stream, [s, 2, -1], {:error, :badarg}},
@@ -372,6 +377,12 @@ defmodule MaculaQuic.BadInputTest do
         {:close, [make_ref()], bad_handle},
         {:close, [{:quic, l}], bad_handle},
         {:handshake, [s], bad_handle},
+        {:async_handshake, [s], bad_handle},
+        {:async_handshake, [l], bad_handle},
+        {:close_listener, [c, 1_000], bad_handle},
+        {:close_stream, [c, 1_000], bad_handle},
+        {:close_connection, [s, 0, 0, 1_000], bad_handle},
+        {:async_close_connection, [l], bad_handle},
         # --- closed handles: not bad input, each call says what happened
         {:async_accept, [closed_l], {:error, :closed}},
         {:accept, [closed_l, [], 1_000], {:error, :closed}},
@@ -384,13 +395,18 @@ defmodule MaculaQuic.BadInputTest do
         {:close_connection, [closed_c], :ok},
         {:async_shutdown_connection, [closed_c, 0, 1], :ok},
         {:handshake, [closed_c], :ok},
+        {:async_handshake, [closed_c], {:error, :closed}},
+        {:async_close_connection, [closed_c], :ok},
+        {:close_connection, [closed_c, 0, 0, 1_000], :ok},
         {:send, [closed_s, "x"], {:error, :closed}},
         {:async_send, [closed_s, "x"], {:error, :closed}},
         {:recv, [closed_s, 0, 1_000], {:error, :closed}},
         {:close_stream, [closed_s], :ok},
         {:close, [closed_s], :ok},
         {:async_shutdown_stream, [closed_s, 6, 0], :ok},
-        {:async_shutdown_stream, [closed_s, 1, 0], {:error, :closed}}
+        {:async_shutdown_stream, [closed_s, 1, 0], {:error, :closed}},
+        {:async_shutdown_stream, [closed_s], {:error, :closed}},
+        {:close_stream, [closed_s, 1_000], {:error, :closed}}
       ]
   end
 

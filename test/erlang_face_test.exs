@@ -110,6 +110,92 @@ defmodule MaculaQuic.ErlangFaceTest do
         :ok = m.close(l)
       end
 
+      test "quicer's server flow: async_handshake sends connected to the owner, never after closed" do
+        m = @mod
+        {c, sc, l} = pair(m)
+        test = self()
+
+        # Called by a process that is not the owner: the owner gets the message.
+        assert :ok = run_in(spawn(fn -> :ok end), fn -> m.async_handshake(sc) end)
+        assert_receive {:quic, :connected, ^sc, %{is_resumed: false, alpns: "t"}}, @wait
+        :ok = m.async_handshake(c)
+        assert_receive {:quic, :connected, ^c, %{is_resumed: false, alpns: "t"}}, @wait
+
+        # After a handover the new owner gets it.
+        heir =
+          spawn(fn ->
+            receive do
+              :go -> send(test, {:heir_got, receive(do: (msg -> msg), after: (@wait -> :none))})
+            end
+          end)
+
+        :ok = m.controlling_process(sc, heir)
+        :ok = m.async_handshake(sc)
+        send(heir, :go)
+        assert_receive {:heir_got, {:quic, :connected, ^sc, %{alpns: "t"}}}, @wait
+        refute_received {:quic, :connected, ^sc, _}
+
+        # Once the owner has heard closed: the reason, and no message.
+        :ok = m.async_shutdown_connection(c, m.connection_shutdown_none(), 5)
+        assert_receive {:quic, :closed, ^c, _}, @wait
+        assert {:error, :closed} = m.async_handshake(c)
+        refute_received {:quic, :connected, ^c, _}
+
+        assert_raise ArgumentError, ~r/expected a connection handle/, fn ->
+          m.async_handshake(l)
+        end
+
+        :ok = m.close(l)
+      end
+
+      test "quicer's other names: close_stream/2,4, close_connection/4, async_close_connection/1,3" do
+        m = @mod
+        {c, sc, l} = pair(m)
+        :ok = m.async_accept_stream(sc, [{:active, true}])
+
+        # close_stream/2: graceful, waits for both directions (the peer finishes its side).
+        {:ok, s1} = m.open_stream(c, [])
+        :ok = m.send(s1, "a")
+        assert_receive {:quic, :new_stream, ss1, _}, @wait
+        assert_receive {:quic, "a", ^ss1, _}, @wait
+        :ok = m.async_accept_stream(sc, [{:active, true}])
+        closer = Task.async(fn -> m.close_stream(s1, @wait) end)
+        assert_receive {:quic, :peer_send_shutdown, ^ss1, _}, @wait
+        :ok = m.async_shutdown_stream(ss1)
+        assert :ok = Task.await(closer, @wait)
+
+        # close_stream/4: an abort with a code the peer sees, waiting for stream_closed.
+        {:ok, s2} = m.open_stream(c, [])
+        :ok = m.send(s2, "b")
+        assert_receive {:quic, :new_stream, ss2, _}, @wait
+        assert :ok = m.close_stream(s2, m.stream_shutdown_abort(), 31, @wait)
+        assert_receive {:quic, :peer_send_aborted, ^ss2, 31}, @wait
+        assert {:error, :badarg} = m.close_stream(s2, 99, 0, @wait)
+
+        # close_connection/4 is shutdown_connection/4: the owner's closed is consumed.
+        assert {:error, :badarg} = m.close_connection(c, 2, 0, @wait)
+        assert :ok = m.close_connection(c, m.connection_shutdown_none(), 8, @wait)
+        assert_receive {:quic, :shutdown, ^sc, 8}, @wait
+        refute_received {:quic, :closed, ^c, _}
+
+        # async_close_connection/1,3 return at once; the owner then hears closed.
+        {c2, sc2, l2} = pair(m)
+        :ok = m.async_close_connection(c2)
+        assert_receive {:quic, :closed, ^c2, _}, @wait
+        assert_receive {:quic, :shutdown, ^sc2, 0}, @wait
+        {c3, sc3, l3} = pair(m)
+        :ok = m.async_close_connection(c3, m.connection_shutdown_none(), 12)
+        assert_receive {:quic, :closed, ^c3, _}, @wait
+        assert_receive {:quic, :shutdown, ^sc3, 12}, @wait
+        # close_listener/2: the address is free again once it returns (its connection closed).
+        {:ok, {_, port}} = m.sockname(l)
+        assert {:error, :badarg} = m.close_listener(l, -1)
+        assert :ok = m.close_listener(l, @wait)
+        assert {:ok, l4} = m.listen(~c"127.0.0.1", port, [{:alpn, [~c"t"]}])
+        :ok = m.close_listener(l4)
+        for x <- [l2, l3], do: :ok = m.close_listener(x, :infinity)
+      end
+
       test "ownership: controlling_process (owner only) and handoff_stream without loss" do
         m = @mod
         {c, sc, l} = pair(m)

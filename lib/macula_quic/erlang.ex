@@ -28,11 +28,16 @@ defmodule :macula_quic do
     accept: 3,
     handshake: 1,
     handshake: 2,
+    async_handshake: 1,
     close_listener: 1,
+    close_listener: 2,
     connect: 3,
     connect: 4,
     close_connection: 1,
     close_connection: 3,
+    close_connection: 4,
+    async_close_connection: 1,
+    async_close_connection: 3,
     async_shutdown_connection: 3,
     shutdown_connection: 1,
     shutdown_connection: 2,
@@ -60,6 +65,9 @@ defmodule :macula_quic do
     setopt: 3,
     getopt: 2,
     close_stream: 1,
+    close_stream: 2,
+    close_stream: 4,
+    async_shutdown_stream: 1,
     async_shutdown_stream: 3,
     shutdown_stream: 1,
     shutdown_stream: 2,
@@ -102,7 +110,9 @@ defmodule :macula_quic do
           {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
   @spec handshake(MaculaQuic.connection()) :: :ok
   @spec handshake(MaculaQuic.connection(), timeout()) :: :ok
+  @spec async_handshake(MaculaQuic.connection()) :: :ok | {:error, MaculaQuic.reason()}
   @spec close_listener(MaculaQuic.listener()) :: :ok
+  @spec close_listener(MaculaQuic.listener(), timeout()) :: :ok | {:error, :badarg}
   @spec connect(MaculaQuic.host(), :inet.port_number(), MaculaQuic.options()) ::
           {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
   @spec connect(MaculaQuic.host(), :inet.port_number(), MaculaQuic.options(), timeout()) ::
@@ -110,6 +120,11 @@ defmodule :macula_quic do
   @spec close_connection(MaculaQuic.connection()) :: :ok
   @spec close_connection(MaculaQuic.connection(), 0 | 1, non_neg_integer()) ::
           :ok | {:error, :badarg}
+  @spec close_connection(MaculaQuic.connection(), 0 | 1, non_neg_integer(), timeout()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec async_close_connection(MaculaQuic.connection()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec async_close_connection(MaculaQuic.connection(), 0 | 1, non_neg_integer()) ::
+          :ok | {:error, MaculaQuic.reason()}
   @spec async_shutdown_connection(MaculaQuic.connection(), 0 | 1, non_neg_integer()) ::
           :ok | {:error, MaculaQuic.reason()}
   @spec shutdown_connection(MaculaQuic.connection()) :: :ok | {:error, MaculaQuic.reason()}
@@ -165,6 +180,10 @@ defmodule :macula_quic do
   @spec getopt(MaculaQuic.connection(), :datagram_active) ::
           {:ok, MaculaQuic.active()} | {:error, MaculaQuic.reason()}
   @spec close_stream(MaculaQuic.stream()) :: :ok
+  @spec close_stream(MaculaQuic.stream(), timeout()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec close_stream(MaculaQuic.stream(), non_neg_integer(), non_neg_integer(), timeout()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec async_shutdown_stream(MaculaQuic.stream()) :: :ok | {:error, MaculaQuic.reason()}
   @spec async_shutdown_stream(MaculaQuic.stream(), non_neg_integer(), non_neg_integer()) ::
           :ok | {:error, MaculaQuic.reason()}
   @spec shutdown_stream(MaculaQuic.stream()) :: :ok | {:error, MaculaQuic.reason()}

@@ -554,6 +554,28 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
     atoms::ok().encode(env)
 }
 
+/// `conn_connected(Conn, Alpn)`: sends the owner quicer's `{quic, connected, Conn, #{is_resumed
+/// => false, alpns => Alpn}}` (for `async_handshake/1`; `Alpn` is a binary or `undefined`) and
+/// answers `:ok`; or, once `closed` has gone, sends nothing and answers why it ended. Sent under
+/// the state lock, as the watcher sends `closed`, so it goes to the owner of the moment and never
+/// follows `closed`. Quinn does not say whether TLS resumed a session: `is_resumed` is always
+/// false.
+#[rustler::nif]
+fn conn_connected<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, alpn: Term<'a>) -> Term<'a> {
+    rustler::atoms! { connected, is_resumed }
+    if !alpn.is_binary() && alpn != atoms::undefined().encode(env) {
+        return err(env, atoms::badarg());
+    }
+    let st = lock(&c.state);
+    if st.closed_sent {
+        return err(env, st.ended.clone().unwrap_or_else(|| atoms::closed().into()));
+    }
+    let props = Term::map_from_pairs(env, &[(is_resumed().encode(env), false.encode(env)), (atoms::alpns().encode(env), alpn)])
+        .unwrap_or_else(|_| atoms::undefined().encode(env));
+    let _ = env.send(&st.owner.pid, (atoms::quic(), connected(), c.clone(), props).encode(env));
+    atoms::ok().encode(env)
+}
+
 /// `conn_query(Conn, What, Tag)`: answers `{Tag, Result}` from a task on the connection's
 /// shard, where `What` is `:peername` or `:sockname` (`{:ok, {"ip", port}}`), `:stats` (every
 /// counter Quinn keeps, as a map of atoms to integers), `:negotiated_protocol` (`{:ok, Alpn}`)
