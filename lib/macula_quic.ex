@@ -76,16 +76,20 @@ defmodule MaculaQuic do
       out), so it went to the connection's owner instead, passive, rather than being lost;
       the owner should read or close it. (A stream the peer opens while nobody
       accepts waits for the next accept; quicer hands it to the owner as an orphan.)
-    * `{:quic, :connected, conn, %{is_resumed: false, alpns: alpn}}` — only when
-      `async_handshake/1` asks for it (quicer sends it when a handshake completes; here
-      connections are delivered with it complete).
+    * `{:quic, :connected, conn, %{is_resumed: false, alpns: alpn}}` — the handshake of a
+      connection from `async_connect/3` completed; otherwise only when `async_handshake/1`
+      asks for it (`connect/4` and `async_accept/2` deliver connections with the handshake
+      complete).
     * `{:quic, :shutdown, conn, error_code}` — the peer closed the connection with an
       application error code.
     * `{:quic, :transport_shutdown, conn, %{status: atom, error: code}}` — the connection ended
       for a transport reason: `:connection_idle` (idle timeout), `:transport_error`,
-      `:tls_error`, `:reset`, ...
-    * `{:quic, :closed, conn, %{is_handshake_completed: true, is_peer_acked: boolean,
+      `:tls_error`, `:reset`, ...; or an `async_connect/3` handshake failed
+      (`:connection_timeout`, `:tls_error`, `:nxdomain`, ...).
+    * `{:quic, :closed, conn, %{is_handshake_completed: boolean, is_peer_acked: boolean,
       is_app_closing: boolean}}` — always the last message about a connection.
+      `is_handshake_completed` is `false` only for an `async_connect/3` handshake that failed
+      or was abandoned.
       `close_connection/1` and `shutdown_connection/1` consume it when the owner closes.
 
   Connection owner, when the connection was made with `datagram_receive_enabled: true`:
@@ -549,6 +553,41 @@ defmodule MaculaQuic do
            ) do
       # The native side enforces the timeout and always answers.
       await_connect(ref, watch_us)
+    end
+  end
+
+  @doc """
+  Starts a connection to `host:port` and returns its handle at once, owned by the caller,
+  while the handshake runs: quicer's `async_connect/3`. The owner then receives
+  `{:quic, :connected, conn, %{is_resumed: false, alpns: alpn}}` when the handshake completes,
+  or, if it fails, `{:quic, :transport_shutdown, conn, %{status: status, error: code}}` and
+  `{:quic, :closed, conn, %{is_handshake_completed: false}}` (with `is_peer_acked` and
+  `is_app_closing` as for any connection).
+
+  `host`, `port` and `opts` are as for `connect/4`; the handshake may take
+  `:handshake_idle_timeout_ms` (10 s by default, as MsQuic's), after which `status` is
+  `:connection_timeout`. Other statuses: `:tls_error` with the TLS alert's code (`0x100` +
+  the alert) when a certificate or ALPN is refused, `:nxdomain` for a name that does not
+  resolve, and Quinn's transport statuses. Arguments that are wrong are answered at once, as
+  by `connect/4` (`{:error, :bad_address}`, `{:error, {:bad_option, name}}`, ...).
+
+  Until `connected`, calls that need the connection (`open_stream/2`, `send_dgram/2`,
+  `getstat/2`, `peername/1`, ...) return `{:error, :not_connected}`; after a failure they
+  return why it ended. `controlling_process/2` and `setopt/3` work throughout. Closing the
+  handle (`close_connection/1`, `async_shutdown_connection/3`) abandons the handshake; the owner
+  gets `closed`. If the owner exits, the handshake is abandoned too.
+
+      {:ok, conn} = MaculaQuic.async_connect("127.0.0.1", 4433, alpn: ["demo"], verify: :none)
+      receive do
+        {:quic, :connected, ^conn, _props} -> :ready
+        {:quic, :transport_shutdown, ^conn, %{status: status}} -> {:failed, status}
+      end
+  """
+  @spec async_connect(host(), :inet.port_number(), options()) ::
+          {:ok, connection()} | {:error, reason()}
+  def async_connect(host, port, opts) do
+    with {:ok, map} <- Options.to_map(opts) do
+      Native.async_connect(charlist_to_binary(host), port, Options.read_pem_files(map))
     end
   end
 

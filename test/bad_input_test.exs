@@ -1213,8 +1213,25 @@ defmodule MaculaQuic.BadInputTest do
     {closed_l, _} = listen!()
     :ok = MaculaQuic.close_listener(closed_l)
 
-    handles = [l, c, sc, s, ss, ps, pss, uni, uni_in, closed_l]
-    %{handles: handles, port: port, cleanup: fn -> Enum.each(handles, &MaculaQuic.close/1) end}
+    # A connection whose handshake never completes (its peer answers nothing): every call
+    # must answer it, not only those made for connecting handles.
+    {:ok, silent} = :gen_udp.open(0, ip: {127, 0, 0, 1}, active: false)
+    {:ok, silent_port} = :inet.port(silent)
+
+    {:ok, connecting} =
+      MaculaQuic.async_connect("127.0.0.1", silent_port,
+        alpn: alpn(),
+        handshake_idle_timeout_ms: 60_000
+      )
+
+    handles = [l, c, sc, s, ss, ps, pss, uni, uni_in, closed_l, connecting]
+
+    cleanup = fn ->
+      Enum.each(handles, &MaculaQuic.close/1)
+      :gen_udp.close(silent)
+    end
+
+    %{handles: handles, port: port, cleanup: cleanup}
   end
 
   defp refresh_pool!(pool) do

@@ -33,6 +33,7 @@ defmodule :macula_quic do
     close_listener: 2,
     connect: 3,
     connect: 4,
+    async_connect: 3,
     close_connection: 1,
     close_connection: 3,
     close_connection: 4,
@@ -116,6 +117,8 @@ defmodule :macula_quic do
   @spec connect(MaculaQuic.host(), :inet.port_number(), MaculaQuic.options()) ::
           {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
   @spec connect(MaculaQuic.host(), :inet.port_number(), MaculaQuic.options(), timeout()) ::
+          {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
+  @spec async_connect(MaculaQuic.host(), :inet.port_number(), MaculaQuic.options()) ::
           {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
   @spec close_connection(MaculaQuic.connection()) :: :ok
   @spec close_connection(MaculaQuic.connection(), 0 | 1, non_neg_integer()) ::

@@ -176,6 +176,7 @@ defmodule MaculaQuic.Native do
 
   # Connections
   def connect(_host, _port, _opts, _tag, _timeout_ms), do: nif_error()
+  def async_connect(_host, _port, _opts), do: nif_error()
   def conn_close(_conn, _code, _tag), do: nif_error()
   def conn_shutdown(_conn, _flags, _code), do: nif_error()
   def conn_query(_conn, _what, _tag), do: nif_error()

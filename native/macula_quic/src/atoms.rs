@@ -11,7 +11,8 @@ rustler::atoms! {
     bad_option, missing_option, bad_address, nxdomain, send_queue_full, stream_limit_reached,
     tls_alert, transport_error, version_mismatch, reset, cids_exhausted, connection_refused,
     connection_idle, not_found, cancelled, delivered, tls_error, bad_certificate, unreachable,
-    invalid_config, io_error, accept_queue_full, internal_error,
+    invalid_config, io_error, accept_queue_full, internal_error, not_connected, connected, connection_timeout,
+    is_resumed,
     // active modes
     once,
     // map keys

@@ -58,9 +58,31 @@ struct State {
     ended: Option<Reason>,
     /// How datagrams reach the owner (see `datagram`); `None` when the connection takes none.
     dgram: Option<datagram::Delivery>,
+    /// While an `async_connect` handshake runs: sending on it (or dropping it) abandons the
+    /// handshake. Taken by whoever ends the connecting state first: the handshake's task as it
+    /// establishes the connection, or a close, or the owner's exit.
+    connecting: Option<oneshot::Sender<()>>,
 }
 
+/// A connection handle. Every handle but one from `async_connect/3` is made with its handshake
+/// complete; an `async_connect` handle is made at once and gets its Quinn connection when the
+/// handshake completes (see `Established`).
 pub struct ConnRes {
+    /// The connection's Quinn side. Set from the start, except for an `async_connect` handle
+    /// until its handshake completes (Quinn has no connection object before then). Read
+    /// through `Deref`; every call that a connecting handle can reach checks `ready` first.
+    est: OnceLock<Established>,
+    /// Bytes handed to `send`/`async_send` on this connection's streams that wait in their
+    /// queues for flow-control or congestion credit (`getstat`'s `send_pend`).
+    pub send_pend: AtomicUsize,
+    /// Wakes the datagram reader when the owner's datagram mode changes (see `datagram`).
+    pub dgram_wake: tokio::sync::Notify,
+    state: Mutex<State>,
+    _live: Live,
+}
+
+/// What an established connection has: its Quinn connection, its address and its shard.
+pub struct Established {
     /// Contained: on a poisoned connection (see `contain`) dropping the last handle panics.
     pub conn: Contained<quinn::Connection>,
     /// The endpoint's bound address; its IP may be the wildcard (a shared client endpoint).
@@ -68,16 +90,26 @@ pub struct ConnRes {
     /// The source IP the kernel routes to the peer from a wildcard-bound endpoint, looked up
     /// the first time `local_addr` needs it (not on every connect: few callers ask).
     routed_ip: OnceLock<Option<IpAddr>>,
-    /// Bytes handed to `send`/`async_send` on this connection's streams that wait in their
-    /// queues for flow-control or congestion credit (`getstat`'s `send_pend`).
-    pub send_pend: AtomicUsize,
     /// This connection's shard, where its tasks run: its Quinn driver, its streams' readers
     /// and writers, its watcher (see `executor`).
     pub shard: Arc<Shard>,
-    /// Wakes the datagram reader when the owner's datagram mode changes (see `datagram`).
-    pub dgram_wake: tokio::sync::Notify,
-    state: Mutex<State>,
-    _live: Live,
+}
+
+impl Established {
+    fn new(conn: Contained<quinn::Connection>, local_bound: SocketAddr, shard: Arc<Shard>) -> Self {
+        Established { conn, local_bound, routed_ip: OnceLock::new(), shard }
+    }
+}
+
+/// Established connections' fields read as the handle's own (`c.conn`, `c.shard`). Only an
+/// `async_connect` handle can lack them, and only until its handshake completes: the calls
+/// it can reach check `ConnRes::ready` first, so this never panics; if a path were missed, the
+/// panic would be caught (a NIF's raises, a task's is contained), never crash the VM.
+impl std::ops::Deref for ConnRes {
+    type Target = Established;
+    fn deref(&self) -> &Established {
+        self.est.get().expect("connection used before its handshake completed")
+    }
 }
 
 #[rustler::resource_impl]
@@ -86,6 +118,9 @@ impl Resource for ConnRes {}
 impl Owned for ConnRes {
     fn describe(&self) -> String {
         let st = lock(&self.state);
+        if self.est.get().is_none() {
+            return format!("connection, handshake in progress (async_connect): closed_sent={}", st.closed_sent);
+        }
         format!(
             "connection on {}: closed_by_app={} closed_sent={} ended={} driver_failed={}",
             self.local_bound,
@@ -101,7 +136,19 @@ impl Owned for ConnRes {
         // for the idle timeout. The watcher then ends and the resource can be freed. Closing
         // takes Quinn's connection lock, which its driver may hold for a while: do it on the
         // shard, serialised with the driver, not on the scheduler running this callback.
-        if lock(&self.state).owner.pid == pid {
+        let mut st = lock(&self.state);
+        if st.owner.pid != pid {
+            return;
+        }
+        if self.est.get().is_none() {
+            // A handshake in progress: abandon it. Nobody is left to tell.
+            st.closed_sent = true;
+            st.ended = Some(atoms::closed().into());
+            st.connecting = None;
+            return;
+        }
+        drop(st);
+        {
             let conn = self.conn.clone();
             self.shard.spawn(async move { conn.close(quinn::VarInt::from_u32(0), b"owner exited") });
         }
@@ -128,12 +175,25 @@ impl ConnRes {
         on_closed: Option<OnClosed>,
         datagrams: Option<Active>,
     ) -> Option<ResourceArc<ConnRes>> {
-        let res = ResourceArc::new(ConnRes {
-            conn: Contained::connection(conn),
-            local_bound,
-            routed_ip: OnceLock::new(),
+        let res = ConnRes::new(Some(Established::new(Contained::connection(conn), local_bound, shard)), owner, datagrams);
+        let owner = Owner::monitor(env, owner, &res)?;
+        lock(&res.state).owner = owner;
+        announce(&res);
+        res.shard.spawn(watch(res.clone(), on_closed));
+        if datagrams.is_some() {
+            datagram::start_reader(&res);
+        }
+        Some(res)
+    }
+
+    fn new(est: Option<Established>, owner: LocalPid, datagrams: Option<Active>) -> ResourceArc<ConnRes> {
+        let cell = OnceLock::new();
+        if let Some(est) = est {
+            let _ = cell.set(est);
+        }
+        ResourceArc::new(ConnRes {
+            est: cell,
             send_pend: AtomicUsize::new(0),
-            shard,
             dgram_wake: tokio::sync::Notify::new(),
             state: Mutex::new(State {
                 owner: Owner::unmonitored(owner),
@@ -143,17 +203,95 @@ impl ConnRes {
                 closed_sent: false,
                 ended: None,
                 dgram: datagrams.map(datagram::Delivery::new),
+                connecting: None,
             }),
             _live: Live::new(&counters::CONNECTIONS),
-        });
-        let owner = Owner::monitor(env, owner, &res)?;
-        lock(&res.state).owner = owner;
-        announce(&res);
-        res.shard.spawn(watch(res.clone(), on_closed));
-        if datagrams.is_some() {
-            datagram::start_reader(&res);
+        })
+    }
+
+    /// `Ok` once the connection is established (always, but for an `async_connect` handle
+    /// whose handshake is still running or has failed); else the error a call on it answers:
+    /// why it ended, or `:not_connected` while the handshake runs.
+    pub fn ready(&self) -> Result<(), Reason> {
+        if self.est.get().is_some() {
+            return Ok(());
         }
-        Some(res)
+        Err(lock(&self.state).ended.clone().unwrap_or_else(|| atoms::not_connected().into()))
+    }
+
+    /// Ends an `async_connect` handle's handshake in progress for a close: abandons it, sends
+    /// the owner `closed` (`tell`, under the state lock) and answers `:ok`, or `:closed` when
+    /// it had already ended. `None` when the connection is established (or becomes so as this
+    /// runs): the caller closes it as any other.
+    fn close_connecting(this: &ResourceArc<ConnRes>, tell: impl FnOnce(&LocalPid, ResourceArc<ConnRes>)) -> Option<rustler::Atom> {
+        if this.est.get().is_some() {
+            return None;
+        }
+        let mut st = lock(&this.state);
+        if this.est.get().is_some() {
+            return None;
+        }
+        if st.closed_sent {
+            return Some(atoms::closed());
+        }
+        st.closed_by_app = true;
+        st.closed_sent = true;
+        st.ended = Some(atoms::closed().into());
+        // Dropping the sender ends the handshake's task, which drops Quinn's handshake.
+        st.connecting = None;
+        tell(&st.owner.pid, this.clone());
+        st.owner.release();
+        Some(atoms::ok())
+    }
+
+    /// An `async_connect` handshake completed: gives the handle its connection, tells the owner
+    /// `connected` (under the state lock, so before anything the watcher reports) and starts the
+    /// watcher. False, leaving `conn` to the caller to close, when the connecting state was
+    /// ended meanwhile (closed, or its owner exited). Runs on the connection's shard.
+    fn establish(this: &ResourceArc<ConnRes>, conn: quinn::Connection, bound: SocketAddr, shard: Arc<Shard>, on_closed: Option<OnClosed>) -> bool {
+        let alpn = negotiated_protocol(&conn);
+        {
+            let mut st = lock(&this.state);
+            if st.closed_sent || st.connecting.take().is_none() {
+                return false;
+            }
+            if this.est.set(Established::new(Contained::connection(conn), bound, shard)).is_err() {
+                return false;
+            }
+            let r = this.clone();
+            messages::send(&st.owner.pid, move |e| {
+                let alpn = alpn.as_deref().map_or_else(|| atoms::undefined().encode(e), |a| binary_term(e, a));
+                connected_msg(e, r, alpn)
+            });
+        }
+        this.shard.spawn(watch(this.clone(), on_closed));
+        if lock(&this.state).dgram.is_some() {
+            datagram::start_reader(this);
+        }
+        true
+    }
+
+    /// An `async_connect` failed before its handshake completed: tells the owner quicer's
+    /// `transport_shutdown` (`status`: Quinn's, else the reason's own atom) and `closed`,
+    /// unless a close or the owner's exit ended it first.
+    fn handshake_failed(this: &ResourceArc<ConnRes>, reason: Reason, quinn_status: Option<(rustler::Atom, u64)>) {
+        let mut st = lock(&this.state);
+        if st.closed_sent {
+            return;
+        }
+        st.closed_sent = true;
+        st.connecting = None;
+        let (status, code) = quinn_status.unwrap_or_else(|| reason.status());
+        st.ended = Some(reason);
+        let r = this.clone();
+        messages::send(&st.owner.pid, move |e| {
+            let props = Term::map_from_pairs(e, &[(atoms::status().encode(e), status.encode(e)), (atoms::error().encode(e), code.encode(e))])
+                .unwrap_or_else(|_| atoms::undefined().encode(e));
+            (atoms::quic(), atoms::transport_shutdown(), r, props).encode(e)
+        });
+        let r = this.clone();
+        messages::send(&st.owner.pid, move |e| closed_msg(e, r, false, false));
+        st.owner.release();
     }
 
     pub fn owner_pid(&self) -> LocalPid {
@@ -278,7 +416,8 @@ impl WatcherExit {
 
 /// `{quic, closed, C, Props}`: always the last message about a connection.
 fn closed_msg(e: Env, r: ResourceArc<ConnRes>, peer_acked: bool, app_closing: bool) -> Term {
-    let handshake_done = true;
+    // Only an `async_connect` handle can end before its handshake completed.
+    let handshake_done = r.est.get().is_some();
     let props = Term::map_from_pairs(
         e,
         &[
@@ -328,17 +467,8 @@ fn err<'a>(env: Env<'a>, reason: impl Encoder) -> Term<'a> {
 /// timeout covers resolution and the handshake.
 #[rustler::nif]
 fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag: Term<'a>, timeout_ms: u64) -> Term<'a> {
-    let Some(host) = address::decode_host(host) else { return err(env, atoms::bad_address()) };
-    let Some(port) = address::decode_port(port) else { return err(env, atoms::bad_address()) };
-    if port == 0 {
-        return err(env, atoms::bad_address());
-    }
-    let opts = match options::decode_connect(opts) {
-        Ok(o) => o,
-        Err(r) => return err(env, r),
-    };
-    let config = match tls::client_config_cached(&opts.tls, &opts.transport) {
-        Ok(c) => c,
+    let DialArgs { host, port, opts, config } = match DialArgs::decode(host, port, opts) {
+        Ok(a) => a,
         Err(r) => return err(env, r),
     };
     // The connection may start on a runtime thread: monitor its owner here, on the scheduler.
@@ -348,15 +478,7 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
     let timeout = Duration::from_millis(timeout_ms.clamp(1, u32::MAX as u64));
     let timeout = opts.handshake_timeout.map_or(timeout, |h| h.min(timeout));
     let deadline = tokio::time::Instant::now() + timeout;
-    // With an address (no lookup to wait for), the connect starts on the client endpoint's
-    // shard, inline in this call when the shard is free: the new connection's driver then runs
-    // here too, and the Initial packet leaves from this thread instead of waiting for a runtime
-    // worker to wake up.
-    // (A lookup that fails here is left to `dial`, which tries again and answers the error.)
-    let client = match &host {
-        Host::Ip(ip) => endpoint::client_endpoint(&SocketAddr::new(*ip, port), opts.local_address).ok(),
-        Host::Name(_) => None,
-    };
+    let client = known_client(&host, port, &opts);
     let shard = client.as_ref().map(|(_, s, _)| s.clone());
     let task = async move {
         let _task = Live::new(&counters::TASKS);
@@ -378,6 +500,120 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
         (atoms::watch(), watch_us).encode(env)
     } else {
         atoms::ok().encode(env)
+    }
+}
+
+/// `async_connect(Host, Port, Opts)`: quicer's `async_connect/3`. Returns `{:ok, Conn}` at once,
+/// a handle owned (and monitored) from now, whose handshake then runs: the owner receives
+/// `{quic, connected, Conn, #{is_resumed => false, alpns => Alpn}}` once it completes, or
+/// `{quic, transport_shutdown, Conn, #{status, error}}` and `{quic, closed, Conn, _}` if it
+/// fails. Until then calls that need the connection answer `{:error, :not_connected}`; closing
+/// abandons the handshake. Bad arguments are answered at once with `{:error, Reason}`. The
+/// handshake has `handshake_idle_timeout_ms` (10 s by default, as MsQuic's).
+#[rustler::nif]
+fn async_connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>) -> Term<'a> {
+    let DialArgs { host, port, opts, config } = match DialArgs::decode(host, port, opts) {
+        Ok(a) => a,
+        Err(r) => return err(env, r),
+    };
+    owner::prepare(env);
+    let res = ConnRes::new(None, env.pid(), opts.datagrams());
+    let Some(owner) = Owner::monitor(Some(env), env.pid(), &res) else {
+        // The caller is running this call: it cannot have exited.
+        return err(env, atoms::closed());
+    };
+    let (abort_tx, mut abort) = oneshot::channel::<()>();
+    {
+        let mut st = lock(&res.state);
+        st.owner = owner;
+        st.connecting = Some(abort_tx);
+    }
+    let deadline = tokio::time::Instant::now() + opts.handshake_timeout.unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
+    let client = known_client(&host, port, &opts);
+    let shard = client.as_ref().map(|(_, s, _)| s.clone());
+    let r = res.clone();
+    let task = async move {
+        let _task = Live::new(&counters::TASKS);
+        let dialed = tokio::select! {
+            // Closed, or its owner exited, during the lookup.
+            _ = &mut abort => return,
+            d = tokio::time::timeout_at(deadline, dial(host, port, opts, config, client)) => d,
+        };
+        match dialed {
+            Ok(Ok((connecting, bound, shard, lease))) => {
+                shard.clone().spawn(finish_async_connect(connecting, bound, shard, lease, r, abort, deadline));
+            }
+            Ok(Err(reason)) => ConnRes::handshake_failed(&r, reason, None),
+            Err(_) => ConnRes::handshake_failed(&r, atoms::timeout().into(), None),
+        }
+    };
+    // As in `connect`: on the client endpoint's shard, inline when it is free.
+    match shard {
+        Some(shard) => executor::inline(env, None, || shard.spawn(task)),
+        None => {
+            runtime::spawn(task);
+        }
+    }
+    (atoms::ok(), res).encode(env)
+}
+
+/// Waits for an `async_connect` handshake on the connection's shard, unless the handle is
+/// closed (or its owner exits) first; dropping `connecting` then abandons it (Quinn closes the
+/// connection). The connection keeps `lease` until it has ended.
+async fn finish_async_connect(
+    connecting: quinn::Connecting,
+    bound: SocketAddr,
+    shard: Arc<Shard>,
+    lease: Option<endpoint::Lease>,
+    res: ResourceArc<ConnRes>,
+    mut abort: oneshot::Receiver<()>,
+    deadline: tokio::time::Instant,
+) {
+    let _task = Live::new(&counters::TASKS);
+    let outcome = tokio::select! {
+        _ = &mut abort => return,
+        r = tokio::time::timeout_at(deadline, connecting) => r,
+    };
+    match outcome {
+        Ok(Ok(conn)) => {
+            shard.keep_until_driver_ends(&conn);
+            let on_closed: Option<OnClosed> = lease.map(|l| Box::new(move || drop(l)) as OnClosed);
+            if !ConnRes::establish(&res, conn.clone(), bound, shard, on_closed) {
+                conn.close(quinn::VarInt::from_u32(0), b"closed");
+            }
+        }
+        Ok(Err(e)) => ConnRes::handshake_failed(&res, error::connection(&e), Some(transport_status(&e))),
+        Err(_) => ConnRes::handshake_failed(&res, atoms::timeout().into(), None),
+    }
+}
+
+/// A connect's arguments, decoded and checked, with the client configuration they call for.
+struct DialArgs {
+    host: Host,
+    port: u16,
+    opts: options::Connect,
+    config: quinn::ClientConfig,
+}
+
+impl DialArgs {
+    fn decode(host: Term, port: Term, opts: Term) -> Result<DialArgs, Reason> {
+        let host = address::decode_host(host).ok_or(Reason::Atom(atoms::bad_address()))?;
+        let port = address::decode_port(port).filter(|p| *p != 0).ok_or(Reason::Atom(atoms::bad_address()))?;
+        let opts = options::decode_connect(opts)?;
+        let config = tls::client_config_cached(&opts.tls, &opts.transport)?;
+        Ok(DialArgs { host, port, opts, config })
+    }
+}
+
+/// The client endpoint for a connect to an address (no lookup to wait for), so that the connect
+/// starts on its shard, inline in the call when the shard is free: the new connection's driver
+/// then runs there too, and the Initial packet leaves from the calling thread instead of
+/// waiting for a runtime worker to wake up. `None` for a name, or when finding the endpoint
+/// failed (`dial` then tries again and answers the error).
+fn known_client(host: &Host, port: u16, opts: &options::Connect) -> Option<(quinn::Endpoint, Arc<Shard>, Option<endpoint::Lease>)> {
+    match host {
+        Host::Ip(ip) => endpoint::client_endpoint(&SocketAddr::new(*ip, port), opts.local_address).ok(),
+        Host::Name(_) => None,
     }
 }
 
@@ -484,6 +720,11 @@ async fn finish_connect(
 fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64, tag: Term<'a>) -> Term<'a> {
     rustler::atoms! { wait }
     let Ok(code) = quinn::VarInt::from_u64(code) else { return err(env, atoms::badarg()) };
+    if let Some(done) = ConnRes::close_connecting(&c, |owner, res| {
+        let _ = env.send(owner, closed_msg(env, res, false, true));
+    }) {
+        return done.encode(env);
+    }
     if c.shard.failed() {
         // Its driver panicked: it has ended (and its owner has heard so, or will).
         return atoms::closed().encode(env);
@@ -542,6 +783,13 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
         return err(env, atoms::badarg());
     }
     let Ok(code) = quinn::VarInt::from_u64(code) else { return err(env, atoms::badarg()) };
+    if ConnRes::close_connecting(&c, |owner, res| {
+        let _ = env.send(owner, closed_msg(env, res, false, true));
+    })
+    .is_some()
+    {
+        return atoms::ok().encode(env);
+    }
     if c.shard.failed() {
         // It has ended already (and its owner has heard so, or will from the watcher).
         return atoms::ok().encode(env);
@@ -562,18 +810,25 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
 /// false.
 #[rustler::nif]
 fn conn_connected<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, alpn: Term<'a>) -> Term<'a> {
-    rustler::atoms! { connected, is_resumed }
     if !alpn.is_binary() && alpn != atoms::undefined().encode(env) {
         return err(env, atoms::badarg());
+    }
+    if let Err(r) = c.ready() {
+        return err(env, r);
     }
     let st = lock(&c.state);
     if st.closed_sent {
         return err(env, st.ended.clone().unwrap_or_else(|| atoms::closed().into()));
     }
-    let props = Term::map_from_pairs(env, &[(is_resumed().encode(env), false.encode(env)), (atoms::alpns().encode(env), alpn)])
-        .unwrap_or_else(|_| atoms::undefined().encode(env));
-    let _ = env.send(&st.owner.pid, (atoms::quic(), connected(), c.clone(), props).encode(env));
+    let _ = env.send(&st.owner.pid, connected_msg(env, c.clone(), alpn));
     atoms::ok().encode(env)
+}
+
+/// quicer's `{quic, connected, C, #{is_resumed => false, alpns => Alpn}}`.
+fn connected_msg<'a>(e: Env<'a>, c: ResourceArc<ConnRes>, alpn: Term<'a>) -> Term<'a> {
+    let props = Term::map_from_pairs(e, &[(atoms::is_resumed().encode(e), false.encode(e)), (atoms::alpns().encode(e), alpn)])
+        .unwrap_or_else(|_| atoms::undefined().encode(e));
+    (atoms::quic(), atoms::connected(), c, props).encode(e)
 }
 
 /// `conn_query(Conn, What, Tag)`: answers `{Tag, Result}` from a task on the connection's
@@ -610,6 +865,10 @@ fn conn_query<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, what: rustler::Atom, ta
     } else {
         return err(env, atoms::badarg());
     };
+    if let Err(r) = c.ready() {
+        let _ = env.send(&env.pid(), (tag, (atoms::error(), r)).encode(env));
+        return atoms::ok().encode(env);
+    }
     if c.shard.failed() {
         let _ = env.send(&env.pid(), (tag, (atoms::error(), atoms::closed())).encode(env));
         return atoms::ok().encode(env);
@@ -795,6 +1054,9 @@ fn open_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>, tag: T
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
+    if let Err(r) = c.ready() {
+        return err(env, r);
+    }
     if c.shard.failed() {
         return err(env, atoms::closed());
     }
@@ -882,6 +1144,9 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
+    if let Err(r) = c.ready() {
+        return err(env, r);
+    }
     // An ended connection is an error at once. `end_reason` takes Quinn's connection lock, so
     // Quinn is asked only while holding the shard (its driver does not hold that lock
     // meanwhile); when the shard is busy on another thread, what the watcher recorded as it

@@ -229,6 +229,9 @@ fn conn_send_dgram<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, data: Binary<'a>, 
     if data.len() > MAX_DATAGRAM {
         return err(env, too_large());
     }
+    if let Err(r) = c.ready() {
+        return err(env, r);
+    }
     if c.shard.failed() {
         return err(env, atoms::closed());
     }

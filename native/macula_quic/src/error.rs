@@ -33,6 +33,21 @@ impl Encoder for Reason {
     }
 }
 
+impl Reason {
+    /// quicer's `transport_shutdown` status and error code for a connect that failed before
+    /// Quinn had a connection to ask (see `connection::async_connect`): the reason's own tag.
+    /// Our handshake deadline is MsQuic's `connection_timeout`.
+    pub fn status(&self) -> (Atom, u64) {
+        match self {
+            Reason::Atom(a) if *a == atoms::timeout() => (atoms::connection_timeout(), 0),
+            Reason::Atom(a) => (*a, 0),
+            Reason::Code(a, c) => (*a, *c),
+            Reason::Tagged(a, _) => (*a, 0),
+            Reason::BadOption(_) => (atoms::bad_option(), 0),
+        }
+    }
+}
+
 impl From<Atom> for Reason {
     fn from(a: Atom) -> Self {
         Reason::Atom(a)
