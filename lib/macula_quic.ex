@@ -561,15 +561,17 @@ defmodule MaculaQuic do
   while the handshake runs: quicer's `async_connect/3`. The owner then receives
   `{:quic, :connected, conn, %{is_resumed: false, alpns: alpn}}` when the handshake completes,
   or, if it fails, `{:quic, :transport_shutdown, conn, %{status: status, error: code}}` and
-  `{:quic, :closed, conn, %{is_handshake_completed: false}}` (with `is_peer_acked` and
-  `is_app_closing` as for any connection).
+  `{:quic, :closed, conn, %{is_handshake_completed: false, is_peer_acked: boolean,
+  is_app_closing: false}}` (`is_peer_acked`: the server closed it, refusing the handshake).
+  If the library's own handshake task fails (a bug), the status is `:internal_error`.
 
-  `host`, `port` and `opts` are as for `connect/4`; the handshake may take
-  `:handshake_idle_timeout_ms` (10 s by default, as MsQuic's), after which `status` is
-  `:connection_timeout`. Other statuses: `:tls_error` with the TLS alert's code (`0x100` +
+  `host`, `port` and `opts` are as for `connect/4`; name resolution and the handshake together
+  may take `:handshake_idle_timeout_ms` (10 s by default, as MsQuic's), after which `status`
+  is `:connection_timeout`. Other statuses: `:tls_error` with the TLS alert's code (`0x100` +
   the alert) when a certificate or ALPN is refused, `:nxdomain` for a name that does not
-  resolve, and Quinn's transport statuses. Arguments that are wrong are answered at once, as
-  by `connect/4` (`{:error, :bad_address}`, `{:error, {:bad_option, name}}`, ...).
+  resolve, the reason a `:local_address` could not be bound (`:eaddrinuse`, ...), and Quinn's
+  transport statuses. Arguments that are wrong are answered at once, as by `connect/4`
+  (`{:error, :bad_address}`, `{:error, {:bad_option, name}}`, ...).
 
   Until `connected`, calls that need the connection (`open_stream/2`, `send_dgram/2`,
   `getstat/2`, `peername/1`, ...) return `{:error, :not_connected}`; after a failure they

@@ -120,6 +120,18 @@ defmodule MaculaQuic.AsyncConnectTest do
     # A close after the end is :ok, and sends nothing more.
     assert :ok = MaculaQuic.close_connection(c)
     refute_received {:quic, _, ^c, _}
+
+    # Quinn's idle timer ending the handshake first is the same status.
+    {:ok, c2} =
+      MaculaQuic.async_connect("127.0.0.1", port,
+        alpn: alpn(),
+        verify: :none,
+        idle_timeout_ms: 300,
+        handshake_idle_timeout_ms: 60_000
+      )
+
+    assert_receive {:quic, :transport_shutdown, ^c2, %{status: :connection_timeout}}, @wait
+    assert_receive {:quic, :closed, ^c2, %{is_handshake_completed: false}}
     :gen_udp.close(sock)
   end
 
@@ -134,13 +146,19 @@ defmodule MaculaQuic.AsyncConnectTest do
       MaculaQuic.async_connect("127.0.0.1", port, alpn: alpn(), cacertfile: certs.other_ca)
 
     assert_receive {:quic, :transport_shutdown, ^c, %{status: :tls_error, error: 0x130}}, @wait
-    assert_receive {:quic, :closed, ^c, %{is_handshake_completed: false}}, @wait
+    # The client refused the server (nothing came from the peer to close it).
+    assert_receive {:quic, :closed, ^c, %{is_handshake_completed: false, is_peer_acked: false}},
+                   @wait
+
     assert {:error, {:tls_alert, :unknown_ca}} = MaculaQuic.open_stream(c)
 
     # No common ALPN: the server refuses (no_application_protocol, alert 120).
     {:ok, c2} = MaculaQuic.async_connect("127.0.0.1", port, alpn: ["other"], verify: :none)
     assert_receive {:quic, :transport_shutdown, ^c2, %{status: :tls_error, error: 0x178}}, @wait
-    assert_receive {:quic, :closed, ^c2, _}, @wait
+    # The server refused: its close reached the client.
+    assert_receive {:quic, :closed, ^c2, %{is_handshake_completed: false, is_peer_acked: true}},
+                   @wait
+
     refute_received {:quic, :connected, _, _}
     :ok = MaculaQuic.close_listener(l)
   end
@@ -211,6 +229,9 @@ defmodule MaculaQuic.AsyncConnectTest do
 
     assert {:error, {:bad_option, :bogus}} =
              MaculaQuic.async_connect("127.0.0.1", 443, alpn: alpn(), bogus: 1)
+
+    assert {:error, {:bad_option, :server_name}} =
+             MaculaQuic.async_connect("127.0.0.1", 443, alpn: alpn(), server_name: "no such name!")
 
     assert {:error, {:bad_option, :handshake_idle_timeout_ms}} =
              MaculaQuic.async_connect("127.0.0.1", 443,

@@ -141,10 +141,14 @@ impl Owned for ConnRes {
             return;
         }
         if self.est.get().is_none() {
-            // A handshake in progress: abandon it. Nobody is left to tell.
-            st.closed_sent = true;
-            st.ended = Some(atoms::closed().into());
-            st.connecting = None;
+            // A handshake in progress (or one that has ended): abandon it. Nobody is left to
+            // tell; a failure already recorded keeps its reason.
+            if !st.closed_sent {
+                st.closed_sent = true;
+                st.ended = Some(atoms::closed().into());
+                st.connecting = None;
+            }
+            st.owner.release();
             return;
         }
         drop(st);
@@ -273,10 +277,10 @@ impl ConnRes {
 
     /// An `async_connect` failed before its handshake completed: tells the owner quicer's
     /// `transport_shutdown` (`status`: Quinn's, else the reason's own atom) and `closed`,
-    /// unless a close or the owner's exit ended it first.
-    fn handshake_failed(this: &ResourceArc<ConnRes>, reason: Reason, quinn_status: Option<(rustler::Atom, u64)>) {
+    /// unless a close or the owner's exit ended it first. `peer_acked`: the peer closed it.
+    fn handshake_failed(this: &ResourceArc<ConnRes>, reason: Reason, quinn_status: Option<(rustler::Atom, u64)>, peer_acked: bool) {
         let mut st = lock(&this.state);
-        if st.closed_sent {
+        if st.closed_sent || this.est.get().is_some() {
             return;
         }
         st.closed_sent = true;
@@ -290,7 +294,7 @@ impl ConnRes {
             (atoms::quic(), atoms::transport_shutdown(), r, props).encode(e)
         });
         let r = this.clone();
-        messages::send(&st.owner.pid, move |e| closed_msg(e, r, false, false));
+        messages::send(&st.owner.pid, move |e| closed_msg(e, r, peer_acked, false));
         st.owner.release();
     }
 
@@ -531,20 +535,20 @@ fn async_connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a
     let deadline = tokio::time::Instant::now() + opts.handshake_timeout.unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
     let client = known_client(&host, port, &opts);
     let shard = client.as_ref().map(|(_, s, _)| s.clone());
-    let r = res.clone();
+    let handshake = Handshake { res: res.clone(), done: false };
     let task = async move {
         let _task = Live::new(&counters::TASKS);
         let dialed = tokio::select! {
             // Closed, or its owner exited, during the lookup.
-            _ = &mut abort => return,
+            _ = &mut abort => return handshake.abandoned(),
             d = tokio::time::timeout_at(deadline, dial(host, port, opts, config, client)) => d,
         };
         match dialed {
             Ok(Ok((connecting, bound, shard, lease))) => {
-                shard.clone().spawn(finish_async_connect(connecting, bound, shard, lease, r, abort, deadline));
+                shard.clone().spawn(finish_async_connect(connecting, bound, shard, lease, handshake, abort, deadline));
             }
-            Ok(Err(reason)) => ConnRes::handshake_failed(&r, reason, None),
-            Err(_) => ConnRes::handshake_failed(&r, atoms::timeout().into(), None),
+            Ok(Err(reason)) => handshake.failed(reason, None, false),
+            Err(_) => handshake.failed(atoms::timeout().into(), None, false),
         }
     };
     // As in `connect`: on the client endpoint's shard, inline when it is free.
@@ -565,25 +569,67 @@ async fn finish_async_connect(
     bound: SocketAddr,
     shard: Arc<Shard>,
     lease: Option<endpoint::Lease>,
-    res: ResourceArc<ConnRes>,
+    handshake: Handshake,
     mut abort: oneshot::Receiver<()>,
     deadline: tokio::time::Instant,
 ) {
     let _task = Live::new(&counters::TASKS);
     let outcome = tokio::select! {
-        _ = &mut abort => return,
+        _ = &mut abort => return handshake.abandoned(),
         r = tokio::time::timeout_at(deadline, connecting) => r,
     };
     match outcome {
         Ok(Ok(conn)) => {
+            let conn = Contained::connection(conn);
             shard.keep_until_driver_ends(&conn);
             let on_closed: Option<OnClosed> = lease.map(|l| Box::new(move || drop(l)) as OnClosed);
-            if !ConnRes::establish(&res, conn.clone(), bound, shard, on_closed) {
-                conn.close(quinn::VarInt::from_u32(0), b"closed");
+            if !handshake.established(conn.clone(), bound, shard, on_closed) {
+                contain::quietly(|| conn.close(quinn::VarInt::from_u32(0), b"closed"));
             }
         }
-        Ok(Err(e)) => ConnRes::handshake_failed(&res, error::connection(&e), Some(transport_status(&e))),
-        Err(_) => ConnRes::handshake_failed(&res, atoms::timeout().into(), None),
+        Ok(Err(e)) => {
+            use quinn::ConnectionError::*;
+            // Quinn's idle timer ending a handshake is MsQuic's handshake timeout too.
+            let status = if matches!(e, TimedOut) { (atoms::connection_timeout(), 0) } else { transport_status(&e) };
+            let peer_closed = matches!(e, ConnectionClosed(_) | ApplicationClosed(_));
+            handshake.failed(error::connection(&e), Some(status), peer_closed)
+        }
+        Err(_) => handshake.failed(atoms::timeout().into(), None, false),
+    }
+}
+
+/// An `async_connect` handshake in progress, held by the task running it, which reports how it
+/// ended once: `established`, `failed`, or `abandoned` (a close or the owner's exit ended the
+/// connecting state and told whom there was to tell). Dropped without a report (its task
+/// panicked, or was dropped), it reports an internal error, so the owner still hears `closed`
+/// and the handle does not stay `not_connected` for good.
+struct Handshake {
+    res: ResourceArc<ConnRes>,
+    done: bool,
+}
+
+impl Handshake {
+    fn established(mut self, conn: quinn::Connection, bound: SocketAddr, shard: Arc<Shard>, on_closed: Option<OnClosed>) -> bool {
+        self.done = true;
+        ConnRes::establish(&self.res, conn, bound, shard, on_closed)
+    }
+
+    fn failed(mut self, reason: Reason, status: Option<(rustler::Atom, u64)>, peer_acked: bool) {
+        self.done = true;
+        ConnRes::handshake_failed(&self.res, reason, status, peer_acked);
+    }
+
+    fn abandoned(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        if !self.done {
+            // QUIC's INTERNAL_ERROR, as for a panic in an established connection's driver.
+            ConnRes::handshake_failed(&self.res, atoms::internal_error().into(), Some((atoms::internal_error(), 1)), false);
+        }
     }
 }
 
@@ -600,6 +646,10 @@ impl DialArgs {
         let host = address::decode_host(host).ok_or(Reason::Atom(atoms::bad_address()))?;
         let port = address::decode_port(port).filter(|p| *p != 0).ok_or(Reason::Atom(atoms::bad_address()))?;
         let opts = options::decode_connect(opts)?;
+        // Checked here, as Quinn would check it in `dial`: an `async_connect` answers it at once.
+        if let Some(name) = &opts.server_name {
+            rustls::pki_types::ServerName::try_from(name.as_str()).map_err(|_| error::bad_option("server_name"))?;
+        }
         let config = tls::client_config_cached(&opts.tls, &opts.transport)?;
         Ok(DialArgs { host, port, opts, config })
     }
@@ -1293,9 +1343,11 @@ pub fn controlling_process<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, pid: Loca
 /// prove the owner still hears how the connection ended and the VM comes to no harm.
 #[cfg(feature = "test_hooks")]
 #[rustler::nif]
-fn debug_panic_driver(c: ResourceArc<ConnRes>) -> rustler::Atom {
+fn debug_panic_driver(c: ResourceArc<ConnRes>) -> rustler::NifResult<rustler::Atom> {
+    // Not on an `async_connect` handle before its handshake completed.
+    c.ready().map_err(|_| rustler::Error::BadArg)?;
     *lock(&crate::inline_watch::DEBUG_PANIC_SEND) = Some((c.local_bound.port(), c.conn.remote_address()));
-    atoms::ok()
+    Ok(atoms::ok())
 }
 
 /// `debug_panic_socket(LocalPort, Count)` (test builds only): the next `Count` sends and direct
@@ -1338,7 +1390,9 @@ fn debug_socket_addr(ip: Term, port: Term) -> rustler::NifResult<SocketAddr> {
 /// must answer without asking Quinn.
 #[cfg(feature = "test_hooks")]
 #[rustler::nif]
-fn debug_stall_shard(c: ResourceArc<ConnRes>, ms: u64, pid: LocalPid) -> rustler::Atom {
+fn debug_stall_shard(c: ResourceArc<ConnRes>, ms: u64, pid: LocalPid) -> rustler::NifResult<rustler::Atom> {
+    // Not on an `async_connect` handle before its handshake completed.
+    c.ready().map_err(|_| rustler::Error::BadArg)?;
     rustler::atoms! { shard_stalled }
     let shard = c.shard.clone();
     // Spawned from a runtime thread, so that the shard runs there rather than in this call.
@@ -1348,7 +1402,7 @@ fn debug_stall_shard(c: ResourceArc<ConnRes>, ms: u64, pid: LocalPid) -> rustler
             std::thread::sleep(Duration::from_millis(ms));
         })
     });
-    atoms::ok()
+    Ok(atoms::ok())
 }
 
 /// `debug_nudge_driver(Conn)` (test builds only): makes this connection's driver send a
@@ -1356,12 +1410,14 @@ fn debug_stall_shard(c: ResourceArc<ConnRes>, ms: u64, pid: LocalPid) -> rustler
 /// Quinn then sends MAX_STREAMS, and the peer acknowledges it).
 #[cfg(feature = "test_hooks")]
 #[rustler::nif]
-fn debug_nudge_driver(c: ResourceArc<ConnRes>) -> rustler::Atom {
+fn debug_nudge_driver(c: ResourceArc<ConnRes>) -> rustler::NifResult<rustler::Atom> {
+    // Not on an `async_connect` handle before its handshake completed.
+    c.ready().map_err(|_| rustler::Error::BadArg)?;
     static LIMIT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(10_000);
     let limit = quinn::VarInt::from_u32(LIMIT.fetch_add(1, Ordering::Relaxed));
     let conn = (*c.conn).clone();
     runtime::spawn(async move { conn.set_max_concurrent_bi_streams(limit) });
-    atoms::ok()
+    Ok(atoms::ok())
 }
 
 /// `debug_panic_send_from(LocalPort, Ip, Port)` (test builds only): as `debug_panic_driver/1`,
