@@ -453,6 +453,37 @@ defmodule MaculaQuic.Interop.AioquicTest do
       assert {:error, {:tls_alert, _}} = our_client("::1", py2.listen_port, certs)
     end
 
+    test "async_connect/3: connected with the ALPN aioquic chose, then a stream echoes; a refusal is transport_shutdown",
+         %{certs: certs} do
+      py = aioquic_server("::1", certs)
+
+      opts = [
+        alpn: ["h3-not-this", @alpn],
+        cacertfile: certs.ca,
+        verify: :verify_peer,
+        server_name: "localhost"
+      ]
+
+      {:ok, c} = MaculaQuic.async_connect("::1", py.listen_port, opts)
+      assert_receive {:quic, :connected, ^c, %{alpns: @alpn, is_resumed: false}}, @wait
+      {:ok, s} = MaculaQuic.open_stream(c, active: true)
+      :ok = MaculaQuic.send(s, "over async_connect", 4)
+      assert collect(s) == "over async_connect"
+      :ok = MaculaQuic.close_connection(c)
+
+      # aioquic's certificate checked against another CA: refused before `connected`.
+      {:ok, c2} =
+        MaculaQuic.async_connect(
+          "::1",
+          py.listen_port,
+          Keyword.put(opts, :cacertfile, certs.other_ca)
+        )
+
+      assert_receive {:quic, :transport_shutdown, ^c2, %{status: :tls_error}}, @wait
+      assert_receive {:quic, :closed, ^c2, %{is_handshake_completed: false}}, @wait
+      refute_received {:quic, :connected, ^c2, _}
+    end
+
     test "no common ALPN fails with no_application_protocol", %{certs: certs} do
       py = aioquic_server("127.0.0.1", certs)
 
