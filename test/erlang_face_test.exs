@@ -121,12 +121,15 @@ defmodule MaculaQuic.ErlangFaceTest do
         :ok = m.async_handshake(c)
         assert_receive {:quic, :connected, ^c, %{is_resumed: false, alpns: "t"}}, @wait
 
-        # After a handover the new owner gets it.
+        # After a handover the new owner gets it. The heir stays until the end: its exit would
+        # close `sc` (code 0), racing the client's own close below.
         heir =
           spawn(fn ->
             receive do
               :go -> send(test, {:heir_got, receive(do: (msg -> msg), after: (@wait -> :none))})
             end
+
+            receive(do: (:stop -> :ok))
           end)
 
         :ok = m.controlling_process(sc, heir)
@@ -145,6 +148,7 @@ defmodule MaculaQuic.ErlangFaceTest do
           m.async_handshake(l)
         end
 
+        send(heir, :stop)
         :ok = m.close(l)
       end
 
