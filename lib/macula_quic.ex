@@ -573,9 +573,10 @@ defmodule MaculaQuic do
   transport statuses. Arguments that are wrong are answered at once, as by `connect/4`
   (`{:error, :bad_address}`, `{:error, {:bad_option, name}}`, ...).
 
-  Until `connected`, calls that need the connection (`open_stream/2`, `send_dgram/2`,
-  `getstat/2`, `peername/1`, ...) return `{:error, :not_connected}`; after a failure they
-  return why it ended. `controlling_process/2` and `setopt/3` work throughout. Closing the
+  Until `connected`, `open_stream/2` waits for the handshake (as MsQuic queues a stream
+  started early) and returns the stream once it completes, or why it failed; other calls that
+  need the connection (`accept_stream/3`, `send_dgram/2`, `getstat/2`, `peername/1`, ...)
+  return `{:error, :not_connected}`. After a failure they return why it ended. `controlling_process/2` and `setopt/3` work throughout. Closing the
   handle (`close_connection/1`, `async_shutdown_connection/3`) abandons the handshake; the owner
   gets `closed`. If the owner exits, the handshake is abandoned too.
 
@@ -940,7 +941,8 @@ defmodule MaculaQuic do
   @doc """
   Opens a stream on `conn`, owned by the caller. Bidirectional unless `unidirectional: true`;
   `active` sets the receive mode (default `true`). Waits while the peer's stream limit is
-  reached. The peer sees the stream when the first bytes arrive.
+  reached, and, on a connection from `async_connect/3`, until its handshake completes (or
+  fails: then why). The peer sees the stream when the first bytes arrive.
 
       {:ok, stream} = MaculaQuic.open_stream(conn)
       {:ok, stream} = MaculaQuic.open_stream(conn, active: :once)
@@ -954,6 +956,7 @@ defmodule MaculaQuic do
       with {:ok, map} <- Options.to_map(opts) do
         case native(:connection, conn, fn -> Native.open_stream(conn, map, ref) end) do
           :wait -> receive(do: ({^ref, result} -> result))
+          {:error, :not_connected} -> after_handshake(conn, fn -> open_stream(conn, opts) end)
           other -> other
         end
       end
@@ -1588,6 +1591,27 @@ defmodule MaculaQuic do
 
     receive do
       {^ref, result} -> result
+    end
+  end
+
+  # A stream opened on an `async_connect/3` handle before its handshake completed waits for it
+  # (bounded by the handshake's deadline), as MsQuic queues a stream started early; then `fun`
+  # runs, or the handshake's failure is the answer.
+  defp after_handshake(conn, fun) do
+    ref = make_ref()
+
+    case Native.conn_await_connected(conn, ref) do
+      :ok ->
+        fun.()
+
+      :wait ->
+        receive do
+          {^ref, :ok} -> fun.()
+          {^ref, error} -> error
+        end
+
+      error ->
+        error
     end
   end
 

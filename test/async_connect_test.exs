@@ -68,7 +68,6 @@ defmodule MaculaQuic.AsyncConnectTest do
     # The Initial reached the peer: the handshake is under way (and will never complete).
     assert {:ok, {_, _, _initial}} = :gen_udp.recv(sock, 0, @wait)
 
-    assert {:error, :not_connected} = MaculaQuic.open_stream(c)
     assert {:error, :not_connected} = MaculaQuic.accept_stream(c, [], 10)
     assert {:error, :not_connected} = MaculaQuic.send_dgram(c, "x")
     assert {:error, :not_connected} = MaculaQuic.getstat(c, [:send_cnt])
@@ -76,8 +75,12 @@ defmodule MaculaQuic.AsyncConnectTest do
     assert {:error, :not_connected} = MaculaQuic.async_handshake(c)
     assert MaculaQuic.Native.handle_kind(c) == :connection
 
+    # open_stream/2 waits for the handshake; a close ends the wait with the reason.
+    opener = Task.async(fn -> MaculaQuic.open_stream(c) end)
+
     # async_shutdown_connection/3 returns at once; the owner hears `closed`, handshake not done.
     :ok = MaculaQuic.async_shutdown_connection(c, 0, 3)
+    assert {:error, :closed} = Task.await(opener, @wait)
 
     assert_receive {:quic, :closed, ^c,
                     %{is_handshake_completed: false, is_app_closing: true, is_peer_acked: false}},
@@ -88,6 +91,40 @@ defmodule MaculaQuic.AsyncConnectTest do
     assert :ok = MaculaQuic.close_connection(c)
     refute_received {:quic, _, ^c, _}
     :gen_udp.close(sock)
+  end
+
+  test "open_stream/2 before connected waits for the handshake, then the stream works" do
+    # A port nothing listens on yet: the first Initial goes unanswered, and the handshake
+    # completes only when Quinn sends it again after the listener below has started.
+    {:ok, probe} = :gen_udp.open(0, ip: {127, 0, 0, 1})
+    {:ok, port} = :inet.port(probe)
+    :gen_udp.close(probe)
+
+    {:ok, c} = MaculaQuic.async_connect("127.0.0.1", port, alpn: alpn(), verify: :none)
+    test = self()
+
+    opener =
+      Task.async(fn ->
+        send(test, :opening)
+        # The stream is the opener's: hand it over before the task exits.
+        with {:ok, s} <- MaculaQuic.open_stream(c),
+             :ok <- MaculaQuic.controlling_process(s, test),
+             do: {:ok, s}
+      end)
+
+    assert_receive :opening
+    assert {:error, :not_connected} = MaculaQuic.getstat(c, [:send_cnt])
+    {:ok, l} = MaculaQuic.listen("127.0.0.1", port, alpn: alpn())
+    :ok = MaculaQuic.async_accept(l)
+
+    assert {:ok, s} = Task.await(opener, 10_000)
+    assert_receive {:quic, :connected, ^c, _}, @wait
+    assert_receive {:quic, :new_conn, sc, _}, @wait
+    :ok = MaculaQuic.async_accept_stream(sc)
+    :ok = MaculaQuic.send(s, "after the wait")
+    assert_receive {:quic, :new_stream, ss, _}, @wait
+    assert_receive {:quic, "after the wait", ^ss, _}, @wait
+    Enum.each([c, l], &MaculaQuic.close/1)
   end
 
   test "close_connection/1 by the owner abandons the handshake and consumes closed" do
@@ -111,8 +148,13 @@ defmodule MaculaQuic.AsyncConnectTest do
         handshake_idle_timeout_ms: 300
       )
 
+    # A stream opened meanwhile waits, and gets the handshake's failure.
+    opener = Task.async(fn -> MaculaQuic.open_stream(c) end)
+
     assert_receive {:quic, :transport_shutdown, ^c, %{status: :connection_timeout, error: 0}},
                    @wait
+
+    assert {:error, :timeout} = Task.await(opener, @wait)
 
     assert System.monotonic_time(:millisecond) - t0 >= 300
     assert_receive {:quic, :closed, ^c, %{is_handshake_completed: false, is_app_closing: false}}

@@ -62,6 +62,21 @@ struct State {
     /// handshake. Taken by whoever ends the connecting state first: the handshake's task as it
     /// establishes the connection, or a close, or the owner's exit.
     connecting: Option<oneshot::Sender<()>>,
+    /// Calls waiting for an `async_connect` handshake to end (`conn_await_connected`),
+    /// answered by whatever ends the connecting state.
+    await_connected: Vec<Reply>,
+}
+
+impl State {
+    /// Answers the calls waiting for the handshake: `Ok` when it completed, else why not.
+    fn answer_waiters(&mut self, result: Result<(), Reason>) {
+        for reply in self.await_connected.drain(..) {
+            match &result {
+                Ok(()) => reply.ok(),
+                Err(r) => reply.error(r.clone()),
+            };
+        }
+    }
 }
 
 /// A connection handle. Every handle but one from `async_connect/3` is made with its handshake
@@ -148,6 +163,7 @@ impl Owned for ConnRes {
                 st.ended = Some(atoms::closed().into());
                 st.connecting = None;
             }
+            st.answer_waiters(Err(atoms::closed().into()));
             st.owner.release();
             return;
         }
@@ -208,6 +224,7 @@ impl ConnRes {
                 ended: None,
                 dgram: datagrams.map(datagram::Delivery::new),
                 connecting: None,
+                await_connected: Vec::new(),
             }),
             _live: Live::new(&counters::CONNECTIONS),
         })
@@ -243,6 +260,7 @@ impl ConnRes {
         st.ended = Some(atoms::closed().into());
         // Dropping the sender ends the handshake's task, which drops Quinn's handshake.
         st.connecting = None;
+        st.answer_waiters(Err(atoms::closed().into()));
         tell(&st.owner.pid, this.clone());
         st.owner.release();
         Some(atoms::ok())
@@ -267,6 +285,7 @@ impl ConnRes {
                 let alpn = alpn.as_deref().map_or_else(|| atoms::undefined().encode(e), |a| binary_term(e, a));
                 connected_msg(e, r, alpn)
             });
+            st.answer_waiters(Ok(()));
         }
         this.shard.spawn(watch(this.clone(), on_closed));
         if lock(&this.state).dgram.is_some() {
@@ -286,6 +305,7 @@ impl ConnRes {
         st.closed_sent = true;
         st.connecting = None;
         let (status, code) = quinn_status.unwrap_or_else(|| reason.status());
+        st.answer_waiters(Err(reason.clone()));
         st.ended = Some(reason);
         let r = this.clone();
         messages::send(&st.owner.pid, move |e| {
@@ -872,6 +892,24 @@ fn conn_connected<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, alpn: Term<'a>) -> 
     }
     let _ = env.send(&st.owner.pid, connected_msg(env, c.clone(), alpn));
     atoms::ok().encode(env)
+}
+
+/// `conn_await_connected(Conn, Tag)`: `:ok` when the connection is established, `{:error,
+/// Reason}` when it ended before its handshake completed, else `:wait`, and `{Tag, :ok |
+/// {:error, Reason}}` follows as the `async_connect` handshake ends (bounded by its deadline).
+/// `open_stream` waits so on a connecting handle, as MsQuic queues a stream started early.
+#[rustler::nif]
+fn conn_await_connected<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, tag: Term<'a>) -> Term<'a> {
+    rustler::atoms! { wait }
+    let mut st = lock(&c.state);
+    if c.est.get().is_some() {
+        return atoms::ok().encode(env);
+    }
+    if st.closed_sent {
+        return err(env, st.ended.clone().unwrap_or_else(|| atoms::closed().into()));
+    }
+    st.await_connected.push(Reply::new(env.pid(), tag));
+    wait().encode(env)
 }
 
 /// quicer's `{quic, connected, C, #{is_resumed => false, alpns => Alpn}}`.
