@@ -127,6 +127,24 @@ defmodule MaculaQuic.AsyncConnectTest do
     Enum.each([c, l], &MaculaQuic.close/1)
   end
 
+  test "a panic in the handshake's task: internal_error, closed, and nothing left behind" do
+    {:ok, probe} = :gen_udp.open(0, ip: {127, 0, 0, 1})
+    {:ok, port} = :inet.port(probe)
+    :gen_udp.close(probe)
+
+    {:ok, c} = MaculaQuic.async_connect("127.0.0.1", port, alpn: alpn(), verify: :none)
+    :ok = MaculaQuic.Native.debug_panic_handshake(c)
+    opener = Task.async(fn -> MaculaQuic.open_stream(c) end)
+    {:ok, l} = MaculaQuic.listen("127.0.0.1", port, alpn: alpn())
+
+    assert_receive {:quic, :transport_shutdown, ^c, %{status: :internal_error, error: 1}}, 10_000
+    assert_receive {:quic, :closed, ^c, %{is_handshake_completed: false}}, @wait
+    assert {:error, :internal_error} = Task.await(opener, @wait)
+    assert {:error, :internal_error} = MaculaQuic.getstat(c, [:send_cnt])
+    refute_received {:quic, :connected, ^c, _}
+    :ok = MaculaQuic.close_listener(l)
+  end
+
   test "close_connection/1 by the owner abandons the handshake and consumes closed" do
     {sock, port} = silent_peer!()
     {:ok, c} = MaculaQuic.async_connect("127.0.0.1", port, alpn: alpn(), verify: :none)

@@ -65,6 +65,9 @@ struct State {
     /// Calls waiting for an `async_connect` handshake to end (`conn_await_connected`),
     /// answered by whatever ends the connecting state.
     await_connected: Vec<Reply>,
+    /// Set by `debug_panic_handshake` (test builds): the handshake's task panics as it
+    /// completes, to prove the `Handshake` guard reports it.
+    debug_panic_handshake: bool,
 }
 
 impl State {
@@ -225,6 +228,7 @@ impl ConnRes {
                 dgram: datagrams.map(datagram::Delivery::new),
                 connecting: None,
                 await_connected: Vec::new(),
+                debug_panic_handshake: false,
             }),
             _live: Live::new(&counters::CONNECTIONS),
         })
@@ -601,6 +605,9 @@ async fn finish_async_connect(
     match outcome {
         Ok(Ok(conn)) => {
             let conn = Contained::connection(conn);
+            if lock(&handshake.res.state).debug_panic_handshake {
+                panic!("macula_quic: deliberate panic in an async_connect handshake (debug_panic_handshake/1)");
+            }
             shard.keep_until_driver_ends(&conn);
             let on_closed: Option<OnClosed> = lease.map(|l| Box::new(move || drop(l)) as OnClosed);
             if !handshake.established(conn.clone(), bound, shard, on_closed) {
@@ -1373,6 +1380,15 @@ pub fn controlling_process<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, pid: Loca
         Ok(()) => atoms::ok().encode(env),
         Err(reason) => err(env, reason),
     }
+}
+
+/// `debug_panic_handshake(Conn)` (test builds only): an `async_connect` handle's handshake task
+/// panics as its handshake completes, so tests can prove the owner still hears how it ended.
+#[cfg(feature = "test_hooks")]
+#[rustler::nif]
+fn debug_panic_handshake(c: ResourceArc<ConnRes>) -> rustler::Atom {
+    lock(&c.state).debug_panic_handshake = true;
+    atoms::ok()
 }
 
 /// `debug_panic_driver(Conn)` (test builds only): the next datagram this connection's side
