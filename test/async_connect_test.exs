@@ -16,6 +16,14 @@ defmodule MaculaQuic.AsyncConnectTest do
     on_exit(fn -> MaculaQuic.Test.Settle.await_clean!(MaculaQuic.Test.Settle.zero(), 30_000) end)
   end
 
+  # A port nothing listens on yet (a socket's, closed again): an Initial sent there goes
+  # unanswered until a listener takes the port.
+  defp free_port! do
+    {sock, port} = silent_peer!()
+    :gen_udp.close(sock)
+    port
+  end
+
   # A UDP socket that reads nothing and answers nothing: a handshake to it never completes,
   # so the connecting state lasts as long as the test wants.
   defp silent_peer! do
@@ -94,11 +102,9 @@ defmodule MaculaQuic.AsyncConnectTest do
   end
 
   test "open_stream/2 before connected waits for the handshake, then the stream works" do
-    # A port nothing listens on yet: the first Initial goes unanswered, and the handshake
-    # completes only when Quinn sends it again after the listener below has started.
-    {:ok, probe} = :gen_udp.open(0, ip: {127, 0, 0, 1})
-    {:ok, port} = :inet.port(probe)
-    :gen_udp.close(probe)
+    # The handshake completes only when Quinn sends its Initial again after the listener
+    # below has started.
+    port = free_port!()
 
     {:ok, c} = MaculaQuic.async_connect("127.0.0.1", port, alpn: alpn(), verify: :none)
     test = self()
@@ -128,9 +134,7 @@ defmodule MaculaQuic.AsyncConnectTest do
   end
 
   test "a panic in the handshake's task: internal_error, closed, and nothing left behind" do
-    {:ok, probe} = :gen_udp.open(0, ip: {127, 0, 0, 1})
-    {:ok, port} = :inet.port(probe)
-    :gen_udp.close(probe)
+    port = free_port!()
 
     {:ok, c} = MaculaQuic.async_connect("127.0.0.1", port, alpn: alpn(), verify: :none)
     :ok = MaculaQuic.Native.debug_panic_handshake(c)

@@ -71,6 +71,12 @@ struct State {
 }
 
 impl State {
+    /// Why the connection ended, as recorded when `closed` was sent (`:closed` when a close by
+    /// the application recorded none).
+    fn ended_reason(&self) -> Reason {
+        self.ended.clone().unwrap_or_else(|| atoms::closed().into())
+    }
+
     /// Answers the calls waiting for the handshake: `Ok` when it completed, else why not.
     fn answer_waiters(&mut self, result: Result<(), Reason>) {
         for reply in self.await_connected.drain(..) {
@@ -244,11 +250,11 @@ impl ConnRes {
         Err(lock(&self.state).ended.clone().unwrap_or_else(|| atoms::not_connected().into()))
     }
 
-    /// Ends an `async_connect` handle's handshake in progress for a close: abandons it, sends
-    /// the owner `closed` (`tell`, under the state lock) and answers `:ok`, or `:closed` when
-    /// it had already ended. `None` when the connection is established (or becomes so as this
-    /// runs): the caller closes it as any other.
-    fn close_connecting(this: &ResourceArc<ConnRes>, tell: impl FnOnce(&LocalPid, ResourceArc<ConnRes>)) -> Option<rustler::Atom> {
+    /// Ends an `async_connect` handle's handshake in progress for a close (a NIF's, in `env`):
+    /// abandons it, sends the owner `closed` (under the state lock) and answers `:ok`, or
+    /// `:closed` when it had already ended. `None` when the connection is established (or
+    /// becomes so as this runs): the caller closes it as any other.
+    fn close_connecting(env: Env, this: &ResourceArc<ConnRes>) -> Option<rustler::Atom> {
         if this.est.get().is_some() {
             return None;
         }
@@ -265,7 +271,7 @@ impl ConnRes {
         // Dropping the sender ends the handshake's task, which drops Quinn's handshake.
         st.connecting = None;
         st.answer_waiters(Err(atoms::closed().into()));
-        tell(&st.owner.pid, this.clone());
+        let _ = env.send(&st.owner.pid, closed_msg(env, this.clone(), false, true));
         st.owner.release();
         Some(atoms::ok())
     }
@@ -276,7 +282,7 @@ impl ConnRes {
     /// ended meanwhile (closed, or its owner exited). Runs on the connection's shard.
     fn establish(this: &ResourceArc<ConnRes>, conn: quinn::Connection, bound: SocketAddr, shard: Arc<Shard>, on_closed: Option<OnClosed>) -> bool {
         let alpn = negotiated_protocol(&conn);
-        {
+        let datagrams = {
             let mut st = lock(&this.state);
             if st.closed_sent || st.connecting.take().is_none() {
                 return false;
@@ -290,9 +296,10 @@ impl ConnRes {
                 connected_msg(e, r, alpn)
             });
             st.answer_waiters(Ok(()));
-        }
+            st.dgram.is_some()
+        };
         this.shard.spawn(watch(this.clone(), on_closed));
-        if lock(&this.state).dgram.is_some() {
+        if datagrams {
             datagram::start_reader(this);
         }
         true
@@ -312,11 +319,7 @@ impl ConnRes {
         st.answer_waiters(Err(reason.clone()));
         st.ended = Some(reason);
         let r = this.clone();
-        messages::send(&st.owner.pid, move |e| {
-            let props = Term::map_from_pairs(e, &[(atoms::status().encode(e), status.encode(e)), (atoms::error().encode(e), code.encode(e))])
-                .unwrap_or_else(|_| atoms::undefined().encode(e));
-            (atoms::quic(), atoms::transport_shutdown(), r, props).encode(e)
-        });
+        messages::send(&st.owner.pid, move |e| transport_shutdown_msg(e, r, status, code));
         let r = this.clone();
         messages::send(&st.owner.pid, move |e| closed_msg(e, r, peer_acked, false));
         st.owner.release();
@@ -429,9 +432,7 @@ impl WatcherExit {
                         // QUIC's INTERNAL_ERROR.
                         None => (atoms::internal_error(), 1),
                     };
-                    let props = Term::map_from_pairs(e, &[(atoms::status().encode(e), status.encode(e)), (atoms::error().encode(e), code.encode(e))])
-                        .unwrap_or_else(|_| atoms::undefined().encode(e));
-                    (atoms::quic(), atoms::transport_shutdown(), r, props).encode(e)
+                    transport_shutdown_msg(e, r, status, code)
                 }
             });
         }
@@ -440,6 +441,13 @@ impl WatcherExit {
         messages::send(&owner, move |e| closed_msg(e, r, peer_acked, local || by_app));
         st.owner.release();
     }
+}
+
+/// quicer's `{quic, transport_shutdown, C, #{status => Status, error => Code}}`.
+fn transport_shutdown_msg(e: Env, r: ResourceArc<ConnRes>, status: rustler::Atom, code: u64) -> Term {
+    let props = Term::map_from_pairs(e, &[(atoms::status().encode(e), status.encode(e)), (atoms::error().encode(e), code.encode(e))])
+        .unwrap_or_else(|_| atoms::undefined().encode(e));
+    (atoms::quic(), atoms::transport_shutdown(), r, props).encode(e)
 }
 
 /// `{quic, closed, C, Props}`: always the last message about a connection.
@@ -797,9 +805,7 @@ async fn finish_connect(
 fn conn_close<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, code: u64, tag: Term<'a>) -> Term<'a> {
     rustler::atoms! { wait }
     let Ok(code) = quinn::VarInt::from_u64(code) else { return err(env, atoms::badarg()) };
-    if let Some(done) = ConnRes::close_connecting(&c, |owner, res| {
-        let _ = env.send(owner, closed_msg(env, res, false, true));
-    }) {
+    if let Some(done) = ConnRes::close_connecting(env, &c) {
         return done.encode(env);
     }
     if c.shard.failed() {
@@ -860,11 +866,7 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
         return err(env, atoms::badarg());
     }
     let Ok(code) = quinn::VarInt::from_u64(code) else { return err(env, atoms::badarg()) };
-    if ConnRes::close_connecting(&c, |owner, res| {
-        let _ = env.send(owner, closed_msg(env, res, false, true));
-    })
-    .is_some()
-    {
+    if ConnRes::close_connecting(env, &c).is_some() {
         return atoms::ok().encode(env);
     }
     if c.shard.failed() {
@@ -895,7 +897,7 @@ fn conn_connected<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, alpn: Term<'a>) -> 
     }
     let st = lock(&c.state);
     if st.closed_sent {
-        return err(env, st.ended.clone().unwrap_or_else(|| atoms::closed().into()));
+        return err(env, st.ended_reason());
     }
     let _ = env.send(&st.owner.pid, connected_msg(env, c.clone(), alpn));
     atoms::ok().encode(env)
@@ -913,7 +915,7 @@ fn conn_await_connected<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, tag: Term<'a>
         return atoms::ok().encode(env);
     }
     if st.closed_sent {
-        return err(env, st.ended.clone().unwrap_or_else(|| atoms::closed().into()));
+        return err(env, st.ended_reason());
     }
     st.await_connected.push(Reply::new(env.pid(), tag));
     wait().encode(env)
