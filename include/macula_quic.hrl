@@ -17,9 +17,11 @@
 -define(QUIC_STREAM_OPEN_FLAG_NONE, 0).
 -define(QUIC_STREAM_OPEN_FLAG_UNIDIRECTIONAL, 1).
 
-%% Send (macula_quic:send/3)
+%% Send (macula_quic:send/3, async_send/3, async_csend/4)
 -define(QUIC_SEND_FLAG_NONE, 0).
 -define(QUIC_SEND_FLAG_FIN, 4).
+%% async_send/3, async_csend/4: the caller gets {quic, send_complete, Stream, IsCancelled}
+-define(QUICER_SEND_FLAG_SYNC, 16#1000).
 
 %% Receive flags in {quic, Data, Stream, Flags}
 -define(QUIC_RECEIVE_FLAG_NONE, 0).

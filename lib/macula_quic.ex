@@ -67,6 +67,14 @@ defmodule MaculaQuic do
       `:is_closed_remotely`, `:error` and `:status`. `shutdown_stream/4` consumes it when the
       owner shuts the stream down.
 
+  Answers to particular calls, about a stream:
+
+    * `{:quic, :send_complete, stream, is_cancelled}` — to the caller of `async_send/3` (or
+      `async_csend/4`) with `send_flag_sync/0`: `false` once Quinn has taken the data, `true`
+      if it never will.
+    * `{:handoff_done, stream, data}` — to the new owner, from `handoff_stream/3`, after the
+      messages it forwarded (see `wait_for_handoff/2`).
+
   Connection owner:
 
     * `{:quic, :new_stream, stream, %{conn: conn, flags: flags, is_orphan: boolean}}` — sent to
@@ -315,6 +323,47 @@ defmodule MaculaQuic do
   @spec recv_flag_fin() :: 2
   def recv_flag_fin, do: 2
 
+  @doc """
+  Send flag (`send/3`, `async_send/3`, `async_csend/4`): finish the stream after this data.
+  Value `4`, quicer's `QUIC_SEND_FLAG_FIN`.
+
+      iex> MaculaQuic.send_flag_fin()
+      4
+  """
+  @spec send_flag_fin() :: 4
+  def send_flag_fin, do: 4
+
+  @doc """
+  Send flag (`async_send/3`, `async_csend/4`): the caller receives `{:quic, :send_complete,
+  stream, is_cancelled}` once the data is sent. Value `0x1000`, quicer's
+  `QUICER_SEND_FLAG_SYNC`.
+
+      iex> MaculaQuic.send_flag_sync()
+      4096
+  """
+  @spec send_flag_sync() :: 4096
+  def send_flag_sync, do: 0x1000
+
+  @doc """
+  Whether stream open flags (the `flags` of `new_stream`, or quicer's `open_flag` option)
+  say unidirectional: bit `1`. As quicer's `is_unidirectional/1`.
+
+      iex> MaculaQuic.is_unidirectional(1)
+      true
+      iex> MaculaQuic.is_unidirectional(0)
+      false
+  """
+  @spec is_unidirectional(non_neg_integer()) :: boolean()
+  def is_unidirectional(flags) when is_integer(flags) and flags >= 0,
+    do: Bitwise.band(flags, 1) == 1
+
+  def is_unidirectional(flags),
+    do:
+      raise(
+        ArgumentError,
+        "is_unidirectional/1 expects non-negative integer flags, got: #{inspect(flags, limit: 10)}"
+      )
+
   ## Listeners
 
   @doc """
@@ -444,6 +493,35 @@ defmodule MaculaQuic do
   end
 
   @doc """
+  quicer's `handshake/3`, with connection options for the handshake. The handshake is done
+  before a connection is delivered, so there is nothing left for options to change: `opts`
+  must be empty (`[]` or `%{}`), and any option gives `{:error, {:bad_option, name}}`.
+  Otherwise as `handshake/2`: `:ok` at once. A `timeout` that is neither `:infinity` nor a
+  non-negative integer gives `{:error, :badarg}`.
+
+      :ok = MaculaQuic.handshake(conn, [], 5_000)
+  """
+  @spec handshake(connection(), options(), timeout()) :: :ok | {:error, reason()}
+  def handshake(conn, opts, timeout) do
+    result =
+      with {:ok, _} <- timeout_value(timeout),
+           :ok <- no_handshake_options(opts),
+           do: handshake(conn)
+
+    checked(result, :connection, conn)
+  end
+
+  # The options quicer's handshake/3 and async_handshake/2 take would set up the handshake
+  # (such as a server certificate), which is already over here.
+  defp no_handshake_options(opts) do
+    case Options.to_map(opts) do
+      {:ok, map} when map_size(map) == 0 -> :ok
+      {:ok, map} -> {:error, {:bad_option, map |> Map.keys() |> Enum.min()}}
+      error -> error
+    end
+  end
+
+  @doc """
   Tells the connection's owner that its handshake is complete, as quicer's `async_handshake/1`
   does: the owner receives `{:quic, :connected, conn, %{is_resumed: false, alpns: alpn}}`, with
   the negotiated ALPN as a binary. Connections are delivered with their handshake already
@@ -471,6 +549,20 @@ defmodule MaculaQuic do
       end
 
     Native.conn_connected(conn, alpn)
+  end
+
+  @doc """
+  quicer's `async_handshake/2`: as `async_handshake/1`, with connection options that must be
+  empty, as for `handshake/3` (`{:error, {:bad_option, name}}` otherwise, and no `connected`
+  is sent).
+
+      :ok = MaculaQuic.async_handshake(conn, [])
+  """
+  @spec async_handshake(connection(), options()) :: :ok | {:error, reason()}
+  def async_handshake(conn, opts) do
+    check_handle!(:connection, conn)
+
+    with :ok <- no_handshake_options(opts), do: async_handshake(conn)
   end
 
   @doc """
@@ -923,6 +1015,16 @@ defmodule MaculaQuic do
     end
   end
 
+  @doc """
+  quicer's `async_send_dgram/2`: the same as `send_dgram/2`, which already returns as soon as
+  the datagram is queued, without waiting for it to be sent or acknowledged (it waits only
+  while Quinn's send buffer for datagrams is full; see `send_dgram/2`).
+
+      :ok = MaculaQuic.async_send_dgram(conn, "position 12,7")
+  """
+  @spec async_send_dgram(connection(), iodata()) :: :ok | {:error, reason()}
+  def async_send_dgram(conn, data), do: send_dgram(conn, data)
+
   defp iodata_size!(data) do
     :erlang.iolist_size(data)
   rescue
@@ -963,6 +1065,15 @@ defmodule MaculaQuic do
 
     checked(result, :connection, conn)
   end
+
+  @doc """
+  quicer's name for `open_stream/2`, which it is. quicer's stream options that this library
+  has are accepted (`active`, `open_flag`, ...); see the moduledoc.
+
+      {:ok, stream} = MaculaQuic.start_stream(conn, %{active: true})
+  """
+  @spec start_stream(connection(), options()) :: {:ok, stream()} | {:error, reason()}
+  def start_stream(conn, opts), do: open_stream(conn, opts)
 
   @doc """
   The stream's QUIC stream ID (RFC 9000, section 2.1), the same number at both ends: its
@@ -1054,15 +1165,10 @@ defmodule MaculaQuic do
       :ok = MaculaQuic.send(stream, "last words", 4)
   """
   @spec send(stream(), iodata(), non_neg_integer()) :: :ok | {:error, reason()}
-  def send(stream, data, flags) when is_integer(flags) and flags >= 0,
-    do: send_pieces(stream, iodata!(data), Bitwise.band(flags, 4) != 0)
-
-  def send(_stream, _data, flags),
-    do:
-      raise(
-        ArgumentError,
-        "send/3 expects non-negative integer flags, got: #{inspect(flags, limit: 10)}"
-      )
+  def send(stream, data, flags) do
+    check_send_flags!(flags, "send/3")
+    send_pieces(stream, iodata!(data), Bitwise.band(flags, 4) != 0)
+  end
 
   defp send_pieces(stream, bin, fin) when byte_size(bin) <= @piece,
     do: send_piece(stream, bin, fin)
@@ -1099,6 +1205,72 @@ defmodule MaculaQuic do
     # the call stays short, and the bound is checked once, for all of the data.
     bin = iodata!(data)
     native(:stream, stream, fn -> Native.stream_send(stream, bin, nil, false) end)
+  end
+
+  @doc """
+  Like `async_send/2`, with quicer's send flags:
+
+    * `send_flag_fin/0` (`4`) finishes the stream after this data;
+    * `send_flag_sync/0` (`0x1000`) has the caller receive `{:quic, :send_complete, stream,
+      is_cancelled}` once Quinn has taken all of this data into its send buffer (and the FIN,
+      with `send_flag_fin/0`), so the data no longer waits in this library's queue, or, with
+      `is_cancelled` `true`, once it never will be (the stream was reset, stopped by the peer,
+      or its connection ended). As quicer's, for a send made with that flag only. Taken is
+      not acknowledged: Quinn still retransmits what is lost.
+
+  Other bits are accepted and ignored. Returns as `async_send/2` does (when it returns an
+  error, no `send_complete` follows). Flags that are not a non-negative integer raise
+  `ArgumentError`, as does `data` that is not iodata.
+
+      :ok = MaculaQuic.async_send(stream, "last words", MaculaQuic.send_flag_fin())
+      :ok = MaculaQuic.async_send(stream, "tell me", MaculaQuic.send_flag_sync())
+      receive do
+        {:quic, :send_complete, ^stream, false} -> :taken
+      end
+  """
+  @spec async_send(stream(), iodata(), non_neg_integer()) :: :ok | {:error, reason()}
+  def async_send(stream, data, flags) do
+    check_send_flags!(flags, "async_send/3")
+    bin = iodata!(data)
+    fin = Bitwise.band(flags, 4) != 0
+    tag = if Bitwise.band(flags, 0x1000) != 0, do: :complete, else: nil
+    native(:stream, stream, fn -> Native.stream_send(stream, bin, tag, fin) end)
+  end
+
+  defp check_send_flags!(flags, _fun) when is_integer(flags) and flags >= 0, do: :ok
+
+  defp check_send_flags!(flags, fun),
+    do:
+      raise(
+        ArgumentError,
+        "#{fun} expects non-negative integer flags, got: #{inspect(flags, limit: 10)}"
+      )
+
+  @doc """
+  Opens a stream on `conn` with `opts` and sends `data` on it with `flags`, as
+  `open_stream/2` and then `async_send/3`; returns the stream, owned by the caller. quicer's
+  `async_csend/4`. If the send fails, the stream is closed and the send's error returned.
+  `data` that is not iodata, or flags that are not a non-negative integer, raise
+  `ArgumentError` before any stream is opened.
+
+      {:ok, stream} = MaculaQuic.async_csend(conn, "hello", [active: true], 0)
+  """
+  @spec async_csend(connection(), iodata(), options(), non_neg_integer()) ::
+          {:ok, stream()} | {:error, reason()}
+  def async_csend(conn, data, opts, flags) do
+    check_send_flags!(flags, "async_csend/4")
+    bin = iodata!(data)
+
+    with {:ok, stream} <- open_stream(conn, opts) do
+      case async_send(stream, bin, flags) do
+        :ok ->
+          {:ok, stream}
+
+        error ->
+          close_stream(stream)
+          error
+      end
+    end
   end
 
   @doc """
@@ -1238,6 +1410,37 @@ defmodule MaculaQuic do
   end
 
   @doc """
+  quicer's `getopt/3`, with an option level. The options here are the handle's own, quicer's
+  level `false`: that level reads as `getopt/2`; quicer's other levels (`:quic_global`,
+  `:quic_registration`, `:quic_configuration`, `:quic_tls`) name MsQuic objects this library
+  does not have, and give `{:error, {:bad_level, level}}`.
+
+      {:ok, :once} = MaculaQuic.getopt(stream, :active, false)
+  """
+  @spec getopt(stream() | connection(), atom(), false | atom()) ::
+          {:ok, term()} | {:error, reason()}
+  def getopt(handle, name, false), do: getopt(handle, name)
+  def getopt(handle, _name, level), do: bad_level(handle, level)
+
+  @doc """
+  quicer's `setopt/4`, with an option level: level `false` sets as `setopt/3`; any other
+  level gives `{:error, {:bad_level, level}}` (see `getopt/3`).
+
+      :ok = MaculaQuic.setopt(stream, :active, 10, false)
+  """
+  @spec setopt(stream() | connection(), atom(), term(), false | atom()) ::
+          :ok | {:error, reason()}
+  def setopt(handle, name, value, false), do: setopt(handle, name, value)
+  def setopt(handle, _name, _value, level), do: bad_level(handle, level)
+
+  defp bad_level(handle, level) do
+    case Native.handle_kind(handle) do
+      kind when kind in [:stream, :connection] -> {:error, {:bad_level, level}}
+      _ -> bad_handle!("a stream or connection", handle)
+    end
+  end
+
+  @doc """
   Closes a stream: the sending side finishes after queued data, the receiving side stops
   (the peer's further data is refused), and the owner receives nothing more about it.
 
@@ -1277,6 +1480,15 @@ defmodule MaculaQuic do
   @spec async_shutdown_stream(stream()) :: :ok | {:error, reason()}
   def async_shutdown_stream(stream),
     do: async_shutdown_stream(stream, stream_shutdown_graceful(), 0)
+
+  @doc """
+  quicer's `async_close_stream/1`, another name for `async_shutdown_stream/1`: a graceful
+  shutdown that returns at once.
+
+      :ok = MaculaQuic.async_close_stream(stream)
+  """
+  @spec async_close_stream(stream()) :: :ok | {:error, reason()}
+  def async_close_stream(stream), do: async_shutdown_stream(stream)
 
   @doc """
   Shuts down one or both directions of a stream with quicer's `flags`:
@@ -1364,19 +1576,24 @@ defmodule MaculaQuic do
 
   @doc """
   Gives a stream to `new_owner`, forwarding the stream's messages already queued in the
-  caller's mailbox to it, in order, before any new one — nothing is lost or reordered. Only the
-  owner may call it (`{:error, :not_owner}`). `opts` may set the stream's `:active` mode for the
-  new owner (default: the mode it had); any other option, or an invalid mode, gives
-  `{:error, {:bad_option, name}}` and changes nothing. A `new_owner` that has already exited
-  gives `{:error, :closed}`; one that is not a local pid raises `ArgumentError`.
+  caller's mailbox to it, in order, before any new one — nothing is lost or reordered — and
+  then sending it `{:handoff_done, stream, handoff_data}`, as quicer does. Only the owner may
+  call it (`{:error, :not_owner}`). Options:
+
+    * `:active` — the stream's mode for the new owner (default: the mode it had);
+    * `:handoff_data` — any term, for `handoff_done` (default `:undefined`). (quicer takes
+      this term as the third argument itself.)
+
+  Any other option, or an invalid mode, gives `{:error, {:bad_option, name}}` and changes
+  nothing. A `new_owner` that has already exited gives `{:error, :closed}`; one that is not a
+  local pid raises `ArgumentError`.
 
   Delivery pauses while the queued messages are forwarded, and the mode is set once they are.
   If the new owner uses the stream before that (`setopt/3` with `:active`, or `recv/3`), its
   choice stands and the mode from `opts` is not applied. For messages to stay in order, the new
-  owner should wait for a word from the old one before reading, as with
-  `:gen_tcp.controlling_process/2`.
+  owner should wait for `handoff_done` (`wait_for_handoff/2`) before it reads.
 
-      :ok = MaculaQuic.handoff_stream(stream, worker_pid, active: :once)
+      :ok = MaculaQuic.handoff_stream(stream, worker_pid, active: :once, handoff_data: :job_1)
   """
   @spec handoff_stream(stream(), pid(), options()) :: :ok | {:error, reason()}
   def handoff_stream(stream, new_owner, opts \\ []) do
@@ -1388,15 +1605,44 @@ defmodule MaculaQuic do
            {:ok, previous} <-
              native(:stream, stream, fn -> Native.stream_handoff(stream, new_owner) end) do
         forward_queued(stream, new_owner)
+        # Before delivery resumes, as quicer's: the forwarded messages, `handoff_done`, then
+        # the stream's new ones.
+        Kernel.send(new_owner, {:handoff_done, stream, Map.get(map, :handoff_data, :undefined)})
         Native.stream_handoff_resume(stream, Map.get(map, :active, previous))
       end
 
     checked(result, :stream, stream)
   end
 
+  @doc """
+  Waits, in the new owner, for `{:handoff_done, stream, data}` from `handoff_stream/3` called
+  by `from` (the old owner), and returns `{:ok, data}`; stream messages forwarded before it
+  are then in the caller's mailbox, in order. Returns `{:error, :owner_down}` if `from` exits
+  without handing the stream over. As quicer's, it has no timeout. `from` that is not a local
+  pid, or a handle that is not a stream, raises `ArgumentError`.
+
+      {:ok, :job_1} = MaculaQuic.wait_for_handoff(old_owner, stream)
+  """
+  @spec wait_for_handoff(pid(), stream()) :: {:ok, term()} | {:error, :owner_down}
+  def wait_for_handoff(from, stream) do
+    local_pid!(from)
+    check_handle!(:stream, stream)
+    monitor = Process.monitor(from)
+
+    # A `handoff_done` that `from` sent before exiting is in the mailbox before its `:DOWN`.
+    receive do
+      {:handoff_done, ^stream, data} ->
+        Process.demonitor(monitor, [:flush])
+        {:ok, data}
+
+      {:DOWN, ^monitor, :process, _, _} ->
+        {:error, :owner_down}
+    end
+  end
+
   # Checked before ownership moves, so a bad option changes nothing.
   defp check_handoff_opts(map) do
-    case Enum.find(Map.keys(map), &(&1 != :active)) do
+    case Enum.find(Map.keys(map), &(&1 not in [:active, :handoff_data])) do
       nil ->
         case map do
           %{active: a} when is_boolean(a) or a == :once -> :ok
@@ -1435,6 +1681,37 @@ defmodule MaculaQuic do
   def controlling_process(handle, pid) do
     local_pid!(pid)
     native(nil, handle, fn -> Native.controlling_process(handle, pid) end)
+  end
+
+  @doc """
+  The connection's owner, as quicer's `get_conn_owner/1`: `{:ok, pid}`, also once the
+  connection has closed (its last owner). A handle that is not a connection raises
+  `ArgumentError`.
+
+      {:ok, pid} = MaculaQuic.get_conn_owner(conn)
+  """
+  @spec get_conn_owner(connection()) :: {:ok, pid()}
+  def get_conn_owner(conn), do: owner_of(:connection, conn)
+
+  @doc """
+  The stream's owner, as quicer's `get_stream_owner/1` (see `get_conn_owner/1`).
+
+      {:ok, pid} = MaculaQuic.get_stream_owner(stream)
+  """
+  @spec get_stream_owner(stream()) :: {:ok, pid()}
+  def get_stream_owner(stream), do: owner_of(:stream, stream)
+
+  @doc """
+  The listener's owner, as quicer's `get_listener_owner/1` (see `get_conn_owner/1`).
+
+      {:ok, pid} = MaculaQuic.get_listener_owner(listener)
+  """
+  @spec get_listener_owner(listener()) :: {:ok, pid()}
+  def get_listener_owner(listener), do: owner_of(:listener, listener)
+
+  defp owner_of(kind, handle) do
+    check_handle!(kind, handle)
+    {:ok, Native.handle_owner(handle)}
   end
 
   @doc """

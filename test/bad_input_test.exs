@@ -220,6 +220,16 @@ defmodule MaculaQuic.BadInputTest do
         {:getopt, [c, :datagram_active], {:error, :datagrams_disabled}},
         {:handoff_stream, [s, self(), [foo: 1]], {:error, {:bad_option, :foo}}},
         {:handoff_stream, [s, self(), [active: :sometimes]], {:error, {:bad_option, :active}}},
+        {:handoff_stream, [s, self(), [handoff_data: 1, foo: 2]], {:error, {:bad_option, :foo}}},
+        {:getopt, [s, :active, :quic_tls], {:error, {:bad_level, :quic_tls}}},
+        {:setopt, [c, :datagram_active, true, 1], {:error, {:bad_level, 1}}},
+        {:getopt, [s, :linger, false], {:error, {:bad_option, :linger}}},
+        {:handshake, [c, [foo: 1], 10], {:error, {:bad_option, :foo}}},
+        {:handshake, [c, :nope, 10], {:error, {:bad_option, :nope}}},
+        {:handshake, [c, [], -1], {:error, :badarg}},
+        {:async_handshake, [c, %{certfile: "x"}], {:error, {:bad_option, :certfile}}},
+        {:start_stream, [c, [active: :sometimes]], {:error, {:bad_option, :active}}},
+        {:async_csend, [c, "x", [active: :sometimes], 0], {:error, {:bad_option, :active}}},
         {:getstat, [c, [:send_oct, :bogus]], {:error, {:bad_stat, :bogus}}},
         {:getstat, [c, [:send_oct | :improper]], {:error, {:bad_stat, :improper}}},
         {:getstat, [c, :send_oct], {:error, {:bad_stat, :send_oct}}},
@@ -322,6 +332,17 @@ defmodule MaculaQuic.BadInputTest do
         {:send, [s, "x", :fin],
          {:raise, ArgumentError, ~r/send\/3 expects non-negative integer flags/}},
         {:async_send, [s, %{}], {:raise, ArgumentError, ~r/expected iodata/}},
+        {:async_send, [s, "x", -1],
+         {:raise, ArgumentError, ~r/async_send\/3 expects non-negative integer flags/}},
+        {:async_send, [s, :x, 4096], {:raise, ArgumentError, ~r/expected iodata/}},
+        {:async_csend, [c, "x", [], :fin],
+         {:raise, ArgumentError, ~r/async_csend\/4 expects non-negative integer flags/}},
+        {:async_csend, [c, %{}, [], 0], {:raise, ArgumentError, ~r/expected iodata/}},
+        {:is_unidirectional, [-1],
+         {:raise, ArgumentError, ~r/is_unidirectional\/1 expects non-negative integer flags/}},
+        {:is_unidirectional, [:uni],
+         {:raise, ArgumentError, ~r/is_unidirectional\/1 expects non-negative integer flags/}},
+        {:async_send, [uni_in, "x", 4096], {:error, :einval}},
         {:send, [uni_in, "x"], {:error, :einval}},
         {:async_send, [uni_in, "x"], {:error, :einval}},
         {:async_shutdown_stream, [uni_in, 1, 0], {:error, :einval}},
@@ -331,6 +352,7 @@ defmodule MaculaQuic.BadInputTest do
         {:controlling_process, [c, dead_pid()], {:error, :closed}},
         {:handoff_stream, [s, "pid", []], {:raise, ArgumentError, ~r/expected a local pid/}},
         {:handoff_stream, [s, dead_pid(), []], {:error, :closed}},
+        {:wait_for_handoff, [:me, s], {:raise, ArgumentError, ~r/expected a local pid/}},
         {:controlling_process, [l, spawn(fn -> :ok end) |> tap(&await_dead/1)],
          {:error, :closed}},
         # --- wrong kinds of handles, and things that are not handles
@@ -379,6 +401,22 @@ defmodule MaculaQuic.BadInputTest do
         {:handshake, [s], bad_handle},
         {:async_handshake, [s], bad_handle},
         {:async_handshake, [l], bad_handle},
+        {:handshake, [s, [], 10], bad_handle},
+        {:handshake, [s, [foo: 1], -1], bad_handle},
+        {:async_handshake, [s, []], bad_handle},
+        {:async_handshake, [l, [foo: 1]], bad_handle},
+        {:get_conn_owner, [s], bad_handle},
+        {:get_stream_owner, [c], bad_handle},
+        {:get_listener_owner, [make_ref()], bad_handle},
+        {:start_stream, [l, []], bad_handle},
+        {:async_csend, [s, "x", [], 0], bad_handle},
+        {:async_send, [c, "x", 0], bad_handle},
+        {:async_close_stream, [c], bad_handle},
+        {:async_send_dgram, [s, "x"], bad_handle},
+        {:getopt, [l, :active, false], bad_handle},
+        {:getopt, [l, :active, :quic_tls], bad_handle},
+        {:setopt, [nil, :active, true, :quic_tls], bad_handle},
+        {:wait_for_handoff, [self(), c], bad_handle},
         {:close_listener, [c, 1_000], bad_handle},
         {:close_stream, [c, 1_000], bad_handle},
         {:close_connection, [s, 0, 0, 1_000], bad_handle},
@@ -406,7 +444,14 @@ defmodule MaculaQuic.BadInputTest do
         {:async_shutdown_stream, [closed_s, 6, 0], :ok},
         {:async_shutdown_stream, [closed_s, 1, 0], {:error, :closed}},
         {:async_shutdown_stream, [closed_s], {:error, :closed}},
-        {:close_stream, [closed_s, 1_000], {:error, :closed}}
+        {:close_stream, [closed_s, 1_000], {:error, :closed}},
+        {:async_send, [closed_s, "x", 4096], {:error, :closed}},
+        {:async_close_stream, [closed_s], {:error, :closed}},
+        {:async_send_dgram, [closed_c, "x"], {:error, :closed}},
+        {:start_stream, [closed_c, []], {:error, :closed}},
+        {:async_csend, [closed_c, "x", [], 0], {:error, :closed}},
+        {:handshake, [closed_c, [], 10], :ok},
+        {:async_handshake, [closed_c, []], {:error, :closed}}
       ]
   end
 
@@ -940,6 +985,10 @@ defmodule MaculaQuic.BadInputTest do
     :send,
     :open_stream,
     :send_dgram,
+    :async_send_dgram,
+    :start_stream,
+    :async_csend,
+    :wait_for_handoff,
     :close_listener,
     :close_connection,
     :close
@@ -1081,6 +1130,8 @@ defmodule MaculaQuic.BadInputTest do
     :accept,
     :async_accept,
     :open_stream,
+    :start_stream,
+    :async_csend,
     :accept_stream,
     :async_accept_stream,
     :controlling_process,
@@ -1165,6 +1216,9 @@ defmodule MaculaQuic.BadInputTest do
         :error
 
       n when is_integer(n) ->
+        :ok
+
+      b when is_boolean(b) ->
         :ok
 
       %{} ->

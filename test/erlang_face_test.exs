@@ -57,6 +57,42 @@ defmodule MaculaQuic.ErlangFaceTest do
     end
   end
 
+  test "include/macula_quic.hrl's flags are the values of the flag functions" do
+    pairs = [
+      QUIC_STREAM_SHUTDOWN_FLAG_GRACEFUL: :stream_shutdown_graceful,
+      QUIC_STREAM_SHUTDOWN_FLAG_ABORT_SEND: :stream_shutdown_abort_send,
+      QUIC_STREAM_SHUTDOWN_FLAG_ABORT_RECEIVE: :stream_shutdown_abort_receive,
+      QUIC_STREAM_SHUTDOWN_FLAG_ABORT: :stream_shutdown_abort,
+      QUIC_STREAM_SHUTDOWN_FLAG_IMMEDIATE: :stream_shutdown_immediate,
+      QUIC_CONNECTION_SHUTDOWN_FLAG_NONE: :connection_shutdown_none,
+      QUIC_CONNECTION_SHUTDOWN_FLAG_SILENT: :connection_shutdown_silent,
+      QUIC_SEND_FLAG_FIN: :send_flag_fin,
+      QUICER_SEND_FLAG_SYNC: :send_flag_sync,
+      QUIC_RECEIVE_FLAG_FIN: :recv_flag_fin
+    ]
+
+    hrl = Path.expand("../include/macula_quic.hrl", __DIR__)
+    dir = Path.join(System.tmp_dir!(), "macula_quic_hrl_#{System.unique_integer([:positive])}")
+    File.mkdir_p!(dir)
+    src = Path.join(dir, "macula_quic_hrl_check.erl")
+    macros = Enum.map_join(pairs, ", ", fn {macro, _} -> "?#{macro}" end)
+
+    File.write!(src, """
+    -module(macula_quic_hrl_check).
+    -export([flags/0]).
+    -include("#{hrl}").
+    flags() -> [#{macros}].
+    """)
+
+    {:ok, mod, beam} = :compile.file(String.to_charlist(src), [:binary])
+    {:module, ^mod} = :code.load_binary(mod, String.to_charlist(src), beam)
+    File.rm_rf!(dir)
+
+    assert mod.flags() == Enum.map(pairs, fn {_, fun} -> apply(:macula_quic, fun, []) end)
+    :code.purge(mod)
+    :code.delete(mod)
+  end
+
   for mod <- [MaculaQuic, :macula_quic] do
     describe "#{inspect(mod)}" do
       @mod mod
@@ -213,17 +249,188 @@ defmodule MaculaQuic.ErlangFaceTest do
         :ok = m.send(s, "", 4)
         assert_receive {:quic, :new_stream, ss, _}, @wait
 
+        # handoff_done comes after every forwarded message (the heir looks once the handoff
+        # is over), and wait_for_handoff/2 returns its data.
         heir =
           spawn(fn ->
-            receive do
-              :go -> send(test, {:heir_got, collect(m, ss, [])})
-            end
+            receive(do: (:go -> :ok))
+            {:messages, msgs} = Process.info(self(), :messages)
+            before = Enum.take_while(msgs, &(not match?({:handoff_done, ^ss, _}, &1)))
+            forwarded = Enum.count(before, &match?({:quic, _, ^ss, _}, &1))
+            {:ok, data} = m.wait_for_handoff(test, ss)
+            send(test, {:heir_got, data, forwarded, collect(m, ss, [])})
           end)
 
-        :ok = m.handoff_stream(ss, heir, [])
+        wait_until_queued(ss, 2)
+        mine = queued(ss)
+        :ok = m.handoff_stream(ss, heir, [{:handoff_data, {:job, 1}}])
+        assert {:ok, ^heir} = m.get_stream_owner(ss)
         send(heir, :go)
-        assert_receive {:heir_got, got}, @wait
+        assert_receive {:heir_got, {:job, 1}, forwarded, got}, @wait
+        assert forwarded >= mine
         assert got == Enum.map_join(1..20, &"#{&1};")
+
+        # Without handoff_data, quicer's undefined; an old owner that exits instead of handing
+        # over: owner_down.
+        {:ok, s2} = m.open_stream(c, [])
+        :ok = m.async_accept_stream(sc, [{:active, true}])
+        :ok = m.send(s2, "x")
+        assert_receive {:quic, :new_stream, ss2, _}, @wait
+
+        waiter = fn from ->
+          spawn(fn -> send(test, {:waited, m.wait_for_handoff(from, ss2)}) end)
+        end
+
+        w1 = waiter.(test)
+        :ok = m.handoff_stream(ss2, w1)
+        assert_receive {:waited, {:ok, :undefined}}, @wait
+        {gone, ref} = spawn_monitor(fn -> :ok end)
+        assert_receive {:DOWN, ^ref, _, _, _}, @wait
+        waiter.(gone)
+        assert_receive {:waited, {:error, :owner_down}}, @wait
+
+        assert_raise ArgumentError, ~r/expected a local pid/, fn ->
+          m.wait_for_handoff(:me, ss)
+        end
+
+        assert_raise ArgumentError, ~r/expected a stream handle/, fn ->
+          m.wait_for_handoff(test, c)
+        end
+
+        :ok = m.close(c)
+        :ok = m.close(l)
+      end
+
+      test "quicer's names for the rest: start_stream, async_csend, async_send/3, getopt/3, owners, ..." do
+        m = @mod
+        {c, sc, l} = pair(m)
+        test = self()
+
+        # Owners, the handshake calls with options, levels.
+        assert {:ok, ^test} = m.get_conn_owner(c)
+        assert {:ok, ^test} = m.get_listener_owner(l)
+
+        assert_raise ArgumentError, ~r/expected a connection handle/, fn ->
+          m.get_conn_owner(l)
+        end
+
+        assert_raise ArgumentError, ~r/expected a listener handle/, fn ->
+          m.get_listener_owner(c)
+        end
+
+        assert :ok = m.handshake(sc, [], @wait)
+        assert {:error, {:bad_option, :certfile}} = m.handshake(sc, [{:certfile, ~c"x"}], @wait)
+        assert {:error, :badarg} = m.handshake(sc, [], -1)
+        assert {:error, {:bad_option, :alpn}} = m.async_handshake(sc, %{alpn: ["t"]})
+        refute_received {:quic, :connected, ^sc, _}
+        assert :ok = m.async_handshake(sc, %{})
+        assert_receive {:quic, :connected, ^sc, %{alpns: "t"}}, @wait
+
+        # start_stream/2 and async_send/3 with FIN: the peer gets the data, then the end.
+        :ok = m.async_accept_stream(sc, [{:active, true}])
+        {:ok, s1} = m.start_stream(c, %{active: false})
+        assert {:ok, false} = m.getopt(s1, :active, false)
+        assert :ok = m.setopt(s1, :active, :once, false)
+        assert {:ok, :once} = m.getopt(s1, :active)
+        assert {:error, {:bad_level, :quic_tls}} = m.getopt(s1, :active, :quic_tls)
+
+        assert {:error, {:bad_level, :quic_configuration}} =
+                 m.setopt(c, :x, 1, :quic_configuration)
+
+        assert_raise ArgumentError, ~r/expected a stream or connection handle/, fn ->
+          m.getopt(l, :active, :quic_tls)
+        end
+
+        :ok = m.async_send(s1, "one", m.send_flag_fin())
+        assert_receive {:quic, :new_stream, ss1, %{flags: flags1}}, @wait
+        refute m.is_unidirectional(flags1)
+        assert {:ok, ^test} = m.get_stream_owner(ss1)
+        assert_receive {:quic, "one", ^ss1, _}, @wait
+        assert_receive {:quic, :peer_send_shutdown, ^ss1, _}, @wait
+        refute_received {:quic, :send_complete, _, _}
+        assert {:error, :closed} = m.async_send(s1, "more", 0)
+
+        # async_csend/4: a unidirectional stream opened and written in one call.
+        :ok = m.async_accept_stream(sc, [{:active, true}])
+        {:ok, s2} = m.async_csend(c, ["two", ?!], [{:open_flag, 1}], m.send_flag_fin())
+        assert_receive {:quic, :new_stream, ss2, %{flags: flags2}}, @wait
+        assert m.is_unidirectional(flags2)
+        assert collect(m, ss2, []) == "two!"
+        assert {:error, :einval} = m.async_send(ss2, "x", 0)
+
+        assert_raise ArgumentError, ~r/async_csend\/4 expects non-negative integer flags/, fn ->
+          m.async_csend(c, "x", [], :fin)
+        end
+
+        # async_close_stream/1: graceful, at once.
+        :ok = m.async_accept_stream(sc, [{:active, true}])
+        {:ok, s3} = m.open_stream(c, [])
+        :ok = m.send(s3, "three")
+        assert_receive {:quic, :new_stream, ss3, _}, @wait
+        assert :ok = m.async_close_stream(s3)
+        assert collect(m, ss3, []) == "three"
+
+        # async_send_dgram/2, on a connection with datagrams.
+        dg = [{:alpn, [~c"t"]}, {:datagram_receive_enabled, true}]
+        {:ok, l2} = m.listen({~c"127.0.0.1", 0}, dg)
+        {:ok, {_, port2}} = m.sockname(l2)
+        :ok = m.async_accept(l2)
+        {:ok, c2} = m.connect(~c"127.0.0.1", port2, [{:verify, :none} | dg], @wait)
+        assert_receive {:quic, :new_conn, sc2, _}, @wait
+        assert :ok = m.async_send_dgram(c2, [~c"d", "g"])
+        assert_receive {:quic, "dg", ^sc2, 0}, @wait
+
+        for x <- [s2, c, l, c2, l2], do: :ok = m.close(x)
+      end
+
+      test "async_send/3 with the sync flag: send_complete once Quinn has the data, or never will" do
+        m = @mod
+        {c, sc, l} = pair(m)
+        sync = m.send_flag_sync()
+
+        # Small: Quinn takes it at once (in the call, or from the stream's writer task).
+        :ok = m.async_accept_stream(sc, [{:active, false}])
+        {:ok, s} = m.open_stream(c, [])
+        :ok = m.async_send(s, "hi", sync)
+        assert_receive {:quic, :send_complete, ^s, false}, @wait
+        assert_receive {:quic, :new_stream, ss, _}, @wait
+
+        # 8 MiB is more than the peer's windows let Quinn take while nobody reads: no
+        # send_complete until the peer has read its way through, and a blocking send queued
+        # behind it still returns.
+        big = :binary.copy(<<7>>, 8 * 1_048_576)
+        :ok = m.async_send(s, big, sync)
+        refute_received {:quic, :send_complete, ^s, _}
+        sender = Task.async(fn -> m.send(s, "tail", m.send_flag_fin()) end)
+        # By the time 1 MiB has come through, the writer has handed Quinn all it could take.
+        assert {:ok, first} = m.recv(ss, 1_048_576, @wait)
+        refute_received {:quic, :send_complete, ^s, _}
+        assert {:ok, rest} = m.recv(ss, 2 + byte_size(big) + 4 - byte_size(first), @wait * 2)
+        assert byte_size(rest) == 2 + byte_size(big) + 4 - 1_048_576
+        assert_receive {:quic, :send_complete, ^s, false}, @wait
+        assert :ok = Task.await(sender, @wait)
+
+        # Cancelled: the peer stops reading (STOP_SENDING) with most of it still waiting.
+        :ok = m.async_accept_stream(sc, [{:active, false}])
+        {:ok, s2} = m.open_stream(c, [])
+        :ok = m.send(s2, "a")
+        assert_receive {:quic, :new_stream, ss2, _}, @wait
+        :ok = m.async_send(s2, big, bor_fin(m, sync))
+        :ok = m.async_shutdown_stream(ss2, m.stream_shutdown_abort_receive(), 9)
+        assert_receive {:quic, :send_complete, ^s2, true}, @wait
+        assert_receive {:quic, :peer_receive_aborted, ^s2, 9}, @wait
+
+        # Cancelled by the connection's end; a send refused at once gets no message.
+        {:ok, s3} = m.open_stream(c, [])
+        :ok = m.async_send(s3, big, sync)
+        :ok = m.close_connection(sc)
+        assert_receive {:quic, :send_complete, ^s3, true}, @wait
+        assert {:error, _} = m.async_send(s3, "late", sync)
+        refute_received {:quic, :send_complete, ^s3, _}
+
+        assert_raise ArgumentError, ~r/async_send\/3 expects non-negative integer flags/, fn ->
+          m.async_send(s3, "x", -1)
+        end
 
         :ok = m.close(c)
         :ok = m.close(l)
@@ -316,6 +523,20 @@ defmodule MaculaQuic.ErlangFaceTest do
     after
       @wait -> {:stalled, IO.iodata_to_binary(acc)}
     end
+  end
+
+  defp bor_fin(m, flags), do: Bitwise.bor(flags, m.send_flag_fin())
+
+  # The test process's queued messages about stream `ss`.
+  defp queued(ss) do
+    {:messages, msgs} = Process.info(self(), :messages)
+    Enum.count(msgs, &match?({:quic, _, ^ss, _}, &1))
+  end
+
+  # Until at least `n` are queued (no message announces that).
+  defp wait_until_queued(ss, n) do
+    unless MaculaQuic.Test.Quic.wait_until(fn -> queued(ss) >= n end),
+      do: flunk("nothing queued for the stream")
   end
 
   defp run_in(pid, fun) do

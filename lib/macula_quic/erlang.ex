@@ -28,7 +28,9 @@ defmodule :macula_quic do
     accept: 3,
     handshake: 1,
     handshake: 2,
+    handshake: 3,
     async_handshake: 1,
+    async_handshake: 2,
     close_listener: 1,
     close_listener: 2,
     connect: 3,
@@ -50,8 +52,10 @@ defmodule :macula_quic do
     sockname: 1,
     getstat: 2,
     send_dgram: 2,
+    async_send_dgram: 2,
     open_stream: 1,
     open_stream: 2,
+    start_stream: 2,
     get_stream_id: 1,
     async_accept_stream: 1,
     async_accept_stream: 2,
@@ -61,21 +65,30 @@ defmodule :macula_quic do
     send: 2,
     send: 3,
     async_send: 2,
+    async_send: 3,
+    async_csend: 4,
     recv: 2,
     recv: 3,
     setopt: 3,
+    setopt: 4,
     getopt: 2,
+    getopt: 3,
     close_stream: 1,
     close_stream: 2,
     close_stream: 4,
     async_shutdown_stream: 1,
+    async_close_stream: 1,
     async_shutdown_stream: 3,
     shutdown_stream: 1,
     shutdown_stream: 2,
     shutdown_stream: 4,
     handoff_stream: 2,
     handoff_stream: 3,
+    wait_for_handoff: 2,
     controlling_process: 2,
+    get_conn_owner: 1,
+    get_stream_owner: 1,
+    get_listener_owner: 1,
     close: 1,
     native_counts: 0,
     stream_shutdown_graceful: 0,
@@ -85,7 +98,10 @@ defmodule :macula_quic do
     stream_shutdown_immediate: 0,
     connection_shutdown_none: 0,
     connection_shutdown_silent: 0,
-    recv_flag_fin: 0
+    recv_flag_fin: 0,
+    send_flag_fin: 0,
+    send_flag_sync: 0,
+    is_unidirectional: 1
   ]
 
   # The same types as MaculaQuic's specs, arity by arity (an arity that MaculaQuic gets from
@@ -111,7 +127,11 @@ defmodule :macula_quic do
           {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
   @spec handshake(MaculaQuic.connection()) :: :ok
   @spec handshake(MaculaQuic.connection(), timeout()) :: :ok
+  @spec handshake(MaculaQuic.connection(), MaculaQuic.options(), timeout()) ::
+          :ok | {:error, MaculaQuic.reason()}
   @spec async_handshake(MaculaQuic.connection()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec async_handshake(MaculaQuic.connection(), MaculaQuic.options()) ::
+          :ok | {:error, MaculaQuic.reason()}
   @spec close_listener(MaculaQuic.listener()) :: :ok
   @spec close_listener(MaculaQuic.listener(), timeout()) :: :ok | {:error, :badarg}
   @spec connect(MaculaQuic.host(), :inet.port_number(), MaculaQuic.options()) ::
@@ -148,9 +168,13 @@ defmodule :macula_quic do
   @spec getstat(MaculaQuic.connection() | MaculaQuic.stream(), [atom()]) ::
           {:ok, [{atom(), non_neg_integer()}]} | {:error, MaculaQuic.reason()}
   @spec send_dgram(MaculaQuic.connection(), iodata()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec async_send_dgram(MaculaQuic.connection(), iodata()) ::
+          :ok | {:error, MaculaQuic.reason()}
   @spec open_stream(MaculaQuic.connection()) ::
           {:ok, MaculaQuic.stream()} | {:error, MaculaQuic.reason()}
   @spec open_stream(MaculaQuic.connection(), MaculaQuic.options()) ::
+          {:ok, MaculaQuic.stream()} | {:error, MaculaQuic.reason()}
+  @spec start_stream(MaculaQuic.connection(), MaculaQuic.options()) ::
           {:ok, MaculaQuic.stream()} | {:error, MaculaQuic.reason()}
   @spec get_stream_id(MaculaQuic.stream()) :: {:ok, non_neg_integer()}
   @spec async_accept_stream(MaculaQuic.connection()) :: :ok | {:error, MaculaQuic.reason()}
@@ -166,6 +190,10 @@ defmodule :macula_quic do
   @spec send(MaculaQuic.stream(), iodata(), non_neg_integer()) ::
           :ok | {:error, MaculaQuic.reason()}
   @spec async_send(MaculaQuic.stream(), iodata()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec async_send(MaculaQuic.stream(), iodata(), non_neg_integer()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec async_csend(MaculaQuic.connection(), iodata(), MaculaQuic.options(), non_neg_integer()) ::
+          {:ok, MaculaQuic.stream()} | {:error, MaculaQuic.reason()}
   @spec recv(MaculaQuic.stream(), non_neg_integer()) ::
           {:ok, binary()} | {:error, MaculaQuic.reason()}
   @spec recv(MaculaQuic.stream(), non_neg_integer(), timeout()) ::
@@ -182,11 +210,16 @@ defmodule :macula_quic do
           :ok | {:error, MaculaQuic.reason()}
   @spec getopt(MaculaQuic.connection(), :datagram_active) ::
           {:ok, MaculaQuic.active()} | {:error, MaculaQuic.reason()}
+  @spec getopt(MaculaQuic.stream() | MaculaQuic.connection(), atom(), false | atom()) ::
+          {:ok, term()} | {:error, MaculaQuic.reason()}
+  @spec setopt(MaculaQuic.stream() | MaculaQuic.connection(), atom(), term(), false | atom()) ::
+          :ok | {:error, MaculaQuic.reason()}
   @spec close_stream(MaculaQuic.stream()) :: :ok
   @spec close_stream(MaculaQuic.stream(), timeout()) :: :ok | {:error, MaculaQuic.reason()}
   @spec close_stream(MaculaQuic.stream(), non_neg_integer(), non_neg_integer(), timeout()) ::
           :ok | {:error, MaculaQuic.reason()}
   @spec async_shutdown_stream(MaculaQuic.stream()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec async_close_stream(MaculaQuic.stream()) :: :ok | {:error, MaculaQuic.reason()}
   @spec async_shutdown_stream(MaculaQuic.stream(), non_neg_integer(), non_neg_integer()) ::
           :ok | {:error, MaculaQuic.reason()}
   @spec shutdown_stream(MaculaQuic.stream()) :: :ok | {:error, MaculaQuic.reason()}
@@ -196,7 +229,11 @@ defmodule :macula_quic do
   @spec handoff_stream(MaculaQuic.stream(), pid()) :: :ok | {:error, MaculaQuic.reason()}
   @spec handoff_stream(MaculaQuic.stream(), pid(), MaculaQuic.options()) ::
           :ok | {:error, MaculaQuic.reason()}
+  @spec wait_for_handoff(pid(), MaculaQuic.stream()) :: {:ok, term()} | {:error, :owner_down}
   @spec controlling_process(MaculaQuic.handle(), pid()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec get_conn_owner(MaculaQuic.connection()) :: {:ok, pid()}
+  @spec get_stream_owner(MaculaQuic.stream()) :: {:ok, pid()}
+  @spec get_listener_owner(MaculaQuic.listener()) :: {:ok, pid()}
   @spec close(MaculaQuic.handle()) :: :ok
   @spec native_counts() :: %{required(atom()) => non_neg_integer()}
   @spec stream_shutdown_graceful() :: 1
@@ -207,6 +244,9 @@ defmodule :macula_quic do
   @spec connection_shutdown_none() :: 0
   @spec connection_shutdown_silent() :: 1
   @spec recv_flag_fin() :: 2
+  @spec send_flag_fin() :: 4
+  @spec send_flag_sync() :: 4096
+  @spec is_unidirectional(non_neg_integer()) :: boolean()
 
   for {name, arity} <- @api do
     args = Macro.generate_arguments(arity, __MODULE__)

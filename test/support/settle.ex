@@ -7,7 +7,7 @@ defmodule MaculaQuic.Test.Settle do
   def await_clean!(expected, timeout \\ 10_000),
     do: MaculaQuic.Test.Quic.await_counts!(expected, timeout, &flush_quic/0)
 
-  @doc "Drops every `{:quic, ...}` message (3- and 4-tuples) in the mailbox, closing orphan streams."
+  @doc "Drops every `{:quic, ...}` message (3- and 4-tuples) and `handoff_done` in the mailbox, closing orphan streams."
   def flush_quic do
     receive do
       # An orphan stream (its acceptor exited) is this process's: close it, or it stays open.
@@ -19,6 +19,10 @@ defmodule MaculaQuic.Test.Settle do
         flush_quic()
 
       {:quic, _, _} ->
+        flush_quic()
+
+      # handoff_stream/3's word to the new owner holds the stream too.
+      {:handoff_done, _, _} ->
         flush_quic()
     after
       0 -> :ok

@@ -76,46 +76,76 @@ struct Pending {
     pid: LocalPid,
     env: OwnedEnv,
     tag: SavedTerm,
+    shape: Shape,
+}
+
+/// How an answer is worded.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// `{Tag, Result}`, for a caller waiting in a `receive` on its tag.
+    Tagged,
+    /// quicer's `{quic, send_complete, Stream, IsCancelled}`, the tag being the stream: sent to
+    /// a process that asked to hear when a send's data was taken (`async_send/3`'s sync flag).
+    SendComplete,
 }
 
 impl Pending {
-    fn send<F>(mut self, build: F) -> bool
+    /// Sends the answer: `build`'s term for a tagged reply; for a `send_complete`, whether the
+    /// send was cancelled (`!ok`).
+    fn send<F>(self, ok: bool, build: F) -> bool
     where
         F: for<'a> FnOnce(Env<'a>) -> Term<'a>,
     {
+        let shape = self.shape;
         if rustler::thread::is_scheduler_thread() {
             let (env, tag) = (self.env, self.tag);
             return send_from_scheduler(&self.pid, move |e| {
                 let t = env.run(|own| tag.load(own).in_env(e));
-                (t, build(e)).encode(e)
+                shape.word(e, t, ok, build)
             });
         }
         let tag = self.tag;
-        self.env
-            .send_and_clear(&self.pid, move |e| {
-                let t = tag.load(e);
-                (t, build(e)).encode(e)
-            })
-            .is_ok()
+        let mut env = self.env;
+        env.send_and_clear(&self.pid, move |e| shape.word(e, tag.load(e), ok, build)).is_ok()
     }
 }
+
+impl Shape {
+    fn word<'a>(self, e: Env<'a>, tag: Term<'a>, ok: bool, build: impl FnOnce(Env<'a>) -> Term<'a>) -> Term<'a> {
+        match self {
+            Shape::Tagged => (tag, build(e)).encode(e),
+            Shape::SendComplete => (crate::atoms::quic(), send_complete(), tag, !ok).encode(e),
+        }
+    }
+}
+
+rustler::atoms! { send_complete }
 
 impl Reply {
     /// Captures the caller and its tag. Called inside the NIF that starts the request.
     pub fn new(pid: LocalPid, tag: Term) -> Reply {
         let env = OwnedEnv::new();
         let tag = env.save(tag);
-        Reply { inner: Some(Pending { pid, env, tag }) }
+        Reply { inner: Some(Pending { pid, env, tag, shape: Shape::Tagged }) }
     }
 
-    /// Sends `{Tag, Result}`, from a runtime thread or a shard running inline.
+    /// A reply worded as quicer's `{quic, send_complete, Stream, IsCancelled}` to `pid`:
+    /// `ok` sends `IsCancelled = false`; `error`, or dropping it unanswered, `true`.
+    pub fn send_complete(pid: LocalPid, stream: Term) -> Reply {
+        let env = OwnedEnv::new();
+        let tag = env.save(stream);
+        Reply { inner: Some(Pending { pid, env, tag, shape: Shape::SendComplete }) }
+    }
+
+    /// Sends `{Tag, Result}`, from a runtime thread or a shard running inline. (A
+    /// `send_complete` reply takes any answer sent this way as success.)
     pub fn send<F>(mut self, build: F) -> bool
     where
         F: for<'a> FnOnce(Env<'a>) -> Term<'a>,
     {
         crate::chaos::pause();
         match self.inner.take() {
-            Some(p) => p.send(build),
+            Some(p) => p.send(true, build),
             None => false,
         }
     }
@@ -126,8 +156,12 @@ impl Reply {
     }
 
     /// Sends `{Tag, {:error, Reason}}`.
-    pub fn error<R: Encoder + Send + 'static>(self, reason: R) -> bool {
-        self.send(move |e| (crate::atoms::error(), reason).encode(e))
+    pub fn error<R: Encoder + Send + 'static>(mut self, reason: R) -> bool {
+        crate::chaos::pause();
+        match self.inner.take() {
+            Some(p) => p.send(false, move |e| (crate::atoms::error(), reason).encode(e)),
+            None => false,
+        }
     }
 
     /// The process waiting, while the request is unanswered.
@@ -156,6 +190,6 @@ impl Drop for Reply {
         let Some(pending) = self.inner.take() else { return };
         let reason = dropped_reason();
         // `send` also copes with a scheduler thread (a destructor, or a shard run inline).
-        pending.send(move |e| (crate::atoms::error(), reason).encode(e));
+        pending.send(false, move |e| (crate::atoms::error(), reason).encode(e));
     }
 }

@@ -166,9 +166,9 @@ struct SendSide {
     /// data ends, and how far Quinn has got. What lies between is `pending()`.
     queued_total: u64,
     taken_total: u64,
-    /// Blocking sends not answered yet, in order, each with the `taken_total` at which it is
-    /// answered (see `SEND_AHEAD`; `u64::MAX` for a send that finishes the stream, answered
-    /// once Quinn has the FIN).
+    /// Blocking sends not answered yet, and `send_complete`s not sent yet, in order of the
+    /// `taken_total` at which each is answered (see `SEND_AHEAD`; `u64::MAX` for a send that
+    /// finishes the stream, answered once Quinn has the FIN).
     waiting: VecDeque<(u64, Reply)>,
     /// Why the send side ended, for sends attempted after it did.
     ended: Option<Reason>,
@@ -901,6 +901,15 @@ fn poll_queue(sd: &mut SendSide, send_pend: &AtomicUsize, cx: &mut Context) -> P
     }
 }
 
+/// Adds a reply due once Quinn has taken `due` bytes in all, keeping `waiting` in the order
+/// `answer_waiting` needs. A blocking send's is due before all of its data is taken (see
+/// `SEND_AHEAD`), a `send_complete`'s after, so a blocking send may be due before the
+/// `send_complete` queued ahead of it.
+fn wait_for(waiting: &mut VecDeque<(u64, Reply)>, due: u64, reply: Reply) {
+    let at = waiting.iter().rposition(|(d, _)| *d <= due).map_or(0, |i| i + 1);
+    waiting.insert(at, (due, reply));
+}
+
 /// Answers `:ok` to the waiting sends due once Quinn has taken `taken` bytes in all. In order, so
 /// each call looks at one entry more than it answers.
 fn answer_waiting(waiting: &mut VecDeque<(u64, Reply)>, taken: u64) {
@@ -1057,8 +1066,11 @@ fn err<'a>(env: Env<'a>, reason: impl Encoder) -> Term<'a> {
     (atoms::error(), reason).encode(env)
 }
 
-/// `stream_send(Stream, Binary, Tag | nil, Fin)`. Without a tag (`async_send`): returns `:ok`
-/// at once (`{:error, :send_queue_full}` past the async queue limit). With a tag (blocking
+/// `stream_send(Stream, Binary, Tag | nil | complete, Fin)`. Without a tag (`async_send`):
+/// returns `:ok` at once (`{:error, :send_queue_full}` past the async queue limit); with
+/// `complete` the caller also gets quicer's `{quic, send_complete, Stream, IsCancelled}` once
+/// Quinn has taken all of this data (and the FIN, with `Fin`), or the send side ended first
+/// (`async_send/3` with the sync flag). With a tag (blocking
 /// `send`): `:ok` when the data fits within `SEND_AHEAD` with what waits before it (and does
 /// not finish the stream), else `:wait`, and the caller is answered `{Tag, :ok | {:error,
 /// Reason}}` once the queue has drained that far, or Quinn has the FIN (or the send side ended).
@@ -1081,11 +1093,12 @@ fn stream_send_now<'a>(
     fin: bool,
     now: bool,
 ) -> Term<'a> {
-    rustler::atoms! { wait }
+    rustler::atoms! { wait, complete }
     let Some(side) = &s.send else {
         return err(env, atoms::einval());
     };
     let is_async = tag.is_atom();
+    let notify = tag == complete().to_term(env);
     let len = data.len();
     let mut sd = lock(side);
     if let Some(reason) = &sd.ended {
@@ -1101,6 +1114,9 @@ fn stream_send_now<'a>(
     if now && !fin {
         sd.taken_total += write_now(&s, &mut sd, &mut bytes) as u64;
         if bytes.is_empty() {
+            if notify {
+                Reply::send_complete(env.pid(), s.encode(env)).ok();
+            }
             return atoms::ok().encode(env);
         }
     }
@@ -1115,7 +1131,11 @@ fn stream_send_now<'a>(
     let answered = is_async || (!fin && sd.pending() <= SEND_AHEAD);
     if !answered {
         let due = if fin { u64::MAX } else { sd.queued_total.saturating_sub(SEND_AHEAD as u64) };
-        sd.waiting.push_back((due, Reply::new(env.pid(), tag)));
+        wait_for(&mut sd.waiting, due, Reply::new(env.pid(), tag));
+    }
+    if notify {
+        let due = if fin { u64::MAX } else { sd.queued_total };
+        wait_for(&mut sd.waiting, due, Reply::send_complete(env.pid(), s.encode(env)));
     }
     sd.queue.push_back(SendCmd::Data { bytes, fin, is_async });
     drop(sd);
