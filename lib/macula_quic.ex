@@ -1591,7 +1591,13 @@ defmodule MaculaQuic do
   Delivery pauses while the queued messages are forwarded, and the mode is set once they are.
   If the new owner uses the stream before that (`setopt/3` with `:active`, or `recv/3`), its
   choice stands and the mode from `opts` is not applied. For messages to stay in order, the new
-  owner should wait for `handoff_done` (`wait_for_handoff/2`) before it reads.
+  owner should wait for `handoff_done` (`wait_for_handoff/2`) before it reads. The pause holds
+  back data and the stream's end (`peer_send_shutdown`, `peer_send_aborted`); `stream_closed`
+  and `peer_receive_aborted`, which no mode holds back, go to the new owner as they happen,
+  and may arrive before `handoff_done` (quicer buffers them during a handoff).
+
+  Handing the stream to its owner itself only applies `:active` and sends `handoff_done` to
+  the caller, as quicer does: its messages are in its mailbox already.
 
       :ok = MaculaQuic.handoff_stream(stream, worker_pid, active: :once, handoff_data: :job_1)
   """
@@ -1602,17 +1608,32 @@ defmodule MaculaQuic do
     result =
       with {:ok, map} <- Options.to_map(opts),
            :ok <- check_handoff_opts(map),
+           :elsewhere <- handoff_to_self(stream, new_owner, map),
            {:ok, previous} <-
              native(:stream, stream, fn -> Native.stream_handoff(stream, new_owner) end) do
         forward_queued(stream, new_owner)
         # Before delivery resumes, as quicer's: the forwarded messages, `handoff_done`, then
-        # the stream's new ones.
+        # the stream's new data (see the doc for the two messages the pause does not hold).
         Kernel.send(new_owner, {:handoff_done, stream, Map.get(map, :handoff_data, :undefined)})
         Native.stream_handoff_resume(stream, Map.get(map, :active, previous))
       end
 
     checked(result, :stream, stream)
   end
+
+  # To the owner itself (as quicer's): its mailbox holds the stream's messages in order
+  # already, so there is nothing to forward, and forwarding them to itself would never end.
+  defp handoff_to_self(stream, new_owner, map) when new_owner == self() do
+    check_handle!(:stream, stream)
+
+    with :ok <- if(owner?(stream), do: :ok, else: {:error, :not_owner}),
+         :ok <- if(Map.has_key?(map, :active), do: setopt(stream, :active, map.active), else: :ok) do
+      Kernel.send(self(), {:handoff_done, stream, Map.get(map, :handoff_data, :undefined)})
+      :ok
+    end
+  end
+
+  defp handoff_to_self(_stream, _new_owner, _map), do: :elsewhere
 
   @doc """
   Waits, in the new owner, for `{:handoff_done, stream, data}` from `handoff_stream/3` called

@@ -289,6 +289,32 @@ defmodule MaculaQuic.ErlangFaceTest do
         waiter.(gone)
         assert_receive {:waited, {:error, :owner_down}}, @wait
 
+        # To the owner itself: no forwarding (the messages stay as they are), handoff_done.
+        {:ok, s3} = m.open_stream(c, [])
+        :ok = m.async_accept_stream(sc, [{:active, true}])
+        :ok = m.send(s3, "y")
+        assert_receive {:quic, :new_stream, ss3, _}, @wait
+        assert_receive {:quic, "y", ^ss3, _} = y, @wait
+        send(self(), y)
+        :ok = m.controlling_process(ss3, test)
+        assert :ok = m.handoff_stream(ss3, test, [{:handoff_data, :mine}, {:active, :once}])
+        assert {:ok, :mine} = m.wait_for_handoff(test, ss3)
+        assert {:ok, :once} = m.getopt(ss3, :active)
+        assert_received {:quic, "y", ^ss3, _}
+        assert {:error, :not_owner} = run_in(self(), fn -> m.handoff_stream(ss, self()) end)
+
+        # A handle given to its owner itself is still shut down when that owner exits.
+        {:ok, {_, port}} = m.sockname(l)
+        :ok = m.async_accept(l)
+
+        spawn(fn ->
+          {:ok, c2} = m.connect(~c"127.0.0.1", port, [{:alpn, [~c"t"]}, {:verify, :none}], @wait)
+          :ok = m.controlling_process(c2, self())
+        end)
+
+        assert_receive {:quic, :new_conn, sc2, _}, @wait
+        assert_receive {:quic, :shutdown, ^sc2, 0}, @wait
+
         assert_raise ArgumentError, ~r/expected a local pid/, fn ->
           m.wait_for_handoff(:me, ss)
         end
@@ -416,6 +442,9 @@ defmodule MaculaQuic.ErlangFaceTest do
         :ok = m.send(s2, "a")
         assert_receive {:quic, :new_stream, ss2, _}, @wait
         :ok = m.async_send(s2, big, bor_fin(m, sync))
+        # Nothing may follow the FIN: refused, never queued behind it and dropped.
+        assert {:error, :closed} = m.async_send(s2, "after", sync)
+        assert {:error, :closed} = m.send(s2, "after")
         :ok = m.async_shutdown_stream(ss2, m.stream_shutdown_abort_receive(), 9)
         assert_receive {:quic, :send_complete, ^s2, true}, @wait
         assert_receive {:quic, :peer_receive_aborted, ^s2, 9}, @wait

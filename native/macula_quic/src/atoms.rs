@@ -5,7 +5,7 @@ rustler::atoms! {
     // message tags
     new_conn, new_stream, peer_send_shutdown, peer_send_aborted, peer_receive_aborted,
     stream_closed, shutdown, transport_shutdown, closed, passive, listener_stopped,
-    send_shutdown_complete,
+    send_shutdown_complete, send_complete,
     // result reasons
     timeout, not_owner, badarg, eaddrinuse, eaddrnotavail, eacces, einval, enomem,
     bad_option, missing_option, bad_address, nxdomain, send_queue_full, stream_limit_reached,

@@ -114,12 +114,10 @@ impl Shape {
     fn word<'a>(self, e: Env<'a>, tag: Term<'a>, ok: bool, build: impl FnOnce(Env<'a>) -> Term<'a>) -> Term<'a> {
         match self {
             Shape::Tagged => (tag, build(e)).encode(e),
-            Shape::SendComplete => (crate::atoms::quic(), send_complete(), tag, !ok).encode(e),
+            Shape::SendComplete => (crate::atoms::quic(), crate::atoms::send_complete(), tag, !ok).encode(e),
         }
     }
 }
-
-rustler::atoms! { send_complete }
 
 impl Reply {
     /// Captures the caller and its tag. Called inside the NIF that starts the request.

@@ -181,6 +181,11 @@ impl Owner {
         if self.pid != env.pid() {
             return Err(atoms::not_owner());
         }
+        // To itself: nothing changes. (Going on would register the handle with its own entry,
+        // then remove it from there, and the owner's exit would no longer shut it down.)
+        if new_pid == self.pid {
+            return Ok(());
+        }
         let Some(new) = entry_for(Some(env), new_pid) else { return Err(atoms::closed()) };
         if let Some(old) = self.entry.take() {
             if !new.add(self.key, Arc::new(handle.clone())) {

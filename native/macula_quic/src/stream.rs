@@ -172,6 +172,10 @@ struct SendSide {
     waiting: VecDeque<(u64, Reply)>,
     /// Why the send side ended, for sends attempted after it did.
     ended: Option<Reason>,
+    /// A FIN is queued (a send that finishes the stream, or a graceful shutdown): later sends
+    /// are refused with `closed`, as once the side has ended; queued behind the FIN they would
+    /// be dropped unsent.
+    finishing: bool,
 }
 
 impl SendSide {
@@ -330,6 +334,7 @@ impl StreamRes {
                     taken_total: 0,
                     waiting: VecDeque::new(),
                     ended: None,
+                    finishing: false,
                 })
             }),
             _live: Live::new(&counters::STREAMS),
@@ -923,11 +928,23 @@ fn answer_waiting(waiting: &mut VecDeque<(u64, Reply)>, taken: u64) {
 /// The writer task: drains the send queue when the NIFs could not hand everything to Quinn
 /// themselves, performs resets, and notices the peer stopping the stream (STOP_SENDING) even
 /// while nothing is being written.
-async fn send_loop(res: ResourceArc<StreamRes>) {
+///
+/// Its `WriterExit` exists before the task first runs: a task dropped without ever running (its
+/// shard failed first) still ends the send side, answering whoever waits on it. (A
+/// `send_complete` waiting there holds the stream, which would otherwise never be freed.)
+fn send_loop(res: ResourceArc<StreamRes>) -> impl Future<Output = ()> + Send {
+    let exit = WriterExit { res: res.clone(), ended: false };
+    async move { write_until_ended(res, exit).await }
+}
+
+async fn write_until_ended(res: ResourceArc<StreamRes>, mut exit: WriterExit) {
     let _task = Live::new(&counters::TASKS);
     let Some(side) = res.send.as_ref() else { return };
-    let Some(stopped) = lock(side).stream.as_ref().map(|s| s.stopped()) else { return };
-    let mut exit = WriterExit { res: res.clone(), ended: false };
+    let Some(stopped) = lock(side).stream.as_ref().map(|s| s.stopped()) else {
+        // Nothing to end: the send side was ended before the task ran.
+        exit.ended = true;
+        return;
+    };
     let mut stopped = Box::pin(stopped);
     // Before the first look at the state: a NIF that changes it afterwards finds the waker.
     res.wake_writer.bind().await;
@@ -1104,6 +1121,9 @@ fn stream_send_now<'a>(
     if let Some(reason) = &sd.ended {
         return err(env, reason.clone());
     }
+    if sd.finishing {
+        return err(env, atoms::closed());
+    }
     if is_async && sd.queued > 0 && sd.queued + len > ASYNC_QUEUE_LIMIT {
         return err(env, atoms::send_queue_full());
     }
@@ -1115,7 +1135,8 @@ fn stream_send_now<'a>(
         sd.taken_total += write_now(&s, &mut sd, &mut bytes) as u64;
         if bytes.is_empty() {
             if notify {
-                Reply::send_complete(env.pid(), s.encode(env)).ok();
+                // From the call itself (this is the caller): it arrives before any later one.
+                let _ = env.send(&env.pid(), (atoms::quic(), atoms::send_complete(), &s, false));
             }
             return atoms::ok().encode(env);
         }
@@ -1137,6 +1158,7 @@ fn stream_send_now<'a>(
         let due = if fin { u64::MAX } else { sd.queued_total };
         wait_for(&mut sd.waiting, due, Reply::send_complete(env.pid(), s.encode(env)));
     }
+    sd.finishing = fin;
     sd.queue.push_back(SendCmd::Data { bytes, fin, is_async });
     drop(sd);
     s.wake_writer.wake();
@@ -1173,13 +1195,17 @@ fn write_now(s: &StreamRes, sd: &mut SendSide, bytes: &mut Bytes) -> usize {
     before - bytes.len()
 }
 
-/// Queues a FIN after whatever data is queued. False when the send side has already ended.
+/// Queues a FIN after whatever data is queued, unless one is queued already. False when the
+/// send side has already ended.
 fn queue_finish(s: &StreamRes, side: &Mutex<SendSide>) -> bool {
     let mut sd = lock(side);
     if sd.ended.is_some() {
         return false;
     }
-    sd.queue.push_back(SendCmd::Finish);
+    if !sd.finishing {
+        sd.finishing = true;
+        sd.queue.push_back(SendCmd::Finish);
+    }
     drop(sd);
     s.wake_writer.wake();
     true
