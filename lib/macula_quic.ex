@@ -666,9 +666,13 @@ defmodule MaculaQuic do
   (`{:error, :bad_address}`, `{:error, {:bad_option, name}}`, ...).
 
   Until `connected`, `open_stream/2` waits for the handshake (as MsQuic queues a stream
-  started early) and returns the stream once it completes, or why it failed; other calls that
-  need the connection (`accept_stream/3`, `send_dgram/2`, `getstat/2`, `peername/1`, ...)
-  return `{:error, :not_connected}`. After a failure they return why it ended. `controlling_process/2` and `setopt/3` work throughout. Closing the
+  started early) and returns the stream once it completes, or why it failed. Accepts are
+  taken too: `async_accept_stream/2` returns `:ok` and its stream comes once the peer opens
+  one, and `accept_stream/3` waits (within its `timeout`) as on any connection; a failed
+  handshake fails a waiting `accept_stream/3` with its reason. Other calls that need the
+  connection (`send_dgram/2`, `getstat/2`, `peername/1`, ...) return
+  `{:error, :not_connected}`. After a failure they return why it ended.
+  `controlling_process/2` and `setopt/3` work throughout. Closing the
   handle (`close_connection/1`, `async_shutdown_connection/3`) abandons the handshake; the owner
   gets `closed`. If the owner exits, the handshake is abandoned too.
 
@@ -1096,7 +1100,8 @@ defmodule MaculaQuic do
 
   Streams the peer opens while nobody is accepting wait inside Quinn and count against the
   peer's stream limit (`:peer_bidi_stream_count`), so a process that stops accepting makes
-  the peer stop opening.
+  the peer stop opening. On a connection from `async_connect/3` an accept may be made before
+  `connected`: it is taken when the handshake completes (and dropped if it fails).
 
       :ok = MaculaQuic.async_accept_stream(conn, active: :once)
   """

@@ -76,19 +76,27 @@ defmodule MaculaQuic.AsyncConnectTest do
     # The Initial reached the peer: the handshake is under way (and will never complete).
     assert {:ok, {_, _, _initial}} = :gen_udp.recv(sock, 0, @wait)
 
-    assert {:error, :not_connected} = MaculaQuic.accept_stream(c, [], 10)
     assert {:error, :not_connected} = MaculaQuic.send_dgram(c, "x")
     assert {:error, :not_connected} = MaculaQuic.getstat(c, [:send_cnt])
     assert {:error, :not_connected} = MaculaQuic.peername(c)
     assert {:error, :not_connected} = MaculaQuic.async_handshake(c)
     assert MaculaQuic.Native.handle_kind(c) == :connection
 
-    # open_stream/2 waits for the handshake; a close ends the wait with the reason.
+    # Accepts wait for the handshake too: one that times out meanwhile is withdrawn (and
+    # answers nothing later); async_accept_stream/2 is taken.
+    assert {:error, :timeout} = MaculaQuic.accept_stream(c, [], 10)
+    assert :ok = MaculaQuic.async_accept_stream(c)
+
+    # open_stream/2 and accept_stream/3 wait for the handshake; a close ends the wait with the
+    # reason.
     opener = Task.async(fn -> MaculaQuic.open_stream(c) end)
+    acceptor = Task.async(fn -> MaculaQuic.accept_stream(c, [], :infinity) end)
+    wait_until_waiting!(acceptor.pid)
 
     # async_shutdown_connection/3 returns at once; the owner hears `closed`, handshake not done.
     :ok = MaculaQuic.async_shutdown_connection(c, 0, 3)
     assert {:error, :closed} = Task.await(opener, @wait)
+    assert {:error, :closed} = Task.await(acceptor, @wait)
 
     assert_receive {:quic, :closed, ^c,
                     %{is_handshake_completed: false, is_app_closing: true, is_peer_acked: false}},
@@ -96,12 +104,16 @@ defmodule MaculaQuic.AsyncConnectTest do
 
     refute_received {:quic, :transport_shutdown, ^c, _}
     assert {:error, :closed} = MaculaQuic.open_stream(c)
+    assert {:error, :closed} = MaculaQuic.async_accept_stream(c)
     assert :ok = MaculaQuic.close_connection(c)
     refute_received {:quic, _, ^c, _}
+    # No late answer to the withdrawn accept.
+    {:messages, left} = Process.info(self(), :messages)
+    assert [] == for({ref, _} = msg when is_reference(ref) <- left, do: msg)
     :gen_udp.close(sock)
   end
 
-  test "open_stream/2 before connected waits for the handshake, then the stream works" do
+  test "open_stream/2 and the accepts before connected wait for the handshake, then work" do
     # The handshake completes only when Quinn sends its Initial again after the listener
     # below has started.
     port = free_port!()
@@ -120,6 +132,17 @@ defmodule MaculaQuic.AsyncConnectTest do
 
     assert_receive :opening
     assert {:error, :not_connected} = MaculaQuic.getstat(c, [:send_cnt])
+    # The server's first two streams, accepted before the connection exists: one for this
+    # process, one for a waiting accept_stream/3 (its stream handed over as it returns).
+    :ok = MaculaQuic.async_accept_stream(c, active: true)
+
+    acceptor =
+      Task.async(fn ->
+        with {:ok, s} <- MaculaQuic.accept_stream(c, [active: false], 10_000),
+             :ok <- MaculaQuic.controlling_process(s, test),
+             do: {:ok, s}
+      end)
+
     {:ok, l} = MaculaQuic.listen("127.0.0.1", port, alpn: alpn())
     :ok = MaculaQuic.async_accept(l)
 
@@ -130,6 +153,18 @@ defmodule MaculaQuic.AsyncConnectTest do
     :ok = MaculaQuic.send(s, "after the wait")
     assert_receive {:quic, :new_stream, ss, _}, @wait
     assert_receive {:quic, "after the wait", ^ss, _}, @wait
+
+    for text <- ["first", "second"] do
+      {:ok, from_server} = MaculaQuic.open_stream(sc)
+      :ok = MaculaQuic.send(from_server, text)
+    end
+
+    assert_receive {:quic, :new_stream, mine, %{conn: ^c, is_orphan: false}}, @wait
+    assert {:ok, theirs} = Task.await(acceptor, @wait)
+
+    assert_receive {:quic, mine_got, ^mine, _}, @wait
+    assert {:ok, theirs_got} = MaculaQuic.recv(theirs, 0, @wait)
+    assert Enum.sort([mine_got, theirs_got]) == ["first", "second"]
     Enum.each([c, l], &MaculaQuic.close/1)
   end
 
@@ -170,13 +205,15 @@ defmodule MaculaQuic.AsyncConnectTest do
         handshake_idle_timeout_ms: 300
       )
 
-    # A stream opened meanwhile waits, and gets the handshake's failure.
+    # A stream opened, or accepted, meanwhile waits, and gets the handshake's failure.
     opener = Task.async(fn -> MaculaQuic.open_stream(c) end)
+    acceptor = Task.async(fn -> MaculaQuic.accept_stream(c, [], :infinity) end)
 
     assert_receive {:quic, :transport_shutdown, ^c, %{status: :connection_timeout, error: 0}},
                    @wait
 
     assert {:error, :timeout} = Task.await(opener, @wait)
+    assert {:error, :timeout} = Task.await(acceptor, @wait)
 
     assert System.monotonic_time(:millisecond) - t0 >= 300
     assert_receive {:quic, :closed, ^c, %{is_handshake_completed: false, is_app_closing: false}}

@@ -65,6 +65,10 @@ struct State {
     /// Calls waiting for an `async_connect` handshake to end (`conn_await_connected`),
     /// answered by whatever ends the connecting state.
     await_connected: Vec<Reply>,
+    /// Stream accepts asked for while an `async_connect` handshake runs: started as it
+    /// completes, answered with why it failed otherwise (each is in `accepts` too, so it can
+    /// be withdrawn meanwhile).
+    pending_accepts: Vec<PendingAccept>,
     /// Set by `debug_panic_handshake` (test builds): the handshake's task panics as it
     /// completes, to prove the `Handshake` guard reports it.
     debug_panic_handshake: bool,
@@ -77,7 +81,9 @@ impl State {
         self.ended.clone().unwrap_or_else(|| atoms::closed().into())
     }
 
-    /// Answers the calls waiting for the handshake: `Ok` when it completed, else why not.
+    /// Answers the calls waiting for the handshake: `Ok` when it completed, else why not. A
+    /// failed handshake also fails the accepts asked for meanwhile (after `Ok`, `establish` has
+    /// taken them to start).
     fn answer_waiters(&mut self, result: Result<(), Reason>) {
         for reply in self.await_connected.drain(..) {
             match &result {
@@ -85,7 +91,28 @@ impl State {
                 Err(r) => reply.error(r.clone()),
             };
         }
+        if let Err(r) = &result {
+            for accept in std::mem::take(&mut self.pending_accepts) {
+                let withdrawn = self.accepts.remove(&accept.id).is_none();
+                match accept.reply {
+                    Some(reply) if withdrawn => reply.withdraw(),
+                    Some(reply) => {
+                        reply.error(r.clone());
+                    }
+                    None => {}
+                }
+            }
+        }
     }
+}
+
+/// A stream accept waiting for an `async_connect` handshake to complete (see `spawn_accept`).
+struct PendingAccept {
+    id: u64,
+    caller: LocalPid,
+    opts: options::Stream,
+    reply: Option<Reply>,
+    cancel: oneshot::Receiver<()>,
 }
 
 /// A connection handle. Every handle but one from `async_connect/3` is made with its handshake
@@ -234,6 +261,7 @@ impl ConnRes {
                 dgram: datagrams.map(datagram::Delivery::new),
                 connecting: None,
                 await_connected: Vec::new(),
+                pending_accepts: Vec::new(),
                 debug_panic_handshake: false,
             }),
             _live: Live::new(&counters::CONNECTIONS),
@@ -282,7 +310,7 @@ impl ConnRes {
     /// ended meanwhile (closed, or its owner exited). Runs on the connection's shard.
     fn establish(this: &ResourceArc<ConnRes>, conn: quinn::Connection, bound: SocketAddr, shard: Arc<Shard>, on_closed: Option<OnClosed>) -> bool {
         let alpn = negotiated_protocol(&conn);
-        let datagrams = {
+        let (datagrams, accepts) = {
             let mut st = lock(&this.state);
             if st.closed_sent || st.connecting.take().is_none() {
                 return false;
@@ -296,8 +324,11 @@ impl ConnRes {
                 connected_msg(e, r, alpn)
             });
             st.answer_waiters(Ok(()));
-            st.dgram.is_some()
+            (st.dgram.is_some(), std::mem::take(&mut st.pending_accepts))
         };
+        for a in accepts {
+            spawn_accept(this, a.id, a.caller, a.opts, a.reply, a.cancel);
+        }
         this.shard.spawn(watch(this.clone(), on_closed));
         if datagrams {
             datagram::start_reader(this);
@@ -1241,8 +1272,25 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
         Ok(o) => o,
         Err(r) => return err(env, r),
     };
+    let caller = env.pid();
+    // Made only once the accept is taken: a `Reply` dropped unanswered would answer by itself.
+    let reply = || if tag.is_atom() { None } else { Some(Reply::new(caller, tag)) };
     if let Err(r) = c.ready() {
-        return err(env, r);
+        // While an `async_connect` handshake runs the accept waits for it, as MsQuic lets a
+        // connection's streams be accepted before it is connected.
+        let mut st = lock(&c.state);
+        if c.est.get().is_none() && !st.closed_sent {
+            owner::prepare(env);
+            let (id, cancel_tx, cancel) = new_accept(&mut st);
+            st.pending_accepts.push(PendingAccept { id, caller, opts, reply: reply(), cancel });
+            st.accepts.insert(id, cancel_tx);
+            return (atoms::ok(), id).encode(env);
+        }
+        drop(st);
+        // It has just been established (then accept as on any other), or has ended.
+        if c.est.get().is_none() {
+            return err(env, r);
+        }
     }
     // An ended connection is an error at once. `end_reason` takes Quinn's connection lock, so
     // Quinn is asked only while holding the shard (its driver does not hold that lock
@@ -1260,15 +1308,27 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
     if let Some(reason) = ended {
         return err(env, reason);
     }
-    let caller = env.pid();
-    let reply = if tag.is_atom() { None } else { Some(Reply::new(caller, tag)) };
     // The stream may start on a runtime thread: monitor its owner-to-be here, on the scheduler.
     owner::prepare(env);
     let mut st = lock(&c.state);
+    let (id, cancel_tx, cancel_rx) = new_accept(&mut st);
+    spawn_accept(&c, id, caller, opts, reply(), cancel_rx);
+    st.accepts.insert(id, cancel_tx);
+    (atoms::ok(), id).encode(env)
+}
+
+/// A fresh accept id, and the channel that withdraws the accept.
+fn new_accept(st: &mut State) -> (u64, oneshot::Sender<()>, oneshot::Receiver<()>) {
     let id = st.next_accept;
     st.next_accept += 1;
+    let (tx, rx) = oneshot::channel::<()>();
+    (id, tx, rx)
+}
+
+/// Starts accept `id`: a task on the connection's shard that takes the next stream the peer
+/// opens and hands it to `caller`, unless `cancel` withdraws it first.
+fn spawn_accept(c: &ResourceArc<ConnRes>, id: u64, caller: LocalPid, opts: options::Stream, reply: Option<Reply>, cancel_rx: oneshot::Receiver<()>) {
     let task_conn = c.clone();
-    let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
     c.shard.spawn(async move {
         let accepted = tokio::select! {
             r = task_conn.conn.accept_bi() => r.map(|(s, r)| (Some(s), r, 0u32)),
@@ -1297,8 +1357,6 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
             }
         }
     });
-    st.accepts.insert(id, cancel_tx);
-    (atoms::ok(), id).encode(env)
 }
 
 /// Gives an accepted stream to the process that asked for it. If that process has exited, or
@@ -1368,7 +1426,15 @@ fn new_stream_msg<'a>(e: Env<'a>, s: ResourceArc<StreamRes>, conn: ResourceArc<C
 /// stream arrived, `:delivered` when its stream was already sent.
 #[rustler::nif]
 fn conn_cancel_accept<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, id: u64) -> Term<'a> {
-    match lock(&c.state).accepts.remove(&id) {
+    let mut st = lock(&c.state);
+    // One still waiting for an `async_connect` handshake goes at once: accepts that time out
+    // one after another must not pile up until the handshake ends.
+    if let Some(at) = st.pending_accepts.iter().position(|a| a.id == id) {
+        if let Some(r) = st.pending_accepts.remove(at).reply {
+            r.withdraw();
+        }
+    }
+    match st.accepts.remove(&id) {
         Some(cancel) => {
             let _ = cancel.send(());
             atoms::cancelled().encode(env)
