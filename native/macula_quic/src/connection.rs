@@ -1429,11 +1429,13 @@ fn conn_cancel_accept<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, id: u64) -> Ter
     let mut st = lock(&c.state);
     // One still waiting for an `async_connect` handshake goes at once: accepts that time out
     // one after another must not pile up until the handshake ends.
-    if let Some(at) = st.pending_accepts.iter().position(|a| a.id == id) {
-        if let Some(r) = st.pending_accepts.remove(at).reply {
-            r.withdraw();
-        }
+    let at = st.pending_accepts.iter().position(|a| a.id == id);
+    if let Some(r) = at.and_then(|at| st.pending_accepts.remove(at).reply) {
+        r.withdraw();
     }
+    // Still in `accepts`: withdrawn before its task handed a stream over (the task, finding
+    // its entry gone, answers nothing), even when the task has just taken one (it goes to the
+    // owner as an orphan) and so no longer listens for the cancel.
     match st.accepts.remove(&id) {
         Some(cancel) => {
             let _ = cancel.send(());

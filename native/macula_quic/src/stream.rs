@@ -523,9 +523,16 @@ fn read_locked(res: &StreamRes, st: &mut State, max: usize, cx: &mut Context) ->
     }
 }
 
-async fn recv_loop(res: ResourceArc<StreamRes>) {
+/// The reader task. Its `ReaderExit` exists before the task first runs, as the writer's does
+/// (see `send_loop`): a task dropped without ever running still ends the receive side, so the
+/// stream can close.
+fn recv_loop(res: ResourceArc<StreamRes>) -> impl Future<Output = ()> + Send {
+    let exit = ReaderExit(res.clone());
+    async move { read_until_ended(res, exit).await }
+}
+
+async fn read_until_ended(res: ResourceArc<StreamRes>, _exit: ReaderExit) {
     let _task = Live::new(&counters::TASKS);
-    let _exit = ReaderExit(res.clone());
     // Before the first look at the state: a NIF that changes it afterwards finds the waker.
     res.wake_reader.bind().await;
     // The last read, in this same run of the loop, ended with Quinn keeping the task's waker
