@@ -1597,9 +1597,9 @@ defmodule MaculaQuic do
   If the new owner uses the stream before that (`setopt/3` with `:active`, or `recv/3`), its
   choice stands and the mode from `opts` is not applied. For messages to stay in order, the new
   owner should wait for `handoff_done` (`wait_for_handoff/2`) before it reads. The pause holds
-  back data and the stream's end (`peer_send_shutdown`, `peer_send_aborted`); `stream_closed`
-  and `peer_receive_aborted`, which no mode holds back, go to the new owner as they happen,
-  and may arrive before `handoff_done` (quicer buffers them during a handoff).
+  back every message about the stream, `stream_closed` and `peer_receive_aborted` included
+  (as quicer buffers them during a handoff): they reach the new owner after `handoff_done`,
+  so `stream_closed` stays the last.
 
   Handing the stream to its owner itself only applies `:active` and sends `handoff_done` to
   the caller, as quicer does: its messages are in its mailbox already.
@@ -1618,7 +1618,7 @@ defmodule MaculaQuic do
              native(:stream, stream, fn -> Native.stream_handoff(stream, new_owner) end) do
         forward_queued(stream, new_owner)
         # Before delivery resumes, as quicer's: the forwarded messages, `handoff_done`, then
-        # the stream's new data (see the doc for the two messages the pause does not hold).
+        # the stream's new messages (those held during the pause first).
         Kernel.send(new_owner, {:handoff_done, stream, Map.get(map, :handoff_data, :undefined)})
         Native.stream_handoff_resume(stream, Map.get(map, :active, previous))
       end

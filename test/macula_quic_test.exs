@@ -1136,6 +1136,44 @@ defmodule MaculaQuicTest do
       assert_receive {:second, {:ok, "b"}}, 5_000
     end
 
+    # Messages no mode holds back (stream_closed, peer_receive_aborted) wait for the pause's
+    # end too, so they follow what the old owner forwards, and stream_closed stays the last.
+    test "stream_closed and peer_receive_aborted wait for the end of a handoff's pause" do
+      {c, sc, _l, _} = pair!()
+      {s, ss} = stream_pair!(c, sc, server: [active: true], first: "a")
+      :ok = MaculaQuic.send(s, "", 4)
+      assert_receive {:quic, "a", ^ss, _}, 5_000
+      assert_receive {:quic, :peer_send_shutdown, ^ss, _}, 5_000
+      parent = self()
+
+      new_owner =
+        spawn_link(fn ->
+          report = fn ->
+            receive do
+              :report ->
+                {:messages, msgs} = Process.info(self(), :messages)
+                send(parent, {:seen, for({:quic, tag, ^ss, _} <- msgs, do: tag)})
+            end
+          end
+
+          report.()
+          report.()
+        end)
+
+      assert {:ok, true} = MaculaQuic.Native.stream_handoff(ss, new_owner)
+      # The peer stops reading: the server's sending side ends, and with it the stream.
+      :ok = MaculaQuic.async_shutdown_stream(s, MaculaQuic.stream_shutdown_abort_receive(), 7)
+      assert wait_until(fn -> MaculaQuic.Native.stream_info(ss).closed end)
+      send(new_owner, :report)
+      assert_receive {:seen, []}, 5_000
+
+      :ok = MaculaQuic.Native.stream_handoff_resume(ss, true)
+      send(new_owner, :report)
+      assert_receive {:seen, [:peer_receive_aborted, :stream_closed]}, 5_000
+      refute_received {:quic, _, ^ss, _}
+      MaculaQuic.close(c)
+    end
+
     # The other order: a process that sets a mode before the handoff has begun is not yet
     # the owner, and the handoff then applies its own `:active`, as asked. (bin/demo's
     # acceptor once spawned its stream workers this way and stalled about once in 16 runs;

@@ -110,6 +110,10 @@ enum RecvEnd {
     Lost,
 }
 
+/// A message about the stream (given as the argument), built when sent: so one held during a
+/// handoff's pause does not keep the stream alive.
+type Held = Box<dyn for<'a> FnOnce(Env<'a>, ResourceArc<StreamRes>) -> Term<'a> + Send>;
+
 /// A passive `recv` waiting for data.
 struct RecvRequest {
     reply: Reply,
@@ -125,6 +129,10 @@ struct State {
     /// owner's queued messages, unless the new owner chooses a mode (or calls `recv`) first:
     /// then its choice stands.
     handoff_paused: bool,
+    /// `stream_closed` and `peer_receive_aborted` held back while `handoff_paused` (no mode
+    /// holds them back otherwise): sent to the new owner as the pause ends, after the messages
+    /// the old owner forwarded, as quicer buffers them during a handoff.
+    held: Vec<Held>,
     /// Data read from Quinn and not yet delivered, in order.
     buf: VecDeque<Bytes>,
     buffered: usize,
@@ -311,6 +319,7 @@ impl StreamRes {
                 reset_send: None,
                 silenced: false,
                 handoff_paused: false,
+                held: Vec::new(),
                 recv_done: !has_recv,
                 send_done: send.is_none(),
                 closed_sent: false,
@@ -801,13 +810,11 @@ fn maybe_closed(res: &ResourceArc<StreamRes>, st: &mut State) {
     }
     st.closed_sent = true;
     if !st.silenced {
-        let pid = st.owner.pid;
-        let r = res.clone();
         // A connection whose Quinn driver panicked (see `connection`) is lost too.
         let conn_lost = st.conn_lost || res.conn.shard.failed();
         let remote = st.peer_reset_code.is_some() || st.recv_end == Some(RecvEnd::Fin);
         let code = st.peer_reset_code.unwrap_or(0);
-        messages::send(&pid, move |e| {
+        send_or_hold(res, st, Box::new(move |e, r| {
             let props = rustler::Term::map_from_pairs(
                 e,
                 &[
@@ -821,9 +828,33 @@ fn maybe_closed(res: &ResourceArc<StreamRes>, st: &mut State) {
             )
             .unwrap_or_else(|_| atoms::undefined().encode(e));
             (atoms::quic(), atoms::stream_closed(), r, props).encode(e)
-        });
+        }));
     }
     st.owner.release();
+}
+
+/// Sends a message that no active mode holds back to the owner, or holds it while a handoff
+/// has delivery paused (see `State::held`).
+fn send_or_hold(res: &ResourceArc<StreamRes>, st: &mut State, msg: Held) {
+    if st.handoff_paused {
+        st.held.push(msg);
+    } else {
+        let r = res.clone();
+        messages::send(&st.owner.pid, move |e| msg(e, r));
+    }
+}
+
+/// Ends a handoff's pause, in the NIF (`env`'s) that ends it: the messages held meanwhile go to
+/// the owner of the moment (the new one), unless the stream was silenced meanwhile. Sent from
+/// the calling process itself, so that when that is the old owner ending the handoff they
+/// follow the messages it has just forwarded.
+fn end_pause(env: Env, res: &ResourceArc<StreamRes>, st: &mut State) {
+    st.handoff_paused = false;
+    for msg in std::mem::take(&mut st.held) {
+        if !st.silenced {
+            let _ = env.send(&st.owner.pid, msg(env, res.clone()));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1063,13 +1094,11 @@ fn stopped_reason(res: &ResourceArc<StreamRes>, peer: Result<Option<quinn::VarIn
 }
 
 fn notify_receive_aborted(res: &ResourceArc<StreamRes>, code: u64) {
-    let st = lock(&res.state);
+    let mut st = lock(&res.state);
     if st.silenced {
         return;
     }
-    let pid = st.owner.pid;
-    let r = res.clone();
-    messages::send(&pid, move |e| (atoms::quic(), atoms::peer_receive_aborted(), r, code).encode(e));
+    send_or_hold(res, &mut st, Box::new(move |e, r| (atoms::quic(), atoms::peer_receive_aborted(), r, code).encode(e)));
 }
 
 fn write_reason(res: &ResourceArc<StreamRes>, e: &quinn::WriteError) -> Reason {
@@ -1304,7 +1333,7 @@ fn apply_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>, on
     let Ok(mode) = setting.apply(st.active) else {
         return err(env, error::bad_option("active"));
     };
-    st.handoff_paused = false;
+    end_pause(env, &s, &mut st);
     // `{active, N}` that brings the counter to zero or below turns the stream passive and, as
     // in `:inet`, says so: to the owner (who may not be the caller, as at the end of a
     // handoff), and under the lock, like every message about the stream.
@@ -1378,7 +1407,7 @@ fn stream_recv_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, len: u64, tag: T
         return err(env, atoms::einval());
     }
     // Reading passively is a choice of mode: a handoff in progress leaves it alone.
-    st.handoff_paused = false;
+    end_pause(env, &s, &mut st);
     if let Some(req) = &st.recv_request {
         // A waiting `recv` whose caller has since exited (killed while waiting) must not
         // block the stream's next `recv` forever: it is dropped, unanswered.
