@@ -1644,7 +1644,8 @@ defmodule MaculaQuic do
   Waits, in the new owner, for `{:handoff_done, stream, data}` from `handoff_stream/3` called
   by `from` (the old owner), and returns `{:ok, data}`; stream messages forwarded before it
   are then in the caller's mailbox, in order. Returns `{:error, :owner_down}` if `from` exits
-  without handing the stream over. As quicer's, it has no timeout. `from` that is not a local
+  without handing the stream over; if it exited in the middle of `handoff_stream/3`, the
+  stream's delivery, paused by the handoff, is restored to the mode it had before. As quicer's, it has no timeout. `from` that is not a local
   pid, or a handle that is not a stream, raises `ArgumentError`.
 
       {:ok, :job_1} = MaculaQuic.wait_for_handoff(old_owner, stream)
@@ -1662,6 +1663,9 @@ defmodule MaculaQuic do
         {:ok, data}
 
       {:DOWN, ^monitor, :process, _, _} ->
+        # It may have died between pausing delivery and restoring it: restore it here (a no-op
+        # if the pause has ended, or the stream never came to the caller).
+        if owner?(stream), do: Native.stream_handoff_abandoned(stream)
         {:error, :owner_down}
     end
   end

@@ -1174,6 +1174,39 @@ defmodule MaculaQuicTest do
       MaculaQuic.close(c)
     end
 
+    test "an old owner that exits in the middle of a handoff: wait_for_handoff restores delivery" do
+      {c, sc, _l, _} = pair!()
+      {s, ss} = stream_pair!(c, sc, server: [active: true], first: "a")
+      assert_receive {:quic, "a", ^ss, _}, 5_000
+      parent = self()
+
+      new_owner =
+        spawn_link(fn ->
+          receive do
+            {:wait, old} ->
+              send(parent, {:waited, MaculaQuic.wait_for_handoff(old, ss)})
+              send(parent, {:new_owner_got, collect_until_fin(ss, [])})
+          end
+        end)
+
+      # Hands the stream over as handoff_stream/3 begins to, and exits before it ends.
+      old_owner =
+        spawn(fn ->
+          receive(do: (:go -> {:ok, true} = MaculaQuic.Native.stream_handoff(ss, new_owner)))
+        end)
+
+      :ok = MaculaQuic.controlling_process(ss, old_owner)
+      send(new_owner, {:wait, old_owner})
+      ref = Process.monitor(old_owner)
+      send(old_owner, :go)
+      assert_receive {:DOWN, ^ref, :process, _, :normal}, 5_000
+      assert_receive {:waited, {:error, :owner_down}}, 5_000
+      assert {:ok, true} = MaculaQuic.getopt(ss, :active)
+      :ok = MaculaQuic.send(s, "b", 4)
+      assert_receive {:new_owner_got, "b"}, 5_000
+      MaculaQuic.close(c)
+    end
+
     # The other order: a process that sets a mode before the handoff has begun is not yet
     # the owner, and the handoff then applies its own `:active`, as asked. (bin/demo's
     # acceptor once spawned its stream workers this way and stalled about once in 16 runs;

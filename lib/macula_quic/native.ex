@@ -202,6 +202,7 @@ defmodule MaculaQuic.Native do
   def stream_cancel_recv(_stream), do: nif_error()
   def stream_handoff(_stream, _pid), do: nif_error()
   def stream_handoff_resume(_stream, _active), do: nif_error()
+  def stream_handoff_abandoned(_stream), do: nif_error()
   def stream_conn(_stream), do: nif_error()
   def stream_info(_stream), do: nif_error()
 end

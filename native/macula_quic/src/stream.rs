@@ -129,6 +129,8 @@ struct State {
     /// owner's queued messages, unless the new owner chooses a mode (or calls `recv`) first:
     /// then its choice stands.
     handoff_paused: bool,
+    /// The mode before the handoff's pause, for `stream_handoff_abandoned`.
+    paused_from: Active,
     /// `stream_closed` and `peer_receive_aborted` held back while `handoff_paused` (no mode
     /// holds them back otherwise): sent to the new owner as the pause ends, after the messages
     /// the old owner forwarded, as quicer buffers them during a handoff.
@@ -319,6 +321,7 @@ impl StreamRes {
                 reset_send: None,
                 silenced: false,
                 handoff_paused: false,
+                paused_from: opts.active,
                 held: Vec::new(),
                 recv_done: !has_recv,
                 send_done: send.is_none(),
@@ -1321,6 +1324,15 @@ fn stream_handoff_resume<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Ter
     executor::inline(env, inline_watch::watch_on(&s.conn), || apply_active(env, s, value, true))
 }
 
+/// `stream_handoff_abandoned(Stream)`: the process handing the stream over exited before it
+/// ended the pause (`wait_for_handoff/2` saw it go): restores the mode the stream had before,
+/// as that process would have, and so sends what was held, unless the pause has ended.
+#[rustler::nif]
+fn stream_handoff_abandoned<'a>(env: Env<'a>, s: ResourceArc<StreamRes>) -> Term<'a> {
+    let previous = options::encode_active(env, lock(&s.state).paused_from);
+    executor::inline(env, inline_watch::watch_on(&s.conn), || apply_active(env, s, previous, true))
+}
+
 /// Sets the active mode; with `only_if_paused`, only while `handoff_stream` has it paused.
 fn apply_active<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, value: Term<'a>, only_if_paused: bool) -> Term<'a> {
     let Some(setting) = options::decode_active(value) else {
@@ -1471,6 +1483,7 @@ fn stream_handoff<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, pid: LocalPid) ->
     let previous = st.active;
     st.active = Active::Off;
     st.handoff_paused = true;
+    st.paused_from = previous;
     (atoms::ok(), options::encode_active(env, previous)).encode(env)
 }
 
