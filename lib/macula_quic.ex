@@ -1611,42 +1611,50 @@ defmodule MaculaQuic do
     local_pid!(new_owner)
 
     result =
-      with {:ok, map} <- Options.to_map(opts),
-           :ok <- check_handoff_opts(map),
-           :elsewhere <- handoff_to_self(stream, new_owner, map),
-           {:ok, previous} <-
-             native(:stream, stream, fn -> Native.stream_handoff(stream, new_owner) end) do
-        forward_queued(stream, new_owner)
-        # Before delivery resumes, as quicer's: the forwarded messages, `handoff_done`, then
-        # the stream's new messages (those held during the pause first).
-        Kernel.send(new_owner, {:handoff_done, stream, Map.get(map, :handoff_data, :undefined)})
-        Native.stream_handoff_resume(stream, Map.get(map, :active, previous))
+      with {:ok, map} <- Options.to_map(opts), :ok <- check_handoff_opts(map) do
+        if new_owner == self(),
+          do: handoff_to_self(stream, map),
+          else: hand_over_stream(stream, new_owner, map)
       end
 
     checked(result, :stream, stream)
   end
 
+  defp hand_over_stream(stream, new_owner, map) do
+    with {:ok, previous} <-
+           native(:stream, stream, fn -> Native.stream_handoff(stream, new_owner) end) do
+      forward_queued(stream, new_owner)
+      # Before delivery resumes, as quicer's: the forwarded messages, `handoff_done`, then
+      # the stream's new messages (those held during the pause first).
+      send_handoff_done(new_owner, stream, map)
+      Native.stream_handoff_resume(stream, Map.get(map, :active, previous))
+    end
+  end
+
   # To the owner itself (as quicer's): its mailbox holds the stream's messages in order
   # already, so there is nothing to forward, and forwarding them to itself would never end.
-  defp handoff_to_self(stream, new_owner, map) when new_owner == self() do
+  defp handoff_to_self(stream, map) do
     check_handle!(:stream, stream)
 
     with :ok <- if(owner?(stream), do: :ok, else: {:error, :not_owner}),
          :ok <- if(Map.has_key?(map, :active), do: setopt(stream, :active, map.active), else: :ok) do
-      Kernel.send(self(), {:handoff_done, stream, Map.get(map, :handoff_data, :undefined)})
-      :ok
+      send_handoff_done(self(), stream, map)
     end
   end
 
-  defp handoff_to_self(_stream, _new_owner, _map), do: :elsewhere
+  defp send_handoff_done(pid, stream, map) do
+    Kernel.send(pid, {:handoff_done, stream, Map.get(map, :handoff_data, :undefined)})
+    :ok
+  end
 
   @doc """
   Waits, in the new owner, for `{:handoff_done, stream, data}` from `handoff_stream/3` called
   by `from` (the old owner), and returns `{:ok, data}`; stream messages forwarded before it
   are then in the caller's mailbox, in order. Returns `{:error, :owner_down}` if `from` exits
   without handing the stream over; if it exited in the middle of `handoff_stream/3`, the
-  stream's delivery, paused by the handoff, is restored to the mode it had before. As quicer's, it has no timeout. `from` that is not a local
-  pid, or a handle that is not a stream, raises `ArgumentError`.
+  stream's delivery, paused by the handoff, is restored to the mode it had before. As
+  quicer's, it has no timeout. `from` that is not a local pid, or a handle that is not a
+  stream, raises `ArgumentError`.
 
       {:ok, :job_1} = MaculaQuic.wait_for_handoff(old_owner, stream)
   """

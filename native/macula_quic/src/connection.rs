@@ -81,6 +81,16 @@ impl State {
         self.ended.clone().unwrap_or_else(|| atoms::closed().into())
     }
 
+    /// Ends an `async_connect` handle's connecting state for `reason`: nothing follows (the
+    /// owner has heard `closed`, or is about to, or is gone), the handshake is abandoned if it
+    /// runs (dropping the sender ends its task), and whoever waits on it hears `reason`.
+    fn end_connecting(&mut self, reason: Reason) {
+        self.closed_sent = true;
+        self.connecting = None;
+        self.answer_waiters(Err(reason.clone()));
+        self.ended = Some(reason);
+    }
+
     /// Answers the calls waiting for the handshake: `Ok` when it completed, else why not. A
     /// failed handshake also fails the accepts asked for meanwhile (after `Ok`, `establish` has
     /// taken them to start).
@@ -193,13 +203,10 @@ impl Owned for ConnRes {
         }
         if self.est.get().is_none() {
             // A handshake in progress (or one that has ended): abandon it. Nobody is left to
-            // tell; a failure already recorded keeps its reason.
+            // tell; a failure already recorded keeps its reason (and answered the waiters).
             if !st.closed_sent {
-                st.closed_sent = true;
-                st.ended = Some(atoms::closed().into());
-                st.connecting = None;
+                st.end_connecting(atoms::closed().into());
             }
-            st.answer_waiters(Err(atoms::closed().into()));
             st.owner.release();
             return;
         }
@@ -294,11 +301,7 @@ impl ConnRes {
             return Some(atoms::closed());
         }
         st.closed_by_app = true;
-        st.closed_sent = true;
-        st.ended = Some(atoms::closed().into());
-        // Dropping the sender ends the handshake's task, which drops Quinn's handshake.
-        st.connecting = None;
-        st.answer_waiters(Err(atoms::closed().into()));
+        st.end_connecting(atoms::closed().into());
         let _ = env.send(&st.owner.pid, closed_msg(env, this.clone(), false, true));
         st.owner.release();
         Some(atoms::ok())
@@ -344,11 +347,8 @@ impl ConnRes {
         if st.closed_sent || this.est.get().is_some() {
             return;
         }
-        st.closed_sent = true;
-        st.connecting = None;
         let (status, code) = quinn_status.unwrap_or_else(|| reason.status());
-        st.answer_waiters(Err(reason.clone()));
-        st.ended = Some(reason);
+        st.end_connecting(reason);
         let r = this.clone();
         messages::send(&st.owner.pid, move |e| transport_shutdown_msg(e, r, status, code));
         let r = this.clone();
@@ -574,8 +574,9 @@ fn connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>, tag
 /// a handle owned (and monitored) from now, whose handshake then runs: the owner receives
 /// `{quic, connected, Conn, #{is_resumed => false, alpns => Alpn}}` once it completes, or
 /// `{quic, transport_shutdown, Conn, #{status, error}}` and `{quic, closed, Conn, _}` if it
-/// fails. Until then calls that need the connection answer `{:error, :not_connected}`; closing
-/// abandons the handshake. Bad arguments are answered at once with `{:error, Reason}`. The
+/// fails. Until then stream accepts are held for it (`conn_accept_stream`), `open_stream`
+/// waits for it in Elixir (`conn_await_connected`), and other calls that need the connection
+/// answer `{:error, :not_connected}`; closing abandons the handshake. Bad arguments are answered at once with `{:error, Reason}`. The
 /// handshake has `handshake_idle_timeout_ms` (10 s by default, as MsQuic's).
 #[rustler::nif]
 fn async_connect<'a>(env: Env<'a>, host: Term<'a>, port: Term<'a>, opts: Term<'a>) -> Term<'a> {
@@ -1275,21 +1276,21 @@ fn conn_accept_stream<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, opts: Term<'a>,
     let caller = env.pid();
     // Made only once the accept is taken: a `Reply` dropped unanswered would answer by itself.
     let reply = || if tag.is_atom() { None } else { Some(Reply::new(caller, tag)) };
-    if let Err(r) = c.ready() {
+    if c.est.get().is_none() {
         // While an `async_connect` handshake runs the accept waits for it, as MsQuic lets a
-        // connection's streams be accepted before it is connected.
+        // connection's streams be accepted before it is connected; once it has ended, the
+        // accept answers why. (Checked again under the lock `establish` sets it under: if it
+        // has just been established, the accept goes on as on any other.)
         let mut st = lock(&c.state);
-        if c.est.get().is_none() && !st.closed_sent {
+        if c.est.get().is_none() {
+            if st.closed_sent {
+                return err(env, st.ended_reason());
+            }
             owner::prepare(env);
             let (id, cancel_tx, cancel) = new_accept(&mut st);
             st.pending_accepts.push(PendingAccept { id, caller, opts, reply: reply(), cancel });
             st.accepts.insert(id, cancel_tx);
             return (atoms::ok(), id).encode(env);
-        }
-        drop(st);
-        // It has just been established (then accept as on any other), or has ended.
-        if c.est.get().is_none() {
-            return err(env, r);
         }
     }
     // An ended connection is an error at once. `end_reason` takes Quinn's connection lock, so
