@@ -62,7 +62,15 @@ defmodule MaculaQuic do
       (STOP_SENDING); further sends fail.
     * `{:quic, :passive, stream, :undefined}` — an `{active, N}` budget ran out; the stream is
       now passive.
-    * `{:quic, :stream_closed, stream, props}` — both directions are done. `props` is a map
+    * `{:quic, :send_shutdown_complete, stream, is_graceful}` — our sending side is over, on
+      any stream that has one: `true` once the peer has acknowledged all of the data and the
+      FIN (after `send/3` with FIN or a graceful shutdown), `false` at once after an abortive
+      shutdown, after the peer's STOP_SENDING (following `peer_receive_aborted`) or when the
+      connection ends first. It comes before `stream_closed`, and not after `close_stream/1`
+      (which silences the stream). As quicer's.
+    * `{:quic, :stream_closed, stream, props}` — both directions are done (the sending side
+      as `send_shutdown_complete` reports, so a FIN must have been acknowledged first, and the
+      receiving side at the peer's FIN or reset, or when reading stopped). `props` is a map
       with `:is_conn_shutdown`, `:is_app_closing`, `:is_shutdown_by_app`,
       `:is_closed_remotely`, `:error` and `:status`. `shutdown_stream/4` consumes it when the
       owner shuts the stream down.
@@ -1536,11 +1544,11 @@ defmodule MaculaQuic do
   @doc """
   Shuts a stream down as `async_shutdown_stream/3` does, then, when the caller is the stream's
   owner, waits up to `timeout` for the stream to end in both directions and consumes the
-  owner's `{:quic, :stream_closed, stream, props}`. As quicer's `shutdown_stream/4` (and
-  `close_stream/4`).
+  owner's `{:quic, :stream_closed, stream, props}` (a `send_shutdown_complete` before it stays
+  in the mailbox). As quicer's `shutdown_stream/4` (and `close_stream/4`).
 
-  Both directions must end: after a graceful shutdown the peer must finish (or reset) its own
-  side too, and on a passive stream the owner must have read to its end; `stream_closed` comes
+  Both directions must end: after a graceful shutdown the peer must acknowledge the FIN and
+  finish (or reset) its own side too, and on a passive stream the owner must have read to its end; `stream_closed` comes
   only then. Returns `:ok` once it came (at once if it already had), `{:error, :timeout}` if
   it did not come in time (the shutdown stands), or what `async_shutdown_stream/3` returns
   when that fails, such as `{:error, :closed}` for a graceful shutdown of a sending side that
@@ -1597,7 +1605,8 @@ defmodule MaculaQuic do
   If the new owner uses the stream before that (`setopt/3` with `:active`, or `recv/3`), its
   choice stands and the mode from `opts` is not applied. For messages to stay in order, the new
   owner should wait for `handoff_done` (`wait_for_handoff/2`) before it reads. The pause holds
-  back every message about the stream, `stream_closed` and `peer_receive_aborted` included
+  back every message about the stream, `stream_closed`, `send_shutdown_complete` and
+  `peer_receive_aborted` included
   (as quicer buffers them during a handoff): they reach the new owner after `handoff_done`,
   so `stream_closed` stays the last.
 

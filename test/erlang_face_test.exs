@@ -465,6 +465,95 @@ defmodule MaculaQuic.ErlangFaceTest do
         :ok = m.close(l)
       end
 
+      test "send_shutdown_complete: true once the peer acknowledged the FIN, else false" do
+        m = @mod
+        {:ok, l} = m.listen({~c"127.0.0.1", 0}, [{:alpn, [~c"t"]}])
+        {:ok, {_, port}} = m.sockname(l)
+        :ok = m.async_accept(l)
+        # Through a relay that can withhold what the server sends, acknowledgements included.
+        relay = relay!(port)
+
+        {:ok, c} =
+          m.connect(~c"127.0.0.1", relay.port, [{:alpn, [~c"t"]}, {:verify, :none}], @wait)
+
+        assert_receive {:quic, :new_conn, sc, _}, @wait
+
+        :ok = m.async_accept_stream(sc, [{:active, true}])
+        {:ok, s} = m.open_stream(c, [])
+        :ok = m.send(s, "hi")
+        assert_receive {:quic, :new_stream, ss, _}, @wait
+        assert_receive {:quic, "hi", ^ss, _}, @wait
+        relay.back.(false)
+        :ok = m.send(s, "end", m.send_flag_fin())
+        assert_receive {:quic, "end", ^ss, _}, @wait
+        assert_receive {:quic, :peer_send_shutdown, ^ss, _}, @wait
+        # The server has all of it, but its acknowledgement cannot have come back: Quinn taking
+        # the FIN is not enough. (The late message would be here well within this wait.)
+        refute_receive {:quic, :send_shutdown_complete, ^s, _}, 300
+        relay.back.(true)
+        assert_receive {:quic, :send_shutdown_complete, ^s, true}, @wait
+        # The stream closes once the server finishes its side too, and after it.
+        refute_received {:quic, :stream_closed, ^s, _}
+        :ok = m.send(ss, "", m.send_flag_fin())
+        assert_receive {:quic, :send_shutdown_complete, ^ss, true}, @wait
+        assert_receive {:quic, :stream_closed, ^ss, _}, @wait
+        assert_receive {:quic, :stream_closed, ^s, %{status: :ok}}, @wait
+
+        # A reset: at once, and false.
+        :ok = m.async_accept_stream(sc, [{:active, true}])
+        {:ok, s2} = m.open_stream(c, [])
+        :ok = m.send(s2, "a")
+        assert_receive {:quic, :new_stream, ss2, _}, @wait
+        :ok = m.async_shutdown_stream(s2, m.stream_shutdown_abort_send(), 3)
+        assert_receive {:quic, :send_shutdown_complete, ^s2, false}, @wait
+        assert_receive {:quic, :peer_send_aborted, ^ss2, 3}, @wait
+
+        # STOP_SENDING from the peer: after peer_receive_aborted, and before stream_closed.
+        :ok = m.async_accept_stream(sc, [])
+        {:ok, s4} = m.open_stream(c, [])
+        :ok = m.send(s4, "b")
+        assert_receive {:quic, :new_stream, ss4, _}, @wait
+        :ok = m.async_shutdown_stream(ss4, m.stream_shutdown_abort_receive(), 9)
+
+        assert [{:peer_receive_aborted, 9}, {:send_shutdown_complete, false}] =
+                 stream_messages(s4, 2)
+
+        :ok = m.send(ss4, "", m.send_flag_fin())
+        assert [{:peer_send_shutdown, _}, {:stream_closed, _}] = stream_messages(s4, 2)
+
+        :ok = m.async_accept_stream(sc, [{:active, true}])
+        {:ok, u} = m.open_stream(c, [{:open_flag, 1}])
+        :ok = m.send(u, "u", m.send_flag_fin())
+        assert_receive {:quic, :new_stream, us, %{flags: 1}}, @wait
+        assert_receive {:quic, :peer_send_shutdown, ^us, _}, @wait
+        assert_receive {:quic, :send_shutdown_complete, ^u, true}, @wait
+        assert_receive {:quic, :stream_closed, ^us, _}, @wait
+
+        # close_stream/1 silences the stream: no send_shutdown_complete either.
+        :ok = m.async_accept_stream(sc, [{:active, true}])
+        {:ok, s6} = m.open_stream(c, [])
+        :ok = m.send(s6, "c")
+        assert_receive {:quic, :new_stream, ss6, _}, @wait
+        :ok = m.close_stream(s6)
+        assert_receive {:quic, :peer_send_shutdown, ^ss6, _}, @wait
+        assert MaculaQuic.Test.Quic.wait_until(fn -> MaculaQuic.Native.stream_info(s6).closed end)
+        refute_received {:quic, _, ^s6, _}
+
+        # The connection's end while the FIN waits behind data the peer does not read.
+        big = :binary.copy(<<7>>, 8 * 1_048_576)
+        {:ok, s5} = m.open_stream(c, [])
+        :ok = m.async_send(s5, big, m.send_flag_fin())
+        :ok = m.close_connection(sc)
+        assert_receive {:quic, :send_shutdown_complete, ^s5, false}, @wait
+        assert_receive {:quic, :stream_closed, ^s5, %{is_conn_shutdown: true}}, @wait
+        # No sending side, no message: the receiving end of a unidirectional stream.
+        refute_received {:quic, :send_shutdown_complete, ^us, _}
+
+        :ok = m.close(c)
+        :ok = m.close(l)
+        relay.stop.()
+      end
+
       test "mutual TLS: verify_peer listener accepts its CA's client, refuses others", %{
         certs: certs
       } do
@@ -551,6 +640,61 @@ defmodule MaculaQuic.ErlangFaceTest do
       {:quic, :peer_send_shutdown, ^ss, _} -> IO.iodata_to_binary(acc)
     after
       @wait -> {:stalled, IO.iodata_to_binary(acc)}
+    end
+  end
+
+  # The next `n` messages about stream `s`, as {tag, value}, in order.
+  defp stream_messages(s, n) do
+    for _ <- 1..n//1 do
+      receive do
+        {:quic, tag, ^s, value} when is_atom(tag) -> {tag, value}
+      after
+        @wait -> flunk("fewer than #{n} messages about the stream")
+      end
+    end
+  end
+
+  # A UDP relay on 127.0.0.1 in front of the listener on `port`: forwards both ways, and
+  # `back.(false)` drops what the listener sends until `back.(true)`.
+  defp relay!(port) do
+    parent = self()
+
+    pid =
+      spawn_link(fn ->
+        {:ok, sock} = :gen_udp.open(0, [:binary, ip: {127, 0, 0, 1}, active: true])
+        {:ok, rport} = :inet.port(sock)
+        send(parent, {:relay, self(), rport})
+        relay_loop(sock, port, nil, true)
+      end)
+
+    assert_receive {:relay, ^pid, rport}, @wait
+
+    ask = fn msg ->
+      ref = make_ref()
+      send(pid, {msg, self(), ref})
+      assert_receive {^ref, :ok}, @wait
+    end
+
+    %{port: rport, back: &ask.({:back, &1}), stop: fn -> ask.(:stop) end}
+  end
+
+  defp relay_loop(sock, port, client, back) do
+    receive do
+      {:udp, ^sock, {127, 0, 0, 1}, ^port, data} ->
+        if back and client, do: :gen_udp.send(sock, client, data)
+        relay_loop(sock, port, client, back)
+
+      {:udp, ^sock, ip, from, data} ->
+        :gen_udp.send(sock, {127, 0, 0, 1}, port, data)
+        relay_loop(sock, port, {ip, from}, back)
+
+      {{:back, on}, from, ref} ->
+        send(from, {ref, :ok})
+        relay_loop(sock, port, client, on)
+
+      {:stop, from, ref} ->
+        :gen_udp.close(sock)
+        send(from, {ref, :ok})
     end
   end
 

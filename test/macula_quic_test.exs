@@ -1136,8 +1136,8 @@ defmodule MaculaQuicTest do
       assert_receive {:second, {:ok, "b"}}, 5_000
     end
 
-    # Messages no mode holds back (stream_closed, peer_receive_aborted) wait for the pause's
-    # end too, so they follow what the old owner forwards, and stream_closed stays the last.
+    # Messages no mode holds back (stream_closed, peer_receive_aborted, send_shutdown_complete)
+    # wait for the pause's end too, so they follow what the old owner forwards, and stream_closed stays the last.
     test "stream_closed and peer_receive_aborted wait for the end of a handoff's pause" do
       {c, sc, _l, _} = pair!()
       {s, ss} = stream_pair!(c, sc, server: [active: true], first: "a")
@@ -1169,7 +1169,10 @@ defmodule MaculaQuicTest do
 
       :ok = MaculaQuic.Native.stream_handoff_resume(ss, true)
       send(new_owner, :report)
-      assert_receive {:seen, [:peer_receive_aborted, :stream_closed]}, 5_000
+
+      assert_receive {:seen, [:peer_receive_aborted, :send_shutdown_complete, :stream_closed]},
+                     5_000
+
       refute_received {:quic, _, ^ss, _}
       MaculaQuic.close(c)
     end

@@ -801,8 +801,13 @@ fn finish_recv(res: &ResourceArc<StreamRes>, st: &mut State) {
     maybe_closed(res, st);
 }
 
-fn finish_send(res: &ResourceArc<StreamRes>, st: &mut State) {
+/// The send side is over: `graceful` when the peer acknowledged all of the data and the FIN.
+/// The owner hears it as quicer's `send_shutdown_complete`, before `stream_closed`.
+fn finish_send(res: &ResourceArc<StreamRes>, st: &mut State, graceful: bool) {
     st.send_done = true;
+    if !st.silenced {
+        send_or_hold(res, st, Box::new(move |e, r| (atoms::quic(), atoms::send_shutdown_complete(), r, graceful).encode(e)));
+    }
     maybe_closed(res, st);
 }
 
@@ -989,12 +994,20 @@ async fn write_until_ended(res: ResourceArc<StreamRes>, mut exit: WriterExit) {
     let mut stopped = Box::pin(stopped);
     // Before the first look at the state: a NIF that changes it afterwards finds the waker.
     res.wake_writer.bind().await;
-    let failure: Reason = loop {
+    // Quinn has the FIN: the writer now only waits for the peer to acknowledge all of the data
+    // (`stopped` gives `None`), for `send_shutdown_complete` with `true`; a reset, STOP_SENDING
+    // or the connection's end meanwhile makes it `false`, as MsQuic reports it.
+    let mut fin_given = false;
+    let (failure, graceful): (Reason, bool) = loop {
         #[cfg(feature = "test_hooks")]
         if lock(&res.state).debug_panic_writer {
             panic!("macula_quic: deliberate panic in a stream writer (debug_panic_writer/1)");
         }
-        if let Some(code) = lock(&res.state).reset_send.take() {
+        // Once Quinn has the FIN a reset is dropped, as it was when the writer ended there: a
+        // process that sends its last data and exits (`owner_down` asks for a reset) must not
+        // have the stream reset under that data while its acknowledgement is awaited.
+        let reset = lock(&res.state).reset_send.take().filter(|_| !fin_given);
+        if let Some(code) = reset {
             let mut sd = lock(side);
             // What is queued will never be sent: uncount it before the reset can reach the
             // peer, so `send_pend` never shows it to someone who already heard of the reset.
@@ -1002,22 +1015,27 @@ async fn write_until_ended(res: ResourceArc<StreamRes>, mut exit: WriterExit) {
             if let Some(s) = sd.stream.as_mut() {
                 let _ = s.reset(quinn::VarInt::from_u64(code).unwrap_or(quinn::VarInt::from_u32(0)));
             }
-            break atoms::closed().into();
+            break (atoms::closed().into(), false);
         }
-        // Hands the queue to Quinn, then waits for Quinn (credit, the peer's STOP_SENDING) or a
-        // NIF's wake-up; after a wake-up the checks above come first (a reset before more data).
+        // Hands the queue to Quinn, then waits for Quinn (credit, the peer's STOP_SENDING or
+        // acknowledgement) or a NIF's wake-up; after a wake-up the checks above come first (a
+        // reset before more data).
         let step = executor::until_woken(false, |cx| {
             if let Poll::Ready(peer) = stopped.as_mut().poll(cx) {
                 return Poll::Ready(Err(peer));
+            }
+            if fin_given {
+                return Poll::Pending;
             }
             poll_queue(&mut lock(side), &res.conn.send_pend, cx).map(Ok)
         })
         .await;
         match step {
             None => continue,
-            Some(Err(peer)) => break stopped_reason(&res, peer),
-            Some(Ok(Ok(()))) => break atoms::closed().into(),
-            Some(Ok(Err(e))) => break write_reason(&res, &e),
+            Some(Err(Ok(None))) if fin_given => break (atoms::closed().into(), true),
+            Some(Err(peer)) => break (stopped_reason(&res, peer), false),
+            Some(Ok(Ok(()))) => fin_given = true,
+            Some(Ok(Err(e))) => break (write_reason(&res, &e), false),
         }
     };
     exit.ended = true;
@@ -1034,7 +1052,7 @@ async fn write_until_ended(res: ResourceArc<StreamRes>, mut exit: WriterExit) {
         r.error(failure.clone());
     }
     let mut st = lock(&res.state);
-    finish_send(&res, &mut st);
+    finish_send(&res, &mut st, graceful);
 }
 
 /// Ends the send side: records why (later sends report it), gives up what can no longer be
@@ -1076,7 +1094,7 @@ impl Drop for WriterExit {
         // away); later sends get the same.
         drop(end_send(&self.res, side, &messages::dropped_reason().into()));
         let mut st = lock(&self.res.state);
-        finish_send(&self.res, &mut st);
+        finish_send(&self.res, &mut st, false);
     }
 }
 
