@@ -65,9 +65,11 @@ defmodule MaculaQuic do
     * `{:quic, :send_shutdown_complete, stream, is_graceful}` — our sending side is over, on
       any stream that has one: `true` once the peer has acknowledged all of the data and the
       FIN (after `send/3` with FIN or a graceful shutdown), `false` at once after an abortive
-      shutdown, after the peer's STOP_SENDING (following `peer_receive_aborted`) or when the
-      connection ends first. It comes before `stream_closed`, and not after `close_stream/1`
-      (which silences the stream). As quicer's.
+      shutdown (which still resets a stream whose FIN is not yet acknowledged), after the
+      peer's STOP_SENDING (following `peer_receive_aborted`) or when the connection ends
+      first. It comes before `stream_closed`, and not after `close_stream/1` (which silences
+      the stream). An owner that exits right after its last send with FIN does not have the
+      stream reset: the peer still gets all of it. As quicer's.
     * `{:quic, :stream_closed, stream, props}` — both directions are done (the sending side
       as `send_shutdown_complete` reports, so a FIN must have been acknowledged first, and the
       receiving side at the peer's FIN or reset, or when reading stopped). `props` is a map

@@ -487,13 +487,23 @@ defmodule MaculaQuic.ErlangFaceTest do
         :ok = m.send(s, "end", m.send_flag_fin())
         assert_receive {:quic, "end", ^ss, _}, @wait
         assert_receive {:quic, :peer_send_shutdown, ^ss, _}, @wait
-        # The server has all of it, but its acknowledgement cannot have come back: Quinn taking
-        # the FIN is not enough. (The late message would be here well within this wait.)
+        # An abortive shutdown while the FIN waits to be acknowledged is made, and is false at
+        # once.
+        :ok = m.async_accept_stream(sc, [{:active, true}])
+        {:ok, s7} = m.open_stream(c, [])
+        :ok = m.send(s7, "x", m.send_flag_fin())
+        assert_receive {:quic, :new_stream, ss7, _}, @wait
+        assert_receive {:quic, :peer_send_shutdown, ^ss7, _}, @wait
+        # A graceful shutdown after the FIN is refused, acknowledged or not.
+        assert {:error, :closed} = m.async_shutdown_stream(s7)
+        :ok = m.async_shutdown_stream(s7, m.stream_shutdown_abort_send(), 5)
+        assert_receive {:quic, :send_shutdown_complete, ^s7, false}, @wait
+        # The server has all of s's data, but its acknowledgement cannot have come back: Quinn
+        # taking the FIN is not enough. (The late message would be here well within this wait.)
         refute_receive {:quic, :send_shutdown_complete, ^s, _}, 300
         relay.back.(true)
         assert_receive {:quic, :send_shutdown_complete, ^s, true}, @wait
-        # The stream closes once the server finishes its side too, and after it.
-        refute_received {:quic, :stream_closed, ^s, _}
+        # The stream closes once the server finishes its side too.
         :ok = m.send(ss, "", m.send_flag_fin())
         assert_receive {:quic, :send_shutdown_complete, ^ss, true}, @wait
         assert_receive {:quic, :stream_closed, ^ss, _}, @wait
@@ -539,15 +549,23 @@ defmodule MaculaQuic.ErlangFaceTest do
         assert MaculaQuic.Test.Quic.wait_until(fn -> MaculaQuic.Native.stream_info(s6).closed end)
         refute_received {:quic, _, ^s6, _}
 
-        # The connection's end while the FIN waits behind data the peer does not read.
+        # The connection's end, while a FIN waits to be acknowledged (s8) and while one waits
+        # behind data the peer does not read (s5).
+        relay.back.(false)
+        :ok = m.async_accept_stream(sc, [{:active, true}])
+        {:ok, s8} = m.open_stream(c, [])
+        :ok = m.send(s8, "y", m.send_flag_fin())
+        assert_receive {:quic, :new_stream, ss8, _}, @wait
+        assert_receive {:quic, :peer_send_shutdown, ^ss8, _}, @wait
         big = :binary.copy(<<7>>, 8 * 1_048_576)
         {:ok, s5} = m.open_stream(c, [])
         :ok = m.async_send(s5, big, m.send_flag_fin())
-        :ok = m.close_connection(sc)
-        assert_receive {:quic, :send_shutdown_complete, ^s5, false}, @wait
-        assert_receive {:quic, :stream_closed, ^s5, %{is_conn_shutdown: true}}, @wait
-        # No sending side, no message: the receiving end of a unidirectional stream.
-        refute_received {:quic, :send_shutdown_complete, ^us, _}
+        :ok = m.async_close_connection(c)
+
+        for x <- [s8, s5] do
+          assert_receive {:quic, :send_shutdown_complete, ^x, false}, @wait
+          assert_receive {:quic, :stream_closed, ^x, %{is_conn_shutdown: true}}, @wait
+        end
 
         :ok = m.close(c)
         :ok = m.close(l)

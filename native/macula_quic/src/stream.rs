@@ -146,6 +146,10 @@ struct State {
     stop_recv: Option<u64>,
     /// A request to reset the send side, with the code to send (RESET_STREAM).
     reset_send: Option<u64>,
+    /// `reset_send` was asked for by the owner's exit (`owner_down`), not by a shutdown: the
+    /// writer drops it once Quinn has the FIN, so that a process that sends its last data and
+    /// exits does not have the stream reset under that data while it waits to be acknowledged.
+    reset_on_exit: bool,
     /// After `close/1`: the owner hears nothing more about this stream.
     silenced: bool,
     recv_done: bool,
@@ -261,7 +265,10 @@ impl Owned for StreamRes {
         }
         st.silenced = true;
         st.stop_recv.get_or_insert(0);
-        st.reset_send.get_or_insert(0);
+        if st.reset_send.is_none() {
+            st.reset_send = Some(0);
+            st.reset_on_exit = true;
+        }
         drop(st);
         self.wake_reader.wake();
         self.wake_writer.wake();
@@ -319,6 +326,7 @@ impl StreamRes {
                 recv_request: None,
                 stop_recv: None,
                 reset_send: None,
+                reset_on_exit: false,
                 silenced: false,
                 handoff_paused: false,
                 paused_from: opts.active,
@@ -979,7 +987,7 @@ fn answer_waiting(waiting: &mut VecDeque<(u64, Reply)>, taken: u64) {
 /// shard failed first) still ends the send side, answering whoever waits on it. (A
 /// `send_complete` waiting there holds the stream, which would otherwise never be freed.)
 fn send_loop(res: ResourceArc<StreamRes>) -> impl Future<Output = ()> + Send {
-    let exit = WriterExit { res: res.clone(), ended: false };
+    let exit = WriterExit { res: res.clone(), ended: false, fin_given: false };
     async move { write_until_ended(res, exit).await }
 }
 
@@ -994,19 +1002,24 @@ async fn write_until_ended(res: ResourceArc<StreamRes>, mut exit: WriterExit) {
     let mut stopped = Box::pin(stopped);
     // Before the first look at the state: a NIF that changes it afterwards finds the waker.
     res.wake_writer.bind().await;
-    // Quinn has the FIN: the writer now only waits for the peer to acknowledge all of the data
-    // (`stopped` gives `None`), for `send_shutdown_complete` with `true`; a reset, STOP_SENDING
-    // or the connection's end meanwhile makes it `false`, as MsQuic reports it.
+    // Once Quinn has the FIN the writer only waits for the peer to acknowledge all of the data
+    // (`stopped` gives `None`), for `send_shutdown_complete` with `true`. A reset (an abortive
+    // shutdown, which QUIC allows until then), STOP_SENDING or the connection's end meanwhile
+    // makes it `false`, reported at once as quicer documents it (MsQuic itself waits for the
+    // RESET_STREAM's acknowledgement).
     let mut fin_given = false;
     let (failure, graceful): (Reason, bool) = loop {
         #[cfg(feature = "test_hooks")]
         if lock(&res.state).debug_panic_writer {
             panic!("macula_quic: deliberate panic in a stream writer (debug_panic_writer/1)");
         }
-        // Once Quinn has the FIN a reset is dropped, as it was when the writer ended there: a
-        // process that sends its last data and exits (`owner_down` asks for a reset) must not
-        // have the stream reset under that data while its acknowledgement is awaited.
-        let reset = lock(&res.state).reset_send.take().filter(|_| !fin_given);
+        // Once Quinn has the FIN, a reset asked for by the owner's exit is dropped (see
+        // `State::reset_on_exit`); one asked for by a shutdown is made.
+        let reset = {
+            let mut st = lock(&res.state);
+            let on_exit = std::mem::take(&mut st.reset_on_exit);
+            st.reset_send.take().filter(|_| !(fin_given && on_exit))
+        };
         if let Some(code) = reset {
             let mut sd = lock(side);
             // What is queued will never be sent: uncount it before the reset can reach the
@@ -1034,7 +1047,13 @@ async fn write_until_ended(res: ResourceArc<StreamRes>, mut exit: WriterExit) {
             None => continue,
             Some(Err(Ok(None))) if fin_given => break (atoms::closed().into(), true),
             Some(Err(peer)) => break (stopped_reason(&res, peer), false),
-            Some(Ok(Ok(()))) => fin_given = true,
+            Some(Ok(Ok(()))) => {
+                fin_given = true;
+                exit.fin_given = true;
+                // As before the wait for the acknowledgement: a graceful shutdown now is
+                // `closed`, whether or not the acknowledgement has come.
+                lock(side).ended = Some(atoms::closed().into());
+            }
             Some(Ok(Err(e))) => break (write_reason(&res, &e), false),
         }
     };
@@ -1079,14 +1098,17 @@ fn end_send(res: &StreamRes, side: &Mutex<SendSide>, why: &Reason) -> VecDeque<(
 struct WriterExit {
     res: ResourceArc<StreamRes>,
     ended: bool,
+    /// Quinn has the FIN and all the data: a reset would only throw away a delivery that is
+    /// probably complete, so the stream is left to Quinn as it is.
+    fin_given: bool,
 }
 
 impl Drop for WriterExit {
     fn drop(&mut self) {
         let Some(side) = self.res.send.as_ref().filter(|_| !self.ended) else { return };
         // Reset, not finished: Quinn's stream, dropped as it is, would send a FIN, and the peer
-        // would take what it got for the whole of the data.
-        if let Some(s) = lock(side).stream.as_mut() {
+        // would take what it got for the whole of the data. (Unless the FIN was given already.)
+        if let Some(s) = lock(side).stream.as_mut().filter(|_| !self.fin_given) {
             contain::quietly(|| s.reset(quinn::VarInt::from_u32(0)));
         }
         // Dropped unanswered, each waiting `Reply` answers by itself: `{:error, :internal_error}`
@@ -1298,6 +1320,7 @@ fn stream_shutdown_now<'a>(env: Env<'a>, s: ResourceArc<StreamRes>, flags: u32, 
     let mut st = lock(&s.state);
     if flags & ABORT_SEND != 0 && s.send.is_some() && !st.send_done {
         st.reset_send = Some(code);
+        st.reset_on_exit = false;
         s.wake_writer.wake();
     }
     if flags & ABORT_RECEIVE != 0 && !st.recv_done {
