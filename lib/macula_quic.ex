@@ -68,8 +68,9 @@ defmodule MaculaQuic do
       shutdown (which still resets a stream whose FIN is not yet acknowledged), after the
       peer's STOP_SENDING (following `peer_receive_aborted`) or when the connection ends
       first. It comes before `stream_closed`, and not after `close_stream/1` (which silences
-      the stream). An owner that exits right after its last send with FIN does not have the
-      stream reset: the peer still gets all of it. As quicer's.
+      the stream). An owner that exits right after a blocking `send/3` with FIN returned does
+      not have the stream reset meanwhile (unless its exit closes the connection too: it owns
+      that as well). As quicer's.
     * `{:quic, :stream_closed, stream, props}` — both directions are done (the sending side
       as `send_shutdown_complete` reports, so a FIN must have been acknowledged first, and the
       receiving side at the peer's FIN or reset, or when reading stopped). `props` is a map
@@ -1515,7 +1516,9 @@ defmodule MaculaQuic do
   integer in `0..2^62-1` (a QUIC varint), give `{:error, :badarg}`; a handle that is not a
   stream raises `ArgumentError`. A graceful shutdown gives `{:error, :einval}` on the
   receiving end of a unidirectional stream (it has no sending side) and `{:error, :closed}`
-  once the sending side has ended; aborting a direction that has already ended is `:ok`.
+  once Quinn has the stream's FIN or the sending side has ended otherwise; aborting a direction
+  that has already ended is `:ok` (an abort while a FIN waits to be acknowledged still resets
+  the stream).
 
       :ok = MaculaQuic.async_shutdown_stream(stream, MaculaQuic.stream_shutdown_abort(), 7)
   """

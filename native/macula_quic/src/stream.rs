@@ -945,6 +945,10 @@ fn poll_queue(sd: &mut SendSide, send_pend: &AtomicUsize, cx: &mut Context) -> P
         match sd.queue.pop_front() {
             Some(SendCmd::Data { fin: true, .. }) => {
                 let _ = stream.finish();
+                // Before anyone hears of it: a graceful shutdown from now on is `closed`, as
+                // once the send side has ended, though the writer waits on for the
+                // acknowledgement.
+                sd.ended = Some(atoms::closed().into());
                 // Quinn has all of it and the FIN: the send that finished the stream (and any
                 // before it) may return; its owner can now exit without the stream being reset.
                 answer_waiting(&mut sd.waiting, u64::MAX);
@@ -953,6 +957,7 @@ fn poll_queue(sd: &mut SendSide, send_pend: &AtomicUsize, cx: &mut Context) -> P
             Some(SendCmd::Data { .. }) => {}
             Some(SendCmd::Finish) => {
                 let _ = stream.finish();
+                sd.ended = Some(atoms::closed().into());
                 return Poll::Ready(Ok(()));
             }
             None => return Poll::Pending,
@@ -1025,10 +1030,11 @@ async fn write_until_ended(res: ResourceArc<StreamRes>, mut exit: WriterExit) {
             // What is queued will never be sent: uncount it before the reset can reach the
             // peer, so `send_pend` never shows it to someone who already heard of the reset.
             res.conn.send_pend.fetch_sub(sd.give_up_pending(), Ordering::Relaxed);
-            if let Some(s) = sd.stream.as_mut() {
-                let _ = s.reset(quinn::VarInt::from_u64(code).unwrap_or(quinn::VarInt::from_u32(0)));
-            }
-            break (atoms::closed().into(), false);
+            let code = quinn::VarInt::from_u64(code).unwrap_or(quinn::VarInt::from_u32(0));
+            let refused = sd.stream.as_mut().is_some_and(|s| s.reset(code).is_err());
+            // After the FIN Quinn refuses a reset only for a stream that is over: the peer had
+            // acknowledged everything by then, and `stopped` was about to say so.
+            break (atoms::closed().into(), fin_given && refused);
         }
         // Hands the queue to Quinn, then waits for Quinn (credit, the peer's STOP_SENDING or
         // acknowledgement) or a NIF's wake-up; after a wake-up the checks above come first (a
@@ -1050,9 +1056,6 @@ async fn write_until_ended(res: ResourceArc<StreamRes>, mut exit: WriterExit) {
             Some(Ok(Ok(()))) => {
                 fin_given = true;
                 exit.fin_given = true;
-                // As before the wait for the acknowledgement: a graceful shutdown now is
-                // `closed`, whether or not the acknowledgement has come.
-                lock(side).ended = Some(atoms::closed().into());
             }
             Some(Ok(Err(e))) => break (write_reason(&res, &e), false),
         }
