@@ -141,7 +141,8 @@ defmodule MaculaQuic.ReceiveModesTest do
   describe "read_ahead" do
     # The listener grants 64 KiB of flow-control window per stream, so what the client's Quinn
     # has taken (sent, or in flight) is at most what the server's reader has read plus 64 KiB:
-    # the sender's queue shows how far the passive reader reads ahead.
+    # the sender's queue shows how far the passive reader reads ahead. (At most: the peer may
+    # grant exactly the window beyond what was read, so a read can fall short by that much.)
     @window 65_536
 
     defp taken(c, total) do
@@ -166,7 +167,7 @@ defmodule MaculaQuic.ReceiveModesTest do
 
       assert taken(c, total) <= 1_048_576 + @window
       assert {:ok, first} = MaculaQuic.recv(ss, 0, 5_000)
-      assert byte_size(first) > 1_048_576 - @window and byte_size(first) <= 1_048_576
+      assert byte_size(first) >= 1_048_576 - @window and byte_size(first) <= 1_048_576
 
       # Growing it lets the reader, full again, go further at once; shrinking it bounds the
       # next reads.
@@ -175,7 +176,7 @@ defmodule MaculaQuic.ReceiveModesTest do
       assert wait_until(fn -> taken(c, total) >= byte_size(first) + 2_097_152 end)
       assert {:ok, second} = MaculaQuic.recv(ss, 0, 5_000)
 
-      assert byte_size(second) > 2_097_152 - @window and byte_size(second) <= 2_097_152,
+      assert byte_size(second) >= 2_097_152 - @window and byte_size(second) <= 2_097_152,
              "second read: #{byte_size(second)} bytes"
 
       :ok = MaculaQuic.setopt(ss, :read_ahead, 65_536)
