@@ -85,6 +85,8 @@ defmodule MaculaQuic do
       if it never will.
     * `{:handoff_done, stream, data}` — to the new owner, from `handoff_stream/3`, after the
       messages it forwarded (see `wait_for_handoff/2`).
+    * `{:quic, :closed, :undefined, :undefined}` — to the caller of `async_accept_stream/2`
+      whose accept still waited when the connection ended (no stream will come).
 
   Connection owner:
 
@@ -1109,10 +1111,16 @@ defmodule MaculaQuic do
   `{:quic, :new_stream, stream, %{conn: conn, flags: flags, is_orphan: false}}` and owns the
   stream. One call, one stream. `opts` may set `:active` and `:read_ahead` for the new stream.
 
+  If the connection ends first, the caller receives `{:quic, :closed, :undefined, :undefined}`
+  instead, as quicer sends it every waiting stream acceptor: a process that does not own the
+  connection, and so gets no `closed` about it, does not wait forever. (The owner gets both,
+  in no set order.)
+
   Streams the peer opens while nobody is accepting wait inside Quinn and count against the
   peer's stream limit (`:peer_bidi_stream_count`), so a process that stops accepting makes
   the peer stop opening. On a connection from `async_connect/3` an accept may be made before
-  `connected`: it is taken when the handshake completes (and dropped if it fails).
+  `connected`: it is taken when the handshake completes (a failed handshake ends it with the
+  message above).
 
       :ok = MaculaQuic.async_accept_stream(conn, active: :once)
   """

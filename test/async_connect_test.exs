@@ -103,6 +103,8 @@ defmodule MaculaQuic.AsyncConnectTest do
                    @wait
 
     refute_received {:quic, :transport_shutdown, ^c, _}
+    # The async_accept_stream/2 taken before: no stream will come, as quicer says it.
+    assert_receive {:quic, :closed, :undefined, :undefined}, @wait
     assert {:error, :closed} = MaculaQuic.open_stream(c)
     assert {:error, :closed} = MaculaQuic.async_accept_stream(c)
     assert :ok = MaculaQuic.close_connection(c)
@@ -213,6 +215,7 @@ defmodule MaculaQuic.AsyncConnectTest do
     # A stream opened, or accepted, meanwhile waits, and gets the handshake's failure.
     opener = Task.async(fn -> MaculaQuic.open_stream(c) end)
     acceptor = Task.async(fn -> MaculaQuic.accept_stream(c, [], :infinity) end)
+    :ok = MaculaQuic.async_accept_stream(c)
 
     assert_receive {:quic, :transport_shutdown, ^c, %{status: :connection_timeout, error: 0}},
                    @wait
@@ -222,6 +225,7 @@ defmodule MaculaQuic.AsyncConnectTest do
 
     assert System.monotonic_time(:millisecond) - t0 >= 300
     assert_receive {:quic, :closed, ^c, %{is_handshake_completed: false, is_app_closing: false}}
+    assert_receive {:quic, :closed, :undefined, :undefined}, @wait
     assert {:error, :timeout} = MaculaQuic.open_stream(c)
     # A close after the end is :ok, and sends nothing more.
     assert :ok = MaculaQuic.close_connection(c)

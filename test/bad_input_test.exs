@@ -771,12 +771,22 @@ defmodule MaculaQuic.BadInputTest do
       parent = self()
       waiter = spawn_link(fn -> send(parent, {:recv, MaculaQuic.recv(s, 10, :infinity)}) end)
       wait_until_waiting!(waiter)
+
+      # A stream acceptor that does not own the connection hears that no stream will come.
+      acceptor =
+        spawn_link(fn ->
+          :ok = MaculaQuic.async_accept_stream(c)
+          receive(do: (msg -> send(parent, {:acceptor_got, msg})))
+        end)
+
+      wait_until_waiting!(acceptor)
       :ok = MaculaQuic.Native.debug_panic_driver(c)
       # The client's next datagram (this data) panics inside Quinn's driver.
       :ok = MaculaQuic.send(s, "boom")
       assert_receive {:quic, :transport_shutdown, ^c, %{status: :internal_error, error: 1}}, 5_000
       assert_receive {:quic, :closed, ^c, %{is_peer_acked: false, is_app_closing: false}}, 5_000
       assert_receive {:recv, {:error, :internal_error}}, 5_000
+      assert_receive {:acceptor_got, {:quic, :closed, :undefined, :undefined}}, 5_000
       # Both of the stream's tasks have ended (each panicked on Quinn's lock, and answered).
       assert_receive {:quic, :stream_closed, ^s, %{is_conn_shutdown: true, status: :closed}},
                      5_000

@@ -572,6 +572,41 @@ defmodule MaculaQuic.ErlangFaceTest do
         relay.stop.()
       end
 
+      test "a waiting stream acceptor gets {quic, closed, undefined, undefined} as the connection ends" do
+        m = @mod
+        {c, sc, l} = pair(m)
+        parent = self()
+
+        # Not the connection's owner, so it hears of the end only this way.
+        _acceptor =
+          spawn_link(fn ->
+            :ok = m.async_accept_stream(sc, [])
+            send(parent, :accepting)
+
+            receive do
+              msg -> send(parent, {:acceptor_got, msg})
+            end
+          end)
+
+        assert_receive :accepting, @wait
+        # The peer closes.
+        :ok = m.close_connection(c)
+        assert_receive {:acceptor_got, {:quic, :closed, :undefined, :undefined}}, @wait
+
+        # The owner's own accepts, and a local close: one answered with a stream gets no such
+        # message, the one still waiting does.
+        {c2, sc2, _} = pair_on(m, l)
+        :ok = m.async_accept_stream(c2, [])
+        {:ok, s} = m.open_stream(sc2, [])
+        :ok = m.send(s, "x")
+        assert_receive {:quic, :new_stream, _, %{conn: ^c2}}, @wait
+        :ok = m.async_accept_stream(c2, [])
+        :ok = m.close_connection(c2)
+        assert_receive {:quic, :closed, :undefined, :undefined}, @wait
+        refute_received {:quic, :closed, :undefined, :undefined}
+        :ok = m.close(l)
+      end
+
       test "mutual TLS: verify_peer listener accepts its CA's client, refuses others", %{
         certs: certs
       } do
@@ -632,6 +667,15 @@ defmodule MaculaQuic.ErlangFaceTest do
 
   defp pair(m) do
     {:ok, l} = m.listen({~c"127.0.0.1", 0}, [{:alpn, [~c"t"]}])
+    {:ok, {_, port}} = m.sockname(l)
+    :ok = m.async_accept(l)
+    {:ok, c} = m.connect(~c"127.0.0.1", port, [{:alpn, [~c"t"]}, {:verify, :none}], @wait)
+    assert_receive {:quic, :new_conn, sc, _}, @wait
+    {c, sc, l}
+  end
+
+  # Another connection to the listener `l` of `pair/1`.
+  defp pair_on(m, l) do
     {:ok, {_, port}} = m.sockname(l)
     :ok = m.async_accept(l)
     {:ok, c} = m.connect(~c"127.0.0.1", port, [{:alpn, [~c"t"]}, {:verify, :none}], @wait)

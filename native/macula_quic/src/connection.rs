@@ -109,7 +109,7 @@ impl State {
                     Some(reply) => {
                         reply.error(r.clone());
                     }
-                    None => {}
+                    None => acceptor_closed(&accept.caller),
                 }
             }
         }
@@ -1330,6 +1330,8 @@ fn new_accept(st: &mut State) -> (u64, oneshot::Sender<()>, oneshot::Receiver<()
 /// opens and hands it to `caller`, unless `cancel` withdraws it first.
 fn spawn_accept(c: &ResourceArc<ConnRes>, id: u64, caller: LocalPid, opts: options::Stream, reply: Option<Reply>, cancel_rx: oneshot::Receiver<()>) {
     let task_conn = c.clone();
+    // Made before the task first runs, so that a task dropped unpolled still says so.
+    let mut no_stream = AcceptorClosed(reply.is_none().then_some(caller));
     c.shard.spawn(async move {
         let accepted = tokio::select! {
             r = task_conn.conn.accept_bi() => r.map(|(s, r)| (Some(s), r, 0u32)),
@@ -1338,6 +1340,7 @@ fn spawn_accept(c: &ResourceArc<ConnRes>, id: u64, caller: LocalPid, opts: optio
             // had stays queued for the next accept). A dropped sender (the connection's state
             // gone) is no withdrawal: then the accepts above fail by themselves.
             Ok(()) = cancel_rx => {
+                no_stream.disarm();
                 if let Some(r) = reply {
                     r.withdraw();
                 }
@@ -1346,18 +1349,48 @@ fn spawn_accept(c: &ResourceArc<ConnRes>, id: u64, caller: LocalPid, opts: optio
         };
         let withdrawn = lock(&task_conn.state).accepts.remove(&id).is_none();
         match accepted {
-            Ok((send, recv, flags)) => hand_over(task_conn, send, recv, flags, caller, opts, reply, withdrawn),
-            Err(e) => {
-                if let Some(r) = reply {
-                    if withdrawn {
-                        r.withdraw();
-                    } else {
-                        r.error(error::connection(&e));
-                    }
-                }
+            Ok((send, recv, flags)) => {
+                no_stream.disarm();
+                hand_over(task_conn, send, recv, flags, caller, opts, reply, withdrawn)
             }
+            // An `async_accept_stream`'s caller hears it from `no_stream`, dropped here.
+            Err(e) => match reply {
+                Some(r) if withdrawn => r.withdraw(),
+                Some(r) => {
+                    r.error(error::connection(&e));
+                }
+                None => {}
+            },
         }
     });
+}
+
+/// Until disarmed (a stream came), sends the caller of an `async_accept_stream` quicer's
+/// `{quic, closed, undefined, undefined}` (see `acceptor_closed`) as it is dropped: when its
+/// accept fails with the connection, and also when its task is dropped unfinished (its shard
+/// failed after a panic inside Quinn), as a `Reply` answers by itself for the other accepts.
+struct AcceptorClosed(Option<LocalPid>);
+
+impl AcceptorClosed {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AcceptorClosed {
+    fn drop(&mut self) {
+        if let Some(caller) = self.0.take() {
+            acceptor_closed(&caller);
+        }
+    }
+}
+
+/// Tells the caller of an `async_accept_stream` that no stream will come, the connection having
+/// ended: quicer's `{quic, closed, undefined, undefined}`, which it sends every stream acceptor
+/// still waiting then. Without it a process that accepts but does not own the connection (and
+/// so gets no `closed` about it) would wait forever.
+fn acceptor_closed(caller: &LocalPid) {
+    messages::send(caller, |e| (atoms::quic(), atoms::closed(), atoms::undefined(), atoms::undefined()).encode(e));
 }
 
 /// Gives an accepted stream to the process that asked for it. If that process has exited, or
