@@ -78,7 +78,7 @@ defmodule MaculaQuic do
       `:is_closed_remotely`, `:error` and `:status`. `shutdown_stream/4` consumes it when the
       owner shuts the stream down.
 
-  Answers to particular calls, about a stream:
+  Answers to particular calls:
 
     * `{:quic, :send_complete, stream, is_cancelled}` — to the caller of `async_send/3` (or
       `async_csend/4`) with `send_flag_sync/0`: `false` once Quinn has taken the data, `true`
@@ -108,7 +108,9 @@ defmodule MaculaQuic do
       `:tls_error`, `:reset`, ...; or an `async_connect/3` handshake failed
       (`:connection_timeout`, `:tls_error`, `:nxdomain`, ...).
     * `{:quic, :closed, conn, %{is_handshake_completed: boolean, is_peer_acked: boolean,
-      is_app_closing: boolean}}` — always the last message about a connection.
+      is_app_closing: boolean}}` — always the last message about a connection (but for
+      `{:quic, :closed, :undefined, :undefined}` to an `async_accept_stream/2` still waiting,
+      which may come after it when the owner is that caller).
       `is_handshake_completed` is `false` only for an `async_connect/3` handshake that failed
       or was abandoned.
       `close_connection/1` and `shutdown_connection/1` consume it when the owner closes.
@@ -682,7 +684,8 @@ defmodule MaculaQuic do
   started early) and returns the stream once it completes, or why it failed. Accepts are
   taken too: `async_accept_stream/2` returns `:ok` and its stream comes once the peer opens
   one, and `accept_stream/3` waits (within its `timeout`) as on any connection; a failed
-  handshake fails a waiting `accept_stream/3` with its reason. Other calls that need the
+  handshake fails a waiting `accept_stream/3` with its reason, and sends a waiting
+  `async_accept_stream/2`'s caller `{:quic, :closed, :undefined, :undefined}`. Other calls that need the
   connection (`send_dgram/2`, `getstat/2`, `peername/1`, ...) return
   `{:error, :not_connected}`. After a failure they return why it ended.
   `controlling_process/2` and `setopt/3` work throughout. Closing the

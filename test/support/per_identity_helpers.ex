@@ -54,7 +54,8 @@ defmodule MaculaQuic.PerIdentityHelpers do
         _ = MaculaQuic.async_send(stream, data)
         loop(listener, label, notify)
 
-      {:quic, :closed, conn, _props} ->
+      # (Not an accept's `{:quic, :closed, :undefined, :undefined}`: the next clause drops it.)
+      {:quic, :closed, conn, _props} when is_reference(conn) ->
         if notify, do: send(notify, {:server_closed, label, conn})
         loop(listener, label, notify)
 

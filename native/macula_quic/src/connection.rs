@@ -1349,16 +1349,15 @@ fn spawn_accept(c: &ResourceArc<ConnRes>, id: u64, caller: LocalPid, opts: optio
         };
         let withdrawn = lock(&task_conn.state).accepts.remove(&id).is_none();
         match accepted {
-            Ok((send, recv, flags)) => {
-                no_stream.disarm();
-                hand_over(task_conn, send, recv, flags, caller, opts, reply, withdrawn)
-            }
-            // An `async_accept_stream`'s caller hears it from `no_stream`, dropped here.
+            Ok((send, recv, flags)) => hand_over(task_conn, send, recv, flags, caller, opts, reply, withdrawn, no_stream),
+            // An `async_accept_stream`'s caller hears it from `no_stream`, dropped here, unless
+            // it withdrew the accept.
             Err(e) => match reply {
                 Some(r) if withdrawn => r.withdraw(),
                 Some(r) => {
                     r.error(error::connection(&e));
                 }
+                None if withdrawn => no_stream.disarm(),
                 None => {}
             },
         }
@@ -1407,6 +1406,7 @@ fn hand_over(
     opts: options::Stream,
     reply: Option<Reply>,
     withdrawn: bool,
+    no_stream: AcceptorClosed,
 ) {
     let mut reply = reply;
     if withdrawn {
@@ -1418,7 +1418,11 @@ fn hand_over(
     let owner = c.owner_pid();
     let conn = c.clone();
     // Announced before the stream's tasks start, so new_stream precedes its first data.
+    // A stream that never starts (the connection broke meanwhile) drops this unannounced, and
+    // `no_stream` then tells an `async_accept_stream`'s caller.
     let announce = move |s: &ResourceArc<StreamRes>, orphan: bool| {
+        let mut no_stream = no_stream;
+        no_stream.disarm();
         let s = s.clone();
         match reply {
             Some(r) if !orphan => {
