@@ -667,14 +667,10 @@ defmodule MaculaQuic.ErlangFaceTest do
 
   defp pair(m) do
     {:ok, l} = m.listen({~c"127.0.0.1", 0}, [{:alpn, [~c"t"]}])
-    {:ok, {_, port}} = m.sockname(l)
-    :ok = m.async_accept(l)
-    {:ok, c} = m.connect(~c"127.0.0.1", port, [{:alpn, [~c"t"]}, {:verify, :none}], @wait)
-    assert_receive {:quic, :new_conn, sc, _}, @wait
-    {c, sc, l}
+    pair_on(m, l)
   end
 
-  # Another connection to the listener `l` of `pair/1`.
+  # A connection to the listener `l` (another one, for the listener of `pair/1`).
   defp pair_on(m, l) do
     {:ok, {_, port}} = m.sockname(l)
     :ok = m.async_accept(l)

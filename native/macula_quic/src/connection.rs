@@ -104,13 +104,8 @@ impl State {
         if let Err(r) = &result {
             for accept in std::mem::take(&mut self.pending_accepts) {
                 let withdrawn = self.accepts.remove(&accept.id).is_none();
-                match accept.reply {
-                    Some(reply) if withdrawn => reply.withdraw(),
-                    Some(reply) => {
-                        reply.error(r.clone());
-                    }
-                    None => acceptor_closed(&accept.caller),
-                }
+                let no_stream = AcceptorClosed::new(accept.caller, &accept.reply);
+                fail_accept(accept.reply, no_stream, withdrawn, r.clone());
             }
         }
     }
@@ -1331,7 +1326,7 @@ fn new_accept(st: &mut State) -> (u64, oneshot::Sender<()>, oneshot::Receiver<()
 fn spawn_accept(c: &ResourceArc<ConnRes>, id: u64, caller: LocalPid, opts: options::Stream, reply: Option<Reply>, cancel_rx: oneshot::Receiver<()>) {
     let task_conn = c.clone();
     // Made before the task first runs, so that a task dropped unpolled still says so.
-    let mut no_stream = AcceptorClosed(reply.is_none().then_some(caller));
+    let mut no_stream = AcceptorClosed::new(caller, &reply);
     c.shard.spawn(async move {
         let accepted = tokio::select! {
             r = task_conn.conn.accept_bi() => r.map(|(s, r)| (Some(s), r, 0u32)),
@@ -1350,18 +1345,23 @@ fn spawn_accept(c: &ResourceArc<ConnRes>, id: u64, caller: LocalPid, opts: optio
         let withdrawn = lock(&task_conn.state).accepts.remove(&id).is_none();
         match accepted {
             Ok((send, recv, flags)) => hand_over(task_conn, send, recv, flags, caller, opts, reply, withdrawn, no_stream),
-            // An `async_accept_stream`'s caller hears it from `no_stream`, dropped here, unless
-            // it withdrew the accept.
-            Err(e) => match reply {
-                Some(r) if withdrawn => r.withdraw(),
-                Some(r) => {
-                    r.error(error::connection(&e));
-                }
-                None if withdrawn => no_stream.disarm(),
-                None => {}
-            },
+            Err(e) => fail_accept(reply, no_stream, withdrawn, error::connection(&e)),
         }
     });
+}
+
+/// Ends an accept that gets no stream, for `why`: an `accept_stream/3` (`reply`) is answered
+/// with it, an `async_accept_stream`'s caller hears `no_stream` (dropped here); an accept its
+/// caller withdrew gets nothing.
+fn fail_accept(reply: Option<Reply>, mut no_stream: AcceptorClosed, withdrawn: bool, why: Reason) {
+    match reply {
+        Some(r) if withdrawn => r.withdraw(),
+        Some(r) => {
+            r.error(why);
+        }
+        None if withdrawn => no_stream.disarm(),
+        None => {}
+    }
 }
 
 /// Until disarmed (a stream came), sends the caller of an `async_accept_stream` quicer's
@@ -1371,6 +1371,11 @@ fn spawn_accept(c: &ResourceArc<ConnRes>, id: u64, caller: LocalPid, opts: optio
 struct AcceptorClosed(Option<LocalPid>);
 
 impl AcceptorClosed {
+    /// Armed for an `async_accept_stream` (no `reply`); an `accept_stream/3` has its `Reply`.
+    fn new(caller: LocalPid, reply: &Option<Reply>) -> Self {
+        AcceptorClosed(reply.is_none().then_some(caller))
+    }
+
     fn disarm(&mut self) {
         self.0 = None;
     }

@@ -943,7 +943,7 @@ fn poll_queue(sd: &mut SendSide, send_pend: &AtomicUsize, cx: &mut Context) -> P
             }
         }
         match sd.queue.pop_front() {
-            Some(SendCmd::Data { fin: true, .. }) => {
+            Some(SendCmd::Data { fin: true, .. } | SendCmd::Finish) => {
                 let _ = stream.finish();
                 // Before anyone hears of it: a graceful shutdown from now on is `closed`, as
                 // once the send side has ended, though the writer waits on for the
@@ -951,15 +951,12 @@ fn poll_queue(sd: &mut SendSide, send_pend: &AtomicUsize, cx: &mut Context) -> P
                 sd.ended = Some(atoms::closed().into());
                 // Quinn has all of it and the FIN: the send that finished the stream (and any
                 // before it) may return; its owner can now exit without the stream being reset.
+                // (After a graceful shutdown's `Finish` nothing waits any more: every send
+                // before it was due by the time its data was taken.)
                 answer_waiting(&mut sd.waiting, u64::MAX);
                 return Poll::Ready(Ok(()));
             }
             Some(SendCmd::Data { .. }) => {}
-            Some(SendCmd::Finish) => {
-                let _ = stream.finish();
-                sd.ended = Some(atoms::closed().into());
-                return Poll::Ready(Ok(()));
-            }
             None => return Poll::Pending,
         }
     }
@@ -1007,12 +1004,12 @@ async fn write_until_ended(res: ResourceArc<StreamRes>, mut exit: WriterExit) {
     let mut stopped = Box::pin(stopped);
     // Before the first look at the state: a NIF that changes it afterwards finds the waker.
     res.wake_writer.bind().await;
-    // Once Quinn has the FIN the writer only waits for the peer to acknowledge all of the data
+    // Once Quinn has the FIN (`exit.fin_given`) the writer only waits for the peer to acknowledge
+    // all of the data
     // (`stopped` gives `None`), for `send_shutdown_complete` with `true`. A reset (an abortive
     // shutdown, which QUIC allows until then), STOP_SENDING or the connection's end meanwhile
     // makes it `false`, reported at once as quicer documents it (MsQuic itself waits for the
     // RESET_STREAM's acknowledgement).
-    let mut fin_given = false;
     let (failure, graceful): (Reason, bool) = loop {
         #[cfg(feature = "test_hooks")]
         if lock(&res.state).debug_panic_writer {
@@ -1023,7 +1020,7 @@ async fn write_until_ended(res: ResourceArc<StreamRes>, mut exit: WriterExit) {
         let reset = {
             let mut st = lock(&res.state);
             let on_exit = std::mem::take(&mut st.reset_on_exit);
-            st.reset_send.take().filter(|_| !(fin_given && on_exit))
+            st.reset_send.take().filter(|_| !(exit.fin_given && on_exit))
         };
         if let Some(code) = reset {
             let mut sd = lock(side);
@@ -1034,7 +1031,7 @@ async fn write_until_ended(res: ResourceArc<StreamRes>, mut exit: WriterExit) {
             let refused = sd.stream.as_mut().is_some_and(|s| s.reset(code).is_err());
             // After the FIN Quinn refuses a reset only for a stream that is over: the peer had
             // acknowledged everything by then, and `stopped` was about to say so.
-            break (atoms::closed().into(), fin_given && refused);
+            break (atoms::closed().into(), exit.fin_given && refused);
         }
         // Hands the queue to Quinn, then waits for Quinn (credit, the peer's STOP_SENDING or
         // acknowledgement) or a NIF's wake-up; after a wake-up the checks above come first (a
@@ -1043,7 +1040,7 @@ async fn write_until_ended(res: ResourceArc<StreamRes>, mut exit: WriterExit) {
             if let Poll::Ready(peer) = stopped.as_mut().poll(cx) {
                 return Poll::Ready(Err(peer));
             }
-            if fin_given {
+            if exit.fin_given {
                 return Poll::Pending;
             }
             poll_queue(&mut lock(side), &res.conn.send_pend, cx).map(Ok)
@@ -1051,12 +1048,9 @@ async fn write_until_ended(res: ResourceArc<StreamRes>, mut exit: WriterExit) {
         .await;
         match step {
             None => continue,
-            Some(Err(Ok(None))) if fin_given => break (atoms::closed().into(), true),
+            Some(Err(Ok(None))) if exit.fin_given => break (atoms::closed().into(), true),
             Some(Err(peer)) => break (stopped_reason(&res, peer), false),
-            Some(Ok(Ok(()))) => {
-                fin_given = true;
-                exit.fin_given = true;
-            }
+            Some(Ok(Ok(()))) => exit.fin_given = true,
             Some(Ok(Err(e))) => break (write_reason(&res, &e), false),
         }
     };
@@ -1101,8 +1095,9 @@ fn end_send(res: &StreamRes, side: &Mutex<SendSide>, why: &Reason) -> VecDeque<(
 struct WriterExit {
     res: ResourceArc<StreamRes>,
     ended: bool,
-    /// Quinn has the FIN and all the data: a reset would only throw away a delivery that is
-    /// probably complete, so the stream is left to Quinn as it is.
+    /// Quinn has the FIN and all the data: from then on the writer only waits for the peer's
+    /// acknowledgement, and a reset here would only throw away a delivery that is probably
+    /// complete, so the stream is left to Quinn as it is.
     fin_given: bool,
 }
 
