@@ -531,6 +531,18 @@ defmodule MaculaQuic.ErlangFaceTest do
         :ok = m.send(ss4, "", m.send_flag_fin())
         assert [{:peer_send_shutdown, _}, {:stream_closed, _}] = stream_messages(s4, 2)
 
+        # STOP_SENDING while the FIN waits behind data the peer does not read: a later send
+        # is still refused as a send after the caller's own FIN.
+        :ok = m.async_accept_stream(sc, [{:active, false}])
+        {:ok, s9} = m.open_stream(c, [])
+        :ok = m.send(s9, "d")
+        assert_receive {:quic, :new_stream, ss9, _}, @wait
+        :ok = m.async_send(s9, :binary.copy(<<9>>, 8 * 1_048_576), m.send_flag_fin())
+        :ok = m.async_shutdown_stream(ss9, m.stream_shutdown_abort_receive(), 4)
+        assert_receive {:quic, :peer_receive_aborted, ^s9, 4}, @wait
+        assert {:error, :closed} = m.send(s9, "late")
+        assert {:error, :closed} = m.async_send(s9, "late")
+
         :ok = m.async_accept_stream(sc, [{:active, true}])
         {:ok, u} = m.open_stream(c, [{:open_flag, 1}])
         :ok = m.send(u, "u", m.send_flag_fin())

@@ -1195,11 +1195,13 @@ fn stream_send_now<'a>(
     let notify = tag == complete().to_term(env);
     let len = data.len();
     let mut sd = lock(side);
-    if let Some(reason) = &sd.ended {
-        return err(env, reason.clone());
-    }
+    // After the caller's own FIN, `closed` whatever ended the side since (the peer's
+    // STOP_SENDING, the connection's end): the send is refused for what the caller did.
     if sd.finishing {
         return err(env, atoms::closed());
+    }
+    if let Some(reason) = &sd.ended {
+        return err(env, reason.clone());
     }
     if is_async && sd.queued > 0 && sd.queued + len > ASYNC_QUEUE_LIMIT {
         return err(env, atoms::send_queue_full());
