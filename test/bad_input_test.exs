@@ -735,6 +735,31 @@ defmodule MaculaQuic.BadInputTest do
     others_work_then_clean!(c, sc, l, [s, ss])
   end
 
+  test "in a stream's writer task once Quinn has the FIN: nothing is reset, the peer gets all of the data" do
+    {l, port} = listen!()
+    :ok = MaculaQuic.async_accept(l)
+    # Through a relay, so that the acknowledgements can be held back: the writer then still
+    # waits for them when it panics.
+    relay = relay!(port)
+    {:ok, c} = MaculaQuic.connect("127.0.0.1", relay.port, [alpn: alpn(), verify: :none], 5_000)
+    {:quic, :new_conn, sc, _} = receive_msg!({:quic, :new_conn, _, _})
+    # The server's end reads 1 KiB ahead: the rest of the data stays in Quinn's buffer, which a
+    # reset arriving now would discard.
+    {s, ss} = stream_pair!(c, sc, server: [active: false, read_ahead: 1024])
+    assert {:ok, "hello"} = MaculaQuic.recv(ss, 5, 5_000)
+    data = :crypto.strong_rand_bytes(256 * 1024)
+    relay.back.(false)
+    # Returns once Quinn has all of it and the FIN.
+    :ok = MaculaQuic.send(s, data, MaculaQuic.send_flag_fin())
+    :ok = MaculaQuic.Native.debug_panic_writer(s)
+    # The writer's end, unconfirmed: nothing says the peer has it all.
+    assert_receive {:quic, :send_shutdown_complete, ^s, false}, 5_000
+    relay.back.(true)
+    assert {data, {:error, :peer_send_shutdown}} == read_passive(ss, [])
+    others_work_then_clean!(c, sc, l, [s, ss])
+    relay.stop.()
+  end
+
   describe "a panic in the library's own socket code (called by Quinn with its locks held)" do
     test "stays there: a datagram is lost or read the other way, the connections carry on" do
       {c, sc, l, _} = pair!()
@@ -947,6 +972,14 @@ defmodule MaculaQuic.BadInputTest do
     Enum.each([s, ss], &MaculaQuic.close_stream/1)
     Enum.each([c, l | handles], &MaculaQuic.close/1)
     await_clean!(%{listeners: 0, connections: 0, streams: 0, tasks: 0}, 10_000)
+  end
+
+  # All of a passive stream's data until its end: {data, the recv that ended it}.
+  defp read_passive(stream, acc) do
+    case MaculaQuic.recv(stream, 0, 5_000) do
+      {:ok, bin} -> read_passive(stream, [acc | bin])
+      other -> {IO.iodata_to_binary(acc), other}
+    end
   end
 
   defp drain_passive(stream) do

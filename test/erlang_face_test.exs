@@ -471,7 +471,7 @@ defmodule MaculaQuic.ErlangFaceTest do
         {:ok, {_, port}} = m.sockname(l)
         :ok = m.async_accept(l)
         # Through a relay that can withhold what the server sends, acknowledgements included.
-        relay = relay!(port)
+        relay = MaculaQuic.Test.Quic.relay!(port)
 
         {:ok, c} =
           m.connect(~c"127.0.0.1", relay.port, [{:alpn, [~c"t"]}, {:verify, :none}], @wait)
@@ -721,50 +721,6 @@ defmodule MaculaQuic.ErlangFaceTest do
       after
         @wait -> flunk("fewer than #{n} messages about the stream")
       end
-    end
-  end
-
-  # A UDP relay on 127.0.0.1 in front of the listener on `port`: forwards both ways, and
-  # `back.(false)` drops what the listener sends until `back.(true)`.
-  defp relay!(port) do
-    parent = self()
-
-    pid =
-      spawn_link(fn ->
-        {:ok, sock} = :gen_udp.open(0, [:binary, ip: {127, 0, 0, 1}, active: true])
-        {:ok, rport} = :inet.port(sock)
-        send(parent, {:relay, self(), rport})
-        relay_loop(sock, port, nil, true)
-      end)
-
-    assert_receive {:relay, ^pid, rport}, @wait
-
-    ask = fn msg ->
-      ref = make_ref()
-      send(pid, {msg, self(), ref})
-      assert_receive {^ref, :ok}, @wait
-    end
-
-    %{port: rport, back: &ask.({:back, &1}), stop: fn -> ask.(:stop) end}
-  end
-
-  defp relay_loop(sock, port, client, back) do
-    receive do
-      {:udp, ^sock, {127, 0, 0, 1}, ^port, data} ->
-        if back and client, do: :gen_udp.send(sock, client, data)
-        relay_loop(sock, port, client, back)
-
-      {:udp, ^sock, ip, from, data} ->
-        :gen_udp.send(sock, {127, 0, 0, 1}, port, data)
-        relay_loop(sock, port, {ip, from}, back)
-
-      {{:back, on}, from, ref} ->
-        send(from, {ref, :ok})
-        relay_loop(sock, port, client, on)
-
-      {:stop, from, ref} ->
-        :gen_udp.close(sock)
-        send(from, {ref, :ok})
     end
   end
 

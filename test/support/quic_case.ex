@@ -234,4 +234,51 @@ defmodule MaculaQuic.Test.Quic do
           else: receive(after: (every -> poll(look, every, deadline)))
     end
   end
+
+  @doc """
+  A UDP relay on 127.0.0.1 in front of the listener on `port`, linked to the caller: forwards
+  both ways; `relay.back.(false)` drops what the listener sends (acknowledgements included)
+  until `relay.back.(true)`; `relay.stop.()` closes it. Connect to `relay.port`.
+  """
+  def relay!(port) do
+    parent = self()
+
+    pid =
+      spawn_link(fn ->
+        {:ok, sock} = :gen_udp.open(0, [:binary, ip: {127, 0, 0, 1}, active: true])
+        {:ok, rport} = :inet.port(sock)
+        send(parent, {:relay, self(), rport})
+        relay_loop(sock, port, nil, true)
+      end)
+
+    assert_receive {:relay, ^pid, rport}, @wait
+
+    ask = fn msg ->
+      ref = make_ref()
+      send(pid, {msg, self(), ref})
+      assert_receive {^ref, :ok}, @wait
+    end
+
+    %{port: rport, back: &ask.({:back, &1}), stop: fn -> ask.(:stop) end}
+  end
+
+  defp relay_loop(sock, port, client, back) do
+    receive do
+      {:udp, ^sock, {127, 0, 0, 1}, ^port, data} ->
+        if back and client, do: :gen_udp.send(sock, client, data)
+        relay_loop(sock, port, client, back)
+
+      {:udp, ^sock, ip, from, data} ->
+        :gen_udp.send(sock, {127, 0, 0, 1}, port, data)
+        relay_loop(sock, port, {ip, from}, back)
+
+      {{:back, on}, from, ref} ->
+        send(from, {ref, :ok})
+        relay_loop(sock, port, client, on)
+
+      {:stop, from, ref} ->
+        :gen_udp.close(sock)
+        send(from, {ref, :ok})
+    end
+  end
 end
