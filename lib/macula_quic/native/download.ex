@@ -129,7 +129,10 @@ defmodule MaculaQuic.Native.Download do
   defp ca_options(env, cacerts) do
     case Map.get(env, "HEX_CACERTS_PATH") do
       path when is_binary(path) and path != "" ->
-        {:ok, [cacertfile: String.to_charlist(path)]}
+        # Checked here: httpc would report a missing file as a failed connect, retried.
+        if File.regular?(path),
+          do: {:ok, [cacertfile: String.to_charlist(path)]},
+          else: {:error, {:no_cacerts, "HEX_CACERTS_PATH names #{path}, which is not a file"}}
 
       _ ->
         # OTP 25's cacerts_get/0 raises when the OS has no trust store to load (a container

@@ -65,7 +65,7 @@ defmodule MaculaQuic.Native.Loader do
   """
   @spec prepare([option()]) :: {:ok, String.t()} | {:error, term()}
   def prepare(opts) do
-    env = Keyword.get_lazy(opts, :env, &System.get_env/0)
+    env = opts |> Keyword.get_lazy(:env, &System.get_env/0) |> expand_relative_paths()
     version = Keyword.get_lazy(opts, :version, fn -> Mix.Project.config()[:version] end)
     priv_dir = Keyword.get_lazy(opts, :priv_dir, &default_priv_dir/0)
 
@@ -88,6 +88,40 @@ defmodule MaculaQuic.Native.Loader do
     Map.get(env, "MACULA_QUIC_BUILD") in @truthy or
       Map.get(env, "RUSTLER_PRECOMPILED_FORCE_BUILD_ALL") in @truthy or
       configured == true or dev_version?(version)
+  end
+
+  @path_variables [
+    "MACULA_QUIC_CACHE_DIR",
+    "RUSTLER_PRECOMPILED_GLOBAL_CACHE_PATH",
+    "HEX_CACERTS_PATH"
+  ]
+
+  @doc """
+  `env` with the paths it names (MACULA_QUIC_CACHE_DIR, RUSTLER_PRECOMPILED_GLOBAL_CACHE_PATH,
+  HEX_CACERTS_PATH) made absolute against the directory the command was run in (PWD, when it
+  is absolute). Why: Mix compiles a dependency from inside its own directory, so a relative
+  `MACULA_QUIC_CACHE_DIR=cache` would otherwise land in deps/macula_quic/cache, and a relative
+  HEX_CACERTS_PATH would not be found at all.
+  """
+  @spec expand_relative_paths(%{optional(String.t()) => String.t()}) :: %{
+          optional(String.t()) => String.t()
+        }
+  def expand_relative_paths(env) do
+    case Map.get(env, "PWD") do
+      "/" <> _ = base ->
+        Enum.reduce(@path_variables, env, fn name, acc ->
+          case Map.get(acc, name) do
+            path when is_binary(path) and path != "" ->
+              Map.put(acc, name, Path.expand(path, base))
+
+            _ ->
+              acc
+          end
+        end)
+
+      _ ->
+        env
+    end
   end
 
   @doc """
@@ -298,7 +332,8 @@ defmodule MaculaQuic.Native.Loader do
       "The download was corrupted or altered (check MACULA_QUIC_BASE_URL if you use a " <>
         "mirror). " <> @build_hint
 
-  defp remedy({:cached_and_download_failed, _, _}), do: remedy({:http_failed, nil, nil})
+  # What would fix the download fixes this too: the cache is only ever filled by one.
+  defp remedy({:cached_and_download_failed, _, download}), do: remedy(download)
 
   defp remedy({:http_status, _, 404}),
     do:
@@ -319,9 +354,16 @@ defmodule MaculaQuic.Native.Loader do
 
   defp remedy({:cargo_missing, _}),
     do:
-      "Install Rust (https://rustup.rs) so cargo is on the PATH, or depend on a released " <>
-        "(non \"-dev\") version of macula_quic, which downloads a precompiled NIF " <>
-        "(and unset MACULA_QUIC_BUILD)."
+      "Install Rust (https://rustup.rs) so cargo is on the PATH. The NIF is built from " <>
+        "source for a \"-dev\" version of macula_quic, with MACULA_QUIC_BUILD=1 or " <>
+        "RUSTLER_PRECOMPILED_FORCE_BUILD_ALL=1, and with `config :macula_quic, " <>
+        "build_from_source: true` or RustlerPrecompiled's `force_build`/`force_build_all` " <>
+        "config; without any of those, a released version downloads a precompiled NIF."
+
+  defp remedy({:write_failed, _, _}),
+    do:
+      "Check that the directory exists and is writable by this user (on Windows, also that " <>
+        "no running VM has the library loaded), then compile again."
 
   defp remedy({:cargo_failed, _}),
     do:

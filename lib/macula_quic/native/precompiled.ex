@@ -10,7 +10,7 @@ defmodule MaculaQuic.Native.Precompiled do
   # name and renamed into place, so a failure never leaves anything new in priv/native and
   # a running VM that has the old file mapped is never handed a half-written one.
 
-  alias MaculaQuic.Native.{Checksum, Download}
+  alias MaculaQuic.Native.{AtomicFile, Checksum, Download}
 
   @type request :: %{
           required(:tarball) => String.t(),
@@ -27,7 +27,7 @@ defmodule MaculaQuic.Native.Precompiled do
           | Download.error()
           | {:bad_tarball, String.t(), term()}
           | {:cached_and_download_failed, Checksum.error(), Download.error()}
-          | {:write_failed, Path.t(), term()}
+          | AtomicFile.error()
 
   @doc """
   Makes `native_dir/file_name` the verified library from the tarball `tarball`. A cached
@@ -126,7 +126,7 @@ defmodule MaculaQuic.Native.Precompiled do
   defp cache(_content, %{cache_dir: nil}), do: :ok
 
   defp cache(content, request) do
-    case write_atomically(Path.join(request.cache_dir, request.tarball), content) do
+    case AtomicFile.write(Path.join(request.cache_dir, request.tarball), content) do
       :ok ->
         :ok
 
@@ -165,30 +165,8 @@ defmodule MaculaQuic.Native.Precompiled do
   defp place(library, request) do
     destination = Path.join(request.native_dir, request.file_name)
 
-    with :ok <- write_atomically(destination, library) do
+    with :ok <- AtomicFile.write(destination, library) do
       {:ok, destination}
     end
   end
-
-  defp write_atomically(path, content) do
-    tmp = "#{path}.#{System.unique_integer([:positive])}.tmp"
-
-    with :ok <- mkdir_p(Path.dirname(path)),
-         :ok <- write(tmp, content),
-         :ok <- rename(tmp, path) do
-      :ok
-    else
-      error ->
-        # Best effort: the write's own error is the one to report.
-        _ = File.rm(tmp)
-        error
-    end
-  end
-
-  defp mkdir_p(dir), do: wrap(File.mkdir_p(dir), dir)
-  defp write(path, content), do: wrap(File.write(path, content), path)
-  defp rename(from, to), do: wrap(File.rename(from, to), to)
-
-  defp wrap(:ok, _path), do: :ok
-  defp wrap({:error, reason}, path), do: {:error, {:write_failed, path, reason}}
 end

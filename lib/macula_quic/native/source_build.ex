@@ -12,6 +12,8 @@ defmodule MaculaQuic.Native.SourceBuild do
   # (Mix symlinks it), so a prod build (bin/demo) must not replace the test build's library
   # behind the test env's back, nor the reverse.
 
+  alias MaculaQuic.Native.AtomicFile
+
   @crate "macula_quic"
 
   @type request :: %{
@@ -27,7 +29,7 @@ defmodule MaculaQuic.Native.SourceBuild do
           {:cargo_missing, String.t()}
           | {:cargo_failed, non_neg_integer()}
           | {:library_missing, Path.t()}
-          | {:write_failed, Path.t(), term()}
+          | AtomicFile.error()
 
   @doc """
   The library's load path relative to the priv dir (no extension): what a source build
@@ -121,20 +123,19 @@ defmodule MaculaQuic.Native.SourceBuild do
     end
   end
 
-  # Copy then rename: overwriting the file in place could corrupt the code of a running VM
-  # that has the previous build loaded.
+  # Written beside the destination and renamed over it (see `AtomicFile`): overwriting the
+  # file in place could corrupt the code of a running VM that has the previous build loaded.
   defp copy_atomically(source, destination) do
-    tmp = "#{destination}.#{System.unique_integer([:positive])}.tmp"
-
-    with :ok <- File.mkdir_p(Path.dirname(destination)),
-         {:ok, _} <- File.copy(source, tmp),
-         :ok <- File.rename(tmp, destination) do
+    with {:ok, library} <- read(source),
+         :ok <- AtomicFile.write(destination, library) do
       {:ok, destination}
-    else
-      {:error, reason} ->
-        # Best effort: the copy's or rename's error is the one to report.
-        _ = File.rm(tmp)
-        {:error, {:write_failed, destination, reason}}
+    end
+  end
+
+  defp read(source) do
+    case File.read(source) do
+      {:ok, library} -> {:ok, library}
+      {:error, _} -> {:error, {:library_missing, source}}
     end
   end
 

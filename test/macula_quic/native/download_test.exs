@@ -63,6 +63,19 @@ defmodule MaculaQuic.Native.DownloadTest do
       assert Download.get(server.base_url <> "/file.bin", env: env) == {:ok, "payload"}
     end
 
+    test "a HEX_CACERTS_PATH that is not a file is an error at once, not a failed connect", %{
+      server: server,
+      tmp_dir: dir
+    } do
+      url = server.base_url <> "/file.bin"
+      missing = Path.join(dir, "no-such-ca.pem")
+
+      assert {:error, {:http_failed, ^url, {:no_cacerts, why}}} =
+               Download.get(url, env: %{"HEX_CACERTS_PATH" => missing}, max_retries: 0)
+
+      assert why =~ missing
+    end
+
     test "the host name is checked", %{server: server, ca_file: ca_file} do
       url = "https://127.0.0.1:#{server.port}/file.bin"
       env = %{"HEX_CACERTS_PATH" => ca_file}

@@ -71,6 +71,45 @@ defmodule MaculaQuic.Native.LoaderTest do
              "https://github.com/macula-io/macula_quic/releases/download/v1.0.0"
   end
 
+  test "relative paths in the environment are taken from the directory the command ran in" do
+    env = %{
+      "PWD" => "/home/u/app",
+      "MACULA_QUIC_CACHE_DIR" => "cache",
+      "HEX_CACERTS_PATH" => "../ca.pem",
+      "RUSTLER_PRECOMPILED_GLOBAL_CACHE_PATH" => "/abs/artifacts",
+      "HOME" => "relative/is/left/alone"
+    }
+
+    assert Loader.expand_relative_paths(env) == %{
+             env
+             | "MACULA_QUIC_CACHE_DIR" => "/home/u/app/cache",
+               "HEX_CACERTS_PATH" => "/home/u/ca.pem"
+           }
+
+    # Without an absolute PWD there is nothing better than the current directory.
+    no_pwd = Map.delete(env, "PWD")
+    assert Loader.expand_relative_paths(no_pwd) == no_pwd
+    assert Loader.expand_relative_paths(%{env | "PWD" => "rel"}) == %{env | "PWD" => "rel"}
+  end
+
+  test "each failure's advice fits it" do
+    url = "https://example.invalid/x.tar.gz"
+    cached = {:checksum_mismatch, "x.tar.gz", "sha256:aa", "sha256:bb"}
+
+    # A corrupt cache and a download that failed: the download's own advice.
+    assert Loader.format_error({:cached_and_download_failed, cached, {:http_status, url, 404}}) =~
+             "No precompiled NIF is published at that address"
+
+    assert Loader.format_error(
+             {:cached_and_download_failed, cached, {:http_failed, url, {:no_cacerts, "none"}}}
+           ) =~ "ca-certificates"
+
+    # A directory that cannot be written: building from source would write there too.
+    message = Loader.format_error({:write_failed, "/ro/priv/native/lib.so", :eacces})
+    assert message =~ "writable"
+    refute message =~ "MACULA_QUIC_BUILD"
+  end
+
   describe "source builds" do
     test "a -dev version builds from source, and a missing cargo says what to do", ctx do
       opts = source_opts(ctx, version: "0.1.0-dev", env: %{})
@@ -79,6 +118,10 @@ defmodule MaculaQuic.Native.LoaderTest do
       error = assert_raise Mix.Error, fn -> Loader.prepare!(opts) end
       assert error.message =~ "Install Rust"
       assert error.message =~ "released"
+      # Every switch that asks for a source build is named, not only the one in this test.
+      for switch <- ["-dev", "MACULA_QUIC_BUILD=1", "build_from_source: true", "force_build"],
+          do: assert(error.message =~ switch)
+
       assert Path.wildcard(Path.join(ctx.tmp_dir, "priv/**")) == []
     end
 

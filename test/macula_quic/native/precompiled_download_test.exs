@@ -79,6 +79,21 @@ defmodule MaculaQuic.Native.PrecompiledDownloadTest do
     assert_received {:mix_shell, :info, ["Installing precompiled NIF " <> _]}
   end
 
+  test "a relative MACULA_QUIC_CACHE_DIR is taken from the directory the command ran in", ctx do
+    # Mix compiles a dependency from inside its own directory; the user meant theirs (PWD).
+    app = Path.join(ctx.tmp_dir, "app")
+    File.mkdir_p!(app)
+    env = %{"PWD" => app, "MACULA_QUIC_CACHE_DIR" => "relcache"}
+    opts = ctx.opts |> Keyword.delete(:cache_dir) |> Keyword.put(:env, env)
+
+    File.cd!(ctx.priv |> Path.dirname() |> Path.join("elsewhere") |> tap(&File.mkdir_p!/1), fn ->
+      assert {:ok, _} = Loader.prepare(opts)
+    end)
+
+    assert File.read!(Path.join([app, "relcache", ctx.tarball_name])) == ctx.tarball
+    refute File.exists?(Path.join([ctx.tmp_dir, "elsewhere", "relcache"]))
+  end
+
   test "a cache that cannot be written does not stop the install: it says so", ctx do
     # A regular file where the cache directory would go: nothing can be created under it.
     blocker = Path.join(ctx.tmp_dir, "not_a_dir")
