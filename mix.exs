@@ -16,6 +16,9 @@ defmodule MaculaQuic.MixProject do
       description:
         "QUIC for Elixir and Erlang: Quinn (Rust) bound through a NIF, with exact address binding and real back-pressure.",
       package: package(),
+      # A package whose checksum file does not list every artifact of its version would give
+      # its users no NIF: `mix macula_quic.checksum --check` refuses to let it be published.
+      aliases: ["hex.publish": ["macula_quic.checksum --check", "hex.publish"]],
       docs: [main: "MaculaQuic", source_url: @source_url, source_ref: "v#{@version}"],
       source_url: @source_url
     ]

@@ -111,7 +111,7 @@ defmodule MaculaQuic.Native.Target do
     host.system_architecture
     |> split_architecture()
     |> apply_overrides(host.env)
-    |> normalize()
+    |> normalize(vendor_given?(host.env))
     |> join()
   end
 
@@ -130,7 +130,7 @@ defmodule MaculaQuic.Native.Target do
 
       available
       |> Enum.map(&{&1, parse_nif_version(&1)})
-      |> Enum.filter(fn {_, {ma, mi}} -> ma == major and mi <= minor end)
+      |> Enum.filter(fn {_, {ma, mi}} -> is_integer(ma) and ma == major and mi <= minor end)
       |> Enum.max_by(fn {_, {_, mi}} -> mi end, fn -> nil end)
       |> case do
         {version, _} -> {:ok, version}
@@ -143,16 +143,24 @@ defmodule MaculaQuic.Native.Target do
     if triple in targets, do: :ok, else: {:error, {:unsupported_target, triple, targets}}
   end
 
+  # "2.16" -> {2, 16}; anything else (a future "3.0.1" included) matches nothing we ship.
   defp parse_nif_version(version) do
-    [major, minor] = version |> String.split(".") |> Enum.map(&String.to_integer/1)
-    {major, minor}
+    with [major, minor | _] <- String.split(version, "."),
+         {major, ""} <- Integer.parse(major),
+         {minor, ""} <- Integer.parse(minor) do
+      {major, minor}
+    else
+      _ -> {nil, nil}
+    end
   end
 
-  # "x86_64-pc-linux-gnu" -> %{arch, vendor, os, abi}; three parts have no ABI; any other
-  # shape (Windows reports "win32") gives no parts at all.
+  # "x86_64-pc-linux-gnu" -> %{arch, vendor, os, abi}; three parts have no ABI, but for a
+  # vendorless Linux triple ("x86_64-linux-gnu", as some builds of Erlang report it); any
+  # other shape (Windows reports "win32") gives no parts at all.
   defp split_architecture(system_architecture) do
     case String.split(system_architecture, "-") do
       [arch, vendor, os, abi] -> %{arch: arch, vendor: vendor, os: os, abi: abi}
+      [arch, "linux", abi] -> %{arch: arch, vendor: "unknown", os: "linux", abi: abi}
       [arch, vendor, os] -> %{arch: arch, vendor: vendor, os: os}
       _ -> %{}
     end
@@ -177,27 +185,33 @@ defmodule MaculaQuic.Native.Target do
     end
   end
 
-  defp normalize(%{os: os} = parts) do
+  defp vendor_given?(env), do: Map.get(env, "TARGET_VENDOR") not in [nil, ""]
+
+  defp normalize(%{os: os} = parts, vendor_given?) do
     cond do
       os =~ "darwin" -> normalize_darwin(parts)
-      os =~ "linux" -> normalize_linux(parts)
+      os =~ "linux" -> normalize_linux(parts, vendor_given?)
       os =~ "freebsd" -> normalize_freebsd(parts)
       true -> parts
     end
   end
 
-  defp normalize(parts), do: parts
+  defp normalize(parts, _vendor_given?), do: parts
 
-  # "aarch64-apple-darwin23.1.0" -> "aarch64-apple-darwin"; old VMs report arm for Apple silicon.
+  # "aarch64-apple-darwin23.1.0" -> "aarch64-apple-darwin"; Apple silicon may also be
+  # reported as arm (old VMs) or arm64.
   defp normalize_darwin(parts) do
-    arch = if parts.arch == "arm", do: "aarch64", else: parts.arch
+    arch = if parts.arch in ["arm", "arm64"], do: "aarch64", else: parts.arch
     %{parts | arch: arch, os: "darwin"}
   end
 
-  # Distribution vendors (pc, redhat, suse, alpine) are "unknown" in Rust triples; the ABI
-  # part (gnu, musl, gnueabihf) is kept, which is how musl systems are recognised.
-  defp normalize_linux(parts) do
-    vendor = if parts.vendor in ~w(pc redhat suse alpine), do: "unknown", else: parts.vendor
+  # A distribution's vendor (pc, redhat, suse, alpine, amazon, ...) is "unknown" in Rust's
+  # Linux triples, unless TARGET_VENDOR asks for one (Nerves); the ABI part (gnu, musl,
+  # gnueabihf) is kept, which is how musl systems are recognised. (RustlerPrecompiled maps
+  # only a list of known vendors, and a Linux with another one, such as Amazon Linux's
+  # Erlang, then found no precompiled NIF.)
+  defp normalize_linux(parts, vendor_given?) do
+    vendor = if vendor_given?, do: parts.vendor, else: "unknown"
     %{parts | arch: normalize_arch(parts.arch), vendor: vendor}
   end
 
@@ -208,6 +222,7 @@ defmodule MaculaQuic.Native.Target do
   end
 
   defp normalize_arch("amd64"), do: "x86_64"
+  defp normalize_arch("arm64"), do: "aarch64"
   defp normalize_arch("riscv64"), do: "riscv64gc"
   defp normalize_arch(arch), do: arch
 

@@ -15,6 +15,12 @@ defmodule Mix.Tasks.MaculaQuic.Checksum do
 
     * `--all` - every supported target x NIF version
     * `--only-local` - only the artifact this machine would download
+    * `--check` - write nothing: fail unless the checksum file is fit to ship with the
+      version, that is, for a release version it lists exactly the tarballs of every target
+      x NIF version, each with a well-formed SHA-256 (a `-dev` version builds from source and
+      needs none). `mix hex.publish` runs this first (an alias in mix.exs), so a package whose
+      checksum file was never written, or was written with `--only-local` or
+      `--ignore-unavailable`, is not published: its users would get no NIF.
 
   Options:
 
@@ -45,7 +51,8 @@ defmodule Mix.Tasks.MaculaQuic.Checksum do
     checksum_file: :string,
     print: :boolean,
     ignore_unavailable: :boolean,
-    max_retries: :integer
+    max_retries: :integer,
+    check: :boolean
   ]
 
   @impl Mix.Task
@@ -56,6 +63,10 @@ defmodule Mix.Tasks.MaculaQuic.Checksum do
     version =
       opts[:version] || Mix.Project.config()[:version] || Mix.raise("--version is required")
 
+    if opts[:check], do: check!(opts, version), else: write!(opts, version)
+  end
+
+  defp write!(opts, version) do
     source = source(opts, version)
 
     results = Enum.map(artifacts(opts, version), &fetch(&1, source, opts))
@@ -72,13 +83,62 @@ defmodule Mix.Tasks.MaculaQuic.Checksum do
     Mix.shell().info("Wrote #{map_size(checksums)} checksum(s) to #{path}")
   end
 
+  defp check!(opts, version) do
+    if opts[:all] || opts[:only_local],
+      do: Mix.raise("--check takes neither --all nor --only-local")
+
+    path = opts[:checksum_file] || Checksum.path(project_dir())
+
+    if Loader.build_from_source?(%{}, false, version) do
+      Mix.shell().info(
+        "#{version} is a development version: it builds from source (#{path} unused)"
+      )
+    else
+      checksums =
+        case Checksum.read(path) do
+          {:ok, checksums} -> checksums
+          {:error, reason} -> Mix.raise(Loader.format_error(reason))
+        end
+
+      expected = for {tarball, _file} <- all_artifacts(version), do: tarball
+      problems = checksum_problems(checksums, expected)
+
+      if problems != [] do
+        Mix.raise(
+          "#{path} is not fit to ship with #{version}:\n  " <>
+            Enum.join(problems, "\n  ") <>
+            "\nWrite it from the release's assets: " <>
+            "MACULA_QUIC_BUILD=1 mix macula_quic.checksum --all (see RELEASE.md)."
+        )
+      end
+
+      Mix.shell().info("#{path} lists the #{length(expected)} artifacts of #{version}")
+    end
+
+    :ok
+  end
+
+  defp checksum_problems(checksums, expected) do
+    missing = for t <- expected, not Map.has_key?(checksums, t), do: "missing: #{t}"
+
+    extra =
+      for {t, _} <- checksums, t not in expected, do: "not an artifact of this version: #{t}"
+
+    malformed =
+      for {t, sum} <- checksums,
+          not Regex.match?(~r/\Asha256:[0-9a-f]{64}\z/, sum),
+          do: "not a SHA-256: #{t} => #{inspect(sum)}"
+
+    Enum.sort(missing) ++ Enum.sort(extra) ++ Enum.sort(malformed)
+  end
+
   # [{tarball_name, library_file_name}] for the requested scope.
   defp artifacts(opts, version) do
     case {opts[:all], opts[:only_local]} do
       {true, true} -> Mix.raise("Pass only one of --all and --only-local")
       {true, _} -> all_artifacts(version)
       {_, true} -> [local_artifact(version)]
-      _ -> Mix.raise("Pass --all (every target and NIF version) or --only-local")
+      _ -> Mix.raise("Pass --all (every target and NIF version), --only-local or --check")
     end
   end
 

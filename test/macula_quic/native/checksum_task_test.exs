@@ -124,6 +124,55 @@ defmodule MaculaQuic.Native.ChecksumTaskTest do
     assert_raise Mix.Error, ~r/--all/, fn -> run_task(["--dir", ctx.www]) end
   end
 
+  describe "--check" do
+    test "passes a file with every artifact of the version, and writes nothing", ctx do
+      expected = all_tarballs!(ctx.www)
+      :ok = Checksum.write(ctx.out, expected)
+      before = File.read!(ctx.out)
+      assert :ok = run_task(["--check", "--checksum-file", ctx.out])
+      assert File.read!(ctx.out) == before
+      assert_received {:mix_shell, :info, [message]}
+      assert message =~ "lists the 24 artifacts of 0.3.0"
+    end
+
+    test "fails an empty, partial, foreign or malformed file, saying what is wrong", ctx do
+      all = all_tarballs!(ctx.www)
+      [first, second | _] = all |> Map.keys() |> Enum.sort()
+      other = String.replace(first, @version, "0.2.9")
+
+      for {checksums, wanted} <- [
+            {%{}, "missing: #{first}"},
+            {Map.delete(all, second), "missing: #{second}"},
+            {Map.put(all, other, all[first]), "not an artifact of this version: #{other}"},
+            {%{all | first => "sha256:abc"}, "not a SHA-256: #{first}"}
+          ] do
+        :ok = Checksum.write(ctx.out, checksums)
+
+        error =
+          assert_raise Mix.Error, fn -> run_task(["--check", "--checksum-file", ctx.out]) end
+
+        assert error.message =~ wanted
+        assert error.message =~ "mix macula_quic.checksum --all"
+      end
+    end
+
+    test "a -dev version needs no checksums", ctx do
+      :ok = Checksum.write(ctx.out, %{})
+
+      assert :ok = Task.run(["--check", "--checksum-file", ctx.out, "--version", "0.3.1-dev"])
+
+      assert_received {:mix_shell, :info, [message]}
+      assert message =~ "development version"
+    end
+
+    test "mix hex.publish checks the checksum file first" do
+      assert Mix.Project.config()[:aliases][:"hex.publish"] == [
+               "macula_quic.checksum --check",
+               "hex.publish"
+             ]
+    end
+  end
+
   describe "over HTTP" do
     @describetag :loader_network
 

@@ -24,6 +24,12 @@ defmodule MaculaQuic.Native.TargetTest do
           {"aarch64-alpine-linux-musl", {:unix, :linux}, "aarch64-unknown-linux-musl"},
           {"x86_64-redhat-linux-gnu", {:unix, :linux}, "x86_64-unknown-linux-gnu"},
           {"x86_64-suse-linux-gnu", {:unix, :linux}, "x86_64-unknown-linux-gnu"},
+          {"x86_64-amazon-linux-gnu", {:unix, :linux}, "x86_64-unknown-linux-gnu"},
+          {"aarch64-amazon-linux-gnu", {:unix, :linux}, "aarch64-unknown-linux-gnu"},
+          {"x86_64-linux-gnu", {:unix, :linux}, "x86_64-unknown-linux-gnu"},
+          {"aarch64-linux-musl", {:unix, :linux}, "aarch64-unknown-linux-musl"},
+          {"arm64-unknown-linux-gnu", {:unix, :linux}, "aarch64-unknown-linux-gnu"},
+          {"arm64-apple-darwin23.0.0", {:unix, :darwin}, "aarch64-apple-darwin"},
           {"amd64-pc-linux-gnu", {:unix, :linux}, "x86_64-unknown-linux-gnu"},
           {"riscv64-unknown-linux-gnu", {:unix, :linux}, "riscv64gc-unknown-linux-gnu"},
           {"arm-unknown-linux-gnueabihf", {:unix, :linux}, "arm-unknown-linux-gnueabihf"},
@@ -96,6 +102,14 @@ defmodule MaculaQuic.Native.TargetTest do
       assert Target.nif_version("2.16", ["2.15"]) == {:ok, "2.15"}
       assert Target.nif_version("2.18", ["2.15", "2.16", "2.17"]) == {:ok, "2.17"}
       assert Target.nif_version("2.18", ["2.17", "2.15", "2.16"]) == {:ok, "2.17"}
+    end
+
+    test "a version of another shape matches nothing, and raises nothing" do
+      assert Target.nif_version("3.0.1", ["2.15", "2.16", "2.17"]) ==
+               {:error, {:unsupported_nif_version, "3.0.1", ["2.15", "2.16", "2.17"]}}
+
+      assert Target.nif_version("2.17.1", ["2.16", "2.17"]) == {:ok, "2.17"}
+      assert {:error, _} = Target.nif_version("x", ["2.16"])
     end
 
     test "nothing compatible" do
