@@ -135,8 +135,10 @@ defmodule MaculaQuic do
       which becomes the connection's owner. The handshake has already completed. `info` has
       `:remote_addr` and `:local_addr` (`"ip:port"` binaries; quicer's are charlists), `:server_name` (the
       SNI the client sent, or `:undefined`), `:alpns` (the negotiated protocol) and `:version`.
-    * `{:quic, :listener_stopped, listener}` — a 3-tuple, as quicer sends it, when the
-      listener was closed by a process other than its owner.
+    * `{:quic, :listener_stopped, listener}` — a 3-tuple, as quicer sends it: to the owner
+      when the listener was closed by another process, and to every other process still
+      waiting in `async_accept/2` when it closes (by `close_listener/1`, or as its owner
+      exits; not to the process that closed it), since no connection will come.
 
   ## Options
 
@@ -161,7 +163,10 @@ defmodule MaculaQuic do
       reconnected with a resumed handshake, which sends, signs and verifies no certificate.
       A ticket arrives after the handshake, so a connection closed at once may not get one.
       `false` keeps no tickets: every handshake is a full one.
-    * `:idle_timeout_ms` (0 disables), `:keep_alive_interval_ms`, `:handshake_idle_timeout_ms`,
+    * `:handshake_idle_timeout_ms` — (connect) how long a client's handshake may take in all,
+      from the first packet (not an idle timer): 10 s by default for `async_connect/3`, as
+      MsQuic's; `connect/4` stops at its own `timeout` or at this, whichever is sooner.
+    * `:idle_timeout_ms` (0 disables), `:keep_alive_interval_ms`,
       `:peer_bidi_stream_count`, `:peer_unidi_stream_count` (at most 65,535, as in MsQuic:
       Quinn sets up every stream the peer may open when a connection starts),
       `:stream_recv_window` (bytes per stream the peer may send ahead of what the stream's
@@ -450,8 +455,10 @@ defmodule MaculaQuic do
   `{:quic, :new_conn, conn, info}` and becomes the connection's owner.
 
   One call delivers one connection, as in quicer: call it again for the next. Connections that
-  arrive while nobody is waiting are queued (up to the listener's `:backlog`), not lost. `opts`
-  is accepted for quicer compatibility and must be a list or map; its entries are ignored.
+  arrive while nobody is waiting are queued (up to the listener's `:backlog`), not lost. If
+  the listener closes first, a caller that neither owns nor closed it receives
+  `{:quic, :listener_stopped, listener}` instead. `opts` is accepted for quicer compatibility
+  and must be a list or map of options; their values are ignored.
 
       {:ok, listener} = MaculaQuic.listen({"127.0.0.1", 4433}, alpn: ["demo"])
       :ok = MaculaQuic.async_accept(listener)
@@ -470,7 +477,8 @@ defmodule MaculaQuic do
   end
 
   @doc """
-  Waits up to `timeout` for the next incoming connection and returns it, owned by the caller.
+  Waits up to `timeout` (`:infinity` by default) for the next incoming connection and returns
+  it, owned by the caller.
 
   `{:error, :timeout}` if none arrives in time; `{:error, :closed}` if the listener is (or
   gets) closed meanwhile. A `timeout` that is neither `:infinity` nor a non-negative integer
@@ -498,21 +506,30 @@ defmodule MaculaQuic do
   with their handshake already complete, so this returns `:ok` at once; it exists for code
   written as quicer's is (`accept`, then `handshake`), where quicer's returns `{:ok, conn}`.
 
+  It does not wait: on a handle from `async_connect/3` whose handshake is still running it
+  returns `{:error, :not_connected}` (wait for `{:quic, :connected, conn, _}` instead), and
+  after a failed one, why it failed. A `timeout` (default 5000) that is neither `:infinity`
+  nor a non-negative integer gives `{:error, :badarg}`.
+
       {:quic, :new_conn, conn, _info} = receive(do: (msg -> msg))
       :ok = MaculaQuic.handshake(conn)
   """
-  @spec handshake(connection(), timeout()) :: :ok
-  def handshake(conn, _timeout \\ 5_000) do
-    check_handle!(:connection, conn)
-    :ok
+  @spec handshake(connection(), timeout()) :: :ok | {:error, reason()}
+  def handshake(conn, timeout \\ 5_000) do
+    result =
+      with {:ok, _} <- timeout_value(timeout) do
+        native(:connection, conn, fn -> Native.conn_handshake_done(conn) end)
+      end
+
+    checked(result, :connection, conn)
   end
 
   @doc """
   quicer's `handshake/3`, with connection options for the handshake. The handshake is done
   before a connection is delivered, so there is nothing left for options to change: `opts`
   must be empty (`[]` or `%{}`), and any option gives `{:error, {:bad_option, name}}`.
-  Otherwise as `handshake/2`: `:ok` at once. A `timeout` that is neither `:infinity` nor a
-  non-negative integer gives `{:error, :badarg}`.
+  Otherwise as `handshake/2`. A `timeout` that is neither `:infinity` nor a non-negative
+  integer gives `{:error, :badarg}`.
 
       :ok = MaculaQuic.handshake(conn, [], 5_000)
   """
@@ -521,7 +538,7 @@ defmodule MaculaQuic do
     result =
       with {:ok, _} <- timeout_value(timeout),
            :ok <- no_handshake_options(opts),
-           do: handshake(conn)
+           do: handshake(conn, timeout)
 
     checked(result, :connection, conn)
   end
@@ -545,9 +562,11 @@ defmodule MaculaQuic do
 
   Returns `:ok`, or, once the owner has received `{:quic, :closed, conn, _}` (the message never
   follows it), why the connection ended, such as `{:error, :closed}` or
-  `{:error, {:shutdown, code}}`. `is_resumed` is always `false`: Quinn does not report whether
-  TLS resumed a session. Works on either end's connections; a handle that is not a connection
-  raises `ArgumentError`.
+  `{:error, {:shutdown, code}}`. On a handle from `async_connect/3` whose handshake still
+  runs it returns `{:error, :not_connected}` (that handle's owner gets `connected` anyway,
+  once the handshake completes). `is_resumed` is always `false`: Quinn does not report
+  whether TLS resumed a session. Works on either end's connections; a handle that is not a
+  connection raises `ArgumentError`.
 
       {:quic, :new_conn, conn, _info} = receive(do: (msg -> msg))
       :ok = MaculaQuic.async_handshake(conn)
@@ -635,7 +654,8 @@ defmodule MaculaQuic do
   by the caller.
 
   `host` is an IP tuple, an IPv4/IPv6 literal or a DNS name (string or charlist). `timeout`
-  (milliseconds) covers name resolution and the handshake: past it, `{:error, :timeout}`.
+  (milliseconds, 5000 by default) covers name resolution and the handshake, as does
+  `:handshake_idle_timeout_ms` when it is shorter: past it, `{:error, :timeout}`.
   Other errors: `{:error, {:tls_alert, alert}}` (e.g. `:unknown_ca`,
   `:no_application_protocol` for an ALPN mismatch, `:certificate_required`),
   `{:error, {:shutdown, code}}`, `{:error, :bad_address}` (also for port 0), `{:error, :nxdomain}`,
@@ -1140,8 +1160,8 @@ defmodule MaculaQuic do
   end
 
   @doc """
-  Waits up to `timeout` for the next stream the peer opens, and returns it owned by the caller.
-  `{:error, :timeout}` if none arrives in time (the request is withdrawn: a later stream is not
+  Waits up to `timeout` (`:infinity` by default) for the next stream the peer opens, and
+  returns it owned by the caller. `{:error, :timeout}` if none arrives in time (the request is withdrawn: a later stream is not
   lost, it waits for the next accept); `{:error, :closed}` (or why the connection ended) if
   the connection ends. A `timeout` that is neither `:infinity` nor a non-negative integer
   gives `{:error, :badarg}`.
@@ -1249,11 +1269,12 @@ defmodule MaculaQuic do
   error, no `send_complete` follows). Flags that are not a non-negative integer raise
   `ArgumentError`, as does `data` that is not iodata.
 
-      :ok = MaculaQuic.async_send(stream, "last words", MaculaQuic.send_flag_fin())
       :ok = MaculaQuic.async_send(stream, "tell me", MaculaQuic.send_flag_sync())
       receive do
         {:quic, :send_complete, ^stream, false} -> :taken
       end
+      # The last data: nothing may be sent after the FIN ({:error, :closed}).
+      :ok = MaculaQuic.async_send(stream, "last words", MaculaQuic.send_flag_fin())
   """
   @spec async_send(stream(), iodata(), non_neg_integer()) :: :ok | {:error, reason()}
   def async_send(stream, data, flags) do
@@ -1301,7 +1322,8 @@ defmodule MaculaQuic do
   end
 
   @doc """
-  Receives from a passive stream (`active: false`).
+  Receives from a passive stream (`active: false`), waiting up to `timeout` (`:infinity` by
+  default).
 
   `length` 0 returns whatever is buffered (up to the stream's `read_ahead`, 512 KiB unless
   set), or the next chunk to arrive. A passive stream's native side reads up to `read_ahead`
@@ -1404,6 +1426,7 @@ defmodule MaculaQuic do
   @spec setopt(stream(), :active, active()) :: :ok | {:error, reason()}
   @spec setopt(stream(), :read_ahead, pos_integer()) :: :ok | {:error, reason()}
   @spec setopt(connection(), :datagram_active, active()) :: :ok | {:error, reason()}
+  @spec setopt(stream() | connection(), atom(), term()) :: :ok | {:error, reason()}
   def setopt(handle, name, value) do
     case {Native.handle_kind(handle), name} do
       {:stream, :active} -> Native.stream_set_active(handle, value)
@@ -1426,6 +1449,7 @@ defmodule MaculaQuic do
   @spec getopt(stream(), :active) :: {:ok, active()} | {:error, reason()}
   @spec getopt(stream(), :read_ahead) :: {:ok, pos_integer()} | {:error, reason()}
   @spec getopt(connection(), :datagram_active) :: {:ok, active()} | {:error, reason()}
+  @spec getopt(stream() | connection(), atom()) :: {:ok, term()} | {:error, reason()}
   def getopt(handle, name) do
     case {Native.handle_kind(handle), name} do
       {:stream, :active} -> {:ok, Native.stream_get_active(handle)}

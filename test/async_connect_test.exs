@@ -49,6 +49,7 @@ defmodule MaculaQuic.AsyncConnectTest do
       assert {:ok, [send_cnt: n]} = MaculaQuic.getstat(c, [:send_cnt])
       assert n > 0
       assert {:ok, "test"} = MaculaQuic.negotiated_protocol(c)
+      assert :ok = m.handshake(c)
       # `connected` came once.
       refute_received {:quic, :connected, ^c, _}
 
@@ -80,6 +81,9 @@ defmodule MaculaQuic.AsyncConnectTest do
     assert {:error, :not_connected} = MaculaQuic.getstat(c, [:send_cnt])
     assert {:error, :not_connected} = MaculaQuic.peername(c)
     assert {:error, :not_connected} = MaculaQuic.async_handshake(c)
+    # handshake/1,2,3 do not wait for it either.
+    assert {:error, :not_connected} = MaculaQuic.handshake(c)
+    assert {:error, :not_connected} = :macula_quic.handshake(c, [], 10)
     assert MaculaQuic.Native.handle_kind(c) == :connection
 
     # Accepts wait for the handshake too: one that times out meanwhile is withdrawn (and
@@ -227,6 +231,7 @@ defmodule MaculaQuic.AsyncConnectTest do
     assert_receive {:quic, :closed, ^c, %{is_handshake_completed: false, is_app_closing: false}}
     assert_receive {:quic, :closed, :undefined, :undefined}, @wait
     assert {:error, :timeout} = MaculaQuic.open_stream(c)
+    assert {:error, :timeout} = MaculaQuic.handshake(c, 5_000)
     # A close after the end is :ok, and sends nothing more.
     assert :ok = MaculaQuic.close_connection(c)
     refute_received {:quic, _, ^c, _}

@@ -227,6 +227,8 @@ defmodule MaculaQuic.BadInputTest do
         {:handshake, [c, [foo: 1], 10], {:error, {:bad_option, :foo}}},
         {:handshake, [c, :nope, 10], {:error, {:bad_option, :nope}}},
         {:handshake, [c, [], -1], {:error, :badarg}},
+        {:handshake, [c, -1], {:error, :badarg}},
+        {:handshake, [c, :bogus], {:error, :badarg}},
         {:async_handshake, [c, %{certfile: "x"}], {:error, {:bad_option, :certfile}}},
         {:start_stream, [c, [active: :sometimes]], {:error, {:bad_option, :active}}},
         {:async_csend, [c, "x", [active: :sometimes], 0], {:error, {:bad_option, :active}}},

@@ -171,6 +171,73 @@ defmodule MaculaQuicTest do
       end
     end
 
+    test "processes waiting in async_accept hear listener_stopped as the listener closes" do
+      parent = self()
+
+      # Waits in async_accept (`n` times), then forwards whatever it gets.
+      acceptor = fn l, n ->
+        pid =
+          spawn_link(fn ->
+            for _ <- 1..n, do: :ok = MaculaQuic.async_accept(l)
+            send(parent, {:waiting, self()})
+
+            forward = fn forward ->
+              receive(do: (msg -> send(parent, {:got, self(), msg}))) && forward.(forward)
+            end
+
+            forward.(forward)
+          end)
+
+        assert_receive {:waiting, ^pid}, 5_000
+        pid
+      end
+
+      # The owner closes it: each other waiting process is told, once however often it
+      # waited; the owner, waiting too, hears nothing of its own close.
+      {l, _} = listen!()
+      :ok = MaculaQuic.async_accept(l)
+      a = acceptor.(l, 2)
+      b = acceptor.(l, 1)
+      :ok = MaculaQuic.close_listener(l)
+      assert_receive {:got, ^a, {:quic, :listener_stopped, ^l}}, 5_000
+      assert_receive {:got, ^b, {:quic, :listener_stopped, ^l}}, 5_000
+
+      # A waiting process that closes it is not told either; the owner is, as before.
+      {l2, _} = listen!()
+
+      closer =
+        spawn_link(fn ->
+          :ok = MaculaQuic.async_accept(l2)
+          :ok = MaculaQuic.close_listener(l2)
+          send(parent, {:closed, self()})
+          receive(do: (msg -> send(parent, {:got, self(), msg})))
+        end)
+
+      assert_receive {:closed, ^closer}, 5_000
+      assert_receive {:quic, :listener_stopped, ^l2}, 5_000
+
+      # The owner exits: the processes waiting on its listener are told.
+      owner =
+        spawn(fn ->
+          {l3, _} = listen!()
+          send(parent, {:listener, l3})
+          receive(do: (:exit -> :ok))
+        end)
+
+      assert_receive {:listener, l3}, 5_000
+      c = acceptor.(l3, 1)
+      ref = Process.monitor(owner)
+      send(owner, :exit)
+      assert_receive {:DOWN, ^ref, :process, ^owner, _}, 5_000
+      assert_receive {:got, ^c, {:quic, :listener_stopped, ^l3}}, 5_000
+
+      # Nothing else came: no second message to `a`, none to the closer or to this process
+      # about its own listener (each would have been sent before the ones awaited above).
+      refute_received {:got, ^a, _}
+      refute_received {:got, ^closer, _}
+      refute_received {:quic, :listener_stopped, ^l}
+    end
+
     test "new_conn goes to the caller of async_accept, which becomes the owner" do
       {l, port} = listen!()
       parent = self()

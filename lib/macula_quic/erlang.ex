@@ -14,6 +14,13 @@ defmodule :macula_quic do
 
   Flags are functions here (`macula_quic:stream_shutdown_abort()`), and macros in
   `include/macula_quic.hrl` (`?QUIC_STREAM_SHUTDOWN_FLAG_ABORT`, named as in quicer).
+
+  Bad arguments raise what they raise in Elixir: an `ArgumentError` exception, which Erlang
+  sees as `error:\#{'__struct__' := 'Elixir.ArgumentError', message := Message}` (a binary
+  saying what was expected and what was given, in Elixir's notation), not `error:badarg`;
+  `catch error:_` or a match on that map catches it. Function names in the messages are the
+  Elixir module's (`recv/3` for `macula_quic:recv/3`).
+
   See `MaculaQuic` for every function's documentation and the messages owners receive.
   """
 
@@ -125,8 +132,8 @@ defmodule :macula_quic do
           {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
   @spec accept(MaculaQuic.listener(), MaculaQuic.options(), timeout()) ::
           {:ok, MaculaQuic.connection()} | {:error, MaculaQuic.reason()}
-  @spec handshake(MaculaQuic.connection()) :: :ok
-  @spec handshake(MaculaQuic.connection(), timeout()) :: :ok
+  @spec handshake(MaculaQuic.connection()) :: :ok | {:error, MaculaQuic.reason()}
+  @spec handshake(MaculaQuic.connection(), timeout()) :: :ok | {:error, MaculaQuic.reason()}
   @spec handshake(MaculaQuic.connection(), MaculaQuic.options(), timeout()) ::
           :ok | {:error, MaculaQuic.reason()}
   @spec async_handshake(MaculaQuic.connection()) :: :ok | {:error, MaculaQuic.reason()}
@@ -210,6 +217,10 @@ defmodule :macula_quic do
           :ok | {:error, MaculaQuic.reason()}
   @spec getopt(MaculaQuic.connection(), :datagram_active) ::
           {:ok, MaculaQuic.active()} | {:error, MaculaQuic.reason()}
+  @spec setopt(MaculaQuic.stream() | MaculaQuic.connection(), atom(), term()) ::
+          :ok | {:error, MaculaQuic.reason()}
+  @spec getopt(MaculaQuic.stream() | MaculaQuic.connection(), atom()) ::
+          {:ok, term()} | {:error, MaculaQuic.reason()}
   @spec getopt(MaculaQuic.stream() | MaculaQuic.connection(), atom(), false | atom()) ::
           {:ok, term()} | {:error, MaculaQuic.reason()}
   @spec setopt(MaculaQuic.stream() | MaculaQuic.connection(), atom(), term(), false | atom()) ::

@@ -183,6 +183,7 @@ defmodule MaculaQuic.Native do
   def conn_query(_conn, _what, _tag), do: nif_error()
   def conn_connected(_conn, _alpn), do: nif_error()
   def conn_await_connected(_conn, _tag), do: nif_error()
+  def conn_handshake_done(_conn), do: nif_error()
   def open_stream(_conn, _opts, _tag), do: nif_error()
   def conn_accept_stream(_conn, _opts, _tag), do: nif_error()
   def conn_cancel_accept(_conn, _id), do: nif_error()

@@ -187,16 +187,16 @@ impl Owned for ConnRes {
         )
     }
 
-    fn owner_down(&self, pid: LocalPid) {
+    fn owner_down(this: &ResourceArc<Self>, pid: LocalPid) {
         // The owner exited: close with code 0 so the peer learns at once, instead of waiting
         // for the idle timeout. The watcher then ends and the resource can be freed. Closing
         // takes Quinn's connection lock, which its driver may hold for a while: do it on the
         // shard, serialised with the driver, not on the scheduler running this callback.
-        let mut st = lock(&self.state);
+        let mut st = lock(&this.state);
         if st.owner.pid != pid {
             return;
         }
-        if self.est.get().is_none() {
+        if this.est.get().is_none() {
             // A handshake in progress (or one that has ended): abandon it. Nobody is left to
             // tell; a failure already recorded keeps its reason (and answered the waiters).
             if !st.closed_sent {
@@ -207,8 +207,8 @@ impl Owned for ConnRes {
         }
         drop(st);
         {
-            let conn = self.conn.clone();
-            self.shard.spawn(async move { conn.close(quinn::VarInt::from_u32(0), b"owner exited") });
+            let conn = this.conn.clone();
+            this.shard.spawn(async move { conn.close(quinn::VarInt::from_u32(0), b"owner exited") });
         }
     }
 }
@@ -928,6 +928,17 @@ fn conn_connected<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, alpn: Term<'a>) -> 
     }
     let _ = env.send(&st.owner.pid, connected_msg(env, c.clone(), alpn));
     atoms::ok().encode(env)
+}
+
+/// `conn_handshake_done(Conn)`: `:ok` once the connection's handshake has completed (every
+/// delivered connection, and an `async_connect` handle from `connected` on, whatever happened
+/// since), `{:error, :not_connected}` while it runs, or `{:error, Reason}` if it failed.
+#[rustler::nif]
+fn conn_handshake_done<'a>(env: Env<'a>, c: ResourceArc<ConnRes>) -> Term<'a> {
+    match c.ready() {
+        Ok(()) => atoms::ok().encode(env),
+        Err(r) => err(env, r),
+    }
 }
 
 /// `conn_await_connected(Conn, Tag)`: `:ok` when the connection is established, `{:error,

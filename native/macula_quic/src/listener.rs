@@ -96,11 +96,26 @@ impl Owned for ListenerRes {
         format!("listener on {}", self.shared.local)
     }
 
-    fn owner_down(&self, pid: LocalPid) {
-        let owned = lock(&self.shared.owner).pid == pid;
+    fn owner_down(this: &ResourceArc<Self>, pid: LocalPid) {
+        let owned = lock(&this.shared.owner).pid == pid;
         if owned {
-            close(&self.shared);
+            let (_, acceptors) = close(&this.shared);
+            tell_acceptors(this, acceptors, &[pid]);
         }
+    }
+}
+
+/// Sends `{quic, listener_stopped, Listener}` to each process that was waiting in
+/// `async_accept` as the listener closed, once, but for those in `skip` (the owner, told by
+/// `listener_close` or gone, and the process that closed it). Why: no connection will come, and a process that does not own the listener (one of
+/// a pool of acceptors) would otherwise wait for ever, as it would for a stream
+/// (`{quic, closed, undefined, undefined}` tells a stream acceptor the same).
+fn tell_acceptors(l: &ResourceArc<ListenerRes>, mut acceptors: Vec<LocalPid>, skip: &[LocalPid]) {
+    acceptors.sort();
+    acceptors.dedup();
+    for pid in acceptors.iter().filter(|p| !skip.contains(p)) {
+        let l = l.clone();
+        messages::send(pid, move |e| (atoms::quic(), atoms::listener_stopped(), l).encode(e));
     }
 }
 
@@ -122,18 +137,19 @@ impl Drop for ListenerRes {
 const RETIRE_GRACE: Duration = Duration::from_secs(1);
 
 /// Stops accepting. Idempotent. Returns whether accepted connections still use the socket
-/// (then the address stays bound until they close).
-fn close(shared: &Arc<Shared>) -> bool {
-    let (queued, live) = {
+/// (then the address stays bound until they close), and the processes that were waiting in
+/// `async_accept` (for `tell_acceptors`; none once closed).
+fn close(shared: &Arc<Shared>) -> (bool, Vec<LocalPid>) {
+    let (queued, live, acceptors) = {
         let mut st = lock(&shared.state);
         if st.closed {
-            return true;
+            return (true, Vec::new());
         }
         st.closed = true;
         // Blocking `accept` callers are answered `{:error, :closed}` (their `Reply` does so as
-        // it is dropped); `async_accept` callers get nothing, the owner `listener_stopped`.
-        st.waiters.clear();
-        (st.ready.drain(..).collect::<Vec<_>>(), st.delivered_live > 0)
+        // it is dropped); `async_accept` callers are returned, to be told.
+        let acceptors = st.waiters.drain(..).filter(|w| w.reply.is_none()).map(|w| w.pid).collect();
+        (st.ready.drain(..).collect::<Vec<_>>(), st.delivered_live > 0, acceptors)
     };
     // The owner's entry lets go of the listener. That is never its last reference (which would
     // run `Drop`, and `close`, under this lock): whoever closes it holds one, or is its `Drop`,
@@ -148,7 +164,7 @@ fn close(shared: &Arc<Shared>) -> bool {
         ep.set_server_config(None);
     }
     maybe_retire(shared);
-    live
+    (live, acceptors)
 }
 
 /// Retires the socket once the listener is closed and no delivered connection is open.
@@ -489,19 +505,21 @@ fn listener_cancel_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>) -> Term
 }
 
 /// `listener_close(Listener, Tag)`: stops accepting (see the module doc for what happens to
-/// connections) and sends the owner `{quic, listener_stopped, Listener}`. Returns `:wait` when
+/// connections) and sends the owner `{quic, listener_stopped, Listener}`, as it does every
+/// other process waiting in `async_accept` (`tell_acceptors`). Returns `:wait` when
 /// the address is about to be released — the caller then receives `{Tag, :ok}` once it is —
 /// or `:ok` when accepted connections keep it bound (or it was already closed).
 #[rustler::nif]
 fn listener_close<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>) -> Term<'a> {
     rustler::atoms! { wait }
     let was_open = !lock(&l.shared.state).closed;
-    let live = close(&l.shared);
+    let (live, acceptors) = close(&l.shared);
     if !was_open {
         return atoms::ok().encode(env);
     }
     let owner = lock(&l.shared.owner).pid;
     let _ = env.send(&owner, (atoms::quic(), atoms::listener_stopped(), l.clone()));
+    tell_acceptors(&l, acceptors, &[owner, env.pid()]);
     let released = lock(&l.shared.released).take();
     match released {
         Some(rx) if !live => {

@@ -26,8 +26,12 @@ use crate::util::lock;
 /// A handle (listener, connection, stream) that an owner's exit shuts down.
 pub trait Owned: Resource {
     /// `pid` exited. The handle shuts down if `pid` still owns it (it may have just been handed
-    /// to another process).
-    fn owner_down(&self, pid: LocalPid);
+    /// to another process). Given the handle itself, not `&self`: a handle may name itself in
+    /// the messages it sends as it shuts down, as a listener does to the processes waiting in
+    /// `async_accept`.
+    fn owner_down(this: &ResourceArc<Self>, pid: LocalPid)
+    where
+        Self: Sized;
 
     /// What the handle is and where it stands, in a line: for diagnostics (`describe_owners`,
     /// which only test builds call).
@@ -45,7 +49,7 @@ trait Registered: Send + Sync {
 
 impl<T: Owned> Registered for ResourceArc<T> {
     fn owner_down(&self, pid: LocalPid) {
-        (**self).owner_down(pid)
+        T::owner_down(self, pid)
     }
 
     fn describe(&self) -> String {

@@ -256,10 +256,10 @@ impl Owned for StreamRes {
         )
     }
 
-    fn owner_down(&self, pid: LocalPid) {
+    fn owner_down(this: &ResourceArc<Self>, pid: LocalPid) {
         // The owner exited: abort both directions (code 0) so the peer is not left waiting, and
         // let the tasks end, which frees the stream.
-        let mut st = lock(&self.state);
+        let mut st = lock(&this.state);
         if st.owner.pid != pid {
             return;
         }
@@ -270,8 +270,8 @@ impl Owned for StreamRes {
             st.reset_on_exit = true;
         }
         drop(st);
-        self.wake_reader.wake();
-        self.wake_writer.wake();
+        this.wake_reader.wake();
+        this.wake_writer.wake();
     }
 }
 
