@@ -1426,7 +1426,6 @@ defmodule MaculaQuic do
   @spec setopt(stream(), :active, active()) :: :ok | {:error, reason()}
   @spec setopt(stream(), :read_ahead, pos_integer()) :: :ok | {:error, reason()}
   @spec setopt(connection(), :datagram_active, active()) :: :ok | {:error, reason()}
-  @spec setopt(stream() | connection(), atom(), term()) :: :ok | {:error, reason()}
   def setopt(handle, name, value) do
     case {Native.handle_kind(handle), name} do
       {:stream, :active} -> Native.stream_set_active(handle, value)
@@ -1449,7 +1448,6 @@ defmodule MaculaQuic do
   @spec getopt(stream(), :active) :: {:ok, active()} | {:error, reason()}
   @spec getopt(stream(), :read_ahead) :: {:ok, pos_integer()} | {:error, reason()}
   @spec getopt(connection(), :datagram_active) :: {:ok, active()} | {:error, reason()}
-  @spec getopt(stream() | connection(), atom()) :: {:ok, term()} | {:error, reason()}
   def getopt(handle, name) do
     case {Native.handle_kind(handle), name} do
       {:stream, :active} -> {:ok, Native.stream_get_active(handle)}

@@ -217,10 +217,6 @@ defmodule :macula_quic do
           :ok | {:error, MaculaQuic.reason()}
   @spec getopt(MaculaQuic.connection(), :datagram_active) ::
           {:ok, MaculaQuic.active()} | {:error, MaculaQuic.reason()}
-  @spec setopt(MaculaQuic.stream() | MaculaQuic.connection(), atom(), term()) ::
-          :ok | {:error, MaculaQuic.reason()}
-  @spec getopt(MaculaQuic.stream() | MaculaQuic.connection(), atom()) ::
-          {:ok, term()} | {:error, MaculaQuic.reason()}
   @spec getopt(MaculaQuic.stream() | MaculaQuic.connection(), atom(), false | atom()) ::
           {:ok, term()} | {:error, MaculaQuic.reason()}
   @spec setopt(MaculaQuic.stream() | MaculaQuic.connection(), atom(), term(), false | atom()) ::
