@@ -38,6 +38,7 @@ defmodule MaculaQuic.Native.Loader do
           | {:retry_delay_ms, non_neg_integer()}
           | {:cargo, String.t()}
           | {:cargo_features, [String.t()]}
+          | {:root_dir, Path.t()}
 
   @doc """
   Resolves the NIF library and returns its path relative to the priv dir, without
@@ -61,11 +62,17 @@ defmodule MaculaQuic.Native.Loader do
   `:cache_dir`, `:priv_dir` (the app's priv dir under _build), `:checksum_file`, `:target`
   and `:nif_version` (derived from the running VM), `:max_retries`, `:retry_delay_ms`,
   `:cargo` (executable) and `:cargo_features` (extra crate features; any make it a source
-  build, since precompiled libraries have none).
+  build, since precompiled libraries have none), `:root_dir` (what relative paths in the
+  environment are relative to: the project being built, the one whose deps directory holds
+  this package).
   """
   @spec prepare([option()]) :: {:ok, String.t()} | {:error, term()}
   def prepare(opts) do
-    env = opts |> Keyword.get_lazy(:env, &System.get_env/0) |> expand_relative_paths()
+    env =
+      opts
+      |> Keyword.get_lazy(:env, &System.get_env/0)
+      |> expand_relative_paths(Keyword.get_lazy(opts, :root_dir, &root_dir/0))
+
     version = Keyword.get_lazy(opts, :version, fn -> Mix.Project.config()[:version] end)
     priv_dir = Keyword.get_lazy(opts, :priv_dir, &default_priv_dir/0)
 
@@ -90,38 +97,39 @@ defmodule MaculaQuic.Native.Loader do
       configured == true or dev_version?(version)
   end
 
-  @path_variables [
-    "MACULA_QUIC_CACHE_DIR",
-    "RUSTLER_PRECOMPILED_GLOBAL_CACHE_PATH",
-    "HEX_CACERTS_PATH"
-  ]
+  @path_variables ["MACULA_QUIC_CACHE_DIR", "HEX_CACERTS_PATH"]
 
   @doc """
-  `env` with the paths it names (MACULA_QUIC_CACHE_DIR, RUSTLER_PRECOMPILED_GLOBAL_CACHE_PATH,
-  HEX_CACERTS_PATH) made absolute against the directory the command was run in (PWD, when it
-  is absolute). Why: Mix compiles a dependency from inside its own directory, so a relative
-  `MACULA_QUIC_CACHE_DIR=cache` would otherwise land in deps/macula_quic/cache, and a relative
-  HEX_CACERTS_PATH would not be found at all.
+  `env` with the paths MACULA_QUIC_CACHE_DIR and HEX_CACERTS_PATH made absolute against
+  `root_dir`, the project being built (see `prepare/1`'s `:root_dir`). Why: Mix compiles a
+  dependency from inside its own directory, so a relative `MACULA_QUIC_CACHE_DIR=cache` would
+  otherwise land in deps/macula_quic/cache, and a relative HEX_CACERTS_PATH would not be found
+  at all. (RUSTLER_PRECOMPILED_GLOBAL_CACHE_PATH is left as given, as RustlerPrecompiled's
+  packages take it, so that all of them share one cache.)
   """
-  @spec expand_relative_paths(%{optional(String.t()) => String.t()}) :: %{
+  @spec expand_relative_paths(%{optional(String.t()) => String.t()}, Path.t()) :: %{
           optional(String.t()) => String.t()
         }
-  def expand_relative_paths(env) do
-    case Map.get(env, "PWD") do
-      "/" <> _ = base ->
-        Enum.reduce(@path_variables, env, fn name, acc ->
-          case Map.get(acc, name) do
-            path when is_binary(path) and path != "" ->
-              Map.put(acc, name, Path.expand(path, base))
+  def expand_relative_paths(env, root_dir) do
+    Enum.reduce(@path_variables, env, fn name, acc ->
+      case Map.get(acc, name) do
+        path when is_binary(path) and path != "" ->
+          Map.put(acc, name, Path.expand(path, root_dir))
 
-            _ ->
-              acc
-          end
-        end)
+        _ ->
+          acc
+      end
+    end)
+  end
 
-      _ ->
-        env
-    end
+  # The project being built: the directory above its deps directory, which a dependency's
+  # compile shares with the project that depends on it (in an umbrella, the umbrella's root).
+  # Mix's working directory is the dependency's own then; the shell's PWD may be stale (an
+  # editor or a port that started mix elsewhere).
+  defp root_dir do
+    Path.dirname(Mix.Project.deps_path())
+  rescue
+    _ -> File.cwd!()
   end
 
   @doc """

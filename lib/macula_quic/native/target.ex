@@ -143,7 +143,7 @@ defmodule MaculaQuic.Native.Target do
     if triple in targets, do: :ok, else: {:error, {:unsupported_target, triple, targets}}
   end
 
-  # "2.16" -> {2, 16}; anything else (a future "3.0.1" included) matches nothing we ship.
+  # "2.16" -> {2, 16} (and "2.17.1" -> {2, 17}); anything else, "x" say, matches nothing.
   defp parse_nif_version(version) do
     with [major, minor | _] <- String.split(version, "."),
          {major, ""} <- Integer.parse(major),
@@ -206,12 +206,17 @@ defmodule MaculaQuic.Native.Target do
   end
 
   # A distribution's vendor (pc, redhat, suse, alpine, amazon, ...) is "unknown" in Rust's
-  # Linux triples, unless TARGET_VENDOR asks for one (Nerves); the ABI part (gnu, musl,
-  # gnueabihf) is kept, which is how musl systems are recognised. (RustlerPrecompiled maps
-  # only a list of known vendors, and a Linux with another one, such as Amazon Linux's
-  # Erlang, then found no precompiled NIF.)
+  # Linux triples; a vendor TARGET_VENDOR asks for is kept (Nerves), but for those four, which
+  # RustlerPrecompiled maps to "unknown" even then. The ABI part (gnu, musl, gnueabihf) is
+  # kept, which is how musl systems are recognised. (RustlerPrecompiled maps only its list of
+  # vendors, and a Linux with another one, such as Amazon Linux's Erlang, then found no
+  # precompiled NIF.)
   defp normalize_linux(parts, vendor_given?) do
-    vendor = if vendor_given?, do: parts.vendor, else: "unknown"
+    vendor =
+      if vendor_given? and parts.vendor not in ~w(pc redhat suse alpine),
+        do: parts.vendor,
+        else: "unknown"
+
     %{parts | arch: normalize_arch(parts.arch), vendor: vendor}
   end
 

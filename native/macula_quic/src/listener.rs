@@ -98,24 +98,32 @@ impl Owned for ListenerRes {
 
     fn owner_down(this: &ResourceArc<Self>, pid: LocalPid) {
         let owned = lock(&this.shared.owner).pid == pid;
-        if owned {
-            let (_, acceptors) = close(&this.shared);
-            tell_acceptors(this, acceptors, &[pid]);
+        if let Some((_, acceptors)) = owned.then(|| close(&this.shared)).flatten() {
+            tell_acceptors(None, this, acceptors, &[pid]);
         }
     }
 }
 
 /// Sends `{quic, listener_stopped, Listener}` to each process that was waiting in
 /// `async_accept` as the listener closed, once, but for those in `skip` (the owner, told by
-/// `listener_close` or gone, and the process that closed it). Why: no connection will come, and a process that does not own the listener (one of
-/// a pool of acceptors) would otherwise wait for ever, as it would for a stream
-/// (`{quic, closed, undefined, undefined}` tells a stream acceptor the same).
-fn tell_acceptors(l: &ResourceArc<ListenerRes>, mut acceptors: Vec<LocalPid>, skip: &[LocalPid]) {
+/// `listener_close` or gone, and the process that closed it). Why: no connection will come,
+/// and a process that does not own the listener (one of a pool of acceptors) would otherwise
+/// wait for ever, as it would for a stream (`{quic, closed, undefined, undefined}` tells a
+/// stream acceptor the same). From a NIF (`env`) the messages leave within the call, after
+/// the owner's; from an owner's exit (the monitor's callback) through `messages::send`.
+fn tell_acceptors(env: Option<Env>, l: &ResourceArc<ListenerRes>, mut acceptors: Vec<LocalPid>, skip: &[LocalPid]) {
     acceptors.sort();
     acceptors.dedup();
     for pid in acceptors.iter().filter(|p| !skip.contains(p)) {
-        let l = l.clone();
-        messages::send(pid, move |e| (atoms::quic(), atoms::listener_stopped(), l).encode(e));
+        match env {
+            Some(env) => {
+                let _ = env.send(pid, (atoms::quic(), atoms::listener_stopped(), l.clone()));
+            }
+            None => {
+                let l = l.clone();
+                messages::send(pid, move |e| (atoms::quic(), atoms::listener_stopped(), l).encode(e));
+            }
+        }
     }
 }
 
@@ -136,14 +144,15 @@ impl Drop for ListenerRes {
 /// and drain (three probe timeouts, ~100 ms on loopback) before it closes anyway.
 const RETIRE_GRACE: Duration = Duration::from_secs(1);
 
-/// Stops accepting. Idempotent. Returns whether accepted connections still use the socket
+/// Stops accepting. Idempotent: `None` when the listener was closed already (by another
+/// call, perhaps at the same moment), else whether accepted connections still use the socket
 /// (then the address stays bound until they close), and the processes that were waiting in
-/// `async_accept` (for `tell_acceptors`; none once closed).
-fn close(shared: &Arc<Shared>) -> (bool, Vec<LocalPid>) {
+/// `async_accept` (for `tell_acceptors`).
+fn close(shared: &Arc<Shared>) -> Option<(bool, Vec<LocalPid>)> {
     let (queued, live, acceptors) = {
         let mut st = lock(&shared.state);
         if st.closed {
-            return (true, Vec::new());
+            return None;
         }
         st.closed = true;
         // Blocking `accept` callers are answered `{:error, :closed}` (their `Reply` does so as
@@ -164,7 +173,7 @@ fn close(shared: &Arc<Shared>) -> (bool, Vec<LocalPid>) {
         ep.set_server_config(None);
     }
     maybe_retire(shared);
-    (live, acceptors)
+    Some((live, acceptors))
 }
 
 /// Retires the socket once the listener is closed and no delivered connection is open.
@@ -512,14 +521,14 @@ fn listener_cancel_accept<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>) -> Term
 #[rustler::nif]
 fn listener_close<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>) -> Term<'a> {
     rustler::atoms! { wait }
-    let was_open = !lock(&l.shared.state).closed;
-    let (live, acceptors) = close(&l.shared);
-    if !was_open {
+    // Only the call that closes it tells anyone: two at once (or one and the owner's exit)
+    // must not send the owner `listener_stopped` twice.
+    let Some((live, acceptors)) = close(&l.shared) else {
         return atoms::ok().encode(env);
-    }
+    };
     let owner = lock(&l.shared.owner).pid;
     let _ = env.send(&owner, (atoms::quic(), atoms::listener_stopped(), l.clone()));
-    tell_acceptors(&l, acceptors, &[owner, env.pid()]);
+    tell_acceptors(Some(env), &l, acceptors, &[owner, env.pid()]);
     let released = lock(&l.shared.released).take();
     match released {
         Some(rx) if !live => {

@@ -40,8 +40,9 @@ where
 }
 
 /// On a scheduler thread a message must be built in the calling process's environment. Inside
-/// a NIF that runs shards inline there is one; anywhere else (which no code path should reach)
-/// the term is built in an owned environment and sent from a runtime thread instead.
+/// a NIF that runs shards inline there is one; anywhere else (a monitor's callback: a
+/// listener telling its acceptors as its owner exits) the term is built in an owned
+/// environment and sent from a runtime thread instead.
 fn send_from_scheduler<F>(pid: &LocalPid, build: F) -> bool
 where
     F: for<'a> FnOnce(Env<'a>) -> Term<'a>,

@@ -54,8 +54,12 @@ defmodule MaculaQuic.Native.AtomicFileTest do
     script = fn byte ->
       """
       File.write!(#{inspect(Path.join(dir, "ready"))} <> "#{byte}", "")
-      wait = fn wait -> if File.exists?(#{inspect(go)}), do: :ok, else: (Process.sleep(1); wait.(wait)) end
-      wait.(wait)
+      # Bounded: a VM whose test failed before `go` must not poll for ever.
+      wait = fn
+        _, 0 -> System.halt(1)
+        wait, n -> if File.exists?(#{inspect(go)}), do: :ok, else: (Process.sleep(1); wait.(wait, n - 1))
+      end
+      wait.(wait, 60_000)
       content = :binary.copy(<<#{byte}>>, 4096)
       failures = for _ <- 1..10_000, (r = MaculaQuic.Native.AtomicFile.write(#{inspect(path)}, content)) != :ok, do: r
       IO.puts(inspect(failures))

@@ -71,25 +71,22 @@ defmodule MaculaQuic.Native.LoaderTest do
              "https://github.com/macula-io/macula_quic/releases/download/v1.0.0"
   end
 
-  test "relative paths in the environment are taken from the directory the command ran in" do
+  test "relative paths in the environment are taken from the project being built" do
     env = %{
-      "PWD" => "/home/u/app",
       "MACULA_QUIC_CACHE_DIR" => "cache",
       "HEX_CACERTS_PATH" => "../ca.pem",
-      "RUSTLER_PRECOMPILED_GLOBAL_CACHE_PATH" => "/abs/artifacts",
+      "RUSTLER_PRECOMPILED_GLOBAL_CACHE_PATH" => "shared",
       "HOME" => "relative/is/left/alone"
     }
 
-    assert Loader.expand_relative_paths(env) == %{
+    assert Loader.expand_relative_paths(env, "/home/u/app") == %{
              env
              | "MACULA_QUIC_CACHE_DIR" => "/home/u/app/cache",
                "HEX_CACERTS_PATH" => "/home/u/ca.pem"
            }
 
-    # Without an absolute PWD there is nothing better than the current directory.
-    no_pwd = Map.delete(env, "PWD")
-    assert Loader.expand_relative_paths(no_pwd) == no_pwd
-    assert Loader.expand_relative_paths(%{env | "PWD" => "rel"}) == %{env | "PWD" => "rel"}
+    absolute = %{"MACULA_QUIC_CACHE_DIR" => "/srv/cache", "HEX_CACERTS_PATH" => ""}
+    assert Loader.expand_relative_paths(absolute, "/home/u/app") == absolute
   end
 
   test "each failure's advice fits it" do

@@ -80,6 +80,13 @@ defmodule MaculaQuic.Native.TargetTest do
                "x86_64-unknown-linux-musl"
     end
 
+    test "a distribution's vendor given by TARGET_VENDOR is unknown all the same" do
+      env = %{"TARGET_VENDOR" => "pc"}
+
+      assert Target.triple(host("x86_64-pc-linux-gnu", env: env)) ==
+               "x86_64-unknown-linux-gnu"
+    end
+
     test "TARGET_VENDOR is kept when set" do
       env = %{"TARGET_ARCH" => "armv7", "TARGET_VENDOR" => "nerves", "TARGET_ABI" => "gnueabihf"}
 
