@@ -136,7 +136,9 @@ defmodule MaculaQuic.Native do
 
     :logger.error(
       ~c"macula_quic: could not load the NIF library ~ts~ts: ~tp. Every MaculaQuic call will " ++
-        ~c"raise :nif_not_loaded. Recompile macula_quic (MACULA_QUIC_BUILD=1 builds it from source).",
+        ~c"raise :nif_not_loaded. If the reason names a shared library the system lacks " ++
+        ~c"(libgcc_s.so.1 on Alpine: apk add libgcc), install it; otherwise recompile " ++
+        ~c"macula_quic (MACULA_QUIC_BUILD=1 builds it from source).",
       [path, ext, reason]
     )
 

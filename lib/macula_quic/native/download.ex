@@ -136,11 +136,16 @@ defmodule MaculaQuic.Native.Download do
 
       _ ->
         # OTP 25's cacerts_get/0 raises when the OS has no trust store to load (a container
-        # without ca-certificates): say so rather than crash the compile.
+        # without ca-certificates): say so rather than crash the compile. Before OTP 25 there
+        # is no such call at all.
         try do
           {:ok, [cacerts: cacerts.()]}
         catch
-          kind, why -> {:error, {:no_cacerts, Exception.format_banner(kind, why)}}
+          :error, :undef ->
+            {:error, {:no_cacerts, "OTP 25 or later is needed to read the OS trust store"}}
+
+          kind, why ->
+            {:error, {:no_cacerts, Exception.format_banner(kind, why)}}
         end
     end
   end

@@ -58,6 +58,19 @@ defmodule MaculaQuic.Native.DownloadTest do
       assert message =~ "HEX_CACERTS_PATH"
     end
 
+    test "a VM without :public_key.cacerts_get/0 (before OTP 25) is told why", %{
+      server: server
+    } do
+      url = server.base_url <> "/file.bin"
+      before_otp25 = Function.capture(:public_key, :no_such_function_here, 0)
+
+      assert {:error, {:http_failed, ^url, {:no_cacerts, why}} = reason} =
+               Download.get(url, env: %{}, cacerts: before_otp25, max_retries: 0)
+
+      assert why =~ "OTP 25"
+      assert MaculaQuic.Native.Loader.format_error(reason) =~ "HEX_CACERTS_PATH"
+    end
+
     test "a trusted CA (HEX_CACERTS_PATH) is accepted", %{server: server, ca_file: ca_file} do
       env = %{"HEX_CACERTS_PATH" => ca_file}
       assert Download.get(server.base_url <> "/file.bin", env: env) == {:ok, "payload"}
