@@ -665,10 +665,11 @@ defmodule MaculaQuic.BadInputTest do
 
   test "the largest stream counts allowed still connect at once" do
     # Quinn sets up every stream the peer may open when a connection starts, inside connect on
-    # the caller's scheduler; at the cap (a u16, as in MsQuic) that stays well under a second.
+    # the caller's scheduler; at the cap (a u16, as in MsQuic) that stays well under a second
+    # (bounded at 3 s here: the time includes a whole handshake, on a busy 2-core host).
     max = [peer_bidi_stream_count: 65_535, peer_unidi_stream_count: 65_535]
     {t, {c, sc, l, _}} = :timer.tc(fn -> pair!(listen: max, connect: max) end)
-    assert t < 1_000_000
+    assert t < 3_000_000
     {s, ss} = stream_pair!(c, sc)
     assert collect!(ss, 5) == "hello"
     Enum.each([s, ss], &MaculaQuic.close_stream/1)

@@ -168,6 +168,8 @@ defmodule MaculaQuic.ErlangFaceTest do
             receive(do: (:stop -> :ok))
           end)
 
+        on_exit(fn -> Process.exit(heir, :kill) end)
+
         :ok = m.controlling_process(sc, heir)
         :ok = m.async_handshake(sc)
         send(heir, :go)
@@ -455,7 +457,7 @@ defmodule MaculaQuic.ErlangFaceTest do
         :ok = m.close_connection(sc)
         assert_receive {:quic, :send_complete, ^s3, true}, @wait
         assert {:error, _} = m.async_send(s3, "late", sync)
-        refute_received {:quic, :send_complete, ^s3, _}
+        refute_receive {:quic, :send_complete, ^s3, _}, 100
 
         assert_raise ArgumentError, ~r/async_send\/3 expects non-negative integer flags/, fn ->
           m.async_send(s3, "x", -1)

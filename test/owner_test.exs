@@ -58,6 +58,8 @@ defmodule MaculaQuic.OwnerTest do
         receive do: (:never -> :ok)
       end)
 
+    on_exit(fn -> Process.exit(owner, :kill) end)
+
     server = for _ <- 1..3, do: elem(MaculaQuic.accept(l, [], 5_000), 1)
     assert_receive {:ready, own_l, kept_client}, 5_000
     # One listener, three connections, three streams: one monitor on the process (there used to
@@ -72,8 +74,9 @@ defmodule MaculaQuic.OwnerTest do
     assert_receive {:quic, :shutdown, sc_, 0}, 5_000
     assert [kept] = server -- [sc, sc_]
     assert {:error, :closed} = MaculaQuic.async_accept(own_l)
-    # The owner's entry is gone; `keeper`'s stays while it lives.
+    # The owner's entry is gone; `keeper`'s stays while it lives (fell to it, and no lower).
     await_counts!(%{owners: owners_before + 1})
+    assert MaculaQuic.native_counts().owners == owners_before + 1
 
     # The connection `keeper` owns still works, for `keeper`.
     send(
@@ -100,6 +103,7 @@ defmodule MaculaQuic.OwnerTest do
     %{owners: before} = await_counts!(%{listeners: 0, connections: 0, streams: 0}, 30_000)
     parent = self()
     heir = spawn(fn -> receive do: (:never -> :ok) end)
+    on_exit(fn -> Process.exit(heir, :kill) end)
 
     giver =
       spawn(fn ->
@@ -110,6 +114,8 @@ defmodule MaculaQuic.OwnerTest do
         receive do: (:never -> :ok)
       end)
 
+    on_exit(fn -> Process.exit(giver, :kill) end)
+
     assert_receive :handed, 5_000
     assert MaculaQuic.native_counts().owners == before + 2
     assert {:monitored_by, [_]} = Process.info(heir, :monitored_by)
@@ -117,7 +123,11 @@ defmodule MaculaQuic.OwnerTest do
     # The giver's exit closes nothing: every handle is the heir's.
     Process.exit(giver, :kill)
     await_counts!(%{owners: before + 1})
-    assert %{listeners: 1, connections: 2, streams: 2} = MaculaQuic.native_counts()
+
+    assert %{owners: owners, listeners: 1, connections: 2, streams: 2} =
+             MaculaQuic.native_counts()
+
+    assert owners == before + 1
 
     Process.exit(heir, :kill)
     await_counts!(%{owners: before, listeners: 0, connections: 0, streams: 0})

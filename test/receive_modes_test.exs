@@ -461,6 +461,7 @@ defmodule MaculaQuic.TimerFairnessTest do
         for i <- 1..8 do
           {s, ss} = stream_pair!(c, sc, first: "#{i}")
           drain = spawn(fn -> drain_loop(ss) end)
+          on_exit(fn -> Process.exit(drain, :kill) end)
           :ok = MaculaQuic.handoff_stream(ss, drain)
           {s, drain}
         end

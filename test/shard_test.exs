@@ -189,7 +189,7 @@ defmodule MaculaQuic.ShardTest do
       {c, _sc, _l, _} = pair!()
       stall!(c)
       assert :ok = MaculaQuic.close_connection(c)
-      refute_received {:quic, :closed, ^c, _}
+      refute_receive {:quic, :closed, ^c, _}, 100
       assert MaculaQuic.close_connection(c) == :ok
     end
 

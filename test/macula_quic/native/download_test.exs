@@ -36,9 +36,18 @@ defmodule MaculaQuic.Native.DownloadTest do
 
     test "a server whose CA is not trusted is refused, at once", %{server: server} do
       url = server.base_url <> "/file.bin"
-      # A retry after a TLS refusal would wait the long backoff: it is not retried.
+      # Trusting only another CA (not the host's store, which a container may lack). A retry
+      # after a TLS refusal would wait the long backoff: it is not retried.
+      other_cas =
+        for {:Certificate, der, _} <- :public_key.pem_decode(LoaderHttpServer.test_pki().ca_pem),
+            do: der
+
       assert {:error, {:http_failed, ^url, reason}} =
-               Download.get(url, env: %{}, retry_delay_ms: 600_000)
+               Download.get(url,
+                 env: %{},
+                 cacerts: fn -> other_cas end,
+                 retry_delay_ms: 600_000
+               )
 
       assert inspect(reason) =~ "unknown_ca"
     end
