@@ -123,6 +123,34 @@ defmodule MaculaQuic.FaultsTest do
     await_clean!(zero())
   end
 
+  test "a stream that reaches its acceptor after the owner heard closed is refused: acceptors told, stream freed" do
+    # Quinn still hands out a stream that arrived before the connection ended; one whose accept
+    # ran after the owner was sent `closed` (a race on a busy shard) must not be announced, as
+    # `closed` is the last message about the connection. The test hook refuses every stream
+    # that way, since the race itself cannot be brought about at will.
+    {c, sc, l, _} = pair!()
+    :ok = MaculaQuic.Native.debug_refuse_streams(sc)
+    blocking = Task.async(fn -> MaculaQuic.accept_stream(sc, [], 5_000) end)
+    wait_until_waiting!(blocking.pid)
+    :ok = MaculaQuic.async_accept_stream(sc)
+
+    streams =
+      for data <- ["a", "b"] do
+        {:ok, s} = MaculaQuic.open_stream(c)
+        :ok = MaculaQuic.send(s, data)
+        s
+      end
+
+    # The blocking accept hears why; the asynchronous one quicer's "no stream will come".
+    assert {:error, :closed} = Task.await(blocking)
+    assert_receive {:quic, :closed, :undefined, :undefined}, 5_000
+    # The peer's streams are stopped, and nothing is announced here.
+    for s <- streams, do: assert_receive({:quic, :peer_receive_aborted, ^s, 0}, 5_000)
+    refute_received {:quic, :new_stream, _, _}
+    Enum.each([c, l], &MaculaQuic.close/1)
+    await_clean!(zero())
+  end
+
   test "idle timeout: both owners hear connection_idle and the streams end" do
     opts = [idle_timeout_ms: 300, keep_alive_interval_ms: 0]
     {c, sc, l, _} = pair!(listen: opts, connect: opts)

@@ -72,6 +72,9 @@ struct State {
     /// Set by `debug_panic_handshake` (test builds): the handshake's task panics as it
     /// completes, to prove the `Handshake` guard reports it.
     debug_panic_handshake: bool,
+    /// Set by `debug_refuse_streams` (test builds): accepted streams are refused as after
+    /// `closed` (see `hand_over`), a race tests cannot otherwise bring about at will.
+    debug_refuse_streams: bool,
 }
 
 impl State {
@@ -265,6 +268,7 @@ impl ConnRes {
                 await_connected: Vec::new(),
                 pending_accepts: Vec::new(),
                 debug_panic_handshake: false,
+                debug_refuse_streams: false,
             }),
             _live: Live::new(&counters::CONNECTIONS),
         })
@@ -1227,7 +1231,7 @@ fn open_stream_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: options::St
     });
     let Some(ready) = ready else { return err(env, atoms::closed()) };
     match ready {
-        Some(Ok((send, recv))) => match StreamRes::start(Some(env), c.clone(), send, recv, env.pid(), None, opts, |_, _| {}) {
+        Some(Ok((send, recv))) => match StreamRes::start(Some(env), c.clone(), send, recv, env.pid(), None, opts, |_, _| true) {
             Some(s) => (atoms::ok(), s).encode(env),
             None => err(env, atoms::closed()),
         },
@@ -1255,7 +1259,7 @@ fn open_stream_later<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, opts: options::
         match opened {
             Ok((send, recv)) => {
                 // `None`: the caller has exited meanwhile, and `start` aborted the stream.
-                if let Some(s) = StreamRes::start(None, c.clone(), send, recv, owner, None, opts, |_, _| {}) {
+                if let Some(s) = StreamRes::start(None, c.clone(), send, recv, owner, None, opts, |_, _| true) {
                     reply.send(move |e| (atoms::ok(), s).encode(e));
                 }
             }
@@ -1436,24 +1440,48 @@ fn hand_over(
     // Announced before the stream's tasks start, so new_stream precedes its first data.
     // A stream that never starts (the connection broke meanwhile) drops this unannounced, and
     // `no_stream` then tells an `async_accept_stream`'s caller.
-    let announce = move |s: &ResourceArc<StreamRes>, orphan: bool| {
+    //
+    // Announced under the connection's state lock, and not at all once its owner has been sent
+    // `closed`, which is the last message about a connection: Quinn still hands out a stream
+    // that arrived before the connection ended, and an accept task queued behind the watcher
+    // on a busy shard took one after `closed` had gone (a review find). Such a stream is
+    // refused (`StreamRes::start` silences and stops it); a blocking accept gets why the
+    // connection ended, an `async_accept_stream`'s caller `{quic, closed, undefined,
+    // undefined}` (from `no_stream`), an orphan goes unannounced.
+    let announce = move |s: &ResourceArc<StreamRes>, orphan: bool| -> bool {
+        let st = lock(&conn.state);
+        if st.closed_sent || st.debug_refuse_streams {
+            let why = st.ended_reason();
+            drop(st);
+            match reply {
+                Some(r) if !orphan => {
+                    r.error(why);
+                }
+                Some(r) => r.withdraw(),
+                None => {}
+            }
+            return false;
+        }
         let mut no_stream = no_stream;
         no_stream.disarm();
         let s = s.clone();
+        let c = conn.clone();
         match reply {
             Some(r) if !orphan => {
                 r.send(move |e| (atoms::ok(), s).encode(e));
             }
             None if !orphan => {
-                messages::send(&caller, move |e| new_stream_msg(e, s, conn, flags, false));
+                messages::send(&caller, move |e| new_stream_msg(e, s, c, flags, false));
             }
             r => {
                 if let Some(r) = r {
                     r.withdraw();
                 }
-                messages::send(&owner, move |e| new_stream_msg(e, s, conn, flags, true));
+                messages::send(&owner, move |e| new_stream_msg(e, s, c, flags, true));
             }
         }
+        drop(st);
+        true
     };
     if withdrawn {
         let opts = options::Stream { active: Active::Off, ..Default::default() };
@@ -1512,6 +1540,15 @@ pub fn controlling_process<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, pid: Loca
 #[rustler::nif]
 fn debug_panic_handshake(c: ResourceArc<ConnRes>) -> rustler::Atom {
     lock(&c.state).debug_panic_handshake = true;
+    atoms::ok()
+}
+
+/// `debug_refuse_streams(Conn)` (test builds only): the connection's accepted streams are
+/// refused from now on, as those that reach `hand_over` after the owner was sent `closed`.
+#[cfg(feature = "test_hooks")]
+#[rustler::nif]
+fn debug_refuse_streams(c: ResourceArc<ConnRes>) -> rustler::Atom {
+    lock(&c.state).debug_refuse_streams = true;
     atoms::ok()
 }
 

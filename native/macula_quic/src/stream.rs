@@ -278,9 +278,10 @@ impl Owned for StreamRes {
 impl StreamRes {
     /// Creates a stream resource owned by `owner`, and starts its tasks, announced by
     /// `announce(res, false)`. If `owner` has exited, the stream goes to `orphan_to` instead,
-    /// passive, announced by `announce(res, true)`. Returns `None` when neither is alive (the
-    /// stream is then aborted, silently), or the connection is broken by a panic inside Quinn
-    /// (see `connection`). (A process that has just exited counts as alive until the VM has
+    /// passive, announced by `announce(res, true)`. Returns `None` when neither is alive, or
+    /// `announce` refuses the stream by returning false (the stream is then aborted, silently,
+    /// and its owner's entry let go as it closes), or the connection is broken by a panic
+    /// inside Quinn (see `connection`). (A process that has just exited counts as alive until the VM has
     /// told us, through its monitor: its stream is then aborted as its owner's are.)
     ///
     /// `announce` runs (for a live owner) before the tasks start: a message it sends, such as
@@ -295,7 +296,7 @@ impl StreamRes {
         owner: LocalPid,
         orphan_to: Option<LocalPid>,
         opts: options::Stream,
-        announce: impl FnOnce(&ResourceArc<StreamRes>, bool),
+        announce: impl FnOnce(&ResourceArc<StreamRes>, bool) -> bool,
     ) -> Option<ResourceArc<StreamRes>> {
         // Contained first: on a poisoned connection even `side` below panics (see `contain`),
         // and the handles are dropped as this returns.
@@ -380,8 +381,14 @@ impl StreamRes {
                 st.active = Active::Off;
             }
         }
-        if alive {
-            announce(&res, orphan);
+        // `announce` may refuse the stream (its connection is over for the owner): then nobody
+        // will hear of it, and it is stopped at once, as one whose owner is gone.
+        let alive = alive && announce(&res, orphan);
+        if !alive {
+            let mut st = lock(&res.state);
+            st.silenced = true;
+            st.stop_recv = Some(0);
+            st.reset_send = Some(0);
         }
         if has_recv {
             res.conn.shard.spawn(recv_loop(res.clone()));
