@@ -904,11 +904,19 @@ fn conn_shutdown<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, flags: u32, code: u6
         // It has ended already (and its owner has heard so, or will from the watcher).
         return atoms::ok().encode(env);
     }
-    lock(&c.state).closed_by_app = true;
     // Closing takes Quinn's connection lock: on the shard, serialised with the drivers (inline
-    // here when the shard is free). The owner hears `closed` from the watcher either way.
-    let conn = c.conn.clone();
-    executor::inline(env, inline_watch::watch_on(&c), || c.shard.spawn(async move { conn.close(code, b"") }));
+    // here when the shard is free). The owner hears `closed` from the watcher either way, with
+    // `is_app_closing` true only if this close came first: the peer's may have been taken in
+    // before the task runs (a review find: it said true after the peer's close).
+    let res = c.clone();
+    executor::inline(env, inline_watch::watch_on(&c), || {
+        c.shard.spawn(async move {
+            if contain::quietly(|| res.conn.close_reason()).flatten().is_none() {
+                lock(&res.state).closed_by_app = true;
+                let _ = contain::quietly(|| res.conn.close(code, b""));
+            }
+        })
+    });
     atoms::ok().encode(env)
 }
 
