@@ -1461,13 +1461,9 @@ fn hand_over(
         if st.closed_sent || st.debug_refuse_streams {
             let why = st.ended_reason();
             drop(st);
-            match reply {
-                Some(r) if !orphan => {
-                    r.error(why);
-                }
-                Some(r) => r.withdraw(),
-                None => {}
-            }
+            // As an accept that got no stream; an orphan's (its caller gone, or withdrawn) is
+            // answered nothing.
+            fail_accept(reply, no_stream, orphan, why);
             return false;
         }
         let mut no_stream = no_stream;

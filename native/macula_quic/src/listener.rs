@@ -117,14 +117,19 @@ fn tell_acceptors(env: Option<Env>, l: &ResourceArc<ListenerRes>, mut acceptors:
     for pid in acceptors.iter().filter(|p| !skip.contains(p)) {
         match env {
             Some(env) => {
-                let _ = env.send(pid, (atoms::quic(), atoms::listener_stopped(), l.clone()));
+                let _ = env.send(pid, stopped_msg(env, l.clone()));
             }
             None => {
                 let l = l.clone();
-                messages::send(pid, move |e| (atoms::quic(), atoms::listener_stopped(), l).encode(e));
+                messages::send(pid, move |e| stopped_msg(e, l));
             }
         }
     }
+}
+
+/// quicer's `{quic, listener_stopped, Listener}`.
+fn stopped_msg(e: Env, l: ResourceArc<ListenerRes>) -> Term {
+    (atoms::quic(), atoms::listener_stopped(), l).encode(e)
 }
 
 impl ListenerRes {
@@ -527,7 +532,7 @@ fn listener_close<'a>(env: Env<'a>, l: ResourceArc<ListenerRes>, tag: Term<'a>) 
         return atoms::ok().encode(env);
     };
     let owner = lock(&l.shared.owner).pid;
-    let _ = env.send(&owner, (atoms::quic(), atoms::listener_stopped(), l.clone()));
+    let _ = env.send(&owner, stopped_msg(env, l.clone()));
     tell_acceptors(Some(env), &l, acceptors, &[owner, env.pid()]);
     let released = lock(&l.shared.released).take();
     match released {

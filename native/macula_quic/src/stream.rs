@@ -368,21 +368,18 @@ impl StreamRes {
         }
         let alive = monitored.is_some();
         {
+            // The owner is in place before `announce`: whoever hears of the stream may call on
+            // it at once.
             let mut st = lock(&res.state);
-            match monitored {
-                Some(o) => st.owner = o,
-                None => {
-                    st.silenced = true;
-                    st.stop_recv = Some(0);
-                    st.reset_send = Some(0);
-                }
+            if let Some(o) = monitored {
+                st.owner = o;
             }
             if orphan {
                 st.active = Active::Off;
             }
         }
-        // `announce` may refuse the stream (its connection is over for the owner): then nobody
-        // will hear of it, and it is stopped at once, as one whose owner is gone.
+        // Nobody alive to own it, or `announce` refused it (its connection is over for the
+        // owner): nobody will hear of the stream, and it is stopped at once.
         let alive = alive && announce(&res, orphan);
         if !alive {
             let mut st = lock(&res.state);
