@@ -10,6 +10,7 @@ defmodule Mix.Tasks.MaculaQuic.Checksum do
       mix macula_quic.checksum --all
       mix macula_quic.checksum --all --dir path/to/artifacts --print
       mix macula_quic.checksum --only-local --base-url https://mirror.example/v0.2.0
+      mix macula_quic.checksum --check
 
   Exactly one of:
 
