@@ -10,10 +10,16 @@ defmodule MaculaQuic.Native.Download do
   # - A dedicated :httpc profile, so proxy settings never leak into the host's default profile.
   # - Bounded retries with linear backoff on network errors and 5xx; other statuses (404)
   #   fail at once.
+  # - The body is streamed, and the request gives up when nothing arrives for a while (a
+  #   stall), not after a fixed time for the whole body: a slow link still finishes, a dead
+  #   one does not hang the compile. The body's size is bounded.
 
   @profile :macula_quic_loader
   @default_max_retries 3
   @default_retry_delay_ms 1_000
+  @default_stall_timeout_ms 60_000
+  # A NIF artifact is a few MB; anything far larger is not one (a wrong URL, a proxy's page).
+  @default_max_bytes 256 * 1024 * 1024
   @loopback ["localhost", "127.0.0.1", "::1"]
 
   @type error ::
@@ -25,6 +31,8 @@ defmodule MaculaQuic.Native.Download do
           | {:retry_delay_ms, non_neg_integer()}
           | {:env, %{optional(String.t()) => String.t()}}
           | {:cacerts, (() -> [term()])}
+          | {:stall_timeout_ms, pos_integer()}
+          | {:max_bytes, pos_integer()}
 
   @doc """
   Fetches `url` and returns its body. Options: `:max_retries` (default 3),
@@ -33,6 +41,11 @@ defmodule MaculaQuic.Native.Download do
   `:cacerts` (for tests) replaces `:public_key.cacerts_get/0`, the OS trust store. A trust
   store that cannot be loaded, and a server the TLS check refuses, fail at once (no retry):
   `{:http_failed, url, {:no_cacerts, why}}`, `{:http_failed, url, {:failed_connect, ...}}`.
+
+  An attempt fails with `{:http_failed, url, {:stalled, ms}}` when no part of the answer
+  arrives for `:stall_timeout_ms` (default 60 s; retried like any network error), and with
+  `{:http_failed, url, {:too_large, max}}` once the body passes `:max_bytes` (default
+  256 MiB; not retried). There is no limit on the whole download's time.
   """
   @spec get(String.t(), [option()]) :: {:ok, binary()} | {:error, error()}
   def get(url, opts \\ []) do
@@ -42,8 +55,13 @@ defmodule MaculaQuic.Native.Download do
 
     cacerts = Keyword.get(opts, :cacerts, &:public_key.cacerts_get/0)
 
+    limits = %{
+      stall_ms: Keyword.get(opts, :stall_timeout_ms, @default_stall_timeout_ms),
+      max_bytes: Keyword.get(opts, :max_bytes, @default_max_bytes)
+    }
+
     with :ok <- start_client(env) do
-      attempt(fn -> request(url, env, cacerts) end, 0, max_retries, delay)
+      attempt(fn -> request(url, env, cacerts, limits) end, 0, max_retries, delay)
     end
   end
 
@@ -64,6 +82,7 @@ defmodule MaculaQuic.Native.Download do
 
   defp retryable?({:http_status, _url, status}), do: status >= 500
   defp retryable?({:http_failed, _url, {:no_cacerts, _}}), do: false
+  defp retryable?({:http_failed, _url, {:too_large, _}}), do: false
   defp retryable?({:http_failed, _url, reason}), do: not tls_refused?(reason)
 
   # The TLS handshake was refused (an unknown CA, a wrong host name): trying again changes
@@ -73,18 +92,66 @@ defmodule MaculaQuic.Native.Download do
 
   defp tls_refused?(_reason), do: false
 
-  defp request(url, env, cacerts) do
+  defp request(url, env, cacerts, limits) do
     with {:ok, ssl} <- ssl_options(url, env, cacerts) do
-      http_options = [ssl: ssl, connect_timeout: 15_000, timeout: 120_000] ++ proxy_auth(env)
-      options = [body_format: :binary]
+      # No :timeout for the whole request: `receive_body/4` gives up on a stall instead.
+      http_options = [ssl: ssl, connect_timeout: 15_000, timeout: :infinity] ++ proxy_auth(env)
+      options = [sync: false, stream: :self, body_format: :binary]
 
       case :httpc.request(:get, {String.to_charlist(url), []}, http_options, options, @profile) do
-        {:ok, {{_, 200, _}, _headers, body}} -> {:ok, body}
-        {:ok, {{_, status, _}, _headers, _body}} -> {:error, {:http_status, url, status}}
+        {:ok, id} -> receive_body(id, url, limits, {[], 0})
         {:error, reason} -> {:error, {:http_failed, url, reason}}
       end
     else
       {:error, reason} -> {:error, {:http_failed, url, reason}}
+    end
+  end
+
+  # :httpc streams a 200's body to this process in parts (`stream_start`, `stream`...,
+  # `stream_end`); any other answer, or an error, comes whole in one message.
+  defp receive_body(id, url, %{stall_ms: stall_ms, max_bytes: max} = limits, {parts, size}) do
+    receive do
+      {:http, {^id, :stream_start, _headers}} ->
+        receive_body(id, url, limits, {parts, size})
+
+      {:http, {^id, :stream, part}} when size + byte_size(part) > max ->
+        cancel(id)
+        {:error, {:http_failed, url, {:too_large, max}}}
+
+      {:http, {^id, :stream, part}} ->
+        receive_body(id, url, limits, {[part | parts], size + byte_size(part)})
+
+      {:http, {^id, :stream_end, _headers}} ->
+        {:ok, parts |> Enum.reverse() |> IO.iodata_to_binary()}
+
+      {:http, {^id, {{_, 200, _}, _headers, body}}} ->
+        {:ok, body}
+
+      {:http, {^id, {{_, status, _}, _headers, _body}}} ->
+        {:error, {:http_status, url, status}}
+
+      {:http, {^id, {:error, reason}}} ->
+        {:error, {:http_failed, url, reason}}
+    after
+      stall_ms ->
+        cancel(id)
+        {:error, {:http_failed, url, {:stalled, stall_ms}}}
+    end
+  end
+
+  # Nothing more is sent for `id` once cancelled; what was sent before is dropped here.
+  defp cancel(id) do
+    :ok = :httpc.cancel_request(id, @profile)
+
+    flush(id)
+  end
+
+  defp flush(id) do
+    receive do
+      {:http, {^id, _}} -> flush(id)
+      {:http, {^id, _, _}} -> flush(id)
+    after
+      0 -> :ok
     end
   end
 

@@ -294,6 +294,14 @@ defmodule MaculaQuic.Native.Loader do
   defp message({:http_status, url, status}),
     do: "macula_quic: downloading #{url} failed with HTTP status #{status}."
 
+  defp message({:http_failed, url, {:stalled, ms}}),
+    do: "macula_quic: downloading #{url} stalled: nothing arrived for #{div(ms, 1000)} s."
+
+  defp message({:http_failed, url, {:too_large, max}}),
+    do:
+      "macula_quic: #{url} is larger than #{div(max, 1024 * 1024)} MiB, which no NIF is: " <>
+        "that address does not serve the release's files."
+
   defp message({:http_failed, url, reason}),
     do: "macula_quic: could not download #{url}: #{inspect(reason)}."
 
@@ -353,6 +361,11 @@ defmodule MaculaQuic.Native.Loader do
       "The system's CA certificates could not be loaded to verify the download: install them " <>
         "(the ca-certificates package), or set HEX_CACERTS_PATH to a PEM file of trusted CA " <>
         "certificates. " <> @build_hint
+
+  defp remedy({:http_failed, _, {:too_large, _}}),
+    do:
+      "Check MACULA_QUIC_BASE_URL and any proxy between here and the release; or put the " <>
+        "tarball in the cache directory (MACULA_QUIC_CACHE_DIR). " <> @build_hint
 
   defp remedy({status_or_network, _, _}) when status_or_network in [:http_status, :http_failed],
     do:

@@ -157,4 +157,83 @@ defmodule MaculaQuic.Native.DownloadTest do
       assert Download.get(server.base_url <> "/file.bin", env: env) == {:ok, "payload"}
     end
   end
+
+  describe "slow, stalled and oversized answers" do
+    test "a slow body finishes: there is no limit on the whole download's time" do
+      # Ten bytes, one every 60 ms: the whole takes twice the stall timeout, no gap does.
+      parts = for digit <- ~c"0123456789", do: [{:sleep, 60}, {:send, <<digit>>}]
+      url = script_server([{:send, headers(10)} | List.flatten(parts)])
+
+      assert Download.get(url, env: %{}, stall_timeout_ms: 300, max_retries: 0) ==
+               {:ok, "0123456789"}
+    end
+
+    test "an answer that stops coming fails as a stall, which is retried" do
+      url = script_server([{:send, headers(100)}, {:send, "abc"}, :hold])
+
+      assert Download.get(url, env: %{}, stall_timeout_ms: 200, max_retries: 1, retry_delay_ms: 1) ==
+               {:error, {:http_failed, url, {:stalled, 200}}}
+
+      assert_received {:served, _}
+      assert_received {:served, _}
+      refute_received {:served, _}
+    end
+
+    test "a server that never answers fails as a stall" do
+      url = script_server([:hold])
+
+      assert Download.get(url, env: %{}, stall_timeout_ms: 200, max_retries: 0) ==
+               {:error, {:http_failed, url, {:stalled, 200}}}
+    end
+
+    test "a body over :max_bytes is refused, and not retried", %{tmp_dir: dir} do
+      File.write!(Path.join(dir, "big.bin"), :binary.copy("x", 5_000))
+      server = LoaderHttpServer.start!(dir)
+      on_exit(fn -> LoaderHttpServer.stop(server) end)
+      url = server.base_url <> "/big.bin"
+
+      # A retry would wait ten minutes.
+      assert Download.get(url, env: %{}, max_bytes: 1_000, retry_delay_ms: 600_000) ==
+               {:error, {:http_failed, url, {:too_large, 1_000}}}
+
+      assert Download.get(url, env: %{}, max_bytes: 5_000) == {:ok, :binary.copy("x", 5_000)}
+    end
+  end
+
+  defp headers(length),
+    do: "HTTP/1.1 200 OK\r\nContent-Length: #{length}\r\nConnection: close\r\n\r\n"
+
+  # A raw HTTP server on loopback that answers every request by playing `script` ({:send,
+  # data}, {:sleep, ms} for a slow link, :hold to go silent) and tells the test of each
+  # connection it served. Returns the URL to fetch.
+  defp script_server(script) do
+    test = self()
+    {:ok, listen} = :gen_tcp.listen(0, [:binary, ip: {127, 0, 0, 1}, active: false])
+    {:ok, port} = :inet.port(listen)
+
+    server =
+      spawn(fn ->
+        Stream.repeatedly(fn -> :gen_tcp.accept(listen) end)
+        |> Enum.each(fn {:ok, socket} ->
+          {:ok, _request} = :gen_tcp.recv(socket, 0)
+          send(test, {:served, socket})
+          # Linked: killing the server ends the connections it holds.
+          player = spawn_link(fn -> receive(do: (:go -> play(socket, script))) end)
+          :ok = :gen_tcp.controlling_process(socket, player)
+          send(player, :go)
+        end)
+      end)
+
+    :ok = :gen_tcp.controlling_process(listen, server)
+    on_exit(fn -> Process.exit(server, :kill) end)
+    "http://127.0.0.1:#{port}/file.bin"
+  end
+
+  defp play(socket, script) do
+    Enum.each(script, fn
+      {:send, data} -> :ok = :gen_tcp.send(socket, data)
+      {:sleep, ms} -> Process.sleep(ms)
+      :hold -> Process.sleep(:infinity)
+    end)
+  end
 end

@@ -101,6 +101,14 @@ defmodule MaculaQuic.Native.LoaderTest do
              {:cached_and_download_failed, cached, {:http_failed, url, {:no_cacerts, "none"}}}
            ) =~ "ca-certificates"
 
+    # A stall or an oversized body: what happened, in words.
+    assert Loader.format_error({:http_failed, url, {:stalled, 60_000}}) =~
+             "nothing arrived for 60 s"
+
+    message = Loader.format_error({:http_failed, url, {:too_large, 256 * 1024 * 1024}})
+    assert message =~ "larger than 256 MiB"
+    assert message =~ "MACULA_QUIC_BASE_URL"
+
     # A directory that cannot be written: building from source would write there too.
     message = Loader.format_error({:write_failed, "/ro/priv/native/lib.so", :eacces})
     assert message =~ "writable"
