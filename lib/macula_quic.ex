@@ -1031,7 +1031,7 @@ defmodule MaculaQuic do
   that), `{:error, :unsupported_by_peer}` when the peer does not accept datagrams,
   `{:error, :too_large}` when `data` does not fit in one packet (the peer's limit and the
   path's packet size decide; `dgram_max_len` in `dgram_state_changed` tells the limit when the
-  connection was delivered, and it moves with the path: up as larger packets are found to
+  connection was delivered, `getopt(conn, :datagram_max_len)` at any time; it moves with the path: up as larger packets are found to
   pass, down if they stop passing; about 1,160 bytes fit on any path that carries QUIC at
   all), or why the connection ended (`{:error, :closed}`, ...). `data` that is not iodata
   raises `ArgumentError`, as does a handle that is not a connection; iodata of over 64 KiB is
@@ -1437,24 +1437,59 @@ defmodule MaculaQuic do
   end
 
   @doc """
-  Reads a stream option: `:active` gives the current mode (`true | false | :once | N`),
-  `:read_ahead` the read-ahead in bytes; or a connection's `:datagram_active` (see
-  `setopt/3`).
+  Reads an option. A stream's `:active` gives the current mode (`true | false | :once | N`),
+  its `:read_ahead` the read-ahead in bytes. A connection's `:datagram_active` gives its
+  datagram mode (see `setopt/3`), and three more (quicer has the first two) tell whether it
+  takes datagrams, and whether and how large it may send them now, as `dgram_state_changed`
+  did when the connection was delivered:
+
+    * `:datagram_receive_enabled` — `true` when it was made with
+      `datagram_receive_enabled: true`;
+    * `:datagram_send_enabled` — `true` when `send_dgram/2` may send: both ends were made
+      with `datagram_receive_enabled: true`;
+    * `:datagram_max_len` — the largest datagram `send_dgram/2` accepts now, `0` when it
+      accepts none. It moves with the path's packet size, so it can be larger than
+      `dgram_state_changed` said (and smaller again if large packets stop passing).
+
+  The last two answer for whichever process asks: a process given the connection after its
+  `dgram_state_changed` went to an earlier owner learns the same from them.
 
       {:ok, :once} = MaculaQuic.getopt(stream, :active)
       {:ok, 524_288} = MaculaQuic.getopt(stream, :read_ahead)
       {:ok, true} = MaculaQuic.getopt(conn, :datagram_active)
+      {:ok, 1_155} = MaculaQuic.getopt(conn, :datagram_max_len)
+
+  An ended connection answers `false` and `0`; an `async_connect/3` handle still in its
+  handshake `{:error, :not_connected}`.
   """
   @spec getopt(stream(), :active) :: {:ok, active()} | {:error, reason()}
   @spec getopt(stream(), :read_ahead) :: {:ok, pos_integer()} | {:error, reason()}
   @spec getopt(connection(), :datagram_active) :: {:ok, active()} | {:error, reason()}
+  @spec getopt(connection(), :datagram_receive_enabled) :: {:ok, boolean()}
+  @spec getopt(connection(), :datagram_send_enabled) :: {:ok, boolean()} | {:error, reason()}
+  @spec getopt(connection(), :datagram_max_len) :: {:ok, non_neg_integer()} | {:error, reason()}
   def getopt(handle, name) do
     case {Native.handle_kind(handle), name} do
-      {:stream, :active} -> {:ok, Native.stream_get_active(handle)}
-      {:stream, :read_ahead} -> {:ok, Native.stream_get_read_ahead(handle)}
-      {:connection, :datagram_active} -> Native.conn_get_dgram_active(handle)
-      {kind, _} when kind in [:stream, :connection] -> {:error, {:bad_option, name}}
-      _ -> bad_handle!("a stream or connection", handle)
+      {:stream, :active} ->
+        {:ok, Native.stream_get_active(handle)}
+
+      {:stream, :read_ahead} ->
+        {:ok, Native.stream_get_read_ahead(handle)}
+
+      {:connection, :datagram_active} ->
+        Native.conn_get_dgram_active(handle)
+
+      {:connection, query} when query in [:datagram_send_enabled, :datagram_max_len] ->
+        conn_query(handle, query)
+
+      {:connection, :datagram_receive_enabled} ->
+        {:ok, match?({:ok, _}, Native.conn_get_dgram_active(handle))}
+
+      {kind, _} when kind in [:stream, :connection] ->
+        {:error, {:bad_option, name}}
+
+      _ ->
+        bad_handle!("a stream or connection", handle)
     end
   end
 

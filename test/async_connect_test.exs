@@ -80,6 +80,7 @@ defmodule MaculaQuic.AsyncConnectTest do
 
     assert {:error, :not_connected} = MaculaQuic.send_dgram(c, "x")
     assert {:error, :not_connected} = MaculaQuic.getstat(c, [:send_cnt])
+    assert {:error, :not_connected} = MaculaQuic.getopt(c, :datagram_max_len)
     assert {:error, :not_connected} = MaculaQuic.peername(c)
     assert {:error, :not_connected} = MaculaQuic.async_handshake(c)
     # handshake/1,2,3 do not wait for it either.

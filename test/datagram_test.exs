@@ -60,6 +60,50 @@ defmodule MaculaQuic.DatagramTest do
     Enum.each([c, l], &MaculaQuic.close/1)
   end
 
+  test "getopt tells any process whether, and how large, datagrams may be sent now" do
+    {c, sc, l, _} = pair!(listen: @on, connect: @on)
+
+    assert_receive {:quic, :dgram_state_changed, ^c,
+                    %{dgram_send_enabled: true, dgram_max_len: announced}},
+                   5_000
+
+    assert {:ok, true} = MaculaQuic.getopt(c, :datagram_send_enabled)
+    assert {:ok, true} = MaculaQuic.getopt(sc, :datagram_send_enabled)
+    # The limit only grows on loopback (Quinn finds larger packets pass).
+    assert {:ok, max} = MaculaQuic.getopt(c, :datagram_max_len)
+    assert max >= announced and max < 1_452
+
+    # It is the limit: that much arrives whole, a byte more is refused (unless the path grew
+    # meanwhile, which the second reading shows).
+    payload = :crypto.strong_rand_bytes(max)
+    assert :ok = MaculaQuic.send_dgram(c, payload)
+    assert_receive {:quic, ^payload, ^sc, 0}, 5_000
+    over = MaculaQuic.send_dgram(c, :binary.copy("x", max + 1))
+    {:ok, again} = MaculaQuic.getopt(c, :datagram_max_len)
+    assert over == {:error, :too_large} or again > max
+
+    # Any process may ask, not only the owner the announcement went to.
+    assert {:ok, {true, ^again}} =
+             Task.await(
+               Task.async(fn ->
+                 {:ok, enabled} = MaculaQuic.getopt(c, :datagram_send_enabled)
+                 {:ok, len} = MaculaQuic.getopt(c, :datagram_max_len)
+                 {:ok, {enabled, len}}
+               end)
+             )
+
+    # Once the connection has ended, none may be sent, at either end.
+    :ok = MaculaQuic.close_connection(c, 0, 7)
+    assert_receive {:quic, :closed, ^sc, _}, 5_000
+
+    for conn <- [c, sc] do
+      assert {:ok, false} = MaculaQuic.getopt(conn, :datagram_send_enabled)
+      assert {:ok, 0} = MaculaQuic.getopt(conn, :datagram_max_len)
+    end
+
+    MaculaQuic.close(l)
+  end
+
   test "without the option at both ends there are no datagrams, and the end without it is told nothing" do
     # Only the client accepts datagrams.
     {c, sc, l, _} = pair!(connect: @on)
@@ -73,6 +117,18 @@ defmodule MaculaQuic.DatagramTest do
     # told nothing of them.
     assert {:error, :datagrams_disabled} = MaculaQuic.send_dgram(sc, "to the client")
     refute_received {:quic, :dgram_state_changed, ^sc, _}
+    # Asked, both ends say they may send none: the client because the server refuses them, the
+    # server because it was made without them (though its peer accepts them).
+    for conn <- [c, sc] do
+      assert {:ok, false} = MaculaQuic.getopt(conn, :datagram_send_enabled)
+      assert {:ok, 0} = MaculaQuic.getopt(conn, :datagram_max_len)
+    end
+
+    assert {:ok, true} = MaculaQuic.getopt(c, :datagram_receive_enabled)
+    assert {:ok, false} = MaculaQuic.getopt(sc, :datagram_receive_enabled)
+    # quicer's spelling, from Erlang.
+    assert {:ok, false} = :macula_quic.getopt(sc, :datagram_receive_enabled, false)
+
     Enum.each([c, l], &MaculaQuic.close/1)
 
     # The default at both ends.

@@ -217,6 +217,11 @@ defmodule :macula_quic do
           :ok | {:error, MaculaQuic.reason()}
   @spec getopt(MaculaQuic.connection(), :datagram_active) ::
           {:ok, MaculaQuic.active()} | {:error, MaculaQuic.reason()}
+  @spec getopt(MaculaQuic.connection(), :datagram_receive_enabled) :: {:ok, boolean()}
+  @spec getopt(MaculaQuic.connection(), :datagram_send_enabled) ::
+          {:ok, boolean()} | {:error, MaculaQuic.reason()}
+  @spec getopt(MaculaQuic.connection(), :datagram_max_len) ::
+          {:ok, non_neg_integer()} | {:error, MaculaQuic.reason()}
   @spec getopt(MaculaQuic.stream() | MaculaQuic.connection(), atom(), false | atom()) ::
           {:ok, term()} | {:error, MaculaQuic.reason()}
   @spec setopt(MaculaQuic.stream() | MaculaQuic.connection(), atom(), term(), false | atom()) ::

@@ -998,7 +998,7 @@ fn connected_msg<'a>(e: Env<'a>, c: ResourceArc<ConnRes>, alpn: Term<'a>) -> Ter
 /// waited, runnable, over 1 ms 68 times in 2 s of the transfer).
 #[rustler::nif]
 fn conn_query<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, what: rustler::Atom, tag: Term<'a>) -> Term<'a> {
-    rustler::atoms! { peername, sockname, stats, negotiated_protocol, peercert }
+    rustler::atoms! { peername, sockname, stats, negotiated_protocol, peercert, datagram_send_enabled, datagram_max_len }
     let query = if what == peername() {
         Query::Peername
     } else if what == sockname() {
@@ -1009,6 +1009,10 @@ fn conn_query<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, what: rustler::Atom, ta
         Query::Protocol
     } else if what == peercert() {
         Query::Peercert
+    } else if what == datagram_send_enabled() {
+        Query::DatagramSendEnabled
+    } else if what == datagram_max_len() {
+        Query::DatagramMaxLen
     } else {
         return err(env, atoms::badarg());
     };
@@ -1046,6 +1050,12 @@ enum Query {
     Stats,
     Protocol,
     Peercert,
+    /// Whether this end may send datagrams now: it accepts them itself (Quinn's rule) and the
+    /// peer accepts them.
+    DatagramSendEnabled,
+    /// The largest datagram this end may send now, 0 if it may send none. It moves with the
+    /// path's packet size, so it can differ from what `dgram_state_changed` said.
+    DatagramMaxLen,
 }
 
 impl Query {
@@ -1067,6 +1077,8 @@ impl Query {
                 Some(der) => (atoms::ok(), binary_term(env, &der)).encode(env),
                 None => err(env, no_peercert()),
             },
+            Query::DatagramSendEnabled => (atoms::ok(), datagram::send_limit(c).is_some()).encode(env),
+            Query::DatagramMaxLen => (atoms::ok(), datagram::send_limit(c).unwrap_or(0)).encode(env),
         }
     }
 }

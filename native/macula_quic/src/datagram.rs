@@ -86,7 +86,7 @@ enum Step {
 async fn read(res: ResourceArc<ConnRes>) {
     let _task = Live::new(&counters::TASKS);
     // Runs on the shard, so asking Quinn never waits for its driver on another thread.
-    let max = res.conn.max_datagram_size();
+    let max = send_limit(&res);
     let r = res.clone();
     res.with_datagrams(|_, owner, closed| {
         if !closed {
@@ -198,6 +198,17 @@ fn conn_get_dgram_active<'a>(env: Env<'a>, c: ResourceArc<ConnRes>) -> Term<'a> 
         Some(d) => (atoms::ok(), options::encode_active(env, d.active)).encode(env),
         None => err(env, datagrams_disabled()),
     })
+}
+
+/// The largest datagram the connection may send now, `None` if it may send none: the peer
+/// refuses datagrams, this end was made without them (Quinn's `max_datagram_size` tells only
+/// the first; its sends refuse the second), or the connection has ended (Quinn still answers
+/// its last figure). Reads Quinn under its lock: call it on the connection's shard.
+pub fn send_limit(c: &ConnRes) -> Option<usize> {
+    if c.with_datagrams(|d, _, _| d.is_none()) || c.end_reason().is_some() {
+        return None;
+    }
+    contain::quietly(|| c.conn.max_datagram_size()).flatten()
 }
 
 /// quicer's `{quic, dgram_state_changed, C, #{dgram_send_enabled, dgram_max_len}}`: whether
