@@ -181,20 +181,26 @@ defmodule MaculaQuic.AsyncConnectTest do
     Enum.each([c, l], &MaculaQuic.close/1)
   end
 
-  test "a panic in the handshake's task: internal_error, closed, and nothing left behind" do
-    port = free_port!()
+  # `:task`: in the handshake's task as the handshake completes; `:establish`: inside the step
+  # that makes the handle established, after the handshake can no longer be abandoned.
+  for at <- [:task, :establish] do
+    test "a panic in the handshake's task (#{at}): internal_error, closed, and nothing left behind" do
+      port = free_port!()
 
-    {:ok, c} = MaculaQuic.async_connect("127.0.0.1", port, alpn: alpn(), verify: :none)
-    :ok = MaculaQuic.Native.debug_panic_handshake(c)
-    opener = Task.async(fn -> MaculaQuic.open_stream(c) end)
-    {:ok, l} = MaculaQuic.listen("127.0.0.1", port, alpn: alpn())
+      {:ok, c} = MaculaQuic.async_connect("127.0.0.1", port, alpn: alpn(), verify: :none)
+      :ok = MaculaQuic.Native.debug_panic_handshake(c, unquote(at))
+      opener = Task.async(fn -> MaculaQuic.open_stream(c) end)
+      {:ok, l} = MaculaQuic.listen("127.0.0.1", port, alpn: alpn())
 
-    assert_receive {:quic, :transport_shutdown, ^c, %{status: :internal_error, error: 1}}, 10_000
-    assert_receive {:quic, :closed, ^c, %{is_handshake_completed: false}}, @wait
-    assert {:error, :internal_error} = Task.await(opener, @wait)
-    assert {:error, :internal_error} = MaculaQuic.getstat(c, [:send_cnt])
-    refute_received {:quic, :connected, ^c, _}
-    :ok = MaculaQuic.close_listener(l)
+      assert_receive {:quic, :transport_shutdown, ^c, %{status: :internal_error, error: 1}},
+                     10_000
+
+      assert_receive {:quic, :closed, ^c, %{is_handshake_completed: false}}, @wait
+      assert {:error, :internal_error} = Task.await(opener, @wait)
+      assert {:error, :internal_error} = MaculaQuic.getstat(c, [:send_cnt])
+      refute_received {:quic, :connected, ^c, _}
+      :ok = MaculaQuic.close_listener(l)
+    end
   end
 
   test "close_connection/1 by the owner abandons the handshake and consumes closed" do

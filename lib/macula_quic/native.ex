@@ -162,7 +162,7 @@ defmodule MaculaQuic.Native do
   def debug_panic_reader_inline(_stream), do: nif_error()
   def debug_panic_writer(_stream), do: nif_error()
   def debug_panic_driver(_conn), do: nif_error()
-  def debug_panic_handshake(_conn), do: nif_error()
+  def debug_panic_handshake(_conn, _at), do: nif_error()
   def debug_refuse_streams(_conn), do: nif_error()
   def debug_panic_send_from(_local_port, _ip, _port), do: nif_error()
   def debug_panic_socket(_local_port, _count), do: nif_error()

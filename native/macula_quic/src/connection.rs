@@ -70,8 +70,8 @@ struct State {
     /// be withdrawn meanwhile).
     pending_accepts: Vec<PendingAccept>,
     /// Set by `debug_panic_handshake` (test builds): the handshake's task panics as it
-    /// completes, to prove the `Handshake` guard reports it.
-    debug_panic_handshake: bool,
+    /// completes, before `establish` or inside it, to prove the `Handshake` guard reports it.
+    debug_panic_handshake: Option<PanicAt>,
     /// Set by `debug_refuse_streams` (test builds): accepted streams are refused as after
     /// `closed` (see `hand_over`), a race tests cannot otherwise bring about at will.
     debug_refuse_streams: bool,
@@ -267,7 +267,7 @@ impl ConnRes {
                 connecting: None,
                 await_connected: Vec::new(),
                 pending_accepts: Vec::new(),
-                debug_panic_handshake: false,
+                debug_panic_handshake: None,
                 debug_refuse_streams: false,
             }),
             _live: Live::new(&counters::CONNECTIONS),
@@ -316,6 +316,11 @@ impl ConnRes {
             let mut st = lock(&this.state);
             if st.closed_sent || st.connecting.take().is_none() {
                 return false;
+            }
+            // The worst place for a panic: the handshake is no longer abortable, and the
+            // handle is not established yet.
+            if st.debug_panic_handshake == Some(PanicAt::Establish) {
+                panic!("macula_quic: deliberate panic in establish (debug_panic_handshake/2)");
             }
             if this.est.set(Established::new(Contained::connection(conn), bound, shard)).is_err() {
                 return false;
@@ -644,8 +649,8 @@ async fn finish_async_connect(
     match outcome {
         Ok(Ok(conn)) => {
             let conn = Contained::connection(conn);
-            if lock(&handshake.res.state).debug_panic_handshake {
-                panic!("macula_quic: deliberate panic in an async_connect handshake (debug_panic_handshake/1)");
+            if lock(&handshake.res.state).debug_panic_handshake == Some(PanicAt::Task) {
+                panic!("macula_quic: deliberate panic in an async_connect handshake (debug_panic_handshake/2)");
             }
             shard.keep_until_driver_ends(&conn);
             let on_closed: Option<OnClosed> = lease.map(|l| Box::new(move || drop(l)) as OnClosed);
@@ -676,8 +681,12 @@ struct Handshake {
 
 impl Handshake {
     fn established(mut self, conn: quinn::Connection, bound: SocketAddr, shard: Arc<Shard>, on_closed: Option<OnClosed>) -> bool {
+        // Done only once `establish` has returned: if it panics, the guard's drop (as the
+        // panic unwinds through here) still reports the handshake as failed, so the owner
+        // hears `closed` and the handle does not stay `not_connected`.
+        let established = ConnRes::establish(&self.res, conn, bound, shard, on_closed);
         self.done = true;
-        ConnRes::establish(&self.res, conn, bound, shard, on_closed)
+        established
     }
 
     fn failed(mut self, reason: Reason, status: Option<(rustler::Atom, u64)>, peer_acked: bool) {
@@ -1550,13 +1559,31 @@ pub fn controlling_process<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, pid: Loca
     }
 }
 
-/// `debug_panic_handshake(Conn)` (test builds only): an `async_connect` handle's handshake task
-/// panics as its handshake completes, so tests can prove the owner still hears how it ended.
+/// Where `debug_panic_handshake` makes an `async_connect` handshake's task panic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PanicAt {
+    /// In the task, before `establish`.
+    Task,
+    /// Inside `establish`, with the connecting state taken and the handle not yet established.
+    Establish,
+}
+
+/// `debug_panic_handshake(Conn, :task | :establish)` (test builds only): an `async_connect`
+/// handle's handshake task panics as its handshake completes, before `establish` or inside it,
+/// so tests can prove the owner still hears how it ended.
 #[cfg(feature = "test_hooks")]
 #[rustler::nif]
-fn debug_panic_handshake(c: ResourceArc<ConnRes>) -> rustler::Atom {
-    lock(&c.state).debug_panic_handshake = true;
-    atoms::ok()
+fn debug_panic_handshake(c: ResourceArc<ConnRes>, at: rustler::Atom) -> rustler::NifResult<rustler::Atom> {
+    rustler::atoms! { task, establish }
+    let at = if at == task() {
+        PanicAt::Task
+    } else if at == establish() {
+        PanicAt::Establish
+    } else {
+        return Err(rustler::Error::BadArg);
+    };
+    lock(&c.state).debug_panic_handshake = Some(at);
+    Ok(atoms::ok())
 }
 
 /// `debug_refuse_streams(Conn)` (test builds only): the connection's accepted streams are
