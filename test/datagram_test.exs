@@ -148,6 +148,59 @@ defmodule MaculaQuic.DatagramTest do
     Enum.each([c, l], &MaculaQuic.close/1)
   end
 
+  test "a send that finds others waiting for room waits behind them: small datagrams cannot starve a large one" do
+    {l, port} = listen!("127.0.0.1", @on)
+    :ok = MaculaQuic.async_accept(l)
+    # Through a relay that can hold the acknowledgements back: the congestion window then
+    # stays full, and datagrams collect in Quinn's send buffer (1 MiB).
+    relay = relay!(port)
+    opts = [alpn: alpn(), verify: :none] ++ @on
+    {:ok, c} = MaculaQuic.connect("127.0.0.1", relay.port, opts, 5_000)
+    assert_receive {:quic, :new_conn, sc, _}, 5_000
+    relay.back.(false)
+
+    # Fill the buffer with 1,000-byte datagrams until one must wait for room (the native call
+    # answers :wait, then {tag, result} once Quinn has it, where send_dgram/2 would block).
+    # Quinn counts each as 1,032 bytes, so 64 bytes stay free: room for a one-byte datagram,
+    # not for a large one.
+    {filled, tag} = fill!(c, :binary.copy("x", 1_000), 0)
+    assert filled > 100
+
+    # A one-byte datagram would fit, but the large one asked first: it waits too.
+    small = make_ref()
+    assert :wait = MaculaQuic.Native.conn_send_dgram(c, "y", small)
+
+    # With the acknowledgements let through, both go.
+    relay.back.(true)
+    assert_receive {^tag, :ok}, 10_000
+    assert_receive {^small, :ok}, 10_000
+    assert_receive {:quic, "y", ^sc, 0}, 10_000
+    Enum.each([c, l], &MaculaQuic.close/1)
+    relay.stop.()
+  end
+
+  # Sends until a datagram waits for room: a :wait answered at once only found the connection
+  # busy on another thread (or room made by a loss probe, which Quinn sends at growing
+  # intervals while no acknowledgement comes); one unanswered for 100 ms waits for room.
+  defp fill!(c, data, sent) do
+    tag = make_ref()
+
+    case MaculaQuic.Native.conn_send_dgram(c, data, tag) do
+      :ok when sent < 10_000 ->
+        fill!(c, data, sent + 1)
+
+      :wait ->
+        receive do
+          {^tag, :ok} -> fill!(c, data, sent + 1)
+        after
+          100 -> {sent, tag}
+        end
+
+      other ->
+        flunk("after #{sent} datagrams: #{inspect(other)}")
+    end
+  end
+
   test "datagrams go to the owner of the moment, and none follows closed" do
     {c, sc, l, _} = pair!(listen: @on, connect: @on)
     # The listener's accept loop is a task too: with it gone, the count of tasks falls to 0 once

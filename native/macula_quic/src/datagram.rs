@@ -24,10 +24,13 @@
 //! Sending (`conn_send_dgram`) waits, in the calling process, for room in Quinn's bounded send
 //! buffer (1 MiB) when the connection's congestion window holds datagrams back, instead of
 //! letting Quinn drop the oldest queued ones to make room: a sender that outruns the path is
-//! slowed down. (Quinn still drops queued datagrams that no longer fit when the path's packet
+//! slowed down. A call that finds others waiting queues behind them rather than taking the
+//! room they wait for: otherwise small datagrams, which fit in less, could starve a large one
+//! for as long as they keep coming. (Quinn still drops queued datagrams that no longer fit when the path's packet
 //! size shrinks, and those queued when the connection closes.)
 use std::future::Future;
 use std::pin::pin;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -248,8 +251,10 @@ fn conn_send_dgram<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, data: Binary<'a>, 
     }
     let data = Bytes::copy_from_slice(data.as_slice());
     executor::inline(env, inline_watch::watch_on(&c), || match c.shard.claim() {
-        Some(_claim) => send_now(env, &c, data, tag),
-        None => send_later(env, &c, data, tag),
+        // Read holding the shard: a queued task runs only on the shard, so none can be
+        // handing its datagram to Quinn meanwhile, and one that has is already uncounted.
+        Some(_claim) if c.dgram_queued.load(Ordering::Acquire) == 0 => send_now(env, &c, data, tag),
+        _ => send_later(env, &c, data, tag),
     })
 }
 
@@ -272,15 +277,35 @@ fn send_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, data: Bytes, tag: Term<'
 /// room, and answers `{Tag, Result}`. Returns `:wait`.
 fn send_later<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, data: Bytes, tag: Term<'a>) -> Term<'a> {
     let reply = Reply::new(env.pid(), tag);
-    let c = c.clone();
+    let queued = Queued::new(c.clone());
     c.shard.clone().spawn(async move {
         let _task = Live::new(&counters::TASKS);
-        match c.conn.send_datagram_wait(data).await {
+        let result = queued.0.conn.send_datagram_wait(data).await;
+        // Uncounted before the answer: the caller's next send must not queue behind itself.
+        drop(queued);
+        match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(reason(&e)),
         };
     });
     wait().encode(env)
+}
+
+/// A datagram queued for a task on the shard, counted in `ConnRes::dgram_queued` from before
+/// its task is spawned until Quinn has it (or refused it), or the task is dropped unrun.
+struct Queued(ResourceArc<ConnRes>);
+
+impl Queued {
+    fn new(c: ResourceArc<ConnRes>) -> Queued {
+        c.dgram_queued.fetch_add(1, Ordering::AcqRel);
+        Queued(c)
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.dgram_queued.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Why Quinn refused a datagram.
