@@ -181,24 +181,38 @@ defmodule MaculaQuic.AsyncConnectTest do
     Enum.each([c, l], &MaculaQuic.close/1)
   end
 
-  # `:task`: in the handshake's task as the handshake completes; `:establish`: inside the step
-  # that makes the handle established, after the handshake can no longer be abandoned.
-  for at <- [:task, :establish] do
-    test "a panic in the handshake's task (#{at}): internal_error, closed, and nothing left behind" do
+  # Where the handshake's task panics as the handshake completes: `:task` before the step that
+  # makes the handle established; `:establish` inside it, after the handshake can no longer be
+  # abandoned; `:established` inside it, with the handle established and its watcher started.
+  for at <- [:task, :establish, :established] do
+    test "a panic in the handshake's task (#{at}): the owner and waiting calls hear of it, the connection is closed" do
       port = free_port!()
 
       {:ok, c} = MaculaQuic.async_connect("127.0.0.1", port, alpn: alpn(), verify: :none)
       :ok = MaculaQuic.Native.debug_panic_handshake(c, unquote(at))
       opener = Task.async(fn -> MaculaQuic.open_stream(c) end)
       {:ok, l} = MaculaQuic.listen("127.0.0.1", port, alpn: alpn())
+      :ok = MaculaQuic.async_accept(l)
 
-      assert_receive {:quic, :transport_shutdown, ^c, %{status: :internal_error, error: 1}},
-                     10_000
+      if unquote(at) == :established do
+        # Established, then closed by the library: the watcher reports the close.
+        assert_receive {:quic, :closed, ^c, _}, 10_000
+        refute_received {:quic, :transport_shutdown, ^c, _}
+      else
+        assert_receive {:quic, :transport_shutdown, ^c, %{status: :internal_error, error: 1}},
+                       10_000
 
-      assert_receive {:quic, :closed, ^c, %{is_handshake_completed: false}}, @wait
+        assert_receive {:quic, :closed, ^c, %{is_handshake_completed: false}}, @wait
+        assert {:error, :internal_error} = MaculaQuic.getstat(c, [:send_cnt])
+      end
+
       assert {:error, :internal_error} = Task.await(opener, @wait)
-      assert {:error, :internal_error} = MaculaQuic.getstat(c, [:send_cnt])
       refute_received {:quic, :connected, ^c, _}
+
+      # The server's end hears the close at once: the connection was closed, not left open
+      # until its idle timeout (30 s).
+      assert_receive {:quic, :new_conn, sc, _}, @wait
+      assert_receive {:quic, :closed, ^sc, _}, @wait
       :ok = MaculaQuic.close_listener(l)
     end
   end

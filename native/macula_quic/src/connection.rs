@@ -310,10 +310,11 @@ impl ConnRes {
         Some(atoms::ok())
     }
 
-    /// An `async_connect` handshake completed: gives the handle its connection, tells the owner
-    /// `connected` (under the state lock, so before anything the watcher reports) and starts the
-    /// watcher. False, leaving `conn` to the caller to close, when the connecting state was
-    /// ended meanwhile (closed, or its owner exited). Runs on the connection's shard.
+    /// An `async_connect` handshake completed: gives the handle its connection, starts the
+    /// watcher and tells the owner `connected` (under the state lock, so before anything the
+    /// watcher reports). False, leaving `conn` to the caller to close, when the connecting state
+    /// was ended meanwhile (closed, or its owner exited). Runs on the connection's shard, so
+    /// the watcher spawned here cannot run before this returns.
     fn establish(this: &ResourceArc<ConnRes>, conn: quinn::Connection, bound: SocketAddr, shard: Arc<Shard>, on_closed: Option<OnClosed>) -> bool {
         let alpn = negotiated_protocol(&conn);
         let (datagrams, accepts) = {
@@ -329,6 +330,12 @@ impl ConnRes {
             if this.est.set(Established::new(Contained::connection(conn), bound, shard)).is_err() {
                 return false;
             }
+            // The watcher first: from here on, however the connection ends (after a panic
+            // below, the caller closes it), the owner hears `closed`.
+            this.shard.spawn(watch(this.clone(), on_closed));
+            if st.debug_panic_handshake == Some(PanicAt::Established) {
+                panic!("macula_quic: deliberate panic in establish, established (debug_panic_handshake/2)");
+            }
             let r = this.clone();
             messages::send(&st.owner.pid, move |e| {
                 let alpn = alpn.as_deref().map_or_else(|| atoms::undefined().encode(e), |a| binary_term(e, a));
@@ -340,7 +347,6 @@ impl ConnRes {
         for a in accepts {
             spawn_accept(this, a.id, a.caller, a.opts, a.reply, a.cancel);
         }
-        this.shard.spawn(watch(this.clone(), on_closed));
         if datagrams {
             datagram::start_reader(this);
         }
@@ -684,13 +690,23 @@ struct Handshake {
 }
 
 impl Handshake {
+    /// False when the connection must be closed by the caller: the connecting state had
+    /// ended, or `establish` panicked.
     fn established(mut self, conn: quinn::Connection, bound: SocketAddr, shard: Arc<Shard>, on_closed: Option<OnClosed>) -> bool {
-        // Done only once `establish` has returned: if it panics, the guard's drop (as the
-        // panic unwinds through here) still reports the handshake as failed, so the owner
-        // hears `closed` and the handle does not stay `not_connected`.
-        let established = ConnRes::establish(&self.res, conn, bound, shard, on_closed);
-        self.done = true;
-        established
+        if let Some(established) = contain::quietly(|| ConnRes::establish(&self.res, conn, bound, shard, on_closed)) {
+            self.done = true;
+            return established;
+        }
+        // `establish` panicked. The caller closes the connection (the shard keeps it alive
+        // until its driver ends: left open, it would last until its idle timeout, or for good
+        // with keep-alives). Not established yet: this guard's drop reports a failed
+        // handshake. Established: the watcher, started first thing, reports the close; the
+        // calls still waiting for the handshake hear why here.
+        if self.res.est.get().is_some() {
+            self.done = true;
+            lock(&self.res.state).answer_waiters(Err(atoms::internal_error().into()));
+        }
+        false
     }
 
     fn failed(mut self, reason: Reason, status: Option<(rustler::Atom, u64)>, peer_acked: bool) {
@@ -1570,19 +1586,24 @@ pub enum PanicAt {
     Task,
     /// Inside `establish`, with the connecting state taken and the handle not yet established.
     Establish,
+    /// Inside `establish`, the handle established and its watcher started, before `connected`.
+    Established,
 }
 
-/// `debug_panic_handshake(Conn, :task | :establish)` (test builds only): an `async_connect`
-/// handle's handshake task panics as its handshake completes, before `establish` or inside it,
+/// `debug_panic_handshake(Conn, :task | :establish | :established)` (test builds only): an
+/// `async_connect` handle's handshake task panics as its handshake completes, before
+/// `establish` or inside it (see `PanicAt`),
 /// so tests can prove the owner still hears how it ended.
 #[cfg(feature = "test_hooks")]
 #[rustler::nif]
 fn debug_panic_handshake(c: ResourceArc<ConnRes>, at: rustler::Atom) -> rustler::NifResult<rustler::Atom> {
-    rustler::atoms! { task, establish }
+    rustler::atoms! { task, establish, established }
     let at = if at == task() {
         PanicAt::Task
     } else if at == establish() {
         PanicAt::Establish
+    } else if at == established() {
+        PanicAt::Established
     } else {
         return Err(rustler::Error::BadArg);
     };
