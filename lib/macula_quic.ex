@@ -1024,8 +1024,9 @@ defmodule MaculaQuic do
   packet. Quinn's send buffer for datagrams is bounded (1 MiB): when the congestion window
   holds queued datagrams back and the buffer is full, the call waits (the calling process, not
   a scheduler) until there is room, rather than dropping older datagrams, so a sender that
-  outruns the path is slowed down. A call that finds earlier calls still waiting waits behind
-  them, even if its own datagram would fit: small datagrams cannot starve a large one.
+  outruns the path is slowed down. Waiting calls are served in the order they came, and a
+  call that finds others waiting waits behind them even if its own datagram would fit: small
+  datagrams cannot starve a large one.
 
   Errors: `{:error, :datagrams_disabled}` when this end was made without the option (Quinn
   sends datagrams only on a connection that accepts them; MsQuic, and so quicer, does not ask

@@ -136,9 +136,9 @@ pub struct ConnRes {
     pub send_pend: AtomicUsize,
     /// Wakes the datagram reader when the owner's datagram mode changes (see `datagram`).
     pub dgram_wake: tokio::sync::Notify,
-    /// `send_dgram` calls whose datagram a task on the shard still has to hand to Quinn:
-    /// while there are any, a new call queues behind them (see `datagram::conn_send_dgram`).
-    pub dgram_queued: AtomicUsize,
+    /// `send_dgram` calls waiting, in order, for a task on the shard to hand their datagrams
+    /// to Quinn (see `datagram::Outbox`).
+    pub dgram_out: Mutex<datagram::Outbox>,
     state: Mutex<State>,
     _live: Live,
 }
@@ -259,7 +259,7 @@ impl ConnRes {
             est: cell,
             send_pend: AtomicUsize::new(0),
             dgram_wake: tokio::sync::Notify::new(),
-            dgram_queued: AtomicUsize::new(0),
+            dgram_out: Mutex::new(datagram::Outbox::default()),
             state: Mutex::new(State {
                 owner: Owner::unmonitored(owner),
                 accepts: HashMap::new(),

@@ -24,13 +24,15 @@
 //! Sending (`conn_send_dgram`) waits, in the calling process, for room in Quinn's bounded send
 //! buffer (1 MiB) when the connection's congestion window holds datagrams back, instead of
 //! letting Quinn drop the oldest queued ones to make room: a sender that outruns the path is
-//! slowed down. A call that finds others waiting queues behind them rather than taking the
+//! slowed down. Calls that wait are served strictly in turn, by one task per connection
+//! (`Outbox`), and a call that finds others waiting queues behind them rather than taking the
 //! room they wait for: otherwise small datagrams, which fit in less, could starve a large one
-//! for as long as they keep coming. (Quinn still drops queued datagrams that no longer fit when the path's packet
+//! for as long as they keep coming (Quinn itself wakes all its waiters at once, and the first
+//! whose datagram fits wins). (Quinn still drops queued datagrams that no longer fit when the path's packet
 //! size shrinks, and those queued when the connection closes.)
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -46,6 +48,7 @@ use crate::inline_watch;
 use crate::messages::{self, Reply};
 use crate::options::{self, Active};
 use crate::received;
+use crate::util::lock;
 
 rustler::atoms! { dgram_state_changed, dgram_send_enabled, dgram_max_len, unsupported_by_peer, too_large, datagrams_disabled, wait }
 
@@ -250,11 +253,14 @@ fn conn_send_dgram<'a>(env: Env<'a>, c: ResourceArc<ConnRes>, data: Binary<'a>, 
         return err(env, atoms::closed());
     }
     let data = Bytes::copy_from_slice(data.as_slice());
-    executor::inline(env, inline_watch::watch_on(&c), || match c.shard.claim() {
-        // Read holding the shard: a queued task runs only on the shard, so none can be
-        // handing its datagram to Quinn meanwhile, and one that has is already uncounted.
-        Some(_claim) if c.dgram_queued.load(Ordering::Acquire) == 0 => send_now(env, &c, data, tag),
-        _ => send_later(env, &c, data, tag),
+    executor::inline(env, inline_watch::watch_on(&c), || {
+        let claim = c.shard.claim();
+        // With others waiting, this one waits behind them.
+        if claim.is_some() && !lock(&c.dgram_out).serving {
+            send_now(env, &c, data, tag)
+        } else {
+            send_later(env, &c, data, tag)
+        }
     })
 }
 
@@ -273,38 +279,76 @@ fn send_now<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, data: Bytes, tag: Term<'
     }
 }
 
-/// Sends the datagram from a task on the connection's shard, once Quinn's send buffer has
-/// room, and answers `{Tag, Result}`. Returns `:wait`.
+/// Queues the datagram behind any others waiting, for `serve` to hand to Quinn once its send
+/// buffer has room, and returns `:wait`; `{Tag, Result}` follows.
 fn send_later<'a>(env: Env<'a>, c: &ResourceArc<ConnRes>, data: Bytes, tag: Term<'a>) -> Term<'a> {
     let reply = Reply::new(env.pid(), tag);
-    let queued = Queued::new(c.clone());
-    c.shard.clone().spawn(async move {
-        let _task = Live::new(&counters::TASKS);
-        let result = queued.0.conn.send_datagram_wait(data).await;
-        // Uncounted before the answer: the caller's next send must not queue behind itself.
-        drop(queued);
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(reason(&e)),
-        };
-    });
+    let start = {
+        let mut out = lock(&c.dgram_out);
+        out.queue.push_back((data, reply));
+        !std::mem::replace(&mut out.serving, true)
+    };
+    if start {
+        c.shard.clone().spawn(serve(c.clone()));
+    }
     wait().encode(env)
 }
 
-/// A datagram queued for a task on the shard, counted in `ConnRes::dgram_queued` from before
-/// its task is spawned until Quinn has it (or refused it), or the task is dropped unrun.
-struct Queued(ResourceArc<ConnRes>);
+/// The datagrams of `send_dgram` calls that wait, in the order they came, and whether a task
+/// (`serve`) is handing them to Quinn. While one is, every new call queues here too.
+#[derive(Default)]
+pub struct Outbox {
+    queue: VecDeque<(Bytes, Reply)>,
+    serving: bool,
+}
 
-impl Queued {
-    fn new(c: ResourceArc<ConnRes>) -> Queued {
-        c.dgram_queued.fetch_add(1, Ordering::AcqRel);
-        Queued(c)
+/// Hands the connection's queued datagrams to Quinn one at a time, each once its send buffer
+/// has room, answering each caller as its datagram goes; ends when none is left. One per
+/// connection at a time, so Quinn has one waiter, and callers are served in turn.
+async fn serve(c: ResourceArc<ConnRes>) {
+    let _task = Live::new(&counters::TASKS);
+    let mut serving = Serving { c: c.clone(), done: false };
+    loop {
+        let next = {
+            let mut out = lock(&c.dgram_out);
+            let next = out.queue.pop_front();
+            if next.is_none() {
+                // Under the lock: a call from now on starts a new task.
+                out.serving = false;
+                serving.done = true;
+            }
+            next
+        };
+        let Some((data, reply)) = next else { return };
+        // A closed connection fails each at once.
+        match c.conn.send_datagram_wait(data).await {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(reason(&e)),
+        };
     }
 }
 
-impl Drop for Queued {
+/// Dropped with `serve`'s task. If that was dropped unfinished (the shard failed, or a
+/// panic), the datagrams still queued are dropped, their callers answered (`Reply`'s drop:
+/// `{:error, :closed}`, or `:internal_error` after a panic), and a later call starts anew.
+/// (Once `done`, the queue may already be a new task's.)
+struct Serving {
+    c: ResourceArc<ConnRes>,
+    done: bool,
+}
+
+impl Drop for Serving {
     fn drop(&mut self) {
-        self.0.dgram_queued.fetch_sub(1, Ordering::AcqRel);
+        if self.done {
+            return;
+        }
+        let dropped = {
+            let mut out = lock(&self.c.dgram_out);
+            out.serving = false;
+            std::mem::take(&mut out.queue)
+        };
+        // Answered outside the lock.
+        drop(dropped);
     }
 }
 
