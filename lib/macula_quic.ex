@@ -1462,7 +1462,8 @@ defmodule MaculaQuic do
       {:ok, 1_155} = MaculaQuic.getopt(conn, :datagram_max_len)
 
   An ended connection answers `false` and `0`; an `async_connect/3` handle still in its
-  handshake `{:error, :not_connected}`.
+  handshake `{:error, :not_connected}`, one whose handshake failed why it failed, and a
+  connection whose Quinn driver panicked `{:error, :closed}`.
   """
   @spec getopt(stream(), :active) :: {:ok, active()} | {:error, reason()}
   @spec getopt(stream(), :read_ahead) :: {:ok, pos_integer()} | {:error, reason()}

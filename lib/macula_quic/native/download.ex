@@ -44,8 +44,9 @@ defmodule MaculaQuic.Native.Download do
 
   An attempt fails with `{:http_failed, url, {:stalled, ms}}` when no part of the answer
   arrives for `:stall_timeout_ms` (default 60 s; retried like any network error), and with
-  `{:http_failed, url, {:too_large, max}}` once the body passes `:max_bytes` (default
-  256 MiB; not retried). There is no limit on the whole download's time.
+  `{:http_failed, url, {:too_large, max}}` when the body passes `:max_bytes` (default
+  256 MiB; not retried): at once when the server states a larger size, else once that much
+  has arrived. There is no limit on the whole download's time.
   """
   @spec get(String.t(), [option()]) :: {:ok, binary()} | {:error, error()}
   def get(url, opts \\ []) do
@@ -96,13 +97,27 @@ defmodule MaculaQuic.Native.Download do
     with {:ok, ssl} <- ssl_options(url, env, cacerts) do
       # No :timeout for the whole request: `receive_body/4` gives up on a stall instead.
       http_options = [ssl: ssl, connect_timeout: 15_000, timeout: :infinity] ++ proxy_auth(env)
-      options = [sync: false, stream: :self, body_format: :binary]
 
-      case :httpc.request(:get, {String.to_charlist(url), []}, http_options, options, @profile) do
-        {:ok, id} -> receive_body(id, url, limits, {[], 0})
-        {:error, reason} -> {:error, {:http_failed, url, reason}}
+      # In a process of its own, which :httpc streams the body to: once a request is cancelled
+      # (a stall, a body too large) OTP 25's :httpc may still send parts of it, which must
+      # not pile up in the caller's mailbox (the compile's, or the checksum task's, which
+      # makes many downloads). Sent to a process that has exited, they are dropped.
+      {pid, ref} = spawn_monitor(fn -> exit({:shutdown, fetch(url, http_options, limits)}) end)
+
+      receive do
+        {:DOWN, ^ref, :process, ^pid, {:shutdown, result}} -> result
+        {:DOWN, ^ref, :process, ^pid, reason} -> {:error, {:http_failed, url, {:exit, reason}}}
       end
     else
+      {:error, reason} -> {:error, {:http_failed, url, reason}}
+    end
+  end
+
+  defp fetch(url, http_options, limits) do
+    options = [sync: false, stream: :self, body_format: :binary]
+
+    case :httpc.request(:get, {String.to_charlist(url), []}, http_options, options, @profile) do
+      {:ok, id} -> receive_body(id, url, limits, {[], 0})
       {:error, reason} -> {:error, {:http_failed, url, reason}}
     end
   end
@@ -111,8 +126,13 @@ defmodule MaculaQuic.Native.Download do
   # `stream_end`); any other answer, or an error, comes whole in one message.
   defp receive_body(id, url, %{stall_ms: stall_ms, max_bytes: max} = limits, {parts, size}) do
     receive do
-      {:http, {^id, :stream_start, _headers}} ->
-        receive_body(id, url, limits, {parts, size})
+      {:http, {^id, :stream_start, headers}} ->
+        if declared_size(headers) > max do
+          cancel(id)
+          {:error, {:http_failed, url, {:too_large, max}}}
+        else
+          receive_body(id, url, limits, {parts, size})
+        end
 
       {:http, {^id, :stream, part}} when size + byte_size(part) > max ->
         cancel(id)
@@ -123,6 +143,9 @@ defmodule MaculaQuic.Native.Download do
 
       {:http, {^id, :stream_end, _headers}} ->
         {:ok, parts |> Enum.reverse() |> IO.iodata_to_binary()}
+
+      {:http, {^id, {{_, 200, _}, _headers, body}}} when byte_size(body) > max ->
+        {:error, {:http_failed, url, {:too_large, max}}}
 
       {:http, {^id, {{_, 200, _}, _headers, body}}} ->
         {:ok, body}
@@ -139,19 +162,17 @@ defmodule MaculaQuic.Native.Download do
     end
   end
 
-  # Nothing more is sent for `id` once cancelled; what was sent before is dropped here.
-  defp cancel(id) do
-    :ok = :httpc.cancel_request(id, @profile)
+  # What :httpc still sends for `id` goes to this process, which is about to exit (see
+  # `request/4`).
+  defp cancel(id), do: :ok = :httpc.cancel_request(id, @profile)
 
-    flush(id)
-  end
-
-  defp flush(id) do
-    receive do
-      {:http, {^id, _}} -> flush(id)
-      {:http, {^id, _, _}} -> flush(id)
-    after
-      0 -> :ok
+  # The body's size as the server states it (Content-Length), 0 if it does not.
+  defp declared_size(headers) do
+    with {_, value} <- List.keyfind(headers, ~c"content-length", 0),
+         {size, ""} <- Integer.parse(to_string(value)) do
+      size
+    else
+      _ -> 0
     end
   end
 

@@ -198,7 +198,33 @@ defmodule MaculaQuic.Native.DownloadTest do
 
       assert Download.get(url, env: %{}, max_bytes: 5_000) == {:ok, :binary.copy("x", 5_000)}
     end
+
+    test "a body refused part way leaves nothing behind in the caller's mailbox" do
+      # 8 MB from a fast server, refused at 1 MB: :httpc goes on sending parts for a while
+      # after the cancel. The server states no size here (chunked), so it is read up to the
+      # limit.
+      big = :crypto.strong_rand_bytes(8 * 1024 * 1024)
+      url = script_server([{:send, chunked_headers()}, {:send, chunk(big)}, {:send, "0\r\n\r\n"}])
+
+      assert Download.get(url, env: %{}, max_bytes: 1_000_000, max_retries: 0) ==
+               {:error, {:http_failed, url, {:too_large, 1_000_000}}}
+
+      refute_receive {:http, _}, 200
+    end
+
+    test "a stated size over :max_bytes is refused before the body is read" do
+      # The server says 10 MB, sends 3 bytes and goes silent: nothing waits for the rest.
+      url = script_server([{:send, headers(10_000_000)}, {:send, "abc"}, :hold])
+
+      assert Download.get(url, env: %{}, max_bytes: 1_000, stall_timeout_ms: 5_000, max_retries: 0) ==
+               {:error, {:http_failed, url, {:too_large, 1_000}}}
+    end
   end
+
+  defp chunked_headers,
+    do: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+
+  defp chunk(data), do: [Integer.to_string(byte_size(data), 16), "\r\n", data, "\r\n"]
 
   defp headers(length),
     do: "HTTP/1.1 200 OK\r\nContent-Length: #{length}\r\nConnection: close\r\n\r\n"
