@@ -194,6 +194,22 @@ defmodule MaculaQuic.DatagramTest do
   # Sends until a datagram waits for room: a :wait answered at once only found the connection
   # busy on another thread (or room made by a loss probe, which Quinn sends at growing
   # intervals while no acknowledgement comes); one unanswered for 100 ms waits for room.
+  test "a send queued as its connection's shard fails is answered, not left waiting" do
+    {c, sc, l, _} = pair!(listen: @on, connect: @on)
+    # The shard busy on another thread: the send queues for a task, which the shard, failing
+    # (as after a panic in Quinn's driver) as that task is spawned, drops before it first runs.
+    :ok = MaculaQuic.Native.debug_stall_shard(c, 200, self())
+    assert_receive :shard_stalled, 5_000
+    :ok = MaculaQuic.Native.debug_fail_shard_on_spawn(c)
+    tag = make_ref()
+    assert :wait = MaculaQuic.Native.conn_send_dgram(c, "x", tag)
+    assert_receive {^tag, {:error, reason}}, 5_000
+    assert reason in [:closed, :internal_error]
+    # Later sends say the connection is gone.
+    assert {:error, :closed} = MaculaQuic.send_dgram(c, "y")
+    Enum.each([sc, c, l], &MaculaQuic.close/1)
+  end
+
   defp fill!(c, data, sent) do
     tag = make_ref()
 

@@ -164,6 +164,7 @@ defmodule MaculaQuic.Native do
   def debug_panic_driver(_conn), do: nif_error()
   def debug_panic_handshake(_conn, _at), do: nif_error()
   def debug_refuse_streams(_conn), do: nif_error()
+  def debug_fail_shard_on_spawn(_conn), do: nif_error()
   def debug_panic_send_from(_local_port, _ip, _port), do: nif_error()
   def debug_panic_socket(_local_port, _count), do: nif_error()
   def debug_owners, do: nif_error()

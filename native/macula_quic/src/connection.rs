@@ -331,7 +331,11 @@ impl ConnRes {
                 return false;
             }
             // The watcher first: from here on, however the connection ends (after a panic
-            // below, the caller closes it), the owner hears `closed`.
+            // below, the caller closes it), `on_closed` runs and the owner hears `closed`.
+            #[cfg(feature = "test_hooks")]
+            if st.debug_panic_handshake == Some(PanicAt::WatcherUnrun) {
+                this.shard.debug_fail_on_next_spawn();
+            }
             this.shard.spawn(watch(this.clone(), on_closed));
             if st.debug_panic_handshake == Some(PanicAt::Established) {
                 panic!("macula_quic: deliberate panic in establish, established (debug_panic_handshake/2)");
@@ -421,11 +425,17 @@ fn local_addr_with(conn: &quinn::Connection, bound: SocketAddr, routed: impl FnO
 pub type OnClosed = Box<dyn FnOnce() + Send + 'static>;
 
 /// Follows the connection to its end and reports it to the owner.
-async fn watch(res: ResourceArc<ConnRes>, on_closed: Option<OnClosed>) {
-    let _task = Live::new(&counters::TASKS);
+///
+/// Its `WatcherExit` exists before the task first runs: a watcher dropped without ever running
+/// (its shard failed first) still reports, so the owner hears `closed` and a listener learns
+/// that the connection is gone.
+fn watch(res: ResourceArc<ConnRes>, on_closed: Option<OnClosed>) -> impl std::future::Future<Output = ()> + Send {
     let mut exit = WatcherExit { res: res.clone(), on_closed };
-    let why = res.conn.closed().await;
-    exit.report(Some(&why));
+    async move {
+        let _task = Live::new(&counters::TASKS);
+        let why = res.conn.closed().await;
+        exit.report(Some(&why));
+    }
 }
 
 /// Reports how the connection ended, once. Dropped without having reported, which only a
@@ -449,43 +459,48 @@ impl WatcherExit {
         if let Some(f) = self.on_closed.take() {
             f();
         }
-        let res = &self.res;
-        // Pending stream accepts end by themselves (Quinn fails them) and answer their callers.
-        // The messages are sent holding the state lock, as streams do: `controlling_process`
-        // takes the same lock, so each message goes to the owner of the moment, never to one
-        // that has just handed the connection over (where nobody would read it, keeping the
-        // handle alive).
-        let mut st = lock(&res.state);
-        if st.closed_sent {
-            // Reported already, or `conn_close` told the owner.
-            return;
-        }
-        st.closed_sent = true;
-        st.ended = Some(why.map_or_else(|| atoms::closed().into(), error::connection));
-        let (owner, by_app) = (st.owner.pid, st.closed_by_app);
-        let local = matches!(why, Some(quinn::ConnectionError::LocallyClosed));
-        if !local {
-            let r = res.clone();
-            let why = why.cloned();
-            messages::send(&owner, move |e| match &why {
-                Some(quinn::ConnectionError::ApplicationClosed(frame)) => {
-                    (atoms::quic(), atoms::shutdown(), r, frame.error_code.into_inner()).encode(e)
-                }
-                other => {
-                    let (status, code) = match other {
-                        Some(why) => transport_status(why),
-                        // QUIC's INTERNAL_ERROR.
-                        None => (atoms::internal_error(), 1),
-                    };
-                    transport_shutdown_msg(e, r, status, code)
-                }
-            });
-        }
-        let r = res.clone();
-        let peer_acked = why.is_some() && !local;
-        messages::send(&owner, move |e| closed_msg(e, r, peer_acked, local || by_app));
-        st.owner.release();
+        report_end(&self.res, why);
     }
+}
+
+/// Tells the owner how the connection ended (`why`: Quinn's reason, `None` after a panic),
+/// unless it has been told already.
+fn report_end(res: &ResourceArc<ConnRes>, why: Option<&quinn::ConnectionError>) {
+    // Pending stream accepts end by themselves (Quinn fails them) and answer their callers.
+    // The messages are sent holding the state lock, as streams do: `controlling_process`
+    // takes the same lock, so each message goes to the owner of the moment, never to one
+    // that has just handed the connection over (where nobody would read it, keeping the
+    // handle alive).
+    let mut st = lock(&res.state);
+    if st.closed_sent {
+        // Reported already, or `conn_close` told the owner.
+        return;
+    }
+    st.closed_sent = true;
+    st.ended = Some(why.map_or_else(|| atoms::closed().into(), error::connection));
+    let (owner, by_app) = (st.owner.pid, st.closed_by_app);
+    let local = matches!(why, Some(quinn::ConnectionError::LocallyClosed));
+    if !local {
+        let r = res.clone();
+        let why = why.cloned();
+        messages::send(&owner, move |e| match &why {
+            Some(quinn::ConnectionError::ApplicationClosed(frame)) => {
+                (atoms::quic(), atoms::shutdown(), r, frame.error_code.into_inner()).encode(e)
+            }
+            other => {
+                let (status, code) = match other {
+                    Some(why) => transport_status(why),
+                    // QUIC's INTERNAL_ERROR.
+                    None => (atoms::internal_error(), 1),
+                };
+                transport_shutdown_msg(e, r, status, code)
+            }
+        });
+    }
+    let r = res.clone();
+    let peer_acked = why.is_some() && !local;
+    messages::send(&owner, move |e| closed_msg(e, r, peer_acked, local || by_app));
+    st.owner.release();
 }
 
 /// quicer's `{quic, transport_shutdown, C, #{status => Status, error => Code}}`.
@@ -700,11 +715,15 @@ impl Handshake {
         // `establish` panicked. The caller closes the connection (the shard keeps it alive
         // until its driver ends: left open, it would last until its idle timeout, or for good
         // with keep-alives). Not established yet: this guard's drop reports a failed
-        // handshake. Established: the watcher, started first thing, reports the close; the
-        // calls still waiting for the handshake hear why here.
+        // handshake. Established: the owner and the calls still waiting for the handshake are
+        // told here; the watcher, started first thing, then only runs `on_closed`.
         if self.res.est.get().is_some() {
             self.done = true;
             lock(&self.res.state).answer_waiters(Err(atoms::internal_error().into()));
+            // Told now, as a driver's panic is told (`transport_shutdown` with INTERNAL_ERROR,
+            // then `closed`): the close the caller makes would reach the owner through the
+            // watcher as a close of its own (`is_app_closing`).
+            report_end(&self.res, None);
         }
         false
     }
@@ -1588,22 +1607,29 @@ pub enum PanicAt {
     Establish,
     /// Inside `establish`, the handle established and its watcher started, before `connected`.
     Established,
+    /// No panic: the shard fails (as after a panic in its Quinn driver) as the watcher is
+    /// spawned, so the watcher is dropped before it first runs.
+    #[cfg_attr(not(feature = "test_hooks"), allow(dead_code))]
+    WatcherUnrun,
 }
 
-/// `debug_panic_handshake(Conn, :task | :establish | :established)` (test builds only): an
+/// `debug_panic_handshake(Conn, :task | :establish | :established | :watcher_unrun)` (test
+/// builds only): an
 /// `async_connect` handle's handshake task panics as its handshake completes, before
 /// `establish` or inside it (see `PanicAt`),
 /// so tests can prove the owner still hears how it ended.
 #[cfg(feature = "test_hooks")]
 #[rustler::nif]
 fn debug_panic_handshake(c: ResourceArc<ConnRes>, at: rustler::Atom) -> rustler::NifResult<rustler::Atom> {
-    rustler::atoms! { task, establish, established }
+    rustler::atoms! { task, establish, established, watcher_unrun }
     let at = if at == task() {
         PanicAt::Task
     } else if at == establish() {
         PanicAt::Establish
     } else if at == established() {
         PanicAt::Established
+    } else if at == watcher_unrun() {
+        PanicAt::WatcherUnrun
     } else {
         return Err(rustler::Error::BadArg);
     };
@@ -1685,6 +1711,17 @@ fn debug_stall_shard(c: ResourceArc<ConnRes>, ms: u64, pid: LocalPid) -> rustler
             std::thread::sleep(Duration::from_millis(ms));
         })
     });
+    Ok(atoms::ok())
+}
+
+/// `debug_fail_shard_on_spawn(Conn)` (test builds only): the next task spawned on this
+/// connection's shard finds the shard failed (as after a panic in Quinn's driver) before it
+/// first runs. For tests that a task's guards answer even then.
+#[cfg(feature = "test_hooks")]
+#[rustler::nif]
+fn debug_fail_shard_on_spawn(c: ResourceArc<ConnRes>) -> rustler::NifResult<rustler::Atom> {
+    c.ready().map_err(|_| rustler::Error::BadArg)?;
+    c.shard.debug_fail_on_next_spawn();
     Ok(atoms::ok())
 }
 

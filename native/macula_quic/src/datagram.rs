@@ -305,9 +305,16 @@ pub struct Outbox {
 /// Hands the connection's queued datagrams to Quinn one at a time, each once its send buffer
 /// has room, answering each caller as its datagram goes; ends when none is left. One per
 /// connection at a time, so Quinn has one waiter, and callers are served in turn.
-async fn serve(c: ResourceArc<ConnRes>) {
+///
+/// Its `Serving` exists before the task first runs: a task dropped without ever running (its
+/// shard failed first) still answers the callers queued.
+fn serve(c: ResourceArc<ConnRes>) -> impl Future<Output = ()> + Send {
+    let serving = Serving { c: c.clone(), done: false };
+    serve_queue(c, serving)
+}
+
+async fn serve_queue(c: ResourceArc<ConnRes>, mut serving: Serving) {
     let _task = Live::new(&counters::TASKS);
-    let mut serving = Serving { c: c.clone(), done: false };
     loop {
         let next = {
             let mut out = lock(&c.dgram_out);

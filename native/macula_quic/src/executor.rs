@@ -109,6 +109,10 @@ pub struct Shard {
     failed: AtomicBool,
     /// Held until the shard's Quinn driver ends (see `keep_until_driver_ends`).
     kept: Mutex<Kept>,
+    /// Set by `debug_fail_on_next_spawn` (test builds): the next `spawn` fails the shard as
+    /// it queues its task, so that task is dropped before it first runs.
+    #[cfg(feature = "test_hooks")]
+    fail_on_spawn: AtomicBool,
     _live: Live,
 }
 
@@ -251,8 +255,18 @@ impl Shard {
             tasks: Mutex::new(TaskList::default()),
             failed: AtomicBool::new(false),
             kept: Mutex::new(Kept::default()),
+            #[cfg(feature = "test_hooks")]
+            fail_on_spawn: AtomicBool::new(false),
             _live: Live::new(&counters::SHARDS),
         })
+    }
+
+    /// Test builds: the next `spawn` here fails the shard (as a panic in its Quinn driver
+    /// would) right after queuing its task, which is then dropped without ever running: for
+    /// tests that a task's guards exist before its first poll.
+    #[cfg(feature = "test_hooks")]
+    pub fn debug_fail_on_next_spawn(&self) {
+        self.fail_on_spawn.store(true, Ordering::Release);
     }
 
     /// Runs `fut` on this shard. It is first polled by whoever runs the shard next (the NIF
@@ -275,6 +289,10 @@ impl Shard {
         });
         lock(&self.tasks).push(&task);
         task.wake_by_ref();
+        #[cfg(feature = "test_hooks")]
+        if self.fail_on_spawn.swap(false, Ordering::AcqRel) {
+            self.fail();
+        }
     }
 
     /// Runs Quinn's driver for a connection; if it panics, the shard `fail`s.
