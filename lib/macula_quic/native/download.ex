@@ -102,7 +102,10 @@ defmodule MaculaQuic.Native.Download do
       # (a stall, a body too large) OTP 25's :httpc may still send parts of it, which must
       # not pile up in the caller's mailbox (the compile's, or the checksum task's, which
       # makes many downloads). Sent to a process that has exited, they are dropped.
-      {pid, ref} = spawn_monitor(fn -> exit({:shutdown, fetch(url, http_options, limits)}) end)
+      caller = self()
+
+      {pid, ref} =
+        spawn_monitor(fn -> exit({:shutdown, fetch(url, http_options, limits, caller)}) end)
 
       receive do
         {:DOWN, ^ref, :process, ^pid, {:shutdown, result}} -> result
@@ -113,8 +116,10 @@ defmodule MaculaQuic.Native.Download do
     end
   end
 
-  defp fetch(url, http_options, limits) do
+  # The attempt ends with its caller: nobody would take the body.
+  defp fetch(url, http_options, limits, caller) do
     options = [sync: false, stream: :self, body_format: :binary]
+    limits = Map.put(limits, :caller, Process.monitor(caller))
 
     case :httpc.request(:get, {String.to_charlist(url), []}, http_options, options, @profile) do
       {:ok, id} -> receive_body(id, url, limits, {[], 0})
@@ -125,7 +130,13 @@ defmodule MaculaQuic.Native.Download do
   # :httpc streams a 200's body to this process in parts (`stream_start`, `stream`...,
   # `stream_end`); any other answer, or an error, comes whole in one message.
   defp receive_body(id, url, %{stall_ms: stall_ms, max_bytes: max} = limits, {parts, size}) do
+    caller = limits.caller
+
     receive do
+      {:DOWN, ^caller, :process, _, _} ->
+        cancel(id)
+        {:error, {:http_failed, url, :caller_exited}}
+
       {:http, {^id, :stream_start, headers}} ->
         if declared_size(headers) > max do
           cancel(id)

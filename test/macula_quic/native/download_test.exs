@@ -212,6 +212,20 @@ defmodule MaculaQuic.Native.DownloadTest do
       refute_receive {:http, _}, 200
     end
 
+    test "a download whose caller exits is given up at once, not left to its stall timeout" do
+      test = self()
+      url = script_server([{:send, headers(100)}, {:send, "abc"}, :await_close])
+
+      caller =
+        spawn(fn -> send(test, {:got, Download.get(url, env: %{}, stall_timeout_ms: 60_000)}) end)
+
+      assert_receive {:served, _}, 5_000
+      Process.exit(caller, :kill)
+      # The server sees the connection closed: the download stopped with its caller.
+      assert_receive :client_closed, 5_000
+      refute_received {:got, _}
+    end
+
     test "a stated size over :max_bytes is refused before the body is read" do
       # The server says 10 MB, sends 3 bytes and goes silent: nothing waits for the rest.
       url = script_server([{:send, headers(10_000_000)}, {:send, "abc"}, :hold])
@@ -244,7 +258,12 @@ defmodule MaculaQuic.Native.DownloadTest do
           {:ok, _request} = :gen_tcp.recv(socket, 0)
           send(test, {:served, socket})
           # Linked: killing the server ends the connections it holds.
-          player = spawn_link(fn -> receive(do: (:go -> play(socket, script))) end)
+          player =
+            spawn_link(fn ->
+              Process.put(:test, test)
+              receive(do: (:go -> play(socket, script)))
+            end)
+
           :ok = :gen_tcp.controlling_process(socket, player)
           send(player, :go)
         end)
@@ -255,11 +274,20 @@ defmodule MaculaQuic.Native.DownloadTest do
     "http://127.0.0.1:#{port}/file.bin"
   end
 
+  # Reads until the client closes the connection, then tells the test.
+  defp await_close(socket) do
+    case :gen_tcp.recv(socket, 0) do
+      {:ok, _} -> await_close(socket)
+      {:error, _} -> send(Process.get(:test), :client_closed)
+    end
+  end
+
   defp play(socket, script) do
     Enum.each(script, fn
       {:send, data} -> :ok = :gen_tcp.send(socket, data)
       {:sleep, ms} -> Process.sleep(ms)
       :hold -> Process.sleep(:infinity)
+      :await_close -> await_close(socket)
     end)
   end
 end
