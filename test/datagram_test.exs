@@ -191,14 +191,11 @@ defmodule MaculaQuic.DatagramTest do
     relay.stop.()
   end
 
-  # Sends until a datagram waits for room: a :wait answered at once only found the connection
-  # busy on another thread (or room made by a loss probe, which Quinn sends at growing
-  # intervals while no acknowledgement comes); one unanswered for 100 ms waits for room.
   test "a send queued as its connection's shard fails is answered, not left waiting" do
     {c, sc, l, _} = pair!(listen: @on, connect: @on)
     # The shard busy on another thread: the send queues for a task, which the shard, failing
     # (as after a panic in Quinn's driver) as that task is spawned, drops before it first runs.
-    :ok = MaculaQuic.Native.debug_stall_shard(c, 200, self())
+    :ok = MaculaQuic.Native.debug_stall_shard(c, 1_000, self())
     assert_receive :shard_stalled, 5_000
     :ok = MaculaQuic.Native.debug_fail_shard_on_spawn(c)
     tag = make_ref()
@@ -210,6 +207,9 @@ defmodule MaculaQuic.DatagramTest do
     Enum.each([sc, c, l], &MaculaQuic.close/1)
   end
 
+  # Sends until a datagram waits for room: a :wait answered at once only found the connection
+  # busy on another thread (or room made by a loss probe, which Quinn sends at growing
+  # intervals while no acknowledgement comes); one unanswered for 100 ms waits for room.
   defp fill!(c, data, sent) do
     tag = make_ref()
 

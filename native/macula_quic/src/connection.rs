@@ -336,6 +336,8 @@ impl ConnRes {
             if st.debug_panic_handshake == Some(PanicAt::WatcherUnrun) {
                 this.shard.debug_fail_on_next_spawn();
             }
+            // (`watch` builds its guard here, under the state lock; `spawn` only queues the
+            // task, so the guard's report, which takes that lock, cannot run in between.)
             this.shard.spawn(watch(this.clone(), on_closed));
             if st.debug_panic_handshake == Some(PanicAt::Established) {
                 panic!("macula_quic: deliberate panic in establish, established (debug_panic_handshake/2)");

@@ -263,7 +263,9 @@ impl Shard {
 
     /// Test builds: the next `spawn` here fails the shard (as a panic in its Quinn driver
     /// would) right after queuing its task, which is then dropped without ever running: for
-    /// tests that a task's guards exist before its first poll.
+    /// tests that a task's guards exist before its first poll. Unlike a real driver panic, the
+    /// driver's task is dropped without its tail: `kept` goes with the shard, and
+    /// `driver_panics` is not counted.
     #[cfg(feature = "test_hooks")]
     pub fn debug_fail_on_next_spawn(&self) {
         self.fail_on_spawn.store(true, Ordering::Release);
