@@ -192,6 +192,8 @@ defmodule MaculaQuic.DatagramTest do
   end
 
   test "a send queued as its connection's shard fails is answered, not left waiting" do
+    # The failed shard is freed too, once this process's handles are gone.
+    on_exit(fn -> shards_freed!() end)
     {c, sc, l, _} = pair!(listen: @on, connect: @on)
     # The shard busy on another thread: the send queues for a task, which the shard, failing
     # (as after a panic in Quinn's driver) as that task is spawned, drops before it first runs.

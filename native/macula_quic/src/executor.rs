@@ -263,8 +263,7 @@ impl Shard {
 
     /// Test builds: the next `spawn` here fails the shard (as a panic in its Quinn driver
     /// would) right after queuing its task, which is then dropped without ever running: for
-    /// tests that a task's guards exist before its first poll. Unlike a real driver panic, the
-    /// driver's task is dropped without its tail: `kept` goes with the shard, and
+    /// tests that a task's guards exist before its first poll. Unlike a real driver panic,
     /// `driver_panics` is not counted.
     #[cfg(feature = "test_hooks")]
     pub fn debug_fail_on_next_spawn(&self) {
@@ -294,6 +293,8 @@ impl Shard {
         #[cfg(feature = "test_hooks")]
         if self.fail_on_spawn.swap(false, Ordering::AcqRel) {
             self.fail();
+            // What the driver's task does after a real panic, which its drop here skips.
+            self.let_go_of_kept();
         }
     }
 
@@ -306,13 +307,19 @@ impl Shard {
                 counters::bump(&counters::DRIVER_PANICS);
             }
             // Only now: while the driver existed, this kept its drop from taking Quinn's lock.
-            let kept = {
-                let mut k = lock(&shard.kept);
-                k.driver_ended = true;
-                k.value.take()
-            };
-            drop(kept);
+            shard.let_go_of_kept();
         });
+    }
+
+    /// The shard's Quinn driver has ended: the references `keep_until_driver_ends` holds go.
+    /// (They hold the connection, which holds this shard: kept, they would keep both for good.)
+    fn let_go_of_kept(&self) {
+        let kept = {
+            let mut k = lock(&self.kept);
+            k.driver_ended = true;
+            k.value.take()
+        };
+        drop(kept);
     }
 
     /// Keeps references to `conn` (see `contain`) until the shard's Quinn driver has ended. Quinn drops its driver while a panic in it unwinds, and that drop takes
