@@ -1033,11 +1033,12 @@ defmodule MaculaQuic do
   that), `{:error, :unsupported_by_peer}` when the peer does not accept datagrams,
   `{:error, :too_large}` when `data` does not fit in one packet (the peer's limit and the
   path's packet size decide; `dgram_max_len` in `dgram_state_changed` tells the limit when the
-  connection was delivered, `getopt(conn, :datagram_max_len)` at any time; it moves with the path: up as larger packets are found to
-  pass, down if they stop passing; about 1,160 bytes fit on any path that carries QUIC at
-  all), or why the connection ended (`{:error, :closed}`, ...). `data` that is not iodata
-  raises `ArgumentError`, as does a handle that is not a connection; iodata of over 64 KiB is
-  refused with `{:error, :too_large}` before it is copied.
+  connection was delivered, `getopt(conn, :datagram_max_len)` at any time; it moves with the
+  path: up as larger packets are found to pass, down if they stop passing; about 1,160 bytes
+  fit on any path that carries QUIC at all), or why the connection ended (`{:error,
+  :closed}`, ...). `data` that is not iodata raises `ArgumentError`, as does a handle that is
+  not a connection; iodata of over 64 KiB is refused with `{:error, :too_large}` before it is
+  copied.
 
       :ok = MaculaQuic.send_dgram(conn, "position 12,7")
   """

@@ -157,16 +157,6 @@ defmodule MaculaQuic.Test.Quic do
   Waits until the native side reports `counts` (a map subset), or fails after `timeout`.
   `before_poll` runs before every check (`MaculaQuic.Test.Settle` flushes stray messages there).
   """
-  @doc """
-  Waits until the only shards left are the client endpoints' (which keep theirs): every
-  listener's and connection's shard has been freed. For `on_exit`, once the test's handles
-  are gone.
-  """
-  def shards_freed! do
-    endpoints = MaculaQuic.native_counts().client_endpoints
-    await_counts!(%{listeners: 0, connections: 0, shards: endpoints}, 30_000)
-  end
-
   def await_counts!(expected, timeout \\ 5_000, before_poll \\ fn -> :ok end) do
     poll_counts!(
       fn counts -> Enum.all?(expected, fn {k, v} -> counts[k] <= v end) end,
@@ -179,6 +169,16 @@ defmodule MaculaQuic.Test.Quic do
         for pid <- Process.list(), do: :erlang.garbage_collect(pid)
       end
     )
+  end
+
+  @doc """
+  Waits until the only shards left are the client endpoints' (which keep theirs): every
+  listener's and connection's shard has been freed (and no stream is left). For `on_exit`
+  (once the test's handles are gone) or the start of a test.
+  """
+  def shards_freed! do
+    endpoints = MaculaQuic.native_counts().client_endpoints
+    await_counts!(%{listeners: 0, connections: 0, streams: 0, shards: endpoints}, 30_000)
   end
 
   @doc """

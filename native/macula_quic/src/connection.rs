@@ -1616,10 +1616,9 @@ pub enum PanicAt {
 }
 
 /// `debug_panic_handshake(Conn, :task | :establish | :established | :watcher_unrun)` (test
-/// builds only): an
-/// `async_connect` handle's handshake task panics as its handshake completes, before
-/// `establish` or inside it (see `PanicAt`),
-/// so tests can prove the owner still hears how it ended.
+/// builds only): an `async_connect` handle's handshake task panics as its handshake
+/// completes, before `establish` or inside it (see `PanicAt`), so tests can prove the owner
+/// still hears how it ended.
 #[cfg(feature = "test_hooks")]
 #[rustler::nif]
 fn debug_panic_handshake(c: ResourceArc<ConnRes>, at: rustler::Atom) -> rustler::NifResult<rustler::Atom> {

@@ -28,8 +28,8 @@
 //! (`Outbox`), and a call that finds others waiting queues behind them rather than taking the
 //! room they wait for: otherwise small datagrams, which fit in less, could starve a large one
 //! for as long as they keep coming (Quinn itself wakes all its waiters at once, and the first
-//! whose datagram fits wins). (Quinn still drops queued datagrams that no longer fit when the path's packet
-//! size shrinks, and those queued when the connection closes.)
+//! whose datagram fits wins). (Quinn still drops queued datagrams that no longer fit when the
+//! path's packet size shrinks, and those queued when the connection closes.)
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::pin;

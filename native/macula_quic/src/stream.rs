@@ -281,8 +281,9 @@ impl StreamRes {
     /// passive, announced by `announce(res, true)`. Returns `None` when neither is alive, or
     /// `announce` refuses the stream by returning false (the stream is then aborted, silently,
     /// and its owner's entry let go as it closes), or the connection is broken by a panic
-    /// inside Quinn (see `connection`). (A process that has just exited counts as alive until the VM has
-    /// told us, through its monitor: its stream is then aborted as its owner's are.)
+    /// inside Quinn (see `connection`). (A process that has just exited counts as alive until
+    /// the VM has told us, through its monitor: its stream is then aborted as its owner's
+    /// are.)
     ///
     /// `announce` runs (for a live owner) before the tasks start: a message it sends, such as
     /// `new_stream`, is then queued before any data message of the stream. Messages sent from
